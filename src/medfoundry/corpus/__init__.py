@@ -1,0 +1,1 @@
+"""Corpus stage: read biomedical sources, clean, deduplicate, decontaminate, mix, write shards."""

@@ -1,0 +1,22 @@
+"""Errors that tell the user which file, line or field is at fault and how to fix it."""
+
+from __future__ import annotations
+
+
+class MedfoundryError(Exception):
+    """Base class for errors shown to the user without a traceback."""
+
+
+class ConfigError(MedfoundryError):
+    """A configuration file or override is invalid."""
+
+
+class InputError(MedfoundryError):
+    """An input file is malformed. Carries the file and, when known, the line."""
+
+    def __init__(self, path: str, message: str, line: int | None = None):
+        self.path = str(path)
+        self.line = line
+        self.message = message
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")

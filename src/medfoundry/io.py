@@ -1,0 +1,84 @@
+"""Atomic file writes and gzip-aware reads.
+
+Every artifact is written under a temporary name in its final directory, flushed, fsynced and
+renamed, so an interrupted run never leaves a half-written file under a name that looks done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it into place."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", compresslevel: int = 6) -> Iterator[IO[Any]]:
+    """Open ``path`` for writing atomically; ``.gz`` names are gzip-compressed."""
+    with atomic_path(path) as tmp:
+        if str(path).endswith(".gz"):
+            raw = gzip.open(tmp, mode if "b" in mode else mode.replace("w", "wt"), compresslevel=compresslevel)
+            with raw as fh:
+                yield fh
+        else:
+            with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
+                yield fh
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_open(path) as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=False, default=str)
+        fh.write("\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path) as fh:
+        fh.write(text)
+
+
+def open_binary(path: str | os.PathLike) -> IO[bytes]:
+    """Open a file for binary reading, transparently decompressing ``.gz``."""
+    path = str(path)
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Read a JSONL(.gz) file we wrote ourselves (trusted: no error recovery)."""
+    with open_binary(path) as fh:
+        for line in io.BufferedReader(fh):  # type: ignore[arg-type]
+            if line.strip():
+                yield json.loads(line)

@@ -1,0 +1,26 @@
+"""Shared fixtures. Tests that need ../shared/data skip with a clear reason when it is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def shared(relpath: str) -> Path:
+    """Path of a file under ../shared/data, or skip the test when it is not there."""
+    path = SHARED_DATA / relpath
+    if not path.exists():
+        pytest.skip(f"needs ../shared/data/{relpath} (the shared data folder is absent in this checkout)")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("needs ../shared/data (the shared data folder is absent in this checkout)")
+    return SHARED_DATA
