@@ -25,7 +25,7 @@ def word_hashes(text: str) -> np.ndarray:
     """uint64 hash of every word of ``text``, in order."""
     hash_word = xxhash.xxh64_intdigest
     tokens = words(text)
-    return np.fromiter((hash_word(w) for w in tokens), dtype=np.uint64, count=len(tokens))
+    return np.fromiter((hash_word(w.encode()) for w in tokens), dtype=np.uint64, count=len(tokens))
 
 
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
