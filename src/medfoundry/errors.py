@@ -20,3 +20,6 @@ class InputError(MedfoundryError):
         self.message = message
         where = f"{self.path}:{line}" if line is not None else self.path
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):  # survives the trip back from a worker process
+        return (InputError, (self.path, self.message, self.line))

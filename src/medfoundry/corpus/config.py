@@ -121,7 +121,6 @@ class CorpusConfig(StrictModel):
     mix: MixConfig = Field(default_factory=MixConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-    report_tokenizer: str | None = Field(None, description="HF tokenizer dir: report achieved proportions in tokens too")
 
     @model_validator(mode="after")
     def _check_sources(self) -> "CorpusConfig":

@@ -1,0 +1,3 @@
+from medfoundry.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Generic JSONL (any schema, mapped by :class:`FieldMap`; Pile-style ``{"text","meta"}``) and plain text."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+from medfoundry.corpus.config import FieldMap
+from medfoundry.corpus.readers.base import ReadContext, Record
+from medfoundry.io import open_binary
+
+_GZIP_ERRORS = (EOFError, zlib.error, OSError)
+
+
+def iter_lines(path: Path, ctx: ReadContext, part: int = 0, parts: int = 1) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line_number, bytes)`` of non-blank lines; with ``parts`` > 1 only every parts-th line.
+
+    Several tasks can then share one big file (each decompresses it, which is cheap next to
+    parsing). Faults that end the file (truncated gzip) are reported by part 0 only.
+    """
+    seen_any = False
+    number = 0
+    try:
+        with open_binary(path) as fh:
+            for number, raw in enumerate(fh, start=1):
+                seen_any = True
+                if (number - 1) % parts == part and raw.strip():
+                    yield number, raw
+    except _GZIP_ERRORS as exc:
+        if part == 0:
+            ctx.skip(f"truncated or corrupt file after line {number}: {exc}", number or None)
+        return
+    if not seen_any and part == 0:
+        ctx.skip("empty file")
+
+
+def _decode(raw: bytes, line: int, ctx: ReadContext) -> dict | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        ctx.skip(f"invalid UTF-8 at byte {exc.start}", line)
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        ctx.skip(f"not valid JSON: {exc.msg} (column {exc.colno})", line)
+        return None
+    if not isinstance(obj, dict):
+        ctx.skip(f"expected a JSON object, got {type(obj).__name__}", line)
+        return None
+    return obj
+
+
+def _text_of(obj: dict, fields: FieldMap) -> str:
+    parts = [obj.get(name) for name in fields.text]
+    return "\n\n".join(str(p).strip() for p in parts if p not in (None, "") and str(p).strip())
+
+
+def read_jsonl(path: Path, ctx: ReadContext, fields: FieldMap, part: int = 0, parts: int = 1) -> Iterator[Record]:
+    for line, raw in iter_lines(path, ctx, part, parts):
+        obj = _decode(raw, line, ctx)
+        if obj is None:
+            continue
+        missing = [name for name in fields.text if name not in obj]
+        if len(missing) == len(fields.text):
+            ctx.skip(f"none of the text fields {fields.text} is present (keys: {sorted(obj)[:10]})", line)
+            continue
+        native_id = obj.get(fields.id) if fields.id else None
+        meta = {name: obj.get(name) for name in fields.meta}
+        if fields.pmid and obj.get(fields.pmid) not in (None, ""):
+            meta["pmid"] = str(obj[fields.pmid])
+        yield Record(str(native_id) if native_id not in (None, "") else None, _text_of(obj, fields), meta, line)
+
+
+def read_text(path: Path, ctx: ReadContext) -> Iterator[Record]:
+    """One document per plain-text file (``.txt`` or ``.txt.gz``), id = file name."""
+    try:
+        with open_binary(path) as fh:
+            data = fh.read()
+    except _GZIP_ERRORS as exc:
+        ctx.skip(f"truncated or corrupt file: {exc}")
+        return
+    if not data.strip():
+        ctx.skip("empty file")
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        ctx.skip(f"invalid UTF-8 at byte {exc.start}", line)
+        return
+    yield Record(path.name, text, {"file": path.name}, 1)

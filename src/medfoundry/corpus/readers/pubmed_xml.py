@@ -1,0 +1,193 @@
+"""PubMed / MEDLINE XML reader (``.xml`` or ``.xml.gz``).
+
+Handles the current ``PubmedArticleSet`` format (baseline/update files and efetch output), the
+legacy ``MedlineCitationSet`` DTD (MEDLINE files up to 2016, where ``MedlineCitation`` is a
+top-level element), ``PubmedBookArticle`` entries and ``DeleteCitation`` lists.
+
+Files are streamed with ``lxml.etree.iterparse``: every top-level entry is cleared, and its
+already-processed siblings deleted, as soon as it has been turned into a record, so memory stays
+flat whatever the file size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+from lxml import etree
+
+from medfoundry.corpus.readers.base import Deletion, ReadContext, Record
+from medfoundry.io import open_binary
+
+_ENTRY_TAGS = ("PubmedArticle", "MedlineCitation", "PubmedBookArticle", "DeleteCitation")
+_YEAR = re.compile(r"\d{4}")
+_EMPTY = etree.Element("empty")  # stands in for a missing parent element; never modified
+
+
+def read_pubmed_xml(path: Path, ctx: ReadContext, keep_without_abstract: bool = False) -> Iterator[Record | Deletion]:
+    """Yield one :class:`Record` per citation and one :class:`Deletion` per deleted PMID.
+
+    Citations without an abstract are dropped silently (no ``ctx.skip``: leaving them out is a
+    corpus choice, not bad input) unless ``keep_without_abstract`` is set, in which case their text
+    is the title alone. A citation with neither title nor abstract is never emitted; one without a
+    PMID is skipped through ``ctx``. Malformed XML or a truncated/corrupt gzip stream ends the file
+    with one ``ctx.skip``: records already yielded stand, nothing after the fault is trusted.
+    """
+    with open_binary(path) as fh:
+        try:
+            if not fh.peek(1):  # type: ignore[attr-defined]
+                ctx.skip("empty file")
+                return
+            for _, elem in etree.iterparse(fh, events=("end",), tag=_ENTRY_TAGS):
+                if elem.tag == "MedlineCitation" and _parent_tag(elem) == "PubmedArticle":
+                    continue  # handled with its PubmedArticle, which ends later
+                yield from _entry(elem, ctx, keep_without_abstract)
+                _release(elem)
+        except etree.XMLSyntaxError as exc:
+            ctx.skip(f"malformed XML: {exc.msg}", exc.lineno or None)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            ctx.skip(f"truncated or corrupt gzip: {exc}")
+
+
+def _parent_tag(elem: etree._Element) -> str | None:
+    parent = elem.getparent()
+    return None if parent is None else parent.tag
+
+
+def _release(elem: etree._Element) -> None:
+    """Free a processed entry and the siblings before it (iterparse keeps the whole tree otherwise)."""
+    elem.clear(keep_tail=False)
+    while elem.getprevious() is not None:
+        del elem.getparent()[0]
+
+
+def _entry(elem: etree._Element, ctx: ReadContext, keep_without_abstract: bool) -> Iterator[Record | Deletion]:
+    if elem.tag == "DeleteCitation":
+        for pmid in elem.iterfind("PMID"):
+            if pmid.text and pmid.text.strip():
+                yield Deletion(pmid.text.strip(), pmid.sourceline)
+        return
+    if elem.tag == "PubmedBookArticle":
+        meta, abstract = _book_fields(elem.find("BookDocument"))
+    else:
+        citation = elem if elem.tag == "MedlineCitation" else elem.find("MedlineCitation")
+        meta, abstract = _citation_fields(citation, elem.find("PubmedData/ArticleIdList"))
+    if not meta["pmid"]:
+        ctx.skip("record without PMID", elem.sourceline)
+        return
+    title = meta["title"]
+    if not abstract and not (keep_without_abstract and title):
+        return
+    text = "\n\n".join(part for part in (title, abstract) if part)
+    yield Record(meta["pmid"], text, meta, elem.sourceline)
+
+
+def _citation_fields(citation: etree._Element | None, pubmed_ids: etree._Element | None) -> tuple[dict[str, Any], str]:
+    """Meta and abstract of a ``MedlineCitation`` (both DTDs share this layout)."""
+    if citation is None:
+        return {"pmid": None}, ""
+    article = _find(citation, "Article")
+    journal = _find(article, "Journal")
+    abstract = _abstract(article.find("Abstract"))
+    meta = {
+        "pmid": _text(citation.find("PMID")),
+        "title": _title(article.find("ArticleTitle")),
+        "journal": _text(journal.find("Title")) or _text(citation.find("MedlineJournalInfo/MedlineTA")),
+        "year": _year(
+            journal.find("JournalIssue/PubDate"), article.find("ArticleDate"), citation.find("DateCompleted")
+        ),
+        "publication_types": _texts(article.iterfind("PublicationTypeList/PublicationType")),
+        "mesh": _texts(citation.iterfind("MeshHeadingList/MeshHeading/DescriptorName")),
+        "language": _texts(article.iterfind("Language")),
+        "doi": _doi(article, pubmed_ids),
+        "has_abstract": bool(abstract),
+    }
+    return meta, abstract
+
+
+def _book_fields(doc: etree._Element | None) -> tuple[dict[str, Any], str]:
+    """Meta and abstract of a ``BookDocument`` (NCBI Bookshelf chapters and books)."""
+    if doc is None:
+        return {"pmid": None}, ""
+    book = _find(doc, "Book")
+    abstract = _abstract(doc.find("Abstract"))
+    meta = {
+        "pmid": _text(doc.find("PMID")),
+        "title": _title(doc.find("ArticleTitle")) or _title(book.find("BookTitle")),
+        "journal": None,
+        "year": _year(book.find("PubDate")),
+        "publication_types": _texts(doc.iterfind("PublicationType")),
+        "mesh": [],
+        "language": _texts(doc.iterfind("Language")),
+        "doi": _doi(doc, doc.find("ArticleIdList")),
+        "has_abstract": bool(abstract),
+    }
+    return meta, abstract
+
+
+def _find(elem: etree._Element, path: str) -> etree._Element:
+    """``elem.find(path)``, or an empty element so that lookups below it simply find nothing."""
+    found = elem.find(path)
+    return _EMPTY if found is None else found
+
+
+def _text(elem: etree._Element | None) -> str:
+    """All text inside ``elem`` (inline markup included), whitespace runs collapsed to one space."""
+    return "" if elem is None else " ".join("".join(elem.itertext()).split())
+
+
+def _texts(elems: Iterator[etree._Element]) -> list[str]:
+    return [text for text in map(_text, elems) if text]
+
+
+def _title(elem: etree._Element | None) -> str:
+    """The title, without the square brackets NLM puts around titles translated into English."""
+    title = _text(elem)
+    if title.startswith("["):
+        depth = 0
+        for i, char in enumerate(title):
+            depth += (char == "[") - (char == "]")
+            if depth == 0:  # the bracket opened at 0 closes here
+                if title[i + 1 :] in ("", "."):
+                    return title[1:i] + title[i + 1 :]
+                break
+    return title
+
+
+def _abstract(abstract: etree._Element | None) -> str:
+    """Abstract paragraphs separated by blank lines; structured ones keep their ``LABEL: `` prefix."""
+    if abstract is None:
+        return ""
+    paragraphs = []
+    for part in abstract.iterfind("AbstractText"):
+        text = _text(part)
+        label = (part.get("Label") or "").strip()
+        if text:
+            paragraphs.append(f"{label}: {text}" if label else text)
+    return "\n\n".join(paragraphs)
+
+
+def _year(*dates: etree._Element | None) -> int | None:
+    """Year of the first date that has one; ``MedlineDate`` is free text such as ``1998 Dec-1999 Jan``."""
+    for date in dates:
+        if date is None:
+            continue
+        year = date.findtext("Year") or ""
+        match = _YEAR.search(year) or _YEAR.search(date.findtext("MedlineDate") or "")
+        if match:
+            return int(match.group())
+    return None
+
+
+def _doi(article: etree._Element, pubmed_ids: etree._Element | None) -> str | None:
+    for loc in article.iterfind("ELocationID"):
+        if loc.get("EIdType") == "doi" and loc.get("ValidYN") != "N" and _text(loc):
+            return _text(loc)
+    if pubmed_ids is not None:
+        for aid in pubmed_ids.iterfind("ArticleId"):
+            if aid.get("IdType") == "doi" and _text(aid):
+                return _text(aid)
+    return None

@@ -1,0 +1,132 @@
+"""Duplicate resolution (precedence, deletions, near duplicates) and mixture sampling, on synthetic keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medfoundry.config import validate
+from medfoundry.corpus.config import CorpusConfig, DedupConfig
+from medfoundry.corpus.dedup import DocTable, resolve
+from medfoundry.corpus.fingerprint import MinHasher, exact_key
+from medfoundry.corpus.mix import copies_for, plan_factors
+from medfoundry.corpus.ngrams import word_hashes
+from medfoundry.errors import ConfigError, MedfoundryError
+
+BASE = ("Aspirin reduced the incidence of myocardial infarction in a randomized trial of 2,000 adults "
+        "with stable angina followed for five years, with a modest increase in gastrointestinal bleeding "
+        "that was mostly mild and resolved after the drug was stopped in every affected patient.")
+
+
+def _table(docs: list[tuple[str, str, str | None, str]], ranks: dict[str, int]) -> DocTable:
+    """docs: (id, source, pmid, text)."""
+    hasher = MinHasher(128, 5, 1)
+    table = DocTable(
+        ids=[d[0] for d in docs], sources=[d[1] for d in docs], pmids=[d[2] for d in docs],
+        exact=[exact_key(d[3]) for d in docs], orders=[(0, i) for i in range(len(docs))],
+        chars=np.array([len(d[3]) for d in docs]), signatures=np.stack([hasher.signature(word_hashes(d[3])) for d in docs]),
+    )
+    table.rank_sources(ranks)
+    return table
+
+
+def test_exact_and_near_duplicates_keep_the_highest_precedence_source():
+    near = BASE.replace("five years", "six years")
+    other = "An entirely different study of vitamin D supplementation and bone density in older women " * 3
+    table = _table([
+        ("abstracts/1", "abstracts", None, BASE),
+        ("papers/A", "papers", None, BASE.upper() + "  "),  # same text up to case/whitespace
+        ("replay/x", "replay", None, near),
+        ("abstracts/2", "abstracts", None, other),
+    ], {"papers": 0, "abstracts": 1, "replay": 2})
+    removed = resolve(table, [], set(), DedupConfig())
+    assert removed[0].reason == "exact_duplicate" and "papers/A" in removed[0].detail
+    assert removed[2].reason == "near_duplicate" and "papers/A" in removed[2].detail
+    assert 1 not in removed and 3 not in removed
+
+
+def test_near_dedup_threshold_is_respected():
+    different = BASE.replace("Aspirin reduced", "Clopidogrel did not change").replace("mild", "severe").replace("angina", "disease")
+    table = _table([("a/1", "a", None, BASE), ("a/2", "a", None, different)], {"a": 0})
+    assert resolve(table, [], set(), DedupConfig(near={"threshold": 0.9})) == {}
+
+
+def test_same_paper_prefers_full_text_and_latest_version():
+    table = _table([
+        ("pubmed/1", "pubmed", "111", "old version " + BASE),
+        ("abstracts/1", "abstracts", "111", "abstract text of paper 111 " * 5),
+        ("pubmed/1b", "pubmed", "111", "revised version of the same citation " * 5),
+        ("papers/PMC1", "papers", "111", "the full text of the paper " * 20),
+        ("pubmed/2", "pubmed", "222", "paper two " * 20),
+        ("abstracts/2", "abstracts", "222", "another abstract of paper two " * 9),
+    ], {"papers": 0, "pubmed": 1, "abstracts": 2})
+    removed = resolve(table, [], {"pubmed"}, DedupConfig(exact=False, near={"enabled": False}))
+    assert sorted(removed) == [0, 1, 2, 5]
+    assert all(r.reason == "same_paper" for r in removed.values())
+    assert "papers/PMC1" in removed[0].detail and "pubmed/2" in removed[5].detail
+
+
+def test_same_paper_within_pubmed_keeps_the_latest_version():
+    table = _table([("pubmed/7", "pubmed", "7", "first " * 30), ("pubmed/7", "pubmed", "7", "second " * 30)], {"pubmed": 0})
+    removed = resolve(table, [], {"pubmed"}, DedupConfig(exact=False, near={"enabled": False}))
+    assert list(removed) == [0]
+
+
+def test_delete_citation_removes_pmid_everywhere_unless_readded_later():
+    table = _table([
+        ("pubmed/5", "pubmed", "5", "citation five " * 20),
+        ("abstracts/5", "abstracts", "5", "abstract five " * 20),
+        ("pubmed/6", "pubmed", "6", "citation six " * 20),
+    ], {"pubmed": 0, "abstracts": 1})
+    table.orders = [(0, 0), (1, 0), (2, 5)]
+    deletes = [("5", (0, 3)), ("6", (0, 4))]
+    removed = resolve(table, deletes, {"pubmed"}, DedupConfig(same_paper=False, exact=False, near={"enabled": False}))
+    assert {r: v.reason for r, v in removed.items()} == {0: "deleted_citation", 1: "deleted_citation"}
+
+
+def _cfg(**sources_weights) -> CorpusConfig:
+    return validate(CorpusConfig, {
+        "output_dir": "x",
+        "sources": [{"name": n, "kind": "jsonl", "paths": ["p"], "weight": w} for n, w in sources_weights.items()],
+    })
+
+
+def test_anchored_weights_size_the_replay_share():
+    plans = plan_factors(_cfg(papers=None, abstracts=None, replay=0.01), {"papers": 600, "abstracts": 390, "replay": 5000})
+    assert plans["papers"].factor == 1 and plans["abstracts"].factor == 1
+    assert plans["replay"].target_chars == pytest.approx(10.0)
+
+
+def test_all_weighted_uses_every_document_within_max_repeat():
+    cfg = _cfg(a=0.5, b=0.5)
+    plans = plan_factors(cfg, {"a": 1000, "b": 100})
+    assert plans["a"].factor == pytest.approx(0.4) and plans["b"].factor == pytest.approx(4.0)  # capped at max_repeat=4
+    cfg.mix.max_repeat = 20
+    plans = plan_factors(cfg, {"a": 1000, "b": 100})
+    assert plans["a"].factor == pytest.approx(1.0) and plans["b"].factor == pytest.approx(10.0)
+
+
+def test_weighted_source_without_documents_is_an_error():
+    with pytest.raises(MedfoundryError, match="replay"):
+        plan_factors(_cfg(papers=None, replay=0.01), {"papers": 100, "replay": 0})
+
+
+def test_weights_are_validated():
+    with pytest.raises(ConfigError, match="sum below 1"):
+        _cfg(a=None, b=0.6, c=0.5)
+    with pytest.raises(ConfigError, match="sum to 1"):
+        _cfg(a=0.3, b=0.3)
+
+
+def test_copies_hit_the_character_budget_deterministically():
+    rng = np.random.default_rng(0)
+    chars = rng.integers(100, 2000, size=500)
+    rows = np.arange(500)
+    ids = [f"d{i}" for i in range(500)]
+    for factor in (0.3, 1.0, 2.7):
+        copies = copies_for(rows, ids, chars, factor, seed=7)
+        achieved = (copies * chars).sum() / chars.sum()
+        assert abs(achieved - factor) <= chars.max() / chars.sum()
+        assert np.array_equal(copies, copies_for(rows, ids, chars, factor, seed=7))
+        assert copies.min() >= int(factor)
+    assert not np.array_equal(copies_for(rows, ids, chars, 0.5, seed=7), copies_for(rows, ids, chars, 0.5, seed=8))
