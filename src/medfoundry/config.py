@@ -48,6 +48,8 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         try:
             _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {getattr(exc, 'problem', exc)}") from None
         except (ValueError, IndexError, AttributeError, TypeError) as exc:
             raise ConfigError(f"override {item!r}: cannot set {key!r} ({exc})") from exc
     return tree
@@ -90,6 +92,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
             lines.append(f"  {dotted}: unknown field; {hint}")
         elif err["type"] == "missing":
             lines.append(f"  {dotted}: required field is missing")
+        elif err["type"] == "value_error" and isinstance(given, dict):  # model-level check: do not echo the section
+            lines.append(f"  {dotted}: {err['msg']}")
         else:
             lines.append(f"  {dotted}: {err['msg']} (got {given!r})")
     return "\n".join(lines)
@@ -101,6 +105,9 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

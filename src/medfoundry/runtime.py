@@ -7,7 +7,6 @@ itself once with ``LD_PRELOAD`` set (glibc malloc costs 30-55% of CPU training t
 
 from __future__ import annotations
 
-import ctypes.util
 import glob
 import os
 import sys
@@ -17,6 +16,7 @@ _TCMALLOC_GLOBS = (
     "/usr/lib/*/libtcmalloc_minimal.so.4",
     "/usr/lib/*/libtcmalloc.so.4",
     "/usr/lib/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc_minimal.so.4",
 )
 _REEXEC_FLAG = "MEDFOUNDRY_ALLOCATOR_CHECKED"
 
@@ -34,8 +34,7 @@ def find_tcmalloc() -> str | None:
         hits = sorted(glob.glob(pattern))
         if hits:
             return hits[0]
-    name = ctypes.util.find_library("tcmalloc_minimal")
-    return name if name and os.path.isabs(name) else None
+    return None
 
 
 def tcmalloc_loaded() -> bool:
@@ -68,10 +67,18 @@ class Runtime:
 
 
 def configure(threads: int = 0) -> Runtime:
-    """Set the thread count for every math library (0 = all CPUs this process may use)."""
-    threads = threads or cpu_count()
+    """Set the thread count for every math library.
+
+    0 = the user's ``OMP_NUM_THREADS`` when set, else all CPUs this process may use. An explicit
+    count wins over the environment. The count returned is the one actually in effect.
+    """
+    explicit = threads > 0
+    if not explicit:
+        preset = os.environ.get("OMP_NUM_THREADS", "").strip()
+        threads = int(preset) if preset.isdigit() and int(preset) > 0 else cpu_count()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(var, str(threads))
+        if explicit or not os.environ.get(var, "").strip():
+            os.environ[var] = str(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     return Runtime(threads, "tcmalloc" if tcmalloc_loaded() else "glibc")

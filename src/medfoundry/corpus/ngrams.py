@@ -1,7 +1,9 @@
 """Deterministic word n-gram hashing shared by decontamination and MinHash.
 
-Words are lower-cased ``\\w+`` runs, hashed with xxh64 (stable across processes and machines,
-unlike Python's salted ``hash``). N-gram hashes are a polynomial rolling combination computed
+Words are the lower-cased ``\\w+`` runs of the NFKC-normalized text (so ligatures, full-width and
+compatibility characters compare equal), hashed with xxh64: stable across processes and machines,
+unlike Python's salted ``hash``. A per-process cache makes the hash of a frequent word a dict hit.
+N-gram hashes are a polynomial rolling combination computed
 with numpy in ``n`` vectorized passes, so a 10,000-word paper costs microseconds, not a Python
 loop over tuples.
 """
@@ -9,6 +11,7 @@ loop over tuples.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import numpy as np
 import xxhash
@@ -17,15 +20,28 @@ _WORD = re.compile(r"\w+")
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (golden ratio)
 
 
+_CACHE_MAX = 1 << 21
+
+
+class _WordHashCache(dict):
+    def __missing__(self, word: str) -> int:
+        if len(self) >= _CACHE_MAX:
+            self.clear()
+        value = self[word] = xxhash.xxh64_intdigest(word.encode())
+        return value
+
+
+_CACHE = _WordHashCache()
+
+
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
 
 
 def word_hashes(text: str) -> np.ndarray:
     """uint64 hash of every word of ``text``, in order."""
-    hash_word = xxhash.xxh64_intdigest
     tokens = words(text)
-    return np.fromiter((hash_word(w.encode()) for w in tokens), dtype=np.uint64, count=len(tokens))
+    return np.fromiter(map(_CACHE.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
 
 
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:

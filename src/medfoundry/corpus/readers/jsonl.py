@@ -17,6 +17,8 @@ _GZIP_ERRORS = (EOFError, zlib.error, OSError)
 def iter_lines(path: Path, ctx: ReadContext, part: int = 0, parts: int = 1) -> Iterator[tuple[int, bytes]]:
     """Yield ``(line_number, bytes)`` of non-blank lines; with ``parts`` > 1 only every parts-th line.
 
+    A file with no non-blank line is reported (by part 0) as empty.
+
     Several tasks can then share one big file (each decompresses it, which is cheap next to
     parsing). Faults that end the file (truncated gzip) are reported by part 0 only.
     """
@@ -25,8 +27,10 @@ def iter_lines(path: Path, ctx: ReadContext, part: int = 0, parts: int = 1) -> I
     try:
         with open_binary(path) as fh:
             for number, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
                 seen_any = True
-                if (number - 1) % parts == part and raw.strip():
+                if (number - 1) % parts == part:
                     yield number, raw
     except _GZIP_ERRORS as exc:
         if part == 0:
@@ -38,7 +42,7 @@ def iter_lines(path: Path, ctx: ReadContext, part: int = 0, parts: int = 1) -> I
 
 def _decode(raw: bytes, line: int, ctx: ReadContext) -> dict | None:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # -sig: tolerate a byte-order mark at the start of the file
     except UnicodeDecodeError as exc:
         ctx.skip(f"invalid UTF-8 at byte {exc.start}", line)
         return None

@@ -1,0 +1,34 @@
+# medfoundry: `make quickstart` runs the pipeline end to end on a tiny CPU configuration;
+# `make test` runs the test suite. Both set everything up first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED := ../shared/data
+STAMP := $(VENV)/.setup-stamp
+DEB_PACKAGES := libtcmalloc-minimal4
+
+.PHONY: setup test quickstart bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) DEB_PACKAGES="$(DEB_PACKAGES)" bash scripts/setup.sh
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/pytest -q
+
+quickstart: setup
+	@if [ -d $(SHARED) ]; then \
+		$(BIN)/medfoundry corpus build recipes/quickstart_corpus.yaml; \
+	else \
+		echo "$(SHARED) not found: downloading one PubMed baseline file from NCBI"; \
+		$(BIN)/medfoundry corpus download pubmed --dest runs/quickstart/raw --limit 1 && \
+		$(BIN)/medfoundry corpus build recipes/quickstart_corpus_download.yaml; \
+	fi
+
+bench: setup
+	$(BIN)/python benchmarks/corpus_bench.py
+
+clean:
+	rm -rf runs .pytest_cache

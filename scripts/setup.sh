@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Creates the virtualenv and installs what medfoundry needs: Debian packages when missing (tcmalloc),
+# the CPU build of torch unless a torch is already importable, then the package with its dev extras.
+set -euo pipefail
+PYTHON=${PYTHON:-python3.11}
+VENV=${VENV:-.venv}
+DEB_PACKAGES=${DEB_PACKAGES:-libtcmalloc-minimal4}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+missing=()
+for pkg in $DEB_PACKAGES; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
+  if { $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >/dev/null 2>&1; then
+    echo "setup: installed ${missing[*]}"
+  else
+    echo "setup: could not install ${missing[*]} (need root/apt); continuing without them" >&2
+  fi
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  # the CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build
+  "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" \
+    || "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+fi
+"$VENV/bin/python" -m pip install -q -e ".[dev]"
+echo "setup: done ($("$VENV/bin/python" -c 'import torch, medfoundry; print("torch", torch.__version__, "medfoundry", medfoundry.__version__)'))"

@@ -1,0 +1,79 @@
+"""The ``medfoundry`` command: one subcommand per pipeline stage. Thin: parse, load config, call the stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medfoundry import __version__
+from medfoundry.errors import MedfoundryError
+
+
+def _corpus_build(args: argparse.Namespace) -> int:
+    from medfoundry.config import load_config
+    from medfoundry.corpus.build import build_corpus
+    from medfoundry.corpus.config import CorpusConfig
+
+    cfg = load_config(CorpusConfig, args.config, args.overrides)
+    manifest = build_corpus(cfg, force=args.force)
+    out = manifest["documents_out"]
+    print(f"corpus: {manifest['documents_in']:,} documents in, {out['train']:,} train / {out['val']:,} val out "
+          f"-> {cfg.output_dir} (report: {Path(cfg.output_dir) / 'report.md'})")
+    return 0
+
+
+def _corpus_download(args: argparse.Namespace) -> int:
+    from medfoundry.corpus.download import download_pubmed
+
+    report = download_pubmed(Path(args.dest), subsets=tuple(args.subsets), base_url=args.base_url,
+                             limit=args.limit, retries=args.retries, progress=not args.quiet)
+    print(json.dumps(report.summary() if hasattr(report, "summary") else vars(report), default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medfoundry.corpus.download import NCBI_PUBMED_URL
+
+    parser = argparse.ArgumentParser(prog="medfoundry", description="Build biomedical language models end to end.")
+    parser.add_argument("--version", action="version", version=f"medfoundry {__version__}")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    corpus = stages.add_parser("corpus", help="build a clean, deduplicated, decontaminated, mixed corpus")
+    corpus_cmds = corpus.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    build = corpus_cmds.add_parser("build", help="build a corpus from a YAML config")
+    build.add_argument("config", help="corpus config YAML (see recipes/quickstart_corpus.yaml)")
+    build.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set dedup.near.threshold=0.7 (repeatable)")
+    build.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    build.set_defaults(func=_corpus_build)
+
+    download = corpus_cmds.add_parser("download", help="download raw sources with checksums")
+    download.add_argument("dataset", choices=["pubmed"])
+    download.add_argument("--dest", required=True, help="folder for the files (resumable)")
+    download.add_argument("--subsets", nargs="+", default=["baseline"], choices=["baseline", "updatefiles"])
+    download.add_argument("--limit", type=int, default=None, help="only the first N files of each subset")
+    download.add_argument("--base-url", default=NCBI_PUBMED_URL)
+    download.add_argument("--retries", type=int, default=3)
+    download.add_argument("--quiet", action="store_true", help="no progress bar")
+    download.set_defaults(func=_corpus_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medfoundry.runtime import configure, maybe_reexec_with_tcmalloc
+
+    if argv is None:  # a real command line: safe to replace the process (never when called from Python)
+        argv = sys.argv[1:]
+        maybe_reexec_with_tcmalloc(argv)
+    configure()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MedfoundryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished tasks are kept; run the same command again to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,263 @@
+"""``medfoundry corpus build``: the extract stage on a datatrove executor, then one finalize pass.
+
+extract (parallel, one task per work unit; cached by a hash of everything it depends on)
+    read -> clean/filter -> decontaminate -> fingerprint -> per-task docs, keys, signatures, ledger
+finalize (one process, over keys only; texts are streamed once when writing)
+    deletions, same-paper, exact and near dedup -> train/val split -> mixture -> shards, manifest, report
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import xxhash
+from datatrove.executor.local import LocalPipelineExecutor
+
+from medfoundry import __version__
+from medfoundry.corpus.config import CorpusConfig
+from medfoundry.corpus.dedup import DocTable, Removal, resolve
+from medfoundry.corpus.mix import copies_for, in_validation, plan_factors
+from medfoundry.corpus.plan import WorkUnit, fingerprint, hash_inputs, plan_units
+from medfoundry.corpus.report import write_report
+from medfoundry.corpus.steps import CleanAndFilter, Decontaminate, Fingerprint, ReadSources, WriteTaskOutput
+from medfoundry.errors import ConfigError
+from medfoundry.io import atomic_open, iter_jsonl, write_json
+from medfoundry.runtime import cpu_count
+
+
+def extract_pipeline(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) -> list:
+    """The datatrove pipeline of the extract stage; hand it to any datatrove executor."""
+    steps = [ReadSources(units, cfg.sources, cfg.strict), CleanAndFilter(cfg.clean)]
+    if cfg.decontam.enabled:
+        if not cfg.decontam.benchmarks_dir:
+            raise ConfigError("decontam.benchmarks_dir: required when decontam.enabled is true "
+                              "(e.g. ../shared/data/benchmarks), or set decontam.enabled: false")
+        steps.append(Decontaminate(cfg.decontam, cfg.decontam.benchmarks_dir))
+    steps += [Fingerprint(cfg.dedup.near), WriteTaskOutput(str(out_dir), cfg.dedup.near.num_perm)]
+    return steps
+
+
+def _extract_key(cfg: CorpusConfig, units: list[WorkUnit], inputs: dict) -> str:
+    sections = cfg.model_dump(include={"sources", "clean", "decontam", "strict"})
+    return fingerprint(__version__, units, inputs, sections, cfg.dedup.near.model_dump())
+
+
+def run_extract(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) -> dict:
+    workers = min(cfg.workers or cpu_count(), len(units))
+    executor = LocalPipelineExecutor(
+        extract_pipeline(cfg, units, out_dir), tasks=len(units), workers=workers,
+        logging_dir=str(out_dir / "logs"), start_method="fork",
+    )
+    executor.run()
+    stats_file = out_dir / "logs" / "stats.json"
+    return json.loads(stats_file.read_text()) if stats_file.is_file() else []
+
+
+def load_extract(out_dir: Path, tasks: int, num_perm: int) -> tuple[DocTable, list, list[dict]]:
+    cols: dict[str, list] = {"id": [], "source": [], "pmid": [], "exact": [], "chars": [], "order": []}
+    signatures, ledger = [], []
+    for rank in range(tasks):
+        index = json.loads((out_dir / f"{rank:05d}.index.json").read_text())
+        for key in cols:
+            cols[key].extend(index[key])
+        signatures.append(np.load(out_dir / f"{rank:05d}.minhash.npy"))
+        ledger.extend(iter_jsonl(out_dir / f"{rank:05d}.ledger.jsonl.gz"))
+    sigs = np.concatenate(signatures) if signatures else np.zeros((0, num_perm), np.uint32)
+    table = DocTable(cols["id"], cols["source"], cols["pmid"], cols["exact"],
+                     [tuple(o) for o in cols["order"]], np.array(cols["chars"], dtype=np.int64), sigs)
+    deletes = [(e["pmid"], tuple(e["order"])) for e in ledger if e.get("event") == "delete"]
+    drops = [e for e in ledger if "event" not in e]
+    return table, deletes, drops
+
+
+def _shard_of(doc_id: str, copy: int, seed: int, shards: int) -> int:
+    return xxhash.xxh64_intdigest(f"{doc_id}#{copy}".encode(), seed=seed) % shards
+
+
+class _ShardSet:
+    """Open gzip writers for one split, each atomic; documents go to a seeded-hash shard so every
+    shard mixes all sources."""
+
+    def __init__(self, directory: Path, shards: int, compresslevel: int):
+        self._contexts = [atomic_open(directory / f"part-{i:05d}.jsonl.gz", compresslevel=compresslevel) for i in range(shards)]
+        self.files = [ctx.__enter__() for ctx in self._contexts]
+
+    def close(self, ok: bool) -> None:
+        for ctx in self._contexts:
+            if ok:
+                ctx.__exit__(None, None, None)
+            else:
+                ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+def write_splits(cfg: CorpusConfig, out_dir: Path, staging: Path, tasks: int, alive: np.ndarray, val: np.ndarray, copies: np.ndarray) -> dict:
+    n_train = int(copies[alive & ~val].sum())
+    n_val = int((alive & val).sum())
+    per_shard = cfg.output.shard_docs
+    sets = {
+        "train": _ShardSet(staging / "train", max(1, math.ceil(n_train / per_shard)), cfg.output.compresslevel),
+        "val": _ShardSet(staging / "val", max(1, math.ceil(n_val / per_shard)), cfg.output.compresslevel),
+    }
+    counts = {"train": {}, "val": {}}
+    ok = False
+    try:
+        row = 0
+        for rank in range(tasks):
+            for line in _raw_lines(out_dir / f"{rank:05d}.docs.jsonl.gz"):
+                if alive[row]:
+                    _emit(line, row, val[row], copies[row], sets, counts, cfg.mix.seed)
+                row += 1
+        ok = True
+    finally:
+        for shard_set in sets.values():
+            shard_set.close(ok)
+    return counts
+
+
+def _raw_lines(path: Path):
+    import gzip
+
+    with gzip.open(path, "rb") as fh:
+        yield from fh
+
+
+def _emit(line: bytes, row: int, is_val: bool, n_copies: int, sets: dict, counts: dict, seed: int) -> None:
+    doc = json.loads(line)
+    split = "val" if is_val else "train"
+    files = sets[split].files
+    tally = counts[split].setdefault(doc["source"], {"docs": 0, "chars": 0})
+    for copy in range(1 if is_val else n_copies):
+        if copy:
+            doc["id"] = f"{doc['id'].split('#')[0]}#{copy}"
+        files[_shard_of(doc["id"], copy, seed, len(files))].write(json.dumps(doc, ensure_ascii=False) + "\n")
+        tally["docs"] += 1
+        tally["chars"] += len(doc["text"])
+
+
+def _install(staging: Path, out_dir: Path) -> None:
+    """Replace the previous train/ and val/ with the new ones (the manifest, written last, marks completion)."""
+    for split in ("train", "val"):
+        target = out_dir / split
+        if target.exists():
+            shutil.rmtree(target)
+        (staging / split).rename(target)
+    for name in ("dropped.jsonl.gz",):
+        (staging / name).replace(out_dir / name)
+    shutil.rmtree(staging)
+
+
+def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    out_dir = Path(cfg.output_dir)
+    units = plan_units(cfg)
+    inputs = hash_inputs(units, cfg.work_path / "input_hashes.json")
+    extract_dir = cfg.work_path / f"extract-{_extract_key(cfg, units, inputs)}"
+    build_key = fingerprint(extract_dir.name, cfg.model_dump(exclude={"workers", "work_dir", "output_dir"}))
+    manifest_path = out_dir / "manifest.json"
+    if not force and manifest_path.is_file() and json.loads(manifest_path.read_text()).get("build_key") == build_key:
+        return json.loads(manifest_path.read_text())
+    manifest_path.unlink(missing_ok=True)
+    timings["plan_s"] = time.perf_counter() - start
+
+    t = time.perf_counter()
+    step_stats = run_extract(cfg, units, extract_dir)
+    timings["extract_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    table, deletes, drops = load_extract(extract_dir, len(units), cfg.dedup.near.num_perm)
+    table.rank_sources(cfg.source_rank())
+    pubmed_sources = {s.name for s in cfg.sources if s.kind == "pubmed_xml"}
+    removed = resolve(table, deletes, pubmed_sources, cfg.dedup)
+    timings["dedup_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    alive = np.ones(len(table), dtype=bool)
+    alive[list(removed)] = False
+    val = np.array([in_validation(i, cfg) for i in table.ids], dtype=bool)
+    copies, plans = _mixture(cfg, table, alive & ~val)
+    timings["mix_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    staging = out_dir / f".staging-{build_key}"
+    shutil.rmtree(staging, ignore_errors=True)
+    counts = write_splits(cfg, extract_dir, staging, len(units), alive, val, copies)
+    unselected = np.flatnonzero(alive & ~val & (copies == 0))
+    all_drops = (drops + [_removal_entry(table, row, "dedup", r) for row, r in sorted(removed.items())]
+                 + [_removal_entry(table, int(row), "mix", Removal("downsampled", "not selected by the mixture sampler")) for row in unselected])
+    with atomic_open(staging / "dropped.jsonl.gz") as fh:
+        for entry in all_drops:
+            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    _install(staging, out_dir)
+    timings["write_s"] = time.perf_counter() - t
+
+    manifest = _manifest(cfg, build_key, extract_dir, inputs, units, table, all_drops, plans, counts, step_stats)
+    timings["total_s"] = time.perf_counter() - start
+    manifest["timings"] = timings
+    write_report(out_dir, manifest, all_drops)
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+def _mixture(cfg: CorpusConfig, table: DocTable, train: np.ndarray):
+    sources = np.array(table.sources, dtype=object)
+    available = {s.name: int(table.chars[train & (sources == s.name)].sum()) for s in cfg.sources}
+    plans = plan_factors(cfg, available)
+    copies = np.zeros(len(table), dtype=np.int64)
+    for name, plan in plans.items():
+        rows = np.flatnonzero(train & (sources == name))
+        copies[rows] = copies_for(rows, table.ids, table.chars, plan.factor, cfg.mix.seed)
+    return copies, plans
+
+
+def _total(stat) -> float:
+    """datatrove saves a metric as a bare number when trivial, else as a dict with its total."""
+    return stat.get("total", 0) if isinstance(stat, dict) else stat
+
+
+def _removal_entry(table: DocTable, row: int, stage: str, removal: Removal) -> dict:
+    return {"id": table.ids[row], "source": table.sources[row], "pmid": table.pmids[row],
+            "stage": stage, "reason": removal.reason, "detail": removal.detail}
+
+
+def _manifest(cfg, build_key, extract_dir, inputs, units, table, drops, plans, counts, step_stats) -> dict:
+    by_reason: dict[str, dict[str, int]] = {}
+    for entry in drops:
+        key = f"{entry['stage']}/{entry['reason']}"
+        by_reason.setdefault(key, {}).setdefault(entry["source"], 0)
+        by_reason[key][entry["source"]] += 1
+    read = {}
+    for name in table.sources:
+        read[name] = read.get(name, 0) + 1
+    for entry in drops:
+        if entry["stage"] in ("filter", "decontaminate", "read"):
+            read[entry["source"]] = read.get(entry["source"], 0) + 1
+    train_chars = sum(c["chars"] for c in counts["train"].values()) or 1
+    mixture = {
+        name: {"weight": p.weight, "available_chars": p.available_chars, "factor": round(p.factor, 6),
+               "requested_share": p.weight, "achieved_chars": counts["train"].get(name, {}).get("chars", 0),
+               "achieved_share": counts["train"].get(name, {}).get("chars", 0) / train_chars}
+        for name, p in plans.items()
+    }
+    return {
+        "stage": "corpus",
+        "version": __version__,
+        "build_key": build_key,
+        "extract_dir": str(extract_dir),
+        "config": cfg.model_dump(),
+        "inputs": inputs,
+        "tasks": len(units),
+        "documents_in": sum(read.values()),
+        "documents_out": {split: sum(c["docs"] for c in counts[split].values()) for split in counts},
+        "per_source": {"read": read, "train": counts["train"], "val": counts["val"]},
+        "dropped": by_reason,
+        "mixture": mixture,
+        "seeds": {"mix": cfg.mix.seed, "split": cfg.split.seed, "minhash": cfg.dedup.near.seed},
+        "extract_steps": [{"name": s["name"], "time_s": _total(s["time_stats"]),
+                           "stats": {k: _total(v) for k, v in s["stats"].items()}} for s in step_stats],
+    }

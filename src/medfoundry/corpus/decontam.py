@@ -1,0 +1,193 @@
+"""Decontamination: find corpus documents that contain evaluation items.
+
+The index holds the word n-gram hashes of every test item of the selected benchmarks in one sorted
+uint64 array, with a parallel array naming the item each hash came from, so checking a document is
+two ``np.searchsorted`` calls. Text on both sides is split into NFKC-normalized, lower-cased
+words by :mod:`medfoundry.corpus.ngrams`, so case, punctuation and spacing differences do not hide
+an overlap. PubMedQA test abstracts are also caught by PMID when the document carries one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medfoundry.corpus.ngrams import ngram_hashes, word_hashes
+from medfoundry.errors import InputError, MedfoundryError
+
+BENCHMARKS = ("pubmedqa", "medqa", "medmcqa", "mmlu")
+
+Item = tuple[str, str, str]  # (benchmark, item id, text)
+
+
+@dataclass(frozen=True)
+class Contamination:
+    """Why a document was removed. ``reason`` is ``pubmedqa_test_pmid`` or ``ngram_overlap``."""
+
+    reason: str
+    benchmark: str
+    item: str
+    matches: int  # n-grams shared with the best-matching item (0 for a PMID match)
+    detail: str
+
+
+def _missing(path: Path | str, benchmark: str) -> MedfoundryError:
+    return MedfoundryError(
+        f"decontam.benchmarks_dir: {path} is missing (needed for the {benchmark!r} benchmark). "
+        "Point decontam.benchmarks_dir at a folder laid out like shared/data/benchmarks, "
+        f"or drop {benchmark!r} from decontam.sets."
+    )
+
+
+def _require(path: Path, benchmark: str) -> Path:
+    if not path.exists():
+        raise _missing(path, benchmark)
+    return path
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(path, f"invalid JSON: {err.msg}", err.lineno) from None
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(path, f"invalid JSON: {err.msg}", lineno) from None
+
+
+def _pubmedqa_test_pmids(root: Path) -> list[str]:
+    return list(_read_json(_require(root / "pubmedqa" / "test_ground_truth.json", "pubmedqa")))
+
+
+def _pubmedqa_items(root: Path) -> Iterator[Item]:
+    """The 500 test questions only: the other 500 of PQA-L are its train/dev split."""
+    records = _read_json(_require(root / "pubmedqa" / "ori_pqal.json", "pubmedqa"))
+    for pmid in _pubmedqa_test_pmids(root):
+        record = records[pmid]
+        yield "pubmedqa", pmid, record["QUESTION"] + "\n" + "\n".join(record["CONTEXTS"])
+
+
+def _medqa_items(root: Path) -> Iterator[Item]:
+    """The 4- and 5-option files hold the same questions in the same order: one item per line number."""
+    for name in ("us_4_options_test.jsonl", "us_5_options_test.jsonl"):
+        for i, record in enumerate(_read_jsonl(_require(root / "medqa" / name, "medqa"))):
+            yield "medqa", str(i), "\n".join([record["question"], *record["options"].values()])
+
+
+def _medmcqa_items(root: Path) -> Iterator[Item]:
+    for record in _read_jsonl(_require(root / "medmcqa" / "dev.jsonl", "medmcqa")):
+        parts = [record["question"]] + [record[k] or "" for k in ("opa", "opb", "opc", "opd")]
+        yield "medmcqa", record["id"], "\n".join(parts)
+
+
+def _mmlu_items(root: Path) -> Iterator[Item]:
+    """Header-less ``question,A,B,C,D,answer`` rows; item id is ``subject:row``."""
+    files = sorted((root / "mmlu" / "test").glob("*.csv"))
+    if not files:
+        raise _missing(root / "mmlu" / "test" / "*.csv", "mmlu")
+    for path in files:
+        subject = path.stem.removesuffix("_test")
+        with path.open(encoding="utf-8", newline="") as f:
+            for i, row in enumerate(csv.reader(f)):
+                yield "mmlu", f"{subject}:{i}", "\n".join(row[:5])
+
+
+_LOADERS = {"pubmedqa": _pubmedqa_items, "medqa": _medqa_items, "medmcqa": _medmcqa_items, "mmlu": _mmlu_items}
+
+
+@dataclass(eq=False)
+class BenchmarkIndex:
+    """N-gram table of benchmark test items, plus the PubMedQA test PMIDs. Plain arrays: pickles fast."""
+
+    ngram: int
+    pmids: frozenset[str]
+    keys: np.ndarray  # sorted uint64 n-gram hashes; a hash shared by k items appears k times
+    owners: np.ndarray  # int32, keys[i] comes from items[owners[i]]
+    items: list[tuple[str, str]]  # (benchmark, item id)
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)  # per benchmark: items, ngrams, short_items
+
+    @classmethod
+    def build(cls, benchmarks_dir: Path, sets: list[str], ngram: int, pubmedqa_ids: bool) -> "BenchmarkIndex":
+        """Index the test items of ``sets``. Items shorter than ``ngram`` words cannot be matched and
+        are counted as ``short_items``. PMIDs are indexed when ``pubmedqa_ids`` and pubmedqa is in ``sets``."""
+        root = Path(benchmarks_dir)
+        if not root.is_dir():
+            raise MedfoundryError(f"decontam.benchmarks_dir: {root} is not a folder")
+        unknown = sorted(set(sets) - set(BENCHMARKS))
+        if unknown:
+            raise MedfoundryError(f"decontam.sets: unknown benchmarks {unknown}; known: {list(BENCHMARKS)}")
+
+        grams_of: dict[tuple[str, str], list[np.ndarray]] = {}
+        for name in dict.fromkeys(sets):
+            for benchmark, item_id, text in _LOADERS[name](root):
+                grams_of.setdefault((benchmark, item_id), []).append(ngram_hashes(word_hashes(text), ngram))
+
+        items = list(grams_of)
+        stats = {name: {"items": 0, "ngrams": 0, "short_items": 0} for name in dict.fromkeys(sets)}
+        per_item = []
+        for (benchmark, _), parts in grams_of.items():
+            grams = np.unique(np.concatenate(parts))
+            per_item.append(grams)
+            stats[benchmark]["items"] += 1
+            stats[benchmark]["ngrams"] += len(grams)
+            stats[benchmark]["short_items"] += not len(grams)
+
+        keys = np.concatenate(per_item) if per_item else np.empty(0, np.uint64)
+        owners = np.repeat(np.arange(len(items), dtype=np.int32), [len(g) for g in per_item])
+        order = np.argsort(keys, kind="stable")
+        pmids = frozenset(_pubmedqa_test_pmids(root)) if pubmedqa_ids and "pubmedqa" in sets else frozenset()
+        return cls(ngram, pmids, keys[order], owners[order], items, stats)
+
+    def match(self, text: str, pmid: str | None = None, min_matches: int = 1) -> Contamination | None:
+        """The reason ``text`` is contaminated, or None. A PMID match wins; otherwise the document is
+        contaminated when at least ``min_matches`` of its distinct n-grams occur in benchmark items,
+        and is attributed to the item sharing the most of them."""
+        return self.match_words(word_hashes(text), pmid, min_matches)
+
+    def match_words(self, words: np.ndarray, pmid: str | None = None, min_matches: int = 1) -> Contamination | None:
+        """:meth:`match` on the text's :func:`~medfoundry.corpus.ngrams.word_hashes`, when the caller has them."""
+        if pmid is not None and str(pmid).strip() in self.pmids:
+            return Contamination(
+                "pubmedqa_test_pmid", "pubmedqa", str(pmid).strip(), 0, f"PMID {pmid} is a PubMedQA test question"
+            )
+        grams = ngram_hashes(words, self.ngram)
+        if not len(grams) or not len(self.keys):
+            return None
+        nearest = self.keys[np.minimum(np.searchsorted(self.keys, grams), len(self.keys) - 1)]
+        shared = np.unique(grams[nearest == grams])  # distinct n-grams found in some item
+        if len(shared) == 0 or len(shared) < min_matches:
+            return None
+        lo = np.searchsorted(self.keys, shared, side="left")
+        hi = np.searchsorted(self.keys, shared, side="right")
+        owners = np.concatenate([self.owners[a:b] for a, b in zip(lo, hi)])
+        counts = np.bincount(owners)
+        best = int(counts.argmax())
+        benchmark, item_id = self.items[best]
+        return Contamination(
+            "ngram_overlap",
+            benchmark,
+            item_id,
+            int(counts[best]),
+            f"{counts[best]} of {len(np.unique(grams))} {self.ngram}-grams shared with {benchmark} item {item_id} "
+            f"({len(shared)} shared with benchmarks in all)",
+        )
+
+    def summary(self) -> dict:
+        """Manifest entry: what the index covers."""
+        return {
+            "ngram": self.ngram,
+            "pubmedqa_test_pmids": len(self.pmids),
+            "benchmarks": {name: dict(s) for name, s in self.stats.items()},
+        }

@@ -1,0 +1,86 @@
+"""``report.md`` and ``composition.png`` for a built corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medfoundry.io import atomic_path, write_text
+
+
+
+def composition_chart(path: Path, mixture: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(mixture)
+    available = [mixture[n]["available_chars"] / 1e6 for n in names]
+    achieved = [mixture[n]["achieved_chars"] / 1e6 for n in names]
+    shares = [100 * mixture[n]["achieved_share"] for n in names]
+    requested = [None if mixture[n]["requested_share"] is None else 100 * mixture[n]["requested_share"] for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    x = range(len(names))
+    left.bar([i - 0.2 for i in x], available, width=0.4, label="available (after dedup)")
+    left.bar([i + 0.2 for i in x], achieved, width=0.4, label="in train split")
+    left.set_xticks(list(x), names, rotation=20)
+    left.set_ylabel("million characters")
+    left.legend()
+    left.set_title("Characters per source")
+    right.bar(x, shares, color="tab:green", label="achieved")
+    for i, req in enumerate(requested):
+        if req is not None:
+            right.hlines(req, i - 0.4, i + 0.4, colors="black", linestyles="dashed", label="requested" if i == 0 or all(r is None for r in requested[:i]) else None)
+    right.set_xticks(list(x), names, rotation=20)
+    right.set_ylabel("% of train characters")
+    right.set_title("Train mixture")
+    right.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt_share(value) -> str:
+    return "whole" if value is None else f"{100 * value:.2f}%"
+
+
+def write_report(out_dir: Path, manifest: dict, drops: list[dict]) -> None:
+    composition_chart(out_dir / "composition.png", manifest["mixture"])
+    per = manifest["per_source"]
+    sources = list(manifest["mixture"])
+    parts = [
+        "# Corpus report",
+        f"medfoundry {manifest['version']} · build `{manifest['build_key']}` · {manifest['tasks']} extract tasks · "
+        f"{manifest['timings']['total_s']:.1f} s",
+        f"Documents read: **{manifest['documents_in']:,}** · train: **{manifest['documents_out']['train']:,}** · "
+        f"val: **{manifest['documents_out']['val']:,}**",
+        "## Sources",
+        _table(["source", "read", "train docs", "train chars", "val docs"], [
+            [s, per["read"].get(s, 0), per["train"].get(s, {}).get("docs", 0),
+             f"{per['train'].get(s, {}).get('chars', 0):,}", per["val"].get(s, {}).get("docs", 0)] for s in sources]),
+        "## Mixture (train split)",
+        "![composition](composition.png)",
+        _table(["source", "requested", "achieved", "factor", "available chars", "train chars"], [
+            [s, _fmt_share(m["requested_share"]), f"{100 * m['achieved_share']:.2f}%", m["factor"],
+             f"{m['available_chars']:,}", f"{m['achieved_chars']:,}"] for s, m in manifest["mixture"].items()]),
+        "## Dropped documents by reason",
+        _table(["stage/reason", *sources], [[k, *[v.get(s, 0) for s in sources]] for k, v in sorted(manifest["dropped"].items())])
+        if manifest["dropped"] else "Nothing was dropped.",
+        "Every dropped document is listed with its reason in `dropped.jsonl.gz`.",
+    ]
+    for stage, title in (("decontaminate", "Decontamination: removed documents"), ("read", "Skipped input (lenient mode)")):
+        listed = [d for d in drops if d["stage"] == stage]
+        parts.append(f"## {title}")
+        parts.append(_table(["id", "source", "reason", "detail"], [[d["id"], d["source"], d["reason"], d["detail"]] for d in listed])
+                     if listed else "None.")
+    parts.append("## Timings")
+    parts.append(_table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in manifest["timings"].items()]))
+    parts.append(_table(["extract step", "CPU seconds (all tasks)"], [[s["name"], f"{s['time_s'] or 0:.2f}"] for s in manifest["extract_steps"]]))
+    write_text(out_dir / "report.md", "\n\n".join(parts) + "\n")
