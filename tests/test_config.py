@@ -28,6 +28,8 @@ sources:
 dedup:
   near: {num_perm: 128, bands: 16}
   precedence: [abstracts, notes]
+decontam:
+  benchmarks_dir: data/benchmarks
 """
 
 
@@ -81,9 +83,9 @@ def test_apply_overrides_on_tree():
 
 
 def test_overrides_without_a_file():
-    cfg = load_config(CorpusConfig, None, ["output_dir=out", "sources=[{name: s, kind: text, paths: [x.txt]}]"])
+    cfg = load_config(CorpusConfig, None, ["output_dir=out", "sources=[{name: s, kind: text, paths: [x.txt]}]", "decontam.enabled=false"])
     assert cfg.output_dir == "out" and cfg.sources[0].kind == "text"
-    msg = error_of(None, ["output_dir=out"])
+    msg = error_of(None, ["output_dir=out", "decontam.enabled=false"])
     assert msg == "<overrides>: invalid configuration\n  sources: required field is missing"
 
 
@@ -216,5 +218,12 @@ def test_validate_directly():
         validate(CorpusConfig, tree, "cli")
     assert str(info.value).startswith("cli: invalid configuration\n  sources.0.name: String should match pattern")
     assert "(got 'bad name')" in str(info.value)
-    cfg = validate(CorpusConfig, {"output_dir": "o", "sources": [{"name": "ok", "kind": "text", "paths": ["x"]}]})
+    cfg = validate(CorpusConfig, {"output_dir": "o", "sources": [{"name": "ok", "kind": "text", "paths": ["x"]}], "decontam": {"enabled": False}})
     assert cfg.work_path == Path("o") / ".work"
+
+
+def test_decontamination_needs_its_benchmarks(tmp_path):
+    path = write(tmp_path, VALID.replace("decontam:\n  benchmarks_dir: data/benchmarks\n", ""))
+    msg = error_of(path)
+    assert "decontam.benchmarks_dir is required" in msg and "decontam.enabled: false" in msg
+    assert load_config(CorpusConfig, path, ["decontam.enabled=false"]).decontam.enabled is False

@@ -87,6 +87,7 @@ def test_delete_citation_removes_pmid_everywhere_unless_readded_later():
 def _cfg(**sources_weights) -> CorpusConfig:
     return validate(CorpusConfig, {
         "output_dir": "x",
+        "decontam": {"enabled": False},
         "sources": [{"name": n, "kind": "jsonl", "paths": ["p"], "weight": w} for n, w in sources_weights.items()],
     })
 

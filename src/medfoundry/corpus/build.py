@@ -24,8 +24,7 @@ from medfoundry.corpus.dedup import DocTable, Removal, resolve
 from medfoundry.corpus.mix import copies_for, in_validation, plan_factors
 from medfoundry.corpus.plan import WorkUnit, fingerprint, hash_inputs, plan_units
 from medfoundry.corpus.report import write_report
-from medfoundry.corpus.steps import CleanAndFilter, Decontaminate, Fingerprint, ReadSources, WriteTaskOutput
-from medfoundry.errors import ConfigError
+from medfoundry.corpus.steps import CleanAndFilter, Decontaminate, Fingerprint, ReadSources, WriteTaskOutput, benchmark_index
 from medfoundry.io import atomic_open, iter_jsonl, write_json
 from medfoundry.runtime import cpu_count
 
@@ -34,10 +33,7 @@ def extract_pipeline(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) ->
     """The datatrove pipeline of the extract stage; hand it to any datatrove executor."""
     steps = [ReadSources(units, cfg.sources, cfg.strict), CleanAndFilter(cfg.clean)]
     if cfg.decontam.enabled:
-        if not cfg.decontam.benchmarks_dir:
-            raise ConfigError("decontam.benchmarks_dir: required when decontam.enabled is true "
-                              "(e.g. ../shared/data/benchmarks), or set decontam.enabled: false")
-        steps.append(Decontaminate(cfg.decontam, cfg.decontam.benchmarks_dir))
+        steps.append(Decontaminate(cfg.decontam))
     steps += [Fingerprint(cfg.dedup.near), WriteTaskOutput(str(out_dir), cfg.dedup.near.num_perm)]
     return steps
 
@@ -166,6 +162,8 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     timings["plan_s"] = time.perf_counter() - start
 
     t = time.perf_counter()
+    # built here first: forked workers inherit it, and a bad benchmarks_dir fails before any task starts
+    decontam = benchmark_index(cfg.decontam).summary() if cfg.decontam.enabled else None
     step_stats = run_extract(cfg, units, extract_dir)
     timings["extract_s"] = time.perf_counter() - t
 
@@ -197,6 +195,7 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     timings["write_s"] = time.perf_counter() - t
 
     manifest = _manifest(cfg, build_key, extract_dir, inputs, units, table, all_drops, plans, counts, step_stats)
+    manifest["decontamination"] = decontam
     timings["total_s"] = time.perf_counter() - start
     manifest["timings"] = timings
     write_report(out_dir, manifest, all_drops)

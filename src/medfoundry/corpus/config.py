@@ -131,6 +131,9 @@ class CorpusConfig(StrictModel):
         unknown = [n for n in self.dedup.precedence if n not in names]
         if unknown:
             raise ValueError(f"dedup.precedence names unknown sources {unknown}; sources are {names}")
+        if self.decontam.enabled and not self.decontam.benchmarks_dir:
+            raise ValueError("decontam.benchmarks_dir is required while decontam.enabled is true: point it at the "
+                             "evaluation sets (e.g. ../shared/data/benchmarks), or set decontam.enabled: false")
         weights = [s.weight for s in self.sources if s.weight is not None]
         anchored = len(weights) < len(self.sources)
         if anchored and sum(weights) >= 1:

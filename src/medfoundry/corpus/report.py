@@ -75,8 +75,14 @@ def write_report(out_dir: Path, manifest: dict, drops: list[dict]) -> None:
         if manifest["dropped"] else "Nothing was dropped.",
         "Every dropped document is listed with its reason in `dropped.jsonl.gz`.",
     ]
+    decontam = manifest.get("decontamination")
+    if decontam:
+        parts.append("## Decontamination index")
+        parts.append(f"{decontam['ngram']}-gram overlap; {decontam['pubmedqa_test_pmids']} PubMedQA test PMIDs matched by id.")
+        parts.append(_table(["benchmark", "test items", "n-grams", f"items shorter than {decontam['ngram']} words (not matchable)"],
+                            [[b, v["items"], v["ngrams"], v["short_items"]] for b, v in decontam["benchmarks"].items()]))
     for stage, title in (("decontaminate", "Decontamination: removed documents"), ("read", "Skipped input (lenient mode)")):
-        listed = [d for d in drops if d["stage"] == stage]
+        listed = [d for d in drops if d["stage"] == stage and d["reason"] != "no_abstract"]
         parts.append(f"## {title}")
         parts.append(_table(["id", "source", "reason", "detail"], [[d["id"], d["source"], d["reason"], d["detail"]] for d in listed])
                      if listed else "None.")

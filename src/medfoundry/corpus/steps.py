@@ -9,6 +9,7 @@ looks finished and datatrove simply re-runs it.
 
 from __future__ import annotations
 
+import itertools
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -34,7 +35,8 @@ from medfoundry.io import atomic_open, atomic_path
 def read_unit(unit: WorkUnit, source: SourceConfig, ctx: ReadContext):
     path = Path(unit.path)
     if source.kind == "pubmed_xml":
-        return read_pubmed_xml(path, ctx, keep_without_abstract=source.keep_without_abstract)
+        # title-only citations are read and then dropped with a reason, never silently
+        return read_pubmed_xml(path, ctx, keep_without_abstract=True)
     if source.kind == "jats":
         return read_jats(path, ctx, captions=source.captions)
     if source.kind == "guidelines":
@@ -62,8 +64,14 @@ class ReadSources(PipelineStep):
         unit = self.units[rank]
         ctx = ReadContext(Path(unit.path), strict=self.strict)
         name = Path(unit.path).name
-        for pos, item in enumerate(read_unit(unit, self.sources[unit.source], ctx)):
+        source = self.sources[unit.source]
+        items = read_unit(unit, source, ctx)
+        for pos in itertools.count():
+            with self.track_time():
+                item = next(items, None)
             yield from self._skips(ctx, unit)
+            if item is None:
+                return
             order = [rank, pos]
             if isinstance(item, Deletion):
                 yield Document("", f"{unit.source}/delete:{item.pmid}", metadata={"event": "delete", "pmid": item.pmid, "source": unit.source, "order": order})
@@ -71,12 +79,14 @@ class ReadSources(PipelineStep):
             self.stat_update("read")
             local_id = item.native_id if item.native_id is not None else f"{name}:{item.line}"
             pmid = item.meta.get("pmid")
-            yield Document(
+            doc = Document(
                 item.text,
                 f"{unit.source}/{local_id}",
                 metadata={"source": unit.source, "meta": item.meta, "pmid": str(pmid) if pmid else None, "order": order},
             )
-        yield from self._skips(ctx, unit)
+            if item.meta.get("has_abstract") is False and not source.keep_without_abstract:
+                _drop(doc, "read", "no_abstract", "title-only citation (sources[].keep_without_abstract: false)")
+            yield doc
 
     def _skips(self, ctx: ReadContext, unit: WorkUnit):
         for skip in ctx.skips:
@@ -119,25 +129,26 @@ class CleanAndFilter(_LiveDocStep):
 
 
 @lru_cache(maxsize=2)
-def _benchmark_index(benchmarks_dir: str, sets: tuple[str, ...], ngram: int, pubmedqa_ids: bool) -> BenchmarkIndex:
-    """Built once per worker process, reused by every task that process runs."""
+def _cached_index(benchmarks_dir: str, sets: tuple[str, ...], ngram: int, pubmedqa_ids: bool) -> BenchmarkIndex:
     return BenchmarkIndex.build(Path(benchmarks_dir), list(sets), ngram, pubmedqa_ids)
+
+
+def benchmark_index(cfg: DecontamConfig) -> BenchmarkIndex:
+    """Built once per worker process, reused by every task that process runs."""
+    return _cached_index(cfg.benchmarks_dir, tuple(cfg.sets), cfg.ngram, cfg.pubmedqa_ids)
 
 
 class Decontaminate(_LiveDocStep):
     name = "decontaminate"
     type = "🔻 - FILTER"
 
-    def __init__(self, cfg: DecontamConfig, benchmarks_dir: str):
+    def __init__(self, cfg: DecontamConfig):
         super().__init__()
         self.cfg = cfg
-        self.benchmarks_dir = benchmarks_dir
 
     def process(self, doc: Document) -> None:
-        cfg = self.cfg
-        index = _benchmark_index(self.benchmarks_dir, tuple(cfg.sets), cfg.ngram, cfg.pubmedqa_ids)
         words = doc.metadata["words"] = word_hashes(doc.text)
-        hit = index.match_words(words, doc.metadata.get("pmid"), cfg.min_matches)
+        hit = benchmark_index(self.cfg).match_words(words, doc.metadata.get("pmid"), self.cfg.min_matches)
         if hit:
             self.stat_update(hit.reason)
             _drop(doc, "decontaminate", hit.reason, hit.detail)
