@@ -88,6 +88,7 @@ def _config(planted: dict, out: Path, **extra) -> dict:
         "decontam": {"benchmarks_dir": str(shared("benchmarks"))},
         "split": {"val_fraction": 0.05},
         "output": {"shard_docs": 100},
+        "report_tokenizer": str(shared("tokenizers/gpt2")),
     }
     cfg.update(extra)
     return cfg
@@ -161,6 +162,11 @@ def test_mixture_hits_requested_share(built):
     largest = max(len(r["text"]) for r in _replay(40))
     assert abs(replay["achieved_chars"] - target) <= largest / 2
     assert manifest["mixture"]["abstracts"]["factor"] == 1
+    # token counts of the written train split (GPT-2 tokenizer), beside the character shares
+    tokens = {name: m["achieved_tokens"] for name, m in manifest["mixture"].items()}
+    assert tokens["abstracts"] > manifest["mixture"]["abstracts"]["achieved_chars"] / 8
+    assert sum(m["achieved_token_share"] for m in manifest["mixture"].values()) == pytest.approx(1.0)
+    assert manifest["per_source"]["train"]["replay"]["tokens"] == tokens["replay"]
     assert (built[0] / "composition.png").stat().st_size > 5000
 
 

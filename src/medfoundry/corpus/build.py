@@ -8,6 +8,8 @@ finalize (one process, over keys only; texts are streamed once when writing)
 
 from __future__ import annotations
 
+import gzip
+from collections import Counter
 import json
 import math
 import shutil
@@ -26,6 +28,7 @@ from medfoundry.corpus.plan import WorkUnit, fingerprint, hash_inputs, plan_unit
 from medfoundry.corpus.report import write_report
 from medfoundry.corpus.steps import CleanAndFilter, Decontaminate, Fingerprint, ReadSources, WriteTaskOutput, benchmark_index
 from medfoundry.io import atomic_open, iter_jsonl, write_json
+from medfoundry.tokenizer.files import load_fast_tokenizer
 from medfoundry.runtime import cpu_count
 
 
@@ -91,6 +94,34 @@ class _ShardSet:
                 ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
+class _Tally:
+    """Documents, characters and (with a tokenizer) tokens per split and source, as written."""
+
+    _BATCH = 256
+
+    def __init__(self, tokenizer=None):
+        self.counts: dict[str, dict[str, dict[str, int]]] = {"train": {}, "val": {}}
+        self.tokenizer = tokenizer
+        self._pending: list[tuple[str, str, str, int]] = []
+
+    def add(self, split: str, source: str, text: str, copies: int) -> None:
+        entry = self.counts[split].setdefault(source, {"docs": 0, "chars": 0, **({"tokens": 0} if self.tokenizer else {})})
+        entry["docs"] += copies
+        entry["chars"] += copies * len(text)
+        if self.tokenizer:
+            self._pending.append((split, source, text, copies))
+            if len(self._pending) >= self._BATCH:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        encodings = self.tokenizer.encode_batch([text for _, _, text, _ in self._pending], add_special_tokens=False)
+        for (split, source, _, copies), enc in zip(self._pending, encodings):
+            self.counts[split][source]["tokens"] += copies * len(enc.ids)
+        self._pending.clear()
+
+
 def write_splits(cfg: CorpusConfig, out_dir: Path, staging: Path, tasks: int, alive: np.ndarray, val: np.ndarray, copies: np.ndarray) -> dict:
     n_train = int(copies[alive & ~val].sum())
     n_val = int((alive & val).sum())
@@ -99,40 +130,33 @@ def write_splits(cfg: CorpusConfig, out_dir: Path, staging: Path, tasks: int, al
         "train": _ShardSet(staging / "train", max(1, math.ceil(n_train / per_shard)), cfg.output.compresslevel),
         "val": _ShardSet(staging / "val", max(1, math.ceil(n_val / per_shard)), cfg.output.compresslevel),
     }
-    counts = {"train": {}, "val": {}}
+    tally = _Tally(load_fast_tokenizer(cfg.report_tokenizer) if cfg.report_tokenizer else None)
     ok = False
     try:
         row = 0
         for rank in range(tasks):
-            for line in _raw_lines(out_dir / f"{rank:05d}.docs.jsonl.gz"):
-                if alive[row]:
-                    _emit(line, row, val[row], copies[row], sets, counts, cfg.mix.seed)
-                row += 1
+            with gzip.open(out_dir / f"{rank:05d}.docs.jsonl.gz", "rb") as lines:
+                for line in lines:
+                    if alive[row]:
+                        split, n = ("val", 1) if val[row] else ("train", int(copies[row]))
+                        doc = json.loads(line)
+                        tally.add(split, doc["source"], doc["text"], n)
+                        _emit(doc, n, split, sets, cfg.mix.seed)
+                    row += 1
+        tally.flush()
         ok = True
     finally:
         for shard_set in sets.values():
             shard_set.close(ok)
-    return counts
+    return tally.counts
 
 
-def _raw_lines(path: Path):
-    import gzip
-
-    with gzip.open(path, "rb") as fh:
-        yield from fh
-
-
-def _emit(line: bytes, row: int, is_val: bool, n_copies: int, sets: dict, counts: dict, seed: int) -> None:
-    doc = json.loads(line)
-    split = "val" if is_val else "train"
+def _emit(doc: dict, n_copies: int, split: str, sets: dict, seed: int) -> None:
     files = sets[split].files
-    tally = counts[split].setdefault(doc["source"], {"docs": 0, "chars": 0})
-    for copy in range(1 if is_val else n_copies):
-        if copy:
-            doc["id"] = f"{doc['id'].split('#')[0]}#{copy}"
+    base_id = doc["id"]
+    for copy in range(n_copies):
+        doc["id"] = f"{base_id}#{copy}" if copy else base_id
         files[_shard_of(doc["id"], copy, seed, len(files))].write(json.dumps(doc, ensure_ascii=False) + "\n")
-        tally["docs"] += 1
-        tally["chars"] += len(doc["text"])
 
 
 def _install(staging: Path, out_dir: Path) -> None:
@@ -230,19 +254,36 @@ def _manifest(cfg, build_key, extract_dir, inputs, units, table, drops, plans, c
         key = f"{entry['stage']}/{entry['reason']}"
         by_reason.setdefault(key, {}).setdefault(entry["source"], 0)
         by_reason[key][entry["source"]] += 1
-    read = {}
-    for name in table.sources:
-        read[name] = read.get(name, 0) + 1
-    for entry in drops:
-        if entry["stage"] in ("filter", "decontaminate", "read"):
-            read[entry["source"]] = read.get(entry["source"], 0) + 1
-    train_chars = sum(c["chars"] for c in counts["train"].values()) or 1
-    mixture = {
-        name: {"weight": p.weight, "available_chars": p.available_chars, "factor": round(p.factor, 6),
-               "requested_share": p.weight, "achieved_chars": counts["train"].get(name, {}).get("chars", 0),
-               "achieved_share": counts["train"].get(name, {}).get("chars", 0) / train_chars}
-        for name, p in plans.items()
+    read = Counter(table.sources) + Counter(e["source"] for e in drops if e["stage"] in ("filter", "decontaminate", "read"))
+    return {
+        **_header(cfg, build_key, extract_dir, inputs, units),
+        "documents_in": sum(read.values()),
+        "documents_out": {split: sum(c["docs"] for c in counts[split].values()) for split in counts},
+        "per_source": {"read": dict(read), "train": counts["train"], "val": counts["val"]},
+        "dropped": by_reason,
+        "mixture": _achieved_mixture(plans, counts["train"]),
+        "seeds": {"mix": cfg.mix.seed, "split": cfg.split.seed, "minhash": cfg.dedup.near.seed},
+        "extract_steps": [{"name": s["name"], "time_s": _total(s["time_stats"]),
+                           "stats": {k: _total(v) for k, v in s["stats"].items()}} for s in step_stats],
     }
+
+
+def _achieved_mixture(plans: dict, train: dict) -> dict:
+    """Requested beside achieved shares, in characters and (when counted) tokens."""
+    totals = {unit: sum(c.get(unit, 0) for c in train.values()) or 1 for unit in ("chars", "tokens")}
+    mixture = {}
+    for name, plan in plans.items():
+        got = train.get(name, {})
+        entry = {"weight": plan.weight, "available_chars": plan.available_chars, "factor": round(plan.factor, 6),
+                 "requested_share": plan.weight, "achieved_chars": got.get("chars", 0),
+                 "achieved_share": got.get("chars", 0) / totals["chars"]}
+        if "tokens" in got:
+            entry.update(achieved_tokens=got["tokens"], achieved_token_share=got["tokens"] / totals["tokens"])
+        mixture[name] = entry
+    return mixture
+
+
+def _header(cfg, build_key, extract_dir, inputs, units) -> dict:
     return {
         "stage": "corpus",
         "version": __version__,
@@ -251,12 +292,4 @@ def _manifest(cfg, build_key, extract_dir, inputs, units, table, drops, plans, c
         "config": cfg.model_dump(),
         "inputs": inputs,
         "tasks": len(units),
-        "documents_in": sum(read.values()),
-        "documents_out": {split: sum(c["docs"] for c in counts[split].values()) for split in counts},
-        "per_source": {"read": read, "train": counts["train"], "val": counts["val"]},
-        "dropped": by_reason,
-        "mixture": mixture,
-        "seeds": {"mix": cfg.mix.seed, "split": cfg.split.seed, "minhash": cfg.dedup.near.seed},
-        "extract_steps": [{"name": s["name"], "time_s": _total(s["time_stats"]),
-                           "stats": {k: _total(v) for k, v in s["stats"].items()}} for s in step_stats],
     }

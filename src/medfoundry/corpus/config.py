@@ -121,6 +121,9 @@ class CorpusConfig(StrictModel):
     mix: MixConfig = Field(default_factory=MixConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    report_tokenizer: str | None = Field(
+        None, description="tokenizer directory (tokenizer.json, or vocab.json + merges.txt): report the mixture in tokens too"
+    )
 
     @model_validator(mode="after")
     def _check_sources(self) -> "CorpusConfig":

@@ -24,10 +24,12 @@ def composition_chart(path: Path, mixture: dict) -> None:
     left.bar([i - 0.2 for i in x], available, width=0.4, label="available (after dedup)")
     left.bar([i + 0.2 for i in x], achieved, width=0.4, label="in train split")
     left.set_xticks(list(x), names, rotation=20)
-    left.set_ylabel("million characters")
+    left.set_yscale("log")
+    left.set_ylabel("million characters (log scale)")
     left.legend()
     left.set_title("Characters per source")
-    right.bar(x, shares, color="tab:green", label="achieved")
+    bars = right.bar(x, shares, color="tab:green", label="achieved")
+    right.bar_label(bars, labels=[f"{v:.2f}%" for v in shares], fontsize=8)
     for i, req in enumerate(requested):
         if req is not None:
             right.hlines(req, i - 0.4, i + 0.4, colors="black", linestyles="dashed", label="requested" if i == 0 or all(r is None for r in requested[:i]) else None)
@@ -51,6 +53,20 @@ def _fmt_share(value) -> str:
     return "whole" if value is None else f"{100 * value:.2f}%"
 
 
+def _mixture_table(mixture: dict) -> str:
+    tokens = all("achieved_tokens" in m for m in mixture.values())
+    header = ["source", "requested", "achieved (chars)", *(["achieved (tokens)"] if tokens else []),
+              "factor", "available chars", "train chars", *(["train tokens"] if tokens else [])]
+    rows = []
+    for name, m in mixture.items():
+        row = [name, _fmt_share(m["requested_share"]), f"{100 * m['achieved_share']:.2f}%"]
+        row += [f"{100 * m['achieved_token_share']:.2f}%"] if tokens else []
+        row += [m["factor"], f"{m['available_chars']:,}", f"{m['achieved_chars']:,}"]
+        row += [f"{m['achieved_tokens']:,}"] if tokens else []
+        rows.append(row)
+    return _table(header, rows)
+
+
 def write_report(out_dir: Path, manifest: dict, drops: list[dict]) -> None:
     composition_chart(out_dir / "composition.png", manifest["mixture"])
     per = manifest["per_source"]
@@ -67,9 +83,7 @@ def write_report(out_dir: Path, manifest: dict, drops: list[dict]) -> None:
              f"{per['train'].get(s, {}).get('chars', 0):,}", per["val"].get(s, {}).get("docs", 0)] for s in sources]),
         "## Mixture (train split)",
         "![composition](composition.png)",
-        _table(["source", "requested", "achieved", "factor", "available chars", "train chars"], [
-            [s, _fmt_share(m["requested_share"]), f"{100 * m['achieved_share']:.2f}%", m["factor"],
-             f"{m['available_chars']:,}", f"{m['achieved_chars']:,}"] for s, m in manifest["mixture"].items()]),
+        _mixture_table(manifest["mixture"]),
         "## Dropped documents by reason",
         _table(["stage/reason", *sources], [[k, *[v.get(s, 0) for s in sources]] for k, v in sorted(manifest["dropped"].items())])
         if manifest["dropped"] else "Nothing was dropped.",

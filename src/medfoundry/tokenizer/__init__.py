@@ -1,0 +1,1 @@
+"""Tokenizer stage: loading, training and fertility of byte-level BPE tokenizers."""
