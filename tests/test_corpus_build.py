@@ -18,7 +18,7 @@ from conftest import REPO, shared
 from medfoundry.config import validate
 from medfoundry.corpus.build import build_corpus
 from medfoundry.corpus.config import CorpusConfig
-from medfoundry.errors import InputError
+from medfoundry.errors import InputError, Pending
 
 
 def _abstracts(n: int) -> list[dict]:
@@ -231,3 +231,51 @@ def test_build_killed_resumes_without_loss_or_duplication(planted, tmp_path, kil
     for split in ("train", "val"):
         assert _read_split(tmp_path / "out", split) == _read_split(tmp_path / "ref", split)
     assert not list((tmp_path / "out").glob(".staging-*"))
+
+
+FAKE_SLURM = Path(__file__).parent / "fixtures" / "fake_slurm"
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """sbatch/srun/squeue/scontrol stand-ins first on PATH; the venv's datatrove scripts after them."""
+    state = tmp_path / "slurm_state"
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}:{Path(sys.executable).parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(state))
+    monkeypatch.setenv("MEDFOUNDRY_NO_TCMALLOC", "1")
+    return state
+
+
+def _slurm_config(planted, out: Path) -> CorpusConfig:
+    cfg = _config(planted, out, executor={"kind": "slurm", "slurm": {"partition": "bio", "time": "01:00:00",
+                                                                      "sbatch_args": {"account": "medlab"}}})
+    return validate(CorpusConfig, cfg)
+
+
+def test_slurm_executor_submits_then_finalizes_on_rerun(planted, built, tmp_path, fake_slurm, monkeypatch):
+    """The same config on a cluster: the first run submits an array job and returns; a re-run while
+    squeue lists it submits nothing; after the tasks ran, a re-run finalizes the same corpus as locally."""
+    out = tmp_path / "cluster"
+    monkeypatch.setenv("FAKE_SLURM_RUN", "0")
+    with pytest.raises(Pending, match="4 of 4 extract tasks are not finished"):
+        build_corpus(_slurm_config(planted, out))
+    scripts = sorted(fake_slurm.glob("job-*.slurm"))
+    assert len(scripts) == 2  # the array job and datatrove's stats merge job
+    array_script = scripts[0].read_text()
+    for directive in ("--partition=bio", "--time=01:00:00", "--account=medlab", "--array=0-3"):
+        assert f"#SBATCH {directive}" in array_script
+    assert "launch_pickled_pipeline" in array_script and f"source {sys.prefix}/bin/activate" in array_script
+
+    monkeypatch.setenv("FAKE_SLURM_ACTIVE", "1")
+    with pytest.raises(Pending, match="slurm job 1000 is still running"):
+        build_corpus(_slurm_config(planted, out))
+    assert len(list(fake_slurm.glob("job-*.slurm"))) == 2
+
+    monkeypatch.setenv("FAKE_SLURM_ACTIVE", "0")
+    monkeypatch.setenv("FAKE_SLURM_RUN", "1")
+    manifest = build_corpus(_slurm_config(planted, out))
+    local_out, local_manifest = built
+    for split in ("train", "val"):
+        assert _read_split(out, split) == _read_split(local_out, split)
+    assert manifest["mixture"] == local_manifest["mixture"]
+    assert {s["name"] for s in manifest["extract_steps"]} == {s["name"] for s in local_manifest["extract_steps"]}

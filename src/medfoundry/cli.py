@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from medfoundry import __version__
-from medfoundry.errors import MedfoundryError
+from medfoundry.errors import MedfoundryError, Pending
 
 
 def _corpus_build(args: argparse.Namespace) -> int:
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Pending as exc:
+        print(f"pending: {exc}")
+        return 0
     except MedfoundryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -23,3 +23,7 @@ class InputError(MedfoundryError):
 
     def __reduce__(self):  # survives the trip back from a worker process
         return (InputError, (self.path, self.message, self.line))
+
+
+class Pending(MedfoundryError):
+    """Work was handed to a scheduler and is not finished yet; running the same command again continues."""

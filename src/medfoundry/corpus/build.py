@@ -13,12 +13,15 @@ from collections import Counter
 import json
 import math
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import xxhash
 from datatrove.executor.local import LocalPipelineExecutor
+from datatrove.executor.slurm import SlurmPipelineExecutor
 
 from medfoundry import __version__
 from medfoundry.corpus.config import CorpusConfig
@@ -27,6 +30,7 @@ from medfoundry.corpus.mix import copies_for, in_validation, plan_factors
 from medfoundry.corpus.plan import WorkUnit, fingerprint, hash_inputs, plan_units
 from medfoundry.corpus.report import write_report
 from medfoundry.corpus.steps import CleanAndFilter, Decontaminate, Fingerprint, ReadSources, WriteTaskOutput, benchmark_index
+from medfoundry.errors import Pending
 from medfoundry.io import atomic_open, iter_jsonl, write_json
 from medfoundry.tokenizer.files import load_fast_tokenizer
 from medfoundry.runtime import cpu_count
@@ -46,15 +50,61 @@ def _extract_key(cfg: CorpusConfig, units: list[WorkUnit], inputs: dict) -> str:
     return fingerprint(__version__, units, inputs, sections, cfg.dedup.near.model_dump())
 
 
-def run_extract(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) -> dict:
-    workers = min(cfg.workers or cpu_count(), len(units))
-    executor = LocalPipelineExecutor(
-        extract_pipeline(cfg, units, out_dir), tasks=len(units), workers=workers,
-        logging_dir=str(out_dir / "logs"), start_method="fork",
-    )
+def make_executor(cfg: CorpusConfig, pipeline: list, tasks: int, logging_dir: Path):
+    """A datatrove executor for the extract stage: a local process pool, or a Slurm array job."""
+    if cfg.executor.kind == "slurm":
+        slurm = cfg.executor.slurm
+        env_command = slurm.env_command or (f"source {sys.prefix}/bin/activate" if sys.prefix != sys.base_prefix else None)
+        return SlurmPipelineExecutor(
+            pipeline, tasks=tasks, time=slurm.time, partition=slurm.partition, cpus_per_task=slurm.cpus_per_task,
+            mem_per_cpu_gb=slurm.mem_per_cpu_gb, job_name=slurm.job_name, sbatch_args=slurm.sbatch_args,
+            env_command=env_command, logging_dir=str(logging_dir), max_array_launch_parallel=slurm.max_array_launch_parallel,
+        )
+    workers = min(cfg.workers or cpu_count(), tasks)
+    return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir), start_method="fork")
+
+
+def run_extract(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) -> list[dict]:
+    """Run (or submit) the extract tasks not yet completed; the per-step statistics once all are done."""
+    logs = out_dir / "logs"
+    executor = make_executor(cfg, extract_pipeline(cfg, units, out_dir), len(units), logs)
+    active = _active_slurm_job(logs) if cfg.executor.kind == "slurm" else None
+    if active and executor.get_incomplete_ranks():
+        raise Pending(f"slurm job {active} is still running the extract tasks (logs in {logs}); run this command again when it is done")
     executor.run()
-    stats_file = out_dir / "logs" / "stats.json"
-    return json.loads(stats_file.read_text()) if stats_file.is_file() else []
+    if getattr(executor, "job_id", None) not in (None, -1):
+        write_json(logs / "slurm_job.json", {"job_id": executor.job_id})
+    incomplete = executor.get_incomplete_ranks()
+    if incomplete:
+        raise Pending(f"{len(incomplete)} of {len(units)} extract tasks are not finished "
+                      f"(slurm job {getattr(executor, 'job_id', '?')}; logs in {logs}). "
+                      "Run the same command again once they are done: finished tasks are kept, failed ones re-run.")
+    return _step_stats(logs, len(units))
+
+
+def _active_slurm_job(logs: Path) -> str | None:
+    """The job submitted by an earlier run if squeue still lists it (so it is not submitted twice)."""
+    record = logs / "slurm_job.json"
+    if not record.is_file():
+        return None
+    job = str(json.loads(record.read_text())["job_id"])
+    try:
+        listed = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return job if listed.strip() else None
+
+
+def _step_stats(logs: Path, tasks: int) -> list[dict]:
+    """Per-step CPU time and counters summed over the tasks' own stats files (written by any executor)."""
+    steps: dict[str, dict] = {}
+    for rank in range(tasks):
+        path = logs / "stats" / f"{rank:05d}.json"
+        for step in json.loads(path.read_text()) if path.is_file() else []:
+            entry = steps.setdefault(step["name"], {"name": step["name"], "time_s": 0.0, "stats": Counter()})
+            entry["time_s"] += _total(step["time_stats"])
+            entry["stats"].update({k: _total(v) for k, v in step["stats"].items()})
+    return [dict(s, stats=dict(s["stats"])) for s in steps.values()]
 
 
 def load_extract(out_dir: Path, tasks: int, num_perm: int) -> tuple[DocTable, list, list[dict]]:
@@ -263,8 +313,7 @@ def _manifest(cfg, build_key, extract_dir, inputs, units, table, drops, plans, c
         "dropped": by_reason,
         "mixture": _achieved_mixture(plans, counts["train"]),
         "seeds": {"mix": cfg.mix.seed, "split": cfg.split.seed, "minhash": cfg.dedup.near.seed},
-        "extract_steps": [{"name": s["name"], "time_s": _total(s["time_stats"]),
-                           "stats": {k: _total(v) for k, v in s["stats"].items()}} for s in step_stats],
+        "extract_steps": step_stats,
     }
 
 

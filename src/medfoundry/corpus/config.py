@@ -108,6 +108,32 @@ class OutputConfig(StrictModel):
     compresslevel: int = Field(6, ge=1, le=9)
 
 
+class SlurmConfig(StrictModel):
+    partition: str
+    time: str = Field("04:00:00", description="per-task wall-clock limit, HH:MM:SS")
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: float = Field(2.0, gt=0)
+    job_name: str = "medfoundry-corpus"
+    max_array_launch_parallel: bool = False
+    sbatch_args: dict[str, str] = Field(default_factory=dict, description="extra #SBATCH directives, e.g. {account: bio}")
+    env_command: str | None = Field(None, description="shell line run before each task, e.g. 'source .venv/bin/activate'")
+
+
+class ExecutorConfig(StrictModel):
+    """Where the extract stage's tasks run. ``local``: a process pool on this machine. ``slurm``: one
+    array job through datatrove's SlurmPipelineExecutor; ``corpus build`` submits it and returns, and
+    the same command run again once the tasks are done (or to resume failed ones) finalizes the corpus."""
+
+    kind: Literal["local", "slurm"] = "local"
+    slurm: SlurmConfig | None = None
+
+    @model_validator(mode="after")
+    def _slurm_needs_settings(self) -> "ExecutorConfig":
+        if self.kind == "slurm" and self.slurm is None:
+            raise ValueError("executor.slurm (at least its partition) is required when executor.kind is slurm")
+        return self
+
+
 class CorpusConfig(StrictModel):
     output_dir: str
     work_dir: str | None = Field(None, description="intermediate files; default OUTPUT_DIR/.work")
@@ -121,6 +147,7 @@ class CorpusConfig(StrictModel):
     mix: MixConfig = Field(default_factory=MixConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     report_tokenizer: str | None = Field(
         None, description="tokenizer directory (tokenizer.json, or vocab.json + merges.txt): report the mixture in tokens too"
     )
