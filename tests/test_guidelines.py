@@ -87,7 +87,7 @@ def test_blank_lines_are_ignored(tmp_path):
 BAD_LINES = [
     (b"\xff\xfe not utf-8", "invalid UTF-8"),
     (b'{"id": "g9", "clean_text": ', "not valid JSON: "),
-    (b'["a", "list"]', "not a JSON object"),
+    (b'["a", "list"]', "expected a JSON object"),
     (_guideline(id=...), "missing field 'id'"),
     (_guideline(clean_text=..., raw_text=...), "missing field 'clean_text'"),
     (_guideline(clean_text=" ", raw_text=""), "guideline without text"),

@@ -1,54 +1,28 @@
 """Reader for clinical practice guidelines in Meditron's ``epfl-llm/guidelines`` JSONL schema.
 
 One JSON object per line: ``id, source, title, clean_text, raw_text, url, overview`` (``.jsonl`` or
-``.jsonl.gz``). Lines are read as bytes and decoded one at a time, so a line that is not valid UTF-8
-is reported with its number instead of failing the whole file.
+``.jsonl.gz``), read with the generic JSONL reader's line handling and error reporting.
 """
 
 from __future__ import annotations
 
-import json
-import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
 from medfoundry.corpus.readers.base import ReadContext, Record
-from medfoundry.io import open_binary
+from medfoundry.corpus.readers.jsonl import decode_object, iter_lines
 
 
 def read_guidelines(path: Path, ctx: ReadContext) -> Iterator[Record]:
     """Yield one record per guideline: ``# title`` then the clean text (raw text when it is empty)."""
-    lineno = 0
-    seen_content = False
-    with open_binary(path) as fh:
-        try:
-            for lineno, raw in enumerate(fh, 1):
-                if raw.strip():
-                    seen_content = True
-                    record = _parse_line(raw, lineno, ctx)
-                    if record is not None:
-                        yield record
-        except (EOFError, OSError, zlib.error) as err:  # truncated or corrupt gzip stream
-            ctx.skip(f"truncated or corrupt gzip data: {err}", lineno + 1)
-            return
-    if not seen_content:
-        ctx.skip("empty file")
+    for lineno, raw in iter_lines(path, ctx):
+        obj = decode_object(raw, lineno, ctx)
+        record = _record(obj, lineno, ctx) if obj is not None else None
+        if record is not None:
+            yield record
 
 
-def _parse_line(raw: bytes, lineno: int, ctx: ReadContext) -> Record | None:
-    try:
-        line = raw.decode("utf-8-sig")  # -sig: tolerate a byte-order mark at the start of the file
-    except UnicodeDecodeError:
-        ctx.skip("invalid UTF-8", lineno)
-        return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        ctx.skip(f"not valid JSON: {err}", lineno)
-        return None
-    if not isinstance(obj, dict):
-        ctx.skip("not a JSON object", lineno)
-        return None
+def _record(obj: dict, lineno: int, ctx: ReadContext) -> Record | None:
     if obj.get("id") in (None, ""):
         ctx.skip("missing field 'id'", lineno)
         return None

@@ -34,13 +34,14 @@ def iter_lines(path: Path, ctx: ReadContext, part: int = 0, parts: int = 1) -> I
                     yield number, raw
     except _GZIP_ERRORS as exc:
         if part == 0:
-            ctx.skip(f"truncated or corrupt file after line {number}: {exc}", number or None)
+            ctx.skip(f"truncated or corrupt gzip: line {number + 1} cannot be read ({exc})", number + 1)
         return
     if not seen_any and part == 0:
         ctx.skip("empty file")
 
 
-def _decode(raw: bytes, line: int, ctx: ReadContext) -> dict | None:
+def decode_object(raw: bytes, line: int, ctx: ReadContext) -> dict | None:
+    """One JSONL line as a dict, or None after reporting why it is not one."""
     try:
         text = raw.decode("utf-8-sig")  # -sig: tolerate a byte-order mark at the start of the file
     except UnicodeDecodeError as exc:
@@ -64,7 +65,7 @@ def _text_of(obj: dict, fields: FieldMap) -> str:
 
 def read_jsonl(path: Path, ctx: ReadContext, fields: FieldMap, part: int = 0, parts: int = 1) -> Iterator[Record]:
     for line, raw in iter_lines(path, ctx, part, parts):
-        obj = _decode(raw, line, ctx)
+        obj = decode_object(raw, line, ctx)
         if obj is None:
             continue
         missing = [name for name in fields.text if name not in obj]
