@@ -279,3 +279,12 @@ def test_slurm_executor_submits_then_finalizes_on_rerun(planted, built, tmp_path
         assert _read_split(out, split) == _read_split(local_out, split)
     assert manifest["mixture"] == local_manifest["mixture"]
     assert {s["name"] for s in manifest["extract_steps"]} == {s["name"] for s in local_manifest["extract_steps"]}
+
+
+def test_decontamination_disabled_is_said_in_the_report(planted, tmp_path):
+    out = tmp_path / "nodecontam"
+    manifest = build_corpus(validate(CorpusConfig, _config(planted, out, decontam={"enabled": False}, report_tokenizer=None)))
+    assert manifest["decontamination"] is None
+    assert "**Disabled**" in (out / "report.md").read_text()
+    kept = {**_read_split(out, "train"), **_read_split(out, "val")}
+    assert f"abstracts/{planted['pubmedqa_pmid']}" in kept  # the planted test abstract survives

@@ -90,7 +90,10 @@ def write_report(out_dir: Path, manifest: dict, drops: list[dict]) -> None:
         "Every dropped document is listed with its reason in `dropped.jsonl.gz`.",
     ]
     decontam = manifest.get("decontamination")
-    if decontam:
+    if not decontam:
+        parts.append("## Decontamination")
+        parts.append("**Disabled** (`decontam.enabled: false`): this corpus was not checked against any evaluation set.")
+    else:
         parts.append("## Decontamination index")
         parts.append(f"{decontam['ngram']}-gram overlap; {decontam['pubmedqa_test_pmids']} PubMedQA test PMIDs matched by id.")
         parts.append(_table(["benchmark", "test items", "n-grams", f"items shorter than {decontam['ngram']} words (not matchable)"],
