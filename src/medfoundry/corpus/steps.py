@@ -187,19 +187,8 @@ class WriteTaskOutput(PipelineStep):
         signatures = []
         with atomic_open(f"{stem}.docs.jsonl.gz", compresslevel=1) as docs, atomic_open(f"{stem}.ledger.jsonl.gz") as ledger:
             for doc in data:
-                md = doc.metadata
-                if "drop" in md or "event" in md:
-                    entry = {"id": doc.id, "source": md.get("source"), "pmid": md.get("pmid"), "order": md.get("order")}
-                    entry.update(md.get("drop") or {"event": md["event"]})
-                    ledger.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                    continue
-                docs.write(json.dumps({"id": doc.id, "text": doc.text, "source": md["source"], "meta": md["meta"]}, ensure_ascii=False) + "\n")
-                for key in ("id", "source", "pmid", "exact", "order"):
-                    index[key].append(doc.id if key == "id" else md.get(key))
-                index["chars"].append(len(doc.text))
-                if "minhash" in md:
-                    signatures.append(md["minhash"])
-                self.stat_update("kept")
+                with self.track_time():
+                    self._write(doc, docs, ledger, index, signatures)
         with atomic_path(f"{stem}.minhash.npy") as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, np.stack(signatures) if signatures else np.zeros((0, self.num_perm), np.uint32))
@@ -207,3 +196,18 @@ class WriteTaskOutput(PipelineStep):
             json.dump(index, fh)
         return
         yield  # a generator: datatrove drains every step
+
+    def _write(self, doc: Document, docs, ledger, index: dict, signatures: list) -> None:
+        md = doc.metadata
+        if "drop" in md or "event" in md:
+            entry = {"id": doc.id, "source": md.get("source"), "pmid": md.get("pmid"), "order": md.get("order")}
+            entry.update(md.get("drop") or {"event": md["event"]})
+            ledger.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            return
+        docs.write(json.dumps({"id": doc.id, "text": doc.text, "source": md["source"], "meta": md["meta"]}, ensure_ascii=False) + "\n")
+        for key in ("id", "source", "pmid", "exact", "order"):
+            index[key].append(doc.id if key == "id" else md.get(key))
+        index["chars"].append(len(doc.text))
+        if "minhash" in md:
+            signatures.append(md["minhash"])
+        self.stat_update("kept")
