@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def _corpus_download(args: argparse.Namespace) -> int:
 
     report = download_pubmed(Path(args.dest), subsets=tuple(args.subsets), base_url=args.base_url,
                              limit=args.limit, retries=args.retries, progress=not args.quiet)
-    print(json.dumps(report.summary() if hasattr(report, "summary") else vars(report), default=str))
+    print(f"pubmed: {report.summary()} -> {args.dest}")
     return 0
 
 

@@ -9,13 +9,14 @@ finalize (one process, over keys only; texts are streamed once when writing)
 from __future__ import annotations
 
 import gzip
-from collections import Counter
 import json
 import math
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,8 @@ from medfoundry.corpus.report import write_report
 from medfoundry.corpus.steps import CleanAndFilter, Decontaminate, Fingerprint, ReadSources, WriteTaskOutput, benchmark_index
 from medfoundry.errors import Pending
 from medfoundry.io import atomic_open, iter_jsonl, write_json
-from medfoundry.tokenizer.files import load_fast_tokenizer
 from medfoundry.runtime import cpu_count
+from medfoundry.tokenizer.files import load_fast_tokenizer
 
 
 def extract_pipeline(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) -> list:
@@ -128,22 +129,6 @@ def _shard_of(doc_id: str, copy: int, seed: int, shards: int) -> int:
     return xxhash.xxh64_intdigest(f"{doc_id}#{copy}".encode(), seed=seed) % shards
 
 
-class _ShardSet:
-    """Open gzip writers for one split, each atomic; documents go to a seeded-hash shard so every
-    shard mixes all sources."""
-
-    def __init__(self, directory: Path, shards: int, compresslevel: int):
-        self._contexts = [atomic_open(directory / f"part-{i:05d}.jsonl.gz", compresslevel=compresslevel) for i in range(shards)]
-        self.files = [ctx.__enter__() for ctx in self._contexts]
-
-    def close(self, ok: bool) -> None:
-        for ctx in self._contexts:
-            if ok:
-                ctx.__exit__(None, None, None)
-            else:
-                ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
-
-
 class _Tally:
     """Documents, characters and (with a tokenizer) tokens per split and source, as written."""
 
@@ -173,16 +158,16 @@ class _Tally:
 
 
 def write_splits(cfg: CorpusConfig, out_dir: Path, staging: Path, tasks: int, alive: np.ndarray, val: np.ndarray, copies: np.ndarray) -> dict:
-    n_train = int(copies[alive & ~val].sum())
-    n_val = int((alive & val).sum())
-    per_shard = cfg.output.shard_docs
-    sets = {
-        "train": _ShardSet(staging / "train", max(1, math.ceil(n_train / per_shard)), cfg.output.compresslevel),
-        "val": _ShardSet(staging / "val", max(1, math.ceil(n_val / per_shard)), cfg.output.compresslevel),
-    }
+    """Stream the kept documents once into train/val shards. Each document (copy) goes to a shard
+    chosen by a seeded hash of its id, so every shard mixes all sources; all shards are atomic."""
+    sizes = {"train": int(copies[alive & ~val].sum()), "val": int((alive & val).sum())}
     tally = _Tally(load_fast_tokenizer(cfg.report_tokenizer) if cfg.report_tokenizer else None)
-    ok = False
-    try:
+    with ExitStack() as stack:
+        shards = {
+            split: [stack.enter_context(atomic_open(staging / split / f"part-{i:05d}.jsonl.gz", compresslevel=cfg.output.compresslevel))
+                    for i in range(max(1, math.ceil(n / cfg.output.shard_docs)))]
+            for split, n in sizes.items()
+        }
         row = 0
         for rank in range(tasks):
             with gzip.open(out_dir / f"{rank:05d}.docs.jsonl.gz", "rb") as lines:
@@ -191,18 +176,13 @@ def write_splits(cfg: CorpusConfig, out_dir: Path, staging: Path, tasks: int, al
                         split, n = ("val", 1) if val[row] else ("train", int(copies[row]))
                         doc = json.loads(line)
                         tally.add(split, doc["source"], doc["text"], n)
-                        _emit(doc, n, split, sets, cfg.mix.seed)
+                        _emit(doc, n, shards[split], cfg.mix.seed)
                     row += 1
         tally.flush()
-        ok = True
-    finally:
-        for shard_set in sets.values():
-            shard_set.close(ok)
     return tally.counts
 
 
-def _emit(doc: dict, n_copies: int, split: str, sets: dict, seed: int) -> None:
-    files = sets[split].files
+def _emit(doc: dict, n_copies: int, files: list, seed: int) -> None:
     base_id = doc["id"]
     for copy in range(n_copies):
         doc["id"] = f"{base_id}#{copy}" if copy else base_id
@@ -216,8 +196,7 @@ def _install(staging: Path, out_dir: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         (staging / split).rename(target)
-    for name in ("dropped.jsonl.gz",):
-        (staging / name).replace(out_dir / name)
+    (staging / "dropped.jsonl.gz").replace(out_dir / "dropped.jsonl.gz")
     shutil.rmtree(staging)
 
 
@@ -228,7 +207,7 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     units = plan_units(cfg)
     inputs = hash_inputs(units, cfg.work_path / "input_hashes.json")
     extract_dir = cfg.work_path / f"extract-{_extract_key(cfg, units, inputs)}"
-    build_key = fingerprint(extract_dir.name, cfg.model_dump(exclude={"workers", "work_dir", "output_dir"}))
+    build_key = fingerprint(extract_dir.name, cfg.model_dump(exclude={"workers", "work_dir", "output_dir", "executor"}))
     manifest_path = out_dir / "manifest.json"
     if not force and manifest_path.is_file() and json.loads(manifest_path.read_text()).get("build_key") == build_key:
         return json.loads(manifest_path.read_text())

@@ -1,0 +1,85 @@
+"""The `medfoundry` command as a user runs it: download PubMed from a (local) NCBI mirror, then build
+the quickstart corpus from what was downloaded; errors come out as one clear line."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import REPO, shared
+
+ENV = {**os.environ, "MEDFOUNDRY_NO_TCMALLOC": "1", "no_proxy": "127.0.0.1"}
+
+
+def medfoundry(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medfoundry", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def ncbi_mirror(tmp_path):
+    """A loopback HTTP server laid out like NCBI's pubmed/baseline, holding the real legacy MEDLINE file."""
+    baseline = tmp_path / "mirror" / "pubmed" / "baseline"
+    baseline.mkdir(parents=True)
+    name = "medline16n0902.xml.gz"
+    shutil.copy(shared(f"corpus/pubmed_xml/{name}"), baseline / name)
+    digest = hashlib.md5((baseline / name).read_bytes()).hexdigest()
+    (baseline / f"{name}.md5").write_text(f"MD5({name})= {digest}\n")
+    handler = functools.partial(_Quiet, directory=str(tmp_path / "mirror"))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/pubmed"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_then_build_the_fallback_quickstart(ncbi_mirror, tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "corpus"
+    done = medfoundry("corpus", "download", "pubmed", "--dest", str(raw), "--base-url", ncbi_mirror, "--limit", "1", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "1 downloaded" in done.stdout and (raw / "baseline" / "medline16n0902.xml.gz").is_file()
+    again = medfoundry("corpus", "download", "pubmed", "--dest", str(raw), "--base-url", ncbi_mirror, "--limit", "1", "--quiet")
+    assert "1 already verified" in again.stdout
+
+    built = medfoundry("corpus", "build", "recipes/quickstart_corpus_download.yaml", "--set", f"output_dir={out}",
+                       "--set", f"sources.1.paths=[{raw}/baseline/*.xml.gz]")
+    assert built.returncode == 0, built.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["per_source"]["read"]["pubmed"] == 604  # every citation, 78 of them title-only
+    assert manifest["dropped"]["read/no_abstract"]["pubmed"] == 78
+    assert manifest["documents_out"]["train"] + manifest["documents_out"]["val"] > 500
+    with gzip.open(next((out / "train").glob("part-*.jsonl.gz")), "rt") as fh:
+        doc = json.loads(fh.readline())
+    assert set(doc) == {"id", "text", "source", "meta"}
+
+
+def test_bad_config_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: x\nsources:\n  - name: a\n    kind: jsonl\n    paths: [nowhere/*.jsonl]\n    wieght: 0.5\n")
+    result = medfoundry("corpus", "build", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {bad}: invalid configuration")
+    assert "sources.0.wieght: unknown field; did you mean 'weight'?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_input_names_the_field(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: x\ndecontam: {enabled: false}\nsources:\n  - {name: a, kind: jsonl, paths: [nowhere/*.jsonl]}\n")
+    result = medfoundry("corpus", "build", str(cfg))
+    assert result.returncode == 2 and "sources[a].paths: 'nowhere/*.jsonl' matches no file" in result.stderr
