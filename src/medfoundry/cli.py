@@ -32,6 +32,30 @@ def _corpus_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from medfoundry.config import load_config
+    from medfoundry.tokenizer.config import TokenizerTrainConfig
+    from medfoundry.tokenizer.train import train_tokenizer
+
+    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
+    manifest = train_tokenizer(cfg)
+    ours = manifest["fertility"]["medfoundry"]["tokens_per_word"]
+    others = ", ".join(f"{n} {m['tokens_per_word']:.3f}" for n, m in manifest["fertility"].items() if n != "medfoundry")
+    print(f"tokenizer: {manifest['vocab_size']:,} tokens -> {cfg.output_dir}; tokens/word on val {ours:.3f}"
+          + (f" (vs {others})" if others else "") + f"; report: {Path(cfg.output_dir) / 'fertility.md'}")
+    return 0
+
+
+def _add_config_command(commands, name: str, help_text: str, func, example: str) -> argparse.ArgumentParser:
+    """A subcommand that takes a YAML config plus ``--set key=value`` overrides."""
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument("config", help=f"YAML config (see {example})")
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config field, e.g. --set vocab_size=32000 (repeatable)")
+    command.set_defaults(func=func)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medfoundry.corpus.download import NCBI_PUBMED_URL
 
@@ -41,12 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     corpus = stages.add_parser("corpus", help="build a clean, deduplicated, decontaminated, mixed corpus")
     corpus_cmds = corpus.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    build = corpus_cmds.add_parser("build", help="build a corpus from a YAML config")
-    build.add_argument("config", help="corpus config YAML (see recipes/quickstart_corpus.yaml)")
-    build.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field, e.g. --set dedup.near.threshold=0.7 (repeatable)")
+    build = _add_config_command(corpus_cmds, "build", "build a corpus from a YAML config", _corpus_build,
+                                "recipes/quickstart_corpus.yaml")
     build.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
-    build.set_defaults(func=_corpus_build)
 
     download = corpus_cmds.add_parser("download", help="download raw sources with checksums")
     download.add_argument("dataset", choices=["pubmed"])
@@ -57,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--retries", type=int, default=3)
     download.add_argument("--quiet", action="store_true", help="no progress bar")
     download.set_defaults(func=_corpus_download)
+
+    tokenizer = stages.add_parser("tokenizer", help="train, extend and compare tokenizers")
+    tokenizer_cmds = tokenizer.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_config_command(tokenizer_cmds, "train", "train a byte-level BPE on a corpus's train split", _tokenizer_train,
+                        "recipes/quickstart_tokenizer.yaml")
     return parser
 
 
