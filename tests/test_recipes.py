@@ -7,9 +7,9 @@ import pytest
 from conftest import REPO
 from medfoundry.config import load_config
 from medfoundry.corpus.config import CorpusConfig
-from medfoundry.tokenizer.config import TokenizeConfig, TokenizerTrainConfig
+from medfoundry.tokenizer.config import ExtendConfig, TokenizeConfig, TokenizerTrainConfig
 
-STAGES = {"corpus": CorpusConfig, "tokenizer": TokenizerTrainConfig, "tokens": TokenizeConfig}
+STAGES = {"corpus": CorpusConfig, "tokenizer_extend": ExtendConfig, "tokenizer": TokenizerTrainConfig, "tokens": TokenizeConfig}
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 

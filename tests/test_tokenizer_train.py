@@ -117,3 +117,54 @@ def test_output_replaced_whole_and_bad_corpus_named(corpus, tmp_path):
     assert not (out / "stale.txt").exists() and (out / "tokenizer.json").is_file()
     with pytest.raises(InputError, match="no manifest.json"):
         train_tokenizer(_cfg(tmp_path / "nowhere", tmp_path / "x"))
+
+
+@pytest.fixture(scope="module")
+def extended(corpus, tmp_path_factory):
+    from medfoundry.tokenizer.config import ExtendConfig
+    from medfoundry.tokenizer.extend import extend_tokenizer
+
+    out = tmp_path_factory.mktemp("ext") / "gpt2_extended"
+    cfg = validate(ExtendConfig, {"base_dir": str(shared("tokenizers/gpt2")), "corpus_dir": str(corpus),
+                                  "output_dir": str(out), "add_tokens": 300, "min_frequency": 5})
+    return out, extend_tokenizer(cfg)
+
+
+def test_extension_keeps_every_existing_id(extended):
+    from tokenizers import Tokenizer
+
+    from medfoundry.tokenizer.files import load_fast_tokenizer
+
+    out, manifest = extended
+    base = load_fast_tokenizer(shared("tokenizers/gpt2"))
+    new = Tokenizer.from_file(str(out / "tokenizer.json"))
+    base_vocab, new_vocab = base.get_vocab(), new.get_vocab()
+    assert all(new_vocab[token] == i for token, i in base_vocab.items())
+    ext = json.loads((out / "vocab_extension.json").read_text())
+    assert ext["base_vocab_size"] == 50257 and ext["vocab_size"] == 50257 + 300 == manifest["vocab_size"]
+    assert ext["added_ids"] == list(range(50257, 50557))
+    assert [new.id_to_token(i) for i in ext["added_ids"]] == ext["added_tokens"]
+
+
+def test_extension_makes_chosen_words_single_tokens_and_saves_tokens(extended, corpus):
+    from tokenizers import Tokenizer
+
+    out, manifest = extended
+    new = Tokenizer.from_file(str(out / "tokenizer.json"))
+    words = json.loads((out / "vocab_extension.json").read_text())["words"]
+    assert len(words) > 50
+    for entry in words:
+        assert [t.value for t in new.model.tokenize(entry["word"])] == [entry["word"]]
+        assert entry["id"] >= 50257
+    texts = _val_texts(corpus)
+    assert all(new.decode(e.ids) == t for e, t in zip(new.encode_batch(texts), texts))
+    fert = manifest["fertility"]
+    assert fert["extended"]["tokens_per_word"] < fert["base"]["tokens_per_word"]
+
+
+def test_extended_gpt2_loads_in_transformers(extended, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(extended[0]))
+    assert len(tok) == 50557 and tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 50256

@@ -46,6 +46,19 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_extend(args: argparse.Namespace) -> int:
+    from medfoundry.config import load_config
+    from medfoundry.tokenizer.config import ExtendConfig
+    from medfoundry.tokenizer.extend import extend_tokenizer
+
+    cfg = load_config(ExtendConfig, args.config, args.overrides)
+    manifest = extend_tokenizer(cfg)
+    fert = manifest["fertility"]
+    print(f"tokenizer: {manifest['base_vocab_size']:,} -> {manifest['vocab_size']:,} tokens ({manifest['words_added']:,} words) "
+          f"-> {cfg.output_dir}; tokens/word on val {fert['base']['tokens_per_word']:.3f} -> {fert['extended']['tokens_per_word']:.3f}")
+    return 0
+
+
 def _add_config_command(commands, name: str, help_text: str, func, example: str) -> argparse.ArgumentParser:
     """A subcommand that takes a YAML config plus ``--set key=value`` overrides."""
     command = commands.add_parser(name, help=help_text)
@@ -83,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer_cmds = tokenizer.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_config_command(tokenizer_cmds, "train", "train a byte-level BPE on a corpus's train split", _tokenizer_train,
                         "recipes/quickstart_tokenizer.yaml")
+    _add_config_command(tokenizer_cmds, "extend", "add domain tokens to an existing tokenizer, keeping its ids",
+                        _tokenizer_extend, "recipes/quickstart_tokenizer_extend.yaml")
     return parser
 
 

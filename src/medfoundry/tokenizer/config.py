@@ -44,6 +44,19 @@ class TokenizerTrainConfig(StrictModel):
     fertility: FertilityConfig = Field(default_factory=FertilityConfig)
 
 
+class ExtendConfig(StrictModel):
+    """Add domain tokens to an existing tokenizer for continued pretraining; every existing id is kept."""
+
+    base_dir: str = Field(description="tokenizer to extend: tokenizer.json, or GPT-2's vocab.json + merges.txt")
+    corpus_dir: str
+    output_dir: str
+    add_tokens: int = Field(gt=0, description="number of new vocabulary entries")
+    min_frequency: int = Field(20, ge=1, description="a word must occur this often in the train split to be considered")
+    sources: list[str] | None = None
+    max_chars: int | None = Field(None, gt=0)
+    fertility: FertilityConfig = Field(default_factory=FertilityConfig)
+
+
 class TokenizeConfig(StrictModel):
     corpus_dir: str
     tokenizer_dir: str
