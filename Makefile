@@ -26,9 +26,16 @@ quickstart: setup
 		$(BIN)/medfoundry corpus download pubmed --dest runs/quickstart/raw --limit 1 && \
 		$(BIN)/medfoundry corpus build recipes/quickstart_corpus_download.yaml; \
 	fi
+	@if [ -d $(SHARED) ]; then \
+		$(BIN)/medfoundry tokenizer train recipes/quickstart_tokenizer.yaml; \
+	else \
+		$(BIN)/medfoundry tokenizer train recipes/quickstart_tokenizer.yaml --set 'fertility.references={}'; \
+	fi
+	$(BIN)/medfoundry tokenize recipes/quickstart_tokens.yaml
 
 bench: setup
 	$(BIN)/python benchmarks/corpus_bench.py
+	$(BIN)/python benchmarks/tokenizer_bench.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -83,3 +83,28 @@ def test_missing_input_names_the_field(tmp_path):
     cfg.write_text("output_dir: x\ndecontam: {enabled: false}\nsources:\n  - {name: a, kind: jsonl, paths: [nowhere/*.jsonl]}\n")
     result = medfoundry("corpus", "build", str(cfg))
     assert result.returncode == 2 and "sources[a].paths: 'nowhere/*.jsonl' matches no file" in result.stderr
+
+
+def test_tokenizer_train_then_tokenize(tmp_path):
+    """corpus -> `medfoundry tokenizer train` -> `medfoundry tokenize` -> shards that decode to the corpus."""
+    from tokenizers import Tokenizer
+
+    from medfoundry.tokenizer.shards import TokenShards
+    from test_tokenizer_train import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", 1500, 100)
+    trained = medfoundry("tokenizer", "train", "recipes/quickstart_tokenizer.yaml", "--set", f"corpus_dir={corpus}",
+                         "--set", f"output_dir={tmp_path / 'tok'}", "--set", "vocab_size=3000",
+                         "--set", "fertility.top_domain_words=3")
+    assert trained.returncode == 0, trained.stderr
+    assert "tokenizer: 3,000 tokens" in trained.stdout and "vs gpt2" in trained.stdout
+    packed = medfoundry("tokenize", "recipes/quickstart_tokens.yaml", "--set", f"corpus_dir={corpus}",
+                        "--set", f"tokenizer_dir={tmp_path / 'tok'}", "--set", f"output_dir={tmp_path / 'tokens'}")
+    assert packed.returncode == 0, packed.stderr
+    assert "uint16" in packed.stdout
+    shards = TokenShards(tmp_path / "tokens" / "val")
+    tok = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    with gzip.open(corpus / "val" / "part-00000.jsonl.gz", "rt") as fh:
+        texts = [json.loads(line)["text"] for line in fh]
+    assert shards.num_docs == 100 and shards.eos_id == tok.token_to_id("<|endoftext|>")
+    assert [tok.decode(shards.document(i).tolist()) for i in range(100)] == texts

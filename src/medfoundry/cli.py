@@ -59,6 +59,19 @@ def _tokenizer_extend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize(args: argparse.Namespace) -> int:
+    from medfoundry.config import load_config
+    from medfoundry.tokenizer.config import TokenizeConfig
+    from medfoundry.tokenizer.shards import tokenize_corpus
+
+    cfg = load_config(TokenizeConfig, args.config, args.overrides)
+    manifest = tokenize_corpus(Path(cfg.corpus_dir), Path(cfg.tokenizer_dir), Path(cfg.output_dir),
+                               eos_token=cfg.eos_token, dtype=cfg.dtype, workers=cfg.workers)
+    splits = ", ".join(f"{name} {s['tokens']:,} tokens in {s['shards']} shard(s)" for name, s in manifest["splits"].items())
+    print(f"tokens: {splits} ({manifest['dtype']}, {manifest['tokens_per_s']:,} tokens/s) -> {cfg.output_dir}")
+    return 0
+
+
 def _add_config_command(commands, name: str, help_text: str, func, example: str) -> argparse.ArgumentParser:
     """A subcommand that takes a YAML config plus ``--set key=value`` overrides."""
     command = commands.add_parser(name, help=help_text)
@@ -98,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipes/quickstart_tokenizer.yaml")
     _add_config_command(tokenizer_cmds, "extend", "add domain tokens to an existing tokenizer, keeping its ids",
                         _tokenizer_extend, "recipes/quickstart_tokenizer_extend.yaml")
+    _add_config_command(stages, "tokenize", "pack a corpus into memory-mappable token shards", _tokenize,
+                        "recipes/quickstart_tokens.yaml")
     return parser
 
 

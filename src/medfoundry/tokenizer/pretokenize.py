@@ -5,7 +5,7 @@ are always several pieces: ``IL-6`` is ``IL``, ``-``, ``6``. The biomedical rule
 a word joined by ``-`` or ``/`` to further letters or digits (IL-6, COVID-19, T-cell, mg/kg), a
 number joined to a word (5-fluorouracil, 24-h), and a decimal or grouped number (0.05, 1,000); BPE
 can then learn the frequent ones as whole tokens. On held-out PubMed abstracts this takes a
-28,896-token vocabulary from 10.1% to 13.7% fewer tokens per word than GPT-2 (benchmarks/tokenizer_bench.py).
+28,896-token vocabulary from 11.0% to 14.8% fewer tokens per word than GPT-2 (benchmarks/tokenizer_bench.py).
 Both rules are lossless: decoding returns the exact input.
 """
 

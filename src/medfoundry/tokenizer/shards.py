@@ -1,0 +1,327 @@
+"""Packed token shards: every corpus part becomes one flat array of token ids.
+
+``CORPUS/{split}/part-XXXXX.jsonl.gz`` -> ``OUT/{split}/part-XXXXX.bin`` (each document's ids followed
+by the EOS id, raw little-endian) + ``part-XXXXX.idx.npy`` (int64 start of each document). A part's
+output depends only on that part and the tokenizer, so the shards are byte-identical whatever the
+worker count, and a re-run skips every part whose input and tokenizer hashes match its index entry.
+``index.json`` is rewritten after each finished part and says ``"complete": true`` only at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from medfoundry import __version__
+from medfoundry.corpus.plan import file_sha256
+from medfoundry.errors import InputError, MedfoundryError
+from medfoundry.io import atomic_open, open_binary, write_json
+from medfoundry.runtime import cpu_count
+from medfoundry.tokenizer.files import load_fast_tokenizer
+
+DTYPES = ("uint16", "uint32")
+ENCODE_BATCH = 1000  # documents per encode_batch call
+_PART_SUFFIX = ".jsonl.gz"
+
+
+def tokenize_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, *, eos_token: str | None = None,
+                    dtype: str = "auto", workers: int = 0, splits=("train", "val")) -> dict:
+    """Tokenize every corpus part into ``out_dir/{split}``; returns (and writes) ``out_dir/manifest.json``."""
+    start = time.perf_counter()
+    corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), Path(tokenizer_dir), Path(out_dir)
+    header, eos_token = _header(tokenizer_dir, eos_token, dtype)
+    shards: dict[str, dict[str, dict]] = {split: {} for split in splits}
+    tasks = []
+    for split in splits:
+        previous = _reusable_entries(out_dir / split, header)
+        for part in _corpus_parts(corpus_dir, split):
+            tasks.append((split, str(part), str(out_dir / split), header, previous.get(_shard_name(part) + ".bin")))
+    built_tokens, tokenize_start = 0, time.perf_counter()
+    for split, entry, built in _run(tasks, str(tokenizer_dir), workers):
+        shards[split][entry["bin"]] = entry
+        built_tokens += entry["tokens"] if built else 0
+        _write_index(out_dir / split, header, shards[split], complete=False)
+    tokenize_s = time.perf_counter() - tokenize_start
+    for split in splits:
+        _write_index(out_dir / split, header, shards[split], complete=True)
+        _remove_stale(out_dir / split, shards[split])
+    manifest = _manifest(corpus_dir, header, eos_token, shards, built_tokens, tokenize_s, time.perf_counter() - start)
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+# -- tokenizer, EOS and dtype ------------------------------------------------------------------
+
+def _header(tokenizer_dir: Path, eos_token: str | None, dtype: str) -> tuple[dict, str]:
+    """The fields every index.json starts with; they decide whether earlier shards can be reused."""
+    tokenizer = load_fast_tokenizer(tokenizer_dir)
+    vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    eos_token = eos_token or _configured_eos(tokenizer_dir)
+    if eos_token is None and tokenizer.token_to_id("<|endoftext|>") is not None:
+        eos_token = "<|endoftext|>"
+    if eos_token is None:
+        raise MedfoundryError(f"{tokenizer_dir}: no end-of-document token (no eos_token in tokenizer_config.json "
+                              "and no <|endoftext|> in the vocabulary); pass eos_token=... naming one")
+    eos_id = tokenizer.token_to_id(eos_token)
+    if eos_id is None:
+        raise MedfoundryError(f"{tokenizer_dir}: eos token {eos_token!r} is not in the vocabulary")
+    header = {"dtype": _choose_dtype(dtype, vocab_size), "eos_id": eos_id, "vocab_size": vocab_size,
+              "tokenizer": {"path": str(tokenizer_dir.resolve()), "sha256": _tokenizer_sha256(tokenizer_dir)}}
+    return header, eos_token
+
+
+def _configured_eos(tokenizer_dir: Path) -> str | None:
+    config = tokenizer_dir / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+    return eos.get("content") if isinstance(eos, dict) else eos
+
+
+def _choose_dtype(dtype: str, vocab_size: int) -> str:
+    if dtype == "auto":
+        return "uint16" if vocab_size <= 2**16 else "uint32"
+    if dtype not in DTYPES:
+        raise MedfoundryError(f"dtype must be auto, uint16 or uint32, not {dtype!r}")
+    if dtype == "uint16" and vocab_size > 2**16:
+        raise MedfoundryError(f"dtype uint16 holds ids below 65,536 but the vocabulary has {vocab_size:,} ids; "
+                              "use dtype uint32 or auto")
+    return dtype
+
+
+def _tokenizer_sha256(tokenizer_dir: Path) -> str:
+    """Hash of the files load_fast_tokenizer reads (so it changes exactly when the encoding can)."""
+    names = ["tokenizer.json"] if (tokenizer_dir / "tokenizer.json").is_file() else ["vocab.json", "merges.txt"]
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}:{file_sha256(tokenizer_dir / name, {})}\n".encode())
+    return digest.hexdigest()
+
+
+# -- planning and resuming ---------------------------------------------------------------------
+
+def _corpus_parts(corpus_dir: Path, split: str) -> list[Path]:
+    split_dir = corpus_dir / split
+    if not split_dir.is_dir():
+        raise InputError(str(split_dir), "missing: expected a corpus directory from `medfoundry corpus build`")
+    return sorted(split_dir.glob(f"part-*{_PART_SUFFIX}"))
+
+
+def _shard_name(part: Path) -> str:
+    return part.name.removesuffix(_PART_SUFFIX)
+
+
+def _reusable_entries(split_dir: Path, header: dict) -> dict[str, dict]:
+    """Entries of an earlier index written with the same tokenizer files, EOS and dtype, by .bin name
+    (a tokenizer that merely moved to another directory does not invalidate them)."""
+    try:
+        index = json.loads((split_dir / "index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    same = [index.get(key) == header[key] for key in ("dtype", "eos_id", "vocab_size")]
+    if not all(same) or index.get("tokenizer", {}).get("sha256") != header["tokenizer"]["sha256"]:
+        return {}
+    return {entry["bin"]: entry for entry in index.get("shards", [])}
+
+
+def _is_done(entry: dict | None, split_dir: Path, source_sha256: str, itemsize: int) -> bool:
+    if entry is None or entry.get("source_sha256") != source_sha256:
+        return False
+    bin_path, idx_path = split_dir / entry["bin"], split_dir / entry["idx"]
+    if not (bin_path.is_file() and idx_path.is_file()) or bin_path.stat().st_size != entry["tokens"] * itemsize:
+        return False
+    try:
+        return np.load(idx_path, mmap_mode="r").shape == (entry["docs"],)
+    except (OSError, ValueError):
+        return False
+
+
+# -- workers -----------------------------------------------------------------------------------
+
+def _run(tasks: list, tokenizer_dir: str, workers: int):
+    """Yield (split, entry, built) per task as workers finish them (in no particular order)."""
+    if not tasks:
+        return
+    processes = min(workers or cpu_count(), len(tasks))
+    context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(processes, initializer=_init_worker, initargs=(tokenizer_dir,)) as pool:
+        yield from pool.imap_unordered(_tokenize_part, tasks)
+
+
+_TOKENIZER = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _TOKENIZER = load_fast_tokenizer(tokenizer_dir)
+    _TOKENIZER.encode_special_tokens = True  # a literal "<|endoftext|>" in a text must not fake a document end
+
+
+def _tokenize_part(task: tuple) -> tuple[str, dict, bool]:
+    split, part, split_dir, header, previous = task
+    part, split_dir = Path(part), Path(split_dir)
+    source_sha256 = file_sha256(part, {})
+    dtype = np.dtype(header["dtype"]).newbyteorder("<")
+    if _is_done(previous, split_dir, source_sha256, dtype.itemsize):
+        return split, previous, False
+    name = _shard_name(part)
+    offsets, sources, total = [], Counter(), 0
+    with atomic_open(split_dir / f"{name}.bin", "wb") as out:
+        for texts, names in _document_batches(part):
+            ids = [encoding.ids for encoding in _TOKENIZER.encode_batch(texts, add_special_tokens=False)]
+            batch_start = total
+            for doc_ids, source in zip(ids, names):
+                doc_ids.append(header["eos_id"])
+                offsets.append(total)
+                total += len(doc_ids)
+                sources[source] += len(doc_ids)
+            out.write(np.fromiter(chain.from_iterable(ids), dtype, total - batch_start).tobytes())
+    with atomic_open(split_dir / f"{name}.idx.npy", "wb") as out:
+        np.save(out, np.asarray(offsets, dtype=np.int64))
+    entry = {"bin": f"{name}.bin", "idx": f"{name}.idx.npy", "tokens": total, "docs": len(offsets),
+             "source_sha256": source_sha256, "sources": dict(sorted(sources.items()))}
+    return split, entry, True
+
+
+def _document_batches(part: Path):
+    """Yield (texts, sources) lists of up to ENCODE_BATCH documents."""
+    texts, sources = [], []
+    with open_binary(part) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+                texts.append(doc["text"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise InputError(str(part), f"not a corpus document with a text field ({exc})", line_no) from None
+            sources.append(doc.get("source") or "unknown")
+            if len(texts) == ENCODE_BATCH:
+                yield texts, sources
+                texts, sources = [], []
+    if texts:
+        yield texts, sources
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+def _write_index(split_dir: Path, header: dict, shards: dict[str, dict], complete: bool) -> None:
+    entries = [shards[name] for name in sorted(shards)]
+    write_json(split_dir / "index.json", {**header, "shards": entries, "tokens": sum(e["tokens"] for e in entries),
+                                          "docs": sum(e["docs"] for e in entries), "complete": complete})
+
+
+def _remove_stale(split_dir: Path, shards: dict[str, dict]) -> None:
+    """Delete shards of corpus parts that no longer exist (a rebuilt corpus may have fewer parts)."""
+    keep = {name for entry in shards.values() for name in (entry["bin"], entry["idx"])}
+    for path in chain(split_dir.glob("part-*.bin"), split_dir.glob("part-*.idx.npy")):
+        if path.name not in keep:
+            path.unlink()
+
+
+def _manifest(corpus_dir, header, eos_token, shards, built_tokens, tokenize_s, total_s) -> dict:
+    corpus_manifest = corpus_dir / "manifest.json"
+    build_key = json.loads(corpus_manifest.read_text()).get("build_key") if corpus_manifest.is_file() else None
+    splits, sources = {}, {}
+    for split, entries in shards.items():
+        splits[split] = {"tokens": sum(e["tokens"] for e in entries.values()),
+                         "docs": sum(e["docs"] for e in entries.values()), "shards": len(entries)}
+        sources[split] = dict(sorted(sum((Counter(e["sources"]) for e in entries.values()), Counter()).items()))
+    return {
+        "package_version": __version__,
+        "corpus": {"path": str(corpus_dir.resolve()), "build_key": build_key},
+        "tokenizer": {**header["tokenizer"], "vocab_size": header["vocab_size"],
+                      "eos_token": eos_token, "eos_id": header["eos_id"]},
+        "dtype": header["dtype"],
+        "splits": splits,
+        "source_tokens": sources,
+        "timings": {"tokenize_s": round(tokenize_s, 3), "total_s": round(total_s, 3)},
+        "tokens_tokenized": built_tokens,
+        "tokens_per_s": round(built_tokens / tokenize_s) if tokenize_s > 0 else 0,
+    }
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+class TokenShards:
+    """One tokenized split, memory-mapped, read as one long token array.
+
+    Opening checks index.json against the files, so a truncated or mismatched shard fails here
+    with the file name instead of producing silently shifted training windows.
+    """
+
+    def __init__(self, split_dir: str | Path):
+        split_dir = Path(split_dir)
+        index_path = split_dir / "index.json"
+        if not index_path.is_file():
+            raise InputError(str(split_dir), "no index.json: not a token shard directory (run tokenize_corpus)")
+        index = json.loads(index_path.read_text())
+        if not index.get("complete"):
+            raise InputError(str(index_path), "tokenization did not finish; run it again to complete it")
+        self.dtype = np.dtype(index["dtype"]).newbyteorder("<")
+        self.eos_id: int = index["eos_id"]
+        self.vocab_size: int = index["vocab_size"]
+        self._bins = [self._open_bin(split_dir, e) for e in index["shards"]]
+        self._idx = [self._open_idx(split_dir, e) for e in index["shards"]]
+        self._token_starts = np.cumsum([0] + [len(b) for b in self._bins])
+        self._doc_starts = np.cumsum([0] + [len(i) for i in self._idx])
+        self.total_tokens = int(self._token_starts[-1])
+        self.num_docs = int(self._doc_starts[-1])
+
+    def _open_bin(self, split_dir: Path, entry: dict) -> np.ndarray:
+        path = split_dir / entry["bin"]
+        if not path.is_file():
+            raise InputError(str(path), "missing (listed in index.json)")
+        size, expected = path.stat().st_size, entry["tokens"] * self.dtype.itemsize
+        if size != expected:
+            raise InputError(str(path), f"index says {entry['tokens']:,} tokens ({expected:,} bytes) "
+                                        f"but the file has {size:,} bytes")
+        if size == 0:  # mmap cannot map an empty file
+            return np.empty(0, self.dtype)
+        return np.memmap(path, dtype=self.dtype, mode="r")
+
+    @staticmethod
+    def _open_idx(split_dir: Path, entry: dict) -> np.ndarray:
+        path = split_dir / entry["idx"]
+        try:
+            offsets = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise InputError(str(path), f"unreadable document index ({exc})") from None
+        if offsets.shape != (entry["docs"],):
+            raise InputError(str(path), f"index says {entry['docs']:,} documents but the file has "
+                                        f"{offsets.size:,} offsets")
+        return offsets
+
+    def document(self, i: int) -> np.ndarray:
+        """Token ids of document ``i`` (global index over all shards), without its EOS."""
+        if not 0 <= i < self.num_docs:
+            raise IndexError(f"document {i} out of range (0..{self.num_docs - 1})")
+        shard = int(np.searchsorted(self._doc_starts, i, side="right")) - 1
+        offsets, local = self._idx[shard], i - int(self._doc_starts[shard])
+        stop = int(offsets[local + 1]) if local + 1 < len(offsets) else len(self._bins[shard])
+        return np.asarray(self._bins[shard][int(offsets[local]):stop - 1])
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``start:stop`` of the concatenation of all shards (may span shard boundaries)."""
+        if not 0 <= start <= stop <= self.total_tokens:
+            raise IndexError(f"slice {start}:{stop} outside 0:{self.total_tokens}")
+        pieces = []
+        shard = max(int(np.searchsorted(self._token_starts, start, side="right")) - 1, 0)
+        while start < stop:
+            base = int(self._token_starts[shard])
+            end = min(stop, int(self._token_starts[shard + 1]))
+            pieces.append(self._bins[shard][start - base:end - base])
+            start, shard = end, shard + 1
+        if len(pieces) == 1:
+            return np.asarray(pieces[0])
+        return np.concatenate(pieces) if pieces else np.empty(0, self.dtype)
