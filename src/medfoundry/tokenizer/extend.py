@@ -18,12 +18,12 @@ from pathlib import Path
 from tokenizers import Tokenizer, models
 
 from medfoundry import __version__
+from medfoundry.corpus.documents import iter_documents
 from medfoundry.errors import InputError
 from medfoundry.io import atomic_dir, write_json, write_text
 from medfoundry.tokenizer.config import ExtendConfig
 from medfoundry.tokenizer.fertility import domain_words, fertility_markdown, fertility_report
-from medfoundry.tokenizer.files import load_fast_tokenizer
-from medfoundry.corpus.documents import iter_documents
+from medfoundry.tokenizer.files import load_fast_tokenizer, load_gguf_tokenizer
 
 _FIX_ROUNDS = 4
 
@@ -129,8 +129,13 @@ def _texts(cfg: ExtendConfig, split: str):
         yield doc["text"]
 
 
-def _copy_configs(base_dir: Path, out: Path, tokenizer: Tokenizer) -> None:
-    """The base's tokenizer_config / special_tokens_map, or GPT-2's conventions when it has none."""
+def _copy_configs(base_dir: Path, out: Path, tokenizer: Tokenizer, gguf_tokenizer=None) -> None:
+    """The base's tokenizer_config / special_tokens_map (and chat template), or GPT-2's conventions when it has none."""
+    if gguf_tokenizer is not None:
+        gguf_tokenizer.save_pretrained(str(out))
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        write_json(out / "tokenizer_config.json", {**config, "tokenizer_class": "PreTrainedTokenizerFast"})
+        return
     copied = False
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (base_dir / name).is_file():
@@ -145,15 +150,16 @@ def _copy_configs(base_dir: Path, out: Path, tokenizer: Tokenizer) -> None:
 
 def extend_tokenizer(cfg: ExtendConfig) -> dict:
     start = time.perf_counter()
-    base = load_fast_tokenizer(cfg.base_dir)
+    gguf = load_gguf_tokenizer(cfg.base_dir) if cfg.base_dir.endswith(".gguf") else None
+    base = gguf.backend_tokenizer if gguf is not None else load_fast_tokenizer(cfg.base_dir)
     counts = piece_counts(base, _texts(cfg, "train"))
     data, words = extend_bpe(base, counts, cfg.add_tokens, cfg.min_frequency)
     extended = Tokenizer.from_str(json.dumps(data))
     base_size, new_size = base.get_vocab_size(), extended.get_vocab_size()
     added_ids = sorted(i for i in extended.get_vocab().values() if i >= base_size)
     with atomic_dir(cfg.output_dir) as tmp:
+        _copy_configs(Path(cfg.base_dir), tmp, extended, gguf)
         extended.save(str(tmp / "tokenizer.json"))
-        _copy_configs(Path(cfg.base_dir), tmp, extended)
         extension = {"base_dir": cfg.base_dir, "base_vocab_size": base_size, "vocab_size": new_size,
                      "added_ids": added_ids, "added_tokens": [extended.id_to_token(i) for i in added_ids], "words": words}
         write_json(tmp / "vocab_extension.json", extension)
