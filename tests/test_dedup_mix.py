@@ -18,13 +18,18 @@ BASE = ("Aspirin reduced the incidence of myocardial infarction in a randomized 
         "that was mostly mild and resolved after the drug was stopped in every affected patient.")
 
 
-def _table(docs: list[tuple[str, str, str | None, str]], ranks: dict[str, int]) -> DocTable:
-    """docs: (id, source, pmid, text)."""
+def _table(docs: list[tuple], ranks: dict[str, int], abstracts: dict[int, str] | None = None) -> DocTable:
+    """docs: (id, source, pmid, text[, extra paper keys]); abstracts: row -> a full-text row's own abstract."""
     hasher = MinHasher(128, 5, 1)
+    signature = lambda text: hasher.signature(word_hashes(text))  # noqa: E731
+    abstracts = abstracts or {}
     table = DocTable(
-        ids=[d[0] for d in docs], sources=[d[1] for d in docs], pmids=[d[2] for d in docs],
-        exact=[exact_key(d[3]) for d in docs], orders=[(0, i) for i in range(len(docs))],
-        chars=np.array([len(d[3]) for d in docs]), signatures=np.stack([hasher.signature(word_hashes(d[3])) for d in docs]),
+        ids=[d[0] for d in docs], sources=[d[1] for d in docs],
+        paper_keys=[([f"pmid:{d[2]}"] if d[2] else []) + list(d[4] if len(d) > 4 else []) for d in docs],
+        pmids=[d[2] for d in docs], exact=[exact_key(d[3]) for d in docs], orders=[(0, i) for i in range(len(docs))],
+        chars=np.array([len(d[3]) for d in docs]), signatures=np.stack([signature(d[3]) for d in docs]),
+        abstract_rows=np.array(list(abstracts), dtype=np.int64),
+        abstract_signatures=np.stack([signature(t) for t in abstracts.values()]) if abstracts else None,
     )
     table.rank_sources(ranks)
     return table
@@ -95,13 +100,15 @@ def _cfg(**sources_weights) -> CorpusConfig:
 def test_anchored_weights_size_the_replay_share():
     plans = plan_factors(_cfg(papers=None, abstracts=None, replay=0.01), {"papers": 600, "abstracts": 390, "replay": 5000})
     assert plans["papers"].factor == 1 and plans["abstracts"].factor == 1
-    assert plans["replay"].target_chars == pytest.approx(10.0)
+    assert plans["replay"].factor * 5000 == pytest.approx(10.0) and not plans["replay"].capped
 
 
-def test_all_weighted_uses_every_document_within_max_repeat():
+def test_all_weighted_sizes_to_every_document_unless_max_repeat_binds():
     cfg = _cfg(a=0.5, b=0.5)
     plans = plan_factors(cfg, {"a": 1000, "b": 100})
-    assert plans["a"].factor == pytest.approx(0.4) and plans["b"].factor == pytest.approx(4.0)  # capped at max_repeat=4
+    # using all of a would need b 10 times: max_repeat=4 binds, so a is downsampled and the shares stay 50/50
+    assert plans["a"].factor == pytest.approx(0.4) and plans["b"].factor == pytest.approx(4.0)
+    assert not plans["a"].capped and not plans["b"].capped
     cfg.mix.max_repeat = 20
     plans = plan_factors(cfg, {"a": 1000, "b": 100})
     assert plans["a"].factor == pytest.approx(1.0) and plans["b"].factor == pytest.approx(10.0)
@@ -131,3 +138,56 @@ def test_copies_hit_the_character_budget_deterministically():
         assert np.array_equal(copies, copies_for(rows, ids, chars, factor, seed=7))
         assert copies.min() >= int(factor)
     assert not np.array_equal(copies_for(rows, ids, chars, 0.5, seed=7), copies_for(rows, ids, chars, 0.5, seed=8))
+
+
+def test_near_duplicate_clusters_do_not_chain():
+    """A~B and B~C above the threshold, A~C below it: B goes (copy of A), C stays."""
+    words = [f"w{i}" for i in range(400)]
+    a = " ".join(words[:300])
+    b = " ".join(words[20:320])
+    c = " ".join(words[40:340])
+    table = _table([("s/a", "s", None, a), ("s/b", "s", None, b), ("s/c", "s", None, c)], {"s": 0})
+    removed = resolve(table, [], set(), DedupConfig(near={"threshold": 0.8}))
+    assert list(removed) == [1] and "s/a" in removed[1].detail
+
+
+def test_same_paper_by_doi_and_pmcid():
+    table = _table([
+        ("papers/PMC9", "papers", None, "the full text " * 30, ["doi:10.1371/journal.pone.1", "pmcid:PMC9"]),
+        ("abstracts/x", "abstracts", None, "an abstract " * 20, ["doi:10.1371/journal.pone.1"]),
+        ("pubmed/5", "pubmed", "5", "a citation " * 20, ["pmcid:PMC9"]),
+    ], {"papers": 0, "pubmed": 1, "abstracts": 2})
+    removed = resolve(table, [], {"pubmed"}, DedupConfig(exact=False, near={"enabled": False}))
+    assert sorted(removed) == [1, 2] and all("papers/PMC9" in r.detail for r in removed.values())
+
+
+def test_abstract_without_ids_is_matched_to_its_paper_by_content():
+    """An abstracts-only record with no PMID is dropped when a full-text paper's own abstract matches it."""
+    paper_abstract = BASE + " " + BASE.replace("Aspirin", "The drug")
+    paper = "# Title\n\n" + paper_abstract + "\n\n## Methods\n\n" + "Patients were enrolled at three sites. " * 40
+    table = _table([
+        ("papers/PMC1", "papers", None, paper),
+        ("abstracts/f.jsonl:7", "abstracts", None, paper_abstract),
+        ("abstracts/f.jsonl:8", "abstracts", None, "Unrelated work on bone density in older women. " * 8),
+    ], {"papers": 0, "abstracts": 1}, abstracts={0: paper_abstract})
+    removed = resolve(table, [], set(), DedupConfig())
+    assert list(removed) == [1] and removed[1].reason == "same_paper" and "papers/PMC1" in removed[1].detail
+
+
+def test_duplicate_ids_keep_the_first_in_read_order():
+    table = _table([("s/1", "s", None, "first text " * 30), ("s/1", "s", None, "second text " * 30)], {"s": 0})
+    removed = resolve(table, [], set(), DedupConfig())
+    assert list(removed) == [1] and removed[1].reason == "duplicate_id"
+
+
+def test_choice_follows_read_order_not_row_order():
+    """Rows come in task order; which duplicate survives depends only on (file, line)."""
+    table = _table([("s/late", "s", None, BASE), ("s/early", "s", None, BASE)], {"s": 0})
+    table.orders = [(0, 50), (0, 3)]
+    removed = resolve(table, [], set(), DedupConfig())
+    assert list(removed) == [0] and "s/early" in removed[0].detail
+
+
+def test_anchored_weight_beyond_max_repeat_is_reported_short():
+    plans = plan_factors(_cfg(papers=None, replay=0.5), {"papers": 1000, "replay": 100})
+    assert plans["replay"].factor == 4.0 and plans["replay"].capped  # 10 copies wanted, 4 allowed

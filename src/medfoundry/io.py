@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -32,6 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files: give outputs the usual permissions
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -49,9 +59,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", compresslevel: int = 6
     """Open ``path`` for writing atomically; ``.gz`` names are gzip-compressed."""
     with atomic_path(path) as tmp:
         if str(path).endswith(".gz"):
-            raw = gzip.open(tmp, mode if "b" in mode else mode.replace("w", "wt"), compresslevel=compresslevel)
-            with raw as fh:
-                yield fh
+            # no file name and a zero mtime in the gzip header: the same content gives the same bytes
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0) as gz:
+                if "b" in mode:
+                    yield gz
+                else:
+                    with io.TextIOWrapper(gz, encoding="utf-8") as fh:
+                        yield fh
         else:
             with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
                 yield fh

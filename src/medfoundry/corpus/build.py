@@ -8,15 +8,17 @@ finalize (one process, over keys only; texts are streamed once when writing)
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +30,10 @@ from medfoundry import __version__
 from medfoundry.corpus.config import CorpusConfig
 from medfoundry.corpus.dedup import DocTable, Removal, resolve
 from medfoundry.corpus.mix import copies_for, in_validation, plan_factors
-from medfoundry.corpus.plan import WorkUnit, fingerprint, hash_inputs, plan_units
+from medfoundry.corpus.plan import HashCache, WorkUnit, fingerprint, hash_inputs, hash_tree, plan_units
 from medfoundry.corpus.report import write_report
-from medfoundry.corpus.steps import CleanAndFilter, Decontaminate, Fingerprint, ReadSources, WriteTaskOutput, benchmark_index
+from medfoundry.corpus.steps import (INDEX_KEYS, CleanAndFilter, Decontaminate, Fingerprint, ReadSources,
+                                     WriteTaskOutput, benchmark_index)
 from medfoundry.errors import Pending
 from medfoundry.io import atomic_open, iter_jsonl, write_json
 from medfoundry.runtime import cpu_count
@@ -42,13 +45,18 @@ def extract_pipeline(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) ->
     steps = [ReadSources(units, cfg.sources, cfg.strict), CleanAndFilter(cfg.clean)]
     if cfg.decontam.enabled:
         steps.append(Decontaminate(cfg.decontam))
-    steps += [Fingerprint(cfg.dedup.near), WriteTaskOutput(str(out_dir), cfg.dedup.near.num_perm)]
+    full_text = {s.name for s in cfg.sources if s.kind == "jats"}
+    steps += [Fingerprint(cfg.dedup.near, full_text), WriteTaskOutput(str(out_dir), cfg.dedup.near.num_perm)]
     return steps
 
 
-def _extract_key(cfg: CorpusConfig, units: list[WorkUnit], inputs: dict) -> str:
-    sections = cfg.model_dump(include={"sources", "clean", "decontam", "strict"})
-    return fingerprint(__version__, units, inputs, sections, cfg.dedup.near.model_dump())
+def _extract_key(cfg: CorpusConfig, units: list[WorkUnit], inputs: dict, benchmarks: dict) -> str:
+    """Everything the extract tasks' output depends on, and nothing else (weights, paths already
+    resolved into ``units``, and dedup thresholds only matter later)."""
+    sources = [s.model_dump(exclude={"weight", "paths"}) for s in cfg.sources]
+    near = cfg.dedup.near.model_dump(include={"enabled", "shingle_words", "num_perm", "seed"})
+    sections = cfg.model_dump(include={"clean", "decontam", "strict"})
+    return fingerprint(__version__, units, inputs, sources, near, sections, benchmarks)
 
 
 def make_executor(cfg: CorpusConfig, pipeline: list, tasks: int, logging_dir: Path):
@@ -62,7 +70,46 @@ def make_executor(cfg: CorpusConfig, pipeline: list, tasks: int, logging_dir: Pa
             env_command=env_command, logging_dir=str(logging_dir), max_array_launch_parallel=slurm.max_array_launch_parallel,
         )
     workers = min(cfg.workers or cpu_count(), tasks)
-    return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir), start_method="fork")
+    return _QuietLocalExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir), start_method="fork")
+
+
+class _QuietLocalExecutor(LocalPipelineExecutor):
+    """Task logs go to the logging folder only: the console gets a progress bar and, on failure, the
+    one-line error the CLI prints (datatrove would print each task's log and traceback there)."""
+
+    _devnull = None  # opened once per worker process: loguru keeps writing to the stream it was given
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        if _QuietLocalExecutor._devnull is None:
+            _QuietLocalExecutor._devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+        with contextlib.redirect_stderr(_QuietLocalExecutor._devnull):
+            return super()._run_for_rank(rank, local_rank, node_rank)
+
+
+@contextlib.contextmanager
+def _progress(logs: Path, total: int):
+    """A progress bar fed by the executor's completion markers (works for any executor)."""
+    from datatrove.utils.logging import logger
+    from tqdm import tqdm
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    done = threading.Event()
+    completions = logs / "completions"
+
+    def poll(bar) -> None:
+        while not done.wait(0.25):
+            bar.update(len(list(completions.glob("*"))) - bar.n if completions.is_dir() else 0)
+
+    with tqdm(total=total, desc="extract", unit="task", disable=None) as bar:
+        thread = threading.Thread(target=poll, args=(bar,), daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            bar.update(len(list(completions.glob("*"))) - bar.n if completions.is_dir() else 0)
 
 
 def run_extract(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) -> list[dict]:
@@ -72,7 +119,8 @@ def run_extract(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) -> list
     active = _active_slurm_job(logs) if cfg.executor.kind == "slurm" else None
     if active and executor.get_incomplete_ranks():
         raise Pending(f"slurm job {active} is still running the extract tasks (logs in {logs}); run this command again when it is done")
-    executor.run()
+    with _progress(logs, len(units)):
+        executor.run()
     if getattr(executor, "job_id", None) not in (None, -1):
         write_json(logs / "slurm_job.json", {"job_id": executor.job_id})
     incomplete = executor.get_incomplete_ranks()
@@ -109,17 +157,22 @@ def _step_stats(logs: Path, tasks: int) -> list[dict]:
 
 
 def load_extract(out_dir: Path, tasks: int, num_perm: int) -> tuple[DocTable, list, list[dict]]:
-    cols: dict[str, list] = {"id": [], "source": [], "pmid": [], "exact": [], "chars": [], "order": []}
-    signatures, ledger = [], []
+    cols: dict[str, list] = {key: [] for key in INDEX_KEYS + ("chars",)}
+    signatures, abstract_signatures, abstract_rows, ledger = [], [], [], []
     for rank in range(tasks):
         index = json.loads((out_dir / f"{rank:05d}.index.json").read_text())
+        abstract_rows += [len(cols["id"]) + r for r in index["abstract_rows"]]
         for key in cols:
             cols[key].extend(index[key])
         signatures.append(np.load(out_dir / f"{rank:05d}.minhash.npy"))
+        abstract_signatures.append(np.load(out_dir / f"{rank:05d}.abstract_minhash.npy"))
         ledger.extend(iter_jsonl(out_dir / f"{rank:05d}.ledger.jsonl.gz"))
-    sigs = np.concatenate(signatures) if signatures else np.zeros((0, num_perm), np.uint32)
-    table = DocTable(cols["id"], cols["source"], cols["pmid"], cols["exact"],
-                     [tuple(o) for o in cols["order"]], np.array(cols["chars"], dtype=np.int64), sigs)
+    empty = np.zeros((0, num_perm), np.uint32)
+    table = DocTable(
+        cols["id"], cols["source"], cols["paper_keys"], cols["pmid"], cols["exact"], [tuple(o) for o in cols["order"]],
+        np.array(cols["chars"], dtype=np.int64), np.concatenate(signatures) if signatures else empty,
+        np.array(abstract_rows, dtype=np.int64), np.concatenate(abstract_signatures) if abstract_signatures else empty,
+    )
     deletes = [(e["pmid"], tuple(e["order"])) for e in ledger if e.get("event") == "delete"]
     drops = [e for e in ledger if "event" not in e]
     return table, deletes, drops
@@ -158,31 +211,48 @@ class _Tally:
 
 
 def write_splits(cfg: CorpusConfig, out_dir: Path, staging: Path, tasks: int, alive: np.ndarray, val: np.ndarray, copies: np.ndarray) -> dict:
-    """Stream the kept documents once into train/val shards. Each document (copy) goes to a shard
-    chosen by a seeded hash of its id, so every shard mixes all sources; all shards are atomic."""
-    sizes = {"train": int(copies[alive & ~val].sum()), "val": int((alive & val).sum())}
+    """Stream the kept documents once into train/val shards, then shuffle each shard.
+
+    Each document copy goes to a shard chosen by a seeded hash of its id, then every shard is
+    reordered by a seeded hash of its lines: shards mix all sources in a deterministic order, and
+    memory holds one shard at a time."""
+    sizes = {"train": int(copies[alive & ~val].sum()), "val": int(copies[alive & val].sum())}
     tally = _Tally(load_fast_tokenizer(cfg.report_tokenizer) if cfg.report_tokenizer else None)
-    with ExitStack() as stack:
-        shards = {
-            split: [stack.enter_context(atomic_open(staging / split / f"part-{i:05d}.jsonl.gz", compresslevel=cfg.output.compresslevel))
-                    for i in range(max(1, math.ceil(n / cfg.output.shard_docs)))]
-            for split, n in sizes.items()
-        }
+    unsorted = staging / "unsorted"
+    unsorted.mkdir(parents=True)
+    names = {split: [f"{split}/part-{i:05d}.jsonl.gz" for i in range(max(1, math.ceil(n / cfg.output.shard_docs)))]
+             for split, n in sizes.items()}
+    with contextlib.ExitStack() as stack:
+        shards = {split: [stack.enter_context(open(unsorted / name.replace("/", "-"), "w", encoding="utf-8")) for name in files]
+                  for split, files in names.items()}
         row = 0
         for rank in range(tasks):
             with gzip.open(out_dir / f"{rank:05d}.docs.jsonl.gz", "rb") as lines:
                 for line in lines:
-                    if alive[row]:
-                        split, n = ("val", 1) if val[row] else ("train", int(copies[row]))
+                    if alive[row] and copies[row]:
+                        split = "val" if val[row] else "train"
                         doc = json.loads(line)
-                        tally.add(split, doc["source"], doc["text"], n)
-                        _emit(doc, n, shards[split], cfg.mix.seed)
+                        tally.add(split, doc["source"], doc["text"], int(copies[row]))
+                        _emit(doc, int(copies[row]), shards[split], cfg.mix.seed)
                     row += 1
         tally.flush()
+    for files in names.values():
+        for name in files:
+            _shuffle_into(unsorted / name.replace("/", "-"), staging / name, cfg.mix.seed, cfg.output.compresslevel)
+    shutil.rmtree(unsorted)
     return tally.counts
 
 
+def _shuffle_into(source: Path, target: Path, seed: int, compresslevel: int) -> None:
+    with open(source, "rb") as fh:
+        lines = fh.readlines()
+    lines.sort(key=lambda line: xxhash.xxh64_intdigest(line, seed=seed))
+    with atomic_open(target, "wb", compresslevel=compresslevel) as out:
+        out.writelines(lines)
+
+
 def _emit(doc: dict, n_copies: int, files: list, seed: int) -> None:
+    """Write ``n_copies`` of ``doc`` (ids ``X``, ``X#1``, ...) to seeded-hash-chosen shards."""
     base_id = doc["id"]
     for copy in range(n_copies):
         doc["id"] = f"{base_id}#{copy}" if copy else base_id
@@ -205,13 +275,16 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     units = plan_units(cfg)
-    inputs = hash_inputs(units, cfg.work_path / "input_hashes.json")
-    extract_dir = cfg.work_path / f"extract-{_extract_key(cfg, units, inputs)}"
+    with HashCache(cfg.work_path / "input_hashes.json") as hashes:
+        inputs = hash_inputs(units, hashes)
+        benchmarks = hash_tree(Path(cfg.decontam.benchmarks_dir), hashes) if cfg.decontam.enabled else {}
+    extract_dir = cfg.work_path / f"extract-{_extract_key(cfg, units, inputs, benchmarks)}"
     build_key = fingerprint(extract_dir.name, cfg.model_dump(exclude={"workers", "work_dir", "output_dir", "executor"}))
     manifest_path = out_dir / "manifest.json"
     if not force and manifest_path.is_file() and json.loads(manifest_path.read_text()).get("build_key") == build_key:
         return json.loads(manifest_path.read_text())
     manifest_path.unlink(missing_ok=True)
+    _remove_leftovers(out_dir, extract_dir)
     timings["plan_s"] = time.perf_counter() - start
 
     t = time.perf_counter()
@@ -231,14 +304,14 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     alive = np.ones(len(table), dtype=bool)
     alive[list(removed)] = False
     val = np.array([in_validation(i, cfg) for i in table.ids], dtype=bool)
-    copies, plans = _mixture(cfg, table, alive & ~val)
+    copies, plans = _mixture(cfg, table, alive, val)
     timings["mix_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     staging = out_dir / f".staging-{build_key}"
     shutil.rmtree(staging, ignore_errors=True)
     counts = write_splits(cfg, extract_dir, staging, len(units), alive, val, copies)
-    unselected = np.flatnonzero(alive & ~val & (copies == 0))
+    unselected = np.flatnonzero(alive & (copies == 0))
     all_drops = (drops + [_removal_entry(table, row, "dedup", r) for row, r in sorted(removed.items())]
                  + [_removal_entry(table, int(row), "mix", Removal("downsampled", "not selected by the mixture sampler")) for row in unselected])
     with atomic_open(staging / "dropped.jsonl.gz") as fh:
@@ -253,17 +326,37 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     manifest["timings"] = timings
     write_report(out_dir, manifest, all_drops)
     write_json(manifest_path, manifest)
+    _prune_other_extracts(cfg.work_path, extract_dir)
     return manifest
 
 
-def _mixture(cfg: CorpusConfig, table: DocTable, train: np.ndarray):
+def _remove_leftovers(out_dir: Path, extract_dir: Path) -> None:
+    """Temporary files of a killed run: staging folders and half-written task outputs."""
+    for staging in out_dir.glob(".staging-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+    for tmp in extract_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _prune_other_extracts(work: Path, keep: Path) -> None:
+    """Extract outputs of earlier configs are full copies of the documents: keep only the current one."""
+    for old in work.glob("extract-*"):
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _mixture(cfg: CorpusConfig, table: DocTable, alive: np.ndarray, val: np.ndarray):
+    """Copies per row. Factors come from the train split; validation takes each source's factor
+    capped at 1 (a held-out document is never repeated), so it has the train split's composition."""
     sources = np.array(table.sources, dtype=object)
+    train = alive & ~val
     available = {s.name: int(table.chars[train & (sources == s.name)].sum()) for s in cfg.sources}
     plans = plan_factors(cfg, available)
     copies = np.zeros(len(table), dtype=np.int64)
     for name, plan in plans.items():
-        rows = np.flatnonzero(train & (sources == name))
-        copies[rows] = copies_for(rows, table.ids, table.chars, plan.factor, cfg.mix.seed)
+        for split, factor in ((train, plan.factor), (alive & val, min(plan.factor, 1.0))):
+            rows = np.flatnonzero(split & (sources == name))
+            copies[rows] = copies_for(rows, table.ids, table.chars, factor, cfg.mix.seed)
     return copies, plans
 
 
@@ -303,8 +396,8 @@ def _achieved_mixture(plans: dict, train: dict) -> dict:
     for name, plan in plans.items():
         got = train.get(name, {})
         entry = {"weight": plan.weight, "available_chars": plan.available_chars, "factor": round(plan.factor, 6),
-                 "requested_share": plan.weight, "achieved_chars": got.get("chars", 0),
-                 "achieved_share": got.get("chars", 0) / totals["chars"]}
+                 "capped_by_max_repeat": plan.capped, "requested_share": plan.weight,
+                 "achieved_chars": got.get("chars", 0), "achieved_share": got.get("chars", 0) / totals["chars"]}
         if "tokens" in got:
             entry.update(achieved_tokens=got["tokens"], achieved_token_share=got["tokens"] / totals["tokens"])
         mixture[name] = entry

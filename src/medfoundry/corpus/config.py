@@ -23,6 +23,7 @@ class FieldMap(StrictModel):
     id: str | None = None
     meta: list[str] = Field(default_factory=list)
     pmid: str | None = Field(None, description="field holding a PubMed id, for same-paper dedup and decontamination")
+    doi: str | None = Field(None, description="field holding a DOI, for same-paper dedup")
 
 
 class SourceConfig(StrictModel):
@@ -42,6 +43,16 @@ class SourceConfig(StrictModel):
         if any(not p.strip() for p in v):
             raise ValueError("empty path")
         return v
+
+    @model_validator(mode="after")
+    def _options_fit_kind(self) -> "SourceConfig":
+        for option, kind in _KIND_OPTIONS.items():
+            if option in self.model_fields_set and self.kind != kind:
+                raise ValueError(f"{option!r} applies to kind {kind!r} sources, not {self.kind!r}")
+        return self
+
+
+_KIND_OPTIONS = {"fields": "jsonl", "keep_without_abstract": "pubmed_xml", "captions": "jats"}
 
 
 class CleanConfig(StrictModel):
@@ -171,6 +182,9 @@ class CorpusConfig(StrictModel):
                 "weights of weighted sources must sum below 1 when some sources have no weight "
                 f"(those are taken whole); got {sum(weights):.3f}"
             )
+        if anchored and self.mix.total_chars:
+            raise ValueError("mix.total_chars needs every source to have a weight (unweighted sources are taken whole "
+                             "and fix the size themselves)")
         if not anchored and abs(sum(weights) - 1) > 1e-6:
             raise ValueError(f"when every source has a weight they must sum to 1; got {sum(weights):.6f}")
         return self

@@ -2,9 +2,11 @@
 
 Weights are target shares of the train split's characters. Sources without a weight are taken
 whole (each document once) and the weighted ones are sized around them, which is how GAP-Replay
-adds ~1% general text to a medical corpus. When every source is weighted, the train split is as
-large as it can be while every document is used at least once, capped so that no source repeats
-more than ``max_repeat`` times (or ``total_chars`` fixes it).
+adds ~1% general text to a medical corpus; a weighted source that would need more than
+``max_repeat`` copies is capped and reported as falling short. When every source is weighted, the
+train split is the smallest that uses every document at least once, shrunk if needed so that no
+source repeats more than ``max_repeat`` times (larger sources are then downsampled and the shares
+stay exact); ``total_chars`` fixes its size instead.
 
 A source's factor ``f = k + r`` becomes k copies of every document plus a fraction r chosen in
 the order of a seeded hash of the document id, stopping at the character budget: the same
@@ -38,7 +40,7 @@ class SourcePlan:
     weight: float | None
     available_chars: int
     factor: float
-    target_chars: float
+    capped: bool  # the weight needs more than max_repeat copies: the achieved share falls short
 
 
 def plan_factors(cfg: CorpusConfig, available: dict[str, int]) -> dict[str, SourcePlan]:
@@ -59,8 +61,8 @@ def plan_factors(cfg: CorpusConfig, available: dict[str, int]) -> dict[str, Sour
     plans = {}
     for name, weight in weights.items():
         chars = available.get(name, 0)
-        factor = 1.0 if weight is None else min(weight * total / chars, cfg.mix.max_repeat)
-        plans[name] = SourcePlan(name, weight, chars, factor, chars * factor)
+        wanted = 1.0 if weight is None else weight * total / chars
+        plans[name] = SourcePlan(name, weight, chars, min(wanted, cfg.mix.max_repeat), wanted > cfg.mix.max_repeat)
     return plans
 
 

@@ -20,13 +20,23 @@ from medfoundry.io import write_json
 
 LINE_BASED = {"jsonl"}
 _GZ_RATIO = 4  # typical text compression ratio, to estimate the size of a .gz file's content
+MAX_PARTS = 8  # every part scans the whole file (a gzip stream cannot be entered midway): more only adds scanning
 
 
 @dataclass(frozen=True)
 class WorkUnit:
+    """One task: a file (or one of ``parts`` interleaved line subsets of it).
+
+    ``file_index`` numbers the files of the whole plan in order; with a record's line it gives the
+    record's place in read order, whatever the task split. ``label`` is the file's path relative to
+    its source's common folder, unique within the source, used in ids of records without one.
+    """
+
     source: str
     kind: str
     path: str
+    label: str
+    file_index: int
     part: int = 0
     parts: int = 1
 
@@ -46,15 +56,25 @@ def _parts_for(path: Path, kind: str, split_mb: float) -> int:
     if kind not in LINE_BASED:
         return 1
     size = path.stat().st_size * (_GZ_RATIO if path.name.endswith(".gz") else 1)
-    return max(1, math.ceil(size / (split_mb * 2**20)))
+    return max(1, min(MAX_PARTS, math.ceil(size / (split_mb * 2**20))))
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    if len(paths) == 1:
+        return [paths[0].name]
+    root = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    return [str(p.resolve().relative_to(root)) for p in paths]
 
 
 def plan_units(cfg: CorpusConfig) -> list[WorkUnit]:
-    units = []
+    units: list[WorkUnit] = []
+    file_index = 0
     for source in cfg.sources:
-        for path in expand_paths(source):
+        paths = expand_paths(source)
+        for path, label in zip(paths, _labels(paths)):
             parts = _parts_for(path, source.kind, cfg.split_mb)
-            units.extend(WorkUnit(source.name, source.kind, str(path), p, parts) for p in range(parts))
+            units.extend(WorkUnit(source.name, source.kind, str(path), label, file_index, p, parts) for p in range(parts))
+            file_index += 1
     return units
 
 
@@ -71,15 +91,35 @@ def file_sha256(path: Path, cache: dict) -> str:
     return cache[key]
 
 
-def hash_inputs(units: list[WorkUnit], cache_file: Path) -> dict[str, dict]:
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+class HashCache:
+    """sha256 of files, remembered across runs in a JSON file keyed by (path, size, mtime)."""
+
+    def __init__(self, cache_file: Path):
+        self.cache_file = cache_file
+        self.cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+
+    def __enter__(self) -> "HashCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        write_json(self.cache_file, self.cache)
+
+    def sha256(self, path: Path) -> str:
+        return file_sha256(path, self.cache)
+
+
+def hash_inputs(units: list[WorkUnit], hashes: HashCache) -> dict[str, dict]:
     inputs = {}
     for unit in units:
         if unit.path not in inputs:
             path = Path(unit.path)
-            inputs[unit.path] = {"source": unit.source, "bytes": path.stat().st_size, "sha256": file_sha256(path, cache)}
-    write_json(cache_file, cache)
+            inputs[unit.path] = {"source": unit.source, "bytes": path.stat().st_size, "sha256": hashes.sha256(path)}
     return inputs
+
+
+def hash_tree(root: Path, hashes: HashCache) -> dict[str, str]:
+    """sha256 of every file under ``root`` (e.g. the evaluation sets decontamination reads)."""
+    return {str(p.relative_to(root)): hashes.sha256(p) for p in sorted(root.rglob("*")) if p.is_file()} if root.is_dir() else {}
 
 
 def fingerprint(*parts: object) -> str:

@@ -84,6 +84,9 @@ def write_report(out_dir: Path, manifest: dict, drops: list[dict]) -> None:
         "## Mixture (train split)",
         "![composition](composition.png)",
         _mixture_table(manifest["mixture"]),
+        *[f"**Short of its weight:** `{name}` would need more than `mix.max_repeat` copies of its documents "
+          f"to reach {100 * m['requested_share']:.2f}%; it got {100 * m['achieved_share']:.2f}%."
+          for name, m in manifest["mixture"].items() if m["capped_by_max_repeat"]],
         "## Dropped documents by reason",
         _table(["stage/reason", *sources], [[k, *[v.get(s, 0) for s in sources]] for k, v in sorted(manifest["dropped"].items())])
         if manifest["dropped"] else "Nothing was dropped.",

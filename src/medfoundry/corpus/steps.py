@@ -46,6 +46,16 @@ def read_unit(unit: WorkUnit, source: SourceConfig, ctx: ReadContext):
     return read_jsonl(path, ctx, source.fields, unit.part, unit.parts)
 
 
+def paper_keys(meta: dict) -> list[str]:
+    """Identifiers that name the same paper across sources (DOIs compare case-insensitively)."""
+    keys = []
+    for name in ("pmid", "doi", "pmcid"):
+        value = meta.get(name)
+        if value not in (None, ""):
+            keys.append(f"{name}:{str(value).strip().lower() if name == 'doi' else str(value).strip()}")
+    return keys
+
+
 def _drop(doc: Document, stage: str, reason: str, detail: str = "") -> None:
     doc.metadata["drop"] = {"stage": stage, "reason": reason, "detail": detail}
 
@@ -63,7 +73,6 @@ class ReadSources(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         unit = self.units[rank]
         ctx = ReadContext(Path(unit.path), strict=self.strict)
-        name = Path(unit.path).name
         source = self.sources[unit.source]
         items = read_unit(unit, source, ctx)
         for pos in itertools.count():
@@ -72,17 +81,18 @@ class ReadSources(PipelineStep):
             yield from self._skips(ctx, unit)
             if item is None:
                 return
-            order = [rank, pos]
+            order = [unit.file_index, item.line if item.line is not None else pos]
             if isinstance(item, Deletion):
                 yield Document("", f"{unit.source}/delete:{item.pmid}", metadata={"event": "delete", "pmid": item.pmid, "source": unit.source, "order": order})
                 continue
             self.stat_update("read")
-            local_id = item.native_id if item.native_id is not None else f"{name}:{item.line}"
+            local_id = item.native_id if item.native_id is not None else f"{unit.label}:{item.line if item.line is not None else pos}"
             pmid = item.meta.get("pmid")
             doc = Document(
                 item.text,
                 f"{unit.source}/{local_id}",
-                metadata={"source": unit.source, "meta": item.meta, "pmid": str(pmid) if pmid else None, "order": order},
+                metadata={"source": unit.source, "meta": item.meta, "pmid": str(pmid) if pmid else None,
+                          "paper_keys": paper_keys(item.meta), "order": order},
             )
             if item.meta.get("has_abstract") is False and not source.keep_without_abstract:
                 _drop(doc, "read", "no_abstract", "title-only citation (sources[].keep_without_abstract: false)")
@@ -91,7 +101,7 @@ class ReadSources(PipelineStep):
     def _skips(self, ctx: ReadContext, unit: WorkUnit):
         for skip in ctx.skips:
             self.stat_update("skipped_input")
-            doc = Document("", f"{unit.source}/{Path(skip.path).name}:{skip.line}", metadata={"source": unit.source})
+            doc = Document("", f"{unit.source}/{unit.label}:{skip.line}", metadata={"source": unit.source})
             _drop(doc, "read", "invalid_input", f"{skip.path}:{skip.line or '-'}: {skip.reason}")
             yield doc
         ctx.skips.clear()
@@ -158,20 +168,29 @@ class Fingerprint(_LiveDocStep):
     name = "fingerprint"
     type = "🫂 - DEDUP"
 
-    def __init__(self, cfg: NearDedupConfig):
+    def __init__(self, cfg: NearDedupConfig, full_text_sources: set[str]):
         super().__init__()
         self.hasher = MinHasher(cfg.num_perm, cfg.shingle_words, cfg.seed) if cfg.enabled else None
+        self.full_text_sources = full_text_sources
 
     def process(self, doc: Document) -> None:
         doc.metadata["exact"] = exact_key(doc.text)
-        if self.hasher is not None:
-            words = doc.metadata.pop("words", None)
-            doc.metadata["minhash"] = self.hasher.signature(word_hashes(doc.text) if words is None else words)
+        if self.hasher is None:
+            return
+        words = doc.metadata.pop("words", None)
+        doc.metadata["minhash"] = self.hasher.signature(word_hashes(doc.text) if words is None else words)
+        if doc.metadata["source"] in self.full_text_sources:
+            # title + abstract: what the paper looks like in an abstracts-only source
+            doc.metadata["abstract_minhash"] = self.hasher.signature(word_hashes(doc.text.split("\n## ", 1)[0]))
+
+
+INDEX_KEYS = ("id", "source", "pmid", "paper_keys", "exact", "order")
 
 
 class WriteTaskOutput(PipelineStep):
     """Writes ``{rank}.docs.jsonl.gz`` (kept documents), ``{rank}.index.json`` (their dedup keys),
-    ``{rank}.minhash.npy`` and ``{rank}.ledger.jsonl.gz`` (drops, skips, deletions)."""
+    ``{rank}.minhash.npy`` (+ ``abstract_minhash.npy`` of full-text papers' own abstracts) and
+    ``{rank}.ledger.jsonl.gz`` (drops, skips, deletions)."""
 
     name = "write task output"
     type = "💽 - WRITER"
@@ -183,21 +202,21 @@ class WriteTaskOutput(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         stem = self.out_dir / f"{rank:05d}"
-        index = {"id": [], "source": [], "pmid": [], "exact": [], "chars": [], "order": []}
-        signatures = []
+        index = {key: [] for key in INDEX_KEYS + ("chars", "abstract_rows")}
+        signatures: dict[str, list] = {"minhash": [], "abstract_minhash": []}
         with atomic_open(f"{stem}.docs.jsonl.gz", compresslevel=1) as docs, atomic_open(f"{stem}.ledger.jsonl.gz") as ledger:
             for doc in data:
                 with self.track_time():
                     self._write(doc, docs, ledger, index, signatures)
-        with atomic_path(f"{stem}.minhash.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.stack(signatures) if signatures else np.zeros((0, self.num_perm), np.uint32))
+        for name, rows in signatures.items():
+            with atomic_path(f"{stem}.{name}.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, np.stack(rows) if rows else np.zeros((0, self.num_perm), np.uint32))
         with atomic_open(f"{stem}.index.json") as fh:
             json.dump(index, fh)
         return
         yield  # a generator: datatrove drains every step
 
-    def _write(self, doc: Document, docs, ledger, index: dict, signatures: list) -> None:
+    def _write(self, doc: Document, docs, ledger, index: dict, signatures: dict) -> None:
         md = doc.metadata
         if "drop" in md or "event" in md:
             entry = {"id": doc.id, "source": md.get("source"), "pmid": md.get("pmid"), "order": md.get("order")}
@@ -205,9 +224,12 @@ class WriteTaskOutput(PipelineStep):
             ledger.write(json.dumps(entry, ensure_ascii=False) + "\n")
             return
         docs.write(json.dumps({"id": doc.id, "text": doc.text, "source": md["source"], "meta": md["meta"]}, ensure_ascii=False) + "\n")
-        for key in ("id", "source", "pmid", "exact", "order"):
+        if "abstract_minhash" in md:
+            index["abstract_rows"].append(len(index["id"]))
+            signatures["abstract_minhash"].append(md["abstract_minhash"])
+        for key in INDEX_KEYS:
             index[key].append(doc.id if key == "id" else md.get(key))
         index["chars"].append(len(doc.text))
         if "minhash" in md:
-            signatures.append(md["minhash"])
+            signatures["minhash"].append(md["minhash"])
         self.stat_update("kept")

@@ -74,8 +74,10 @@ def read_jsonl(path: Path, ctx: ReadContext, fields: FieldMap, part: int = 0, pa
             continue
         native_id = obj.get(fields.id) if fields.id else None
         meta = {name: obj.get(name) for name in fields.meta}
-        if fields.pmid and obj.get(fields.pmid) not in (None, ""):
-            meta["pmid"] = str(obj[fields.pmid])
+        for key in ("pmid", "doi"):
+            name = getattr(fields, key)
+            if name and obj.get(name) not in (None, ""):
+                meta[key] = str(obj[name])
         yield Record(str(native_id) if native_id not in (None, "") else None, _text_of(obj, fields), meta, line)
 
 
