@@ -13,7 +13,7 @@ import pytest
 
 from conftest import shared
 from medfoundry.corpus.decontam import BENCHMARKS, BenchmarkIndex
-from medfoundry.errors import MedfoundryError
+from medfoundry.errors import InputError, MedfoundryError
 
 FILLER = (
     "Unrelated opening paragraph about hospital staffing levels and the weather in spring.\n\n{}\n\n"
@@ -98,6 +98,40 @@ def test_missing_file_names_file_and_config_field(tiny):
         build(tiny)
     with pytest.raises(MedfoundryError, match="decontam.benchmarks_dir"):
         build(tiny / "nowhere")
+
+
+def _drop_field(path: Path, lineno: int, field: str) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    record = json.loads(lines[lineno - 1])
+    del record[field]
+    lines[lineno - 1] = json.dumps(record) + "\n"
+    path.write_text("".join(lines))
+
+
+def test_missing_fields_name_file_line_and_field(tiny):
+    _drop_field(tiny / "medmcqa" / "dev.jsonl", 2, "opb")
+    with pytest.raises(InputError, match=r"medmcqa/dev\.jsonl:2: missing field 'opb'"):
+        build(tiny, sets=["medmcqa"])
+
+    _drop_field(tiny / "medqa" / "us_5_options_test.jsonl", 1, "options")
+    with pytest.raises(InputError, match=r"us_5_options_test\.jsonl:1: missing field 'options'"):
+        build(tiny, sets=["medqa"])
+
+    with (tiny / "mmlu" / "test" / "anatomy_test.csv").open("a", newline="") as f:
+        csv.writer(f).writerow(["A question without its last option and answer", "x", "y", "z"])
+    with pytest.raises(InputError, match=r"anatomy_test\.csv:2: expected 6 columns .*found 4"):
+        build(tiny, sets=["mmlu"])
+
+    pqal = tiny / "pubmedqa" / "ori_pqal.json"
+    records = json.loads(pqal.read_text())
+    del records["111"]["CONTEXTS"]
+    pqal.write_text(json.dumps(records))
+    with pytest.raises(InputError, match=r"ori_pqal\.json: PMID 111: missing field 'CONTEXTS'"):
+        build(tiny, sets=["pubmedqa"])
+    del records["111"]
+    pqal.write_text(json.dumps(records))
+    with pytest.raises(InputError, match=r"ori_pqal\.json: test PMID 111 \(from test_ground_truth\.json\) is missing"):
+        build(tiny, sets=["pubmedqa"])
 
 
 def test_pickle_round_trip(tiny):

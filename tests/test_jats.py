@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +50,7 @@ def test_pmc_article():
         "journal": "BMC Microbiology",
         "year": 2011,
         "license": "http://creativecommons.org/licenses/by/2.0",
+        "license_id": "CC-BY-2.0",
         "article_type": "research-article",
         "section_titles": ["Background", "Results", "Discussion", "Conclusions", "Appendix A", "Appendix B", "Methods"],
     }
@@ -80,7 +80,7 @@ def test_plos_article():
     assert (meta["pmid"], meta["pmcid"], meta["doi"]) == (None, None, "10.1371/journal.pone.0152459")
     assert meta["title"] == "Prognostic Value of Overexpressed p16INK4a in Vulvar Cancer: A Meta-Analysis"
     assert (meta["journal"], meta["year"], meta["article_type"]) == ("PLOS ONE", 2016, "research-article")
-    assert meta["license"] == "http://creativecommons.org/licenses/by/4.0/"
+    assert (meta["license"], meta["license_id"]) == ("http://creativecommons.org/licenses/by/4.0/", "CC-BY-4.0")
     text = record.text
     # the "Supporting Information" section only lists supplementary files: dropped
     assert _headings(text, 2) == ["## Introduction", "## Methods", "## Results", "## Discussion"]
@@ -106,7 +106,44 @@ def test_author_summary_is_not_the_abstract():
 def test_licence_stated_in_copyright_statement():
     meta = _one(shared("corpus/pmc_jats/pone.0000217.nxml")).meta
     assert "Creative Commons Attribution License" in meta["license"]
+    assert meta["license_id"] == "CC-BY"  # no version stated
     assert meta["pmcid"] == "PMC1790863" and meta["year"] == 2007
+
+
+@pytest.mark.parametrize(
+    "name, license_id",
+    [
+        ("mds526.nxml", "CC-BY-NC-3.0"),  # license/@xlink:href
+        ("journal.pcbi.1004082.xml", "CC-BY-4.0"),
+        ("journal.pone.0160653.xml", "CC0-1.0"),  # publicdomain/zero URL
+        ("journal.pone.0068090.xml", "CC0-1.0"),  # "Creative Commons CC0 public domain dedication", no URL
+        ("ehp-116-1694.nxml", "CC-PDM-1.0"),  # publicdomain/mark URL
+        ("journal.pmed.0020402.xml", "CC-PDDC"),  # "Creative Commons Public Domain Declaration"
+        ("journal.pbio.0020188.xml", "CC-BY"),  # "Creative Commons Attribution License", no version
+        ("journal.pmed.1001080.xml", "other"),  # WHO's own terms
+        ("6605965a.nxml", None),  # no licence stated
+    ],
+)
+def test_license_id_of_real_files(name, license_id):
+    meta = _one(shared(f"corpus/pmc_jats/{name}")).meta
+    assert meta["license_id"] == license_id
+    assert (meta["license"] is None) == (license_id is None)
+
+
+@pytest.mark.parametrize(
+    "license_p, license_id",
+    [
+        ("Creative Commons Attribution-NonCommercial-NoDerivs 3.0 Unported License", "CC-BY-NC-ND-3.0"),
+        ("the Creative Commons Attribution 4.0 International License (CC BY 4.0)", "CC-BY-4.0"),
+        ("a CC BY-NC-SA 4.0 licence", "CC-BY-NC-SA-4.0"),
+        ("Creative Commons Attribution License, version 2.5", "CC-BY-2.5"),
+        ('<ext-link xlink:href="http://creativecommons.org/licenses/by-sa/3.0/">it</ext-link>', "CC-BY-SA-3.0"),
+        ("Free to read; all other rights reserved.", "other"),
+    ],
+)
+def test_license_id_from_name_or_url(tmp_path, license_p, license_id):
+    ids = f"<permissions><license><license-p>{license_p}</license-p></license></permissions>"
+    assert _one(_article(tmp_path, body="<p>Body.</p>", ids=ids)).meta["license_id"] == license_id
 
 
 def test_all_real_files_parse_strict():
@@ -114,17 +151,48 @@ def test_all_real_files_parse_strict():
     files = sorted(folder.iterdir())
     # README says 71 (10 PMC + 61 PLOS); the folder holds 9 PMC .nxml and 61 PLOS .xml files.
     assert len(files) == 70
-    start = time.perf_counter()
     records = [r for f in files for r in read_jats(f, ReadContext(f, strict=True))]
-    elapsed = time.perf_counter() - start
-    print(f"parsed {len(files)} JATS files in {elapsed:.2f} s")
     assert len(records) == len(files)
     assert len({r.native_id for r in records}) == len(records)
     for record in records:
         assert record.text.startswith("# ") and len(record.text) > 500, record.native_id
         assert "\x00" not in record.text and "[]" not in record.text and "[, " not in record.text
+        assert "\x01" not in record.text and "()" not in record.text and "(, " not in record.text
         assert record.meta["year"] and record.meta["doi"], record.native_id
-    assert elapsed < 5
+
+
+def test_articleset_yields_every_article(tmp_path):
+    """Two real PMC articles in one <pmc-articleset> (as efetch returns them) read as they do alone."""
+    names = ["1471-2180-11-174.nxml", "pone.0000217.nxml"]
+    paths = [shared(f"corpus/pmc_jats/{name}") for name in names]
+    articles = [re.search(r"<article\b.*</article>", p.read_text(encoding="utf-8"), re.S).group() for p in paths]
+    articleset = tmp_path / "set.xml"
+    articleset.write_text(f"<pmc-articleset>\n{articles[0]}\n{articles[1]}\n</pmc-articleset>\n", encoding="utf-8")
+    records = _read(articleset)[0]
+    assert [r.native_id for r in records] == ["PMC3166277", "PMC1790863"]
+    for record, path in zip(records, paths):
+        alone = _one(path)
+        assert (record.text, record.meta) == (alone.text, alone.meta)
+
+
+def test_articleset_ids_lines_and_sub_articles(tmp_path):
+    sub_article = '<sub-article article-type="reply"><body><p>Reply text.</p></body></sub-article>'
+    with_ids = ARTICLE.split("\n", 3)[3].format(  # without the XML declaration and DOCTYPE
+        body="<p>First body.</p>", abstract="", ids='<article-id pub-id-type="pmc">11</article-id>', extra=sub_article
+    )
+    without_ids = ARTICLE.split("\n", 3)[3].format(body="<p>Second body.</p>", abstract="", ids="", extra="")
+    empty = "<article><front><article-meta/></front></article>"
+    path = tmp_path / "set.xml"
+    path.write_text(f"<pmc-articleset>\n{with_ids}{without_ids}{empty}\n</pmc-articleset>", encoding="utf-8")
+    records, ctx = _read(path, strict=False)
+    # lines are where each <article> start tag ends; the sub-article is neither a record nor part of the text
+    assert [(r.native_id, r.line, r.text.rsplit("\n", 1)[-1]) for r in records] == [
+        ("PMC11", 3, "First body."),
+        ("set#2", 19, "Second body."),
+    ]
+    assert [(s.reason, s.line) for s in ctx.skips] == [("no article text", 34)]
+    with pytest.raises(InputError, match="set.xml:34: no article text"):
+        _read(path, strict=True)
 
 
 # --- built articles ---------------------------------------------------------------------------
@@ -175,6 +243,7 @@ CITATIONS = [
     (f"Amir <italic>et al.</italic> [{_cite('10')}] showed", "Amir et al. showed"),
     (f"defined as SD/MLT; [{_cite('10')}])", "defined as SD/MLT)"),
     ("levels (n = 12) of [Ca<sup>2+</sup>] rose (see Methods).", "levels (n = 12) of [Ca2+] rose (see Methods)."),
+    (f"since 2005<sup>{_cite('3')}</sup> and 10<sup>[{_cite('4')}]</sup> times", "since 2005 and 10 times"),
 ]
 
 
@@ -259,6 +328,64 @@ def test_layout(tmp_path):
     assert without == LAYOUT_EXPECTED.rsplit("\n\nFigure 1.", 1)[0]
 
 
+MATH_X2 = "<mml:math><mml:msup><mml:mi>x</mml:mi><mml:mn>2</mml:mn></mml:msup></mml:math>"
+FORMULAS = [
+    (
+        f'Then we have<disp-formula id="e1"><label>(1)</label>{MATH_X2}</disp-formula>where x is real.',
+        "Then we have\n\nx^2\n\nwhere x is real.",
+    ),
+    (
+        '<disp-formula id="e2"><graphic xlink:href="e2.tif"/></disp-formula>Text after an image formula.',
+        "Text after an image formula.",
+    ),
+]
+IMAGE = '<inline-formula><inline-graphic xlink:href="i.gif"/></inline-formula>'
+INLINE = [
+    ("10<sup>5</sup> CFU of CO<sub>2</sub>-fixing CD4<sup>+</sup> p27<sup>Kip1</sup>", "10^5 CFU of CO2-fixing CD4+ p27Kip1"),
+    ("10<sup>−3</sup> M, 1.5x10<sup>(−1/k)</sup>, 21<sup>st</sup>, 0.01<sup>a</sup>", "10^−3 M, 1.5x10^(−1/k), 21st, 0.01a"),
+    (f"rate <inline-formula>{MATH_X2}</inline-formula> and e<sup>x</sup>.", "rate x^2 and ex."),
+    (f"the parameters ({IMAGE}, {IMAGE}, and {IMAGE}) between runs", "the parameters between runs"),
+    (f"full rank ( = {IMAGE}).", "full rank."),
+    (f"the data, {IMAGE}, i.e. the sample", "the data, i.e. the sample"),
+    (f"low values ({IMAGE} of the rate)", "low values (of the rate)"),
+    (f"where {IMAGE} and {IMAGE} are counts", "where are counts"),
+]
+
+
+@pytest.mark.parametrize("xml, expected", FORMULAS + INLINE, ids=[e for _, e in FORMULAS + INLINE])
+def test_formulas_and_superscripts(tmp_path, xml, expected):
+    assert _one(_article(tmp_path, body=f"<p>{xml}</p>")).text.endswith(f"\n\n{expected}")
+
+
+def test_definition_list(tmp_path):
+    def_list = (
+        "<def-list><title>Abbreviations</title>"
+        "<def-item><term>BMI</term><def><p>body mass index</p></def></def-item>"
+        "<def-item><term>CI</term><def><p>confidence interval</p></def></def-item></def-list>"
+    )
+    body = f"<sec><title>Terms</title><p>We use these terms:{def_list}in the text.</p>{def_list}</sec>"
+    terms = "Abbreviations\nBMI: body mass index\nCI: confidence interval"
+    assert _one(_article(tmp_path, body=body)).text.endswith(
+        f"## Terms\n\nWe use these terms:\n\n{terms}\n\nin the text.\n\n{terms}"
+    )
+
+
+def test_real_formulas_and_exponents():
+    texts = {
+        name: _one(shared(f"corpus/pmc_jats/{name}")).text
+        for name in ["journal.pcbi.1004156.xml", "journal.ppat.1002735.xml", "journal.pone.0074790.xml",
+                     "journal.pcbi.1004082.xml", "journal.pone.0008915.xml"]
+    }  # fmt: skip
+    display = "note that the quasi-potential\n\nS(x)=−limϵ→0ϵlnP(x),\n\nwhere P(x) ∝"  # <disp-formula> in a <p>
+    assert display in texts["journal.pcbi.1004156.xml"]
+    assert "DWV genome copies of 1.66×10^3 and 16.6" in texts["journal.ppat.1002735.xml"]
+    assert "incubated with 2x10^7 target erythrocytes" in texts["journal.pone.0074790.xml"]
+    assert "where σs^2 is" in texts["journal.pcbi.1004082.xml"]  # MathML <msup>
+    # image-only inline formulas: no "( )" or ", ," debris is left
+    assert "specified body of data, i.e. for which" in texts["journal.pone.0008915.xml"]
+    assert not re.search(r"\(\s*[,;]?\s*\)|,\s*,", texts["journal.pone.0008915.xml"])
+
+
 def test_floats_group_captions(tmp_path):
     fig = '<fig id="f9"><label>Figure 9</label><caption><p>Floating.</p></caption></fig>'
     floats = f"<floats-group>{fig}</floats-group>"
@@ -277,11 +404,11 @@ def test_metadata_and_ids(tmp_path):
     assert record.native_id == "PMC4567"
     assert record.meta == {
         "pmid": "123", "pmcid": "PMC4567", "doi": "10.1/x", "title": "A test article", "journal": "Test Journal",
-        "year": 2020, "license": "https://creativecommons.org/licenses/by/4.0/",
+        "year": 2020, "license": "https://creativecommons.org/licenses/by/4.0/", "license_id": "CC-BY-4.0",
         "article_type": "research-article", "section_titles": [],
     }  # fmt: skip
     doi_only = _one(_article(tmp_path, body="<p>Body.</p>", ids='<article-id pub-id-type="doi">10.1/y</article-id>'))
-    assert doi_only.native_id == "10.1/y" and doi_only.meta["license"] is None
+    assert doi_only.native_id == "10.1/y" and doi_only.meta["license"] is doi_only.meta["license_id"] is None
     assert _one(_article(tmp_path, body="<p>Body.</p>", name="plain.xml")).native_id == "plain"
 
 
@@ -291,6 +418,22 @@ def test_gzipped_file(tmp_path):
     gz.write_bytes(gzip.compress(path.read_bytes()))
     record = _one(gz)
     assert record.native_id == "article" and record.text == _one(path).text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad-crc", "not-gzip"])
+def test_truncated_or_corrupt_gzip(tmp_path, damage):
+    data = gzip.compress(shared(PLOS_FILE).read_bytes())
+    data = {
+        "truncated": data[: len(data) // 2],  # EOFError
+        "bad-crc": data[:-8] + bytes(8),  # BadGzipFile (an OSError)
+        "not-gzip": b"<article/>",
+    }[damage]
+    path = tmp_path / "cut.xml.gz"
+    path.write_bytes(data)
+    with pytest.raises(InputError, match="cut.xml.gz: truncated or corrupt gzip"):
+        _read(path, strict=True)
+    records, ctx = _read(path, strict=False)
+    assert records == [] and len(ctx.skips) == 1 and ctx.skips[0].reason.startswith("truncated or corrupt gzip: ")
 
 
 def test_external_entities_are_not_resolved(tmp_path):
@@ -331,17 +474,17 @@ def test_empty_file(tmp_path, content):
 
 
 @pytest.mark.parametrize(
-    "xml",
+    "xml, line",
     [
-        "<pmc-articleset><note>no article here</note></pmc-articleset>",
-        ARTICLE.format(body="", abstract="", ids="", extra=""),
+        ("<pmc-articleset><note>no article here</note></pmc-articleset>", None),
+        (ARTICLE.format(body="", abstract="", ids="", extra=""), 5),  # the <article> line
     ],
     ids=["no-article-root", "no-body-no-abstract"],
 )
-def test_no_article_text(tmp_path, xml):
+def test_no_article_text(tmp_path, xml, line):
     path = tmp_path / "hollow.xml"
     path.write_text(xml, encoding="utf-8")
     with pytest.raises(InputError, match="no article text"):
         _read(path, strict=True)
     records, ctx = _read(path, strict=False)
-    assert records == [] and [(s.reason, s.line) for s in ctx.skips] == [("no article text", None)]
+    assert records == [] and [(s.reason, s.line) for s in ctx.skips] == [("no article text", line)]

@@ -7,6 +7,7 @@ and language identification looks only at a bounded prefix.
 from __future__ import annotations
 
 import functools
+import html
 import re
 import unicodedata
 
@@ -21,8 +22,23 @@ _NEWLINE = re.compile(r"\r\n?")
 # ("1\x964" for "1–4") and is mapped to it. Other mojibake (without C1 controls) is left alone.
 _LATIN1_MOJIBAKE = re.compile(r"[\xc2-\xf4](?=[\x80-\xbf]{0,2}[\x80-\x9f])[\x80-\xbf]{1,3}")
 _C1_AS_CP1252 = {c: bytes([c]).decode("cp1252", errors="ignore") or None for c in range(0x80, 0xA0)}
-# Attribute debris of badly flattened XML (`xmlns:ns0="http://www.w3.org/1999/xlink">`), frequent in PMC abstracts.
-_XML_DEBRIS = re.compile(r'xmlns(?::\w+)?="[^"\n]*">?')
+# Character references left by badly converted sources: "&lt;", "&quot;", doubly escaped "&amp;emsp14;", and the
+# ISO 8879 Greek names of SGML-era records ("&bgr;" β, "&Dgr;" Δ). "&NA;" stands for a missing section title and
+# becomes a paragraph break. Only the ";"-terminated form is decoded, so "SK&F" or "R&D" stay; unknown names stay.
+_ENTITY = re.compile(r"&(?:amp;)?(#\d+|#x[\da-fA-F]+|[A-Za-z][A-Za-z\d]*);")
+_ISO_GREEK = dict(zip("a b g d e z ee th i k l m n x o p r s sf t u ph kh ps oh".split(), "αβγδεζηθικλμνξοπρσςτυφχψω"))
+_NAMED_ENTITIES = {
+    **{f"{name}gr": letter for name, letter in _ISO_GREEK.items()},
+    **{f"{name.upper()}gr": letter.upper() for name, letter in _ISO_GREEK.items()},
+    "NA": "\n\n",
+}
+# Attribute debris of badly flattened XML: `xmlns:ns0="http://www.w3.org/1999/xlink">` and `id="Par1">` after a
+# section label. An attribute is only taken when it closes its tag (`">`), so quoted text stays; an xmlns
+# declaration is taken anyway (`xmlns:ns0="..." id="Par4">` loses both attributes).
+_XML_DEBRIS = re.compile(r'\b[\w:-]+="[^"\n]*">|xmlns(?::\w+)?="[^"\n]*"')
+# NLM's placeholder label for an abstract paragraph without a label, at the start of a line or after a sentence
+# (abstracts whose paragraphs were joined into one line): "UNLABELLED: The", ". UNLABELLED Although".
+_UNLABELLED = re.compile(r"(?:^|(?<=[.!?] ))UNLABELLED ?:? ?", re.MULTILINE)
 
 # Removal patterns start with a literal where possible: re then scans for it at C speed, while a
 # leading optional part (such as the space before the match) makes it try every position, 20x slower.
@@ -41,21 +57,31 @@ _AFTER_NUMBER = re.compile(r"\d%?(?: [^\s\d()\[\]]{1,6})? ?$")
 _EMPTY_PARENS = re.compile(r"\(\s*[,;]?\s*\)")  # what "(https://...)" leaves behind
 
 # Publisher notices. A notice starts a sentence (or follows a closing citation like "6477-89."), so the
-# © of "Zocor©" is not one. When it ends its line within 200 characters it is the trailing notice of an
-# abstract and goes whole, whatever follows the year ("Copyright 2001 S. Karger AG, Basel", "© 2015 The
-# Authors. X published by John Wiley & Sons Ltd on behalf of Y."); elsewhere only its own sentence goes.
+# © of "Zocor©" is not one. A ©, "(c)" or "Copyright" notice needs a year, maybe after the holder ("© Joanna
+# Moncrieff 2013"), that is not followed by a lower-case word ("(c) 2005 births" is item (c) of a list), or a
+# publisher's name ("Copyright Academic Press."): "the Copyright Office registers" is not one. "Published" needs
+# a publisher ("Published 2001 Wiley-Liss", not "Published 2019 data from").
+_YEAR = r"(?:19|20)\d\d\b(?=\s*(?:by\b|[^\sa-z\d]|$))"
+_PUBLISHER = (
+    r"(?:The Authors?|Elsevier|(?:John )?Wiley|Springer|Academic Press|Oxford University Press|BMJ"
+    r"|This article is a U\.?S\.? Government work)\b"
+)
 _NOTICE_START = (
     r"(?<![^\s.;:)\]])(?:"
-    r"[Cc]opyright\b\s*(?:©|\(c\)|\ufffd)?\s*(?=\d{4}\b|[A-Z])"
-    r"|©\s*(?=\d{4}\b|[A-Z])"
-    r"|\(c\)\s*(?=\d{4}\b)"
-    r"|\ufffd\s*(?=\d{4}\b)"  # © mangled into U+FFFD by a bad decode
-    r"|Published (?:\d{4}\b|by (?:Elsevier|(?:John )?Wiley|Springer|Oxford University Press|BMJ)\b)"
+    rf"(?:[Cc]opyright\b\s*(?:©|\(c\)|\ufffd)?|©)\s*(?:(?:[A-Z][\w.'-]*,? ){{0,4}}{_YEAR}|{_PUBLISHER})"
+    rf"|(?:\(c\)|\ufffd)\s*{_YEAR}"  # U+FFFD: a © mangled by a bad decode
+    rf"|Published (?:{_YEAR}\.? )?(?:by )?{_PUBLISHER}"
     r")"
 )
+# A new sentence of running text on the line: a capitalized word, then a lower-case word that is not a
+# title's "of", "and"...
+_PROSE_SENTENCE = r"[.!?][ \t]+[A-Z][a-z]*[ \t]+(?!(?:and|of|in|for|the|on|by|published)\b)[a-z]{3,}"
+# A notice that reaches the end of its line within 200 characters, with no running text after it, is the
+# trailing notice of an abstract and goes whole ("Copyright 2001 S. Karger AG, Basel", "© 2015 The Authors.
+# X published by John Wiley & Sons Ltd on behalf of Y."); otherwise only its own sentence goes.
 _NOTICE = re.compile(
     r"\(PsycINFO Database Record [^()\n]*(?:\([^()\n]*\)[^()\n]*)*\)\.?"
-    rf"|{_NOTICE_START}(?:[^\n]{{0,200}}$|[^\n]{{0,150}}?[.!?](?=\s+[A-Z]|\s*$))"
+    rf"|{_NOTICE_START}(?:(?:(?!{_PROSE_SENTENCE})[^\n]){{0,200}}$|[^\n]{{0,150}}?[.!?](?=\s+[A-Z]|\s*$))"
     r"|(?:This article is protected by copyright\.\s*)?All rights reserved\.?"
     r"|This article is protected by copyright\.?"
     r"|\(ABSTRACT TRUNCATED(?: AT \d+ WORDS)?\)\.?"
@@ -81,12 +107,17 @@ class TextCleaner:
     def clean(self, text: str) -> str:
         cfg = self.cfg
         text = _NEWLINE.sub("\n", text)
+        if "&" in text:
+            text = _ENTITY.sub(_decode_entity, text)
         if _CONTROL.search(text):
             text = _LATIN1_MOJIBAKE.sub(_undo_latin1, text).translate(_C1_AS_CP1252)
             text = _CONTROL.sub("", text)
         if cfg.unicode_form != "none":
             text = unicodedata.normalize(cfg.unicode_form, text)
-        text = _XML_DEBRIS.sub("", text)
+        if '="' in text:
+            text = _XML_DEBRIS.sub("", text)
+        if "UNLABELLED" in text:
+            text = _UNLABELLED.sub("", text)
         if cfg.remove_urls:
             text = _EMPTY_PARENS.sub("", _URL.sub("", text))
         if cfg.remove_boilerplate and any(hint in text for hint in _NOTICE_HINTS):
@@ -94,6 +125,11 @@ class TextCleaner:
         if cfg.remove_bracket_refs:
             text = _BRACKET_REF.sub(_drop_citation, text)
         return _normalize_whitespace(text)
+
+
+def _decode_entity(match: re.Match) -> str:
+    name = match.group(1)
+    return _NAMED_ENTITIES.get(name) or html.unescape(f"&{name};")
 
 
 def _undo_latin1(match: re.Match) -> str:
@@ -147,8 +183,6 @@ class QualityFilter:
     counted in the build report: ``empty``, ``too_short``, ``too_long``, ``too_few_words``,
     ``not_english``.
     """
-
-    REASONS = ("empty", "too_short", "too_long", "too_few_words", "not_english")
 
     def __init__(self, cfg: CleanConfig):
         self.cfg = cfg

@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,14 +58,22 @@ def _read_json(path: Path):
         raise InputError(path, f"invalid JSON: {err.msg}", err.lineno) from None
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` for every non-blank line."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield lineno, json.loads(line)
                 except json.JSONDecodeError as err:
                     raise InputError(path, f"invalid JSON: {err.msg}", lineno) from None
+
+
+def _field(record: Any, name: str, path: Path, line: int | None = None, item: str = "") -> Any:
+    """``record[name]``, or an InputError naming the file, the line or ``item``, and the field."""
+    if not isinstance(record, dict) or name not in record:
+        raise InputError(path, f"{item}missing field {name!r}", line)
+    return record[name]
 
 
 def _pubmedqa_test_pmids(root: Path) -> list[str]:
@@ -73,23 +82,29 @@ def _pubmedqa_test_pmids(root: Path) -> list[str]:
 
 def _pubmedqa_items(root: Path) -> Iterator[Item]:
     """The 500 test questions only: the other 500 of PQA-L are its train/dev split."""
-    records = _read_json(_require(root / "pubmedqa" / "ori_pqal.json", "pubmedqa"))
+    path = _require(root / "pubmedqa" / "ori_pqal.json", "pubmedqa")
+    records = _read_json(path)
     for pmid in _pubmedqa_test_pmids(root):
-        record = records[pmid]
-        yield "pubmedqa", pmid, record["QUESTION"] + "\n" + "\n".join(record["CONTEXTS"])
+        if pmid not in records:
+            raise InputError(path, f"test PMID {pmid} (from test_ground_truth.json) is missing")
+        question, contexts = (_field(records[pmid], k, path, item=f"PMID {pmid}: ") for k in ("QUESTION", "CONTEXTS"))
+        yield "pubmedqa", pmid, question + "\n" + "\n".join(contexts)
 
 
 def _medqa_items(root: Path) -> Iterator[Item]:
     """The 4- and 5-option files hold the same questions in the same order: one item per line number."""
     for name in ("us_4_options_test.jsonl", "us_5_options_test.jsonl"):
-        for i, record in enumerate(_read_jsonl(_require(root / "medqa" / name, "medqa"))):
-            yield "medqa", str(i), "\n".join([record["question"], *record["options"].values()])
+        path = _require(root / "medqa" / name, "medqa")
+        for i, (line, record) in enumerate(_read_jsonl(path)):
+            question, options = (_field(record, k, path, line) for k in ("question", "options"))
+            yield "medqa", str(i), "\n".join([question, *options.values()])
 
 
 def _medmcqa_items(root: Path) -> Iterator[Item]:
-    for record in _read_jsonl(_require(root / "medmcqa" / "dev.jsonl", "medmcqa")):
-        parts = [record["question"]] + [record[k] or "" for k in ("opa", "opb", "opc", "opd")]
-        yield "medmcqa", record["id"], "\n".join(parts)
+    path = _require(root / "medmcqa" / "dev.jsonl", "medmcqa")
+    for line, record in _read_jsonl(path):
+        item_id, *parts = (_field(record, k, path, line) for k in ("id", "question", "opa", "opb", "opc", "opd"))
+        yield "medmcqa", item_id, "\n".join(part or "" for part in parts)
 
 
 def _mmlu_items(root: Path) -> Iterator[Item]:
@@ -100,7 +115,11 @@ def _mmlu_items(root: Path) -> Iterator[Item]:
     for path in files:
         subject = path.stem.removesuffix("_test")
         with path.open(encoding="utf-8", newline="") as f:
-            for i, row in enumerate(csv.reader(f)):
+            rows = csv.reader(f)
+            for i, row in enumerate(rows):
+                if len(row) < 6:
+                    message = f"expected 6 columns (question,A,B,C,D,answer), found {len(row)}"
+                    raise InputError(path, message, rows.line_num)
                 yield "mmlu", f"{subject}:{i}", "\n".join(row[:5])
 
 

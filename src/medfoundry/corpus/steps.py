@@ -36,7 +36,7 @@ def read_unit(unit: WorkUnit, source: SourceConfig, ctx: ReadContext):
     path = Path(unit.path)
     if source.kind == "pubmed_xml":
         # title-only citations are read and then dropped with a reason, never silently
-        return read_pubmed_xml(path, ctx, keep_without_abstract=True)
+        return read_pubmed_xml(path, ctx)
     if source.kind == "jats":
         return read_jats(path, ctx, captions=source.captions)
     if source.kind == "guidelines":

@@ -1,4 +1,4 @@
-"""Reader for JATS full-text articles (PMC open-access ``.nxml``, PLOS ``.xml``): one article per file.
+"""Reader for JATS full-text articles (PMC open-access ``.nxml``, PLOS ``.xml``, ``<pmc-articleset>`` files).
 
 The article is laid out as Markdown: ``# Title``, the main abstract, then the body with one heading
 level per ``<sec>`` nesting level. References, acknowledgements, footnotes, table bodies,
@@ -8,17 +8,21 @@ noise for language-model pretraining.
 
 from __future__ import annotations
 
+import gzip
 import html
 import re
+import zlib
 from pathlib import Path
 from typing import Iterator
 
 from lxml import etree
 
 from medfoundry.corpus.readers.base import ReadContext, Record
+from medfoundry.corpus.readers.pubmed_xml import is_exponent
 from medfoundry.io import open_binary
 
 MML = "{http://www.w3.org/1998/Math/MathML}"
+MATH_LEAVES = {f"{MML}mi", f"{MML}mo", f"{MML}mn", f"{MML}mtext", f"{MML}ms"}
 XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
 RDF_RESOURCE = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}resource"
 ALI = "{http://www.niso.org/schemas/ali/1.0/}"
@@ -37,7 +41,8 @@ DROPPED = {
 # Cross-references to notes and affiliations that are dropped: their markers ("*", "a", "1") go too.
 NOTE_REFS = {"fn", "table-fn", "aff", "corresp", "author-notes"}
 # Block elements: they break a paragraph when found inside one.
-BLOCKS = {"list", "fig", "fig-group", "table-wrap", "table-wrap-group", "disp-quote", "boxed-text", "def-list"}
+CONTAINERS = {"fig-group", "table-wrap-group", "disp-quote", "boxed-text"}  # rendered as the blocks they hold
+BLOCKS = {"list", "def-list", "fig", "table-wrap", "disp-formula", *CONTAINERS}
 
 # Body sections that are publishing boilerplate rather than article text (whole-title match).
 BOILERPLATE_SECTION = re.compile(
@@ -57,13 +62,39 @@ _CITE_GROUP = re.compile(
 _CITE_AFTER_OPEN = re.compile(rf"([\[(])\x00(?:{_SEP}*\x00)*{_SEP}*")  # "(12; Figure 2)" -> "(Figure 2)"
 _CITE_RUN = re.compile(rf"[\s,;]*{_LEAD}\x00(?:{_SEP}*\x00)*")  # "shown, see 3, 4–6." -> "shown."
 
+# Inline formulas given only as an image are dropped: a run of them ("x, y, and z") goes with the space before
+# it, and with a comma before it when punctuation follows; brackets holding nothing else go whole. So the
+# sentence reads on without the symbol, instead of keeping "(, and )" or "data, , i.e." debris.
+FORMULA = "\x01"  # placeholder for such a formula, resolved by _clean
+_FORMULAS = r"\x01(?:(?:[\s,;]|and|or)*\x01)*"
+_FORMULA_GROUP = re.compile(rf"\s*[\[(][\s=]*{_FORMULAS}[\s,;]*[\])]")  # "rate (x, y)." -> "rate."; "(= n)" too
+_FORMULA_AFTER_OPEN = re.compile(rf"(?<=[\[(]){_FORMULAS}[\s,;]*")  # "(x of the rate)" -> "(of the rate)"
+_FORMULA_RUN = re.compile(rf"[\s,;]*{_FORMULAS}(?=[,;.:)\]])|\s*{_FORMULAS}")  # "data, x, i.e." -> "data, i.e."
+_SCRIPT_MARKS = re.compile(r"[*∗⋆′″‴†‡]+")  # superscripts written as they are: x′, n*
+_SIMPLE_SCRIPT = re.compile(r"\S|[-+−]?[\w.]+|\(.*\)")  # written without brackets: x^2, 10^−5, D^(1), η^⊤
+
+# Creative Commons licences by URL (".../licenses/by-nc/3.0/", ".../publicdomain/zero/1.0/") or by name
+# ("Creative Commons Attribution-NonCommercial 4.0 International License", "CC BY 4.0").
+_CC_URL = re.compile(r"creativecommons\.org/(?:licenses/([a-z-]+)/(\d\.\d)|publicdomain/(zero|mark)/1\.0)", re.I)
+_CC_NAME = re.compile(
+    r"\b(?:Creative Commons Attribution|CC[ -]BY)((?:[ -]+(?:Non-?Commercial|NC|Share-?Alike|SA|No-?Deriv\w*|ND)\b)*)"
+    r"(?:[ -]+(?:Licen[cs]e[ ,]+)?(?:version )?(\d\.\d))?",
+    re.I,
+)
+_CC_TERMS = {"NC": ("nc", "commercial"), "ND": ("nd", "deriv"), "SA": ("sa", "share")}
+
 _PARSER = etree.XMLParser(resolve_entities=False, load_dtd=False, no_network=True, huge_tree=True)
 
 
 def read_jats(path: Path, ctx: ReadContext, captions: bool = True) -> Iterator[Record]:
-    """Yield the one article of a JATS file; figure and table captions are kept when ``captions``."""
-    with open_binary(path) as fh:
-        data = fh.read()
+    """Yield the article of a JATS file, or each ``<article>`` of a ``<pmc-articleset>`` (a ``<sub-article>``
+    is part of its article); figure and table captions are kept when ``captions``."""
+    try:
+        with open_binary(path) as fh:
+            data = fh.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        ctx.skip(f"truncated or corrupt gzip: {err}")
+        return
     if not data.strip():
         ctx.skip("empty file")
         return
@@ -72,15 +103,20 @@ def read_jats(path: Path, ctx: ReadContext, captions: bool = True) -> Iterator[R
     except etree.XMLSyntaxError as err:
         ctx.skip(f"malformed XML: {err.msg}", err.lineno)
         return
-    article = root if root.tag == "article" else root.find(".//article")
-    laid_out = _article_text(article, captions) if article is not None else None
-    if laid_out is None:
-        ctx.skip("no article text", None)
+    articles = [root] if root.tag == "article" else root.findall(".//article")
+    if not articles:
+        ctx.skip("no article text")
         return
-    text, section_titles = laid_out
-    meta = {**_meta(article), "section_titles": section_titles}
-    native_id = meta["pmcid"] or meta["doi"] or Path(Path(path).name.removesuffix(".gz")).stem
-    yield Record(native_id=native_id, text=text, meta=meta, line=article.sourceline)
+    stem = Path(Path(path).name.removesuffix(".gz")).stem
+    for n, article in enumerate(articles, 1):
+        laid_out = _article_text(article, captions)
+        if laid_out is None:
+            ctx.skip("no article text", article.sourceline)
+            continue
+        text, section_titles = laid_out
+        meta = {**_meta(article), "section_titles": section_titles}
+        native_id = meta["pmcid"] or meta["doi"] or (stem if len(articles) == 1 else f"{stem}#{n}")
+        yield Record(native_id=native_id, text=text, meta=meta, line=article.sourceline)
 
 
 # --- layout -----------------------------------------------------------------------------------
@@ -146,14 +182,16 @@ def _blocks_of(el: etree._Element, level: int, captions: bool) -> list[str]:
         return _section(el, level, captions)
     if tag == "p":
         return _paragraph(el, level, captions)
-    if tag == "list":
-        return [_list(el)]
-    if tag in ("fig", "table-wrap"):
-        caption = _caption(el) if captions else None
-        return [caption] if caption else []
-    if tag in BLOCKS or tag in ("caption", "floats-group"):
+    if tag in CONTAINERS or tag in ("caption", "floats-group"):
         return _blocks(el, level, captions)
-    text = _inline(el)
+    if tag == "list":
+        text = _list(el)
+    elif tag == "def-list":
+        text = _def_list(el)
+    elif tag in ("fig", "table-wrap"):
+        text = _caption(el) if captions else None
+    else:  # a display formula is a paragraph of its own, or nothing when it is an image
+        text = _inline(el)
     return [text] if text else []
 
 
@@ -193,6 +231,16 @@ def _list(el: etree._Element, depth: int = 0) -> str:
     return "\n".join(lines)
 
 
+def _def_list(el: etree._Element) -> str:
+    """A definition list (glossaries are dropped, but the body may hold one): ``term: definition`` lines."""
+    lines = [_inline(el.find("title"))]
+    for item in el.iterfind("def-item"):
+        term = _inline(item.find("term"))
+        definition = " ".join(_inline(d) for d in item.iterfind("def"))
+        lines.append(f"{term}: {definition}" if term and definition else term or definition)
+    return "\n".join(line for line in lines if line)
+
+
 def _caption(el: etree._Element) -> str | None:
     """``Figure 1. Caption title. Caption text`` from a figure or table's label and caption."""
     parts = [_inline(el.find("label")).rstrip(".:")]
@@ -206,13 +254,16 @@ def _caption(el: etree._Element) -> str | None:
 
 def _inline(el: etree._Element | None) -> str:
     """The element's text, with citations, footnotes and MathML markup removed."""
-    if el is None:
-        return ""
+    return "" if el is None else _clean(_content(el))
+
+
+def _content(el: etree._Element) -> str:
+    """The text inside ``el`` (not its tail), before :func:`_clean`."""
     parts = [el.text or ""]
     for child in el:
         _collect(child, parts)
         parts.append(child.tail or "")
-    return _clean("".join(parts))
+    return "".join(parts)
 
 
 def _collect(el: etree._Element, parts: list[str]) -> None:
@@ -221,6 +272,9 @@ def _collect(el: etree._Element, parts: list[str]) -> None:
     if tag is etree.Entity:  # not resolved (no DTD is loaded): keep it if it is a known HTML entity
         text = html.unescape(el.text)
         parts.append(text if text != el.text else " ")
+        return
+    if tag == "disp-formula":  # a block, but in a list item or a caption it stays in the line
+        parts.append(f" {_content(el)} ")
         return
     if tag in DROPPED or tag in BLOCKS:
         return
@@ -237,26 +291,37 @@ def _collect(el: etree._Element, parts: list[str]) -> None:
         if el is not None:
             _collect(el, parts)
         return
-    if tag in ("break", "hr"):
-        parts.append(" ")
-    parts.append(el.text or "")
-    for child in el:
-        _collect(child, parts)
-        parts.append(child.tail or "")
+    text = _content(el)
+    if tag == "sup" and CITE not in text and is_exponent("".join(parts), text):
+        text = "^" + text  # 10<sup>5</sup> is 10^5, not 105; a subscript stays plain (CO2)
+    elif tag == "inline-formula" and not text.strip():
+        text = FORMULA  # an image: see _clean
+    parts.append(f" {text}" if tag in ("break", "hr") else text)
 
 
-def _math_text(math: etree._Element) -> str:
-    """The characters of a MathML formula, without the indentation between its elements."""
-    return "".join(
-        (leaf.text or "").strip()
-        for leaf in math.iter(f"{MML}mi", f"{MML}mo", f"{MML}mn", f"{MML}mtext", f"{MML}ms")
-    )
+def _math_text(el: etree._Element) -> str:
+    """The characters of a MathML formula, without the indentation between its elements. A superscript
+    is written ``x^2``, ``10^−5``, ``e^(−x/2)``."""
+    if el.tag in MATH_LEAVES:
+        return (el.text or "").strip()
+    if el.tag in DROPPED:
+        return ""
+    texts = [_math_text(child) for child in el]
+    script = texts[-1] if texts and el.tag in (f"{MML}msup", f"{MML}msubsup") else ""
+    if script and not _SCRIPT_MARKS.fullmatch(script):
+        texts[-1] = f"^{script}" if _SIMPLE_SCRIPT.fullmatch(script) else f"^({script})"
+    return "".join(texts)
 
 
 def _clean(text: str) -> str:
-    """Normalize whitespace and remove citation placeholders with the brackets around them."""
+    """Normalize whitespace; remove citation and image-formula placeholders with the brackets around them."""
     text = " ".join(text.split())
-    return _drop_citations(text).strip() if CITE in text else text.strip()
+    if CITE in text:
+        text = _drop_citations(text)
+    if FORMULA in text:
+        for pattern in (_FORMULA_GROUP, _FORMULA_AFTER_OPEN, _FORMULA_RUN):
+            text = pattern.sub("", text)
+    return text.strip()
 
 
 def _drop_citations(text: str) -> str:
@@ -288,13 +353,14 @@ def _meta(article: etree._Element) -> dict:
         "title": _inline(am.find("title-group/article-title")) or None,
         "journal": _inline(journal) or None,
         "year": int(year) if year.isdigit() else None,
-        "license": _license(am),
+        **_license(am),
         "article_type": article.get("article-type"),
     }
 
 
-def _license(am: etree._Element) -> str | None:
-    """The licence URL when one is given, else the licence text, else None.
+def _license(am: etree._Element) -> dict[str, str | None]:
+    """``license``: the licence URL when one is given, else the licence text, else None; ``license_id``: its
+    SPDX-like id (see :func:`_license_id`).
 
     Older PMC files have no ``<license>`` and state the licence in the copyright statement.
     """
@@ -303,10 +369,32 @@ def _license(am: etree._Element) -> str | None:
     if lic is not None:
         links = (e.get(XLINK_HREF) for e in lic.iter("ext-link"))
         url = lic.get(XLINK_HREF) or lic.get(RDF_RESOURCE) or url or next(filter(None, links), None)
-    if url:
-        return url.strip()
     text = _inline(lic)
     if not text:
         statement = _inline(am.find(".//copyright-statement"))
         text = statement if re.search(r"licen[cs]e", statement, re.IGNORECASE) else ""
-    return text or None
+    url = (url or "").strip()
+    if not (url or text):
+        return {"license": None, "license_id": None}
+    return {"license": url or text, "license_id": _license_id(f"{url} {text}")}
+
+
+def _license_id(licence: str) -> str:
+    """``CC-BY-4.0``, ``CC-BY-NC-ND-3.0``, ``CC0-1.0``... from a Creative Commons URL or name; ``CC-BY`` (no
+    version) when the text names the licence without one, as older PLOS articles do; ``other`` otherwise."""
+    url = _CC_URL.search(licence)
+    if url:
+        kind, version, public_domain = url.groups()
+        if public_domain:
+            return "CC0-1.0" if public_domain.lower() == "zero" else "CC-PDM-1.0"
+        return f"CC-{kind.upper()}-{version}"
+    if re.search(r"\bCC0\b|public domain dedication", licence, re.I):
+        return "CC0-1.0"
+    if re.search(r"Creative Commons Public Domain Declaration", licence, re.I):
+        return "CC-PDDC"
+    name = _CC_NAME.search(licence)
+    if not name:
+        return "other"
+    terms = re.sub(r"[^a-z]", "", name.group(1).lower())
+    flags = [flag for flag, marks in _CC_TERMS.items() if any(mark in terms for mark in marks)]
+    return "-".join(["CC-BY", *flags, *filter(None, [name.group(2)])])

@@ -24,16 +24,20 @@ from medfoundry.io import open_binary
 
 _ENTRY_TAGS = ("PubmedArticle", "MedlineCitation", "PubmedBookArticle", "DeleteCitation")
 _YEAR = re.compile(r"\d{4}")
+# A superscript that is an exponent of the number just before it: 10<sup>5</sup>, 10<sup>−3</sup>,
+# 10<sup>(−1/slope)</sup>, 2<sup>−ΔΔCt</sup>. Not CD4<sup>+</sup>, p27<sup>Kip1</sup>, 21<sup>st</sup>,
+# 0.01<sup>a</sup> (a footnote mark).
+_NUMBER_BEFORE = re.compile(r"(?:(?<![^\W\d_])|(?<=\dx))[\d.]*\d$")  # "10", "1.5x10"; not the "4" of "CD4"
+_EXPONENT = re.compile(r"[-+−–]?\d|[-−–]?\(|[-−–]\w")
 _EMPTY = etree.Element("empty")  # stands in for a missing parent element; never modified
 
 
-def read_pubmed_xml(path: Path, ctx: ReadContext, keep_without_abstract: bool = False) -> Iterator[Record | Deletion]:
+def read_pubmed_xml(path: Path, ctx: ReadContext) -> Iterator[Record | Deletion]:
     """Yield one :class:`Record` per citation and one :class:`Deletion` per deleted PMID.
 
-    Citations without an abstract are dropped silently (no ``ctx.skip``: leaving them out is a
-    corpus choice, not bad input) unless ``keep_without_abstract`` is set, in which case their text
-    is the title alone. A citation with neither title nor abstract is never emitted; one without a
-    PMID is skipped through ``ctx``. Malformed XML or a truncated/corrupt gzip stream ends the file
+    A citation without an abstract is emitted with its title as text and ``meta["has_abstract"]``
+    False: whether to keep it is the caller's choice. One with neither title nor abstract, or without
+    a PMID, is skipped through ``ctx``. Malformed XML or a truncated/corrupt gzip stream ends the file
     with one ``ctx.skip``: records already yielded stand, nothing after the fault is trusted.
     """
     with open_binary(path) as fh:
@@ -44,7 +48,7 @@ def read_pubmed_xml(path: Path, ctx: ReadContext, keep_without_abstract: bool = 
             for _, elem in etree.iterparse(fh, events=("end",), tag=_ENTRY_TAGS):
                 if elem.tag == "MedlineCitation" and _parent_tag(elem) == "PubmedArticle":
                     continue  # handled with its PubmedArticle, which ends later
-                yield from _entry(elem, ctx, keep_without_abstract)
+                yield from _entry(elem, ctx)
                 _release(elem)
         except etree.XMLSyntaxError as exc:
             ctx.skip(f"malformed XML: {exc.msg}", exc.lineno or None)
@@ -64,7 +68,7 @@ def _release(elem: etree._Element) -> None:
         del elem.getparent()[0]
 
 
-def _entry(elem: etree._Element, ctx: ReadContext, keep_without_abstract: bool) -> Iterator[Record | Deletion]:
+def _entry(elem: etree._Element, ctx: ReadContext) -> Iterator[Record | Deletion]:
     if elem.tag == "DeleteCitation":
         for pmid in elem.iterfind("PMID"):
             if pmid.text and pmid.text.strip():
@@ -78,10 +82,10 @@ def _entry(elem: etree._Element, ctx: ReadContext, keep_without_abstract: bool) 
     if not meta["pmid"]:
         ctx.skip("record without PMID", elem.sourceline)
         return
-    title = meta["title"]
-    if not abstract and not (keep_without_abstract and title):
+    text = "\n\n".join(part for part in (meta["title"], abstract) if part)
+    if not text:
+        ctx.skip("citation with neither title nor abstract", elem.sourceline)
         return
-    text = "\n\n".join(part for part in (title, abstract) if part)
     yield Record(meta["pmid"], text, meta, elem.sourceline)
 
 
@@ -136,7 +140,23 @@ def _find(elem: etree._Element, path: str) -> etree._Element:
 
 def _text(elem: etree._Element | None) -> str:
     """All text inside ``elem`` (inline markup included), whitespace runs collapsed to one space."""
-    return "" if elem is None else " ".join("".join(elem.itertext()).split())
+    return "" if elem is None else " ".join(_inner_text(elem).split())
+
+
+def _inner_text(elem: etree._Element) -> str:
+    """The text of ``elem`` and its descendants; an exponent is written ``10^5``, a subscript stays ``CO2``."""
+    parts = [elem.text or ""]
+    for child in elem:
+        text = _inner_text(child) if isinstance(child.tag, str) else ""  # not a comment's text
+        if child.tag == "sup" and is_exponent("".join(parts), text):
+            text = "^" + text
+        parts += [text, child.tail or ""]
+    return "".join(parts)
+
+
+def is_exponent(before: str, sup: str) -> bool:
+    """Whether superscript text ``sup`` is an exponent of the number ending ``before``."""
+    return bool(_EXPONENT.match(sup.lstrip()) and _NUMBER_BEFORE.search(before.rstrip()))
 
 
 def _texts(elems: Iterator[etree._Element]) -> list[str]:
@@ -158,7 +178,10 @@ def _title(elem: etree._Element | None) -> str:
 
 
 def _abstract(abstract: etree._Element | None) -> str:
-    """Abstract paragraphs separated by blank lines; structured ones keep their ``LABEL: `` prefix."""
+    """Abstract paragraphs separated by blank lines; structured ones keep their ``LABEL: `` prefix.
+
+    ``UNLABELLED`` is NLM's placeholder for a paragraph without a label, not a label.
+    """
     if abstract is None:
         return ""
     paragraphs = []
@@ -166,7 +189,7 @@ def _abstract(abstract: etree._Element | None) -> str:
         text = _text(part)
         label = (part.get("Label") or "").strip()
         if text:
-            paragraphs.append(f"{label}: {text}" if label else text)
+            paragraphs.append(f"{label}: {text}" if label and label != "UNLABELLED" else text)
     return "\n\n".join(paragraphs)
 
 
