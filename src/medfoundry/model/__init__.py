@@ -1,0 +1,1 @@
+"""The model layer: presets, GGUF conversion, vocabulary growth and Hugging Face export."""

@@ -1,0 +1,98 @@
+"""Write a trained model as a standard Hugging Face directory that ``from_pretrained`` loads offline.
+
+The directory holds ``config.json``, ``model.safetensors``, ``generation_config.json`` and the
+tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``,
+``chat_template.jinja``), and appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+
+from medfoundry.errors import ConfigError
+from medfoundry.io import atomic_dir, write_json
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_ID_NAMES = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a ``torch.compile`` and/or DistributedDataParallel wrapper."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = getattr(model.module, "_orig_mod", model.module)
+    return model
+
+
+def export_hf(model, tokenizer_dir: Path | None, out_dir: Path, *, dtype: str = "float32", generation: dict | None = None) -> Path:
+    """Export ``model`` (weights cast to ``dtype``) with the tokenizer of ``tokenizer_dir`` into ``out_dir``.
+
+    The live model is not modified: weights are cast on a copy of the state dict, so a model kept in
+    float32 (master weights) can be exported in bfloat16 mid-training. Special-token ids in the config
+    and generation config are the tokenizer's; ``generation`` adds generation defaults (e.g. max_new_tokens).
+    """
+    model, cast_to = unwrap(model), torch_dtype(dtype)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        ids = copy_tokenizer(Path(tokenizer_dir), tmp) if tokenizer_dir is not None else {}
+        model.save_pretrained(tmp, state_dict=cast_state(model, cast_to))  # model.safetensors
+        config = copy.deepcopy(model.config)
+        config.update({**ids, "dtype": dtype, "architectures": [type(model).__name__]})
+        config.save_pretrained(tmp)
+        generation_config = copy.deepcopy(model.generation_config)
+        generation_config.update(**ids, **(generation or {}))
+        generation_config.save_pretrained(tmp)
+    return out_dir
+
+
+def cast_state(model, dtype: torch.dtype) -> dict:
+    """A CPU copy of the state dict in ``dtype``, a tensor shared by several names (tied embeddings) kept once."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
+    return state
+
+
+def copy_tokenizer(src: Path, dst: Path) -> dict:
+    """Copy the tokenizer files (``tokenizer.json`` made from GPT-2's ``vocab.json`` + ``merges.txt`` when
+    absent, GPT-2's special-token conventions when there is no ``tokenizer_config.json``) and return its
+    special-token ids as loaded by ``AutoTokenizer``."""
+    from transformers import AutoTokenizer
+
+    from medfoundry.tokenizer.files import load_fast_tokenizer
+
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+    if not (dst / "tokenizer.json").is_file():
+        load_fast_tokenizer(src).save(str(dst / "tokenizer.json"))
+    if not (dst / "tokenizer_config.json").is_file():
+        _write_gpt2_conventions(dst)
+    tokenizer = AutoTokenizer.from_pretrained(str(dst), local_files_only=True)
+    return {name: getattr(tokenizer, name) for name in _ID_NAMES if getattr(tokenizer, name) is not None}
+
+
+def _write_gpt2_conventions(directory: Path) -> None:
+    """GPT-2 has no tokenizer_config.json: ``<|endoftext|>`` is its bos, eos and unk token."""
+    from tokenizers import Tokenizer
+
+    special = {}
+    if Tokenizer.from_file(str(directory / "tokenizer.json")).token_to_id("<|endoftext|>") is not None:
+        special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    write_json(directory / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+                                                     "clean_up_tokenization_spaces": False})
+    write_json(directory / "special_tokens_map.json", special)

@@ -1,0 +1,1 @@
+"""Training engine: optimizer, learning-rate schedules, exact-resume checkpoints."""

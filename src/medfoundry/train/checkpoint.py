@@ -1,0 +1,172 @@
+"""Training checkpoints that resume bit-identically, even after SIGKILL.
+
+A checkpoint is a folder ``step-{step:08d}/`` holding
+
+- ``model.safetensors``: the model weights on CPU (a tensor shared by several names, such as a tied
+  output head, is stored once; the other names are listed in the file's ``aliases`` metadata),
+- ``optim.pt``: optimizer and scheduler state dicts (``torch.save``; loaded with ``weights_only=True``),
+- ``rng.pt``: Python ``random``, NumPy global, torch CPU and (when present) CUDA generator states,
+- ``trainer_state.json``: ``{"step", "reader_state", "extra"}``.
+
+The folder is built under a hidden temporary name beside its final place, every file is fsynced
+and the folder is renamed into place, so a ``step-*`` folder either is complete or does not exist.
+:func:`latest_checkpoint` ignores (and removes) the hidden leftovers of an interrupted save.
+
+Distributed use: only rank 0 writes (other ranks return at once). With FSDP2, gather full state
+dicts on every rank first (a collective) and pass them in::
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=opts)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+    save_checkpoint(..., model_state=model_state, optim_state=optim_state)  # rank 0 writes
+
+and load with :func:`read_checkpoint` plus ``set_model_state_dict`` / ``set_optimizer_state_dict``
+(same options) and :func:`set_rng_state`. The RNG states saved are rank 0's: that is exact for every
+rank as long as all ranks are seeded alike and draw the same random numbers (as under DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from medfoundry.errors import MedfoundryError
+from medfoundry.io import atomic_dir, fsync_dir
+
+FILES = ("model.safetensors", "optim.pt", "rng.pt", "trainer_state.json")
+_STEP_DIR = re.compile(r"step-(\d{8})")
+
+
+def get_rng_state() -> dict:
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, key.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+def _cpu_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU copies of the tensors, each storage once, and ``{alias name: stored name}`` for the repeats."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in state.items():
+        if hasattr(tensor, "full_tensor"):
+            raise MedfoundryError(f"checkpoint: {name} is a sharded DTensor; gather a full state dict first "
+                                  "(get_model_state_dict with StateDictOptions(full_state_dict=True))")
+        identity = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if identity in seen:
+            aliases[name] = seen[identity]
+            continue
+        seen[identity] = name
+        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    return tensors, aliases
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, *, model, optimizer, scheduler, reader_state: dict,
+                    extra: dict, keep_last: int, model_state: dict | None = None,
+                    optim_state: dict | None = None) -> Path:
+    """Write ``directory/step-{step:08d}/`` atomically, then keep only the ``keep_last`` newest step folders
+    (0 keeps all; the new one is never removed). ``model_state``/``optim_state`` replace
+    ``model.state_dict()``/``optimizer.state_dict()`` when given (e.g. full state dicts gathered under
+    FSDP2; ``model``/``optimizer`` may then be None). ``reader_state`` and ``extra`` must be JSON-serializable.
+    Returns the folder's path (on ranks other than 0 without writing anything)."""
+    directory = Path(directory)
+    final = directory / f"step-{step:08d}"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return final
+    tensors, aliases = _cpu_tensors(model.state_dict() if model_state is None else model_state)
+    trainer_state = {"step": step, "reader_state": reader_state, "extra": extra}
+    with atomic_dir(final) as tmp:
+        save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
+        torch.save({"optimizer": optimizer.state_dict() if optim_state is None else optim_state,
+                    "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        torch.save(get_rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
+        for name in FILES:
+            _fsync(tmp / name)
+        fsync_dir(tmp)
+    if keep_last > 0:
+        older = [p for p in _step_dirs(directory) if p != final]
+        for path in older[: max(0, len(older) - (keep_last - 1))]:
+            trash = path.with_name(f".{path.name}.deleting")  # renamed first: never a half-deleted step-* folder
+            path.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+def _step_dirs(directory: Path) -> list[Path]:
+    """``step-*`` folders, oldest first."""
+    found = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)] if directory.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    return all((Path(path) / name).is_file() for name in FILES)
+
+
+def latest_checkpoint(directory: str | os.PathLike, clean: bool = True) -> Path | None:
+    """The complete ``step-*`` folder with the highest step, or None. With ``clean``, hidden leftovers of
+    interrupted saves and deletions (``.step-*``) are removed first: call it before training starts."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    if clean:
+        for leftover in directory.glob(".step-*"):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    complete = [p for p in _step_dirs(directory) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The raw contents of a checkpoint folder (all on CPU): ``model``, ``optimizer``, ``scheduler``, ``rng``
+    state dicts and ``trainer_state``."""
+    path = Path(path)
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        raise MedfoundryError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    with safe_open(path / "model.safetensors", framework="pt") as fh:
+        aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+    model_state = load_file(path / "model.safetensors")
+    for alias, stored in aliases.items():
+        model_state[alias] = model_state[stored]
+    optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    return {"model": model_state, "optimizer": optim["optimizer"], "scheduler": optim["scheduler"],
+            "rng": torch.load(path / "rng.pt", weights_only=True),
+            "trainer_state": json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))}
+
+
+def load_checkpoint(path: str | os.PathLike, *, model, optimizer, scheduler) -> dict:
+    """Restore model weights (strictly), optimizer, scheduler and RNG states from ``path``; return the
+    trainer state ``{"step", "reader_state", "extra"}``. Call it after building the model, optimizer
+    and scheduler, and draw no random numbers between this call and the first training step."""
+    ckpt = read_checkpoint(path)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as exc:
+        raise MedfoundryError(f"{path}: the checkpoint does not fit this model: {exc}") from None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["trainer_state"]

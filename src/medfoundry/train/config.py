@@ -1,0 +1,87 @@
+"""Typed configuration of ``medfoundry pretrain``: one file from a laptop CPU to a GPU cluster."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from medfoundry.config import StrictModel
+from medfoundry.train.optim import OptimConfig
+from medfoundry.train.schedules import ScheduleConfig
+
+
+class ModelConfig(StrictModel):
+    preset: str = Field(description="a preset name (gpt2-tiny, gpt2-52m, biomedlm, llama-tiny, smollm2-135m, bloom-560m, ...) "
+                                    "or a path to a Hugging Face config.json / model directory")
+    init_from: str | None = Field(None, description="continue pretraining from an HF checkpoint directory or a .gguf file")
+    context: int = Field(256, gt=1, description="training sequence length")
+    overrides: dict = Field(default_factory=dict, description="config fields to change, e.g. {n_layer: 4}")
+
+
+class DataConfig(StrictModel):
+    tokens_dir: str = Field(description="output of `medfoundry tokenize`: train/ and val/ shards")
+    tokenizer_dir: str = Field(description="the tokenizer the shards were made with (exported with the model)")
+
+
+class TrainingConfig(StrictModel):
+    seed: int = 0
+    steps: int = Field(gt=0, description="optimizer steps")
+    micro_batch_size: int = Field(8, gt=0, description="sequences per forward pass on each process")
+    global_batch_size: int = Field(8, gt=0, description="sequences per optimizer step, all processes together")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast where the hardware has it")
+    activation_checkpointing: bool = False
+    compile: bool = False
+    max_consecutive_skips: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
+
+
+class CheckpointConfig(StrictModel):
+    every: int = Field(100, gt=0, description="steps between checkpoints")
+    keep_last: int = Field(2, ge=1)
+
+
+class EvalConfig(StrictModel):
+    every: int = Field(100, gt=0, description="steps between validations (and one at the end)")
+    batches: int = Field(16, gt=0, description="validation micro-batches, the same windows every time")
+
+
+class LogConfig(StrictModel):
+    every: int = Field(10, gt=0)
+    tensorboard: bool = False
+
+
+class DistributedConfig(StrictModel):
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="under torchrun; auto = ddp")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on GPU, gloo on CPU")
+
+
+class PretrainConfig(StrictModel):
+    output_dir: str
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "PretrainConfig":
+        t = self.training
+        if t.global_batch_size % t.micro_batch_size:
+            raise ValueError(f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                             f"training.micro_batch_size ({t.micro_batch_size})")
+        return self
+
+    def grad_accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each process."""
+        t = self.training
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step:
+            from medfoundry.errors import ConfigError
+
+            raise ConfigError(f"training.global_batch_size ({t.global_batch_size}) must be a multiple of micro_batch_size "
+                              f"x processes ({t.micro_batch_size} x {world_size} = {per_step}); change one of them")
+        return t.global_batch_size // per_step

@@ -1,0 +1,197 @@
+"""``medfoundry pretrain``: pretraining and continued pretraining, one flat loop (after nanoGPT).
+
+Each optimizer step reads ``accum`` micro-batches on every process, counts their target tokens over
+all processes, and backpropagates ``sum of token losses / that count``: the loss is normalized over
+the whole accumulated global batch, whatever the split into micro-batches and processes. A step
+whose loss or gradients are not finite is skipped (weights untouched) and logged; too many in a row
+stop the run with the last good checkpoint intact. Checkpoints carry everything the next step
+depends on (weights, optimizer, schedule, data position, RNG states), so a killed run resumes
+bit-identically.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medfoundry import __version__
+from medfoundry.errors import ConfigError, MedfoundryError
+from medfoundry.io import write_json
+from medfoundry.runtime import configure, resolve_device_precision
+from medfoundry.tokenizer.reader import WindowReader
+from medfoundry.tokenizer.shards import TokenShards
+from medfoundry.train import distributed as D
+from medfoundry.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medfoundry.train.config import PretrainConfig
+from medfoundry.train.metrics import MetricsLog, peak_flops, plot_losses
+from medfoundry.train.model_setup import build_model, check_vocab
+from medfoundry.train.optim import build_optimizer, clip_grad_norm, grads_finite
+from medfoundry.train.schedules import build_scheduler
+
+
+def _autocast(device: str, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def token_losses(model, batch: torch.Tensor, precision: str, device: str) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over the batch (computed in fp32) and the number of targets."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    with _autocast(device, precision):
+        logits = model(input_ids=inputs).logits
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+    return loss, targets.numel()
+
+
+class Validation:
+    """Fixed validation windows (the same every time), spread over processes; loss, perplexity, bits per byte."""
+
+    def __init__(self, shards: TokenShards, context: int, batches: int, micro: int, tokenizer, d: D.Dist):
+        n = min(batches * micro, (shards.total_tokens - 1) // context)
+        if n == 0:
+            raise ConfigError(f"the validation split has fewer than {context + 1} tokens: lower model.context")
+        mine = range(d.rank, n, d.world_size)
+        self.windows = [np.asarray(shards.slice(i * context, i * context + context + 1), dtype=np.int64) for i in mine]
+        self.micro = micro
+        self.bytes = sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in self.windows)
+
+    @torch.no_grad()
+    def run(self, model, precision: str, device: str, d: D.Dist) -> dict:
+        model.eval()
+        loss_sum, count = 0.0, 0
+        for start in range(0, len(self.windows), self.micro):
+            batch = torch.from_numpy(np.stack(self.windows[start : start + self.micro])).to(device)
+            loss, n = token_losses(model, batch, precision, device)
+            loss_sum, count = loss_sum + loss.item(), count + n
+        model.train()
+        loss_sum, count = D.all_reduce_sum(loss_sum, d, device), D.all_reduce_sum(count, d, device)
+        total_bytes = D.all_reduce_sum(self.bytes, d, device)
+        loss = loss_sum / count
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": loss_sum / math.log(2) / total_bytes}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_tokenizer(tokenizer_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    device, precision = resolve_device_precision("auto", cfg.training.precision)
+    configure()
+    d = D.init_distributed(cfg.distributed.backend, device)
+    if device.startswith("cuda"):
+        device = f"cuda:{d.local_rank}"
+        torch.cuda.set_device(device)
+    try:
+        return _pretrain(cfg, d, device, precision)
+    finally:
+        D.shutdown(d)
+
+
+def _pretrain(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -> dict:
+    out = Path(cfg.output_dir)
+    accum = cfg.grad_accumulation(d.world_size)
+    tokens = Path(cfg.data.tokens_dir)
+    train_shards, val_shards = TokenShards(tokens / "train"), TokenShards(tokens / "val")
+    tokenizer = _load_tokenizer(cfg.data.tokenizer_dir)
+
+    _seed_everything(cfg.training.seed)
+    model = build_model(cfg, len(tokenizer), out / "base")
+    check_vocab(model, train_shards.vocab_size, cfg.data.tokenizer_dir)
+    model.to(device)
+    if cfg.training.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = D.wrap_model(model, cfg.distributed.strategy, device, d)
+    trained = torch.compile(model) if cfg.training.compile else model
+    optimizer = build_optimizer(D.unwrap(model), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.training.steps, cfg.schedule)
+    reader = WindowReader(train_shards, cfg.model.context, cfg.training.micro_batch_size,
+                          rank=d.rank, world_size=d.world_size, seed=cfg.training.seed)
+    validation = Validation(val_shards, cfg.model.context, cfg.eval.batches, cfg.training.micro_batch_size, tokenizer, d)
+
+    ckpt_dir = out / "checkpoints"
+    state = {"step": 0, "extra": {"tokens": 0, "skipped_in_a_row": 0, "skipped": 0}}
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        state = load_checkpoint(latest, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler)
+        reader.load_state_dict(state["reader_state"])
+    log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=state["step"])
+    flops_token = log.flops_per_token(D.unwrap(model).config, cfg.model.context)
+    peak = peak_flops(device, precision) * d.world_size
+    if d.is_main:
+        write_json(out / "run.json", {"version": __version__, "config": cfg.model_dump(), "world_size": d.world_size,
+                                      "device": device, "precision": precision, "grad_accumulation": accum})
+
+    step, extra = state["step"], state["extra"]
+    with log.progress(cfg.training.steps, initial=step) as bar:
+        while step < cfg.training.steps:
+            started = time.perf_counter()
+            batches = [torch.from_numpy(next(reader)).to(device) for _ in range(accum)]
+            n_global = D.all_reduce_sum(sum(b[:, 1:].numel() for b in batches), d, device)
+            loss_sum = 0.0
+            for i, batch in enumerate(batches):
+                with D.gradient_sync(model, sync=i == accum - 1):
+                    loss, _ = token_losses(trained, batch, precision, device)
+                    (loss * d.world_size / n_global).backward()  # DDP/FSDP average over processes
+                loss_sum += loss.item()
+            loss_value = D.all_reduce_sum(loss_sum, d, device) / n_global
+            finite = D.all_true(math.isfinite(loss_value) and grads_finite(model.parameters()), d, device)
+            grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip) if finite else torch.tensor(float("nan"))
+            if finite:
+                optimizer.step()
+                extra["skipped_in_a_row"] = 0
+            else:
+                extra["skipped"] += 1
+                extra["skipped_in_a_row"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            extra["tokens"] += int(n_global)
+            elapsed = time.perf_counter() - started
+            tok_s = n_global / elapsed
+            log.step(step, bar, loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), tok_s=tok_s,
+                     mfu=tok_s * flops_token / peak, tokens=extra["tokens"], skipped=not finite, every=cfg.log.every)
+            if extra["skipped_in_a_row"] >= cfg.training.max_consecutive_skips:
+                last = latest_checkpoint(ckpt_dir)
+                raise MedfoundryError(f"{extra['skipped_in_a_row']} steps in a row had a non-finite loss or gradient "
+                                      f"(step {step}); stopping. Last good checkpoint: {last or 'none'}. "
+                                      "Lower optim.lr, raise schedule.warmup_steps or check the data.")
+            if step % cfg.eval.every == 0 or step == cfg.training.steps:
+                log.eval(step, validation.run(trained, precision, device, d))
+            if step % cfg.checkpoint.every == 0 or step == cfg.training.steps:
+                _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d)
+    return _finish(cfg, model, log, out, d)
+
+
+def _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d: D.Dist) -> None:
+    if d.is_main:
+        save_checkpoint(ckpt_dir, step, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler,
+                        reader_state=reader.state_dict(), extra=dict(extra), keep_last=cfg.checkpoint.keep_last)
+    D.barrier(d)
+
+
+def _finish(cfg: PretrainConfig, model, log: MetricsLog, out: Path, d: D.Dist) -> dict:
+    from medfoundry.model.export import export_hf
+
+    summary = log.summary()
+    if d.is_main:
+        export_hf(D.unwrap(model), Path(cfg.data.tokenizer_dir), out / "model")
+        plot_losses(out / "metrics.jsonl", out / "plots" / "loss.png")
+        write_json(out / "summary.json", summary)
+    D.barrier(d)
+    return summary

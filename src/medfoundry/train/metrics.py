@@ -1,0 +1,110 @@
+"""Training telemetry: ``metrics.jsonl``, a progress bar with tokens/s, MFU and ETA, the loss-curve PNG."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from medfoundry.io import atomic_path
+
+
+@lru_cache(maxsize=4)
+def peak_flops(device: str, precision: str) -> float:
+    """Measured dense matmul throughput (FLOP/s) of this device in the training precision: the MFU denominator."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 2048
+    generator = torch.Generator(device=device).manual_seed(0)  # never touch the training RNG streams
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    for _ in range(2):
+        a @ b
+    reps, start = 5, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+class MetricsLog:
+    """Appends JSON lines (rank 0 only). On resume, lines past the checkpoint's step are dropped first,
+    so the log reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0):
+        self.path, self.enabled = path, enabled
+        self.records: list[dict] = []
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] if path.is_file() else []
+            path.write_text("".join(line + "\n" for line in kept))
+            self.records = [json.loads(line) for line in kept]
+
+    @staticmethod
+    def flops_per_token(config, context: int) -> float:
+        from medfoundry.model.presets import flops_per_token
+
+        return flops_per_token(config, context)
+
+    @contextlib.contextmanager
+    def progress(self, total: int, initial: int):
+        from tqdm import tqdm
+
+        with tqdm(total=total, initial=initial, desc="pretrain", unit="step", disable=not self.enabled or None) as bar:
+            yield bar
+
+    def _write(self, record: dict) -> None:
+        self.records.append(record)
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def step(self, step: int, bar, *, every: int, skipped: bool, **values) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tok_s']:,.0f}", mfu=f"{100 * values['mfu']:.1f}%", refresh=False)
+        if step % every == 0 or skipped or step == 1:
+            self._write({"step": step, "skipped": skipped, **values, "time": time.time()})
+
+    def eval(self, step: int, values: dict) -> None:
+        self._write({"step": step, **values, "time": time.time()})
+
+    def summary(self) -> dict:
+        train = [r for r in self.records if "loss" in r and r["step"] > 1]
+        evals = [r for r in self.records if "val_loss" in r]
+        out = {"steps": max((r["step"] for r in self.records), default=0)}
+        if train:
+            out.update(final_loss=train[-1]["loss"], tokens=train[-1]["tokens"],
+                       median_tok_s=statistics.median(r["tok_s"] for r in train), median_mfu=statistics.median(r["mfu"] for r in train))
+        if evals:
+            out.update({k: evals[-1][k] for k in ("val_loss", "val_ppl", "val_bpb")}, first_val_loss=evals[0]["val_loss"])
+        return out
+
+
+def plot_losses(metrics: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

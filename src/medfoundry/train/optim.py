@@ -1,0 +1,104 @@
+"""AdamW with decoupled weight decay on matrix weights only, and gradient clipping that works under FSDP2.
+
+Weight decay goes to the weight matrices of ``nn.Linear`` / transformers ``Conv1D`` (GPT-2) /
+``nn.Conv*`` layers, including an untied output head (it is a projection like any other). Biases,
+all norm weights (any module whose type name contains "Norm", and any 1-D parameter) and embeddings
+are not decayed. A parameter owned by several modules (an output head tied to the embedding) is
+listed once, under its first name, and is not decayed if any owner is an embedding or a norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from medfoundry.config import StrictModel
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (after warmup)")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay on weight matrices only")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
+    implementation: Literal["auto", "fused", "foreach", "loop"] = Field(
+        "auto", description="AdamW kernel: auto = fused on CUDA, foreach elsewhere")
+
+
+def _is_matrix_layer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or type(module).__name__ == "Conv1D"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """``[decay group, no-decay group]`` (empty ones dropped), each with ``params`` and ``param_names``.
+
+    Frozen parameters (``requires_grad=False``) are left out.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}  # deduplicated: a tied weight keeps its first name
+    decay_ids, no_decay_ids = set(), set()
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if isinstance(module, nn.Embedding) or "Norm" in type(module).__name__ or p.ndim < 2:
+                no_decay_ids.add(id(p))
+            elif _is_matrix_layer(module) and pname == "weight":
+                decay_ids.add(id(p))
+            else:
+                no_decay_ids.add(id(p))
+    decay_ids -= no_decay_ids
+    groups = []
+    for wd, wanted in ((weight_decay, lambda i: i in decay_ids), (0.0, lambda i: i not in decay_ids)):
+        chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad and wanted(id(p))]
+        if chosen:
+            groups.append({"params": [p for _, p in chosen], "param_names": [n for n, _ in chosen],
+                           "weight_decay": wd})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """torch AdamW over :func:`param_groups`; fused kernels on CUDA, foreach elsewhere (``implementation=auto``)."""
+    groups = param_groups(model, cfg.weight_decay)
+    impl = cfg.implementation
+    if impl == "auto":
+        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+        impl = "fused" if on_cuda and torch.cuda.is_available() else "foreach"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             fused=True if impl == "fused" else None, foreach=impl == "foreach")
+
+
+def _grads(parameters: Iterable[torch.Tensor] | torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    return params, [p.grad for p in params if p.grad is not None]
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients (before clipping); scales them down to ``max_norm`` when it is > 0.
+
+    Under FSDP2 the gradients are DTensor shards: the norm is reduced over all processes (every
+    process must call this), as in torchtitan. A non-finite norm makes the gradients non-finite too:
+    check :func:`grads_finite` first and skip the step instead.
+    """
+    params, grads = _grads(parameters)
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if hasattr(total, "full_tensor"):  # DTensor with a pending (partial) reduction
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def grads_finite(parameters: Iterable[torch.Tensor] | torch.Tensor) -> bool:
+    """True when every gradient this process holds is finite (DTensor: its local shard; no collective).
+
+    Under DDP/FSDP combine the answers of all processes (e.g. an all-reduce of the flags).
+    """
+    _, grads = _grads(parameters)
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    if not local:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(local, norm_type=2.0)).item())

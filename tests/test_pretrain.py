@@ -1,0 +1,172 @@
+"""`medfoundry pretrain` end to end on a tiny GPT-2: learning, validation, export, exact resume after
+SIGKILL, 2-process DDP equal to 1 process, non-finite steps, and config errors before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from medfoundry.config import validate
+from medfoundry.errors import ConfigError, InputError, MedfoundryError
+from medfoundry.train.config import PretrainConfig
+from medfoundry.train.loop import pretrain
+
+ENV = {**os.environ, "MEDFOUNDRY_NO_TCMALLOC": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> dict:
+    """A real-abstract corpus, a 2,000-token BPE and its token shards."""
+    from medfoundry.tokenizer.config import TokenizerTrainConfig
+    from medfoundry.tokenizer.shards import tokenize_corpus
+    from medfoundry.tokenizer.train import train_tokenizer
+    from test_tokenizer_train import write_corpus
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    corpus = write_corpus(root / "corpus", 1200, 150)
+    train_tokenizer(validate(TokenizerTrainConfig, {"corpus_dir": str(corpus), "output_dir": str(root / "tok"),
+                                                    "vocab_size": 2000, "fertility": {"top_domain_words": 0}}))
+    tokenize_corpus(corpus, root / "tok", root / "tokens", workers=1)
+    return {"tokens_dir": str(root / "tokens"), "tokenizer_dir": str(root / "tok")}
+
+
+def _tree(tokens: dict, out: Path, **training) -> dict:
+    return {
+        "output_dir": str(out),
+        "model": {"preset": "gpt2-tiny", "context": 64, "overrides": dict(NO_DROPOUT)},
+        "data": tokens,
+        "training": {"steps": 30, "micro_batch_size": 4, "global_batch_size": 8, "precision": "fp32", **training},
+        "optim": {"lr": 3e-3},
+        "schedule": {"kind": "cosine", "warmup_steps": 3},
+        "checkpoint": {"every": 10},
+        "eval": {"every": 15, "batches": 4},
+        "log": {"every": 1},
+    }
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tokens, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run") / "pretrain"
+    return out, pretrain(validate(PretrainConfig, _tree(tokens, out)))
+
+
+def test_loss_falls_and_validation_is_reported(trained):
+    out, summary = trained
+    losses = [r["loss"] for r in _records(out) if "loss" in r]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 1.0
+    evals = [r for r in _records(out) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [15, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert summary["val_ppl"] == pytest.approx(torch.tensor(summary["val_loss"]).exp().item(), rel=1e-6)
+    assert 0 < summary["val_bpb"] < summary["val_loss"]  # a token holds several bytes
+    assert summary["median_tok_s"] > 0 and 0 < summary["median_mfu"] < 1
+    assert (out / "plots" / "loss.png").stat().st_size > 5000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000020", "step-00000030"]
+
+
+def test_export_loads_in_transformers_with_the_same_logits(trained):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = trained
+    exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    reference = AutoModelForCausalLM.from_config(exported.config).eval()
+    state = load_file(out / "checkpoints" / "step-00000030" / "model.safetensors")
+    reference.load_state_dict(state, strict=False)
+    reference.tie_weights()
+    ids = AutoTokenizer.from_pretrained(out / "model")("Immunohistochemistry of the tumour", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, reference(ids).logits)
+    assert (out / "model" / "generation_config.json").is_file()
+
+
+def _cli(cfg_path: Path) -> list[str]:
+    return [sys.executable, "-m", "medfoundry", "pretrain", str(cfg_path)]
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model" / "model.safetensors")
+
+
+def test_sigkill_then_resume_is_bit_identical(tokens, tmp_path):
+    runs = {}
+    for name in ("straight", "killed"):
+        tree = _tree(tokens, tmp_path / name, steps=16)
+        tree["model"]["overrides"] = {}  # dropout on: resume must restore the RNG too
+        tree["checkpoint"] = {"every": 1, "keep_last": 2}
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump(tree))
+        runs[name] = cfg
+    subprocess.run(_cli(runs["straight"]), cwd=REPO, env=ENV, check=True, capture_output=True)
+    proc = subprocess.Popen(_cli(runs["killed"]), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "killed" / "checkpoints" / "step-00000006").is_dir():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    subprocess.run(_cli(runs["killed"]), cwd=REPO, env=ENV, check=True, capture_output=True)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in _records(tmp_path / "killed") if "loss" in r]
+    assert steps == list(range(1, 17))  # the metrics log reads as one run
+
+
+def test_two_processes_match_one(tokens, tmp_path):
+    """torchrun with 2 gloo processes (micro 4 each) gives the losses of 1 process (micro 4, 2 accumulation steps)."""
+    single = tmp_path / "single"
+    pretrain(validate(PretrainConfig, _tree(tokens, single, steps=6)))
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(yaml.safe_dump(_tree(tokens, tmp_path / "ddp", steps=6)))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "medfoundry", "pretrain", str(cfg)], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
+    one = [r["loss"] for r in _records(single) if "loss" in r]
+    two = [r["loss"] for r in _records(tmp_path / "ddp") if "loss" in r]
+    assert len(one) == len(two) == 6
+    assert one == pytest.approx(two, rel=1e-4)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tokens, tmp_path):
+    tree = _tree(tokens, tmp_path / "nan", steps=30, max_consecutive_skips=3)
+    tree["optim"] = {"lr": 1e30, "grad_clip": 0}
+    tree["checkpoint"] = {"every": 1, "keep_last": 1}
+    with pytest.raises(MedfoundryError, match="3 steps in a row had a non-finite loss") as info:
+        pretrain(validate(PretrainConfig, tree))
+    assert "Last good checkpoint" in str(info.value)
+    records = [r for r in _records(tmp_path / "nan") if "loss" in r]
+    assert [r["skipped"] for r in records[-3:]] == [True, True, True]
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"model": {"preset": "gpt5-huge"}}, MedfoundryError, "gpt5-huge"),
+    ({"training": {"steps": 5, "micro_batch_size": 3, "global_batch_size": 8}}, ConfigError, "multiple of"),
+    ({"model": {"preset": "gpt2-tiny", "context": 64, "overrides": {"vocab_size": 500}}}, ConfigError, "2,000-token vocabulary"),
+    ({"data": {"tokens_dir": "/nonexistent/tokens", "tokenizer_dir": None}}, InputError, "/nonexistent/tokens"),
+])
+def test_config_errors_stop_before_any_work(tokens, tmp_path, change, error, message):
+    tree = _tree(tokens, tmp_path / "bad")
+    for key, value in change.items():
+        tree[key] = {**tree[key], **value} if isinstance(value, dict) else value
+    if tree["data"]["tokenizer_dir"] is None:
+        tree["data"]["tokenizer_dir"] = tokens["tokenizer_dir"]
+    with pytest.raises(error, match=message):
+        pretrain(validate(PretrainConfig, tree))
+    assert not (tmp_path / "bad" / "checkpoints").exists()
