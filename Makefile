@@ -32,6 +32,7 @@ quickstart: setup
 		$(BIN)/medfoundry tokenizer train recipes/quickstart_tokenizer.yaml --set 'fertility.references={}'; \
 	fi
 	$(BIN)/medfoundry tokenize recipes/quickstart_tokens.yaml
+	$(BIN)/medfoundry pretrain recipes/quickstart_pretrain.yaml
 
 bench: setup
 	$(BIN)/python benchmarks/corpus_bench.py

@@ -70,7 +70,8 @@ def test_loss_falls_and_validation_is_reported(trained):
     losses = [r["loss"] for r in _records(out) if "loss" in r]
     assert len(losses) == 30 and losses[-1] < losses[0] - 1.0
     evals = [r for r in _records(out) if "val_loss" in r]
-    assert [r["step"] for r in evals] == [15, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert [r["step"] for r in evals] == [0, 15, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert summary["initial_val_loss"] == evals[0]["val_loss"] > summary["val_loss"]
     assert summary["val_ppl"] == pytest.approx(torch.tensor(summary["val_loss"]).exp().item(), rel=1e-6)
     assert 0 < summary["val_bpb"] < summary["val_loss"]  # a token holds several bytes
     assert summary["median_tok_s"] > 0 and 0 < summary["median_mfu"] < 1
@@ -136,8 +137,9 @@ def test_two_processes_match_one(tokens, tmp_path):
     pretrain(validate(PretrainConfig, _tree(tokens, single, steps=6)))
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(yaml.safe_dump(_tree(tokens, tmp_path / "ddp", steps=6)))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "-m", "medfoundry", "pretrain", str(cfg)], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "medfoundry", "pretrain", str(cfg)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
     one = [r["loss"] for r in _records(single) if "loss" in r]
     two = [r["loss"] for r in _records(tmp_path / "ddp") if "loss" in r]
     assert len(one) == len(two) == 6

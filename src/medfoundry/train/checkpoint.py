@@ -13,16 +13,22 @@ and the folder is renamed into place, so a ``step-*`` folder either is complete 
 :func:`latest_checkpoint` ignores (and removes) the hidden leftovers of an interrupted save.
 
 Distributed use: only rank 0 writes (other ranks return at once). With FSDP2, gather full state
-dicts on every rank first (a collective) and pass them in::
+dicts on every rank first (a collective; see :mod:`medfoundry.train.distributed`) and pass them in::
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=opts)
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
     save_checkpoint(..., model_state=model_state, optim_state=optim_state)  # rank 0 writes
 
-and load with :func:`read_checkpoint` plus ``set_model_state_dict`` / ``set_optimizer_state_dict``
-(same options) and :func:`set_rng_state`. The RNG states saved are rank 0's: that is exact for every
-rank as long as all ranks are seeded alike and draw the same random numbers (as under DDP).
+``optim.pt`` always holds the optimizer state in ``optimizer.state_dict()``'s form (state keyed by
+the parameter's position over the param groups): a name-keyed state dict from
+``get_optimizer_state_dict`` is converted (:func:`optim_state_by_index`). :func:`load_checkpoint`
+takes a plain, DDP-unwrapped or FSDP2-sharded model alike: for a sharded one every rank reads the
+folder and applies it with ``set_model_state_dict`` / ``set_optimizer_state_dict`` (full state dicts,
+a collective: call it on every rank). A checkpoint written by one process, DDP or FSDP therefore
+loads in any of them (the data reader's state still needs the same number of processes).
+The RNG states saved are rank 0's: that is exact for every rank as long as all ranks are seeded
+alike and draw the same random numbers (as under DDP and FSDP).
 """
 
 from __future__ import annotations
@@ -63,8 +69,9 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_state, device)
 
 
-def _cpu_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """CPU copies of the tensors, each storage once, and ``{alias name: stored name}`` for the repeats."""
+def _cpu_tensors(state: dict[str, torch.Tensor], copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU copies of the tensors (``copy=False``: CPU tensors as they are), each storage once, and
+    ``{alias name: stored name}`` for the repeats."""
     tensors, aliases, seen = {}, {}, {}
     for name, tensor in state.items():
         if hasattr(tensor, "full_tensor"):
@@ -75,7 +82,7 @@ def _cpu_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             aliases[name] = seen[identity]
             continue
         seen[identity] = name
-        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        tensors[name] = tensor.detach().to("cpu", copy=copy).contiguous()
     return tensors, aliases
 
 
@@ -90,17 +97,20 @@ def save_checkpoint(directory: str | os.PathLike, step: int, *, model, optimizer
     """Write ``directory/step-{step:08d}/`` atomically, then keep only the ``keep_last`` newest step folders
     (0 keeps all; the new one is never removed). ``model_state``/``optim_state`` replace
     ``model.state_dict()``/``optimizer.state_dict()`` when given (e.g. full state dicts gathered under
-    FSDP2; ``model``/``optimizer`` may then be None). ``reader_state`` and ``extra`` must be JSON-serializable.
+    FSDP2; ``model``/``optimizer`` may then be None; a name-keyed ``optim_state`` is stored position-keyed).
+    ``reader_state`` and ``extra`` must be JSON-serializable.
     Returns the folder's path (on ranks other than 0 without writing anything)."""
     directory = Path(directory)
     final = directory / f"step-{step:08d}"
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return final
-    tensors, aliases = _cpu_tensors(model.state_dict() if model_state is None else model_state)
+    # a given (gathered) state dict is already a copy: no second one of every tensor in memory
+    state = model.state_dict() if model_state is None else model_state
+    tensors, aliases = _cpu_tensors(state, copy=model_state is None)
     trainer_state = {"step": step, "reader_state": reader_state, "extra": extra}
     with atomic_dir(final) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
-        torch.save({"optimizer": optimizer.state_dict() if optim_state is None else optim_state,
+        torch.save({"optimizer": optimizer.state_dict() if optim_state is None else optim_state_by_index(optim_state),
                     "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         torch.save(get_rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
@@ -157,16 +167,103 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             "trainer_state": json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))}
 
 
+def optim_state_by_index(state: dict) -> dict:
+    """An optimizer state dict in ``optimizer.state_dict()``'s form: parameters numbered by their position
+    over all param groups. The name-keyed form of ``get_optimizer_state_dict`` (state and ``params``
+    keyed by parameter names) is converted; a position-keyed one is returned as it is."""
+    groups = state["param_groups"]
+    if all(isinstance(p, int) for group in groups for p in group["params"]):
+        return state
+    index: dict[str, int] = {}
+    for group in groups:
+        for name in group["params"]:
+            index.setdefault(name, len(index))
+    unknown = [name for name in state["state"] if name not in index]
+    if unknown:
+        raise MedfoundryError(f"optimizer state for parameters in no param group: {', '.join(map(str, unknown[:5]))}")
+    return {"state": {index[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in groups]}
+
+
+def optim_state_by_name(state: dict, model, optimizer) -> dict:
+    """``state`` (either form) keyed by the names ``model`` gives the parameters of ``optimizer``, the form
+    ``set_optimizer_state_dict`` takes. Parameters are matched by position within each param group;
+    the groups' ``param_names``, when saved, must be the model's."""
+    state = optim_state_by_index(state)
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied weight under its first name, as torch does
+    current = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    saved = state["param_groups"]
+    sizes = [len(group["params"]) for group in saved]
+    if sizes != [len(group) for group in current]:
+        raise MedfoundryError(f"the optimizer state does not fit this model: param groups of {sizes} parameters "
+                              f"saved, {[len(group) for group in current]} here")
+    for group, here in zip(saved, current):
+        if "param_names" in group and list(group["param_names"]) != here:
+            wrong = next((a, b) for a, b in zip(group["param_names"], here) if a != b)
+            raise MedfoundryError(f"the optimizer state does not fit this model: parameter {wrong[0]!r} "
+                                  f"saved where this model has {wrong[1]!r}")
+    position = {i: k for k, i in enumerate(i for group in saved for i in group["params"])}
+    flat = [name for group in current for name in group]
+    return {"state": {flat[position[i]]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": here} for group, here in zip(saved, current)]}
+
+
+def _check_fits(path, saved: dict, model) -> None:
+    """Same names and (global) shapes as ``model.state_dict()``: the FSDP2 loader would silently keep
+    the current values of missing tensors."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in saved.items()}
+    if expected == got:
+        return
+    problems = [f"missing {k}" for k in expected if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in expected]
+    problems += [f"{k}: {got[k]} saved, {shape} here" for k, shape in expected.items() if k in got and got[k] != shape]
+    raise MedfoundryError(f"{path}: the checkpoint does not fit this model: {'; '.join(problems[:5])}"
+                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+
+def _load_sharded(path, ckpt: dict, model, optimizer) -> None:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    _check_fits(path, ckpt["model"], model)
+    options = StateDictOptions(full_state_dict=True, strict=True)
+    optim_state = optim_state_by_index(ckpt["optimizer"])
+    if optim_state["state"]:
+        # first: torch takes a zero step (lr 0) to create the optimizer state before filling it in
+        set_optimizer_state_dict(model, optimizer, optim_state_by_name(optim_state, model, optimizer), options=options)
+        for group, saved in zip(optimizer.param_groups, optim_state["param_groups"]):  # torch's round trip
+            group.update({k: v for k, v in saved.items() if k != "params"})  # turns tuples (betas) into lists
+    else:  # saved before any step: no tensors to shard
+        optimizer.load_state_dict(optim_state)
+    set_model_state_dict(model, ckpt["model"], options=options)
+
+
+def _is_sharded(model) -> bool:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def load_checkpoint(path: str | os.PathLike, *, model, optimizer, scheduler) -> dict:
     """Restore model weights (strictly), optimizer, scheduler and RNG states from ``path``; return the
     trainer state ``{"step", "reader_state", "extra"}``. Call it after building the model, optimizer
-    and scheduler, and draw no random numbers between this call and the first training step."""
+    and scheduler, and draw no random numbers between this call and the first training step.
+
+    ``model`` is a plain module (unwrap DDP first) or an FSDP2-sharded one; then every rank must call this
+    (it reads the folder on every rank and scatters the tensors)."""
     ckpt = read_checkpoint(path)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as exc:
-        raise MedfoundryError(f"{path}: the checkpoint does not fit this model: {exc}") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    if _is_sharded(model):
+        _load_sharded(path, ckpt, model, optimizer)
+    else:
+        try:
+            model.load_state_dict(ckpt["model"], strict=True)
+        except RuntimeError as exc:
+            raise MedfoundryError(f"{path}: the checkpoint does not fit this model: {exc}") from None
+        optimizer.load_state_dict(optim_state_by_index(ckpt["optimizer"]))
     scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"])
     return ckpt["trainer_state"]

@@ -3,11 +3,17 @@
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (and the rendezvous for multi-node); this module starts the
 process group (NCCL on GPU, gloo on CPU), wraps the model with DDP or FSDP2 (``fully_shard`` on every
 transformer block, then the root), and gives the loop the few collectives it needs.
+
+Under FSDP2 every parameter is a DTensor holding this process's shard. Checkpoints and the export
+need whole tensors: :func:`full_model_state` / :func:`full_optim_state` gather them (collectives:
+every process calls them, process 0 receives CPU tensors), and :func:`unsharded_copy` rebuilds a
+plain model from them for the export.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass
 
@@ -94,6 +100,73 @@ def all_true(flag: bool, d: Dist, device: str) -> bool:
 def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)  # torch.compile
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when FSDP2 has sharded ``model`` (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in unwrap(model).parameters())
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """``{name: first name}`` for every parameter name that repeats an earlier one (a tied output head)."""
+    first, aliases = {}, {}
+    for name, param in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The whole state dict of an FSDP2-sharded model, on CPU. A collective: every process calls it;
+    process 0 gets the tensors, the others an empty dict. Names of one shared parameter (a tied output
+    head) share one tensor, as in ``model.state_dict()``, so a checkpoint stores it once."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(unwrap(model), options=_full_options())
+    if state:
+        for alias, name in tied_names(model).items():
+            if alias in state and name in state:
+                state[alias] = state[name]
+    return state
+
+
+def full_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The whole optimizer state dict of an FSDP2-sharded model, on CPU, keyed by parameter names (the
+    form of ``get_optimizer_state_dict``; :func:`medfoundry.train.checkpoint.optim_state_by_index` turns it
+    into ``optimizer.state_dict()``'s). A collective, like :func:`full_model_state`."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if not optimizer.state:  # no step taken yet: nothing to gather (and torch would take a zero step to make some)
+        return optimizer.state_dict() if dist.get_rank() == 0 else {}
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=_full_options())
+
+
+def unsharded_copy(model: nn.Module) -> nn.Module | None:
+    """A plain CPU copy of an FSDP2-sharded transformers model, built from its config and the gathered
+    weights, on process 0 (None on the others). A collective, like :func:`full_model_state`."""
+    from transformers import AutoModelForCausalLM
+
+    state = full_model_state(model)
+    if not state:
+        return None
+    source = unwrap(model)
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the RNG where it was
+        plain = AutoModelForCausalLM.from_config(copy.deepcopy(source.config), dtype=dtype)
+    plain.load_state_dict(state, strict=True)
+    if getattr(source, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(source.generation_config)
+    return plain.eval()
 
 
 def barrier(d: Dist) -> None:

@@ -60,14 +60,20 @@ class Validation:
             raise ConfigError(f"the validation split has fewer than {context + 1} tokens: lower model.context")
         mine = range(d.rank, n, d.world_size)
         self.windows = [np.asarray(shards.slice(i * context, i * context + context + 1), dtype=np.int64) for i in mine]
-        self.micro = micro
+        self.micro, self.context = micro, context
+        # under FSDP each forward pass all-gathers the weights: every process makes as many as the busiest one
+        self.passes = math.ceil(math.ceil(n / d.world_size) / micro)
         self.bytes = sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in self.windows)
 
     @torch.no_grad()
     def run(self, model, precision: str, device: str, d: D.Dist) -> dict:
         model.eval()
         loss_sum, count = 0.0, 0
-        for start in range(0, len(self.windows), self.micro):
+        for start in range(0, self.passes * self.micro, self.micro):
+            if start >= len(self.windows):  # a fewer-windows process keeps step with the others; not counted
+                dummy = torch.zeros((1, self.context + 1), dtype=torch.long, device=device)
+                token_losses(model, dummy, precision, device)
+                continue
             batch = torch.from_numpy(np.stack(self.windows[start : start + self.micro])).to(device)
             loss, n = token_losses(model, batch, precision, device)
             loss_sum, count = loss_sum + loss.item(), count + n
@@ -128,6 +134,7 @@ def _pretrain(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -> di
     state = {"step": 0, "extra": {"tokens": 0, "skipped_in_a_row": 0, "skipped": 0}}
     latest = latest_checkpoint(ckpt_dir)
     if latest is not None:
+        # every process reads it; under FSDP2 the tensors are scattered to the shards (a collective)
         state = load_checkpoint(latest, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler)
         reader.load_state_dict(state["reader_state"])
     log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=state["step"])
@@ -138,6 +145,8 @@ def _pretrain(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -> di
                                       "device": device, "precision": precision, "grad_accumulation": accum})
 
     step, extra = state["step"], state["extra"]
+    if step == 0:  # the starting point: for continued pretraining, the number to beat
+        log.eval(0, validation.run(trained, precision, device, d))
     with log.progress(cfg.training.steps, initial=step) as bar:
         while step < cfg.training.steps:
             started = time.perf_counter()
@@ -179,9 +188,13 @@ def _pretrain(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -> di
 
 
 def _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d: D.Dist) -> None:
+    model_state = optim_state = None
+    if D.is_sharded(model):  # FSDP2: every process takes part in gathering whole tensors; process 0 gets them
+        model_state, optim_state = D.full_model_state(model), D.full_optim_state(model, optimizer)
     if d.is_main:
         save_checkpoint(ckpt_dir, step, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler,
-                        reader_state=reader.state_dict(), extra=dict(extra), keep_last=cfg.checkpoint.keep_last)
+                        reader_state=reader.state_dict(), extra=dict(extra), keep_last=cfg.checkpoint.keep_last,
+                        model_state=model_state, optim_state=optim_state)
     D.barrier(d)
 
 
@@ -189,9 +202,11 @@ def _finish(cfg: PretrainConfig, model, log: MetricsLog, out: Path, d: D.Dist) -
     from medfoundry.model.export import export_hf
 
     summary = log.summary()
+    # FSDP2: every process gathers the weights into a plain model on process 0
+    exported = D.unsharded_copy(model) if D.is_sharded(model) else D.unwrap(model)
     if d.is_main:
-        export_hf(D.unwrap(model), Path(cfg.data.tokenizer_dir), out / "model")
+        export_hf(exported, Path(cfg.data.tokenizer_dir), out / "model")
         plot_losses(out / "metrics.jsonl", out / "plots" / "loss.png")
         write_json(out / "summary.json", summary)
     D.barrier(d)
-    return summary
+    return summary if d.is_main else {}  # one report per run, not one per process

@@ -81,7 +81,8 @@ class MetricsLog:
             out.update(final_loss=train[-1]["loss"], tokens=train[-1]["tokens"],
                        median_tok_s=statistics.median(r["tok_s"] for r in train), median_mfu=statistics.median(r["mfu"] for r in train))
         if evals:
-            out.update({k: evals[-1][k] for k in ("val_loss", "val_ppl", "val_bpb")}, first_val_loss=evals[0]["val_loss"])
+            out.update({k: evals[-1][k] for k in ("val_loss", "val_ppl", "val_bpb")},
+                       initial_val_loss=evals[0]["val_loss"], initial_val_ppl=evals[0]["val_ppl"])
         return out
 
 

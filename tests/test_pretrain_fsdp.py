@@ -1,0 +1,199 @@
+"""`medfoundry pretrain` with ``distributed.strategy: fsdp`` under torchrun (2 gloo processes on CPU):
+the losses of 1 process, an export that transformers loads, exact resume after SIGKILL, and
+checkpoints in one format whatever wrote them (1 process, DDP or FSDP)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from medfoundry.config import validate
+from medfoundry.train.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from medfoundry.train.config import PretrainConfig
+from medfoundry.train.loop import pretrain
+from test_pretrain import ENV, _records, _tree, tokens  # noqa: F401  (tokens: the shared data fixture)
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "medfoundry", "pretrain"]
+
+
+def _fsdp_tree(tokens: dict, out: Path, steps: int, every: int) -> dict:
+    tree = _tree(tokens, out, steps=steps)  # fp32, micro 4, global 8: 1 micro-batch per process under torchrun
+    tree["distributed"] = {"strategy": "fsdp"}
+    tree["checkpoint"] = {"every": every, "keep_last": 2}
+    tree["eval"] = {"every": 4, "batches": 4}
+    return tree
+
+
+def _config(tree: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren, ... of a process (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL a torchrun job: the launcher and its workers (torchrun starts each worker in its own session)."""
+    pids = [proc.pid, *_descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _tensors_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _optim_equal(a: dict, b: dict) -> bool:
+    return a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys() and all(
+        _tensors_equal(a["state"][i], b["state"][i]) for i in a["state"])
+
+
+@pytest.fixture(scope="module")
+def runs(tokens, tmp_path_factory) -> dict[str, Path]:
+    """The same 6 steps by 1 process (in this one) and by 2 FSDP processes (torchrun), without dropout."""
+    root = tmp_path_factory.mktemp("fsdp")
+    proc = subprocess.Popen(TORCHRUN + [str(_config(_fsdp_tree(tokens, root / "fsdp", 6, 3), root / "fsdp.yaml"))],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pretrain(validate(PretrainConfig, _fsdp_tree(tokens, root / "single", 6, 3)))  # strategy ignored: 1 process
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    return {"single": root / "single", "fsdp": root / "fsdp"}
+
+
+def test_fsdp_matches_one_process_and_exports(runs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    one, two = _records(runs["single"]), _records(runs["fsdp"])
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for key in ("loss", "val_loss"):
+        a, b = [r[key] for r in one if key in r], [r[key] for r in two if key in r]
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4)
+    assert len([r for r in two if "loss" in r]) == 6
+
+    out = runs["fsdp"]
+    exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert exported.config.architectures == ["GPT2LMHeadModel"]  # not the FSDP wrapper class
+    reference = AutoModelForCausalLM.from_config(exported.config).eval()
+    reference.load_state_dict(read_checkpoint(out / "checkpoints" / "step-00000006")["model"], strict=True)
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    ids = tokenizer("Immunohistochemistry of the tumour", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, reference(ids).logits)
+    single = AutoModelForCausalLM.from_pretrained(runs["single"] / "model").state_dict()
+    assert all(torch.allclose(v, single[k], atol=1e-4) for k, v in exported.state_dict().items())
+
+
+def test_checkpoints_have_one_format(runs):
+    """An FSDP checkpoint has the layout of a 1-process one (position-keyed optimizer state, tied head
+    stored once), loads into a plain model, and a 1-process checkpoint loaded into an FSDP2 model (a
+    1-process group here) and saved again comes out identical."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from medfoundry.train import distributed as D
+    from medfoundry.train.optim import OptimConfig, build_optimizer
+    from medfoundry.train.schedules import ScheduleConfig, build_scheduler
+
+    fsdp = read_checkpoint(runs["fsdp"] / "checkpoints" / "step-00000006")
+    single_path = runs["single"] / "checkpoints" / "step-00000006"
+    single = read_checkpoint(single_path)
+    assert fsdp["optimizer"]["param_groups"] == single["optimizer"]["param_groups"]
+    assert all(isinstance(i, int) for i in fsdp["optimizer"]["state"])
+    assert fsdp["model"].keys() == single["model"].keys() and fsdp["trainer_state"]["step"] == 6
+    assert fsdp["model"]["lm_head.weight"].data_ptr() == fsdp["model"]["transformer.wte.weight"].data_ptr()
+
+    def build(model):
+        optimizer = build_optimizer(model, OptimConfig(lr=3e-3))
+        return model, optimizer, build_scheduler(optimizer, 6, ScheduleConfig(kind="cosine", warmup_steps=3))
+
+    model, optimizer, scheduler = build(AutoModelForCausalLM.from_pretrained(runs["single"] / "model"))
+    load_checkpoint(runs["fsdp"] / "checkpoints" / "step-00000006", model=model, optimizer=optimizer,
+                    scheduler=scheduler)  # FSDP -> 1 process
+    assert _tensors_equal(model.state_dict(), fsdp["model"]) and _optim_equal(optimizer.state_dict(), fsdp["optimizer"])
+
+    store = dist.FileStore(str(runs["single"].parent / "store"), 1)  # 1 process -> FSDP2 and back
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = AutoModelForCausalLM.from_pretrained(runs["single"] / "model")
+        for block in D.transformer_blocks(model):  # as D.wrap_model does under torchrun
+            fully_shard(block)
+        fully_shard(model)
+        model, optimizer, scheduler = build(model)
+        assert D.is_sharded(model)
+        state = load_checkpoint(single_path, model=model, optimizer=optimizer, scheduler=scheduler)
+        again = save_checkpoint(runs["single"].parent / "again", 6, model=None, optimizer=None, scheduler=scheduler,
+                                reader_state=state["reader_state"], extra=state["extra"], keep_last=1,
+                                model_state=D.full_model_state(model), optim_state=D.full_optim_state(model, optimizer))
+    finally:
+        dist.destroy_process_group()
+    again = read_checkpoint(again)
+    assert _tensors_equal(again["model"], single["model"]) and _optim_equal(again["optimizer"], single["optimizer"])
+    assert again["scheduler"] == single["scheduler"] and again["trainer_state"] == single["trainer_state"]
+
+
+def test_fsdp_sigkill_then_resume_is_bit_identical(tokens, tmp_path):
+    """A whole torchrun job (launcher and both workers) killed with SIGKILL after a checkpoint, then
+    started again, ends with the weights, optimizer state and metrics of an uninterrupted run."""
+    steps, cfgs = 12, {}
+    for name in ("straight", "killed"):
+        tree = _fsdp_tree(tokens, tmp_path / name, steps, 3)
+        tree["model"]["overrides"] = {}  # dropout on: every process must get the RNG state back
+        cfgs[name] = _config(tree, tmp_path / f"{name}.yaml")
+    straight = subprocess.Popen(TORCHRUN + [str(cfgs["straight"])], cwd=REPO, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(TORCHRUN + [str(cfgs["killed"])], cwd=REPO, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while killed.poll() is None and time.monotonic() < deadline:
+        if latest_checkpoint(ckpts, clean=False) is not None:
+            _kill_job(killed)
+            break
+        time.sleep(0.01)
+    assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert straight.wait(timeout=300) == 0
+    reached = int(latest_checkpoint(ckpts, clean=False).name[5:])
+    assert reached < steps and not (tmp_path / "killed" / "model").exists()
+
+    started = time.time()
+    resumed = subprocess.run(TORCHRUN + [str(cfgs["killed"])], cwd=REPO, env=ENV, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    final = f"checkpoints/step-{steps:08d}"
+    a, b = read_checkpoint(tmp_path / "straight" / final), read_checkpoint(tmp_path / "killed" / final)
+    assert _tensors_equal(a["model"], b["model"]) and _optim_equal(a["optimizer"], b["optimizer"])
+    assert a["rng"]["torch"].equal(b["rng"]["torch"]) and a["trainer_state"] == b["trainer_state"]
+    from safetensors.torch import load_file
+
+    assert _tensors_equal(load_file(tmp_path / "straight" / "model" / "model.safetensors"),
+                          load_file(tmp_path / "killed" / "model" / "model.safetensors"))
+    records = _records(tmp_path / "killed")
+    assert [r["step"] for r in records] == [r["step"] for r in _records(tmp_path / "straight")]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))  # one run's log
+    assert all(r["time"] < started for r in records if "loss" in r and r["step"] <= reached)  # it did resume
