@@ -47,7 +47,6 @@ class EvalConfig(StrictModel):
 
 class LogConfig(StrictModel):
     every: int = Field(10, gt=0)
-    tensorboard: bool = False
 
 
 class DistributedConfig(StrictModel):
