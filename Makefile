@@ -37,6 +37,7 @@ quickstart: setup
 bench: setup
 	$(BIN)/python benchmarks/corpus_bench.py
 	$(BIN)/python benchmarks/tokenizer_bench.py
+	$(BIN)/python benchmarks/train_bench.py --quick
 
 clean:
 	rm -rf runs .pytest_cache
