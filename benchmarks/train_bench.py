@@ -17,16 +17,24 @@ the PaLM 6N + 12LHT estimate) / that bf16 peak.
 
 HF Trainer and the plain loop use the model's own loss (``labels=input_ids``: 255 targets per
 256-token window, vs medfoundry's 256 from a 257-token window); tokens/s counts the 2,048 input
-tokens of each step for all three. HF Trainer runs with its defaults otherwise (``optim=adamw_torch``,
-which on CPU is torch's per-parameter loop, not foreach).
+tokens of each step for all three. HF Trainer keeps its defaults otherwise: its optimizer is torch's
+fused AdamW (``optim=adamw_torch_fused``, the JSON says which), medfoundry's is foreach AdamW on CPU
+(``optim.implementation: auto``), the plain loop's foreach AdamW. All three read the same windows in
+the same order (medfoundry's WindowReader, seed 0) and start from the same seeded initialization.
+
+Other processes on the machine distort every timing (two busy cores make OpenMP steps several times
+slower): the parent measures the share of the CPU that other processes used during each run and
+measures a run again (``--retries``) when it is above 5%; the JSON says if any run stayed contended.
 
 Prints progress lines, then one JSON object as its last line: peak_bf16_gflops, and per size params,
 medfoundry_tok_s, hf_trainer_tok_s, plain_tok_s (medians over rounds), speedup_vs_hf_trainer,
-speedup_vs_plain, mfu (medfoundry's) and mfu of each contender, peak_rss_mb of each contender,
-every run's tok/s; the targets (>= 1.5x HF Trainer's tokens/s, >= 45% MFU for gpt2-52m) and whether
-they are met. The tokens are built once and cached in /tmp/medfoundry_train_bench (``--fresh``
-rebuilds them); the output says whether the cache was used. ``--quick`` finishes in < 5 minutes
-(data preparation included).
+speedup_vs_plain, mfu (medfoundry's) and mfu of each contender, peak_rss_mb of each contender (the
+child's ru_maxrss, whole run), every run's tok/s, final_loss (HF Trainer: its mean training loss);
+the targets (>= 1.5x HF Trainer's tokens/s, >= 45% MFU for gpt2-52m) and whether they are met. The
+tokens are built once and cached in /tmp/medfoundry_train_bench (``--fresh`` rebuilds them); the
+output says whether the cache was used. ``--quick`` (2 rounds, 8/5 timed steps) finishes in < 5
+minutes with the data built from scratch (about 3 minutes on 2 idle cores); the default (3 rounds,
+40/20 timed steps) in about 10.
 """
 
 from __future__ import annotations
@@ -334,6 +342,21 @@ def child_main(spec: dict) -> None:
 
 # -- parent --------------------------------------------------------------------------------------
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit in this process, so subprocess.run kills the running child on its way out.
+    Processes forked from this one (there are none after data preparation, but to be safe) keep the default."""
+    parent = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != parent:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def measure_peak(env: dict, quick: bool) -> dict:
     return run_child({"kind": "peak", "sizes": [2048, 3072, 4096], "repeats": 3 if quick else 5}, env)
 
@@ -356,7 +379,6 @@ def main() -> None:
     from medfoundry.model.presets import count_parameters, flops_per_token, model_config
     from medfoundry.runtime import find_tcmalloc
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so subprocess.run kills the running child too
     wall_start = time.perf_counter()
     mode = "quick" if args.quick else "full"
     plan = PLANS[mode]
@@ -370,6 +392,7 @@ def main() -> None:
     print(f"data: {'reused the cache in' if data['cached'] else 'built (and cached) in'} {data['dir']} "
           f"({data['train_tokens']:,} train tokens, vocabulary {data['vocab_size']:,}, {data['prep_s']:.0f} s)", flush=True)
 
+    _exit_on_sigterm()
     peak = measure_peak(env, args.quick)
     print(f"peak: bf16 {peak['peak_bf16_gflops']:.0f} GFLOP/s, fp32 {peak['peak_fp32_gflops']:.0f} GFLOP/s "
           f"({peak['threads']} threads, {peak['allocator']}, other processes used {peak['foreign_cpu']:.0%} of the CPU)",
@@ -427,6 +450,7 @@ def main() -> None:
             "runs_tok_s": {c: [round(r["tok_s"], 1) for r in runs[size][c]] for c in CONTENDERS},
             "medfoundry_logged_tok_s": round(statistics.median(r["logged_tok_s_median"] for r in runs[size]["medfoundry"]), 1),
             "final_loss": {c: round(runs[size][c][-1]["final_loss"], 4) for c in CONTENDERS},
+            "hf_trainer_optimizer": runs[size]["hf_trainer"][-1]["optimizer"],
             "foreign_cpu_max": {c: max(r["foreign_cpu"] for r in runs[size][c]) for c in CONTENDERS},
             "warmup_steps": plan["steps"][size][0], "timed_steps": plan["steps"][size][1],
         }
