@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medfoundry.model.export import unwrap
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -95,11 +97,6 @@ def all_reduce_sum(value: float | int, d: Dist, device: str) -> float:
 
 def all_true(flag: bool, d: Dist, device: str) -> bool:
     return all_reduce_sum(0 if flag else 1, d, device) == 0
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from medfoundry import __version__
 from medfoundry.errors import ConfigError, MedfoundryError
 from medfoundry.io import write_json
+from medfoundry.model.presets import flops_per_token
 from medfoundry.runtime import configure, resolve_device_precision
 from medfoundry.tokenizer.reader import WindowReader
 from medfoundry.tokenizer.shards import TokenShards
@@ -138,7 +139,7 @@ def _pretrain(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -> di
         state = load_checkpoint(latest, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler)
         reader.load_state_dict(state["reader_state"])
     log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=state["step"])
-    flops_token = log.flops_per_token(D.unwrap(model).config, cfg.model.context)
+    flops_token = flops_per_token(D.unwrap(model).config, cfg.model.context)
     peak = peak_flops(device, precision) * d.world_size
     if d.is_main:
         write_json(out / "run.json", {"version": __version__, "config": cfg.model_dump(), "world_size": d.world_size,

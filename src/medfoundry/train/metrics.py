@@ -45,12 +45,6 @@ class MetricsLog:
             path.write_text("".join(line + "\n" for line in kept))
             self.records = [json.loads(line) for line in kept]
 
-    @staticmethod
-    def flops_per_token(config, context: int) -> float:
-        from medfoundry.model.presets import flops_per_token
-
-        return flops_per_token(config, context)
-
     @contextlib.contextmanager
     def progress(self, total: int, initial: int):
         from tqdm import tqdm
