@@ -1,0 +1,260 @@
+"""Instruction data readers: Alpaca, chat ``messages`` and ShareGPT records in JSON or JSONL(.gz) files.
+
+Every reader yields the same :class:`Conversation`, so templates, masking and mixing never see the
+file format. A conversation is validated when it is read (known roles, an optional system message
+first, then user and assistant turns alternating, ending with a non-empty assistant turn), and every
+error is an :class:`~medfoundry.errors.InputError` naming the file and the line of the record, so
+that one bad record among a million can be found and fixed. JSON files (a top-level array, or an
+object keyed by record id) are scanned value by value to keep each record's line number too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medfoundry.errors import InputError
+from medfoundry.io import open_binary
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant"}
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn. ``options`` (letter -> text) keeps a multiple-choice question's options apart from its
+    text, so that a template can lay them out its own way (BioMed-LLaMA's ``### Options``)."""
+
+    role: str
+    content: str
+    options: dict[str, str] | None = None
+
+    def folded(self) -> str:
+        """The content with the options appended, for templates that only know ``content``."""
+        if not self.options:
+            return self.content
+        return self.content + "\n\nOptions:\n" + "\n".join(f"{k}. {v}" for k, v in self.options.items())
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A validated training record: an optional system message, then user/assistant turns ending with
+    an assistant turn. ``source``/``line`` (or ``record_id``) say where it came from, for error
+    messages and overlap reports; ``pmid`` lets the overlap guard recognise PubMedQA test articles."""
+
+    messages: tuple[Message, ...]
+    source: str
+    line: int | None = None
+    record_id: str | None = None
+    pmid: str | None = None
+
+    @property
+    def system(self) -> str | None:
+        return self.messages[0].content if self.messages[0].role == "system" else None
+
+    @property
+    def location(self) -> str:
+        if self.line is not None:
+            return f"{self.source}:{self.line}"
+        return f"{self.source} (record {self.record_id})" if self.record_id else self.source
+
+    def error(self, message: str) -> InputError:
+        prefix = f"record {self.record_id}: " if self.line is None and self.record_id else ""
+        return InputError(self.source, prefix + message, self.line)
+
+
+def make_conversation(messages: list[Message], source: str, line: int | None = None, **ids: str | None) -> Conversation:
+    """A :class:`Conversation`, after checking the turn structure every template relies on."""
+    conversation = Conversation(tuple(messages), str(source), line, **ids)
+    problem = _structure_problem(conversation.messages)
+    if problem:
+        raise conversation.error(problem)
+    return conversation
+
+
+def _structure_problem(messages: tuple[Message, ...]) -> str | None:
+    turns = messages[1:] if messages and messages[0].role == "system" else messages
+    if not turns:
+        return "record has no user or assistant turns"
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.role == "system":
+            return f"a system message may only come first (found one at turn {i + 1})"
+        if message.role != expected:
+            return f"turn {i + 1} is {message.role!r} but {expected!r} was expected: turns must alternate user, assistant"
+    if turns[-1].role != "assistant":
+        return "record is missing its response: the last turn is a user turn without an assistant reply"
+    empty = [i + 1 for i, m in enumerate(turns) if m.role == "assistant" and not m.content.strip()]
+    if empty:
+        return f"record is missing its response: assistant turn {empty[0]} is empty"
+    return None
+
+
+def _text(record: dict, key: str, path: str, line: int | None, *, required: bool, what: str = "") -> str | None:
+    value = record.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value.strip()):
+        found = "missing" if value is None else f"{type(value).__name__} {value!r:.40}"
+        raise InputError(path, f"record is missing its {what or repr(key)} (field {key!r} is {found})", line)
+    return value
+
+
+def from_alpaca(record: dict, path: str, line: int | None) -> Conversation:
+    """``{instruction, input?, output, system?}``: the input is appended to the instruction."""
+    instruction = _text(record, "instruction", path, line, required=True, what="instruction")
+    extra = _text(record, "input", path, line, required=False)
+    output = _text(record, "output", path, line, required=True, what="response")
+    system = _text(record, "system", path, line, required=False)
+    prompt = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
+    messages = ([Message("system", system)] if system else []) + [Message("user", prompt), Message("assistant", output)]
+    return make_conversation(messages, path, line)
+
+
+def _turn_list(record: dict, key: str, fmt: str, path: str, line: int | None) -> list:
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise InputError(path, f"record has no {key!r} list (expected by the {fmt} format)", line)
+    return turns
+
+
+def _options(turn: dict, path: str, line: int | None) -> dict[str, str] | None:
+    options = turn.get("options")
+    if options is None:
+        return None
+    if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
+        raise InputError(path, "'options' must map option letters to option texts", line)
+    return {str(k): v for k, v in options.items()}
+
+
+def from_messages(record: dict, path: str, line: int | None) -> Conversation:
+    """``{messages: [{role, content, options?}, ...]}`` with roles system, user and assistant."""
+    messages = []
+    for i, turn in enumerate(_turn_list(record, "messages", "messages", path, line), 1):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+            raise InputError(path, f"message {i} needs a string 'content'", line)
+        role = turn.get("role")
+        if role not in ROLES:
+            raise InputError(path, f"message {i} has unknown role {role!r}; expected one of {', '.join(ROLES)}", line)
+        messages.append(Message(role, turn["content"], _options(turn, path, line)))
+    return make_conversation(messages, path, line)
+
+
+def from_sharegpt(record: dict, path: str, line: int | None) -> Conversation:
+    """``{conversations: [{from, value}, ...]}``; ``human``/``gpt`` map to user/assistant."""
+    messages = []
+    for i, turn in enumerate(_turn_list(record, "conversations", "sharegpt", path, line), 1):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise InputError(path, f"turn {i} needs a string 'value'", line)
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            known = ", ".join(SHAREGPT_ROLES)
+            raise InputError(path, f"turn {i} has unknown role {speaker!r} in 'from'; expected one of {known}", line)
+        messages.append(Message(SHAREGPT_ROLES[speaker], turn["value"]))
+    return make_conversation(messages, path, line)
+
+
+PARSERS: dict[str, Callable[[dict, str, int | None], Conversation]] = {
+    "alpaca": from_alpaca, "messages": from_messages, "sharegpt": from_sharegpt}
+
+
+def detect_format(record: Any, path: str, line: int | None) -> str:
+    """The format a record is in, from its keys."""
+    if isinstance(record, dict):
+        if "messages" in record:
+            return "messages"
+        if "conversations" in record:
+            return "sharegpt"
+        if "instruction" in record or "output" in record:
+            return "alpaca"
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise InputError(path, f"cannot tell the format of this record (keys: {keys}); expected Alpaca "
+                           "(instruction/input/output), 'messages' or ShareGPT 'conversations', or set format:", line)
+
+
+def _scan_json(text: str, path: str) -> Iterator[tuple[int, str | None, Any]]:
+    """``(line, key, value)`` for each element of a top-level JSON array or object, in file order."""
+    decoder = json.JSONDecoder()
+    pos, line = _skip(text, 0), 1
+    if pos >= len(text) or text[pos] not in "[{":
+        raise InputError(path, "expected a JSON array of records (or an object of records keyed by id)", 1)
+    is_object, closing = text[pos] == "{", "}" if text[pos] == "{" else "]"
+    pos, counted = _skip(text, pos + 1), 0
+    while pos < len(text) and text[pos] != closing:
+        line += text.count("\n", counted, pos)
+        counted = pos
+        key = None
+        try:
+            if is_object:
+                key, pos = decoder.raw_decode(text, pos)
+                pos = _skip(text, pos)
+                if text[pos : pos + 1] != ":":
+                    raise InputError(path, "expected ':' after an object key", line + text.count("\n", counted, pos))
+                pos = _skip(text, pos + 1)
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise InputError(path, f"invalid JSON: {err.msg}", err.lineno) from None
+        yield line, key, value
+        pos = _skip(text, pos)
+        if text[pos : pos + 1] == ",":
+            pos = _skip(text, pos + 1)
+        elif text[pos : pos + 1] != closing:
+            raise InputError(path, f"invalid JSON: expected ',' or {closing!r}", line + text.count("\n", counted, pos))
+
+
+def _skip(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def iter_json_records(path: str | Path) -> Iterator[tuple[int, str | None, Any]]:
+    """``(line, key, record)`` of a JSON or JSONL file, optionally gzipped (key: the id in an object of records).
+
+    JSONL is streamed line by line, split on ``\\n`` only: ``str.splitlines`` would also split on
+    U+2028 and U+0085, which JSON strings may hold unescaped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(str(path), "file not found")
+    if ".jsonl" in path.name:
+        yield from _jsonl_records(path)
+        return
+    with open_binary(path) as fh:
+        raw = fh.read()
+    yield from _scan_json(_decode(raw, str(path), 1), str(path))
+
+
+def _decode(raw: bytes, path: str, first_line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"not UTF-8 text ({exc.reason})", first_line + raw.count(b"\n", 0, exc.start)) from None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, None, Any]]:
+    with open_binary(path) as fh:
+        for line, raw in enumerate(fh, 1):
+            if raw.strip():
+                try:
+                    yield line, None, json.loads(_decode(raw, str(path), line))
+                except json.JSONDecodeError as err:
+                    raise InputError(str(path), f"invalid JSON: {err.msg}", line) from None
+
+
+def read_conversations(path: str | Path, format: str = "auto") -> Iterator[Conversation]:
+    """Conversations of an Alpaca / messages / ShareGPT file. ``auto`` decides from the first record;
+    a later record in another shape is an error naming its line (mixed files are not guessed at)."""
+    if format != "auto" and format not in PARSERS:
+        raise InputError(str(path), f"unknown format {format!r}; expected auto or one of {', '.join(PARSERS)}")
+    parser = PARSERS.get(format)
+    for line, _, record in iter_json_records(path):
+        if parser is None:
+            parser = PARSERS[detect_format(record, str(path), line)]
+        if not isinstance(record, dict):
+            raise InputError(str(path), f"expected a JSON object per record, found {type(record).__name__}", line)
+        yield parser(record, str(path), line)
