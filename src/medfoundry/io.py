@@ -13,8 +13,11 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from medfoundry.errors import InputError
 
 
 def _read_umask() -> int:
@@ -97,6 +100,32 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
         for line in io.BufferedReader(fh):  # type: ignore[arg-type]
             if line.strip():
                 yield json.loads(line)
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file, gzipped or not, from a user: an undecodable line or a
+    truncated / corrupt gzip stream is an :class:`InputError` naming the file and line."""
+    line_no = 0
+    with open_binary(path) as fh:
+        try:
+            for line_no, raw in enumerate(fh, 1):
+                try:
+                    yield line_no, raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(str(path), f"not UTF-8 text ({exc.reason})", line_no) from None
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputError(str(path), f"unreadable ({exc})", line_no + 1) from None
+
+
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSONL(.gz) file from a user, strictly: invalid
+    JSON is an :class:`InputError` naming the file and line."""
+    for line_no, line in iter_lines(path):
+        if line.strip():
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(str(path), f"invalid JSON: {exc.msg}", line_no) from None
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medfoundry.errors import InputError
-from medfoundry.io import open_binary
+from medfoundry.io import iter_json_lines, open_binary
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -222,7 +222,7 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, str | None, Any]]
     if not path.is_file():
         raise InputError(str(path), "file not found")
     if ".jsonl" in path.name:
-        yield from _jsonl_records(path)
+        yield from ((line, None, record) for line, record in iter_json_lines(path))
         return
     with open_binary(path) as fh:
         raw = fh.read()
@@ -234,16 +234,6 @@ def _decode(raw: bytes, path: str, first_line: int) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(path, f"not UTF-8 text ({exc.reason})", first_line + raw.count(b"\n", 0, exc.start)) from None
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[int, None, Any]]:
-    with open_binary(path) as fh:
-        for line, raw in enumerate(fh, 1):
-            if raw.strip():
-                try:
-                    yield line, None, json.loads(_decode(raw, str(path), line))
-                except json.JSONDecodeError as err:
-                    raise InputError(str(path), f"invalid JSON: {err.msg}", line) from None
 
 
 def read_conversations(path: str | Path, format: str = "auto") -> Iterator[Conversation]:

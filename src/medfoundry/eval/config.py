@@ -1,0 +1,60 @@
+"""Typed configuration of ``medfoundry eval``: which models, which tasks, how they are prompted and scored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from medfoundry.config import StrictModel
+
+
+def default_benchmarks_dir() -> Path:
+    """``../shared/data/benchmarks`` next to the repository this package was loaded from (a source checkout)."""
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "benchmarks"
+
+
+class GenerationConfig(StrictModel):
+    """Chain-of-thought generation; ``samples > 1`` is self-consistency (majority vote)."""
+
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    samples: int = Field(1, ge=1, description="completions per question; the answer is their majority vote")
+    stop: list[str] | None = Field(None, description="stop sequences; default each task's")
+
+    @model_validator(mode="after")
+    def _sampling_for_votes(self) -> "GenerationConfig":
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("samples > 1 (self-consistency) needs temperature > 0: greedy samples are all the same")
+        return self
+
+
+class EvalConfig(StrictModel):
+    output_dir: str
+    models: list[str] = Field(min_length=1, description="Hugging Face model directories (or .gguf files), "
+                                                         "compared side by side")
+    tasks: list[str | dict] = Field(min_length=1, description="task or group names, or inline task definitions")
+    benchmarks_dir: str | None = Field(None, description="where task data files are; default ../shared/data/benchmarks "
+                                                         "next to the repository")
+    task_dirs: list[str] = Field(default_factory=list, description="folders of your own task YAML files")
+    prompt_style: str = Field("lm_eval", description="lm_eval (lm-eval's prompts, byte for byte) or meditron")
+    mode: Literal["loglik", "cot"] | None = Field(None, description="override every task's mode")
+    num_fewshot: int = Field(0, ge=0)
+    fewshot_seed: int = Field(1234, description="picks the demonstrations (lm-eval's default seed)")
+    fewshot_source: str | None = Field(None, description="TASK[:SPLIT] giving demonstrations to tasks that have "
+                                                         "no few-shot split here (MedQA, MedMCQA)")
+    chat_template: Literal["auto", "none"] = Field("auto", description="chain-of-thought prompts go through the "
+                                                                      "tokenizer's chat template when it has one")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    limit: int | None = Field(None, gt=0, description="only the first N questions (documents) of each task")
+    batch_size: int | None = Field(None, gt=0, description="default: automatic; never changes the results")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 where the hardware computes it")
+    device: str = "auto"
+    threads: int = Field(0, ge=0, description="0 = the runtime's choice")
+    bootstrap_iters: int = Field(1000, ge=0, description="0 = no bootstrap standard errors")
+    seed: int = Field(0, description="bootstrap resampling and generation sampling")
+
+    def benchmarks_path(self) -> Path:
+        return Path(self.benchmarks_dir).expanduser() if self.benchmarks_dir else default_benchmarks_dir()

@@ -1,0 +1,271 @@
+"""Running an evaluation: every task on every model, each (model, task) result cached so a killed run resumes.
+
+Tasks are prepared once, before any model is loaded, so that every configuration mistake (unknown
+task, missing data file, k-shot without demonstrations, a template naming a missing field) is
+reported at once. The cache key of a (model, task) result is a hash of the model's files, the
+device and precision, and the exact requests sent to the model (every context and continuation, or
+every prompt and the generation settings), so anything that changes what the model is asked
+invalidates it, and batch size, which changes nothing, does not. Metrics are recomputed from the
+cached model outputs on every run (bootstrap settings can change freely).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+
+from medfoundry import __version__
+from medfoundry.errors import ConfigError
+from medfoundry.eval import results as R
+from medfoundry.eval.config import EvalConfig
+from medfoundry.eval.data import HubLoader, load_split
+from medfoundry.eval.fewshot import fewshot_pool
+from medfoundry.eval.prompts import PromptBuilder
+from medfoundry.eval.tasks import BUILTIN_DIR, PerplexityTask, Plan, Task, TaskRegistry
+from medfoundry.io import write_json
+
+
+@dataclass
+class Prepared:
+    """A task ready to run: its questions rendered into requests (nothing model-specific yet)."""
+
+    task: Task
+    kind: str  # loglik | cot | perplexity
+    total: int = 0  # documents in the test split, before `limit`
+    doc_ids: list[str] = field(default_factory=list)
+    contexts: list[str] = field(default_factory=list)
+    choices: list[list[str]] = field(default_factory=list)
+    continuations: list[list[str]] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    options: list[list[str] | None] = field(default_factory=list)
+    num_fewshot: int = 0
+    fewshot_source: str | None = None
+    notes: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.task.task
+
+    def requests_digest(self) -> str:
+        """Hash of everything the model will be asked."""
+        h = xxhash.xxh3_128()
+        if isinstance(self.task, PerplexityTask):
+            h.update(json.dumps([self.task.perplexity.model_dump(), _path_stats(Path(self.task.perplexity.path))]).encode())
+        for context, continuations in zip(self.contexts, self.continuations):
+            h.update(json.dumps([context, continuations]).encode())
+        h.update(json.dumps([self.kind, self.stop]).encode())
+        return h.hexdigest()
+
+
+def _path_stats(path: Path) -> list:
+    """Names, sizes and modification times of the files under ``path``: cheap change detection for corpora."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def prepare(task: Task, cfg: EvalConfig, registry: TaskRegistry, hub_loader: HubLoader | None = None) -> Prepared:
+    if isinstance(task, PerplexityTask):
+        if not Path(task.perplexity.path).exists():
+            raise ConfigError(f"task {task.task} ({task.source}): perplexity.path {task.perplexity.path} not found")
+        return Prepared(task, "perplexity")
+    kind = cfg.mode or task.mode
+    builder = PromptBuilder(task, cfg.prompt_style)
+    docs = load_split(task, task.test_split, cfg.benchmarks_path(), hub_loader)
+    if not docs:
+        raise ConfigError(f"task {task.task} ({task.source}): its {task.test_split!r} split has no documents")
+    pool = fewshot_pool(task, cfg.num_fewshot, style=cfg.prompt_style, source=cfg.fewshot_source,
+                        get_task=registry.get, benchmarks_dir=cfg.benchmarks_path(), hub_loader=hub_loader)
+    prepared = Prepared(task, kind, total=len(docs), num_fewshot=cfg.num_fewshot,
+                        fewshot_source=pool.source if pool else None, notes=[pool.note] if pool and pool.note else [],
+                        stop=list(cfg.generation.stop if cfg.generation.stop is not None else task.generation.stop))
+    for doc in docs[:cfg.limit]:
+        demos = pool.demonstrations(cfg.num_fewshot, seed=cfg.fewshot_seed, task=task.task, doc_id=doc.id) if pool else []
+        prepared.doc_ids.append(doc.id)
+        prepared.contexts.append(builder.context(doc, demos, cot=kind == "cot"))
+        prepared.choices.append(builder.choices(doc))
+        prepared.continuations.append(builder.continuations(doc) if kind == "loglik" else [])
+        prepared.targets.append(builder.target(doc))
+        prepared.options.append(builder.options(doc))
+    return prepared
+
+
+def registry_for(cfg: EvalConfig) -> TaskRegistry:
+    return TaskRegistry([BUILTIN_DIR, *(Path(d) for d in cfg.task_dirs)])
+
+
+def evaluate(cfg: EvalConfig, *, progress: bool = False, hub_loader: HubLoader | None = None) -> dict:
+    """Evaluate every model on every task; write each model's results and the comparison report.
+
+    Writes ``OUTPUT/<model>/{results.json, samples.jsonl, results.md}``, the comparison ``OUTPUT/results.md``
+    and ``OUTPUT/manifest.json`` (config, model hashes, version, time). Returns
+    ``{"models": [{"name", "path", "dir", "results"}], "report": the comparison's path,
+    "table": {"header", "rows"}}`` (the comparison table, one row per model).
+    """
+    start = time.perf_counter()
+    registry = registry_for(cfg)
+    plan = registry.plan(cfg.tasks)
+    prepared = [prepare(task, cfg, registry, hub_loader) for task in plan.tasks]
+    out = Path(cfg.output_dir)
+    evaluated = []
+    for name, path in _model_names(cfg.models):
+        results = _evaluate_model(cfg, plan, prepared, name, path, out / name, progress)
+        evaluated.append({"name": name, "path": str(path), "dir": str(out / name), "results": results})
+    header, rows = R.comparison_rows(plan, evaluated)
+    report = out / "results.md"
+    R.write_comparison(report, header, rows, [m["name"] for m in evaluated])
+    write_json(out / "manifest.json", {
+        "stage": "eval", "medfoundry_version": __version__, "config": cfg.model_dump(mode="json"), "tasks": plan.requested,
+        "models": {m["name"]: {"path": m["path"], "model_files_hash": m["results"]["config"]["model_files_hash"]}
+                   for m in evaluated},
+        "seconds": round(time.perf_counter() - start, 2)})
+    return {"models": evaluated, "report": str(report), "table": {"header": header, "rows": rows}}
+
+
+def _model_names(models: list[str]) -> list[tuple[str, Path]]:
+    """A short unique name per model (its folder or GGUF file name, numbered on clashes)."""
+    named, seen = [], {}
+    for model in models:
+        path = Path(model)
+        gguf = path.suffix == ".gguf" and path.is_file()
+        if not gguf and not (path / "config.json").is_file():
+            raise ConfigError(f"model {model}: not a Hugging Face model directory (no config.json) nor a .gguf file")
+        base = path.stem if gguf else path.resolve().name
+        seen[base] = seen.get(base, 0) + 1
+        named.append((base if seen[base] == 1 else f"{base}-{seen[base]}", path))
+    return named
+
+
+def model_files_hash(path: Path) -> str:
+    """Content hash of a model: every file of its directory (hidden ones skipped), or its GGUF file."""
+    h = xxhash.xxh3_128()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        rel = file.relative_to(path) if file != path else Path(file.name)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(f"{rel}\0".encode())
+        with open(file, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _evaluate_model(cfg: EvalConfig, plan: Plan, prepared: list[Prepared], name: str, path: Path, out: Path,
+                    progress: bool) -> dict:
+    from medfoundry.runtime import resolve_device_precision
+
+    start = time.perf_counter()
+    device, precision = resolve_device_precision(cfg.device, cfg.precision)
+    identity = {"model_files_hash": model_files_hash(path), "device": device, "precision": precision}
+    runner = _Runner(cfg, path, progress)
+    scored = {}
+    try:
+        for p in prepared:
+            cache = out / "cache" / f"{p.name}.json"
+            key = xxhash.xxh3_128_hexdigest(json.dumps([identity, p.requests_digest(), _settings(cfg, p)]).encode())
+            outputs = _cached(cache, key)
+            _log(progress, f"eval: {name}: {p.name} ({_describe(p)}){': cached' if outputs is not None else ''}")
+            if outputs is None:
+                outputs = runner.run(p)
+                write_json(cache, {"key": key, "outputs": outputs})
+            scored[p.name] = R.score(p, outputs, cfg)
+    finally:
+        runner.close()
+    info = {"model": "medfoundry", "model_args": f"pretrained={path}", "model_name": name, "model_path": str(path),
+            **identity, "medfoundry_version": __version__}
+    results = R.results_json(plan, prepared, scored, info, cfg)
+    results["total_evaluation_time_seconds"] = str(round(time.perf_counter() - start, 2))  # a string, as lm-eval writes it
+    R.write_model_outputs(out, results, prepared, scored, name)
+    return results
+
+
+def _describe(p: Prepared) -> str:
+    if p.kind == "perplexity":
+        return f"perplexity on {p.task.perplexity.path}"
+    return f"{len(p.doc_ids)} of {p.total} questions, {p.num_fewshot}-shot, {p.kind}"
+
+
+def _settings(cfg: EvalConfig, p: Prepared) -> dict:
+    """Run settings that change what a task's model outputs are (besides the requests themselves)."""
+    if p.kind == "cot":
+        return {"generation": cfg.generation.model_dump(), "chat_template": cfg.chat_template, "seed": cfg.seed}
+    if p.kind == "perplexity":
+        return {"limit": cfg.limit}
+    return {}
+
+
+def _cached(path: Path, key: str):
+    """A task's model outputs from an earlier run with the same key, else None."""
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            return cached["outputs"]
+    return None
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+class _Runner:
+    """Runs prepared tasks on one model, loading it only when some task is not cached."""
+
+    def __init__(self, cfg: EvalConfig, path: Path, progress: bool):
+        self.cfg, self.path, self.progress, self._lm = cfg, path, progress, None
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            from medfoundry.eval.model import load_model
+
+            self._lm = load_model(self.path, precision=self.cfg.precision, device=self.cfg.device, threads=self.cfg.threads)
+        return self._lm
+
+    def close(self) -> None:
+        self._lm = None
+        gc.collect()
+
+    def run(self, p: Prepared):
+        return {"loglik": self._loglik, "cot": self._cot, "perplexity": self._perplexity}[p.kind](p)
+
+    def _loglik(self, p: Prepared) -> list:
+        from medfoundry.eval.loglik import LoglikRequest, score_requests
+
+        requests = [LoglikRequest(c, tuple(conts)) for c, conts in zip(p.contexts, p.continuations)]
+        scores = score_requests(self.lm, requests, batch_size=self.cfg.batch_size, progress=self.progress)
+        return [[[s.loglik, s.is_greedy, s.tokens] for s in doc] for doc in scores]
+
+    def _cot(self, p: Prepared) -> list:
+        from medfoundry.eval.generate import generate
+
+        gen, tokenizer = self.cfg.generation, self.lm.tokenizer
+        templated = self.cfg.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+                   for c in p.contexts] if templated else p.contexts
+        completions = generate(self.lm, prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                               top_p=gen.top_p, n=gen.samples, seed=self.cfg.seed, stop=p.stop,
+                               batch_size=self.cfg.batch_size, add_special_tokens=not templated)
+        return [{"prompt": prompt, "completions": texts} for prompt, texts in zip(prompts, completions)]
+
+    def _perplexity(self, p: Prepared) -> dict:
+        from medfoundry.eval.perplexity import iter_eval_texts, shard_perplexity, text_perplexity
+
+        spec, lm = p.task.perplexity, self.lm
+        path = Path(spec.path)
+        shards = path / spec.split if (path / spec.split / "index.json").is_file() else path
+        common = {"max_length": spec.max_length or lm.max_length, "stride": spec.stride,
+                  "batch_size": self.cfg.batch_size or 8, "precision": lm.precision, "progress": self.progress}
+        if (shards / "index.json").is_file():
+            result = shard_perplexity(lm.model, shards, limit_tokens=spec.limit_tokens, tokenizer=lm.tokenizer, **common)
+        else:
+            texts = iter_eval_texts(path, split=spec.split, text_field=spec.text_field, limit=self.cfg.limit)
+            result = text_perplexity(lm.model, lm.tokenizer, texts, **common)
+        return result.to_dict()
