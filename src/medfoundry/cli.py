@@ -135,6 +135,7 @@ def _add_config_command(commands, name: str, help_text: str, func, example: str)
 
 def build_parser() -> argparse.ArgumentParser:
     from medfoundry.corpus.download import NCBI_PUBMED_URL
+    from medfoundry.serve.cli import add_subcommands as add_serve_commands
 
     parser = argparse.ArgumentParser(prog="medfoundry", description="Build biomedical language models end to end.")
     parser.add_argument("--version", action="version", version=f"medfoundry {__version__}")
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="directory to write (config.json, model.safetensors, tokenizer)")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     convert.set_defaults(func=_convert)
+    add_serve_commands(stages)
     return parser
 
 

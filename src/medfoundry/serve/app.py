@@ -1,0 +1,367 @@
+"""The OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics.
+
+One :class:`~medfoundry.serve.worker.EngineWorker` thread runs the model; each HTTP request becomes one
+engine request per choice, and its outputs come back through an asyncio queue, either gathered into one
+JSON answer or streamed as server-sent events in OpenAI's chunk format (ending with ``data: [DONE]``).
+A client that goes away is noticed (the stream is cancelled, or polling for a non-streamed answer sees
+the disconnect) and its requests leave the batch at the next step.
+
+Security defaults: the CLI binds 127.0.0.1; with an API key, every /v1 route needs
+``Authorization: Bearer <key>``, compared in constant time; prompts, outputs and keys are never logged.
+/health and /metrics stay open (no request content in them), as in vLLM, so probes and scrapers need
+no secret. Further pages (the web chat of part 2) are routes or mounts added to the app that
+:func:`create_app` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from medfoundry.serve import protocol
+from medfoundry.serve.engine import Output
+from medfoundry.serve.protocol import ChatCompletionRequest, CompletionRequest
+from medfoundry.serve.worker import EngineWorker, QueueFull
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass
+class ServerConfig:
+    """What the server enforces. ``max_tokens`` (per request) defaults to the engine's sequence length and
+    ``max_prompt_tokens`` to one less; ``chat_template`` (Jinja text) overrides the tokenizer's."""
+
+    model_name: str
+    api_key: str | None = None
+    max_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+    chat_template: str | None = None
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format, with its status code."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+def create_app(worker: EngineWorker, config: ServerConfig) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the worker thread."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()
+
+    service = _Service(worker, config)
+    app = FastAPI(title="medfoundry", summary=f"OpenAI-compatible API for {config.model_name}", lifespan=lifespan)
+    _install_error_handlers(app)
+    app.add_middleware(_CountRequests, metrics=worker.metrics)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(config.api_key))])
+    v1.add_api_route("/models", service.models, methods=["GET"])
+    v1.add_api_route("/models/{model_id:path}", service.model, methods=["GET"])
+    v1.add_api_route("/completions", service.complete, methods=["POST"])
+    v1.add_api_route("/chat/completions", service.chat, methods=["POST"])
+    app.include_router(v1)
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/metrics", service.metrics, methods=["GET"])
+    return app
+
+
+def serve(worker: EngineWorker, config: ServerConfig, *, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info") -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(worker, config), host=host, port=port, log_level=log_level)
+
+
+class _Service:
+    def __init__(self, worker: EngineWorker, config: ServerConfig):
+        self.worker, self.engine, self.config = worker, worker.engine, config
+        self.max_tokens = config.max_tokens or self.engine.max_seq_len
+        self.max_prompt_tokens = config.max_prompt_tokens or self.engine.max_seq_len - 1
+        self.started = int(time.time())
+
+    # ---- plain routes
+
+    async def health(self) -> JSONResponse:
+        alive = self.worker.alive
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+    async def metrics(self) -> PlainTextResponse:
+        return PlainTextResponse(self.worker.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def model(self, model_id: str) -> dict:
+        self._check_model(model_id)
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {"id": self.config.model_name, "object": "model", "created": self.started, "owned_by": "medfoundry",
+                "max_model_len": self.engine.max_seq_len}
+
+    # ---- generation routes
+
+    async def complete(self, body: CompletionRequest, http: Request) -> Response:
+        self._check_model(body.model)
+        prompts = [self._encode(p) for p in body.prompts()]
+        return await self._generate(http, body, prompts, [body.max_tokens] * len(prompts), chat=False)
+
+    async def chat(self, body: ChatCompletionRequest, http: Request) -> Response:
+        self._check_model(body.model)
+        prompt = self._chat_prompt(body)
+        return await self._generate(http, body, [prompt], [body.requested_max_tokens], chat=True)
+
+    def _check_model(self, name: str) -> None:
+        if name != self.config.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {self.config.model_name!r}",
+                           code="model_not_found")
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        ids = self.engine.encode(prompt) if isinstance(prompt, str) else prompt
+        try:
+            self.engine.check_prompt(ids)
+        except ValueError as exc:
+            raise APIError(400, f"prompt: {exc}") from None
+        if len(ids) > self.max_prompt_tokens:
+            raise APIError(400, f"prompt: {len(ids)} tokens, more than this server's limit of {self.max_prompt_tokens}")
+        return ids
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        try:
+            ids = self.engine.chat_prompt([m.as_template_input() for m in body.messages], self.config.chat_template)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return self._encode(ids)
+
+    def _budget(self, prompt: list[int], requested: int | None) -> int:
+        """Tokens to generate: as requested, within this server's limit and the context left after the prompt."""
+        room = self.engine.max_seq_len - len(prompt)
+        if requested is None:
+            return min(room, self.max_tokens)
+        if requested > self.max_tokens:
+            raise APIError(400, f"max_tokens: {requested} is more than this server's limit of {self.max_tokens}")
+        if requested > room:
+            raise APIError(400, f"max_tokens: the prompt's {len(prompt)} tokens plus {requested} to generate exceed "
+                                f"the model's context of {self.engine.max_seq_len} tokens; lower max_tokens or shorten the prompt")
+        return requested
+
+    async def _generate(self, http: Request, body, prompts: list[list[int]], requested: list[int | None], *, chat: bool
+                        ) -> Response:
+        try:
+            jobs = [(ids, body.sampling(self._budget(ids, want), choice)) for ids, want in zip(prompts, requested)
+                    for choice in range(body.n)]
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        if len(jobs) > self.worker.capacity:
+            raise APIError(400, f"n: {len(jobs)} generations (prompts x n) in one request; this server runs at most "
+                                f"{self.worker.capacity} at once")
+        try:
+            generation = _Generation(self.worker, jobs)
+        except QueueFull as exc:
+            raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from None
+        reply = _Reply(protocol.new_id("chatcmpl" if chat else "cmpl"), self.config.model_name, chat,
+                       prompt_tokens=sum(map(len, prompts)), choices=len(jobs))
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        if body.stream:
+            return StreamingResponse(self._stream(generation, reply, body.include_usage, endpoint),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await self._collect(http, generation, reply, endpoint)
+
+    async def _collect(self, http: Request, generation: "_Generation", reply: "_Reply", endpoint: str) -> Response:
+        started = time.monotonic()
+        next_check = started + DISCONNECT_POLL_S
+        try:
+            while generation.remaining:
+                try:
+                    reply.add(*await generation.next(timeout=DISCONNECT_POLL_S))
+                except TimeoutError:
+                    pass
+                if time.monotonic() >= next_check:
+                    if await http.is_disconnected():
+                        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
+        finally:
+            generation.cancel()
+        self.worker.metrics.latency.observe(time.monotonic() - started, endpoint=endpoint)
+        if reply.failed:
+            raise APIError(500, "generation failed (see the server log)", "server_error")
+        return JSONResponse(reply.body())
+
+    async def _stream(self, generation: "_Generation", reply: "_Reply", include_usage: bool, endpoint: str):
+        started = time.monotonic()
+        try:
+            for chunk in reply.opening_chunks():
+                yield _event(chunk)
+            while generation.remaining:
+                index, out = await generation.next()
+                if out.finish_reason == "error":
+                    yield _event(protocol.error_body("generation failed (see the server log)", "server_error"))
+                    return
+                for chunk in reply.chunks(index, out):
+                    yield _event(chunk)
+            if include_usage:
+                yield _event(reply.usage_chunk())
+            yield "data: [DONE]\n\n"
+            self.worker.metrics.latency.observe(time.monotonic() - started, endpoint=endpoint)
+        finally:
+            generation.cancel()
+
+
+class _Generation:
+    """The engine requests behind one HTTP request; their outputs arrive on an asyncio queue."""
+
+    def __init__(self, worker: EngineWorker, jobs: list):
+        self.worker = worker
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def sink_for(index: int):
+            def sink(out: Output) -> None:
+                try:
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+                except RuntimeError:  # the event loop is closed: the server is shutting down
+                    pass
+            return sink
+
+        self.requests = worker.submit([(ids, params, sink_for(i)) for i, (ids, params) in enumerate(jobs)])
+        self.remaining = len(self.requests)
+
+    async def next(self, timeout: float | None = None) -> tuple[int, Output]:
+        index, out = await asyncio.wait_for(self.queue.get(), timeout)
+        if out.finish_reason is not None:
+            self.remaining -= 1
+        return index, out
+
+    def cancel(self) -> None:
+        """Free the slots of requests still running (a no-op once all are finished)."""
+        self.worker.cancel(self.requests)
+
+
+class _Reply:
+    """Accumulates one HTTP request's choices and renders them as an answer or as stream chunks."""
+
+    def __init__(self, request_id: str, model: str, chat: bool, *, prompt_tokens: int, choices: int):
+        self.id, self.model, self.chat = request_id, model, chat
+        self.prompt_tokens = prompt_tokens
+        self.texts: list[list[str]] = [[] for _ in range(choices)]
+        self.reasons: list[str | None] = [None] * choices
+        self.completion_tokens = [0] * choices
+
+    @property
+    def failed(self) -> bool:
+        return "error" in self.reasons
+
+    def add(self, index: int, out: Output) -> None:
+        self.texts[index].append(out.text)
+        self.completion_tokens[index] = out.completion_tokens
+        self.reasons[index] = out.finish_reason
+
+    def body(self) -> dict:
+        choices = [{"text": "".join(t), "finish_reason": r} for t, r in zip(self.texts, self.reasons)]
+        build = protocol.chat_response if self.chat else protocol.completion_response
+        return build(self.id, self.model, choices, self.prompt_tokens, sum(self.completion_tokens))
+
+    def opening_chunks(self) -> list[dict]:
+        """Chat streams first announce the assistant role of every choice."""
+        if not self.chat:
+            return []
+        return [protocol.chat_chunk(self.id, self.model, i, {"role": "assistant", "content": ""}, None)
+                for i in range(len(self.texts))]
+
+    def chunks(self, index: int, out: Output) -> list[dict]:
+        """The chunks of one output: its text, then (at the end) one with the finish reason."""
+        self.add(index, out)
+        chunks = [self._chunk(index, out.text, None)] if out.text else []
+        if out.finish_reason is not None:
+            chunks.append(self._chunk(index, "", out.finish_reason))
+        return chunks
+
+    def _chunk(self, index: int, text: str, finish_reason: str | None) -> dict:
+        if self.chat:
+            return protocol.chat_chunk(self.id, self.model, index, {"content": text} if text else {}, finish_reason)
+        return protocol.completion_chunk(self.id, self.model, index, text, finish_reason)
+
+    def usage_chunk(self) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return protocol.usage_chunk(self.id, self.model, kind, self.prompt_tokens, sum(self.completion_tokens))
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _authorizer(api_key: str | None):
+    """A dependency that checks ``Authorization: Bearer <key>`` in constant time (nothing, without a key)."""
+    expected = api_key.encode() if api_key else None
+
+    async def authorize(authorization: str | None = Header(default=None)) -> None:
+        if expected is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key")
+
+    return authorize
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's ``{"error": {...}}`` shape; invalid bodies are 400s that name the field."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, exc: APIError):
+        return JSONResponse(protocol.error_body(exc.message, exc.kind, code=exc.code), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"] if part != "body")
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+        param = ".".join(str(p) for p in exc.errors()[0]["loc"] if p != "body") if exc.errors() else None
+        return JSONResponse(protocol.error_body("; ".join(problems), param=param or None), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, exc: HTTPException):
+        return JSONResponse(protocol.error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+
+class _CountRequests:
+    """ASGI middleware counting responses by route and status (a plain ASGI wrapper: it never buffers streams)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            endpoint = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))

@@ -1,0 +1,109 @@
+"""A preallocated key/value cache with one row per batch slot, each row at its own position.
+
+``transformers``' ``StaticCache`` writes every row of a batch at the same column, which forces left
+padding and makes a request that joins a running batch line up with the others. Here each request owns
+a row and its tokens sit at columns ``0 .. n-1``: the column of a token is its position, so learned
+positions (GPT-2), RoPE (LLaMA) and ALiBi (BLOOM, whose bias is built from the padding mask's running
+count) all see exactly what they would see for that request alone. The engine keeps its running
+requests in rows ``0 .. batch-1`` (a finished request's row is refilled with the last row), so every
+forward reads a plain slice of the buffers: no gather, and no growth by concatenation as in
+``DynamicCache``. Columns past a row's own length hold stale values that the attention mask hides.
+
+Before each forward the engine binds the cache to the rows and positions of that forward
+(:meth:`SlotCache.bind_prefill` or :meth:`SlotCache.bind_decode`); the model then calls ``update``
+once per layer as with any ``transformers`` cache, and builds its causal mask from ``get_mask_sizes``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class SlotCache(Cache):
+    """Key/value buffers of shape ``(slots, heads, max_len, head_dim)`` per layer, allocated on first use
+    (the head count and size come from the first keys the model writes, so any attention layout fits)."""
+
+    def __init__(self, num_layers: int, slots: int, max_len: int):
+        self.slots, self.max_len = slots, max_len
+        self.rows = slice(0, 0)
+        self.row_index: torch.Tensor | None = None  # decode: the rows, as a tensor for index_put
+        self.write_pos: torch.Tensor | None = None  # decode: each row's column; None in a prefill
+        self.kv_len = 0
+        self.q_len = 0
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    def bind_prefill(self, first_row: int, count: int, length: int) -> None:
+        """The next forward writes ``length`` tokens from column 0 into rows ``first_row ..``."""
+        self.rows = slice(first_row, first_row + count)
+        self.row_index, self.write_pos = None, None
+        self.kv_len = self.q_len = length
+
+    def bind_decode(self, positions: torch.Tensor, kv_len: int) -> None:
+        """The next forward writes one token per row ``0 .. len(positions)-1``, at that row's position,
+        and attends over the first ``kv_len`` columns (the longest row's length)."""
+        count = positions.shape[0]
+        self.rows = slice(0, count)
+        self.row_index = torch.arange(count, device=positions.device)
+        self.write_pos = positions
+        self.kv_len, self.q_len = kv_len, 1
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` columns of row ``src`` into row ``dst`` (to keep the rows in use contiguous)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys[dst, :, :length] = layer.keys[src, :, :length]
+                layer.values[dst, :, :length] = layer.values[src, :, :length]
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.kv_len, 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens before the query: the causal mask lets the query see every column up to its own."""
+        return self.kv_len - self.q_len
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.kv_len - self.q_len
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_len
+
+    def memory_bytes(self) -> int:
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's buffers; where to write and what to return come from the owning :class:`SlotCache`."""
+
+    is_sliding = False
+
+    def __init__(self, owner: SlotCache):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        shape = (self.owner.slots, key_states.shape[1], self.owner.max_len)
+        self.keys = torch.zeros(*shape, key_states.shape[-1], dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(*shape, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        owner = self.owner
+        if owner.write_pos is None:
+            self.keys[owner.rows, :, :key_states.shape[2]] = key_states
+            self.values[owner.rows, :, :value_states.shape[2]] = value_states
+        else:
+            self.keys[owner.row_index, :, owner.write_pos] = key_states[:, :, 0]
+            self.values[owner.row_index, :, owner.write_pos] = value_states[:, :, 0]
+        return self.keys[owner.rows, :, :owner.kv_len], self.values[owner.rows, :, :owner.kv_len]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.kv_len, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.kv_len - self.owner.q_len
+
+    def get_max_length(self) -> int:
+        return self.owner.max_len

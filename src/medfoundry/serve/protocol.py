@@ -1,0 +1,182 @@
+"""The OpenAI API's request bodies (validated) and response shapes, for completions and chat completions.
+
+Fields follow the OpenAI reference; vLLM's sampling extensions (``top_k``, ``repetition_penalty``,
+``ignore_eos``) are accepted too, since clients written for vLLM send them in ``extra_body``. Features the
+engine does not have (log-probabilities, tools, ``best_of``, ``logit_bias``, ``echo``, JSON mode) are
+refused with a 400 that names them rather than silently ignored; unknown fields are ignored, as the
+OpenAI server does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from medfoundry.serve.sampling import SamplingParams
+
+MAX_STOP_SEQUENCES = 16
+MAX_CHOICES = 16
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} sequences")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
+        return self
+
+    def sampling(self, max_tokens: int, choice: int) -> SamplingParams:
+        """The engine's parameters for choice number ``choice`` (choices of a seeded request get seeds seed, seed+1, ...)."""
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=_default(self.temperature, 1.0), top_k=_default(self.top_k, 0),
+            top_p=_default(self.top_p, 1.0), repetition_penalty=_default(self.repetition_penalty, 1.0),
+            frequency_penalty=_default(self.frequency_penalty, 0.0), presence_penalty=_default(self.presence_penalty, 0.0),
+            stop=stops, seed=None if self.seed is None else self.seed + choice, ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _completion_supported(self):
+        for name, unsupported in [("logprobs", self.logprobs is not None), ("echo", self.echo),
+                                  ("best_of", (self.best_of or 1) > 1), ("suffix", bool(self.suffix))]:
+            if unsupported:
+                raise ValueError(f"{name} is not supported by this server")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: must not be an empty list")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a string or a list of token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": self.role, "content": content}
+
+
+class ResponseFormat(BaseModel):
+    type: str
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    tools: list | None = None
+    functions: list | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _chat_supported(self):
+        for name, unsupported in [("logprobs", self.logprobs), ("tools", bool(self.tools)), ("functions", bool(self.functions)),
+                                  ("response_format", self.response_format is not None and self.response_format.type != "text")]:
+            if unsupported:
+                raise ValueError(f"{name} is not supported by this server")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def completion_response(request_id: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
+                        for i, c in enumerate(choices)],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_response(request_id: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
+                         "finish_reason": c["finish_reason"]} for i, c in enumerate(choices)],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_chunk(request_id: str, model: str, index: int, text: str, finish_reason: str | None) -> dict:
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def chat_chunk(request_id: str, model: str, index: int, delta: dict, finish_reason: str | None) -> dict:
+    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(request_id: str, model: str, kind: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}

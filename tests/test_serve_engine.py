@@ -1,0 +1,219 @@
+"""The serving engine on tiny GPT-2, LLaMA and BLOOM models with the real GPT-2 tokenizer: greedy tokens equal
+to ``model.generate``'s under continuous batching, seeded sampling independent of the batch, penalties,
+stop sequences spanning tokens, multi-byte characters, end-of-sequence, length limits and cancellation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import shared
+from medfoundry.errors import ConfigError, InputError
+from medfoundry.model.export import export_hf
+from medfoundry.model.presets import model_config
+from medfoundry.serve.engine import Engine
+from medfoundry.serve.sampling import SamplingParams, TokenSampler, sample
+from medfoundry.serve.text import Detokenizer, StopMatcher
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+PROMPTS = ["The patient presented with", "Aspirin", "Randomized controlled trials of statins in elderly patients show",
+           "Diagnosis:", "β-lactam antibiotics inhibit"]
+
+
+def tiny_checkpoint(directory: Path, preset: str = "gpt2-tiny", seed: int = 0) -> Path:
+    """A random tiny model with GPT-2's 50,257-token tokenizer and a simple chat template."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config(preset, vocab_size=50_257, context=256))
+    out = export_hf(model, shared("tokenizers/gpt2"), directory)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve") / "gpt2-tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(gpt2_dir) -> Engine:
+    return Engine.load(gpt2_dir, precision="fp32", device="cpu", threads=1, max_batch=3)
+
+
+def hf_greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """``model.generate`` on a left-padded batch, as its documentation recommends for decoder-only models."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "bloom-tiny"])
+def test_greedy_equals_generate_under_continuous_batching(preset, gpt2_dir, tmp_path):
+    """Five prompts of different lengths through three slots: requests join and leave mid-run."""
+    directory = gpt2_dir if preset == "gpt2-tiny" else tiny_checkpoint(tmp_path / preset, preset)
+    engine = Engine.load(directory, precision="fp32", device="cpu", threads=1, max_batch=3)
+    prompts = [engine.encode(p) for p in PROMPTS]
+    budgets = [12, 5, 9, 16, 7]  # different lengths, so slots free up at different steps
+    done = engine.generate(prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in budgets])
+    with torch.no_grad():
+        expected = [hf_greedy(engine.model, [ids], n)[0] for ids, n in zip(prompts, budgets)]
+        batched = hf_greedy(engine.model, prompts, max(budgets))
+    assert [c.token_ids for c in done] == expected
+    assert [row[:n] for row, n in zip(batched, budgets)] == expected
+    assert [c.finish_reason for c in done] == ["length"] * 5
+    assert [c.text for c in done] == [engine.decode(ids) for ids in expected]
+    assert not engine.running and not engine.waiting
+
+
+def test_bf16_engine_runs_and_mostly_agrees(gpt2_dir, engine):
+    bf16 = Engine.load(gpt2_dir, precision="bf16", device="cpu", threads=1, max_batch=3)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    ours, reference = bf16.generate(PROMPTS[:3], params), engine.generate(PROMPTS[:3], params)
+    assert all(len(c.token_ids) == 8 for c in ours)
+    assert sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(ours, reference)) >= 2
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine):
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = engine.generate([PROMPTS[0]], params)[0]
+    others = SamplingParams(max_tokens=6, temperature=1.2, seed=7, ignore_eos=True)
+    crowded = engine.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [others, params, others])[1]
+    assert crowded.token_ids == alone.token_ids
+    reseeded = engine.generate([PROMPTS[0]], SamplingParams(**{**params.__dict__, "seed": 99}))[0]
+    assert reseeded.token_ids != alone.token_ids
+
+
+def test_sampling_filters_and_penalties():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    sampler = TokenSampler(SamplingParams(temperature=1.0, top_k=1, seed=0), [0], 4)
+    assert sample(logits.clone(), [sampler]) == [1]
+    narrow = TokenSampler(SamplingParams(temperature=5.0, top_p=0.05, seed=0), [0], 4)
+    assert {sample(logits.clone(), [narrow])[0] for _ in range(20)} == {1}  # top-p keeps the top token only
+    repeat = TokenSampler(SamplingParams(temperature=0, repetition_penalty=10.0), [1], 4)
+    assert sample(logits.clone(), [repeat]) == [2]  # 3.0 / 10 falls below 2.0
+    frequent = TokenSampler(SamplingParams(temperature=0, frequency_penalty=2.0), [0], 4)
+    assert sample(logits.clone(), [frequent]) == [1]
+    frequent.observe(1)
+    assert sample(logits.clone(), [frequent]) == [2]  # 3.0 - 2.0 < 2.0; the prompt token 0 is not counted
+    for field, value in [("temperature", -1.0), ("top_p", 0.0), ("max_tokens", 0), ("presence_penalty", 3.0)]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: value})
+
+
+def test_penalties_change_greedy_output(engine):
+    plain = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert len(set(plain.token_ids)) < len(plain.token_ids)  # a random model repeats itself
+    penalized = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                             presence_penalty=2.0, repetition_penalty=2.0))[0]
+    assert len(set(penalized.token_ids)) > len(set(plain.token_ids))
+
+
+def test_detokenizer_keeps_multibyte_characters_whole(engine):
+    text = " β-lactam 😀 治疗 naïve café"
+    ids = engine.encode(text)
+    pieces = []
+    detok = Detokenizer(engine.tokenizer, engine.encode("Prompt:"))
+    for token in ids:
+        pieces.append(detok.push(token))
+    pieces.append(detok.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(p == "" for p in pieces)  # some tokens held back an incomplete character
+
+
+def test_stop_matcher_spanning_pushes():
+    stopper = StopMatcher(("END", "\n\n"))
+    assert stopper.push("abc E") == ("abc ", False)
+    assert stopper.push("N") == ("", False)
+    assert stopper.push("Dx") == ("", True)
+    other = StopMatcher(("END",))
+    assert other.push("EN") == ("", False)
+    assert other.push("a") == ("ENa", False)
+    assert other.flush() == ""
+    assert StopMatcher(()).push("END") == ("END", False)
+
+
+def test_stop_sequence_across_tokens_is_cut_out(engine):
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    full = engine.generate([PROMPTS[3]], params)[0]
+    assert len(full.text) > 12
+    stop = full.text[5:12]  # spans several tokens
+    streamed = list(engine.stream(PROMPTS[3], SamplingParams(**{**params.__dict__, "stop": (stop,)})))
+    text = "".join(o.text for o in streamed)
+    assert text == full.text[:full.text.index(stop)]
+    assert streamed[-1].finish_reason == "stop" and streamed[-1].completion_tokens < 20
+
+
+def test_end_of_sequence_stops_without_text(gpt2_dir):
+    engine = Engine.load(gpt2_dir, precision="fp32", device="cpu", threads=1, max_batch=2)
+    first = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=1, temperature=0))[0].token_ids[0]
+    engine.eos_ids = frozenset({first})
+    done = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=5, temperature=0))[0]
+    assert (done.token_ids, done.text, done.finish_reason) == ([first], "", "stop")
+    ignored = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert len(ignored.token_ids) == 5
+
+
+def test_cache_length_bounds_generation(gpt2_dir):
+    engine = Engine.load(gpt2_dir, precision="fp32", device="cpu", threads=1, max_batch=2, max_seq_len=16)
+    prompt = engine.encode(PROMPTS[2])
+    done = engine.generate([prompt], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert done.finish_reason == "length" and len(prompt) + len(done.token_ids) == 17  # the last token needs no slot
+    with pytest.raises(ValueError, match="at most 16"):
+        engine.add_request(list(range(17)))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("")
+
+
+def test_cancel_frees_the_slot(engine):
+    stream = engine.stream(PROMPTS[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    next(stream)
+    assert len(engine.running) == 1
+    stream.close()
+    assert not engine.running and not engine.waiting
+    waiting = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=3))
+    engine.cancel(waiting)
+    assert [o.finish_reason for o in engine.step()] == ["abort"] and not engine.has_work
+
+
+def test_refuses_pickled_weights(tmp_path, gpt2_dir):
+    (tmp_path / "config.json").write_text((gpt2_dir / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(InputError, match="safetensors"):
+        Engine.load(tmp_path)
+
+
+def test_prefill_budget_splits_admissions(engine, monkeypatch):
+    """With room for one prompt per prefill, requests join one step after another: same tokens."""
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    together = engine.generate(PROMPTS[:3], params)
+    monkeypatch.setattr("medfoundry.serve.engine.PREFILL_TOKEN_BUDGET", 12)
+    requests = [engine.add_request(p, params) for p in PROMPTS[:3]]
+    engine.step()
+    assert sum(r.row >= 0 for r in requests) < 3  # not all admitted at once
+    while engine.has_work:
+        engine.step()
+    assert [r.output_ids for r in requests] == [c.token_ids for c in together]
+
+
+def test_sliding_window_caps_the_sequence_length(gpt2_dir):
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=50_257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=32)
+    model = MistralForCausalLM(config).eval()
+    engine = Engine(model, AutoTokenizer.from_pretrained(gpt2_dir), max_batch=2)
+    assert engine.max_seq_len == 32  # attention stays exact: no token ever falls out of the window
+    prompt = engine.encode(PROMPTS[2])
+    done = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    with torch.no_grad():
+        assert done.token_ids == hf_greedy(model, [prompt], 8)[0]
+    with pytest.raises(ConfigError, match="sliding window"):
+        Engine(model, engine.tokenizer, max_seq_len=64)
