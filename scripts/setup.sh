@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Creates the virtualenv and installs what medfoundry needs: Debian packages when missing (tcmalloc),
+# Creates the virtualenv and installs what medfoundry needs: Debian packages when missing (tcmalloc; chromium
+# and chromium-driver for the web chat page's browser test, which skips without them),
 # the CPU build of torch unless a torch is already importable, then the package with its dev extras.
 set -euo pipefail
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
-DEB_PACKAGES=${DEB_PACKAGES:-libtcmalloc-minimal4}
+DEB_PACKAGES=${DEB_PACKAGES:-libtcmalloc-minimal4 chromium chromium-driver}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 missing=()

@@ -8,6 +8,7 @@ tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.j
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from medfoundry.errors import ConfigError
 from medfoundry.io import atomic_dir, write_json
+from medfoundry.model.presets import context_length
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -50,6 +52,8 @@ def export_hf(model, tokenizer_dir: Path | None, out_dir: Path, *, dtype: str = 
         config = copy.deepcopy(model.config)
         config.update({**ids, "dtype": dtype, "architectures": [type(model).__name__]})
         config.save_pretrained(tmp)
+        if tokenizer_dir is not None:
+            _set_tokenizer_context(tmp, context_length(config))
         generation_config = copy.deepcopy(model.generation_config)
         generation_config.update(**ids, **(generation or {}))
         generation_config.save_pretrained(tmp)
@@ -84,6 +88,15 @@ def copy_tokenizer(src: Path, dst: Path) -> dict:
         _write_gpt2_conventions(dst)
     tokenizer = AutoTokenizer.from_pretrained(str(dst), local_files_only=True)
     return {name: getattr(tokenizer, name) for name in _ID_NAMES if getattr(tokenizer, name) is not None}
+
+
+def _set_tokenizer_context(directory: Path, context: int | None) -> None:
+    """The tokenizer's ``model_max_length`` is the model's context: vLLM serves at the smaller of the two,
+    so a tokenizer trained with a default limit must not cap a longer-context model."""
+    path = directory / "tokenizer_config.json"
+    if context is None or not path.is_file():
+        return
+    write_json(path, {**json.loads(path.read_text(encoding="utf-8")), "model_max_length": context})
 
 
 def _write_gpt2_conventions(directory: Path) -> None:

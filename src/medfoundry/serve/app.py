@@ -9,8 +9,8 @@ the disconnect) and its requests leave the batch at the next step.
 Security defaults: the CLI binds 127.0.0.1; with an API key, every /v1 route needs
 ``Authorization: Bearer <key>``, compared in constant time; prompts, outputs and keys are never logged.
 /health and /metrics stay open (no request content in them), as in vLLM, so probes and scrapers need
-no secret. Further pages (the web chat of part 2) are routes or mounts added to the app that
-:func:`create_app` returns.
+no secret. So does the web chat page at ``/`` (static files, ``static/``): it holds no data and sends
+the key the user types in with its /v1 requests.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from medfoundry.serve import protocol
@@ -34,6 +36,7 @@ from medfoundry.serve.worker import EngineWorker, QueueFull
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+STATIC = Path(__file__).with_name("static")  # the web chat page
 
 
 @dataclass
@@ -78,6 +81,8 @@ def create_app(worker: EngineWorker, config: ServerConfig) -> FastAPI:
     app.include_router(v1)
     app.add_api_route("/health", service.health, methods=["GET"])
     app.add_api_route("/metrics", service.metrics, methods=["GET"])
+    app.add_api_route("/", lambda: FileResponse(STATIC / "index.html"), methods=["GET"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
