@@ -18,9 +18,13 @@ the PaLM 6N + 12LHT estimate) / that bf16 peak.
 HF Trainer and the plain loop use the model's own loss (``labels=input_ids``: 255 targets per
 256-token window, vs medfoundry's 256 from a 257-token window); tokens/s counts the 2,048 input
 tokens of each step for all three. HF Trainer keeps its defaults otherwise: its optimizer is torch's
-fused AdamW (``optim=adamw_torch_fused``, the JSON says which), medfoundry's is foreach AdamW on CPU
-(``optim.implementation: auto``), the plain loop's foreach AdamW. All three read the same windows in
-the same order (medfoundry's WindowReader, seed 0) and start from the same seeded initialization.
+fused AdamW (``optim=adamw_torch_fused``, the JSON says which), medfoundry's is fused AdamW too
+(``optim.implementation: auto``), the plain loop's foreach AdamW. medfoundry runs with its defaults
+(``training.attention``/``loss: auto``: eager attention at context 256 on CPU, the output layer fused
+with the loss; the native GELU kernel; the JSON lists the kernels its run.json records). All read the
+same windows in the same order (medfoundry's WindowReader, seed 0) and start from the same seeded
+initialization. ``--compile`` adds a fourth contender, medfoundry with ``training.compile: true``
+(its compilation falls in the untimed warmup steps).
 
 Other processes on the machine distort every timing (two busy cores make OpenMP steps several times
 slower): the parent measures the share of the CPU that other processes used during each run and
@@ -29,7 +33,8 @@ measures a run again (``--retries``) when it is above 5%; the JSON says if any r
 Prints progress lines, then one JSON object as its last line: peak_bf16_gflops, and per size params,
 medfoundry_tok_s, hf_trainer_tok_s, plain_tok_s (medians over rounds), speedup_vs_hf_trainer,
 speedup_vs_plain, mfu (medfoundry's) and mfu of each contender, peak_rss_mb of each contender (the
-child's ru_maxrss, whole run), every run's tok/s, final_loss (HF Trainer: its mean training loss);
+child's ru_maxrss, whole run), every run's tok/s, final_loss (HF Trainer: its mean training loss),
+medfoundry_kernels (and with ``--compile``: medfoundry_compile_tok_s, compile_speedup_vs_hf_trainer);
 the targets (>= 1.5x HF Trainer's tokens/s, >= 45% MFU for gpt2-52m) and whether they are met. The
 tokens are built once and cached in /tmp/medfoundry_train_bench (``--fresh`` rebuilds them); the
 output says whether the cache was used. ``--quick`` (2 rounds, 8/5 timed steps) finishes in < 5
@@ -55,6 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path("/tmp/medfoundry_train_bench")
 SIZES = ("gpt2-12m", "gpt2-52m")
 CONTENDERS = ("medfoundry", "hf_trainer", "plain")
+COMPILED = "medfoundry_compile"  # --compile
 BATCH, CONTEXT, SEED = 8, 256, 0
 TOKENS_PER_STEP = BATCH * CONTEXT
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -243,7 +249,8 @@ def child_medfoundry(spec: dict) -> dict:
         "output_dir": str(out),
         "model": {"preset": spec["size"], "context": CONTEXT, "overrides": NO_DROPOUT},
         "data": {"tokens_dir": str(data / "tokens"), "tokenizer_dir": str(data / "tokenizer")},
-        "training": {"seed": SEED, "steps": total, "micro_batch_size": BATCH, "global_batch_size": BATCH, "precision": "bf16"},
+        "training": {"seed": SEED, "steps": total, "micro_batch_size": BATCH, "global_batch_size": BATCH, "precision": "bf16",
+                     "compile": spec["kind"] == COMPILED},
         "optim": {k: OPTIM[k] for k in ("lr", "weight_decay", "betas", "eps", "grad_clip")},
         "schedule": {"kind": "constant"},
         "checkpoint": {"every": 10**9, "keep_last": 1},  # only the final one, after the timed steps
@@ -258,7 +265,8 @@ def child_medfoundry(spec: dict) -> dict:
     ends = [train[s]["time"] for s in range(1, total + 1)]
     timed = _timed(ends, warmup, steps)
     logged = statistics.median(train[s]["tok_s"] for s in range(warmup + 1, total + 1))
-    return {**timed, "logged_tok_s_median": logged, "final_loss": train[total]["loss"], "run_s": run_s}
+    kernels = json.loads((out / "run.json").read_text())["kernels"]
+    return {**timed, "logged_tok_s_median": logged, "final_loss": train[total]["loss"], "run_s": run_s, "kernels": kernels}
 
 
 def child_hf_trainer(spec: dict) -> dict:
@@ -334,7 +342,8 @@ def child_main(spec: dict) -> None:
     if kind == "peak":
         result = child_peak(spec)
     else:
-        result = {"medfoundry": child_medfoundry, "hf_trainer": child_hf_trainer, "plain": child_plain}[kind](spec)
+        result = {"medfoundry": child_medfoundry, COMPILED: child_medfoundry, "hf_trainer": child_hf_trainer,
+                  "plain": child_plain}[kind](spec)
         result.update(threads=torch.get_num_threads(), allocator=_allocator_mapped())
     result["peak_rss_mb"] = round(_rss_mb(), 1)
     print(json.dumps(result))
@@ -370,6 +379,7 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2,
                         help="measure a run again (up to this many times) when other processes took > 5%% of the CPU")
     parser.add_argument("--glibc", action="store_true", help="do not preload tcmalloc (the allocator ablation)")
+    parser.add_argument("--compile", action="store_true", help=f"add {COMPILED}: medfoundry with training.compile: true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -385,7 +395,8 @@ def main() -> None:
     rounds = args.rounds or plan["rounds"]
     tcmalloc = None if args.glibc else find_tcmalloc()
     env = child_env(tcmalloc)
-    print(f"train_bench ({mode}): sizes {', '.join(args.sizes)}, {rounds} rounds, contenders {', '.join(CONTENDERS)}, "
+    contenders = CONTENDERS + ((COMPILED,) if args.compile else ())
+    print(f"train_bench ({mode}): sizes {', '.join(args.sizes)}, {rounds} rounds, contenders {', '.join(contenders)}, "
           f"allocator {'tcmalloc' if tcmalloc else 'glibc'}, {env['OMP_NUM_THREADS']} threads", flush=True)
 
     data = prepare_data(args.fresh)
@@ -398,13 +409,13 @@ def main() -> None:
           f"({peak['threads']} threads, {peak['allocator']}, other processes used {peak['foreign_cpu']:.0%} of the CPU)",
           flush=True)
 
-    runs: dict[str, dict[str, list[dict]]] = {s: {c: [] for c in CONTENDERS} for s in args.sizes}
+    runs: dict[str, dict[str, list[dict]]] = {s: {c: [] for c in contenders} for s in args.sizes}
     allocators, threads, repeated = set(), set(), 0
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
         for size in args.sizes:
             warmup, steps = plan["steps"][size]
             for r in range(rounds):
-                order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)]
+                order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
                 for contender in order:
                     out = Path(tmp) / f"{size}-{contender}-{r}"
                     spec = {"kind": contender, "size": size, "warmup": warmup, "steps": steps,
@@ -416,7 +427,7 @@ def main() -> None:
                         contended = result["foreign_cpu"] > CONTENDED
                         busy = f", OTHER PROCESSES USED {result['foreign_cpu']:.0%} OF THE CPU" if contended else ""
                         again = " - measuring again" if contended and attempt < args.retries else ""
-                        print(f"[{size} round {r + 1}/{rounds}] {contender:>10}: {result['tok_s']:8,.0f} tok/s "
+                        print(f"[{size} round {r + 1}/{rounds}] {contender:>18}: {result['tok_s']:8,.0f} tok/s "
                               f"(median step {result['step_s_median']:.3f} s, loss {result['final_loss']:.3f}, "
                               f"peak RSS {result['peak_rss_mb']:,.0f} MB, child {time.perf_counter() - started:.0f} s"
                               f"{busy}{again})", flush=True)
@@ -437,21 +448,23 @@ def main() -> None:
     for size in args.sizes:
         config = model_config(size, vocab_size=data["vocab_size"], context=CONTEXT, overrides=NO_DROPOUT)
         fpt = flops_per_token(config, CONTEXT)
-        med = {c: statistics.median(r["tok_s"] for r in runs[size][c]) for c in CONTENDERS}
+        med = {c: statistics.median(r["tok_s"] for r in runs[size][c]) for c in contenders}
         sizes_out[size] = {
             "params": count_parameters(config),
             "flops_per_token": fpt,
-            **{f"{c}_tok_s": round(med[c], 1) for c in CONTENDERS},
+            **{f"{c}_tok_s": round(med[c], 1) for c in contenders},
             "speedup_vs_hf_trainer": round(med["medfoundry"] / med["hf_trainer"], 3),
             "speedup_vs_plain": round(med["medfoundry"] / med["plain"], 3),
+            **({"compile_speedup_vs_hf_trainer": round(med[COMPILED] / med["hf_trainer"], 3)} if args.compile else {}),
             "mfu": round(med["medfoundry"] * fpt / bf16_peak, 4),
-            "mfu_by_contender": {c: round(med[c] * fpt / bf16_peak, 4) for c in CONTENDERS},
-            "peak_rss_mb": {c: max(r["peak_rss_mb"] for r in runs[size][c]) for c in CONTENDERS},
-            "runs_tok_s": {c: [round(r["tok_s"], 1) for r in runs[size][c]] for c in CONTENDERS},
+            "mfu_by_contender": {c: round(med[c] * fpt / bf16_peak, 4) for c in contenders},
+            "peak_rss_mb": {c: max(r["peak_rss_mb"] for r in runs[size][c]) for c in contenders},
+            "runs_tok_s": {c: [round(r["tok_s"], 1) for r in runs[size][c]] for c in contenders},
             "medfoundry_logged_tok_s": round(statistics.median(r["logged_tok_s_median"] for r in runs[size]["medfoundry"]), 1),
-            "final_loss": {c: round(runs[size][c][-1]["final_loss"], 4) for c in CONTENDERS},
+            "final_loss": {c: round(runs[size][c][-1]["final_loss"], 4) for c in contenders},
+            "medfoundry_kernels": runs[size]["medfoundry"][-1]["kernels"],
             "hf_trainer_optimizer": runs[size]["hf_trainer"][-1]["optimizer"],
-            "foreign_cpu_max": {c: max(r["foreign_cpu"] for r in runs[size][c]) for c in CONTENDERS},
+            "foreign_cpu_max": {c: max(r["foreign_cpu"] for r in runs[size][c]) for c in contenders},
             "warmup_steps": plan["steps"][size][0], "timed_steps": plan["steps"][size][1],
         }
     met = {f"speedup_vs_hf_trainer_{s}": v["speedup_vs_hf_trainer"] >= TARGETS["speedup_vs_hf_trainer"]

@@ -1,10 +1,12 @@
 """`medfoundry pretrain` end to end on a tiny GPT-2: learning, validation, export, exact resume after
-SIGKILL, 2-process DDP equal to 1 process, non-finite steps, and config errors before any work."""
+SIGKILL, 2-process DDP equal to 1 process, non-finite steps, TensorBoard scalars, and config errors
+before any work."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +79,8 @@ def test_loss_falls_and_validation_is_reported(trained):
     assert summary["median_tok_s"] > 0 and 0 < summary["median_mfu"] < 1
     assert (out / "plots" / "loss.png").stat().st_size > 5000
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000020", "step-00000030"]
+    kernels = json.loads((out / "run.json").read_text())["kernels"]
+    assert kernels == {"attention": "eager", "loss": "chunked", "optimizer": "fused"}  # the CPU defaults
 
 
 def test_export_loads_in_transformers_with_the_same_logits(trained):
@@ -172,3 +176,48 @@ def test_config_errors_stop_before_any_work(tokens, tmp_path, change, error, mes
     with pytest.raises(error, match=message):
         pretrain(validate(PretrainConfig, tree))
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_match_the_metrics_and_survive_a_resume(tokens, tmp_path):
+    from medfoundry.train.metrics import TENSORBOARD_TAGS
+
+    out = tmp_path / "tb"
+    tree = _tree(tokens, out, steps=6)
+    tree.update(log={"every": 2, "tensorboard": True}, eval={"every": 2, "batches": 2}, checkpoint={"every": 2, "keep_last": 3})
+    pretrain(validate(PretrainConfig, tree))
+    first = _scalars(out / "tensorboard")
+    assert set(first) == set(TENSORBOARD_TAGS.values())
+    records = _records(out)
+    for key, tag in TENSORBOARD_TAGS.items():
+        expected = [(r["step"], r[key]) for r in records if key in r]
+        assert [s for s, _ in first[tag]] == [s for s, _ in expected], tag
+        assert [v for _, v in first[tag]] == pytest.approx([v for _, v in expected], rel=1e-6), tag
+    assert [s for s, _ in first["train/loss"]] == [1, 2, 4, 6] and [s for s, _ in first["val/loss"]] == [0, 2, 4, 6]
+
+    # as after a crash past step 4: the run resumes from step 4, TensorBoard drops what it wrote after it
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    shutil.rmtree(out / "model")
+    pretrain(validate(PretrainConfig, tree))
+    again = _scalars(out / "tensorboard")
+    assert [s for s, _ in again["train/loss"]] == [1, 2, 4, 6] and [s for s, _ in again["val/loss"]] == [0, 2, 4, 6]
+    assert [v for _, v in again["train/loss"]] == pytest.approx([v for _, v in first["train/loss"]], rel=1e-6)
+
+
+def test_tensorboard_missing_is_a_config_error(tokens, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    tree = _tree(tokens, tmp_path / "no_tb")
+    tree["log"] = {"tensorboard": True}
+    with pytest.raises(ConfigError, match=r"log.tensorboard: the tensorboard package is not installed: pip install tensorboard"):
+        pretrain(validate(PretrainConfig, tree))
+    assert not (tmp_path / "no_tb").exists()

@@ -4,6 +4,7 @@ checkpoints in one format whatever wrote them (1 process, DDP or FSDP)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,8 @@ def test_fsdp_matches_one_process_and_exports(runs):
         a, b = [r[key] for r in one if key in r], [r[key] for r in two if key in r]
         assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4)
     assert len([r for r in two if "loss" in r]) == 6
+    kernels = json.loads((runs["fsdp"] / "run.json").read_text())["kernels"]
+    assert kernels == {"attention": "eager", "loss": "chunked", "optimizer": "fused"}  # all of them under FSDP2 too
 
     out = runs["fsdp"]
     exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()

@@ -18,7 +18,7 @@ from torch import nn
 from medfoundry.errors import MedfoundryError
 from medfoundry.train.checkpoint import (is_complete, latest_checkpoint, load_checkpoint, read_checkpoint,
                                          save_checkpoint)
-from medfoundry.train.optim import OptimConfig, build_optimizer, clip_grad_norm
+from medfoundry.train.optim import OptimConfig, build_optimizer, clip_grads, grad_norm
 from medfoundry.train.schedules import ScheduleConfig, build_scheduler
 
 TOTAL = 10
@@ -47,7 +47,7 @@ def train(model, optimizer, scheduler, start: int, stop: int) -> None:
         ids = DATA[step].clone()
         ids[:, np.random.randint(ids.shape[1])] = random.randrange(64)  # Python and NumPy RNGs matter too
         model(input_ids=ids, labels=ids).loss.backward()
-        clip_grad_norm(model.parameters(), 1.0)
+        clip_grads(model.parameters(), 1.0, grad_norm(model.parameters()))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -140,7 +140,7 @@ import numpy as np, torch
 import torch.nn.functional as F
 from torch import nn
 from medfoundry.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from medfoundry.train.optim import OptimConfig, build_optimizer, clip_grad_norm
+from medfoundry.train.optim import OptimConfig, build_optimizer, clip_grads, grad_norm
 from medfoundry.train.schedules import ScheduleConfig, build_scheduler
 
 out, total, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
@@ -174,7 +174,7 @@ while step < total:
     batch[:, np.random.randint(9)] = random.randrange(32)
     loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
     loss.backward()
-    clip_grad_norm(model.parameters(), 0.5)
+    clip_grads(model.parameters(), 0.5, grad_norm(model.parameters()))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()

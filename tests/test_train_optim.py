@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from medfoundry.errors import ConfigError
-from medfoundry.train.optim import OptimConfig, build_optimizer, clip_grad_norm, grads_finite, param_groups
+from medfoundry.train.optim import OptimConfig, adamw_kernel, build_optimizer, clip_grads, grad_norm, param_groups
 from medfoundry.train.schedules import ScheduleConfig, build_scheduler, lr_at
 
 
@@ -80,29 +80,34 @@ def test_build_optimizer_groups_and_defaults():
     opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.05))
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
-    assert all(g["lr"] == 1e-3 and g["betas"] == (0.9, 0.95) and g["foreach"] for g in opt.param_groups)
+    assert all(g["lr"] == 1e-3 and g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+    assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)  # auto: torch has fused AdamW on CPU
     model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss.backward()
     opt.step()
+    for impl, fused, foreach in (("foreach", None, True), ("loop", None, False), ("fused", True, False)):
+        chosen = build_optimizer(model, OptimConfig(implementation=impl)).defaults
+        assert (chosen["fused"], chosen["foreach"]) == (fused, foreach)
+    assert adamw_kernel("auto", [torch.zeros(2, dtype=torch.int64)]) == "foreach"  # not floating point: no fused kernel
     with pytest.raises(Exception):
         OptimConfig(lr=1e-3, momentum=0.9)  # unknown field
 
 
-def test_clip_returns_global_norm_and_clips():
+def test_one_norm_serves_the_finiteness_check_and_clipping():
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2))
     a.grad, b.grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([[0.0, 4.0], [0.0, 0.0]])
-    norm = clip_grad_norm([a, b], 0)  # disabled: reported, untouched
-    assert norm.item() == pytest.approx(5.0) and a.grad[0].item() == 3.0
-    norm = clip_grad_norm([a, b], 1.0)
+    norm = grad_norm([a, b])
     assert norm.item() == pytest.approx(5.0)
+    clip_grads([a, b], 0, norm)  # disabled: untouched
+    assert a.grad[0].item() == 3.0
+    clip_grads([a, b], 1.0, norm)
     assert torch.cat([a.grad, b.grad.flatten()]).norm().item() == pytest.approx(1.0, rel=1e-5)
-    assert clip_grad_norm([a, b], 10.0).item() == pytest.approx(1.0, rel=1e-5)  # below the max: unchanged
-    assert a.grad[0].item() == pytest.approx(0.6, rel=1e-5)
-    assert grads_finite([a, b])
-    b.grad[0, 0] = float("nan")
-    assert not grads_finite([a, b])
-    b.grad[0, 0] = float("inf")
-    assert not grads_finite([a, b])
-    assert grads_finite([nn.Parameter(torch.zeros(1))])  # no gradient at all
+    norm = grad_norm([a, b])
+    clip_grads([a, b], 10.0, norm)  # below the max: unchanged
+    assert norm.item() == pytest.approx(1.0, rel=1e-5) and a.grad[0].item() == pytest.approx(0.6, rel=1e-5)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        b.grad[0, 0] = bad
+        assert not math.isfinite(grad_norm([a, b]).item())
+    assert grad_norm([nn.Parameter(torch.zeros(1))]).item() == 0.0  # no gradient at all
 
 
 def sched(kind, warmup=10, **kw) -> ScheduleConfig:
@@ -164,3 +169,37 @@ def test_scheduler_drives_optimizer_and_round_trips():
     assert resumed == seen[8:]  # exactly the same floats
     with pytest.raises(ConfigError, match="warmup_steps"):
         build_scheduler(opt, 3, cfg)
+
+
+def test_fused_adamw_on_fsdp2_shards_steps_like_plain_fused(tmp_path):
+    """auto picks the fused kernel for FSDP2's DTensor parameters too (torch dispatches it shard by
+    shard), and the sharded update equals the plain one."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from medfoundry.train.distributed import transformer_blocks
+
+    def run(shard: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = tiny_gpt2()
+        if shard:
+            for block in transformer_blocks(model):
+                fully_shard(block)
+            fully_shard(model)
+        opt = build_optimizer(model, OptimConfig(lr=1e-2))
+        assert opt.defaults["fused"] and not opt.defaults["foreach"]
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            model.eval()  # no dropout: the two runs draw different random numbers
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        sharded = run(True)
+    finally:
+        dist.destroy_process_group()
+    plain = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(plain, sharded))

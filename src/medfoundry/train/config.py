@@ -32,6 +32,13 @@ class TrainingConfig(StrictModel):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast where the hardware has it")
     activation_checkpointing: bool = False
     compile: bool = False
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="attention kernel: auto = eager on CPU below context 512, sdpa otherwise "
+                            "(medfoundry.train.accel.attention_for)")
+    loss: Literal["auto", "chunked", "plain"] = Field(
+        "auto", description="chunked = output layer fused with the fp32 cross-entropy, by chunks of tokens, "
+                            "never the full fp32 logits (medfoundry.train.losses); auto = chunked where the "
+                            "model allows it (GPT-2, LLaMA, BLOOM), plain otherwise")
     max_consecutive_skips: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
 
 
@@ -47,6 +54,8 @@ class EvalConfig(StrictModel):
 
 class LogConfig(StrictModel):
     every: int = Field(10, gt=0)
+    tensorboard: bool = Field(False, description="also write the metrics as TensorBoard scalars into "
+                                                 "<output_dir>/tensorboard/ (needs the tensorboard package)")
 
 
 class DistributedConfig(StrictModel):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,9 @@ def wrap_model(model: nn.Module, strategy: str, device: str, d: Dist) -> nn.Modu
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # with the fused loss the model returns its final hidden states, a view: FSDP2 warns that an
+        # in-place op on it would bypass its pre-backward hook; the loss only reads it
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         for block in transformer_blocks(model):
             fully_shard(block)
         fully_shard(model)
@@ -93,10 +97,6 @@ def all_reduce_sum(value: float | int, d: Dist, device: str) -> float:
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return float(tensor.item())
-
-
-def all_true(flag: bool, d: Dist, device: str) -> bool:
-    return all_reduce_sum(0 if flag else 1, d, device) == 0
 
 
 def is_sharded(model: nn.Module) -> bool:

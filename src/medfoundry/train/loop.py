@@ -7,6 +7,10 @@ whose loss or gradients are not finite is skipped (weights untouched) and logged
 stop the run with the last good checkpoint intact. Checkpoints carry everything the next step
 depends on (weights, optimizer, schedule, data position, RNG states), so a killed run resumes
 bit-identically.
+
+Speed (:mod:`medfoundry.train.accel`, :mod:`medfoundry.train.losses`): the attention kernel chosen for
+the device and context, a native GELU kernel, the output layer fused with the loss, fused AdamW, and
+one gradient-norm pass that serves both the finiteness check and clipping.
 """
 
 from __future__ import annotations
@@ -14,12 +18,10 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medfoundry import __version__
 from medfoundry.errors import ConfigError, MedfoundryError
@@ -29,27 +31,14 @@ from medfoundry.runtime import configure, resolve_device_precision
 from medfoundry.tokenizer.reader import WindowReader
 from medfoundry.tokenizer.shards import TokenShards
 from medfoundry.train import distributed as D
+from medfoundry.train.accel import fuse_output_layer, native_gelu, set_attention
 from medfoundry.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medfoundry.train.config import PretrainConfig
-from medfoundry.train.metrics import MetricsLog, peak_flops, plot_losses
+from medfoundry.train.losses import NextTokenLoss
+from medfoundry.train.metrics import MetricsLog, peak_flops, plot_losses, require_tensorboard
 from medfoundry.train.model_setup import build_model, check_vocab
-from medfoundry.train.optim import build_optimizer, clip_grad_norm, grads_finite
+from medfoundry.train.optim import build_optimizer, clip_grads, grad_norm, kernel_of
 from medfoundry.train.schedules import build_scheduler
-
-
-def _autocast(device: str, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def token_losses(model, batch: torch.Tensor, precision: str, device: str) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over the batch (computed in fp32) and the number of targets."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    with _autocast(device, precision):
-        logits = model(input_ids=inputs).logits
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-    return loss, targets.numel()
 
 
 class Validation:
@@ -67,16 +56,16 @@ class Validation:
         self.bytes = sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in self.windows)
 
     @torch.no_grad()
-    def run(self, model, precision: str, device: str, d: D.Dist) -> dict:
+    def run(self, model, token_losses: NextTokenLoss, device: str, d: D.Dist) -> dict:
         model.eval()
         loss_sum, count = 0.0, 0
         for start in range(0, self.passes * self.micro, self.micro):
             if start >= len(self.windows):  # a fewer-windows process keeps step with the others; not counted
                 dummy = torch.zeros((1, self.context + 1), dtype=torch.long, device=device)
-                token_losses(model, dummy, precision, device)
+                token_losses(model, dummy)
                 continue
             batch = torch.from_numpy(np.stack(self.windows[start : start + self.micro])).to(device)
-            loss, n = token_losses(model, batch, precision, device)
+            loss, n = token_losses(model, batch)
             loss_sum, count = loss_sum + loss.item(), count + n
         model.train()
         loss_sum, count = D.all_reduce_sum(loss_sum, d, device), D.all_reduce_sum(count, d, device)
@@ -113,19 +102,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
 def _pretrain(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -> dict:
     out = Path(cfg.output_dir)
     accum = cfg.grad_accumulation(d.world_size)
+    if cfg.log.tensorboard:
+        require_tensorboard()
     tokens = Path(cfg.data.tokens_dir)
     train_shards, val_shards = TokenShards(tokens / "train"), TokenShards(tokens / "val")
     tokenizer = _load_tokenizer(cfg.data.tokenizer_dir)
 
     _seed_everything(cfg.training.seed)
-    model = build_model(cfg, len(tokenizer), out / "base")
-    check_vocab(model, train_shards.vocab_size, cfg.data.tokenizer_dir)
-    model.to(device)
-    if cfg.training.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-    model = D.wrap_model(model, cfg.distributed.strategy, device, d)
+    model, token_losses, kernels = _build(cfg, len(tokenizer), train_shards.vocab_size, d, device, precision)
     trained = torch.compile(model) if cfg.training.compile else model
     optimizer = build_optimizer(D.unwrap(model), cfg.optim)
+    kernels["optimizer"] = kernel_of(optimizer)
     scheduler = build_scheduler(optimizer, cfg.training.steps, cfg.schedule)
     reader = WindowReader(train_shards, cfg.model.context, cfg.training.micro_batch_size,
                           rank=d.rank, world_size=d.world_size, seed=cfg.training.seed)
@@ -138,54 +125,85 @@ def _pretrain(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -> di
         # every process reads it; under FSDP2 the tensors are scattered to the shards (a collective)
         state = load_checkpoint(latest, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler)
         reader.load_state_dict(state["reader_state"])
-    log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=state["step"])
+    log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=state["step"],
+                     tensorboard=out / "tensorboard" if cfg.log.tensorboard else None)
     flops_token = flops_per_token(D.unwrap(model).config, cfg.model.context)
     peak = peak_flops(device, precision) * d.world_size
     if d.is_main:
         write_json(out / "run.json", {"version": __version__, "config": cfg.model_dump(), "world_size": d.world_size,
-                                      "device": device, "precision": precision, "grad_accumulation": accum})
+                                      "device": device, "precision": precision, "grad_accumulation": accum,
+                                      "kernels": kernels})
 
     step, extra = state["step"], state["extra"]
-    if step == 0:  # the starting point: for continued pretraining, the number to beat
-        log.eval(0, validation.run(trained, precision, device, d))
-    with log.progress(cfg.training.steps, initial=step) as bar:
-        while step < cfg.training.steps:
-            started = time.perf_counter()
-            batches = [torch.from_numpy(next(reader)).to(device) for _ in range(accum)]
-            n_global = D.all_reduce_sum(sum(b[:, 1:].numel() for b in batches), d, device)
-            loss_sum = 0.0
-            for i, batch in enumerate(batches):
-                with D.gradient_sync(model, sync=i == accum - 1):
-                    loss, _ = token_losses(trained, batch, precision, device)
-                    (loss * d.world_size / n_global).backward()  # DDP/FSDP average over processes
-                loss_sum += loss.item()
-            loss_value = D.all_reduce_sum(loss_sum, d, device) / n_global
-            finite = D.all_true(math.isfinite(loss_value) and grads_finite(model.parameters()), d, device)
-            grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip) if finite else torch.tensor(float("nan"))
-            if finite:
-                optimizer.step()
-                extra["skipped_in_a_row"] = 0
-            else:
-                extra["skipped"] += 1
-                extra["skipped_in_a_row"] += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            extra["tokens"] += int(n_global)
-            elapsed = time.perf_counter() - started
-            tok_s = n_global / elapsed
-            log.step(step, bar, loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), tok_s=tok_s,
-                     mfu=tok_s * flops_token / peak, tokens=extra["tokens"], skipped=not finite, every=cfg.log.every)
-            if extra["skipped_in_a_row"] >= cfg.training.max_consecutive_skips:
-                last = latest_checkpoint(ckpt_dir)
-                raise MedfoundryError(f"{extra['skipped_in_a_row']} steps in a row had a non-finite loss or gradient "
-                                      f"(step {step}); stopping. Last good checkpoint: {last or 'none'}. "
-                                      "Lower optim.lr, raise schedule.warmup_steps or check the data.")
-            if step % cfg.eval.every == 0 or step == cfg.training.steps:
-                log.eval(step, validation.run(trained, precision, device, d))
-            if step % cfg.checkpoint.every == 0 or step == cfg.training.steps:
-                _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d)
+    try:
+        if step == 0:  # the starting point: for continued pretraining, the number to beat
+            log.eval(0, validation.run(trained, token_losses, device, d))
+        with log.progress(cfg.training.steps, initial=step) as bar:
+            while step < cfg.training.steps:
+                started = time.perf_counter()
+                batches = [torch.from_numpy(next(reader)).to(device) for _ in range(accum)]
+                loss_value, norm, n_global = _train_step(model, trained, token_losses, batches, optimizer, cfg, d, device)
+                finite = math.isfinite(loss_value) and math.isfinite(norm)
+                extra["skipped"] += not finite
+                extra["skipped_in_a_row"] = 0 if finite else extra["skipped_in_a_row"] + 1
+                scheduler.step()
+                step += 1
+                extra["tokens"] += int(n_global)
+                tok_s = n_global / (time.perf_counter() - started)
+                log.step(step, bar, loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=norm, tok_s=tok_s,
+                         mfu=tok_s * flops_token / peak, tokens=extra["tokens"], skipped=not finite, every=cfg.log.every)
+                if extra["skipped_in_a_row"] >= cfg.training.max_consecutive_skips:
+                    last = latest_checkpoint(ckpt_dir)
+                    raise MedfoundryError(f"{extra['skipped_in_a_row']} steps in a row had a non-finite loss or gradient "
+                                          f"(step {step}); stopping. Last good checkpoint: {last or 'none'}. "
+                                          "Lower optim.lr, raise schedule.warmup_steps or check the data.")
+                if step % cfg.eval.every == 0 or step == cfg.training.steps:
+                    log.eval(step, validation.run(trained, token_losses, device, d))
+                if step % cfg.checkpoint.every == 0 or step == cfg.training.steps:
+                    _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d)
+    finally:
+        log.close()
     return _finish(cfg, model, log, out, d)
+
+
+def _build(cfg: PretrainConfig, tokenizer_size: int, shard_vocab: int, d: D.Dist, device: str,
+           precision: str) -> tuple[torch.nn.Module, NextTokenLoss, dict]:
+    """The model, with the speed-ups of :mod:`medfoundry.train.accel` and wrapped for the strategy; its
+    loss; and the kernels chosen (recorded in run.json)."""
+    model = build_model(cfg, tokenizer_size, Path(cfg.output_dir) / "base")
+    check_vocab(model, shard_vocab, cfg.data.tokenizer_dir)
+    attention = set_attention(model, cfg.training.attention, device, cfg.model.context)
+    native_gelu(model)
+    head = fuse_output_layer(model, cfg.training.loss)
+    model.to(device)
+    if cfg.training.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = D.wrap_model(model, cfg.distributed.strategy, device, d)
+    return model, NextTokenLoss(head, precision, device), {"attention": attention, "loss": "plain" if head is None else "chunked"}
+
+
+def _train_step(model, trained, token_losses: NextTokenLoss, batches: list[torch.Tensor], optimizer, cfg: PretrainConfig,
+                d: D.Dist, device: str) -> tuple[float, float, float]:
+    """Forward and backward over the step's micro-batches, then the update unless the loss or the
+    gradient norm is not finite. Returns (mean loss over the global batch, gradient norm, global
+    number of targets). Both values are the same on every process (an all-reduced loss; the norm of
+    all-reduced or, under FSDP2, globally reduced gradients), so all processes skip or step together
+    without another collective."""
+    n_global = D.all_reduce_sum(sum(b[:, 1:].numel() for b in batches), d, device)
+    loss_sum = 0.0
+    for i, batch in enumerate(batches):
+        with D.gradient_sync(model, sync=i == len(batches) - 1):
+            loss, _ = token_losses(trained, batch)
+            (loss * d.world_size / n_global).backward()  # DDP/FSDP average over processes
+        loss_sum += loss.item()
+    loss_value = D.all_reduce_sum(loss_sum, d, device) / n_global
+    norm = grad_norm(model.parameters())
+    norm_value = norm.item()
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
+        clip_grads(model.parameters(), cfg.optim.grad_clip, norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value, n_global
 
 
 def _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d: D.Dist) -> None:

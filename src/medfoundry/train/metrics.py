@@ -1,8 +1,10 @@
-"""Training telemetry: ``metrics.jsonl``, a progress bar with tokens/s, MFU and ETA, the loss-curve PNG."""
+"""Training telemetry: ``metrics.jsonl``, optional TensorBoard scalars, a progress bar with tokens/s, MFU
+and ETA, the loss-curve PNG."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import statistics
 import time
@@ -11,7 +13,20 @@ from pathlib import Path
 
 import torch
 
+from medfoundry.errors import ConfigError
 from medfoundry.io import atomic_path
+
+# metrics.jsonl key -> TensorBoard tag
+TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "tok_s": "train/tokens_per_s", "mfu": "train/mfu",
+                    "grad_norm": "train/grad_norm", "val_loss": "val/loss", "val_ppl": "val/ppl", "val_bpb": "val/bpb"}
+
+
+def require_tensorboard() -> None:
+    """``log.tensorboard`` needs the tensorboard package (torch's SummaryWriter writes with it): say so
+    before any work."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("log.tensorboard: the tensorboard package is not installed: pip install tensorboard "
+                          "(or pip install 'medfoundry[tensorboard]'), or set log.tensorboard: false")
 
 
 @lru_cache(maxsize=4)
@@ -33,17 +48,24 @@ def peak_flops(device: str, precision: str) -> float:
 
 
 class MetricsLog:
-    """Appends JSON lines (rank 0 only). On resume, lines past the checkpoint's step are dropped first,
-    so the log reads as one uninterrupted run."""
+    """Appends JSON lines (rank 0 only) and, with ``tensorboard`` (a folder), the same values as
+    TensorBoard scalars (:data:`TENSORBOARD_TAGS`). On resume, lines past the checkpoint's step are
+    dropped first, and TensorBoard is told to purge its events past it, so both read as one
+    uninterrupted run. Call :meth:`close` at the end (it flushes the event file)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int = 0):
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0, tensorboard: Path | None = None):
         self.path, self.enabled = path, enabled
         self.records: list[dict] = []
+        self.writer = None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] if path.is_file() else []
             path.write_text("".join(line + "\n" for line in kept))
             self.records = [json.loads(line) for line in kept]
+            if tensorboard is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(tensorboard), purge_step=resume_step + 1 if resume_step else None)
 
     @contextlib.contextmanager
     def progress(self, total: int, initial: int):
@@ -57,6 +79,14 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, tag in TENSORBOARD_TAGS.items():
+                if key in record:
+                    self.writer.add_scalar(tag, record[key], record["step"], walltime=record["time"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def step(self, step: int, bar, *, every: int, skipped: bool, **values) -> None:
         bar.update(1)

@@ -26,7 +26,7 @@ class OptimConfig(StrictModel):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
     implementation: Literal["auto", "fused", "foreach", "loop"] = Field(
-        "auto", description="AdamW kernel: auto = fused on CUDA, foreach elsewhere")
+        "auto", description="AdamW kernel: auto = fused wherever torch has it (CUDA, CPU), else foreach")
 
 
 def _is_matrix_layer(module: nn.Module) -> bool:
@@ -59,14 +59,34 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """torch AdamW over :func:`param_groups`; fused kernels on CUDA, foreach elsewhere (``implementation=auto``)."""
+    """torch AdamW over :func:`param_groups` with the kernel of :func:`adamw_kernel`."""
     groups = param_groups(model, cfg.weight_decay)
-    impl = cfg.implementation
-    if impl == "auto":
-        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-        impl = "fused" if on_cuda and torch.cuda.is_available() else "foreach"
+    impl = adamw_kernel(cfg.implementation, [p for g in groups for p in g["params"]])
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              fused=True if impl == "fused" else None, foreach=impl == "foreach")
+
+
+def adamw_kernel(choice: str, params: list[torch.Tensor]) -> str:
+    """``auto``: the fused kernel (one pass over each tensor for the whole update, CUDA and CPU alike;
+    on CPU 24 ms a gpt2-52m step on 2 cores, against 75 ms for foreach's chain of whole-list ops) when
+    torch has it for every parameter (floating point, on a device with fused kernels, plain tensors or
+    FSDP2 DTensors, which dispatch it shard by shard), else foreach. fused and foreach apply the same
+    update up to rounding; each is deterministic, so a run resumes bit-identically on the same one."""
+    if choice != "auto":
+        return choice
+    return "fused" if all(_fused_capable(p) for p in params) else "foreach"
+
+
+def kernel_of(optimizer: torch.optim.Optimizer) -> str:
+    """The AdamW kernel an optimizer from :func:`build_optimizer` runs: fused, foreach or loop."""
+    return "fused" if optimizer.defaults["fused"] else "foreach" if optimizer.defaults["foreach"] else "loop"
+
+
+def _fused_capable(param: torch.Tensor) -> bool:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    local = param.to_local() if hasattr(param, "to_local") else param
+    return local.is_floating_point() and local.device.type in _get_fused_kernels_supported_devices()
 
 
 def _grads(parameters: Iterable[torch.Tensor] | torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -74,31 +94,27 @@ def _grads(parameters: Iterable[torch.Tensor] | torch.Tensor) -> tuple[list[torc
     return params, [p.grad for p in params if p.grad is not None]
 
 
-def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (before clipping); scales them down to ``max_norm`` when it is > 0.
+def grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """Global L2 norm of all gradients, the same on every process; one pass over them.
 
-    Under FSDP2 the gradients are DTensor shards: the norm is reduced over all processes (every
-    process must call this), as in torchtitan. A non-finite norm makes the gradients non-finite too:
-    check :func:`grads_finite` first and skip the step instead.
+    It is non-finite exactly when some gradient is (or the sum of squares overflows), so the loop uses
+    it both to skip a step and, when finite, to clip (:func:`clip_grads`): one pass and no extra
+    collective instead of a finiteness check plus a norm. Under DDP every process holds the same
+    all-reduced gradients, hence the same norm. Under FSDP2 the gradients are DTensor shards: the
+    norm is reduced over all processes (every process must call this), as in torchtitan.
     """
-    params, grads = _grads(parameters)
+    _, grads = _grads(parameters)
     if not grads:
         return torch.tensor(0.0)
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if hasattr(total, "full_tensor"):  # DTensor with a pending (partial) reduction
         total = total.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
 
-def grads_finite(parameters: Iterable[torch.Tensor] | torch.Tensor) -> bool:
-    """True when every gradient this process holds is finite (DTensor: its local shard; no collective).
-
-    Under DDP/FSDP combine the answers of all processes (e.g. an all-reduce of the flags).
-    """
-    _, grads = _grads(parameters)
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-    if not local:
-        return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(local, norm_type=2.0)).item())
+def clip_grads(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients down to ``max_norm`` given their :func:`grad_norm`; 0 disables clipping.
+    A non-finite ``norm`` would make every gradient non-finite: skip the step instead."""
+    params, _ = _grads(parameters)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
