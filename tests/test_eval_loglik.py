@@ -268,7 +268,7 @@ def test_load_model_reads_the_checkpoint(gpt2_dir, bloom_dir):
     assert (lm.name, lm.path, lm.precision, lm.device, lm.max_length) == ("gpt2-tiny", gpt2_dir, "fp32", "cpu", 1024)
     assert not lm.model.training and not any(p.requires_grad for p in lm.model.parameters())
     assert lm.tokenizer.is_fast
-    assert load_model(bloom_dir, precision="fp32", device="cpu", threads=1).max_length == 2048  # lm-eval's default
+    assert load_model(bloom_dir, precision="fp32", device="cpu", threads=1).max_length == 256  # export writes the context
 
 
 def test_load_model_names_what_is_missing(gpt2_dir, tmp_path):
