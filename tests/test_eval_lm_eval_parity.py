@@ -1,7 +1,8 @@
 """Scorer-level parity with lm-eval 0.4.13: ``HFLM.loglikelihood`` and ``score_requests`` on the same real
 MedQA and PubMedQA questions (lm-eval's prompts), full option texts as multi-token continuations, two-shot
-contexts sharing their exemplars, trailing whitespace, an empty context, a context that starts with the BOS text, greedy continuations, and a 64-token
-window that forces left truncation. Every log-likelihood must agree within 1e-4 and every greedy flag exactly.
+contexts sharing their exemplars, trailing whitespace, an empty context, a context that starts with the BOS
+text, greedy continuations, and a 64-token window that forces left truncation. Every log-likelihood must
+agree within 1e-4 and every greedy flag exactly.
 """
 
 from __future__ import annotations
@@ -16,20 +17,13 @@ import torch
 from conftest import shared
 from medfoundry.eval.loglik import LoglikRequest, score_requests
 from medfoundry.eval.model import load_model
-from test_eval_loglik import bos_tokenizer_dir, one_thread, tiny_checkpoint  # noqa: F401 (one_thread: autouse)
+from test_eval_loglik import gpt2_dir, llama_dir  # noqa: F401 (module fixtures)
 
 N_QUESTIONS = 10
 
 
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("gpt2"), "gpt2-tiny", shared("tokenizers/gpt2"), 50_257)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("llama")
-    return tiny_checkpoint(root, "llama-tiny", bos_tokenizer_dir(root / "tokenizer"), 50_259)
 
 
 def medqa_docs(n: int, start: int = 0) -> list[dict]:

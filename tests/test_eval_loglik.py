@@ -22,13 +22,7 @@ WORDS = ("The patient was treated with intravenous ceftriaxone for community-acq
          "resolved within 48 hours; blood cultures grew Streptococcus pneumoniae sensitive to penicillin. ").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and several threads crawl when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bos_tokenizer_dir(directory: Path) -> Path:
@@ -194,6 +188,23 @@ def test_a_shared_few_shot_prefix_runs_once(gpt2_dir):
     assert [w for w in widths if w[1] >= shared] == [(1, shared)]  # no other pass reads the few-shot prefix again
 
 
+def test_the_attention_kernel_is_given_back(llama_dir):
+    """Short contexts run with eager attention on CPU; the shared model keeps its own kernel afterwards."""
+    lm = load_model(llama_dir, precision="fp32", device="cpu", threads=1)
+    assert lm.model.config._attn_implementation == "sdpa"
+    seen = []
+    forward = lm.model.base_model.forward
+
+    def recording(*args, **kwargs):
+        seen.append(lm.model.config._attn_implementation)
+        return forward(*args, **kwargs)
+
+    lm.model.base_model.forward = recording
+    score_requests(lm, [LoglikRequest(text(10), (" A",)), LoglikRequest(text(700), (" A",))], batch_size=1)
+    assert seen[-2:] == ["sdpa", "eager"]  # longest first: ~1,300 keys, then ~20
+    assert lm.model.config._attn_implementation == "sdpa"
+
+
 def test_duplicates_and_shared_contexts_score_identically(llama_dir):
     lm = load_model(llama_dir, precision="fp32", device="cpu", threads=1)
     a = LoglikRequest(text(30), (" A", " B", " A"))
@@ -268,27 +279,42 @@ def test_load_model_reads_the_checkpoint(gpt2_dir, bloom_dir):
     assert (lm.name, lm.path, lm.precision, lm.device, lm.max_length) == ("gpt2-tiny", gpt2_dir, "fp32", "cpu", 1024)
     assert not lm.model.training and not any(p.requires_grad for p in lm.model.parameters())
     assert lm.tokenizer.is_fast
-    assert load_model(bloom_dir, precision="fp32", device="cpu", threads=1).max_length == 256  # export writes the context
+    bloom = load_model(bloom_dir, precision="fp32", device="cpu", threads=1)  # no position table: the tokenizer's
+    assert bloom.max_length == bloom.tokenizer.model_max_length == 256
+
+
+def test_context_window_follows_lm_eval():
+    from types import SimpleNamespace
+
+    from transformers import BloomConfig, GPT2Config
+
+    from medfoundry.eval.model import context_window
+
+    unset = SimpleNamespace(model_max_length=int(1e30))
+    assert context_window(GPT2Config(n_positions=512), SimpleNamespace(model_max_length=64)) == 512
+    assert context_window(BloomConfig(), SimpleNamespace(model_max_length=300)) == 300
+    assert context_window(BloomConfig(), unset) == 2048
+    assert context_window(SimpleNamespace(text_config=GPT2Config(n_positions=128)), unset) == 128
 
 
 def test_load_model_names_what_is_missing(gpt2_dir, tmp_path):
     with pytest.raises(InputError, match="model not found"):
-        load_model(tmp_path / "nowhere", device="cpu")
+        load_model(tmp_path / "nowhere", device="cpu", threads=1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="empty: no config.json"):
-        load_model(tmp_path / "empty", device="cpu")
+        load_model(tmp_path / "empty", device="cpu", threads=1)
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.json").write_text((gpt2_dir / "config.json").read_text())
     with pytest.raises(InputError, match="bare: no weights"):
-        load_model(bare, device="cpu")
+        load_model(bare, device="cpu", threads=1)
     (bare / "model.safetensors").write_bytes((gpt2_dir / "model.safetensors").read_bytes())
     with pytest.raises(InputError, match="bare: no tokenizer"):
-        load_model(bare, device="cpu")
+        load_model(bare, device="cpu", threads=1)
     lm = load_model(bare, device="cpu", precision="fp32", tokenizer=gpt2_dir, threads=1)
     assert lm.tokenizer.eos_token == "<|endoftext|>"
     with pytest.raises(ConfigError, match="precision 'fp16'"):
-        load_model(gpt2_dir, precision="fp16", device="cpu")
+        load_model(gpt2_dir, precision="fp16", device="cpu", threads=1)
 
 
 def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):

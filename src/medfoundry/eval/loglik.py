@@ -12,16 +12,20 @@ The tokens are lm-eval's (``HFLM`` of lm-eval 0.4.13, causal models, default arg
 * an input longer than the context window keeps its last ``max_length + 1`` tokens, less the last
   one (the model never needs to read the final continuation token).
 
-What makes it fast: every distinct context is run once, and the tokens of a multi-token continuation
-beyond its first are run on the context's KV cache, expanded over the choices; when all continuations are
-single tokens (" A"..." D", " yes"/" no") nothing but the context is run. Contexts that begin with the
-same tokens (a few-shot prompt, a task description) share them: that prefix is run once and its KV cache
-serves every context of the group, so few-shot evaluation costs little more than zero-shot. The output layer and the
-log-softmax are applied only at positions whose next token is scored, never to the whole
-``[sequence x vocabulary]``. Contexts are sorted by length and batched under a token budget, right-padded
-with attention masks, so no position shifts and a score does not depend on its batch. The model runs in
-its own dtype (bf16 weights for ``precision="bf16"``); the output layer and the log-softmax always run in
-float32 (lm-eval's bf16 logits quantize log-probabilities and tie close choices).
+What makes it fast:
+
+* every distinct context is run once; the tokens of a multi-token continuation beyond its first run on
+  the context's KV cache, expanded over the choices; when all continuations are single tokens
+  (" A".." D", " yes"/" no") nothing but the context is run;
+* contexts that begin with the same tokens (few-shot exemplars, a task description) share them: that
+  prefix is run once and its KV cache serves the whole group, so k-shot costs little more than zero-shot;
+* the output layer and the log-softmax are applied only at positions whose next token is scored, never
+  to the whole ``[sequence x vocabulary]``;
+* contexts are sorted by length and batched under a token budget, right-padded with attention masks, so
+  no position shifts and a score does not depend on its batch.
+
+The model runs in its own dtype (bf16 weights for ``precision="bf16"``); the output layer and the
+log-softmax always run in float32 (bf16 logits, as lm-eval's, quantize log-probabilities and tie close choices).
 """
 
 from __future__ import annotations
@@ -36,10 +40,16 @@ import torch.nn.functional as F
 
 from medfoundry.errors import ConfigError
 
-# Padded tokens per forward pass when batch_size is None. On 2 Zen 5 cores (SmolLM2-135M, bf16), 1 to 1,024
-# tokens cost the same per question, 2,048 ~15% more and 4,096 ~45% more (activations leave the caches);
-# tiny models gain nothing from larger batches either.
-TOKEN_BUDGET = 1024
+# Activations per forward pass when batch_size is None (padded tokens x hidden size): batches grow until
+# their activations would leave the CPU caches. Measured on Zen 5 (bf16, CPU time per MedQA / PubMedQA
+# question): SmolLM2-135M (d=576) costs the same from 1 to 512 tokens, 5-8% more at 1,024, ~45% more at
+# 4,096; the quickstart GPT-2 (d=128, where per-call overhead dominates) is 27-33% faster at 2,048 tokens
+# than at 512, and slower again at 8,192. Both optima are ~300k activations.
+ACTIVATION_BUDGET = 512 * 576
+# On CPU, eager attention (two dense bf16 matmuls and a softmax) beats SDPA's flash kernel while the keys
+# are few: SmolLM2-135M scores MedQA / PubMedQA questions (200-600 keys) 11-13% faster with it; the
+# training measurements (medfoundry.train) put the crossing between 512 and 1,024 keys.
+EAGER_MAX_KEYS_CPU = 768
 # Tokens of KV cache a batch may hold (the shared prefix and the context, expanded over continuation rows)
 CACHE_BUDGET = 8192
 # Contexts sharing at least this many leading tokens run them once (one extra forward pass per group)
@@ -82,13 +92,17 @@ def score_requests(lm, requests: Sequence[LoglikRequest], *, batch_size: int | N
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
     pairs = encode_requests(lm.tokenizer, requests, lm.max_length)
+    budget = max(1, ACTIVATION_BUDGET // lm.model.config.hidden_size)
     plan = [(shared, batch) for shared, members in _groups(_units(pairs))
-            for batch in _batches(members, len(shared), batch_size)]
+            for batch in _batches(members, len(shared), batch_size, budget)]
     scorer = _Scorer(lm)
     scores: dict[tuple[Tokens, Tokens], ChoiceScore] = {}
-    with torch.inference_mode():
-        for shared, batch in tqdm(plan, desc="loglikelihood", unit="batch", disable=not progress):
-            scores.update(scorer.score(batch, shared))
+    try:
+        with torch.inference_mode():
+            for shared, batch in tqdm(plan, desc="loglikelihood", unit="batch", disable=not progress):
+                scores.update(scorer.score(batch, shared))
+    finally:
+        scorer.restore_attention()
     return [[scores[pair] for pair in request] for request in pairs]
 
 
@@ -121,6 +135,7 @@ class _Encoder:
         self.tokenizer = tokenizer
         # HFLM compares against decode(prefix_token_id), special tokens kept
         self.bos_text = tokenizer.decode([prefix_id]) if prefix_id is not None else None
+        # keyed like HFLM's add_special_tokens argument: None = the tokenizer's default, False = none
         self.pending: dict[bool | None, set[str]] = {None: set(), False: set()}
         self.ids: dict[tuple[str, bool | None], list[int]] = {}
 
@@ -218,31 +233,31 @@ def _common_length(a: Tokens, b: Tokens) -> int:
     return min(len(a), len(b))
 
 
-def _batches(units: list[_Unit], offset: int, batch_size: int | None) -> list[list[_Unit]]:
+def _batches(units: list[_Unit], offset: int, batch_size: int | None, budget: int) -> list[list[_Unit]]:
     """Longest first, so the first unit sets a batch's padded width and similar lengths share a batch.
 
     ``offset`` leading tokens are shared (already in the cache). Without ``batch_size``, a batch grows while
-    the tokens it runs stay within ``TOKEN_BUDGET`` and the KV cache it holds within ``CACHE_BUDGET``.
+    the tokens it runs stay within ``budget`` and the KV cache it holds within ``CACHE_BUDGET``.
     """
     ordered = sorted(units, key=lambda u: (-len(u.prefix), u.prefix))
     if batch_size is not None:
         return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
     batches: list[list[_Unit]] = []
     for unit in ordered:
-        if batches and _fits(batches[-1] + [unit], offset):
+        if batches and _fits(batches[-1] + [unit], offset, budget):
             batches[-1].append(unit)
         else:
             batches.append([unit])
     return batches
 
 
-def _fits(batch: list[_Unit], offset: int) -> bool:
+def _fits(batch: list[_Unit], offset: int, budget: int) -> bool:
     width = max(len(u.prefix) for u in batch) - offset
     rows = [len(c) - 1 for u in batch for c in u.continuations if len(c) > 1]
     extra = max(rows, default=0)
     run = max(width * len(batch), len(rows) * extra)
     cache = max(len(batch), len(rows)) * (offset + width + extra)
-    return run <= TOKEN_BUDGET and cache <= CACHE_BUDGET
+    return run <= budget and cache <= CACHE_BUDGET
 
 
 # --- the model ----------------------------------------------------------------------------------------
@@ -262,27 +277,23 @@ class _Scorer:
         self.head_bias = head.bias.float() if head.bias is not None else None
         # BLOOM (ALiBi) has no position ids: it derives positions from the attention mask
         self.takes_positions = "position_ids" in inspect.signature(self.base.forward).parameters
+        self.model = lm.model
+        self.attention = lm.model.config._attn_implementation
+        # only SDPA models on CPU switch (BLOOM has its own attention, GPU kernels are another matter)
+        self.switch_attention = self.attention == "sdpa" and self.device.type == "cpu"
         self.shared_tokens: Tokens | None = None  # the shared prefix whose KV cache is kept
         self.shared_kv = None
 
     def score(self, batch: list[_Unit], shared: Tokens) -> dict[tuple[Tokens, Tokens], ChoiceScore]:
         """Scores of every continuation of ``batch``, whose contexts all begin with ``shared``."""
-        offset = len(shared)
-        ids, mask = self._pad([u.prefix[offset:] for u in batch])
         multi = [(i, c) for i, u in enumerate(batch) for c in u.continuations if len(c) > 1]
-        kwargs = {}
-        if offset:
-            kwargs["past_key_values"] = self._shared_cache(shared, len(batch))
-            if self.takes_positions:
-                kwargs["position_ids"] = offset + torch.arange(ids.shape[1], device=self.device).expand_as(ids)
-            mask = torch.cat([mask.new_ones(len(batch), offset), mask], dim=1)
-        lengths = mask.sum(1)
-        out = self.base(input_ids=ids, attention_mask=mask, use_cache=bool(multi or offset), **kwargs)
-        last = out.last_hidden_state[torch.arange(len(batch), device=self.device), lengths - offset - 1]
-        first = self._log_probs(last)  # [contexts, vocab]
+        keys = max(len(u.prefix) for u in batch) + max((len(c) for _, c in multi), default=0)
+        self._set_attention("eager" if keys <= EAGER_MAX_KEYS_CPU else "sdpa")
+        last, cache, mask = self._contexts(batch, shared, keep_cache=bool(multi))
+        first = self._log_probs(last)  # the first continuation token of every choice, [contexts, vocab]
         argmax = first.argmax(-1).tolist()
         first = first.cpu()
-        rest = self._rest(out.past_key_values, mask, lengths, multi) if multi else {}
+        rest = self._rest(cache, mask, multi) if multi else {}
         scores = {}
         for i, unit in enumerate(batch):
             for c in unit.continuations:
@@ -291,8 +302,22 @@ class _Scorer:
                                                        is_greedy=greedy and argmax[i] == c[0], tokens=len(c))
         return scores
 
-    def _rest(self, cache, mask: torch.Tensor, lengths: torch.Tensor,
-              multi: list[tuple[int, Tokens]]) -> dict[tuple[int, Tokens], tuple[float, bool]]:
+    def _contexts(self, batch: list[_Unit], shared: Tokens, keep_cache: bool):
+        """Run the contexts (after ``shared``, read from its cache): the hidden state of each context's last
+        token, the KV cache when ``keep_cache``, and the attention mask over the cache."""
+        offset = len(shared)
+        ids, mask = self._pad([u.prefix[offset:] for u in batch])
+        kwargs = {}
+        if offset:
+            kwargs["past_key_values"] = self._shared_cache(shared, len(batch))
+            if self.takes_positions:
+                kwargs["position_ids"] = offset + torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+            mask = torch.cat([mask.new_ones(len(batch), offset), mask], dim=1)
+        out = self.base(input_ids=ids, attention_mask=mask, use_cache=keep_cache or bool(offset), **kwargs)
+        last = out.last_hidden_state[torch.arange(len(batch), device=self.device), mask.sum(1) - offset - 1]
+        return last, out.past_key_values, mask
+
+    def _rest(self, cache, mask: torch.Tensor, multi: list[tuple[int, Tokens]]) -> dict[tuple[int, Tokens], tuple[float, bool]]:
         """Log-probability and greediness of continuation tokens 2..n, one row per multi-token continuation,
         each row reading its context from the cache (expanded over the rows)."""
         rows = torch.tensor([i for i, _ in multi], device=self.device)
@@ -300,7 +325,8 @@ class _Scorer:
         ids, cont_mask = self._pad([c[:-1] for _, c in multi])
         kwargs = {"attention_mask": torch.cat([mask[rows], cont_mask], dim=1), "past_key_values": cache}
         if self.takes_positions:  # padding gets position 0: a real position could lie beyond the table
-            kwargs["position_ids"] = (lengths[rows, None] + torch.arange(ids.shape[1], device=self.device)) * cont_mask
+            start = mask.sum(1)[rows, None]
+            kwargs["position_ids"] = (start + torch.arange(ids.shape[1], device=self.device)) * cont_mask
         hidden = self.base(input_ids=ids, **kwargs).last_hidden_state[cont_mask.bool()]
         targets = torch.tensor([t for _, c in multi for t in c[1:]], device=self.device)
         logp = self._log_probs(hidden)
@@ -312,6 +338,14 @@ class _Scorer:
             result[key] = (float(token_logp[start:end].sum()), bool(hits[start:end].all()))
             start = end
         return result
+
+    def _set_attention(self, kernel: str) -> None:
+        if self.switch_attention and self.model.config._attn_implementation != kernel:
+            self.model.set_attn_implementation(kernel)
+
+    def restore_attention(self) -> None:
+        """The model is shared with other stages: give it back with the kernel it came with."""
+        self._set_attention(self.attention)
 
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(F.linear(hidden.float(), self.head_weight, self.head_bias), dim=-1)

@@ -61,9 +61,12 @@ def load_model(path, *, precision: str = "auto", device: str = "auto", tokenizer
     from transformers import AutoModelForCausalLM
 
     configure(threads)
-    device, precision = resolve_device_precision(device, precision)
-    if precision not in ("bf16", "fp32"):
-        raise ConfigError(f"precision {precision!r}: evaluation runs in 'bf16' or 'fp32'")
+    device, resolved = resolve_device_precision(device, precision)
+    if precision == "auto" and resolved not in ("bf16", "fp32"):  # fp16 on older GPUs: scores need fp32 there
+        resolved = "fp32"
+    if resolved not in ("bf16", "fp32"):
+        raise ConfigError(f"precision {precision!r}: evaluation runs in 'bf16' or 'fp32' (or 'auto')")
+    precision = resolved
     path = Path(path)
     directory = gguf_checkpoint(path, cache_dir) if path.suffix == ".gguf" else path
     check_checkpoint(directory, need_tokenizer=tokenizer is None)
@@ -72,7 +75,7 @@ def load_model(path, *, precision: str = "auto", device: str = "auto", tokenizer
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True,
                                                  trust_remote_code=False)
     model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tok, name=path.stem if path.suffix == ".gguf" else path.name,
+    return LoadedModel(model=model, tokenizer=tok, name=path.stem if path.suffix == ".gguf" else path.resolve().name,
                        path=path, precision=precision, device=device, max_length=context_window(model.config, tok))
 
 
