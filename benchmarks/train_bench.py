@@ -50,11 +50,12 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from timed_child import run_timed
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path("/tmp/medfoundry_train_bench")
@@ -144,34 +145,16 @@ def child_env(allocator: str | None) -> dict:
     return env
 
 
-def _cpu_busy_s() -> float:
-    """CPU seconds spent by every process on the machine so far (/proc/stat: all but idle and iowait)."""
-    with open("/proc/stat") as fh:
-        fields = [int(v) for v in fh.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _children_cpu_s() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_child(spec: dict, env: dict) -> dict:
     """Run one measurement in a fresh interpreter. Also reports ``foreign_cpu``: the share of the machine's
     CPU time that other processes used meanwhile (other jobs on the box distort every timing)."""
-    busy, mine, start = _cpu_busy_s(), _children_cpu_s(), time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
-                          text=True, timeout=CHILD_TIMEOUT_S)
-    wall = time.perf_counter() - start
-    foreign = max(0.0, (_cpu_busy_s() - busy) - (_children_cpu_s() - mine))
+    proc, _, foreign = run_timed([sys.executable, __file__, "--child", json.dumps(spec)], env, CHILD_TIMEOUT_S)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"child {spec['kind']} failed (exit {proc.returncode})")
     result = json.loads(lines[-1])
-    result["foreign_cpu"] = round(foreign / (wall * len(os.sched_getaffinity(0))), 3)
+    result["foreign_cpu"] = foreign
     return result
 
 

@@ -23,13 +23,7 @@ GPT2_LENGTH = 64  # abstracts run to 100-500 GPT-2 tokens: most need several win
 LLAMA_LENGTH = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and several threads crawl when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(directory: Path):

@@ -18,11 +18,12 @@ from medfoundry.errors import ConfigError, InputError, MedfoundryError
 from medfoundry.sft.batch import IGNORE, masked_token_loss, model_inputs
 from medfoundry.sft.config import SFTDataConfig
 from medfoundry.sft.dataset import SFTData, prepare, validation_passes
-from test_sft_packing import one_thread  # noqa: F401 (autouse fixture)
 from test_sft_templates import make_tokenizer
 
 TERMS = ["anemia", "fever", "sepsis", "asthma", "gout", "angina", "stroke", "nephritis", "hepatitis", "rickets"]
 FILLER = "the patient blood pressure heart rate dose daily oral therapy chronic acute symptoms treatment".split()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sentence(rng: np.random.Generator, low: int, high: int) -> str:

@@ -19,13 +19,7 @@ from test_sft_templates import make_tokenizer
 SFT = FIXTURES / "sft"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared: with several intra-op threads OpenMP spin-waits against other processes (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
