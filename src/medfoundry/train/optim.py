@@ -38,7 +38,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     Frozen parameters (``requires_grad=False``) are left out.
     """
-    names = {id(p): n for n, p in model.named_parameters()}  # deduplicated: a tied weight keeps its first name
     decay_ids, no_decay_ids = set(), set()
     for module in model.modules():
         for pname, p in module.named_parameters(recurse=False):
