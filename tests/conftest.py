@@ -35,3 +35,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_torchrun(stage: str, config: Path, env: dict, processes: int = 2):
+    """``torchrun --standalone --nproc_per_node=N -m medfoundry STAGE CONFIG``; asserts it succeeded."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                          "-m", "medfoundry", stage, str(config)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, run_torchrun
 from medfoundry.config import validate
 from medfoundry.errors import ConfigError, InputError, MedfoundryError
 from medfoundry.train.config import PretrainConfig
@@ -141,9 +141,7 @@ def test_two_processes_match_one(tokens, tmp_path):
     pretrain(validate(PretrainConfig, _tree(tokens, single, steps=6)))
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(yaml.safe_dump(_tree(tokens, tmp_path / "ddp", steps=6)))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "medfoundry", "pretrain", str(cfg)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_torchrun("pretrain", cfg, ENV)
     one = [r["loss"] for r in _records(single) if "loss" in r]
     two = [r["loss"] for r in _records(tmp_path / "ddp") if "loss" in r]
     assert len(one) == len(two) == 6

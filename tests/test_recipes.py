@@ -8,11 +8,12 @@ from conftest import REPO
 from medfoundry.config import load_config
 from medfoundry.corpus.config import CorpusConfig
 from medfoundry.eval.config import EvalConfig
+from medfoundry.sft.config import FinetuneConfig
 from medfoundry.tokenizer.config import ExtendConfig, TokenizeConfig, TokenizerTrainConfig
 from medfoundry.train.config import PretrainConfig
 
 STAGES = {"corpus": CorpusConfig, "tokenizer_extend": ExtendConfig, "tokenizer": TokenizerTrainConfig, "tokens": TokenizeConfig, "pretrain": PretrainConfig,
-          "eval": EvalConfig}
+          "finetune": FinetuneConfig, "eval": EvalConfig}
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 

@@ -86,6 +86,20 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from medfoundry.config import load_config
+    from medfoundry.sft.config import FinetuneConfig
+    from medfoundry.sft.finetune import finetune
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    summary = finetune(cfg)
+    if summary:
+        val = f", validation loss {summary['val_loss']:.3f} on response tokens" if "val_loss" in summary else ""
+        print(f"finetune: {summary['steps']} steps{val}, {summary.get('median_tok_s', 0):,.0f} tokens/s -> "
+              f"{Path(cfg.output_dir) / ('model' if cfg.lora is None or cfg.lora.merge else 'adapter')}")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from medfoundry.model.convert import convert_gguf
 
@@ -167,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipes/quickstart_tokens.yaml")
     _add_config_command(stages, "pretrain", "pretrain or continue pretraining a GPT-2, LLaMA or BLOOM model (torchrun for many processes)",
                         _pretrain, "recipes/quickstart_pretrain.yaml")
+    _add_config_command(stages, "finetune", "supervised fine-tuning: chat templates, prompt-loss masking, packing, "
+                        "mixtures, LoRA (torchrun for many processes)", _finetune, "recipes/pubmedqa_finetune.yaml")
     evaluate = stages.add_parser("eval", help="evaluate models: perplexity, multiple choice (log-likelihood) and chain-of-thought")
     evaluate.add_argument("config", nargs="?", help="YAML config (see recipes/quickstart_eval.yaml); optional")
     evaluate.add_argument("--model", dest="models", action="append", metavar="DIR",

@@ -39,7 +39,8 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.floa
 
 def collate(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int, *, packed: bool,
             mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A batch from rows of ``(ids, loss)`` examples, right-padded to the longest row.
+    """A batch from rows of ``(ids, loss)`` examples, right-padded to the longest row; ``tokens`` counts
+    the examples' tokens (padding excluded).
 
     ``packed``: a 4D block-causal ``attention_mask``; otherwise (one example per row) the usual 2D
     padding mask.
@@ -60,16 +61,19 @@ def collate(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int, *, pac
             positions[r, start:end] = np.arange(len(ids))
             segments[r, start:end] = s
             start = end
-    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-             "position_ids": torch.from_numpy(positions)}
     segment_ids = torch.from_numpy(segments)
+    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+             "position_ids": torch.from_numpy(positions), "tokens": (segment_ids > 0).sum()}
     batch["attention_mask"] = block_causal_mask(segment_ids, mask_dtype) if packed else (segment_ids > 0).long()
     return batch
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keyword arguments of the model's forward pass (everything but the labels)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """The keyword arguments of the model's forward pass (not the labels, nor the count of ``tokens``)."""
+    return {k: batch[k] for k in MODEL_INPUTS}
 
 
 def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -1,12 +1,16 @@
-"""Typed configuration of the fine-tuning data: sources, template, lengths, packing, mixture, splits, overlap guard."""
+"""Typed configuration of fine-tuning: the data (sources, template, lengths, packing, mixture, splits, overlap
+guard) and the run (``medfoundry finetune``: the model, LoRA, and the training sections of pretraining)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from medfoundry.config import StrictModel
+from medfoundry.train.config import EvalConfig, RunConfig, TrainingConfig
+from medfoundry.train.optim import OptimConfig
 
 
 class SFTSourceConfig(StrictModel):
@@ -102,3 +106,58 @@ class SFTDataConfig(StrictModel):
         if len(weights) < len(self.sources) and self.mixture.total:
             raise ValueError("mixture.total needs every source to have a weight (unweighted sources fix the size)")
         return self
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+class FinetuneModelConfig(StrictModel):
+    init_from: str = Field(description="the model to fine-tune: a Hugging Face checkpoint directory or a .gguf file")
+
+
+class FinetuneDataConfig(SFTDataConfig):
+    tokenizer: str | None = Field(None, description="the base tokenizer; default: model.init_from's")
+    prepared_dir: str | None = Field(None, description="where the prepared data are written (reused when "
+                                                       "config and inputs match); default <output_dir>/data")
+
+
+class FinetuneTrainingConfig(TrainingConfig):
+    steps: int | None = Field(None, gt=0, description="optimizer steps; or set epochs")
+    epochs: float | None = Field(None, gt=0, description="passes over the prepared train sequences, rounded up "
+                                                         "to whole optimizer steps; or set steps")
+    micro_batch_size: int = Field(4, gt=0, description="sequences per forward pass on each process")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "FinetuneTrainingConfig":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of training.steps and training.epochs")
+        return self
+
+
+class LoraConfig(StrictModel):
+    """Low-rank adapters (peft) instead of updating every weight."""
+
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32, gt=0, description="scaling numerator: updates are scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="peft's target_modules: all-linear (every "
+                                                                      "linear layer but the output layer) or names")
+    merge: bool = Field(True, description="export the merged weights as a plain Hugging Face checkpoint in "
+                                          "model/ (the adapter alone is always saved in adapter/)")
+
+
+class FinetuneConfig(RunConfig):
+    model: FinetuneModelConfig
+    data: FinetuneDataConfig
+    training: FinetuneTrainingConfig
+    lora: LoraConfig | None = Field(None, description="set to train LoRA adapters instead of every weight")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=2e-5, weight_decay=0.0))
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(every=50, batches=32))
+
+    def data_config(self) -> SFTDataConfig:
+        """The data section as :func:`medfoundry.sft.dataset.prepare` takes it (tokenizer defaulted to the model's)."""
+        fields = self.data.model_dump(exclude={"prepared_dir"})
+        return SFTDataConfig(**{**fields, "tokenizer": self.data.tokenizer or self.model.init_from})
+
+    def prepared_path(self) -> Path:
+        return Path(self.data.prepared_dir or Path(self.output_dir) / "data")

@@ -63,10 +63,10 @@ class DistributedConfig(StrictModel):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on GPU, gloo on CPU")
 
 
-class PretrainConfig(StrictModel):
+class RunConfig(StrictModel):
+    """The sections every training run has (``medfoundry pretrain`` and ``medfoundry finetune``)."""
+
     output_dir: str
-    model: ModelConfig
-    data: DataConfig
     training: TrainingConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -76,7 +76,7 @@ class PretrainConfig(StrictModel):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "PretrainConfig":
+    def _batch_divides(self) -> "RunConfig":
         t = self.training
         if t.global_batch_size % t.micro_batch_size:
             raise ValueError(f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
@@ -93,3 +93,8 @@ class PretrainConfig(StrictModel):
             raise ConfigError(f"training.global_batch_size ({t.global_batch_size}) must be a multiple of micro_batch_size "
                               f"x processes ({t.micro_batch_size} x {world_size} = {per_step}); change one of them")
         return t.global_batch_size // per_step
+
+
+class PretrainConfig(RunConfig):
+    model: ModelConfig
+    data: DataConfig

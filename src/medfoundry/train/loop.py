@@ -18,7 +18,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +90,11 @@ def _load_tokenizer(tokenizer_dir: str):
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
+    return run_distributed(cfg, _pretrain_job)
+
+
+def run_distributed(cfg, make_job: Callable) -> dict:
+    """Set up the device and the process group, build the run's :class:`Job` and :func:`train` it."""
     device, precision = resolve_device_precision("auto", cfg.training.precision)
     configure()
     d = D.init_distributed(cfg.distributed.backend, device)
@@ -94,76 +102,134 @@ def pretrain(cfg: PretrainConfig) -> dict:
         device = f"cuda:{d.local_rank}"
         torch.cuda.set_device(device)
     try:
-        return _pretrain(cfg, d, device, precision)
+        if cfg.log.tensorboard:
+            require_tensorboard()
+        _seed_everything(cfg.training.seed)
+        return train(make_job(cfg, d, device, precision), d, device)
     finally:
         D.shutdown(d)
 
 
-def _pretrain(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -> dict:
-    out = Path(cfg.output_dir)
-    accum = cfg.grad_accumulation(d.world_size)
-    if cfg.log.tensorboard:
-        require_tensorboard()
+@dataclass
+class Job:
+    """What a run trains, on what, and how it is exported: all that differs between pretraining and
+    fine-tuning. :func:`train` does the rest (optimizer, schedule, accumulation, skipping, validation,
+    checkpoints, exact resume, logging)."""
+
+    cfg: Any  # the run's config, resolved (a PretrainConfig or FinetuneConfig)
+    model: torch.nn.Module  # wrapped for the distributed strategy
+    loss: Callable  # (model as called, batch) -> (summed loss tensor, its number of targets)
+    reader: Any  # next(reader) -> a CPU batch; state_dict() / load_state_dict()
+    counts: Callable  # batch -> (targets carrying loss, tokens processed), before the forward pass
+    validation: Any  # .run(model as called, loss, device, d) -> metrics; None: no validation split
+    export: Callable  # (plain model, directory) -> None: the Hugging Face checkpoint
+    context: int  # sequence length, for the FLOPs per token
+    info: dict = field(default_factory=dict)  # for run.json: kernels, data...
+
+
+def _pretrain_job(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -> Job:
+    from medfoundry.model.export import export_hf
+
     tokens = Path(cfg.data.tokens_dir)
     train_shards, val_shards = TokenShards(tokens / "train"), TokenShards(tokens / "val")
     tokenizer = _load_tokenizer(cfg.data.tokenizer_dir)
-
-    _seed_everything(cfg.training.seed)
     model, token_losses, kernels = _build(cfg, len(tokenizer), train_shards.vocab_size, d, device, precision)
-    trained = torch.compile(model) if cfg.training.compile else model
-    optimizer = build_optimizer(D.unwrap(model), cfg.optim)
-    kernels["optimizer"] = kernel_of(optimizer)
-    scheduler = build_scheduler(optimizer, cfg.training.steps, cfg.schedule)
     reader = WindowReader(train_shards, cfg.model.context, cfg.training.micro_batch_size,
                           rank=d.rank, world_size=d.world_size, seed=cfg.training.seed)
     validation = Validation(val_shards, cfg.model.context, cfg.eval.batches, cfg.training.micro_batch_size, tokenizer, d)
+    return Job(cfg=cfg, model=model, loss=token_losses, reader=_Tensors(reader), counts=_window_counts, validation=validation,
+               export=lambda m, out: export_hf(m, Path(cfg.data.tokenizer_dir), out), context=cfg.model.context,
+               info={"kernels": kernels})
+
+
+class _Tensors:
+    """The window reader's numpy batches as tensors (its state is the reader's)."""
+
+    def __init__(self, reader: WindowReader):
+        self.reader = reader
+
+    def __next__(self) -> torch.Tensor:
+        return torch.from_numpy(next(self.reader))
+
+    def state_dict(self) -> dict:
+        return self.reader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reader.load_state_dict(state)
+
+
+def _window_counts(batch: torch.Tensor) -> tuple[int, int]:
+    n = batch[:, 1:].numel()
+    return n, n
+
+
+def to_device(batch, device: str):
+    """A batch (a tensor or a dict of tensors) on ``device``."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    return batch.to(device)
+
+
+def train(job: Job, d: D.Dist, device: str) -> dict:
+    """The training loop, for a pretraining or fine-tuning :class:`Job` (their configs have the same
+    ``training``, ``optim``, ``schedule``, ``checkpoint``, ``eval`` and ``log`` sections)."""
+    cfg = job.cfg
+    out = Path(cfg.output_dir)
+    accum = cfg.grad_accumulation(d.world_size)
+    model, loss_fn = job.model, job.loss
+    trained = torch.compile(model) if cfg.training.compile else model
+    optimizer = build_optimizer(D.unwrap(model), cfg.optim)
+    kernels = {**job.info.get("kernels", {}), "optimizer": kernel_of(optimizer)}
+    scheduler = build_scheduler(optimizer, cfg.training.steps, cfg.schedule)
 
     ckpt_dir = out / "checkpoints"
-    state = {"step": 0, "extra": {"tokens": 0, "skipped_in_a_row": 0, "skipped": 0}}
+    state = {"step": 0, "extra": {"tokens": 0, "targets": 0, "skipped_in_a_row": 0, "skipped": 0}}
     latest = latest_checkpoint(ckpt_dir)
     if latest is not None:
         # every process reads it; under FSDP2 the tensors are scattered to the shards (a collective)
         state = load_checkpoint(latest, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler)
-        reader.load_state_dict(state["reader_state"])
+        job.reader.load_state_dict(state["reader_state"])
     log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=state["step"],
                      tensorboard=out / "tensorboard" if cfg.log.tensorboard else None)
-    flops_token = flops_per_token(D.unwrap(model).config, cfg.model.context)
-    peak = peak_flops(device, precision) * d.world_size
+    flops_token = flops_per_token(D.unwrap(model).config, job.context)
+    peak = peak_flops(device, job.loss.precision) * d.world_size
     if d.is_main:
         write_json(out / "run.json", {"version": __version__, "config": cfg.model_dump(), "world_size": d.world_size,
-                                      "device": device, "precision": precision, "grad_accumulation": accum,
-                                      "kernels": kernels})
+                                      "device": device, "precision": job.loss.precision, "grad_accumulation": accum,
+                                      **job.info, "kernels": kernels})
 
     step, extra = state["step"], state["extra"]
     try:
-        if step == 0:  # the starting point: for continued pretraining, the number to beat
-            log.eval(0, validation.run(trained, token_losses, device, d))
+        if step == 0 and job.validation is not None:  # the starting point: for continued training, the number to beat
+            log.eval(0, job.validation.run(trained, loss_fn, device, d))
         with log.progress(cfg.training.steps, initial=step) as bar:
             while step < cfg.training.steps:
                 started = time.perf_counter()
-                batches = [torch.from_numpy(next(reader)).to(device) for _ in range(accum)]
-                loss_value, norm, n_global = _train_step(model, trained, token_losses, batches, optimizer, cfg, d, device)
+                batches = [to_device(next(job.reader), device) for _ in range(accum)]
+                loss_value, norm, n_targets, n_tokens = _train_step(job, trained, batches, optimizer, cfg, d, device)
                 finite = math.isfinite(loss_value) and math.isfinite(norm)
                 extra["skipped"] += not finite
                 extra["skipped_in_a_row"] = 0 if finite else extra["skipped_in_a_row"] + 1
                 scheduler.step()
                 step += 1
-                extra["tokens"] += int(n_global)
-                tok_s = n_global / (time.perf_counter() - started)
+                extra["tokens"] += int(n_tokens)
+                extra["targets"] = extra.get("targets", 0) + int(n_targets)
+                tok_s = n_tokens / (time.perf_counter() - started)
                 log.step(step, bar, loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=norm, tok_s=tok_s,
-                         mfu=tok_s * flops_token / peak, tokens=extra["tokens"], skipped=not finite, every=cfg.log.every)
+                         mfu=tok_s * flops_token / peak, tokens=extra["tokens"], targets=extra["targets"],
+                         skipped=not finite, every=cfg.log.every)
                 if extra["skipped_in_a_row"] >= cfg.training.max_consecutive_skips:
                     last = latest_checkpoint(ckpt_dir)
                     raise MedfoundryError(f"{extra['skipped_in_a_row']} steps in a row had a non-finite loss or gradient "
                                           f"(step {step}); stopping. Last good checkpoint: {last or 'none'}. "
                                           "Lower optim.lr, raise schedule.warmup_steps or check the data.")
-                if step % cfg.eval.every == 0 or step == cfg.training.steps:
-                    log.eval(step, validation.run(trained, token_losses, device, d))
+                if job.validation is not None and (step % cfg.eval.every == 0 or step == cfg.training.steps):
+                    log.eval(step, job.validation.run(trained, loss_fn, device, d))
                 if step % cfg.checkpoint.every == 0 or step == cfg.training.steps:
-                    _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d)
+                    _save(ckpt_dir, step, model, optimizer, scheduler, job.reader, extra, cfg, d)
     finally:
         log.close()
-    return _finish(cfg, model, log, out, d)
+    return _finish(job, model, log, out, d)
 
 
 def _build(cfg: PretrainConfig, tokenizer_size: int, shard_vocab: int, d: D.Dist, device: str,
@@ -182,28 +248,31 @@ def _build(cfg: PretrainConfig, tokenizer_size: int, shard_vocab: int, d: D.Dist
     return model, NextTokenLoss(head, precision, device), {"attention": attention, "loss": "plain" if head is None else "chunked"}
 
 
-def _train_step(model, trained, token_losses: NextTokenLoss, batches: list[torch.Tensor], optimizer, cfg: PretrainConfig,
-                d: D.Dist, device: str) -> tuple[float, float, float]:
+def _train_step(job: Job, trained, batches: list, optimizer, cfg, d: D.Dist,
+                device: str) -> tuple[float, float, float, float]:
     """Forward and backward over the step's micro-batches, then the update unless the loss or the
-    gradient norm is not finite. Returns (mean loss over the global batch, gradient norm, global
-    number of targets). Both values are the same on every process (an all-reduced loss; the norm of
-    all-reduced or, under FSDP2, globally reduced gradients), so all processes skip or step together
-    without another collective."""
-    n_global = D.all_reduce_sum(sum(b[:, 1:].numel() for b in batches), d, device)
+    gradient norm is not finite. Returns (mean loss over the global batch's targets, gradient norm,
+    global targets, global tokens). Both values are the same on every process (an all-reduced loss;
+    the norm of all-reduced or, under FSDP2, globally reduced gradients), so all processes skip or
+    step together without another collective."""
+    counts = [job.counts(b) for b in batches]
+    n_global = D.all_reduce_sum(sum(c[0] for c in counts), d, device)
+    tokens_global = D.all_reduce_sum(sum(c[1] for c in counts), d, device)
+    scale = d.world_size / max(n_global, 1)  # DDP/FSDP average over processes
     loss_sum = 0.0
     for i, batch in enumerate(batches):
-        with D.gradient_sync(model, sync=i == len(batches) - 1):
-            loss, _ = token_losses(trained, batch)
-            (loss * d.world_size / n_global).backward()  # DDP/FSDP average over processes
+        with D.gradient_sync(job.model, sync=i == len(batches) - 1):
+            loss, _ = job.loss(trained, batch)
+            (loss * scale).backward()
         loss_sum += loss.item()
-    loss_value = D.all_reduce_sum(loss_sum, d, device) / n_global
-    norm = grad_norm(model.parameters())
+    loss_value = D.all_reduce_sum(loss_sum, d, device) / max(n_global, 1)
+    norm = grad_norm(job.model.parameters())
     norm_value = norm.item()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
-        clip_grads(model.parameters(), cfg.optim.grad_clip, norm)
+        clip_grads(job.model.parameters(), cfg.optim.grad_clip, norm)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value, n_global
+    return loss_value, norm_value, n_global, tokens_global
 
 
 def _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d: D.Dist) -> None:
@@ -217,14 +286,12 @@ def _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d: D.
     D.barrier(d)
 
 
-def _finish(cfg: PretrainConfig, model, log: MetricsLog, out: Path, d: D.Dist) -> dict:
-    from medfoundry.model.export import export_hf
-
+def _finish(job: Job, model, log: MetricsLog, out: Path, d: D.Dist) -> dict:
     summary = log.summary()
     # FSDP2: every process gathers the weights into a plain model on process 0
     exported = D.unsharded_copy(model) if D.is_sharded(model) else D.unwrap(model)
     if d.is_main:
-        export_hf(exported, Path(cfg.data.tokenizer_dir), out / "model")
+        job.export(exported, out / "model")
         plot_losses(out / "metrics.jsonl", out / "plots" / "loss.png")
         write_json(out / "summary.json", summary)
     D.barrier(d)

@@ -102,10 +102,10 @@ class MetricsLog:
         evals = [r for r in self.records if "val_loss" in r]
         out = {"steps": max((r["step"] for r in self.records), default=0)}
         if train:
-            out.update(final_loss=train[-1]["loss"], tokens=train[-1]["tokens"],
+            out.update(final_loss=train[-1]["loss"], tokens=train[-1]["tokens"], targets=train[-1].get("targets"),
                        median_tok_s=statistics.median(r["tok_s"] for r in train), median_mfu=statistics.median(r["mfu"] for r in train))
-        if evals:
-            out.update({k: evals[-1][k] for k in ("val_loss", "val_ppl", "val_bpb")},
+        if evals:  # every validation metric (loss, ppl, bpb or per-source losses), last and first
+            out.update({k: v for k, v in evals[-1].items() if k.startswith("val_")},
                        initial_val_loss=evals[0]["val_loss"], initial_val_ppl=evals[0]["val_ppl"])
         return out
 

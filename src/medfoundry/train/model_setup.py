@@ -18,18 +18,25 @@ def build_model(cfg: PretrainConfig, tokenizer_size: int, base_dir: Path):
     from medfoundry.model.resize import resize_for_tokenizer
 
     if cfg.model.init_from:
-        source = Path(cfg.model.init_from)
-        if source.suffix == ".gguf":
-            source = _converted(source, base_dir)
-        if not (source / "config.json").is_file():
-            raise ConfigError(f"model.init_from: {source} is not a Hugging Face checkpoint directory (no config.json) or a .gguf file")
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+        model = load_pretrained(cfg.model.init_from, base_dir)
     else:
         config = model_config(cfg.model.preset, vocab_size=tokenizer_size, context=cfg.model.context, overrides=cfg.model.overrides)
         model = AutoModelForCausalLM.from_config(config)
     resize_for_tokenizer(model, cfg.data.tokenizer_dir)
-    _check_context(model.config, cfg.model.context)
+    check_context(model.config, cfg.model.context, "model.context")
     return model
+
+
+def load_pretrained(init_from: str, base_dir: Path):
+    """An HF checkpoint directory, or a GGUF file dequantized into ``base_dir``, as an fp32 model."""
+    from transformers import AutoModelForCausalLM
+
+    source = Path(init_from)
+    if source.suffix == ".gguf":
+        source = _converted(source, base_dir)
+    if not (source / "config.json").is_file():
+        raise ConfigError(f"model.init_from: {source} is not a Hugging Face checkpoint directory (no config.json) or a .gguf file")
+    return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
 
 
 def _converted(gguf: Path, base_dir: Path) -> Path:
@@ -41,10 +48,10 @@ def _converted(gguf: Path, base_dir: Path) -> Path:
     return base_dir
 
 
-def _check_context(config, context: int) -> None:
+def check_context(config, context: int, field: str) -> None:
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if limit is not None and context > limit:
-        raise ConfigError(f"model.context ({context}) exceeds the model's {limit} positions: lower model.context")
+        raise ConfigError(f"{field} ({context}) exceeds the model's {limit} positions: lower {field}")
 
 
 def check_vocab(model, shard_vocab: int, tokenizer_dir: str) -> None:

@@ -1,0 +1,178 @@
+"""``medfoundry finetune``: supervised fine-tuning on the pretraining engine.
+
+The data are prepared once (:func:`medfoundry.sft.dataset.prepare`: templates, prompt-loss masks,
+mixture, packing) into ``<output_dir>/data``; the model is loaded from a Hugging Face directory or a
+GGUF file and its embeddings grown for tokens the template added; then :func:`medfoundry.train.loop.
+train` runs exactly as for pretraining (precision, DDP/FSDP2, accumulation normalized by the global
+number of response tokens, checkpoints, exact resume, metrics), with the batches of
+:class:`~medfoundry.sft.dataset.SFTReader` and a loss over response tokens only. With ``lora`` only
+low-rank adapters train (:mod:`medfoundry.sft.lora`); the export merges them into a plain checkpoint.
+
+The exported ``model/`` carries the tokenizer with its chat template, so ``medfoundry eval`` (prompt
+style ``instruct``), ``generate``, ``chat`` and ``serve`` talk to the model in the format it learned.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from medfoundry.errors import ConfigError
+from medfoundry.sft.batch import IGNORE, masked_token_loss, model_inputs, target_count
+from medfoundry.sft.config import FinetuneConfig
+from medfoundry.sft.dataset import PackedSplit, SFTData, prepare, validation_passes
+from medfoundry.train import distributed as D
+from medfoundry.train.accel import fuse_output_layer, native_gelu, set_attention
+from medfoundry.train.loop import Job, run_distributed, to_device
+from medfoundry.train.losses import NextTokenLoss, linear_cross_entropy
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Prepare the data (process 0; the others wait), then train and export; returns the run's summary."""
+    return run_distributed(cfg, _finetune_job)
+
+
+class MaskedTokenLoss(NextTokenLoss):
+    """Summed cross-entropy over the response tokens of a fine-tuning batch, and their number.
+
+    With the fused output layer, only the hidden states of positions that predict a response token go
+    through the output layer: with short answers after long prompts (PubMedQA: ~3 of ~400 tokens)
+    that is most of the output layer's work saved.
+    """
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        targets = batch["labels"][:, 1:]
+        with self._autocast():
+            out = model(**model_inputs(batch)).logits
+            if self.head is not None:
+                keep = targets != IGNORE
+                return linear_cross_entropy(out[:, :-1][keep], self.head.weight, targets[keep]), int(keep.sum())
+        return masked_token_loss(out, batch["labels"])
+
+
+class SFTValidation:
+    """Loss on the held-out sequences of every source (the same ones each time, at most ``batches``
+    micro-batches per source): ``val_loss`` over all, ``val_loss/<source>`` each."""
+
+    def __init__(self, split: PackedSplit, micro: int, batches: int, d: D.Dist):
+        self.split, self.micro = split, micro
+        self.plan = {}
+        for source in split.sources:
+            passes = min(validation_passes(split, micro, d.world_size, source), batches)
+            mine = split.rows_for(source)[: passes * micro * d.world_size][d.rank :: d.world_size]
+            if passes:
+                self.plan[source] = (passes, mine)
+
+    @torch.no_grad()
+    def run(self, model, loss_fn: MaskedTokenLoss, device: str, d: D.Dist) -> dict:
+        model.eval()
+        totals = {}
+        for source, (passes, rows) in self.plan.items():
+            loss_sum, count = 0.0, 0
+            for p in range(passes):
+                chunk = rows[p * self.micro : (p + 1) * self.micro]
+                # a process with fewer rows keeps step with the others (FSDP all-gathers); not counted
+                batch = to_device(self.split.batch(chunk if len(chunk) else rows[:1]), device)
+                loss, n = loss_fn(model, batch)
+                if len(chunk):
+                    loss_sum, count = loss_sum + loss.item(), count + n
+            totals[source] = (D.all_reduce_sum(loss_sum, d, device), D.all_reduce_sum(count, d, device))
+        model.train()
+        loss_all, count_all = sum(s for s, _ in totals.values()), sum(n for _, n in totals.values())
+        metrics = {"val_loss": loss_all / max(count_all, 1), "val_ppl": math.exp(min(loss_all / max(count_all, 1), 50))}
+        metrics.update({f"val_loss/{source}": s / max(n, 1) for source, (s, n) in totals.items()})
+        return metrics
+
+
+def _prepared(cfg: FinetuneConfig, d: D.Dist) -> SFTData:
+    """The prepared data, written by process 0 (reused when config and inputs are unchanged)."""
+    path = cfg.prepared_path()
+    if d.is_main:
+        manifest = prepare(cfg.data_config(), path)
+        counts = manifest["splits"]
+        print(f"finetune: data: {counts['train']['examples']:,} train examples in {counts['train']['rows']:,} sequences "
+              f"({counts['train']['response_tokens']:,} response tokens), {counts['val']['rows']:,} validation "
+              f"sequences -> {path}", flush=True)
+    D.barrier(d)
+    return SFTData(path)
+
+
+def _resolve_steps(cfg: FinetuneConfig, data: SFTData) -> FinetuneConfig:
+    """``training.epochs`` as optimizer steps over the prepared train sequences."""
+    if cfg.training.steps is not None:
+        return cfg
+    rows = data.split("train").n_rows
+    steps = max(1, math.ceil(cfg.training.epochs * rows / cfg.training.global_batch_size))
+    return cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": steps})})
+
+
+def _load_base(cfg: FinetuneConfig, tokenizer_dir: Path, max_length: int):
+    from medfoundry.model.resize import resize_for_tokenizer
+    from medfoundry.train.model_setup import check_context, load_pretrained
+
+    model = load_pretrained(cfg.model.init_from, Path(cfg.output_dir) / "base")
+    resize_for_tokenizer(model, tokenizer_dir)
+    check_context(model.config, max_length, "data.max_length")
+    return model
+
+
+def _finetune_job(cfg: FinetuneConfig, d: D.Dist, device: str, precision: str) -> Job:
+    from medfoundry.sft import lora as L
+
+    data = _prepared(cfg, d)
+    cfg = _resolve_steps(cfg, data)
+    max_length = data.manifest["max_length"]
+    model = _load_base(cfg, data.tokenizer_dir, max_length)
+    attention = set_attention(model, cfg.training.attention, device, max_length)
+    if data.manifest["packing"] and attention not in ("eager", "sdpa"):
+        raise ConfigError(f"{type(model).__name__} uses its own {attention!r} attention, which ignores the block-causal "
+                          "masks of packed sequences: set data.packing: false")
+    native_gelu(model)
+    added = data.manifest["tokenizer"]["added_ids"]
+    head = fuse_output_layer(model, _loss_choice(cfg, added))
+    if cfg.lora is not None:
+        model = L.add_adapters(model, cfg.lora, added)
+    model.to(device)
+    if cfg.training.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+        if cfg.lora is not None:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need input grads
+    model = D.wrap_model(model, cfg.distributed.strategy, device, d)
+    reader = data.reader(cfg.training.micro_batch_size, rank=d.rank, world_size=d.world_size, seed=cfg.training.seed)
+    val = data.split("val")
+    validation = SFTValidation(val, cfg.training.micro_batch_size, cfg.eval.batches, d) if val.n_rows else None
+    kernels = {"attention": attention, "loss": "plain" if head is None else "chunked"}
+    info = {"kernels": kernels, "data": {"dir": str(data.directory), "fingerprint": data.fingerprint},
+            "steps": cfg.training.steps, **({"lora": L.describe(D.unwrap(model))} if cfg.lora is not None else {})}
+    return Job(cfg=cfg, model=model, loss=MaskedTokenLoss(head, precision, device), reader=reader, counts=_counts,
+               validation=validation, export=lambda m, out: _export(m, out, cfg, data), context=max_length, info=info)
+
+
+def _loss_choice(cfg: FinetuneConfig, added_ids: list[int]) -> str:
+    """LoRA with added tokens trains their rows through peft's wrappers of the embedding and output
+    layers, which the fused loss (reading the output weight directly) would bypass: the plain loss."""
+    if cfg.lora is None or not added_ids:
+        return cfg.training.loss
+    if cfg.training.loss == "chunked":
+        raise ConfigError("training.loss: chunked cannot train the tokens the template added under LoRA "
+                          "(they train through peft's wrappers): use auto or plain")
+    return "plain"
+
+
+def _counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(response tokens that carry loss, tokens of the examples: padding excluded)."""
+    return target_count(batch), int(batch["tokens"])
+
+
+def _export(model, out: Path, cfg: FinetuneConfig, data: SFTData) -> None:
+    from medfoundry.model.export import export_hf
+    from medfoundry.sft import lora as L
+
+    if cfg.lora is not None:
+        L.save_adapter(model, out.parent / "adapter", data.tokenizer_dir)
+        if not cfg.lora.merge:
+            return
+        model = L.merged(model)
+    export_hf(model, data.tokenizer_dir, out)
