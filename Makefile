@@ -20,19 +20,12 @@ test: setup
 
 quickstart: setup
 	@if [ -d $(SHARED) ]; then \
-		$(BIN)/medfoundry corpus build recipes/quickstart_corpus.yaml; \
+		$(BIN)/medfoundry run recipes/quickstart.yaml; \
 	else \
 		echo "$(SHARED) not found: downloading one PubMed baseline file from NCBI"; \
-		$(BIN)/medfoundry corpus download pubmed --dest runs/quickstart/raw --limit 1 && \
-		$(BIN)/medfoundry corpus build recipes/quickstart_corpus_download.yaml; \
+		$(BIN)/medfoundry corpus download pubmed --dest runs/quickstart-ncbi/raw --limit 1 && \
+		$(BIN)/medfoundry run recipes/quickstart_ncbi.yaml; \
 	fi
-	@if [ -d $(SHARED) ]; then \
-		$(BIN)/medfoundry tokenizer train recipes/quickstart_tokenizer.yaml; \
-	else \
-		$(BIN)/medfoundry tokenizer train recipes/quickstart_tokenizer.yaml --set 'fertility.references={}'; \
-	fi
-	$(BIN)/medfoundry tokenize recipes/quickstart_tokens.yaml
-	$(BIN)/medfoundry pretrain recipes/quickstart_pretrain.yaml
 
 bench: setup
 	$(BIN)/python benchmarks/corpus_bench.py

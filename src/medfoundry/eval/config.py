@@ -39,7 +39,8 @@ class EvalConfig(StrictModel):
     benchmarks_dir: str | None = Field(None, description="where task data files are; default ../shared/data/benchmarks "
                                                          "next to the repository")
     task_dirs: list[str] = Field(default_factory=list, description="folders of your own task YAML files")
-    prompt_style: str = Field("lm_eval", description="lm_eval (lm-eval's prompts, byte for byte) or meditron")
+    prompt_style: str = Field("lm_eval", description="lm_eval (lm-eval's prompts, byte for byte), meditron, or instruct "
+                                                     "(the fine-tuning format of medfoundry.sft, through the model's chat template)")
     mode: Literal["loglik", "cot"] | None = Field(None, description="override every task's mode")
     num_fewshot: int = Field(0, ge=0)
     fewshot_seed: int = Field(1234, description="picks the demonstrations (lm-eval's default seed)")

@@ -7,10 +7,14 @@ device and precision, and the exact requests sent to the model (every context an
 every prompt and the generation settings), so anything that changes what the model is asked
 invalidates it, and batch size, which changes nothing, does not. Metrics are recomputed from the
 cached model outputs on every run (bootstrap settings can change freely).
+
+A chat prompt style's requests are messages, rendered with the model's own chat template only when
+the model runs; its cached results stay valid because the template is one of the model's files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import sys
@@ -26,7 +30,7 @@ from medfoundry.eval import results as R
 from medfoundry.eval.config import EvalConfig
 from medfoundry.eval.data import HubLoader, load_split
 from medfoundry.eval.fewshot import fewshot_pool
-from medfoundry.eval.prompts import PromptBuilder
+from medfoundry.eval.prompts import PromptBuilder, chat_prompt
 from medfoundry.eval.tasks import BUILTIN_DIR, PerplexityTask, Plan, Task, TaskRegistry
 from medfoundry.io import write_json
 
@@ -39,7 +43,7 @@ class Prepared:
     kind: str  # loglik | cot | perplexity
     total: int = 0  # documents in the test split, before `limit`
     doc_ids: list[str] = field(default_factory=list)
-    contexts: list[str] = field(default_factory=list)
+    contexts: list[str | list[dict]] = field(default_factory=list)  # chat: the messages the chat template renders
     choices: list[list[str]] = field(default_factory=list)
     continuations: list[list[str]] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
@@ -48,6 +52,7 @@ class Prepared:
     fewshot_source: str | None = None
     notes: list[str] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
+    chat: bool = False  # contexts are messages, rendered with the model's chat template when it runs
 
     @property
     def name(self) -> str:
@@ -82,9 +87,13 @@ def prepare(task: Task, cfg: EvalConfig, registry: TaskRegistry, hub_loader: Hub
         raise ConfigError(f"task {task.task} ({task.source}): its {task.test_split!r} split has no documents")
     pool = fewshot_pool(task, cfg.num_fewshot, style=cfg.prompt_style, source=cfg.fewshot_source,
                         get_task=registry.get, benchmarks_dir=cfg.benchmarks_path(), hub_loader=hub_loader)
+    if pool and pool.builder.spec.chat != builder.spec.chat:
+        raise ConfigError(f"task {task.task}: prompt style {cfg.prompt_style!r} is a chat style in only one of "
+                          f"{task.task} and {pool.source}, so its demonstrations cannot be put in its prompts")
     prepared = Prepared(task, kind, total=len(docs), num_fewshot=cfg.num_fewshot,
                         fewshot_source=pool.source if pool else None, notes=[pool.note] if pool and pool.note else [],
-                        stop=list(cfg.generation.stop if cfg.generation.stop is not None else task.generation.stop))
+                        stop=list(cfg.generation.stop if cfg.generation.stop is not None else task.generation.stop),
+                        chat=builder.spec.chat)
     for doc in docs[:cfg.limit]:
         demos = pool.demonstrations(cfg.num_fewshot, seed=cfg.fewshot_seed, task=task.task, doc_id=doc.id) if pool else []
         prepared.doc_ids.append(doc.id)
@@ -239,9 +248,26 @@ class _Runner:
     def _loglik(self, p: Prepared) -> list:
         from medfoundry.eval.loglik import LoglikRequest, score_requests
 
-        requests = [LoglikRequest(c, tuple(conts)) for c, conts in zip(p.contexts, p.continuations)]
-        scores = score_requests(self.lm, requests, batch_size=self.cfg.batch_size, progress=self.progress)
+        lm, contexts = self.lm, p.contexts
+        if p.chat:
+            lm, contexts = dataclasses.replace(lm, tokenizer=VerbatimTokenizer(lm.tokenizer)), self._chat_contexts(p)
+        requests = [LoglikRequest(c, tuple(conts)) for c, conts in zip(contexts, p.continuations)]
+        scores = score_requests(lm, requests, batch_size=self.cfg.batch_size, progress=self.progress)
         return [[[s.loglik, s.is_greedy, s.tokens] for s in doc] for doc in scores]
+
+    def _chat_contexts(self, p: Prepared) -> list[str]:
+        """A chat style's contexts rendered with the evaluated model's own chat template."""
+        import jinja2
+
+        tokenizer = self.lm.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"model {self.path}: its tokenizer has no chat template, but task {p.name} uses the chat "
+                              f"prompt style {self.cfg.prompt_style!r}; evaluate this model with prompt_style lm_eval")
+        try:
+            return [chat_prompt(tokenizer, messages) for messages in p.contexts]
+        except jinja2.TemplateError as exc:
+            raise ConfigError(f"model {self.path}: its chat template cannot render the prompts of task {p.name} "
+                              f"(prompt style {self.cfg.prompt_style!r}): {exc}") from None
 
     def _cot(self, p: Prepared) -> list:
         from medfoundry.eval.generate import generate
@@ -269,3 +295,24 @@ class _Runner:
             texts = iter_eval_texts(path, split=spec.split, text_field=spec.text_field, limit=self.cfg.limit)
             result = text_perplexity(lm.model, lm.tokenizer, texts, **common)
         return result.to_dict()
+
+
+class VerbatimTokenizer:
+    """A tokenizer that encodes text as written, adding no special tokens; everything else is ``tokenizer``'s.
+
+    A chat-rendered prompt already holds every special token its template writes (a BOS among them, if
+    any), and it is encoded without adding more by SFT training (``medfoundry.sft.templates.Renderer``),
+    by ``apply_chat_template(tokenize=True)`` and by the chain-of-thought path here. The scorer's own rule
+    (lm-eval's HFLM: the tokenizer's default special tokens unless the text starts with the BOS) agrees when
+    the template writes the BOS, but would add one the model never saw in training where the template
+    writes none and the tokenizer adds it by default (ChatML on a LLaMA tokenizer).
+    """
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, text, **kwargs):
+        return self._tokenizer(text, **{**kwargs, "add_special_tokens": False})

@@ -71,15 +71,34 @@ class TargetSpec(StrictModel):
 
 
 class PromptSpec(StrictModel):
-    """One prompt style of a task. Templates are Jinja over the document's fields, as in lm-eval."""
+    """One prompt style of a task. Templates are Jinja over the document's fields, as in lm-eval.
+
+    A ``chat`` style asks a fine-tuned chat model in the format it was trained in: the question is a
+    user turn, rendered at run time with the evaluated model's own chat template (see
+    :mod:`medfoundry.eval.prompts`), and it is scored by log-likelihood only.
+    """
 
     text: str = Field(description="the question; the context ends here and the continuation is "
-                                  "target_delimiter + choice")
+                                  "target_delimiter + choice (chat: the user turn's content)")
     cot_text: str | None = Field(None, description="the question for chain-of-thought generation")
-    description: str = Field("", description="put once before the demonstrations (lm-eval's `description`)")
+    description: str = Field("", description="put once before the demonstrations (lm-eval's `description`; "
+                                             "chat: the system message)")
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
     choices: list[str] | None = Field(None, description="this style's choices, when they differ from the task's")
+    chat: bool = Field(False, description="the question is a user turn rendered through the model's chat template "
+                                          "with the generation prompt; demonstrations are earlier user/assistant turns")
+    options_apart: bool = Field(False, description="chat: the task's `options` go with the user turn apart from the "
+                                                   "question, and each choice is answered 'A. <option text>', as "
+                                                   "medfoundry.sft's converters build multiple-choice conversations")
+
+    @model_validator(mode="after")
+    def _chat_settings(self) -> "PromptSpec":
+        if self.chat and self.cot_text is not None:
+            raise ValueError("a chat style is scored by log-likelihood only: cot_text is not supported with chat")
+        if self.options_apart and not self.chat:
+            raise ValueError("options_apart applies to chat styles (set chat: true)")
+        return self
 
 
 class FewshotSpec(StrictModel):

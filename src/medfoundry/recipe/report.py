@@ -1,0 +1,108 @@
+"""``run_dir/report.md``: one page for a run, linking every stage's manifest, report and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medfoundry import __version__
+from medfoundry.io import write_text
+from medfoundry.recipe.config import RecipeConfig
+
+# what each stage leaves that a reader wants to open, relative to its directory
+LINKS = {
+    "corpus": ("report.md", "manifest.json", "composition.png"),
+    "tokenizer": ("fertility.md", "manifest.json", "tokenizer.json"),
+    "tokens": ("manifest.json",),
+    "pretrain": ("run.json", "summary.json", "metrics.jsonl", "plots/loss.png", "model"),
+    "finetune": ("run.json", "summary.json", "metrics.jsonl", "data/report.md", "plots/loss.png", "model"),
+    "eval": ("results.md", "manifest.json"),
+    "generate": ("samples.jsonl",),
+}
+
+
+def write_report(recipe: RecipeConfig, run: Path, state: dict) -> Path:
+    lines = [f"# Run `{recipe.name}`", ""]
+    if recipe.description:
+        lines += [recipe.description.strip(), ""]
+    lines += [f"medfoundry {__version__}; the recipe as run: [recipe.yaml](recipe.yaml); each stage's config: "
+              "`configs/<stage>.yaml`; stage keys and times: [stages.json](stages.json).", "",
+              "| stage | status | seconds | key | outputs |", "|---|---|---:|---|---|"]
+    for stage in recipe.present():
+        entry = state.get(stage, {})
+        links = " · ".join(f"[{name}]({stage}/{name})" for name in _links(run, stage))
+        seconds = f"{entry['seconds']:,.0f}" if "seconds" in entry else ""
+        lines.append(f"| {stage} | {entry.get('status', 'not run')} | {seconds} | `{entry.get('key', '')[:12]}` | {links} |")
+    for stage in recipe.present():
+        if state.get(stage, {}).get("status") == "done":
+            lines += ["", *SECTIONS[stage](run / stage, state[stage].get("result") or {})]
+    path = run / "report.md"
+    write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _links(run: Path, stage: str) -> list[str]:
+    if stage == "card":
+        return ["../MODEL_CARD.md"] if (run / "MODEL_CARD.md").is_file() else []
+    return [name for name in LINKS.get(stage, ()) if (run / stage / name).exists()]
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _corpus(out: Path, result: dict) -> list[str]:
+    docs = result.get("documents_out", {})
+    lines = ["## Corpus", "", f"{result.get('documents_in', 0):,} documents read; {docs.get('train', 0):,} train and "
+             f"{docs.get('val', 0):,} validation documents kept. Details: [report](corpus/report.md)."]
+    if (out / "composition.png").is_file():
+        lines += ["", "![composition](corpus/composition.png)"]
+    return lines
+
+
+def _tokenizer(out: Path, result: dict) -> list[str]:
+    fertility = _json(out / "manifest.json").get("fertility", {})
+    others = ", ".join(f"{name} {f['tokens_per_word']:.3f}" for name, f in fertility.items() if name != "medfoundry")
+    return ["## Tokenizer", "", f"{result.get('vocab_size', 0):,} tokens; {result.get('tokens_per_word', 0):.3f} tokens "
+            f"per held-out word{f' (vs {others})' if others else ''}. Details: [fertility](tokenizer/fertility.md)."]
+
+
+def _tokens(out: Path, result: dict) -> list[str]:
+    counts = ", ".join(f"{split} {n:,}" for split, n in result.items())
+    return ["## Tokens", "", f"Token shards: {counts} tokens."]
+
+
+def _training(title: str, stage: str):
+    def section(out: Path, summary: dict) -> list[str]:
+        lines = [f"## {title}", "", f"{summary.get('steps', 0):,} steps, {summary.get('tokens') or 0:,} tokens, "
+                 f"median {summary.get('median_tok_s', 0):,.0f} tokens/s."]
+        if "val_loss" in summary:
+            ppl = f" (perplexity {summary['initial_val_ppl']:,.1f} -> {summary['val_ppl']:,.1f})" if "val_ppl" in summary else ""
+            lines.append(f"Validation loss {summary['initial_val_loss']:.3f} -> {summary['val_loss']:.3f}{ppl}.")
+        if (out / "plots" / "loss.png").is_file():
+            lines += ["", f"![loss]({stage}/plots/loss.png)"]
+        return lines
+    return section
+
+
+def _eval(out: Path, result: dict) -> list[str]:
+    table = (out / "results.md").read_text(encoding="utf-8").strip() if (out / "results.md").is_file() else ""
+    return ["## Evaluation", "", table.replace("\n# ", "\n### ").lstrip("# ") if table else "No results."]
+
+
+def _generate(out: Path, result: dict) -> list[str]:
+    lines = ["## Samples", ""]
+    path = out / "samples.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines()[:3] if path.is_file() else []:
+        record = json.loads(line)
+        lines += [f"**Prompt:** {record['prompt']}", "", "```text", record["completion"].strip(), "```", ""]
+    return lines
+
+
+def _card(out: Path, result: dict) -> list[str]:
+    return ["## Model card", "", "[MODEL_CARD.md](MODEL_CARD.md), also the README.md of the model directory."]
+
+
+SECTIONS = {"corpus": _corpus, "tokenizer": _tokenizer, "tokens": _tokens,
+            "pretrain": _training("Pretraining", "pretrain"), "finetune": _training("Fine-tuning", "finetune"),
+            "eval": _eval, "generate": _generate, "card": _card}
