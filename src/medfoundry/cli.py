@@ -111,6 +111,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from medfoundry.plan import load_target, make_plan, table_rows, with_flags
+
+    target = with_flags(load_target(args.config, args.overrides, args.stage),
+                        gpu=args.gpu, gpus=args.gpus, mfu=args.mfu, sharding=args.sharding)
+    plan = make_plan(target, days=args.days)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+    else:
+        _print_table(table_rows(plan))
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from medfoundry.model.convert import convert_gguf
 
@@ -160,6 +173,7 @@ def _add_config_command(commands, name: str, help_text: str, func, example: str)
 
 def build_parser() -> argparse.ArgumentParser:
     from medfoundry.corpus.download import NCBI_PUBMED_URL
+    from medfoundry.plan import add_arguments as add_plan_arguments
     from medfoundry.serve.cli import add_subcommands as add_serve_commands
 
     parser = argparse.ArgumentParser(prog="medfoundry", description="Build biomedical language models end to end.")
@@ -202,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     _add_config_command(stages, "finetune", "supervised fine-tuning: chat templates, prompt-loss masking, packing, "
                         "mixtures, LoRA (torchrun for many processes)", _finetune, "recipes/pubmedqa_finetune.yaml")
+    add_plan_arguments(_add_config_command(stages, "plan", "cost of a training run before it starts: parameters, tokens, "
+                                           "FLOPs, memory per GPU, days, GPU-hours and energy (model on the meta device)",
+                                           _plan, "recipes/biomedlm-2.7b.yaml; a recipe or a pretrain/finetune config"))
     evaluate = stages.add_parser("eval", help="evaluate models: perplexity, multiple choice (log-likelihood) and chain-of-thought")
     evaluate.add_argument("config", nargs="?", help="YAML config (see recipes/quickstart_eval.yaml); optional")
     evaluate.add_argument("--model", dest="models", action="append", metavar="DIR",

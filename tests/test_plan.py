@@ -1,0 +1,272 @@
+"""``medfoundry plan``: the full-scale recipes validate, plan on the meta device, and match the seeds' runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from conftest import REPO
+from medfoundry.cli import main
+from medfoundry.config import load_yaml, validate
+from medfoundry.errors import ConfigError
+from medfoundry.model.presets import model_config
+from medfoundry.plan import (GIB, PlanSection, activation_bytes, build_meta_model, layer_activation_bytes,
+                             load_target, make_plan, state_bytes, with_flags)
+from medfoundry.recipe.config import RecipeConfig, wire
+
+FULL_SCALE = ["biomedlm-2.7b", "biomed-llama-7b", "meditron-7b", "bloom-560m"]
+
+
+@pytest.fixture(autouse=True)
+def _elsewhere(tmp_path, monkeypatch):
+    """Run from an empty directory: no downloaded checkpoint or built tokenizer changes what is planned."""
+    monkeypatch.chdir(tmp_path)
+
+
+def recipe(name: str) -> str:
+    return str(REPO / "recipes" / f"{name}.yaml")
+
+
+def plan_of(name: str, days: float | None = None, overrides: list[str] | None = None, stage: str | None = None, **flags):
+    return make_plan(with_flags(load_target(recipe(name), overrides, stage), **flags), days=days)
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("name", FULL_SCALE)
+def test_every_stage_of_the_recipe_is_a_valid_config(name):
+    """Each stage's section, with the paths the runner wires (run_dir/<stage>, the tokenizer, the tokens,
+    the pretrained model), validates into its command's config class."""
+    tree = load_yaml(recipe(name))
+    configs = wire(validate(RecipeConfig, tree, name))
+    assert set(configs) == set(tree["stages"])
+    assert all(cfg.output_dir == f"runs/{name}/{stage}" for stage, cfg in configs.items() if hasattr(cfg, "output_dir"))
+    assert configs["pretrain"].data.tokens_dir == f"runs/{name}/tokens"
+    validate(PlanSection, tree["plan"], f"{name}: plan")
+
+
+@pytest.mark.parametrize("name", FULL_SCALE)
+def test_the_model_is_only_ever_on_the_meta_device(name):
+    target = load_target(recipe(name))
+    model, *_ = build_meta_model(target, "cuda")
+    assert all(p.is_meta for p in model.parameters())
+    plan = make_plan(target)
+    assert plan.memory.fits and plan.days > 0 and plan.energy_kwh > 0
+
+
+def test_biomedlm_decoupled_weight_decay_is_composers():
+    """Composer's DecoupledAdamW multiplies weights by 1 - 1.6e-5 per step (at peak lr); torch's AdamW by 1 - lr x wd."""
+    optim = load_target(recipe("biomedlm-2.7b")).cfg.optim
+    assert optim.lr * optim.weight_decay == pytest.approx(1.6e-5)
+
+
+def test_meditron_decays_to_its_published_minimum():
+    cfg = load_target(recipe("meditron-7b")).cfg
+    assert cfg.optim.lr * cfg.schedule.min_lr_ratio == pytest.approx(1e-6)
+    assert cfg.schedule.warmup_steps == 2000 and cfg.training.global_batch_size == 1600
+
+
+# ---------------------------------------------------------------------------------------------- the seeds
+
+
+def test_biomedlm_seed_128_a100_40gb_6_25_days():
+    plan = plan_of("biomedlm-2.7b", days=6.25)
+    assert plan.gpu == "a100-40gb" and plan.gpus == 128
+    assert plan.model.parameters == pytest.approx(2.7e9, rel=0.05)  # 2.59B, tied output layer counted once
+    assert plan.tokens == pytest.approx(300e9, rel=1e-3)
+    assert plan.model.vocab_size == 28_896 and plan.model.context == 1024
+    assert 0.20 <= plan.implied_mfu <= 0.50
+    at_implied = plan_of("biomedlm-2.7b", mfu=plan.implied_mfu)
+    assert at_implied.days == pytest.approx(6.25)
+
+
+def test_biomed_llama_seed_32_a100_80gb_a_week():
+    plan = plan_of("biomed-llama-7b", days=7)
+    assert plan.gpu == "a100-80gb" and plan.gpus == 32
+    assert plan.model.parameters == pytest.approx(6.74e9, rel=0.01)
+    assert plan.tokens == pytest.approx(63e9, rel=1e-3)
+    assert 0.20 <= plan.implied_mfu <= 0.50
+    assert plan_of("biomed-llama-7b", mfu=plan.implied_mfu).days == pytest.approx(7)
+
+
+def test_6nd_and_attention_flops():
+    plan = plan_of("biomedlm-2.7b")
+    assert plan.flops_6nd == pytest.approx(6 * plan.model.parameters * plan.tokens)
+    assert plan.flops == pytest.approx(plan.model.flops_per_token * plan.tokens)
+    assert plan.flops > plan.flops_6nd  # the attention term outweighs the embedding tables left out
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+
+
+def test_state_bytes_by_sharding():
+    p, n = 1_000_000, 8
+    assert state_bytes(p, p, "ddp", n) == 16 * p
+    assert state_bytes(p, p, "zero1", n) == 8 * p + 8 * p / n
+    assert state_bytes(p, p, "zero2", n) == 4 * p + 12 * p / n
+    assert state_bytes(p, p, "fsdp", n) == 16 * p / n
+    assert state_bytes(p, 1000, "ddp", n) == 4 * p + 12 * 1000  # frozen weights: no gradients, no moments
+
+
+def test_activations_korthikanti():
+    model = plan_of("biomedlm-2.7b").model
+    s, b, h, a, layers = 1024, 8, 2560, 20, 32
+    assert layer_activation_bytes(model, b) == 34 * s * b * h  # SDPA: the scores are not stored
+    eager = dataclasses.replace(model, attention="eager")
+    assert layer_activation_bytes(eager, b) == 34 * s * b * h + 5 * a * s * s * b
+    assert activation_bytes(model, b, False) == layers * 34 * s * b * h
+    assert activation_bytes(model, b, True) == layers * 2 * s * b * h + 34 * s * b * h
+
+
+def test_memory_follows_sharding_and_checkpointing():
+    fsdp = plan_of("biomed-llama-7b").memory
+    ddp = plan_of("biomed-llama-7b", sharding="ddp", overrides=["plan.activation_checkpointing=false"]).memory
+    assert ddp.states_gib == pytest.approx(16 * 6_738_415_616 / GIB)
+    assert fsdp.states_gib == pytest.approx(ddp.states_gib / 32)
+    assert not ddp.fits and fsdp.fits  # 7B with AdamW is 100 GiB of states unsharded
+    assert fsdp.activation_checkpointing and not ddp.activation_checkpointing
+
+
+def test_bf16_weight_copies_are_kept_for_backward():
+    plan = plan_of("biomedlm-2.7b")
+    assert plan.memory.precision == "bf16" and not plan.memory.activation_checkpointing
+    assert plan.memory.weight_copies_gib == pytest.approx(2 * plan.model.non_embedding_parameters / GIB)
+    one_layer = plan_of("biomedlm-2.7b", overrides=["plan.activation_checkpointing=true"]).memory.weight_copies_gib
+    assert one_layer == pytest.approx(plan.memory.weight_copies_gib / 32)
+    assert plan_of("biomedlm-2.7b", overrides=["stages.pretrain.training.precision=fp32"]).memory.weight_copies_gib == 0
+
+
+def test_bloom_eager_attention_needs_checkpointing():
+    plan = plan_of("bloom-560m")
+    assert plan.model.attention == "eager"  # BLOOM's own ALiBi attention
+    assert plan.memory.activations_gib > 40 > plan.memory.activations_checkpointed_gib
+    assert not plan_of("bloom-560m", overrides=["stages.pretrain.training.activation_checkpointing=false"]).memory.fits
+
+
+def test_flags_override_the_plan_section():
+    base = plan_of("biomedlm-2.7b")
+    h100 = plan_of("biomedlm-2.7b", gpu="h100-80gb", gpus=64, mfu=0.4)
+    assert (h100.gpu, h100.gpus, h100.mfu, h100.memory.memory_gib) == ("h100-80gb", 64, 0.4, 80)
+    assert h100.days == pytest.approx(base.days * (128 * 312 * 0.23) / (64 * 989 * 0.4))
+    assert h100.gpu_hours == pytest.approx(h100.days * 24 * 64)
+    assert h100.energy_kwh == pytest.approx(h100.gpu_hours * 0.7)
+
+
+def test_scratch_vocabulary_is_the_tokenizer_stage_s():
+    plan = plan_of("biomedlm-2.7b", overrides=["stages.tokenizer.vocab_size=32000"])
+    assert plan.model.vocab_size == 32_000
+
+
+def test_a_downloaded_checkpoint_replaces_the_stand_in_preset(tmp_path):
+    model_config("llama-tiny", context=2048).save_pretrained(tmp_path / "models" / "llama-7b-hf")
+    plan = plan_of("biomed-llama-7b")
+    assert plan.model.source == "checkpoint models/llama-7b-hf"
+    assert plan.model.hidden_size == 128
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+
+
+def test_finetune_stage_continues_the_pretrain_stage_s_model():
+    plan = plan_of("meditron-7b", stage="finetune")
+    assert plan.stage == "finetune" and "pretrain stage's model" in plan.model.source
+    assert plan.model.parameters == pytest.approx(6.74e9, rel=0.01)
+    assert plan.tokens is None and "training.epochs" in plan.tokens_note and plan.days is None
+    steps = plan_of("meditron-7b", stage="finetune", overrides=["stages.finetune.training.steps=100",
+                                                                 "stages.finetune.training.epochs=null"])
+    assert steps.tokens == 100 * 128 * 2048 and steps.days > 0
+
+
+def test_lora_trains_only_the_adapters():
+    plan = plan_of("meditron-7b", stage="finetune", overrides=["stages.finetune.lora={r: 16}"])
+    assert plan.model.trainable_parameters < 0.01 * plan.model.parameters
+    full = plan_of("meditron-7b", stage="finetune").memory
+    assert plan.memory.states_gib < full.states_gib / 3
+
+
+def _finetune_config(tmp_path, init_from: str) -> str:
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": "runs/ft", "model": {"init_from": init_from},
+        "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}], "allow_test_overlap": True, "max_length": 512},
+        "training": {"epochs": 1, "micro_batch_size": 2, "global_batch_size": 8}}))
+    return str(path)
+
+
+def test_plain_finetune_config(tmp_path):
+    model_config("llama-tiny", context=512).save_pretrained(tmp_path / "base")
+    target = load_target(_finetune_config(tmp_path, str(tmp_path / "base")), ["training.steps=10", "training.epochs=null"])
+    plan = make_plan(with_flags(target, gpu="a100-80gb", gpus=4))
+    assert plan.stage == "finetune" and plan.model.context == 512
+    assert plan.tokens == 10 * 8 * 512 and "at most" in plan.tokens_note
+
+
+def test_plain_pretrain_config_on_this_cpu(capsys):
+    assert main(["plan", str(REPO / "recipes" / "quickstart_pretrain.yaml"), "--gpu", "cpu", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["gpu"] == "cpu" and plan["peak_tflops"] > 0 and plan["energy_kwh"] is None
+    assert plan["tokens"] == 200 * 16 * 256 and plan["model"]["attention"] == "eager"
+
+
+# ---------------------------------------------------------------------------------------------- errors and CLI
+
+
+def test_unknown_gpu_names_the_field_and_the_fix():
+    with pytest.raises(ConfigError, match=r"gpu: .*unknown GPU 'a100-80'; did you mean 'a100-80gb'"):
+        plan_of("biomedlm-2.7b", gpu="a100-80")
+
+
+def test_a_batch_the_gpus_cannot_share_is_an_error():
+    with pytest.raises(ConfigError, match=r"training.global_batch_size \(1024\).*plan.gpus / --gpus 3"):
+        plan_of("biomedlm-2.7b", gpus=3)
+
+
+def test_a_missing_base_model_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.init_from: .*missing.* download the base model"):
+        make_plan(load_target(_finetune_config(tmp_path, "missing")))
+
+
+def test_a_context_beyond_the_continued_model_s_positions_is_an_error():
+    with pytest.raises(ConfigError, match=r"model.context \(8192\) exceeds the model's 2048 positions"):
+        plan_of("biomed-llama-7b", overrides=["stages.pretrain.model.context=8192"])
+
+
+def test_stage_needs_a_recipe_with_that_stage(tmp_path):
+    with pytest.raises(ConfigError, match="--stage finetune: .*has no stages.finetune"):
+        plan_of("biomedlm-2.7b", stage="finetune")
+    with pytest.raises(ConfigError, match="not a recipe"):
+        load_target(str(REPO / "recipes" / "quickstart_pretrain.yaml"), stage="pretrain")
+
+
+def test_cli_table_and_implied_mfu(capsys):
+    assert main(["plan", recipe("biomedlm-2.7b"), "--days", "6.25"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("parameters", "300.00B = 286,103 steps", "4+4+8 = 16 B/param", "fits", "GPU-hours", "kWh",
+                     "23.0% (6·N·D alone: 21.7%)"):
+        assert expected in out
+
+
+def test_cli_errors_are_one_clear_line(capsys):
+    assert main(["plan", recipe("biomedlm-2.7b"), "--gpus", "3"]) == 2
+    assert "plan.gpus / --gpus 3" in capsys.readouterr().err
+
+
+def test_an_extended_tokenizer_grows_the_embeddings_as_in_training(tmp_path):
+    model_config("llama-tiny").save_pretrained(tmp_path / "base")
+    extended = tmp_path / "tokenizer"
+    extended.mkdir()
+    (extended / "tokenizer.json").write_text("{}")  # only vocab_extension.json is read for an extension
+    (extended / "vocab_extension.json").write_text(json.dumps(
+        {"base_vocab_size": 4096, "vocab_size": 4100, "added_ids": [4096, 4097, 4098, 4099]}))
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": "runs/p", "model": {"preset": "llama-tiny", "init_from": str(tmp_path / "base"), "context": 128},
+        "data": {"tokens_dir": "runs/p/tokens", "tokenizer_dir": str(extended)},
+        "training": {"steps": 10, "micro_batch_size": 2, "global_batch_size": 2}}))
+    plan = make_plan(load_target(str(path)))
+    assert plan.model.vocab_size == 4100
+    assert plan.model.embedding_parameters == 4100 * 128
