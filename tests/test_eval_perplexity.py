@@ -307,6 +307,17 @@ def test_eval_texts_from_each_kind_of_input(tmp_path, shards):
     assert list(iter_eval_texts(corpus, limit=3)) == list(iter_eval_texts(corpus))[:3]
 
 
+def test_eval_texts_of_some_sources(tmp_path):
+    rows = [{"text": "an abstract", "source": "abstracts"}, {"text": "a paper", "source": "papers"},
+            {"text": "news", "source": "replay"}, {"text": "unlabelled"}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert list(iter_eval_texts(tmp_path / "mixed.jsonl", sources=["papers", "replay"])) == ["a paper", "news"]
+    assert list(iter_eval_texts(tmp_path / "mixed.jsonl", sources=["abstracts"], limit=5)) == ["an abstract"]
+    (tmp_path / "plain.txt").write_text("text")
+    with pytest.raises(ConfigError, match="a text file has none"):
+        iter_eval_texts(tmp_path / "plain.txt", sources=["papers"])
+
+
 def test_eval_text_errors_name_file_and_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     (tmp_path / "field.jsonl").write_text('{"text": "ok"}\n\n{"body": "x"}\n')

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared
+from conftest import shared, smollm2_gguf
 from medfoundry.errors import InputError, MedfoundryError
 from medfoundry.tokenizer.files import load_fast_tokenizer
 from medfoundry.tokenizer.shards import TokenShards, tokenize_corpus
@@ -246,3 +246,21 @@ def test_slice_spans_shard_boundaries(tokenized):
         shards.slice(0, shards.total_tokens + 1)
     with pytest.raises(IndexError):
         shards.document(shards.num_docs)
+
+
+def test_a_gguf_model_file_serves_as_the_tokenizer(tmp_path, monkeypatch):
+    """Continued pretraining of a GGUF model: its embedded tokenizer (through the dequantized checkpoint)
+    tokenizes the corpus, with the model's own end-of-sequence token."""
+    from medfoundry.eval.model import hf_directory
+
+    monkeypatch.setenv("MEDFOUNDRY_CACHE", str(tmp_path / "cache"))
+    gguf = smollm2_gguf()
+    root = tmp_path / "corpus"
+    texts = read_abstracts(6)
+    write_corpus(root, texts, {"train": 1, "val": 1})
+    manifest = tokenize_corpus(root, gguf, tmp_path / "tokens", workers=1)
+    directory = hf_directory(gguf)
+    tokenizer = load_fast_tokenizer(directory)
+    shards = TokenShards(tmp_path / "tokens" / "train")
+    assert manifest["tokenizer"]["eos_token"] == "<|im_end|>" and shards.eos_id == tokenizer.token_to_id("<|im_end|>")
+    assert shards.document(0).tolist() == tokenizer.encode(texts[0], add_special_tokens=False).ids

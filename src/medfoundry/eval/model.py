@@ -129,6 +129,13 @@ def context_window(config, tokenizer) -> int:
     return int(recorded) if recorded is not None and recorded < _UNSET_TOKENIZER_LENGTH else DEFAULT_MAX_LENGTH
 
 
+def hf_directory(path: str | Path) -> Path:
+    """A Hugging Face directory for a model or tokenizer path: the path itself, or for a ``.gguf`` file its
+    dequantized checkpoint in the cache (so a GGUF works wherever a tokenizer or model directory does)."""
+    path = Path(path)
+    return gguf_checkpoint(path) if path.suffix == ".gguf" else path
+
+
 def gguf_checkpoint(gguf_path: Path, cache_dir: str | Path | None = None) -> Path:
     """The dequantized checkpoint of a GGUF file, converted on first use.
 

@@ -105,14 +105,15 @@ def _perplexity(nll: float, count: int) -> float | None:
 # -- reading texts -----------------------------------------------------------------------------
 
 def iter_eval_texts(path: str | Path, *, split: str = "val", text_field: str = "text",
-                    limit: int | None = None) -> Iterator[str]:
+                    limit: int | None = None, sources: list[str] | None = None) -> Iterator[str]:
     """The documents of a held-out file or corpus, as strings, at most ``limit`` of them.
 
     ``path`` is one of: a medfoundry corpus directory (the ``{split}/part-*.jsonl.gz`` parts of
     ``corpus build``); a ``.jsonl`` / ``.jsonl.gz`` file (each record's ``text_field``); a ``.txt`` /
     ``.txt.gz`` file, where each block of lines separated by blank lines is one document (so a file
-    without blank lines is a single document; line breaks inside a block are kept). The path is
-    checked now; a bad record raises InputError with its file and line when reached.
+    without blank lines is a single document; line breaks inside a block are kept). ``sources`` keeps
+    only JSONL records whose ``source`` field is one of them (a corpus's held-out abstracts, or its
+    papers). The path is checked now; a bad record raises InputError with its file and line when reached.
     """
     from medfoundry.corpus.documents import corpus_parts
 
@@ -120,11 +121,13 @@ def iter_eval_texts(path: str | Path, *, split: str = "val", text_field: str = "
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be at least 1, not {limit}")
     if path.is_dir():
-        texts = (text for part in corpus_parts(path, split) for text in _jsonl_texts(part, text_field))
+        texts = (text for part in corpus_parts(path, split) for text in _jsonl_texts(part, text_field, sources))
     elif not path.is_file():
         raise InputError(str(path), "not found")
     elif path.name.endswith((".jsonl", ".jsonl.gz")):
-        texts = _jsonl_texts(path, text_field)
+        texts = _jsonl_texts(path, text_field, sources)
+    elif sources:
+        raise ConfigError(f"{path}: sources filters JSONL records by their 'source' field; a text file has none")
     elif path.name.endswith((".txt", ".txt.gz")):
         texts = _text_blocks(path)
     else:
@@ -132,8 +135,10 @@ def iter_eval_texts(path: str | Path, *, split: str = "val", text_field: str = "
     return islice(texts, limit)
 
 
-def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
+def _jsonl_texts(path: Path, field: str, sources: list[str] | None = None) -> Iterator[str]:
     for line_no, record in iter_json_lines(path):
+        if sources is not None and (not isinstance(record, dict) or record.get("source") not in sources):
+            continue
         text = record.get(field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             found = f"fields: {', '.join(record)}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"

@@ -290,9 +290,13 @@ class _Runner:
         common = {"max_length": spec.max_length or lm.max_length, "stride": spec.stride,
                   "batch_size": self.cfg.batch_size or 8, "precision": lm.precision, "progress": self.progress}
         if (shards / "index.json").is_file():
+            if spec.sources:
+                raise ConfigError(f"task {p.name}: perplexity.sources filters corpus or JSONL documents; token shards "
+                                  f"({shards}) do not record sources")
             result = shard_perplexity(lm.model, shards, limit_tokens=spec.limit_tokens, tokenizer=lm.tokenizer, **common)
         else:
-            texts = iter_eval_texts(path, split=spec.split, text_field=spec.text_field, limit=self.cfg.limit)
+            texts = iter_eval_texts(path, split=spec.split, text_field=spec.text_field, limit=self.cfg.limit,
+                                    sources=spec.sources)
             result = text_perplexity(lm.model, lm.tokenizer, texts, **common)
         return result.to_dict()
 

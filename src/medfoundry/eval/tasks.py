@@ -176,6 +176,8 @@ class PerplexitySource(StrictModel):
     max_length: int | None = Field(None, gt=0, description="window length; default the model's context")
     stride: int | None = Field(None, gt=0, description="default max_length (disjoint windows, as lm-eval)")
     limit_tokens: int | None = Field(None, gt=0, description="token shards: stop after this many tokens")
+    sources: list[str] | None = Field(None, description="corpus / JSONL: only documents whose 'source' is one of these "
+                                                        "(e.g. a corpus's held-out abstracts alone)")
 
 
 class PerplexityTask(StrictModel):

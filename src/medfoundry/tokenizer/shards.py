@@ -35,9 +35,12 @@ _PART_SUFFIX = ".jsonl.gz"
 
 def tokenize_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, *, eos_token: str | None = None,
                     dtype: str = "auto", workers: int = 0, splits=("train", "val")) -> dict:
-    """Tokenize every corpus part into ``out_dir/{split}``; returns (and writes) ``out_dir/manifest.json``."""
+    """Tokenize every corpus part into ``out_dir/{split}``; returns (and writes) ``out_dir/manifest.json``.
+    ``tokenizer_dir`` may be a ``.gguf`` model file (its tokenizer, from the dequantized checkpoint)."""
+    from medfoundry.eval.model import hf_directory
+
     start = time.perf_counter()
-    corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), Path(tokenizer_dir), Path(out_dir)
+    corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), hf_directory(tokenizer_dir), Path(out_dir)
     header, eos_token = _header(tokenizer_dir, eos_token, dtype)
     shards: dict[str, dict[str, dict]] = {split: {} for split in splits}
     tasks = []

@@ -128,17 +128,19 @@ class Job:
 
 
 def _pretrain_job(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -> Job:
+    from medfoundry.eval.model import hf_directory
     from medfoundry.model.export import export_hf
 
     tokens = Path(cfg.data.tokens_dir)
     train_shards, val_shards = TokenShards(tokens / "train"), TokenShards(tokens / "val")
-    tokenizer = _load_tokenizer(cfg.data.tokenizer_dir)
+    tokenizer_dir = hf_directory(cfg.data.tokenizer_dir)  # a .gguf: its dequantized checkpoint's tokenizer
+    tokenizer = _load_tokenizer(tokenizer_dir)
     model, token_losses, kernels = _build(cfg, len(tokenizer), train_shards.vocab_size, d, device, precision)
     reader = WindowReader(train_shards, cfg.model.context, cfg.training.micro_batch_size,
                           rank=d.rank, world_size=d.world_size, seed=cfg.training.seed)
     validation = Validation(val_shards, cfg.model.context, cfg.eval.batches, cfg.training.micro_batch_size, tokenizer, d)
     return Job(cfg=cfg, model=model, loss=token_losses, reader=_Tensors(reader), counts=_window_counts, validation=validation,
-               export=lambda m, out: export_hf(m, Path(cfg.data.tokenizer_dir), out), context=cfg.model.context,
+               export=lambda m, out: export_hf(m, tokenizer_dir, out), context=cfg.model.context,
                info={"kernels": kernels})
 
 

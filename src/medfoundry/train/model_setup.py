@@ -14,6 +14,7 @@ def build_model(cfg: PretrainConfig, tokenizer_size: int, base_dir: Path):
     """From scratch the vocabulary is the tokenizer's; continued, the checkpoint's (grown for an extended tokenizer)."""
     from transformers import AutoModelForCausalLM
 
+    from medfoundry.eval.model import hf_directory
     from medfoundry.model.presets import model_config
     from medfoundry.model.resize import resize_for_tokenizer
 
@@ -22,7 +23,7 @@ def build_model(cfg: PretrainConfig, tokenizer_size: int, base_dir: Path):
     else:
         config = model_config(cfg.model.preset, vocab_size=tokenizer_size, context=cfg.model.context, overrides=cfg.model.overrides)
         model = AutoModelForCausalLM.from_config(config)
-    resize_for_tokenizer(model, cfg.data.tokenizer_dir)
+    resize_for_tokenizer(model, hf_directory(cfg.data.tokenizer_dir))
     check_context(model.config, cfg.model.context, "model.context")
     return model
 
