@@ -219,3 +219,16 @@ def test_fused_loss_with_lora_and_added_tokens_is_refused(inputs, tmp_path):
     tree["lora"] = {"r": 4}
     with pytest.raises(ConfigError, match="chunked cannot train the tokens the template added"):
         finetune(validate(FinetuneConfig, tree))
+
+
+def test_mfu_counts_the_output_layer_only_where_it_runs(trained):
+    """With the fused loss, the output layer's FLOPs count for response positions only."""
+    from transformers import AutoModelForCausalLM
+
+    from medfoundry.model.presets import flops_per_token
+    from medfoundry.sft.finetune import _step_flops
+
+    model = AutoModelForCausalLM.from_pretrained(str(trained / "model"))
+    per_token, head = flops_per_token(model.config, 256), 6.0 * model.get_output_embeddings().weight.numel()
+    assert _step_flops(model, 256, fused=False)(1000, 10) == pytest.approx(1000 * per_token)
+    assert _step_flops(model, 256, fused=True)(1000, 10) == pytest.approx(1000 * per_token - 990 * head)

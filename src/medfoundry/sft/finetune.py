@@ -147,7 +147,18 @@ def _finetune_job(cfg: FinetuneConfig, d: D.Dist, device: str, precision: str) -
     info = {"kernels": kernels, "data": {"dir": str(data.directory), "fingerprint": data.fingerprint},
             "steps": cfg.training.steps, **({"lora": L.describe(D.unwrap(model))} if cfg.lora is not None else {})}
     return Job(cfg=cfg, model=model, loss=MaskedTokenLoss(head, precision, device), reader=reader, counts=_counts,
-               validation=validation, export=lambda m, out: _export(m, out, cfg, data), context=max_length, info=info)
+               validation=validation, export=lambda m, out: _export(m, out, cfg, data),
+               step_flops=_step_flops(D.unwrap(model), max_length, fused=head is not None), info=info)
+
+
+def _step_flops(model, context: int, fused: bool):
+    """Model FLOPs of a step: with the fused loss the output layer runs only at positions that predict a
+    response token (``targets``), not at every token."""
+    from medfoundry.model.presets import flops_per_token
+
+    per_token = flops_per_token(model.config, context)
+    head = 6.0 * model.get_output_embeddings().weight.numel() if fused else 0.0
+    return lambda tokens, targets: tokens * (per_token - head) + targets * head
 
 
 def _loss_choice(cfg: FinetuneConfig, added_ids: list[int]) -> str:

@@ -123,7 +123,7 @@ class Job:
     counts: Callable  # batch -> (targets carrying loss, tokens processed), before the forward pass
     validation: Any  # .run(model as called, loss, device, d) -> metrics; None: no validation split
     export: Callable  # (plain model, directory) -> None: the Hugging Face checkpoint
-    context: int  # sequence length, for the FLOPs per token
+    step_flops: Callable  # (tokens, targets) -> the model FLOPs of a step that processed them (for MFU)
     info: dict = field(default_factory=dict)  # for run.json: kernels, data...
 
 
@@ -140,7 +140,8 @@ def _pretrain_job(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -
                           rank=d.rank, world_size=d.world_size, seed=cfg.training.seed)
     validation = Validation(val_shards, cfg.model.context, cfg.eval.batches, cfg.training.micro_batch_size, tokenizer, d)
     return Job(cfg=cfg, model=model, loss=token_losses, reader=_Tensors(reader), counts=_window_counts, validation=validation,
-               export=lambda m, out: export_hf(m, tokenizer_dir, out), context=cfg.model.context,
+               export=lambda m, out: export_hf(m, tokenizer_dir, out),
+               step_flops=_per_token(flops_per_token(D.unwrap(model).config, cfg.model.context)),
                info={"kernels": kernels})
 
 
@@ -158,6 +159,10 @@ class _Tensors:
 
     def load_state_dict(self, state: dict) -> None:
         self.reader.load_state_dict(state)
+
+
+def _per_token(flops: float) -> Callable:
+    return lambda tokens, targets: tokens * flops
 
 
 def _window_counts(batch: torch.Tensor) -> tuple[int, int]:
@@ -193,7 +198,6 @@ def train(job: Job, d: D.Dist, device: str) -> dict:
         job.reader.load_state_dict(state["reader_state"])
     log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=state["step"],
                      tensorboard=out / "tensorboard" if cfg.log.tensorboard else None)
-    flops_token = flops_per_token(D.unwrap(model).config, job.context)
     peak = peak_flops(device, job.loss.precision) * d.world_size
     if d.is_main:
         write_json(out / "run.json", {"version": __version__, "config": cfg.model_dump(), "world_size": d.world_size,
@@ -216,9 +220,10 @@ def train(job: Job, d: D.Dist, device: str) -> dict:
                 step += 1
                 extra["tokens"] += int(n_tokens)
                 extra["targets"] = extra.get("targets", 0) + int(n_targets)
-                tok_s = n_tokens / (time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                tok_s = n_tokens / elapsed
                 log.step(step, bar, loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=norm, tok_s=tok_s,
-                         mfu=tok_s * flops_token / peak, tokens=extra["tokens"], targets=extra["targets"],
+                         mfu=job.step_flops(n_tokens, n_targets) / elapsed / peak, tokens=extra["tokens"], targets=extra["targets"],
                          skipped=not finite, every=cfg.log.every)
                 if extra["skipped_in_a_row"] >= cfg.training.max_consecutive_skips:
                     last = latest_checkpoint(ckpt_dir)
