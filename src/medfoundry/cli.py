@@ -161,6 +161,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card(args: argparse.Namespace) -> int:
+    from medfoundry.card import write_card
+
+    path = write_card(Path(args.run_dir), args.overrides)
+    print(f"card: {path}")
+    return 0
+
+
 def _add_config_command(commands, name: str, help_text: str, func, example: str) -> argparse.ArgumentParser:
     """A subcommand that takes a YAML config plus ``--set key=value`` overrides."""
     command = commands.add_parser(name, help=help_text)
@@ -172,6 +180,7 @@ def _add_config_command(commands, name: str, help_text: str, func, example: str)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medfoundry.card import add_subcommand as add_card_command
     from medfoundry.corpus.download import NCBI_PUBMED_URL
     from medfoundry.plan import add_arguments as add_plan_arguments
     from medfoundry.serve.cli import add_subcommands as add_serve_commands
@@ -242,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     convert.set_defaults(func=_convert)
     add_serve_commands(stages)
+    add_card_command(stages, _card)
     return parser
 
 

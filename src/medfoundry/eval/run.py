@@ -152,12 +152,13 @@ def _model_names(models: list[str]) -> list[tuple[str, Path]]:
 
 
 def model_files_hash(path: Path) -> str:
-    """Content hash of a model: every file of its directory (hidden ones skipped), or its GGUF file."""
+    """Content hash of a model: every file of its directory (hidden ones and the README.md model card
+    skipped: they change no output), or its GGUF file."""
     h = xxhash.xxh3_128()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
         rel = file.relative_to(path) if file != path else Path(file.name)
-        if any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts) or rel == Path("README.md"):  # the model card
             continue
         h.update(f"{rel}\0".encode())
         with open(file, "rb") as fh:

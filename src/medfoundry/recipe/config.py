@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from medfoundry.card.config import CardConfig
 from medfoundry.config import StrictModel, validate
 from medfoundry.errors import ConfigError
 
@@ -65,7 +66,7 @@ class RecipeConfig(StrictModel):
     run_dir: str = Field(description="every stage writes run_dir/<stage>")
     description: str | None = None
     stages: StagesConfig
-    card: dict | None = Field(None, description="model card metadata (medfoundry card); a card is written when set")
+    card: CardConfig | None = Field(None, description="model card metadata (medfoundry card); a card is written when set")
     plan: dict | None = Field(None, description="the hardware the recipe targets (medfoundry plan)")
 
     @field_validator("stages")

@@ -107,10 +107,7 @@ def _keys(recipe: RecipeConfig, configs: dict[str, StrictModel], present: list[s
     keys, previous = {}, ""
     run = Path(recipe.run_dir).resolve()
     for stage in present:
-        if stage == "card":
-            payload = recipe.card
-        else:
-            payload = configs[stage].model_dump(mode="json")
+        payload = (recipe.card if stage == "card" else configs[stage]).model_dump(mode="json")
         digest = xxhash.xxh3_128(json.dumps([stage, payload, previous, __version__], sort_keys=True, default=str).encode())
         for fingerprint in _external_files(payload, run):
             digest.update(fingerprint.encode())
