@@ -149,14 +149,15 @@ def gguf_checkpoint(gguf_path: Path, cache_dir: str | Path | None = None) -> Pat
         raise InputError(str(gguf_path), "GGUF file not found")
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(cache_dir) if cache_dir is not None else _default_cache()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     out = root / "gguf" / f"{gguf_path.stem}-{key}"
     if not (out / "config.json").is_file():
         convert_gguf(gguf_path, out)
     return out
 
 
-def _default_cache() -> Path:
+def cache_root() -> Path:
+    """medfoundry's cache folder: ``$MEDFOUNDRY_CACHE``, else ``$XDG_CACHE_HOME/medfoundry`` or ``~/.cache/medfoundry``."""
     if os.environ.get("MEDFOUNDRY_CACHE"):
         return Path(os.environ["MEDFOUNDRY_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medfoundry"

@@ -46,6 +46,7 @@ class GenerateConfig(StrictModel):
     max_tokens: int = Field(64, gt=0)
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeating prompt or output tokens")
     seed: int = 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from medfoundry import __version__
@@ -30,7 +31,7 @@ def write_report(recipe: RecipeConfig, run: Path, state: dict) -> Path:
               "| stage | status | seconds | key | outputs |", "|---|---|---:|---|---|"]
     for stage in recipe.present():
         entry = state.get(stage, {})
-        links = " · ".join(f"[{name}]({stage}/{name})" for name in _links(run, stage))
+        links = " · ".join(f"[{Path(href).name}]({href})" for href in _links(run, stage))
         seconds = f"{entry['seconds']:,.0f}" if "seconds" in entry else ""
         lines.append(f"| {stage} | {entry.get('status', 'not run')} | {seconds} | `{entry.get('key', '')[:12]}` | {links} |")
     for stage in recipe.present():
@@ -42,9 +43,10 @@ def write_report(recipe: RecipeConfig, run: Path, state: dict) -> Path:
 
 
 def _links(run: Path, stage: str) -> list[str]:
+    """Paths, relative to the run directory, of the stage's outputs that exist."""
     if stage == "card":
-        return ["../MODEL_CARD.md"] if (run / "MODEL_CARD.md").is_file() else []
-    return [name for name in LINKS.get(stage, ()) if (run / stage / name).exists()]
+        return ["MODEL_CARD.md"] if (run / "MODEL_CARD.md").is_file() else []
+    return [f"{stage}/{name}" for name in LINKS.get(stage, ()) if (run / stage / name).exists()]
 
 
 def _json(path: Path) -> dict:
@@ -86,8 +88,10 @@ def _training(title: str, stage: str):
 
 
 def _eval(out: Path, result: dict) -> list[str]:
-    table = (out / "results.md").read_text(encoding="utf-8").strip() if (out / "results.md").is_file() else ""
-    return ["## Evaluation", "", table.replace("\n# ", "\n### ").lstrip("# ") if table else "No results."]
+    if not (out / "results.md").is_file():
+        return ["## Evaluation", "", "No results."]
+    table = (out / "results.md").read_text(encoding="utf-8").strip().lstrip("# ")
+    return ["## Evaluation", "", re.sub(r"\]\((?![a-z]+:|/)", "](eval/", table)]  # its links, from the run directory
 
 
 def _generate(out: Path, result: dict) -> list[str]:

@@ -22,7 +22,8 @@ def generate_samples(model: str | None, cfg: GenerateConfig, output: Path) -> di
     if chat and not engine.tokenizer.chat_template:
         raise ConfigError(f"stages.generate.chat: the model {model} has no chat template")
     prompts = [engine.chat_prompt([{"role": "user", "content": p}]) if chat else engine.encode(p) for p in cfg.prompts]
-    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
     done = engine.generate(prompts, params)
     records = [{"prompt": p, "completion": c.text, "finish_reason": c.finish_reason, "completion_tokens": len(c.token_ids)}
                for p, c in zip(cfg.prompts, done)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from medfoundry.errors import ConfigError
-from medfoundry.io import atomic_path
+from medfoundry.io import atomic_path, write_json
 
 # metrics.jsonl key -> TensorBoard tag
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "tok_s": "train/tokens_per_s", "mfu": "train/mfu",
@@ -31,8 +31,33 @@ def require_tensorboard() -> None:
 
 @lru_cache(maxsize=4)
 def peak_flops(device: str, precision: str) -> float:
-    """Measured dense matmul throughput (FLOP/s) of this device in the training precision: the MFU denominator."""
+    """Dense matmul throughput (FLOP/s) of this device in the training precision: the MFU denominator.
+
+    The highest ever measured here for the same device, dtype and thread count (kept in
+    ``$MEDFOUNDRY_CACHE/peak_flops.json``, default ``~/.cache/medfoundry``): a measurement taken while other
+    processes share the cores comes out several times too low and would report an MFU above 100%.
+    Measured once per process.
+    """
+    from medfoundry.eval.model import cache_root
+
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    key = f"{device}|{_device_name(device)}|{dtype}|{torch.get_num_threads()}"
+    measured = _measure_matmul(device, dtype)
+    path = cache_root() / "peak_flops.json"
+    try:
+        known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    best = max(measured, float(known.get(key, 0.0)))
+    if best > known.get(key, 0.0):
+        try:
+            write_json(path, {**known, key: best})
+        except OSError:  # a read-only home: the measurement still serves this run
+            pass
+    return best
+
+
+def _measure_matmul(device: str, dtype: torch.dtype) -> float:
     n = 2048
     generator = torch.Generator(device=device).manual_seed(0)  # never touch the training RNG streams
     a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
@@ -45,6 +70,14 @@ def peak_flops(device: str, precision: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 class MetricsLog:
