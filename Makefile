@@ -31,6 +31,8 @@ bench: setup
 	$(BIN)/python benchmarks/corpus_bench.py
 	$(BIN)/python benchmarks/tokenizer_bench.py
 	$(BIN)/python benchmarks/train_bench.py --quick
+	$(BIN)/python benchmarks/eval_bench.py --quick
+	$(BIN)/python benchmarks/serve_bench.py --quick
 
 clean:
 	rm -rf runs .pytest_cache
