@@ -1,13 +1,13 @@
 # medfoundry: `make quickstart` runs the pipeline end to end on a tiny CPU configuration;
-# `make test` runs the test suite. Both set everything up first.
+# `make test` runs the test suite, `make test-long` the slow reliability tests (not run by CI). All set everything up first.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 SHARED := ../shared/data
 STAMP := $(VENV)/.setup-stamp
-DEB_PACKAGES := libtcmalloc-minimal4
+DEB_PACKAGES := libtcmalloc-minimal4 chromium chromium-driver
 
-.PHONY: setup test quickstart bench clean
+.PHONY: setup test test-long quickstart bench clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 test: setup
 	$(BIN)/pytest -q
+
+# many random-point SIGKILLs, full disks and corrupted files over corpus build, tokenization and training
+test-long: setup
+	$(BIN)/pytest -q -m long
 
 quickstart: setup
 	@if [ -d $(SHARED) ]; then \

@@ -14,11 +14,15 @@ for pkg in $DEB_PACKAGES; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
-  if { $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >/dev/null 2>&1; then
+  apt_log=$(mktemp)
+  install() { $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; }
+  if install >"$apt_log" 2>&1 || { sleep 5; install >"$apt_log" 2>&1; }; then  # one retry: mirrors time out
     echo "setup: installed ${missing[*]}"
   else
-    echo "setup: could not install ${missing[*]} (need root/apt); continuing without them" >&2
+    echo "setup: could not install ${missing[*]} (needs root or sudo, and apt); continuing without them. apt said:" >&2
+    tail -n 3 "$apt_log" >&2
   fi
+  rm -f "$apt_log"
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"

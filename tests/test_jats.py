@@ -444,9 +444,12 @@ def test_external_entities_are_not_resolved(tmp_path):
         f'<!DOCTYPE article PUBLIC "-//NLM//DTD JATS//EN" "JATS.dtd" [<!ENTITY xxe SYSTEM "file://{secret}">]>'
         "<article><body><p>Before &xxe; after &nbsp;end.</p></body></article>"
     )
-    text = _one(path).text
-    assert "TOP-SECRET-VALUE" not in text
-    assert text == "Before after end."  # &nbsp; is known, then normalized like any whitespace
+    with pytest.raises(InputError, match=r"xxe\.xml:1: document declares XML entities \(xxe\)") as refused:
+        _one(path)  # refused whole (tests/test_hostile_xml.py has the other attacks)
+    assert "TOP-SECRET-VALUE" not in str(refused.value)
+    path.write_text('<!DOCTYPE article PUBLIC "-//NLM//DTD JATS//EN" "JATS.dtd">'
+                    "<article><body><p>Before &ndash; after &nbsp;end.</p></body></article>")
+    assert _one(path).text == "Before – after end."  # undeclared: kept as the HTML character; &nbsp; is whitespace
 
 
 # --- bad input --------------------------------------------------------------------------------

@@ -152,6 +152,39 @@ def test_two_processes_match_one(tokens, tmp_path):
     assert one == pytest.approx(two, rel=1e-4)
 
 
+def test_a_failed_save_stops_every_process(tokens, tmp_path):
+    """Under torchrun, process 0 hitting the file size limit in a checkpoint save stops both processes with
+    the checkpoint error (the other does not wait at the next collective), and leaves no partial folder."""
+    import resource
+
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(yaml.safe_dump(_tree(tokens, tmp_path / "ddp", steps=20)))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))  # noqa: E731
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "medfoundry", "pretrain", str(cfg)], cwd=REPO, env=ENV, capture_output=True,
+                         text=True, timeout=300, preexec_fn=limit)
+    assert run.returncode != 0
+    assert run.stderr.count("checkpoint for step 10 not saved: writing model.safetensors failed") == 1
+    assert "process 0 could not write the checkpoint" in run.stderr  # process 1 stopped too, saying why
+    assert not any((tmp_path / "ddp" / "checkpoints").iterdir())
+
+
+def test_a_corrupted_shard_is_named_before_any_step(tokens, tmp_path):
+    copy = tmp_path / "tokens"
+    shutil.copytree(tokens["tokens_dir"], copy)
+    shard = sorted((copy / "train").glob("*.bin"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    tree = _tree({**tokens, "tokens_dir": str(copy)}, tmp_path / "run")
+    with pytest.raises(InputError, match=rf"{shard.name}: corrupted: its xxh3_128 checksum"):
+        pretrain(validate(PretrainConfig, tree))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    tree["data"]["verify_shards"] = False  # the user's choice: trained on, unchecked
+    tree["training"]["steps"] = 4
+    pretrain(validate(PretrainConfig, tree))
+
+
 def test_non_finite_steps_are_skipped_then_the_run_stops(tokens, tmp_path):
     tree = _tree(tokens, tmp_path / "nan", steps=30, max_consecutive_skips=3)
     tree["optim"] = {"lr": 1e30, "grad_clip": 0}

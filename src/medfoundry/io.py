@@ -7,10 +7,12 @@ renamed, so an interrupted run never leaves a half-written file under a name tha
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -27,6 +29,10 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+# the write errors that say the disk (or the process's share of it) is full, in words
+DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+             errno.EFBIG: "the file size limit was reached (RLIMIT_FSIZE, `ulimit -f`)"}
 
 
 def fsync_dir(path: Path) -> None:
@@ -48,13 +54,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        with naming_full_disk(final):
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, final)
         fsync_dir(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str | os.PathLike) -> Iterator[None]:
+    """A full disk (:data:`DISK_FULL`) met while writing ``path`` says so: ``write()`` raises it without a
+    file name, and "error: [Errno 28] No space left on device" alone does not tell the user which output."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_FULL and exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 @contextlib.contextmanager
@@ -119,20 +138,75 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
 
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, value) of each non-blank line of a JSONL(.gz) file from a user, strictly: invalid
-    JSON is an :class:`InputError` naming the file and line."""
+    JSON, or a string that is not Unicode text (a lone surrogate escape), is an :class:`InputError`
+    naming the file and line."""
     for line_no, line in iter_lines(path):
         if line.strip():
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(str(path), f"invalid JSON: {exc.msg}", line_no) from None
+            value = json_value(line, str(path), line_no)
+            yield line_no, value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # how a surrogate gets into a JSON string
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_value(text: str, path: str, line: int | None) -> Any:
+    """One JSON document from a user, or an :class:`InputError` naming ``path`` and ``line``.
+
+    Besides syntax errors this refuses what :func:`json.loads` raises other exceptions for (an integer of
+    more than 4300 digits, nesting deeper than the interpreter's recursion limit) and strings holding a
+    lone UTF-16 surrogate (``"\\ud800"``): valid JSON syntax, but not text, so it could be neither
+    tokenized nor written out as UTF-8 later.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"invalid JSON: {exc.msg}", line) from None
+    except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise InputError(path, f"invalid JSON: {exc}", line) from None
+    except RecursionError:
+        raise InputError(path, "invalid JSON: nested too deeply", line) from None
+    if may_hold_surrogates(text):
+        surrogate = lone_surrogate(value)
+        if surrogate is not None:
+            raise InputError(path, f"invalid JSON: the string escape \\u{ord(surrogate):04x} is a lone UTF-16 "
+                                   "surrogate, not a character (a string cut inside a surrogate pair?)", line)
+    return value
+
+
+def may_hold_surrogates(json_text: str) -> bool:
+    """Whether JSON text has a ``\\uD800``-``\\uDFFF`` escape (the only way a surrogate gets into it): a quick
+    test that spares :func:`lone_surrogate` a walk over every value of clean files."""
+    return _SURROGATE_ESCAPE.search(json_text) is not None
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in any string (key or value) of a decoded JSON value, or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return found.group()
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole."""
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole. Temporary
+    directories that earlier, killed attempts at ``path`` left behind are removed first."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    stale = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp")  # the names mkdtemp gives below
+    for leftover in final.parent.iterdir():
+        if stale.fullmatch(leftover.name) and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp

@@ -228,9 +228,10 @@ def _checkpoint_config(init_from: str):
 
     path = Path(init_from)
     if path.suffix == ".gguf" and path.is_file():
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
+                                          trust_remote_code=False)
     if (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     return None
 
 

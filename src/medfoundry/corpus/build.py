@@ -35,7 +35,7 @@ from medfoundry.corpus.report import write_report
 from medfoundry.corpus.steps import (INDEX_KEYS, CleanAndFilter, Decontaminate, Fingerprint, ReadSources,
                                      WriteTaskOutput, benchmark_index)
 from medfoundry.errors import Pending
-from medfoundry.io import atomic_open, iter_jsonl, write_json
+from medfoundry.io import atomic_open, iter_jsonl, naming_full_disk, write_json
 from medfoundry.runtime import cpu_count
 from medfoundry.tokenizer.files import load_fast_tokenizer
 
@@ -282,15 +282,17 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     build_key = fingerprint(extract_dir.name, cfg.model_dump(exclude={"workers", "work_dir", "output_dir", "executor"}))
     manifest_path = out_dir / "manifest.json"
     if not force and manifest_path.is_file() and json.loads(manifest_path.read_text()).get("build_key") == build_key:
+        _prune_other_extracts(cfg.work_path, extract_dir)  # a run killed just after its manifest skipped this
         return json.loads(manifest_path.read_text())
     manifest_path.unlink(missing_ok=True)
-    _remove_leftovers(out_dir, extract_dir)
+    _remove_leftovers(out_dir, cfg.work_path, extract_dir)
     timings["plan_s"] = time.perf_counter() - start
 
     t = time.perf_counter()
     # built here first: forked workers inherit it, and a bad benchmarks_dir fails before any task starts
     decontam = benchmark_index(cfg.decontam).summary() if cfg.decontam.enabled else None
-    step_stats = run_extract(cfg, units, extract_dir)
+    with naming_full_disk(extract_dir):
+        step_stats = run_extract(cfg, units, extract_dir)
     timings["extract_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -310,7 +312,8 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     t = time.perf_counter()
     staging = out_dir / f".staging-{build_key}"
     shutil.rmtree(staging, ignore_errors=True)
-    counts = write_splits(cfg, extract_dir, staging, len(units), alive, val, copies)
+    with naming_full_disk(staging):  # the split files are written through many open handles at once
+        counts = write_splits(cfg, extract_dir, staging, len(units), alive, val, copies)
     unselected = np.flatnonzero(alive & (copies == 0))
     all_drops = (drops + [_removal_entry(table, row, "dedup", r) for row, r in sorted(removed.items())]
                  + [_removal_entry(table, int(row), "mix", Removal("downsampled", "not selected by the mixture sampler")) for row in unselected])
@@ -330,12 +333,14 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     return manifest
 
 
-def _remove_leftovers(out_dir: Path, extract_dir: Path) -> None:
-    """Temporary files of a killed run: staging folders and half-written task outputs."""
+def _remove_leftovers(out_dir: Path, work: Path, extract_dir: Path) -> None:
+    """Temporary files of a killed run: staging folders, half-written task outputs and the hidden
+    temporary files of interrupted atomic writes (manifest, report, hash cache)."""
     for staging in out_dir.glob(".staging-*"):
         shutil.rmtree(staging, ignore_errors=True)
-    for tmp in extract_dir.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    for tmp in (*extract_dir.glob(".*.tmp"), *out_dir.glob(".*.tmp"), *work.glob(".*.tmp")):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def _prune_other_extracts(work: Path, keep: Path) -> None:

@@ -56,6 +56,8 @@ class EvalConfig(StrictModel):
     threads: int = Field(0, ge=0, description="0 = the runtime's choice")
     bootstrap_iters: int = Field(1000, ge=0, description="0 = no bootstrap standard errors")
     seed: int = Field(0, description="bootstrap resampling and generation sampling")
+    allow_pickle: bool = Field(False, description="allow pickled weights (pytorch_model.bin) in the models, loaded with "
+                                                  "torch.load(weights_only=True); default: safetensors only")
 
     def benchmarks_path(self) -> Path:
         return Path(self.benchmarks_dir).expanduser() if self.benchmarks_dir else default_benchmarks_dir()

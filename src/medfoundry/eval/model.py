@@ -2,15 +2,25 @@
 
 A GGUF file is dequantized once into a regular checkpoint in a cache directory (keyed on the file's
 path, size and modification time), because transformers cannot run a GGUF model without first
-building that checkpoint. Remote code is never run. The context window follows lm-eval's rule
-(``n_positions``, ``max_position_embeddings``, ``n_ctx``, the tokenizer's ``model_max_length``,
-else 2048) so that long inputs are cut at the same place as in lm-eval.
+building that checkpoint. The context window follows lm-eval's rule (``n_positions``,
+``max_position_embeddings``, ``n_ctx``, the tokenizer's ``model_max_length``, else 2048) so that long
+inputs are cut at the same place as in lm-eval.
+
+Checkpoints are untrusted input (:func:`weights_policy`, used by every loader: evaluation, serving,
+pretraining and fine-tuning): weights load from safetensors whenever they are there; a checkpoint
+whose weights are only pickles (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``) is refused unless the
+caller passes ``allow_pickle``, and even then goes through ``torch.load(weights_only=True)``, which
+rebuilds tensors and refuses any other object; a ``config.json`` asking for the checkpoint's own
+Python code (``auto_map``) is refused unless the caller passes ``trust_remote_code``, which is
+otherwise passed to transformers as ``False``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +33,11 @@ from medfoundry.runtime import configure, resolve_device_precision
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # what transformers loads with torch.load
+WEIGHT_FILES = SAFE_WEIGHT_FILES + PICKLE_WEIGHT_FILES
+SAFE_SUFFIXES = (".safetensors", ".safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # weights in Python's pickle format
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 CONTEXT_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")  # lm-eval's order
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when neither config nor tokenizer gives a length
@@ -51,15 +65,15 @@ class LoadedModel:
 
 
 def load_model(path, *, precision: str = "auto", device: str = "auto", tokenizer=None, threads: int = 0,
-               cache_dir: str | Path | None = None) -> LoadedModel:
+               cache_dir: str | Path | None = None, allow_pickle: bool = False,
+               trust_remote_code: bool = False) -> LoadedModel:
     """Load ``path`` (checkpoint directory or ``.gguf`` file) in eval mode.
 
     ``tokenizer`` overrides the checkpoint's own: a directory, a ``.gguf`` file or a loaded fast
     tokenizer. ``cache_dir`` holds dequantized GGUF checkpoints (default ``$MEDFOUNDRY_CACHE`` or
-    ``~/.cache/medfoundry``, subfolder ``gguf``).
+    ``~/.cache/medfoundry``, subfolder ``gguf``). ``allow_pickle`` and ``trust_remote_code``: see
+    :func:`weights_policy`.
     """
-    from transformers import AutoModelForCausalLM
-
     configure(threads)
     device, resolved = resolve_device_precision(device, precision)
     if precision == "auto" and resolved not in ("bf16", "fp32"):  # fp16 on older GPUs: scores need fp32 there
@@ -69,38 +83,142 @@ def load_model(path, *, precision: str = "auto", device: str = "auto", tokenizer
     precision = resolved
     path = Path(path)
     directory = gguf_checkpoint(path, cache_dir) if path.suffix == ".gguf" else path
-    check_checkpoint(directory, need_tokenizer=tokenizer is None)
-    tok = load_tokenizer(directory if tokenizer is None else tokenizer)
+    policy = check_checkpoint(directory, need_tokenizer=tokenizer is None, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(directory if tokenizer is None else tokenizer, trust_remote_code=trust_remote_code)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True,
-                                                 trust_remote_code=False)
+    model = load_causal_lm(directory, policy, dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tok, name=path.stem if path.suffix == ".gguf" else path.resolve().name,
                        path=path, precision=precision, device=device, max_length=context_window(model.config, tok))
 
 
-def check_checkpoint(directory: Path, *, need_tokenizer: bool = True) -> None:
-    """Name the missing piece before transformers fails with a message about the Hub."""
+def check_checkpoint(directory: Path, *, need_tokenizer: bool = True, allow_pickle: bool = False,
+                     trust_remote_code: bool = False) -> dict:
+    """Name the missing piece before transformers fails with a message about the Hub, and refuse what
+    :func:`weights_policy` refuses. Returns the ``from_pretrained`` arguments that load the weights."""
+    directory = Path(directory)
     if not directory.is_dir():
         raise InputError(str(directory), "model not found: expected a checkpoint directory or a .gguf file")
     if not (directory / "config.json").is_file():
         raise InputError(str(directory), "no config.json: not a Hugging Face checkpoint directory")
-    if not any((directory / name).is_file() for name in WEIGHT_FILES):
-        raise InputError(str(directory), f"no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    policy = weights_policy(directory, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if need_tokenizer and not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(str(directory), f"no tokenizer: expected one of {', '.join(TOKENIZER_FILES)} "
                                          "(or pass a tokenizer explicitly)")
+    return policy
 
 
-def load_tokenizer(source) -> "PreTrainedTokenizerFast":
+def weights_policy(directory: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
+    """How to load the weights of checkpoint ``directory`` without running code from it: the keyword
+    arguments for ``from_pretrained``, or an :class:`InputError` saying why it is refused.
+
+    - safetensors (``model.safetensors``, or an index whose shards are all ``.safetensors`` files inside the
+      directory) are used whenever present, whatever else the directory holds (``use_safetensors=True``);
+    - pickled weights alone (``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``...) are refused: unpickling
+      runs whatever code the file names. With ``allow_pickle`` they load through
+      ``torch.load(weights_only=True)`` (``use_safetensors=False, weights_only=True``), which only rebuilds
+      tensors and containers and refuses anything else;
+    - ``auto_map`` in ``config.json`` (the model's own Python code) is refused unless ``trust_remote_code``;
+      transformers always gets ``trust_remote_code`` explicitly, so it never asks or decides by itself.
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    if config.get("auto_map") and not trust_remote_code:
+        raise InputError(str(directory / "config.json"), _remote_code_refusal(config))
+    explicit = config.get("transformers_weights")  # config.json may name its weights file; transformers then uses it
+    if isinstance(explicit, str):
+        safe = [explicit] if explicit.endswith(SAFE_SUFFIXES) and (directory / explicit).is_file() else []
+    else:
+        safe = [name for name in SAFE_WEIGHT_FILES if (directory / name).is_file()]
+    if safe:
+        if safe[0].endswith(".index.json"):
+            _check_safetensors_index(directory / safe[0])
+        return {"use_safetensors": True, "weights_only": True, "trust_remote_code": trust_remote_code,
+                "local_files_only": True}
+    pickles = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
+    if not pickles:
+        raise InputError(str(directory), f"no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    if not allow_pickle:
+        raise InputError(str(directory), f"refused: its weights are pickled ({', '.join(pickles[:3])}), and loading a "
+                                         "pickle can run any code it names. Convert them to safetensors (load them once "
+                                         "where you trust the file and save_pretrained(..., safe_serialization=True)), "
+                                         "or allow pickled weights (--allow-pickle; in a config, allow_pickle: true for "
+                                         "eval, model.allow_pickle: true for pretrain and finetune): they then load with "
+                                         "torch.load(weights_only=True), which rebuilds tensors and refuses any other "
+                                         "object")
+    if not any((directory / name).is_file() for name in PICKLE_WEIGHT_FILES):
+        raise InputError(str(directory), f"no weights transformers can load: found {', '.join(pickles[:3])}, expected "
+                                         f"one of {', '.join(WEIGHT_FILES)}")
+    return {"use_safetensors": False, "weights_only": True, "trust_remote_code": trust_remote_code,
+            "local_files_only": True}
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(str(path), f"not a readable JSON config ({exc})") from None
+    if not isinstance(config, dict):
+        raise InputError(str(path), "not a JSON object")
+    return config
+
+
+def _remote_code_refusal(config: dict) -> str:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    classes = config["auto_map"] if isinstance(config["auto_map"], dict) else {}
+    shown = ", ".join(f"{k}: {v}" for k, v in list(classes.items())[:3]) or repr(config["auto_map"])
+    model_type = config.get("model_type")
+    native = (f" transformers implements model_type {model_type!r} itself: deleting 'auto_map' from config.json "
+              "loads the model without that code." if model_type in CONFIG_MAPPING_NAMES else "")
+    return (f"refused: 'auto_map' asks to run Python code shipped with the checkpoint ({shown}), and medfoundry "
+            f"never runs a checkpoint's code unless told to trust it (trust_remote_code=True).{native}")
+
+
+def _check_safetensors_index(index: Path) -> None:
+    """Every shard of a sharded safetensors checkpoint is a ``.safetensors`` file in the directory:
+    transformers would ``torch.load`` a shard named otherwise."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = set(weight_map.values())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(str(index), f"not a safetensors index (a JSON object with a 'weight_map'): {exc!r}") from None
+    bad = sorted(str(s) for s in shards if not (isinstance(s, str) and s.endswith(".safetensors")
+                                                and Path(s).name == s))
+    if bad:
+        raise InputError(str(index), f"refused: shards {', '.join(bad[:3])} are not .safetensors files in the "
+                                     "checkpoint directory")
+
+
+def load_causal_lm(directory: Path, policy: dict, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(directory, **policy, **kwargs)``, with a refused pickle reported
+    as an :class:`InputError` naming the checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(directory), **policy, **kwargs)
+    except Exception as exc:
+        cause: BaseException | None = exc
+        for _ in range(16):  # transformers may wrap torch's error; chains can loop
+            if cause is None or isinstance(cause, pickle.UnpicklingError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        if not isinstance(cause, pickle.UnpicklingError):
+            raise
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise InputError(str(directory), "pickled weights refused by torch.load(weights_only=True): they hold more "
+                                         f"than tensors, which a weights file never needs ({first})") from None
+
+
+def load_tokenizer(source, *, trust_remote_code: bool = False) -> "PreTrainedTokenizerFast":
     """A fast tokenizer from a directory, a ``.gguf`` file, or one already loaded.
 
     Scoring tokenizes whole batches in one call of the Rust tokenizer, so slow (Python)
     tokenizers are refused.
     """
-    from transformers import AutoTokenizer
-
-    from medfoundry.tokenizer.files import load_gguf_tokenizer
+    from medfoundry.tokenizer.files import load_gguf_tokenizer, load_hf_tokenizer
 
     if isinstance(source, (str, os.PathLike)):
         source = Path(source)
@@ -109,7 +227,7 @@ def load_tokenizer(source) -> "PreTrainedTokenizerFast":
         elif not source.is_dir():
             raise InputError(str(source), "tokenizer not found: expected a directory or a .gguf file")
         else:
-            tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
+            tokenizer = load_hf_tokenizer(source, trust_remote_code=trust_remote_code)
     else:
         tokenizer = source
     if not getattr(tokenizer, "is_fast", False):

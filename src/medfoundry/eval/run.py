@@ -236,7 +236,8 @@ class _Runner:
         if self._lm is None:
             from medfoundry.eval.model import load_model
 
-            self._lm = load_model(self.path, precision=self.cfg.precision, device=self.cfg.device, threads=self.cfg.threads)
+            self._lm = load_model(self.path, precision=self.cfg.precision, device=self.cfg.device, threads=self.cfg.threads,
+                                  allow_pickle=self.cfg.allow_pickle)
         return self._lm
 
     def close(self) -> None:

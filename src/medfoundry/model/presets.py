@@ -74,7 +74,7 @@ def _spec_values(spec: str) -> tuple[str, dict]:
 
     if spec in PRESETS:
         return PRESETS[spec]
-    values = AutoConfig.from_pretrained(str(_config_path(spec)), local_files_only=True).to_dict()
+    values = AutoConfig.from_pretrained(str(_config_path(spec)), local_files_only=True, trust_remote_code=False).to_dict()
     return values.pop("model_type"), values
 
 

@@ -6,49 +6,56 @@ JSON answer or streamed as server-sent events in OpenAI's chunk format (ending w
 A client that goes away is noticed (the stream is cancelled, or polling for a non-streamed answer sees
 the disconnect) and its requests leave the batch at the next step.
 
-Security defaults: the CLI binds 127.0.0.1; with an API key, every /v1 route needs
-``Authorization: Bearer <key>``, compared in constant time; prompts, outputs and keys are never logged.
-/health and /metrics stay open (no request content in them), as in vLLM, so probes and scrapers need
-no secret. So does the web chat page at ``/`` (static files, ``static/``): it holds no data and sends
-the key the user types in with its /v1 requests.
+Security (see :mod:`medfoundry.serve.guard`): the CLI binds 127.0.0.1; with an API key, every route
+needs it (/metrics and /openapi.json too) except the web page's shell (``/``, ``/static/``) and the bare
+liveness probe ``/health``, which reveal nothing; bodies over ``max_body_bytes`` are refused before
+they are read. Logs never hold prompts, outputs or keys: the access log (written here, not by
+uvicorn) has the method, path, status and client, never the query string or a header; validation
+errors name fields, never echo values. Every error is a JSON body in OpenAI's format.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import copy
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
-from medfoundry.serve import protocol
+from medfoundry.serve import openapi, protocol
 from medfoundry.serve.engine import Output
+from medfoundry.serve.guard import DEFAULT_MAX_BODY_BYTES, ApiKeyGuard, BodyLimit
 from medfoundry.serve.protocol import ChatCompletionRequest, CompletionRequest
 from medfoundry.serve.worker import EngineWorker, QueueFull
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 STATIC = Path(__file__).with_name("static")  # the web chat page
+ACCESS_LOG = "medfoundry.serve.access"
 
 
 @dataclass
 class ServerConfig:
     """What the server enforces. ``max_tokens`` (per request) defaults to the engine's sequence length and
-    ``max_prompt_tokens`` to one less; ``chat_template`` (Jinja text) overrides the tokenizer's."""
+    ``max_prompt_tokens`` to one less; ``chat_template`` (Jinja text) overrides the tokenizer's; larger
+    bodies than ``max_body_bytes`` get a 413."""
 
     model_name: str
     api_key: str | None = None
     max_tokens: int | None = None
     max_prompt_tokens: int | None = None
     chat_template: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 class APIError(Exception):
@@ -60,7 +67,8 @@ class APIError(Exception):
 
 
 def create_app(worker: EngineWorker, config: ServerConfig) -> FastAPI:
-    """The FastAPI app; its lifespan starts and stops the worker thread."""
+    """The FastAPI app; its lifespan starts and stops the worker thread. No /docs or /redoc: their pages
+    load Swagger UI from a CDN, and the description they show needs the API key."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -69,29 +77,51 @@ def create_app(worker: EngineWorker, config: ServerConfig) -> FastAPI:
         worker.stop()
 
     service = _Service(worker, config)
-    app = FastAPI(title="medfoundry", summary=f"OpenAI-compatible API for {config.model_name}", lifespan=lifespan)
+    app = FastAPI(title="medfoundry", summary=f"OpenAI-compatible API for {config.model_name}", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     _install_error_handlers(app)
-    app.add_middleware(_CountRequests, metrics=worker.metrics)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(ApiKeyGuard, api_key=config.api_key)
+    app.add_middleware(_Observe, metrics=worker.metrics, routes=app.routes)  # outermost: sees every answer
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(config.api_key))])
-    v1.add_api_route("/models", service.models, methods=["GET"])
-    v1.add_api_route("/models/{model_id:path}", service.model, methods=["GET"])
-    v1.add_api_route("/completions", service.complete, methods=["POST"])
-    v1.add_api_route("/chat/completions", service.chat, methods=["POST"])
-    app.include_router(v1)
-    app.add_api_route("/health", service.health, methods=["GET"])
-    app.add_api_route("/metrics", service.metrics, methods=["GET"])
+    app.add_api_route("/v1/models", service.models, methods=["GET"], responses={200: {"model": protocol.ModelList}})
+    app.add_api_route("/v1/models/{model_id:path}", service.model, methods=["GET"],
+                      responses={200: {"model": protocol.ModelCard}, **openapi.errors(404)})
+    app.add_api_route("/v1/completions", service.complete, methods=["POST"],
+                      responses=openapi.generation_responses(protocol.Completion, protocol.CompletionChunk))
+    app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"],
+                      responses=openapi.generation_responses(protocol.ChatCompletion, protocol.ChatCompletionChunk))
+    app.add_api_route("/health", service.health, methods=["GET"],
+                      responses={200: {"model": protocol.Health}, 503: {"model": protocol.Health,
+                                                                         "description": "The engine thread died"}})
+    app.add_api_route("/metrics", service.metrics, methods=["GET"], response_class=PlainTextResponse,
+                      responses={200: {"description": "Prometheus text exposition format"}})
     app.add_api_route("/", lambda: FileResponse(STATIC / "index.html"), methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    openapi.install(app, model=config.model_name, max_tokens=service.max_tokens, secured=bool(config.api_key),
+                    chunks=[protocol.CompletionChunk, protocol.ChatCompletionChunk])
     return app
 
 
 def serve(worker: EngineWorker, config: ServerConfig, *, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info") -> None:
-    """Run the server until interrupted."""
+    """Run the server until interrupted, with uvicorn's access log replaced by ours (no query strings)."""
     import uvicorn
 
-    uvicorn.run(create_app(worker, config), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(worker, config), host=host, port=port, log_level=log_level,
+                log_config=_log_config(log_level))
+
+
+def _log_config(log_level: str) -> dict:
+    """uvicorn's logging setup, its access lines coming from :class:`_Observe` instead of uvicorn itself,
+    which would print the request line whole, query string included (where clients put keys)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    ours = config["loggers"].pop("uvicorn.access")
+    config["loggers"][ACCESS_LOG] = {**ours, "level": log_level.upper()}
+    config["loggers"]["uvicorn.access"] = {"handlers": [], "propagate": False}
+    return config
 
 
 class _Service:
@@ -125,18 +155,27 @@ class _Service:
 
     async def complete(self, body: CompletionRequest, http: Request) -> Response:
         self._check_model(body.model)
-        prompts = [self._encode(p) for p in body.prompts()]
-        return await self._generate(http, body, prompts, [body.max_tokens] * len(prompts), chat=False)
+        texts = body.prompts()
+        self._check_capacity(len(texts) * body.n)
+        prompts = [self._encode(p) for p in texts]
+        return await self._generate(http, body, prompts, body.max_tokens, chat=False)
 
     async def chat(self, body: ChatCompletionRequest, http: Request) -> Response:
         self._check_model(body.model)
+        self._check_capacity(body.n)
         prompt = self._chat_prompt(body)
-        return await self._generate(http, body, [prompt], [body.requested_max_tokens], chat=True)
+        return await self._generate(http, body, [prompt], body.requested_max_tokens, chat=True)
 
     def _check_model(self, name: str) -> None:
         if name != self.config.model_name:
             raise APIError(404, f"model {name!r} does not exist; this server serves {self.config.model_name!r}",
                            code="model_not_found")
+
+    def _check_capacity(self, generations: int) -> None:
+        """Refuse at once (before tokenizing anything) more generations than the server ever runs together."""
+        if generations > self.worker.capacity:
+            raise APIError(400, f"n: {generations} generations (prompts x n) in one request; this server runs at "
+                                f"most {self.worker.capacity} at once")
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         ids = self.engine.encode(prompt) if isinstance(prompt, str) else prompt
@@ -155,28 +194,32 @@ class _Service:
             raise APIError(400, str(exc)) from None
         return self._encode(ids)
 
+    def _check_limit(self, body) -> None:
+        """Both of chat's length fields are checked: the one that is used, and the one a client may rely on."""
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(body, name, None)
+            if value is not None and value > self.max_tokens:
+                raise APIError(400, f"{name}: {value} is more than this server's limit of {self.max_tokens}")
+
     def _budget(self, prompt: list[int], requested: int | None) -> int:
-        """Tokens to generate: as requested, within this server's limit and the context left after the prompt."""
+        """Tokens to generate: as requested (within this server's limit), or what the context leaves after the
+        prompt."""
         room = self.engine.max_seq_len - len(prompt)
         if requested is None:
             return min(room, self.max_tokens)
-        if requested > self.max_tokens:
-            raise APIError(400, f"max_tokens: {requested} is more than this server's limit of {self.max_tokens}")
         if requested > room:
             raise APIError(400, f"max_tokens: the prompt's {len(prompt)} tokens plus {requested} to generate exceed "
                                 f"the model's context of {self.engine.max_seq_len} tokens; lower max_tokens or shorten the prompt")
         return requested
 
-    async def _generate(self, http: Request, body, prompts: list[list[int]], requested: list[int | None], *, chat: bool
+    async def _generate(self, http: Request, body, prompts: list[list[int]], requested: int | None, *, chat: bool
                         ) -> Response:
+        self._check_limit(body)
         try:
-            jobs = [(ids, body.sampling(self._budget(ids, want), choice)) for ids, want in zip(prompts, requested)
-                    for choice in range(body.n)]
+            jobs = [(ids, body.sampling(self._budget(ids, requested), choice))
+                    for ids in prompts for choice in range(body.n)]
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
-        if len(jobs) > self.worker.capacity:
-            raise APIError(400, f"n: {len(jobs)} generations (prompts x n) in one request; this server runs at most "
-                                f"{self.worker.capacity} at once")
         try:
             generation = _Generation(self.worker, jobs)
         except QueueFull as exc:
@@ -312,23 +355,9 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _authorizer(api_key: str | None):
-    """A dependency that checks ``Authorization: Bearer <key>`` in constant time (nothing, without a key)."""
-    expected = api_key.encode() if api_key else None
-
-    async def authorize(authorization: str | None = Header(default=None)) -> None:
-        if expected is None:
-            return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-            raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
-                           "authentication_error", code="invalid_api_key")
-
-    return authorize
-
-
 def _install_error_handlers(app: FastAPI) -> None:
-    """Every error in OpenAI's ``{"error": {...}}`` shape; invalid bodies are 400s that name the field."""
+    """Every error in OpenAI's ``{"error": {...}}`` shape; invalid bodies are 400s that name the field (never
+    echoing the value: it may be the prompt)."""
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
@@ -336,24 +365,55 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"] if part != "body")
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{where}: {message}" if where else message)
-        param = ".".join(str(p) for p in exc.errors()[0]["loc"] if p != "body") if exc.errors() else None
+        problems = [_problem(error) for error in exc.errors()]
+        first = exc.errors()[0] if exc.errors() else {"type": "", "loc": ()}
+        param = _field(first) if first["type"] != "json_invalid" else None
         return JSONResponse(protocol.error_body("; ".join(problems), param=param or None), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, exc: HTTPException):
-        return JSONResponse(protocol.error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+        message = _unreadable(exc.__cause__) if exc.status_code == 400 and exc.__cause__ else str(exc.detail)
+        return JSONResponse(protocol.error_body(message, "invalid_request_error"), status_code=exc.status_code,
+                            headers=exc.headers)  # a 405 keeps its Allow header
+
+    @app.exception_handler(Exception)
+    async def crashed(_request, _exc: Exception):  # uvicorn logs the traceback
+        return JSONResponse(protocol.error_body("internal error (see the server log)", "server_error"), status_code=500)
 
 
-class _CountRequests:
-    """ASGI middleware counting responses by route and status (a plain ASGI wrapper: it never buffers streams)."""
+def _unreadable(cause: BaseException) -> str:
+    """Why FastAPI could not parse a body as JSON (it says only "There was an error parsing the body")."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "body: not UTF-8 text"
+    if isinstance(cause, RecursionError):
+        return "body: JSON nested too deeply"
+    return "body: not valid JSON (e.g. a number too long to read)"
 
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
+
+def _field(error: dict) -> str:
+    return ".".join(str(part) for part in error["loc"] if part != "body")
+
+
+def _problem(error: dict) -> str:
+    """One validation error as ``field: rule``; a body that is not a JSON object says what is expected."""
+    where, message = _field(error), error["msg"].removeprefix("Value error, ")
+    if error["type"] == "json_invalid":
+        return f"body: not valid JSON ({error.get('ctx', {}).get('error', 'decode error')} at character {where})"
+    if error["type"] == "missing" and error["loc"] == ("body",):
+        return "body: a JSON object is required"
+    if error["type"] == "model_attributes_type":
+        return f"body: {message}; send a JSON object with 'Content-Type: application/json'"
+    return f"{where}: {message}" if where else message
+
+
+class _Observe:
+    """ASGI middleware counting answers by route and status for /metrics and writing the access log line
+    (client, method, path, status: no query string, no header, no body). A plain ASGI wrapper: it never
+    buffers streams."""
+
+    def __init__(self, app, metrics, routes: list):
+        self.app, self.metrics, self.routes = app, metrics, routes
+        self.log = logging.getLogger(ACCESS_LOG)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -368,5 +428,14 @@ class _CountRequests:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            endpoint = scope["path"] if scope["path"] in ROUTES else "other"
-            self.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
+            self.metrics.requests.inc(endpoint=self._endpoint(scope), status=str(status[0]))
+            client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
+            self.log.info('%s - "%s %s HTTP/%s" %d', client, scope["method"], quote(scope["path"]),
+                          scope["http_version"], status[0])
+
+    def _endpoint(self, scope) -> str:
+        """The route's path template (``/v1/models/{model_id:path}``), or "other" when none matches."""
+        for route in self.routes:
+            if route.matches(scope)[0] is not Match.NONE:
+                return route.path
+        return "other"

@@ -42,17 +42,20 @@ def add_subcommands(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                       help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}; none = open)")
+                       help=f"require 'Authorization: Bearer KEY' on every route but the web page's shell and "
+                            f"/health (default: ${API_KEY_ENV}; none = open)")
     serve.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s (default 64)")
     serve.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: --max-seq-len)")
     serve.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: --max-seq-len - 1)")
+    serve.add_argument("--max-body-bytes", type=int, help="larger request bodies get a 413 before they are read "
+                                                          "(default 1 MiB)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)
 
 
 def _add_model_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("model", help="Hugging Face checkpoint directory (safetensors) or .gguf file")
+    command.add_argument("model", help="Hugging Face checkpoint directory or .gguf file")
     command.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                          help="auto: bf16 where the hardware computes in bf16, else fp32")
     command.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -61,6 +64,9 @@ def _add_model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--max-seq-len", type=int, help="prompt + generated tokens per request (default: the "
                                                          "model's context, at most 2048)")
     command.add_argument("--chat-template", metavar="FILE", help="Jinja chat template (default: the tokenizer's)")
+    command.add_argument("--allow-pickle", action="store_true",
+                         help="allow pickled weights (pytorch_model.bin), loaded with torch.load(weights_only=True); "
+                              "by default only safetensors load, since unpickling can run code")
 
 
 def _add_sampling_arguments(command: argparse.ArgumentParser, *, temperature: float) -> None:
@@ -92,7 +98,7 @@ def _load_engine(args: argparse.Namespace):
     from medfoundry.serve.engine import Engine
 
     return Engine.load(args.model, precision=args.precision, device=args.device, threads=args.threads,
-                       max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+                       max_batch=args.max_batch, max_seq_len=args.max_seq_len, allow_pickle=args.allow_pickle)
 
 
 def _chat_template(args: argparse.Namespace) -> str | None:
@@ -231,17 +237,20 @@ def _stream_reply(engine, ids: list[int], params) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     from medfoundry.serve.app import ServerConfig, serve
+    from medfoundry.serve.guard import DEFAULT_MAX_BODY_BYTES
     from medfoundry.serve.worker import EngineWorker
 
     if args.max_queue < 0:
         raise ConfigError(f"--max-queue {args.max_queue}: must be >= 0")
+    if args.max_body_bytes is not None and args.max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes {args.max_body_bytes}: must be >= 1")
     if args.host not in LOOPBACK and not args.api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the model "
               f"(set --api-key or ${API_KEY_ENV})", file=sys.stderr)
     engine = _load_engine(args)
     config = ServerConfig(model_name=args.served_model_name or engine.name, api_key=args.api_key,
                           max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                          chat_template=_chat_template(args))
+                          chat_template=_chat_template(args), max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
     print(f"serve: {config.model_name} ({engine.precision}, {engine.max_batch} slots of {engine.max_seq_len} tokens) "
           f"on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""), file=sys.stderr)
     serve(EngineWorker(engine, max_queue=args.max_queue), config, host=args.host, port=args.port, log_level=args.log_level)

@@ -31,7 +31,7 @@ from typing import Iterator
 
 import torch
 
-from medfoundry.errors import ConfigError, InputError
+from medfoundry.errors import ConfigError
 from medfoundry.serve.cache import SlotCache
 from medfoundry.serve.sampling import SamplingParams, TokenSampler, sample
 from medfoundry.serve.text import Detokenizer, StopMatcher
@@ -116,16 +116,16 @@ class Engine:
 
     @classmethod
     def load(cls, path, *, precision: str = "auto", device: str = "auto", threads: int = 0, max_batch: int = 8,
-             max_seq_len: int | None = None) -> "Engine":
-        """Load a Hugging Face checkpoint directory (safetensors weights; no remote code) or a ``.gguf`` file.
-        ``precision`` "auto" is bf16 where the hardware computes in bf16, else fp32."""
+             max_seq_len: int | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> "Engine":
+        """Load a Hugging Face checkpoint directory or a ``.gguf`` file. ``precision`` "auto" is bf16 where the
+        hardware computes in bf16, else fp32. Weights come from safetensors; pickled ones (``pytorch_model.bin``)
+        are refused unless ``allow_pickle``, and then load with ``torch.load(weights_only=True)``; a checkpoint
+        asking for its own code is refused unless ``trust_remote_code`` (see
+        :func:`medfoundry.eval.model.weights_policy`)."""
         from medfoundry.eval.model import load_model
 
-        path = Path(path)
-        if path.is_dir() and not any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-            raise InputError(str(path), "no safetensors weights (model.safetensors): serving never unpickles "
-                                        "weights; re-save the model with save_pretrained(safe_serialization=True)")
-        loaded = load_model(path, precision=precision, device=device, threads=threads)
+        loaded = load_model(Path(path), precision=precision, device=device, threads=threads,
+                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         if loaded.precision == "bf16":
             loaded.model.to(torch.bfloat16)
         return cls(loaded.model, loaded.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,

@@ -3,8 +3,14 @@
 Fields follow the OpenAI reference; vLLM's sampling extensions (``top_k``, ``repetition_penalty``,
 ``ignore_eos``) are accepted too, since clients written for vLLM send them in ``extra_body``. Features the
 engine does not have (log-probabilities, tools, ``best_of``, ``logit_bias``, ``echo``, JSON mode) are
-refused with a 400 that names them rather than silently ignored; unknown fields are ignored, as the
-OpenAI server does.
+refused with a 400 that names them rather than silently ignored; unknown fields are ignored, as vLLM
+does (clients send other servers' extensions). Values are checked strictly: a JSON type other than the
+documented one (``"stream": "yes"``, ``"n": 2.0``), a non-finite number, a seed outside 64 bits or a
+string that is not valid Unicode (a lone surrogate escape) is a 400, not something coerced or
+failing later.
+
+The response models at the end describe the answers in the OpenAPI document (the handlers build the
+dicts themselves, for speed); the schemathesis tests check that what is sent matches them.
 """
 
 from __future__ import annotations
@@ -19,14 +25,18 @@ from medfoundry.serve.sampling import SamplingParams
 
 MAX_STOP_SEQUENCES = 16
 MAX_CHOICES = 16
+SEED_RANGE = (-(2**63), 2**63 - 1)  # torch seeds are 64-bit
+STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class _GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -37,13 +47,19 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data):
+        _check_unicode(data, "")
+        return data
 
     @model_validator(mode="after")
     def _supported(self):
@@ -96,12 +112,14 @@ class CompletionRequest(_GenerationRequest):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -112,6 +130,8 @@ class ChatMessage(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    model_config = STRICT
+
     type: str
 
 
@@ -138,6 +158,23 @@ class ChatCompletionRequest(_GenerationRequest):
 
 def _default(value, default):
     return default if value is None else value
+
+
+def _check_unicode(value, where: str) -> None:
+    """Raise ``ValueError`` naming the first string (at any depth) that cannot be UTF-8: JSON's ``\\ud800``
+    escapes decode to lone surrogates, which the tokenizer and every UTF-8 writer refuse."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where or 'body'}: not valid Unicode text (an unpaired surrogate escape)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_unicode(item, f"{where}.{index}")
 
 
 def new_id(prefix: str) -> str:
@@ -180,3 +217,113 @@ def chat_chunk(request_id: str, model: str, index: int, delta: dict, finish_reas
 def usage_chunk(request_id: str, model: str, kind: str, prompt_tokens: int, completion_tokens: int) -> dict:
     return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [],
             "usage": usage(prompt_tokens, completion_tokens)}
+
+
+# ---- the answers, as documented in the OpenAPI description
+
+FinishReason = Literal["stop", "length"]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Answer(BaseModel):
+    id: str
+    created: int
+    model: str
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class Completion(_Answer):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class CompletionChunk(_Answer):
+    """A streamed piece of a completion; with ``stream_options.include_usage`` the last one has no choices
+    and the usage."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Answer):
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "engine stopped"]

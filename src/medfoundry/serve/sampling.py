@@ -5,7 +5,7 @@ the token counts its penalties need) and every row is transformed on its own, so
 draws the same tokens whether it runs alone or next to others. A batch in which every row is greedy
 without penalties (the common case of benchmarks and evaluation) is one ``argmax``.
 
-Conventions follow the OpenAI API and vLLM: ``temperature`` 0 is greedy; ``frequency_penalty`` and
+Conventions follow the OpenAI API and vLLM: ``temperature`` 0 (or below 1e-5) is greedy; ``frequency_penalty`` and
 ``presence_penalty`` (-2..2) subtract from the logits of tokens already *generated*;
 ``repetition_penalty`` (Keskar et al., as in ``transformers``: divide positive logits, multiply
 negative ones) covers the prompt's tokens too; ``top_k`` 0 (or -1) and ``top_p`` 1 disable those filters.
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+GREEDY_BELOW = 1e-5  # a smaller temperature is greedy (as in vLLM): dividing logits by it overflows to inf, then NaN
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -51,7 +53,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def penalized(self) -> bool:
@@ -94,7 +96,9 @@ class TokenSampler:
     def draw(self, logits: torch.Tensor) -> int:
         """Sample from one (penalized) row: temperature, then top-k, then top-p among what is left."""
         p = self.params
-        logits = logits / p.temperature
+        # extreme penalties (a repetition_penalty of 1e-300 divides logits into inf) would make softmax NaN: at the
+        # float32 limit instead, the tokens they push to the top share the draw and the rest get nothing
+        logits = (logits / p.temperature).clamp(-FLOAT32_MAX, FLOAT32_MAX)
         if p.top_k and p.top_k < logits.shape[-1]:
             values, indices = torch.topk(logits, p.top_k)
         else:
@@ -102,6 +106,7 @@ class TokenSampler:
         probs = torch.softmax(values, dim=-1)
         if p.top_p < 1:  # keep the smallest prefix of the sorted tokens whose mass reaches top_p
             beyond = torch.cumsum(probs, dim=-1) - probs >= p.top_p
+            beyond[0] = False  # the likeliest token always stays (a top_p below float32's smallest is 0 here)
             probs = probs.masked_fill(beyond, 0.0)
         choice = int(torch.multinomial(probs, 1, generator=self.generator))
         return int(indices[choice]) if indices is not None else choice

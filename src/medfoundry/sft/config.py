@@ -113,6 +113,8 @@ class SFTDataConfig(StrictModel):
 
 class FinetuneModelConfig(StrictModel):
     init_from: str = Field(description="the model to fine-tune: a Hugging Face checkpoint directory or a .gguf file")
+    allow_pickle: bool = Field(False, description="allow pickled weights (pytorch_model.bin) in init_from, loaded with "
+                                                  "torch.load(weights_only=True); default: safetensors only")
 
 
 class FinetuneDataConfig(SFTDataConfig):

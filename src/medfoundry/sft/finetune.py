@@ -112,7 +112,7 @@ def _load_base(cfg: FinetuneConfig, tokenizer_dir: Path, max_length: int):
     from medfoundry.model.resize import resize_for_tokenizer
     from medfoundry.train.model_setup import check_context, load_pretrained
 
-    model = load_pretrained(cfg.model.init_from, Path(cfg.output_dir) / "base")
+    model = load_pretrained(cfg.model.init_from, Path(cfg.output_dir) / "base", allow_pickle=cfg.model.allow_pickle)
     resize_for_tokenizer(model, tokenizer_dir)
     check_context(model.config, max_length, "data.max_length")
     return model

@@ -10,14 +10,16 @@ object keyed by record id) are scanned value by value to keep each record's line
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medfoundry.errors import InputError
-from medfoundry.io import iter_json_lines, open_binary
+from medfoundry.io import iter_json_lines, lone_surrogate, may_hold_surrogates, open_binary
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -54,7 +56,7 @@ class Conversation:
 
     @property
     def system(self) -> str | None:
-        return self.messages[0].content if self.messages[0].role == "system" else None
+        return self.messages[0].content if self.messages and self.messages[0].role == "system" else None
 
     @property
     def location(self) -> str:
@@ -151,7 +153,7 @@ def from_sharegpt(record: dict, path: str, line: int | None) -> Conversation:
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise InputError(path, f"turn {i} needs a string 'value'", line)
         speaker = turn.get("from")
-        if speaker not in SHAREGPT_ROLES:
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:  # a list is not hashable
             known = ", ".join(SHAREGPT_ROLES)
             raise InputError(path, f"turn {i} has unknown role {speaker!r} in 'from'; expected one of {known}", line)
         messages.append(Message(SHAREGPT_ROLES[speaker], turn["value"]))
@@ -184,6 +186,7 @@ def _scan_json(text: str, path: str) -> Iterator[tuple[int, str | None, Any]]:
         raise InputError(path, "expected a JSON array of records (or an object of records keyed by id)", 1)
     is_object, closing = text[pos] == "{", "}" if text[pos] == "{" else "]"
     pos, counted = _skip(text, pos + 1), 0
+    escapes = may_hold_surrogates(text)
     while pos < len(text) and text[pos] != closing:
         line += text.count("\n", counted, pos)
         counted = pos
@@ -191,6 +194,8 @@ def _scan_json(text: str, path: str) -> Iterator[tuple[int, str | None, Any]]:
         try:
             if is_object:
                 key, pos = decoder.raw_decode(text, pos)
+                if not isinstance(key, str):
+                    raise InputError(path, "invalid JSON: object keys must be strings", line)
                 pos = _skip(text, pos)
                 if text[pos : pos + 1] != ":":
                     raise InputError(path, "expected ':' after an object key", line + text.count("\n", counted, pos))
@@ -198,12 +203,25 @@ def _scan_json(text: str, path: str) -> Iterator[tuple[int, str | None, Any]]:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             raise InputError(path, f"invalid JSON: {err.msg}", err.lineno) from None
+        except ValueError as err:  # an integer of more than 4300 digits
+            raise InputError(path, f"invalid JSON: {err}", line) from None
+        except RecursionError:
+            raise InputError(path, "invalid JSON: nested too deeply", line) from None
+        surrogate = lone_surrogate([key, value]) if escapes else None
+        if surrogate is not None:
+            raise InputError(path, f"invalid JSON: the string escape \\u{ord(surrogate):04x} is a lone UTF-16 surrogate, "
+                                   "not a character (a string cut inside a surrogate pair?)", line)
         yield line, key, value
         pos = _skip(text, pos)
         if text[pos : pos + 1] == ",":
             pos = _skip(text, pos + 1)
         elif text[pos : pos + 1] != closing:
             raise InputError(path, f"invalid JSON: expected ',' or {closing!r}", line + text.count("\n", counted, pos))
+    line += text.count("\n", counted, pos)
+    if pos >= len(text):
+        raise InputError(path, f"invalid JSON: the file ends before the closing {closing!r} (truncated?)", line)
+    if _skip(text, pos + 1) < len(text):
+        raise InputError(path, f"invalid JSON: extra data after the closing {closing!r}", line)
 
 
 def _skip(text: str, pos: int) -> int:
@@ -224,8 +242,11 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, str | None, Any]]
     if ".jsonl" in path.name:
         yield from ((line, None, record) for line, record in iter_json_lines(path))
         return
-    with open_binary(path) as fh:
-        raw = fh.read()
+    try:
+        with open_binary(path) as fh:
+            raw = fh.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(str(path), f"truncated or corrupt gzip ({exc})") from None
     yield from _scan_json(_decode(raw, str(path), 1), str(path))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medfoundry.errors import ConfigError
-from medfoundry.io import write_json
+from medfoundry.io import lone_surrogate, write_json
 from medfoundry.sft.config import TemplateConfig
 from medfoundry.sft.formats import Conversation, Message
 
@@ -68,10 +68,8 @@ def load_base_tokenizer(spec: str | Path):
     is staged in a temporary folder, so the folder it is saved to later holds only what
     ``save_pretrained`` writes (a stale ``special_tokens_map.json`` would override the new EOS token).
     """
-    from transformers import AutoTokenizer
-
     from medfoundry.model.export import copy_tokenizer
-    from medfoundry.tokenizer.files import load_gguf_tokenizer
+    from medfoundry.tokenizer.files import load_gguf_tokenizer, load_hf_tokenizer
 
     spec = Path(spec)
     if spec.suffix == ".gguf":
@@ -80,7 +78,7 @@ def load_base_tokenizer(spec: str | Path):
         raise ConfigError(f"tokenizer: {spec} is neither a tokenizer/model folder nor a .gguf file")
     with tempfile.TemporaryDirectory() as staging:
         copy_tokenizer(spec, Path(staging))
-        return AutoTokenizer.from_pretrained(staging)
+        return load_hf_tokenizer(staging)
 
 
 def install_template(tokenizer, cfg: TemplateConfig) -> list[int]:
@@ -177,6 +175,10 @@ class Renderer:
 
     def __call__(self, conversation: Conversation) -> Example:
         text, spans = self.response_spans(conversation)
+        surrogate = lone_surrogate(text)
+        if surrogate is not None:  # the Rust tokenizer takes UTF-8 only: it would fail with a bare UnicodeEncodeError
+            raise conversation.error(f"the record holds a lone UTF-16 surrogate (\\u{ord(surrogate):04x}), "
+                                     "which is not a character: it cannot be tokenized")
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         starts, ends = offsets[:, 0], offsets[:, 1]

@@ -1,7 +1,11 @@
-"""Load a fast tokenizer from a Hugging Face directory (either layout) or a GGUF model file."""
+"""Load a fast tokenizer from a Hugging Face directory (either layout) or a GGUF model file.
+
+Tokenizer folders are untrusted input: transformers only ever loads them from local files and never runs
+code they ship (``auto_map`` in ``tokenizer_config.json``) unless the caller passes ``trust_remote_code``."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from medfoundry.errors import InputError
@@ -14,7 +18,27 @@ def load_gguf_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise InputError(str(path), "GGUF file not found")
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
+                                         trust_remote_code=False)
+
+
+def load_hf_tokenizer(directory: str | Path, *, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained(directory)`` offline; a tokenizer that asks to run its own Python code
+    (``auto_map``) is an :class:`InputError` naming its ``tokenizer_config.json`` unless ``trust_remote_code``."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    config = directory / "tokenizer_config.json"
+    if not trust_remote_code and config.is_file():
+        try:
+            auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError) as exc:
+            raise InputError(str(config), f"not a readable JSON object ({exc})") from None
+        if auto_map:
+            raise InputError(str(config), f"refused: 'auto_map' asks to run Python code shipped with the tokenizer "
+                                          f"({auto_map!r:.200}), and medfoundry never runs a checkpoint's code unless "
+                                          "told to trust it (trust_remote_code=True)")
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
 
 
 def load_fast_tokenizer(directory: str | Path):

@@ -5,6 +5,11 @@ by the EOS id, raw little-endian) + ``part-XXXXX.idx.npy`` (int64 start of each 
 output depends only on that part and the tokenizer, so the shards are byte-identical whatever the
 worker count, and a re-run skips every part whose input and tokenizer hashes match its index entry.
 ``index.json`` is rewritten after each finished part and says ``"complete": true`` only at the end.
+
+Every entry of ``index.json`` records the xxh3-128 checksums of its two files. A re-run checks them
+and rebuilds a part whose files are missing, truncated or corrupted; :class:`TokenShards` checks
+sizes when it opens a split and the checksums on demand (:meth:`TokenShards.verify`), naming the file
+at fault. A run killed at any point leaves only hidden ``.*.tmp`` files, removed by the next run.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import zlib
 from collections import Counter
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from medfoundry import __version__
 from medfoundry.corpus.plan import file_sha256
@@ -29,6 +36,7 @@ from medfoundry.runtime import cpu_count
 from medfoundry.tokenizer.files import load_fast_tokenizer
 
 DTYPES = ("uint16", "uint32")
+CHECKSUM = "xxh3_128"
 ENCODE_BATCH = 1000  # documents per encode_batch call
 _PART_SUFFIX = ".jsonl.gz"
 
@@ -44,7 +52,9 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, *, eos
     header, eos_token = _header(tokenizer_dir, eos_token, dtype)
     shards: dict[str, dict[str, dict]] = {split: {} for split in splits}
     tasks = []
+    _remove_temporary(out_dir)
     for split in splits:
+        _remove_temporary(out_dir / split)
         previous = _reusable_entries(out_dir / split, header)
         for part in _corpus_parts(corpus_dir, split):
             tasks.append((split, str(part), str(out_dir / split), header, previous.get(_shard_name(part) + ".bin")))
@@ -136,16 +146,37 @@ def _reusable_entries(split_dir: Path, header: dict) -> dict[str, dict]:
     return {entry["bin"]: entry for entry in index.get("shards", [])}
 
 
-def _is_done(entry: dict | None, split_dir: Path, source_sha256: str, itemsize: int) -> bool:
+def _remove_temporary(directory: Path) -> None:
+    """The hidden temporary files of an interrupted run (an atomic write killed midway)."""
+    for tmp in directory.glob(".*.tmp") if directory.is_dir() else ():
+        tmp.unlink(missing_ok=True)
+
+
+def file_checksum(path: Path) -> str:
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _reusable(entry: dict | None, split_dir: Path, source_sha256: str, itemsize: int) -> dict | None:
+    """The entry of an earlier run when its files are intact and were made from this very input (its
+    checksums added when an older version wrote it without), else None: the part is rebuilt."""
     if entry is None or entry.get("source_sha256") != source_sha256:
-        return False
+        return None
     bin_path, idx_path = split_dir / entry["bin"], split_dir / entry["idx"]
     if not (bin_path.is_file() and idx_path.is_file()) or bin_path.stat().st_size != entry["tokens"] * itemsize:
-        return False
+        return None
     try:
-        return np.load(idx_path, mmap_mode="r").shape == (entry["docs"],)
-    except (OSError, ValueError):
-        return False
+        if np.load(idx_path, mmap_mode="r").shape != (entry["docs"],):
+            return None
+    except (OSError, ValueError, EOFError):
+        return None
+    found = {"bin": file_checksum(bin_path), "idx": file_checksum(idx_path)}
+    if "checksums" in entry and entry["checksums"] != found:
+        return None
+    return {**entry, "checksums": found}
 
 
 # -- workers -----------------------------------------------------------------------------------
@@ -175,10 +206,12 @@ def _tokenize_part(task: tuple) -> tuple[str, dict, bool]:
     part, split_dir = Path(part), Path(split_dir)
     source_sha256 = file_sha256(part, {})
     dtype = np.dtype(header["dtype"]).newbyteorder("<")
-    if _is_done(previous, split_dir, source_sha256, dtype.itemsize):
-        return split, previous, False
+    reused = _reusable(previous, split_dir, source_sha256, dtype.itemsize)
+    if reused is not None:
+        return split, reused, False
     name = _shard_name(part)
     offsets, sources, total = [], Counter(), 0
+    bin_digest = xxhash.xxh3_128()
     with atomic_open(split_dir / f"{name}.bin", "wb") as out:
         for texts, names in _document_batches(part):
             ids = [encoding.ids for encoding in _TOKENIZER.encode_batch(texts, add_special_tokens=False)]
@@ -188,30 +221,36 @@ def _tokenize_part(task: tuple) -> tuple[str, dict, bool]:
                 offsets.append(total)
                 total += len(doc_ids)
                 sources[source] += len(doc_ids)
-            out.write(np.fromiter(chain.from_iterable(ids), dtype, total - batch_start).tobytes())
+            data = np.fromiter(chain.from_iterable(ids), dtype, total - batch_start).tobytes()
+            bin_digest.update(data)
+            out.write(data)
     with atomic_open(split_dir / f"{name}.idx.npy", "wb") as out:
         np.save(out, np.asarray(offsets, dtype=np.int64))
     entry = {"bin": f"{name}.bin", "idx": f"{name}.idx.npy", "tokens": total, "docs": len(offsets),
-             "source_sha256": source_sha256, "sources": dict(sorted(sources.items()))}
+             "source_sha256": source_sha256, "sources": dict(sorted(sources.items())),
+             "checksums": {"bin": bin_digest.hexdigest(), "idx": file_checksum(split_dir / f"{name}.idx.npy")}}
     return split, entry, True
 
 
 def _document_batches(part: Path):
     """Yield (texts, sources) lists of up to ENCODE_BATCH documents."""
-    texts, sources = [], []
+    texts, sources, line_no = [], [], 0
     with open_binary(part) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-                texts.append(doc["text"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise InputError(str(part), f"not a corpus document with a text field ({exc})", line_no) from None
-            sources.append(doc.get("source") or "unknown")
-            if len(texts) == ENCODE_BATCH:
-                yield texts, sources
-                texts, sources = [], []
+        try:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                    texts.append(doc["text"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise InputError(str(part), f"not a corpus document with a text field ({exc})", line_no) from None
+                sources.append(doc.get("source") or "unknown")
+                if len(texts) == ENCODE_BATCH:
+                    yield texts, sources
+                    texts, sources = [], []
+        except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupted .gz (its CRC catches it)
+            raise InputError(str(part), f"unreadable corpus part ({exc}); build the corpus again", line_no + 1) from None
     if texts:
         yield texts, sources
 
@@ -220,7 +259,8 @@ def _document_batches(part: Path):
 
 def _write_index(split_dir: Path, header: dict, shards: dict[str, dict], complete: bool) -> None:
     entries = [shards[name] for name in sorted(shards)]
-    write_json(split_dir / "index.json", {**header, "shards": entries, "tokens": sum(e["tokens"] for e in entries),
+    write_json(split_dir / "index.json", {**header, "checksum": CHECKSUM, "shards": entries,
+                                          "tokens": sum(e["tokens"] for e in entries),
                                           "docs": sum(e["docs"] for e in entries), "complete": complete})
 
 
@@ -259,16 +299,20 @@ def _manifest(corpus_dir, header, eos_token, shards, built_tokens, tokenize_s, t
 class TokenShards:
     """One tokenized split, memory-mapped, read as one long token array.
 
-    Opening checks index.json against the files, so a truncated or mismatched shard fails here
-    with the file name instead of producing silently shifted training windows.
+    Opening checks index.json against the files' sizes, so a truncated or mismatched shard fails here
+    with the file name instead of producing silently shifted training windows; :meth:`verify` (or
+    ``verify=True``) also checks every file's checksum, which reads the whole split.
     """
 
-    def __init__(self, split_dir: str | Path):
+    def __init__(self, split_dir: str | Path, verify: bool = False):
         split_dir = Path(split_dir)
         index_path = split_dir / "index.json"
         if not index_path.is_file():
             raise InputError(str(split_dir), "no index.json: not a token shard directory (run tokenize_corpus)")
-        index = json.loads(index_path.read_text())
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(str(index_path), f"unreadable ({exc}); run the tokenization again to rewrite it") from None
         if not index.get("complete"):
             raise InputError(str(index_path), "tokenization did not finish; run it again to complete it")
         self.dtype = np.dtype(index["dtype"]).newbyteorder("<")
@@ -280,6 +324,27 @@ class TokenShards:
         self._doc_starts = np.cumsum([0] + [len(i) for i in self._idx])
         self.total_tokens = int(self._token_starts[-1])
         self.num_docs = int(self._doc_starts[-1])
+        self.split_dir, self._entries = split_dir, index["shards"]
+        if verify:
+            self.verify()
+
+    def verify(self) -> int:
+        """Check every shard file against the checksum index.json records; raise :class:`InputError`
+        naming the first corrupted one. Returns the number of files checked (entries written by
+        versions without checksums are only size-checked)."""
+        checked = 0
+        for entry in self._entries:
+            for kind in ("bin", "idx"):
+                expected = entry.get("checksums", {}).get(kind)
+                if expected is None:
+                    continue
+                path = self.split_dir / entry[kind]
+                found = file_checksum(path)
+                if found != expected:
+                    raise InputError(str(path), f"corrupted: its {CHECKSUM} checksum is {found}, index.json records "
+                                                f"{expected}; run the tokenization again to rebuild it")
+                checked += 1
+        return checked
 
     def _open_bin(self, split_dir: Path, entry: dict) -> np.ndarray:
         path = split_dir / entry["bin"]
@@ -298,7 +363,7 @@ class TokenShards:
         path = split_dir / entry["idx"]
         try:
             offsets = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise InputError(str(path), f"unreadable document index ({exc})") from None
         if offsets.shape != (entry["docs"],):
             raise InputError(str(path), f"index says {entry['docs']:,} documents but the file has "

@@ -6,11 +6,19 @@ A checkpoint is a folder ``step-{step:08d}/`` holding
   output head, is stored once; the other names are listed in the file's ``aliases`` metadata),
 - ``optim.pt``: optimizer and scheduler state dicts (``torch.save``; loaded with ``weights_only=True``),
 - ``rng.pt``: Python ``random``, NumPy global, torch CPU and (when present) CUDA generator states,
-- ``trainer_state.json``: ``{"step", "reader_state", "extra"}``.
+- ``trainer_state.json``: ``{"step", "reader_state", "extra"}``,
+- ``manifest.json``: the size and xxh3-128 checksum of each of those four files (written last).
 
 The folder is built under a hidden temporary name beside its final place, every file is fsynced
 and the folder is renamed into place, so a ``step-*`` folder either is complete or does not exist.
 :func:`latest_checkpoint` ignores (and removes) the hidden leftovers of an interrupted save.
+
+Faults. A save that cannot write (disk full, file size limit, quota) raises :class:`CheckpointWriteError`
+naming the file, the cause and the previous checkpoint, which stays intact (the unfinished folder is
+removed). A checkpoint whose files no longer match their manifest (truncated, corrupted, missing) is
+reported by :func:`checkpoint_problem` / :func:`verify_checkpoint` with the file at fault;
+:func:`latest_checkpoint` skips it, says so on stderr and returns the newest intact one, and
+:func:`read_checkpoint` refuses it. Checkpoints written before manifests existed load unverified.
 
 Distributed use: only rank 0 writes (other ranks return at once). With FSDP2, gather full state
 dicts on every rank first (a collective; see :mod:`medfoundry.train.distributed`) and pass them in::
@@ -33,23 +41,39 @@ alike and draw the same random numbers (as under DDP and FSDP).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
 import re
+import resource
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from medfoundry.errors import MedfoundryError
-from medfoundry.io import atomic_dir, fsync_dir
+from medfoundry.io import DISK_FULL, atomic_dir, fsync_dir
 
 FILES = ("model.safetensors", "optim.pt", "rng.pt", "trainer_state.json")
+MANIFEST = "manifest.json"
+CHECKSUM = "xxh3_128"
 _STEP_DIR = re.compile(r"step-(\d{8})")
+
+
+class CheckpointWriteError(MedfoundryError):
+    """A checkpoint could not be written (disk full, file size limit...); the previous one is intact."""
+
+
+class DamagedCheckpoint(MedfoundryError):
+    """A checkpoint's files are missing, truncated or do not match the checksums of its manifest."""
 
 
 def get_rng_state() -> dict:
@@ -86,20 +110,67 @@ def _cpu_tensors(state: dict[str, torch.Tensor], copy: bool = True) -> tuple[dic
     return tensors, aliases
 
 
-def _fsync(path: Path) -> None:
+def _digest(path: Path, fsync: bool = False) -> str:
+    """xxh3-128 of a file (hex), read in blocks; with ``fsync`` the file is also flushed to disk."""
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+        if fsync:
+            os.fsync(fh.fileno())
+    return digest.hexdigest()
+
+
+def _write_failure(exc: BaseException, path: Path | None) -> str:
+    """Why writing ``path`` failed, in words: a full disk, quota or file size limit when the error says
+    so or, for the C++ writer of torch.save (which drops errno), when the half-written file (still there)
+    and the state of the machine do."""
+    code = getattr(exc, "errno", None)
+    if code in DISK_FULL:
+        return DISK_FULL[code]
+    text = " ".join(str(exc).split())
+    for code, reason in DISK_FULL.items():
+        if os.strerror(code) in text or f"os error {code})" in text:
+            return reason
+    detail = f"{type(exc).__name__}: {text}"
+    if path is None:
+        return detail
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(path.parent).free < (1 << 20):
+            return f"{DISK_FULL[errno.ENOSPC]} ({detail})"
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        with contextlib.suppress(OSError):
+            if path.stat().st_size >= soft - max(1 << 16, soft // 100):
+                return f"{DISK_FULL[errno.EFBIG]}: {soft:,} bytes ({detail})"
+        return f"{detail}; a file size limit of {soft:,} bytes is set (RLIMIT_FSIZE, `ulimit -f`)"
+    return detail
+
+
+def _previous(directory: Path, final: Path) -> str:
+    complete = [p for p in _step_dirs(directory) if p != final and is_complete(p)]
+    return f"the previous checkpoint {complete[-1]} is intact" if complete else "there is no earlier checkpoint"
+
+
+def _say(message: str) -> None:
+    """A notice on stderr, from one process only."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    print(message, file=sys.stderr, flush=True)
 
 
 def save_checkpoint(directory: str | os.PathLike, step: int, *, model, optimizer, scheduler, reader_state: dict,
                     extra: dict, keep_last: int, model_state: dict | None = None,
                     optim_state: dict | None = None) -> Path:
     """Write ``directory/step-{step:08d}/`` atomically, then keep only the ``keep_last`` newest step folders
-    (0 keeps all; the new one is never removed). ``model_state``/``optim_state`` replace
-    ``model.state_dict()``/``optimizer.state_dict()`` when given (e.g. full state dicts gathered under
+    up to this step (0 keeps all; the new one is never removed, later ones are left alone).
+    ``model_state``/``optim_state`` replace ``model.state_dict()``/``optimizer.state_dict()`` when given (e.g. full state dicts gathered under
     FSDP2; ``model``/``optimizer`` may then be None; a name-keyed ``optim_state`` is stored position-keyed).
     ``reader_state`` and ``extra`` must be JSON-serializable.
-    Returns the folder's path (on ranks other than 0 without writing anything)."""
+    Returns the folder's path (on ranks other than 0 without writing anything).
+
+    A write that fails (disk full, file size limit, quota...) raises :class:`CheckpointWriteError`
+    naming the file and the cause; nothing is left behind and older checkpoints are untouched."""
     directory = Path(directory)
     final = directory / f"step-{step:08d}"
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
@@ -108,17 +179,43 @@ def save_checkpoint(directory: str | os.PathLike, step: int, *, model, optimizer
     state = model.state_dict() if model_state is None else model_state
     tensors, aliases = _cpu_tensors(state, copy=model_state is None)
     trainer_state = {"step": step, "reader_state": reader_state, "extra": extra}
-    with atomic_dir(final) as tmp:
-        save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
-        torch.save({"optimizer": optimizer.state_dict() if optim_state is None else optim_state_by_index(optim_state),
-                    "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        torch.save(get_rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
-        for name in FILES:
-            _fsync(tmp / name)
-        fsync_dir(tmp)
+    writers = {
+        "model.safetensors": lambda p: save_file(tensors, p, metadata={"aliases": json.dumps(aliases)}),
+        "optim.pt": lambda p: torch.save({"optimizer": optimizer.state_dict() if optim_state is None
+                                          else optim_state_by_index(optim_state),
+                                          "scheduler": scheduler.state_dict()}, p),
+        "rng.pt": lambda p: torch.save(get_rng_state(), p),
+        "trainer_state.json": lambda p: p.write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8"),
+    }
+
+    def failed(what: str, exc: BaseException, path: Path | None) -> CheckpointWriteError:
+        return CheckpointWriteError(
+            f"{final}: checkpoint for step {step} not saved: writing {what} failed: {_write_failure(exc, path)}. "
+            f"The unfinished folder was removed and {_previous(directory, final)}; free some space (or raise the "
+            "limit) and run again to resume from it.")
+
+    try:
+        with atomic_dir(final) as tmp:
+            files = {}
+            writers[MANIFEST] = lambda p: p.write_text(json.dumps({"step": step, "checksum": CHECKSUM, "files": files},
+                                                                  indent=2) + "\n", encoding="utf-8")
+            for name, write in writers.items():
+                try:  # torch and safetensors raise RuntimeError / SafetensorError for I/O errors
+                    write(tmp / name)
+                    digest = _digest(tmp / name, fsync=True)
+                except Exception as exc:
+                    raise failed(name, exc, tmp / name) from exc
+                if name != MANIFEST:
+                    files[name] = {"bytes": (tmp / name).stat().st_size, CHECKSUM: digest}
+            fsync_dir(tmp)
+    except CheckpointWriteError:
+        raise
+    except OSError as exc:  # making the temporary folder, or renaming it into place
+        _restore_replaced(final)  # failed between atomic_dir's two renames: put the replaced folder back
+        raise failed("the checkpoint folder", exc, None) from exc
     if keep_last > 0:
-        older = [p for p in _step_dirs(directory) if p != final]
+        # folders of later steps (damaged ones resumed before) are left alone: training replaces them in turn
+        older = [p for p in _step_dirs(directory) if int(p.name[5:]) < step]
         for path in older[: max(0, len(older) - (keep_last - 1))]:
             trash = path.with_name(f".{path.name}.deleting")  # renamed first: never a half-deleted step-* folder
             path.rename(trash)
@@ -136,35 +233,141 @@ def is_complete(path: str | os.PathLike) -> bool:
     return all((Path(path) / name).is_file() for name in FILES)
 
 
-def latest_checkpoint(directory: str | os.PathLike, clean: bool = True) -> Path | None:
-    """The complete ``step-*`` folder with the highest step, or None. With ``clean``, hidden leftovers of
-    interrupted saves and deletions (``.step-*``) are removed first: call it before training starts."""
+# folder -> the stat signature its files had when it was last verified: latest_checkpoint then
+# load_checkpoint read the files once, not twice. Like git's index, it only trusts files older than the
+# timestamp granularity allows to be "racily" rewritten unnoticed (same size and mtime).
+_VERIFIED: dict[str, tuple] = {}
+_RACY_NS = 2_000_000_000
+
+
+def _signature(path: Path) -> tuple:
+    stats = [(name, os.stat(path / name)) for name in (*FILES, MANIFEST) if (path / name).is_file()]
+    return tuple((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats)
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint folder, naming the file at fault, or None when every file is
+    there and matches the size and checksum its manifest records. Hashes every file (a read of the
+    whole checkpoint), once per process for unchanged files."""
+    path = Path(path)
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        return f"{path}: incomplete checkpoint, missing {', '.join(missing)}"
+    if not (path / MANIFEST).is_file():
+        return None  # written before checkpoints had manifests: nothing to check against
+    signature = _signature(path)
+    if _VERIFIED.get(os.path.abspath(path)) == signature:
+        return None
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+        algorithm = manifest.get("checksum", CHECKSUM)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"{path / MANIFEST}: unreadable checkpoint manifest ({exc})"
+    if algorithm != CHECKSUM:
+        return f"{path / MANIFEST}: unknown checksum {algorithm!r} (this version checks {CHECKSUM})"
+    if _STEP_DIR.fullmatch(path.name) and manifest.get("step") != int(path.name[5:]):
+        return f"{path / MANIFEST}: the manifest is for step {manifest.get('step')!r}, not {int(path.name[5:])}"
+    for name in FILES:
+        expected = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(expected, dict):
+            return f"{path / MANIFEST}: no checksum recorded for {name}"
+        size = (path / name).stat().st_size
+        if size != expected.get("bytes"):
+            recorded = expected.get("bytes")
+            recorded = f"{recorded:,}" if isinstance(recorded, int) else repr(recorded)
+            return f"{path / name}: truncated or damaged: {size:,} bytes where the checkpoint manifest records {recorded}"
+        digest = _digest(path / name)
+        if digest != expected.get(CHECKSUM):
+            return (f"{path / name}: corrupted: its {CHECKSUM} checksum is {digest}, the checkpoint manifest "
+                    f"records {expected.get(CHECKSUM)}")
+    if time.time_ns() - max(entry[-1] for entry in signature) > _RACY_NS:
+        _VERIFIED[os.path.abspath(path)] = signature
+    return None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise :class:`DamagedCheckpoint` naming the file at fault unless every file of the checkpoint at
+    ``path`` matches its manifest."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise DamagedCheckpoint(problem)
+
+
+def _restore_replaced(final: Path) -> None:
+    """Undo a replacement interrupted between :func:`medfoundry.io.atomic_dir`'s two renames: the folder
+    moved aside to ``.NAME.old`` goes back when nothing took its place."""
+    old = final.with_name(f".{final.name}.old")
+    if old.is_dir() and not final.exists():
+        with contextlib.suppress(OSError):  # another process may have done it already
+            old.rename(final)
+
+
+def latest_checkpoint(directory: str | os.PathLike, clean: bool = True, verify: bool = True) -> Path | None:
+    """The newest intact ``step-*`` folder, or None when there is none at all. With ``clean``, hidden
+    leftovers of interrupted saves and deletions (``.step-*``) are removed first: call it before
+    training starts. With ``verify`` every file is checked against the folder's manifest: a damaged
+    checkpoint (file missing, truncated, corrupted) is reported on stderr, naming the file, and the
+    previous intact one is returned instead; when every checkpoint is damaged, :class:`DamagedCheckpoint`
+    lists them (move them away to start over). Without it, the newest complete folder."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
     if clean:
+        for old in directory.glob(".step-*.old"):
+            _restore_replaced(old.with_name(old.name[1:].removesuffix(".old")))
         for leftover in directory.glob(".step-*"):
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-    complete = [p for p in _step_dirs(directory) if is_complete(p)]
-    return complete[-1] if complete else None
+    folders = _step_dirs(directory)
+    if not verify:
+        complete = [p for p in folders if is_complete(p)]
+        return complete[-1] if complete else None
+    damaged = []
+    for path in reversed(folders):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if damaged:
+                _say(f"checkpoint: using {path}, the newest intact checkpoint")
+            return path
+        damaged.append(problem)
+        _say(f"checkpoint: damaged, skipped: {problem}")
+    if damaged:
+        raise DamagedCheckpoint(f"{directory}: no intact checkpoint: {'; '.join(damaged)}. Move these folders away "
+                                "to start training over.")
+    return None
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
     """The raw contents of a checkpoint folder (all on CPU): ``model``, ``optimizer``, ``scheduler``, ``rng``
-    state dicts and ``trainer_state``."""
+    state dicts and ``trainer_state``. With ``verify`` (see :func:`verify_checkpoint`) a damaged
+    checkpoint raises :class:`DamagedCheckpoint` naming the file; an unreadable file always does."""
     path = Path(path)
     missing = [name for name in FILES if not (path / name).is_file()]
     if missing:
-        raise MedfoundryError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-    with safe_open(path / "model.safetensors", framework="pt") as fh:
-        aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
-    model_state = load_file(path / "model.safetensors")
-    for alias, stored in aliases.items():
-        model_state[alias] = model_state[stored]
-    optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
-    return {"model": model_state, "optimizer": optim["optimizer"], "scheduler": optim["scheduler"],
-            "rng": torch.load(path / "rng.pt", weights_only=True),
-            "trainer_state": json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))}
+        raise DamagedCheckpoint(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    if verify:
+        verify_checkpoint(path)
+    name = "model.safetensors"
+    try:
+        with safe_open(path / "model.safetensors", framework="pt") as fh:
+            aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+        model_state = load_file(path / "model.safetensors")
+        for alias, stored in aliases.items():
+            model_state[alias] = model_state[stored]
+        name = "optim.pt"
+        optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+        name = "rng.pt"
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        name = "trainer_state.json"
+        trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        name = "optim.pt"
+        optimizer, scheduler = optim["optimizer"], optim["scheduler"]
+    except MedfoundryError:
+        raise
+    except Exception as exc:  # safetensors, torch.load (zip, unpickler) and json errors alike
+        raise DamagedCheckpoint(f"{path / name}: unreadable checkpoint file ({type(exc).__name__}: {exc})") from None
+    return {"model": model_state, "optimizer": optimizer, "scheduler": scheduler, "rng": rng,
+            "trainer_state": trainer_state}
 
 
 def optim_state_by_index(state: dict) -> dict:

@@ -15,6 +15,8 @@ class ModelConfig(StrictModel):
     preset: str = Field(description="a preset name (gpt2-tiny, gpt2-52m, biomedlm, llama-tiny, smollm2-135m, bloom-560m, ...) "
                                     "or a path to a Hugging Face config.json / model directory")
     init_from: str | None = Field(None, description="continue pretraining from an HF checkpoint directory or a .gguf file")
+    allow_pickle: bool = Field(False, description="allow pickled weights (pytorch_model.bin) in init_from, loaded with "
+                                                  "torch.load(weights_only=True); default: safetensors only")
     context: int = Field(256, gt=1, description="training sequence length")
     overrides: dict = Field(default_factory=dict, description="config fields to change, e.g. {n_layer: 4}")
 
@@ -22,6 +24,9 @@ class ModelConfig(StrictModel):
 class DataConfig(StrictModel):
     tokens_dir: str = Field(description="output of `medfoundry tokenize`: train/ and val/ shards")
     tokenizer_dir: str = Field(description="the tokenizer the shards were made with (exported with the model)")
+    verify_shards: bool = Field(True, description="check every shard against the checksums of its index.json when "
+                                "training starts or resumes (reads all tokens once: a few seconds per GB); a "
+                                "corrupted shard is named before any step")
 
 
 class TrainingConfig(StrictModel):

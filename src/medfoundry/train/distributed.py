@@ -171,6 +171,17 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def any_failed(d: Dist, failed: bool, device: str) -> bool:
+    """Whether any process says ``failed``: a collective that is also a barrier, so that when one process
+    cannot go on (process 0 could not write a checkpoint) all stop, instead of the others waiting for it
+    at the next collective until a timeout."""
+    if not d.enabled:
+        return failed
+    flag = torch.tensor([int(failed)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -35,7 +35,7 @@ from medfoundry.tokenizer.reader import WindowReader
 from medfoundry.tokenizer.shards import TokenShards
 from medfoundry.train import distributed as D
 from medfoundry.train.accel import fuse_output_layer, native_gelu, set_attention
-from medfoundry.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medfoundry.train.checkpoint import CheckpointWriteError, latest_checkpoint, load_checkpoint, save_checkpoint
 from medfoundry.train.config import PretrainConfig
 from medfoundry.train.losses import NextTokenLoss
 from medfoundry.train.metrics import MetricsLog, peak_flops, plot_losses, require_tensorboard
@@ -84,9 +84,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def _load_tokenizer(tokenizer_dir: str):
-    from transformers import AutoTokenizer
+    from medfoundry.tokenizer.files import load_hf_tokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+    return load_hf_tokenizer(tokenizer_dir)
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -132,7 +132,8 @@ def _pretrain_job(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -
     from medfoundry.model.export import export_hf
 
     tokens = Path(cfg.data.tokens_dir)
-    train_shards, val_shards = TokenShards(tokens / "train"), TokenShards(tokens / "val")
+    verify = cfg.data.verify_shards
+    train_shards, val_shards = TokenShards(tokens / "train", verify=verify), TokenShards(tokens / "val", verify=verify)
     tokenizer_dir = hf_directory(cfg.data.tokenizer_dir)  # a .gguf: its dequantized checkpoint's tokenizer
     tokenizer = _load_tokenizer(tokenizer_dir)
     model, token_losses, kernels = _build(cfg, len(tokenizer), train_shards.vocab_size, d, device, precision)
@@ -233,7 +234,7 @@ def train(job: Job, d: D.Dist, device: str) -> dict:
                 if job.validation is not None and (step % cfg.eval.every == 0 or step == cfg.training.steps):
                     log.eval(step, job.validation.run(trained, loss_fn, device, d))
                 if step % cfg.checkpoint.every == 0 or step == cfg.training.steps:
-                    _save(ckpt_dir, step, model, optimizer, scheduler, job.reader, extra, cfg, d)
+                    _save(ckpt_dir, step, model, optimizer, scheduler, job.reader, extra, cfg, d, device)
     finally:
         log.close()
     return _finish(job, model, log, out, d)
@@ -282,15 +283,20 @@ def _train_step(job: Job, trained, batches: list, optimizer, cfg, d: D.Dist,
     return loss_value, norm_value, n_global, tokens_global
 
 
-def _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d: D.Dist) -> None:
+def _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d: D.Dist, device: str) -> None:
     model_state = optim_state = None
     if D.is_sharded(model):  # FSDP2: every process takes part in gathering whole tensors; process 0 gets them
         model_state, optim_state = D.full_model_state(model), D.full_optim_state(model, optimizer)
+    error = None
     if d.is_main:
-        save_checkpoint(ckpt_dir, step, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler,
-                        reader_state=reader.state_dict(), extra=dict(extra), keep_last=cfg.checkpoint.keep_last,
-                        model_state=model_state, optim_state=optim_state)
-    D.barrier(d)
+        try:
+            save_checkpoint(ckpt_dir, step, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler,
+                            reader_state=reader.state_dict(), extra=dict(extra), keep_last=cfg.checkpoint.keep_last,
+                            model_state=model_state, optim_state=optim_state)
+        except CheckpointWriteError as exc:
+            error = exc
+    if D.any_failed(d, error is not None, device):
+        raise error or CheckpointWriteError(f"step {step}: process 0 could not write the checkpoint (see its error)")
 
 
 def _finish(job: Job, model, log: MetricsLog, out: Path, d: D.Dist) -> dict:

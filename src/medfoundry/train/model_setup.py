@@ -19,25 +19,30 @@ def build_model(cfg: PretrainConfig, tokenizer_size: int, base_dir: Path):
     from medfoundry.model.resize import resize_for_tokenizer
 
     if cfg.model.init_from:
-        model = load_pretrained(cfg.model.init_from, base_dir)
+        model = load_pretrained(cfg.model.init_from, base_dir, allow_pickle=cfg.model.allow_pickle)
     else:
         config = model_config(cfg.model.preset, vocab_size=tokenizer_size, context=cfg.model.context, overrides=cfg.model.overrides)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)  # a user's config.json may name code
     resize_for_tokenizer(model, hf_directory(cfg.data.tokenizer_dir))
     check_context(model.config, cfg.model.context, "model.context")
     return model
 
 
-def load_pretrained(init_from: str, base_dir: Path):
-    """An HF checkpoint directory, or a GGUF file dequantized into ``base_dir``, as an fp32 model."""
-    from transformers import AutoModelForCausalLM
+def load_pretrained(init_from: str, base_dir: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """An HF checkpoint directory, or a GGUF file dequantized into ``base_dir``, as an fp32 model.
+
+    The checkpoint is untrusted input: safetensors weights, pickled ones only with ``allow_pickle`` (and then
+    through ``torch.load(weights_only=True)``), no code of its own unless ``trust_remote_code``
+    (:func:`medfoundry.eval.model.weights_policy`)."""
+    from medfoundry.eval.model import load_causal_lm, weights_policy
 
     source = Path(init_from)
     if source.suffix == ".gguf":
         source = _converted(source, base_dir)
     if not (source / "config.json").is_file():
         raise ConfigError(f"model.init_from: {source} is not a Hugging Face checkpoint directory (no config.json) or a .gguf file")
-    return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    policy = weights_policy(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return load_causal_lm(source, policy, dtype=torch.float32)
 
 
 def _converted(gguf: Path, base_dir: Path) -> Path:

@@ -9,7 +9,6 @@ noise for language-model pretraining.
 from __future__ import annotations
 
 import gzip
-import html
 import re
 import zlib
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Iterator
 
 from lxml import etree
 
+from medfoundry.corpus.readers import safe_xml
 from medfoundry.corpus.readers.base import ReadContext, Record
 from medfoundry.corpus.readers.pubmed_xml import is_exponent
 from medfoundry.io import open_binary
@@ -54,13 +54,17 @@ BOILERPLATE_SECTION = re.compile(
 
 CITE = "\x00"  # placeholder for a removed bibliographic xref, resolved by _drop_citations
 _SEP = r"[\s,;\-–—−]"
-_LEAD = r"(?:\b(?:see(?: also)?|e\.g\.|cf\.)[\s,]*)*"  # "see", "see, e.g.,", "cf." before citations
+# "see", "see, e.g.,", "cf." before citations. Possessive (*+): the separators that follow are _SEP's, and trying
+# every split of a long run of them between the two took time quadratic in its length.
+_LEAD = r"(?:\b(?:see(?: also)?|e\.g\.|cf\.)[\s,]*+)*"
 # Brackets holding only citations with separators, a lead-in or a locator: "[4]–[6]", "(see 1, 2)", "(12, p. 67)".
 _CITE_GROUP = re.compile(
     rf"[\[(]\s*{_LEAD}{_SEP}*\x00(?:{_SEP}|and|&|\x00)*(?:,[^()\[\]\x00]{{0,40}})?[\])]"
 )
 _CITE_AFTER_OPEN = re.compile(rf"([\[(])\x00(?:{_SEP}*\x00)*{_SEP}*")  # "(12; Figure 2)" -> "(Figure 2)"
-_CITE_RUN = re.compile(rf"[\s,;]*{_LEAD}\x00(?:{_SEP}*\x00)*")  # "shown, see 3, 4–6." -> "shown."
+# A run of separators is only matched from its start ((?<!...)): searching from each of its characters took
+# time quadratic in its length.
+_CITE_RUN = re.compile(rf"(?<![\s,;])[\s,;]*{_LEAD}\x00(?:{_SEP}*\x00)*")  # "shown, see 3, 4–6." -> "shown."
 
 # Inline formulas given only as an image are dropped: a run of them ("x, y, and z") goes with the space before
 # it, and with a comma before it when punctuation follows; brackets holding nothing else go whole. So the
@@ -69,7 +73,8 @@ FORMULA = "\x01"  # placeholder for such a formula, resolved by _clean
 _FORMULAS = r"\x01(?:(?:[\s,;]|and|or)*\x01)*"
 _FORMULA_GROUP = re.compile(rf"\s*[\[(][\s=]*{_FORMULAS}[\s,;]*[\])]")  # "rate (x, y)." -> "rate."; "(= n)" too
 _FORMULA_AFTER_OPEN = re.compile(rf"(?<=[\[(]){_FORMULAS}[\s,;]*")  # "(x of the rate)" -> "(of the rate)"
-_FORMULA_RUN = re.compile(rf"[\s,;]*{_FORMULAS}(?=[,;.:)\]])|\s*{_FORMULAS}")  # "data, x, i.e." -> "data, i.e."
+# "data, x, i.e." -> "data, i.e."; from the start of a run of separators only, as _CITE_RUN
+_FORMULA_RUN = re.compile(rf"(?<![\s,;])[\s,;]*{_FORMULAS}(?=[,;.:)\]])|\s*{_FORMULAS}")
 _SCRIPT_MARKS = re.compile(r"[*∗⋆′″‴†‡]+")  # superscripts written as they are: x′, n*
 _SIMPLE_SCRIPT = re.compile(r"\S|[-+−]?[\w.]+|\(.*\)")  # written without brackets: x^2, 10^−5, D^(1), η^⊤
 
@@ -83,7 +88,8 @@ _CC_NAME = re.compile(
 )
 _CC_TERMS = {"NC": ("nc", "commercial"), "ND": ("nd", "deriv"), "SA": ("sa", "share")}
 
-_PARSER = etree.XMLParser(resolve_entities=False, load_dtd=False, no_network=True, huge_tree=True)
+
+MAX_FILE_BYTES = 512 << 20  # a file is parsed whole; one PMC article is a few MB at most
 
 
 def read_jats(path: Path, ctx: ReadContext, captions: bool = True) -> Iterator[Record]:
@@ -91,17 +97,24 @@ def read_jats(path: Path, ctx: ReadContext, captions: bool = True) -> Iterator[R
     is part of its article); figure and table captions are kept when ``captions``."""
     try:
         with open_binary(path) as fh:
-            data = fh.read()
+            data = fh.read(MAX_FILE_BYTES + 1)  # never more: a small .gz can hold gigabytes (a gzip bomb)
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         ctx.skip(f"truncated or corrupt gzip: {err}")
+        return
+    if len(data) > MAX_FILE_BYTES:
+        ctx.skip(f"more than {MAX_FILE_BYTES >> 20} MiB of XML (decompressed): too large for one JATS file, refused")
         return
     if not data.strip():
         ctx.skip("empty file")
         return
-    try:
-        root = etree.fromstring(data, _PARSER)
+    try:  # entities stay unexpanded, no DTD or external entity is read: see safe_xml
+        root = etree.fromstring(data, safe_xml.parser())
     except etree.XMLSyntaxError as err:
-        ctx.skip(f"malformed XML: {err.msg}", err.lineno)
+        ctx.skip(safe_xml.syntax_error_reason(err), err.lineno)
+        return
+    entities = safe_xml.declared_entities(root)
+    if entities:
+        ctx.skip(safe_xml.entity_refusal(entities), 1)
         return
     articles = [root] if root.tag == "article" else root.findall(".//article")
     if not articles:
@@ -270,8 +283,7 @@ def _collect(el: etree._Element, parts: list[str]) -> None:
     """Append the text of ``el`` (not its tail) to ``parts``."""
     tag = el.tag
     if tag is etree.Entity:  # not resolved (no DTD is loaded): keep it if it is a known HTML entity
-        text = html.unescape(el.text)
-        parts.append(text if text != el.text else " ")
+        parts.append(safe_xml.entity_text(el))
         return
     if tag == "disp-formula":  # a block, but in a list item or a caption it stays in the line
         parts.append(f" {_content(el)} ")
@@ -292,7 +304,7 @@ def _collect(el: etree._Element, parts: list[str]) -> None:
             _collect(el, parts)
         return
     text = _content(el)
-    if tag == "sup" and CITE not in text and is_exponent("".join(parts), text):
+    if tag == "sup" and CITE not in text and is_exponent(parts, text):
         text = "^" + text  # 10<sup>5</sup> is 10^5, not 105; a subscript stays plain (CO2)
     elif tag == "inline-formula" and not text.strip():
         text = FORMULA  # an image: see _clean
@@ -324,10 +336,14 @@ def _clean(text: str) -> str:
     return text.strip()
 
 
+MAX_CITATION_NESTING = 8  # bracket levels around citations removed; real text has two ("(see [4]–[6])")
+
+
 def _drop_citations(text: str) -> str:
-    n = 1
-    while n:  # innermost brackets first: "(see [4]–[6])"
-        text, n = _CITE_GROUP.subn(CITE, text)
+    for _ in range(MAX_CITATION_NESTING):  # innermost brackets first; not unbounded: each pass reads the whole
+        text, n = _CITE_GROUP.subn(CITE, text)  # text, so 30,000 nested brackets took minutes
+        if not n:
+            break
     return _CITE_RUN.sub("", _CITE_AFTER_OPEN.sub(r"\1", text))
 
 
@@ -352,7 +368,7 @@ def _meta(article: etree._Element) -> dict:
         "doi": ids.get("doi") or None,
         "title": _inline(am.find("title-group/article-title")) or None,
         "journal": _inline(journal) or None,
-        "year": int(year) if year.isdigit() else None,
+        "year": int(year) if year.isdecimal() and len(year) <= 4 else None,  # int() refuses "²" and 4301 digits
         **_license(am),
         "article_type": article.get("article-type"),
     }

@@ -9,7 +9,7 @@ from typing import Iterator
 
 from medfoundry.corpus.config import FieldMap
 from medfoundry.corpus.readers.base import ReadContext, Record
-from medfoundry.io import open_binary
+from medfoundry.io import lone_surrogate, may_hold_surrogates, open_binary
 
 _GZIP_ERRORS = (EOFError, zlib.error, OSError)
 
@@ -51,6 +51,16 @@ def decode_object(raw: bytes, line: int, ctx: ReadContext) -> dict | None:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         ctx.skip(f"not valid JSON: {exc.msg} (column {exc.colno})", line)
+        return None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        ctx.skip(f"not valid JSON: {exc}", line)
+        return None
+    except RecursionError:
+        ctx.skip("not valid JSON: nested too deeply", line)
+        return None
+    surrogate = lone_surrogate(obj) if may_hold_surrogates(text) else None
+    if surrogate is not None:  # valid JSON syntax, but no text: it could not be written out as UTF-8
+        ctx.skip(f"not valid JSON text: the string escape \\u{ord(surrogate):04x} is a lone UTF-16 surrogate", line)
         return None
     if not isinstance(obj, dict):
         ctx.skip(f"expected a JSON object, got {type(obj).__name__}", line)
