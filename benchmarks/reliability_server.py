@@ -83,7 +83,8 @@ def tiny_model(directory: Path) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(_sentences(), trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=1000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))  # its progress bar writes to stdout, before the report's table
     source = directory.with_name(directory.name + "-tokenizer")
     source.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(source / "tokenizer.json"))
