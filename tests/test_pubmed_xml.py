@@ -288,3 +288,11 @@ def test_streams_large_file_with_flat_tree(tmp_path, monkeypatch):
     assert len(records) == n and records[-1].native_id == str(n - 1) and records[-1].line == n + 2
     # entries the parser has read ahead of the current one (one input chunk's worth), not all 20,000
     assert max(siblings_left) < 500
+
+
+def test_an_entry_that_is_the_root_after_a_comment(tmp_path):
+    """Found by atheris: a lone PubmedArticle as the document's root, preceded by a comment (a sibling with no
+    parent element) is read, not a TypeError while the reader frees what precedes it."""
+    path = write(tmp_path / "root.xml", ('<?xml version="1.0"?>\n<!-- one -->\n' + article("7")).encode())
+    records, _, _ = read(path)
+    assert [r.native_id for r in records] == ["7"]

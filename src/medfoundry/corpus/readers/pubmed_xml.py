@@ -77,8 +77,11 @@ def _parent_tag(elem: etree._Element) -> str | None:
 def _release(elem: etree._Element) -> None:
     """Free a processed entry and the siblings before it (iterparse keeps the whole tree otherwise)."""
     elem.clear(keep_tail=False)
+    parent = elem.getparent()
+    if parent is None:  # the entry is the document's root: what precedes it are comments or processing instructions
+        return
     while elem.getprevious() is not None:
-        del elem.getparent()[0]
+        del parent[0]
 
 
 def _entry(elem: etree._Element, ctx: ReadContext) -> Iterator[Record | Deletion]:
