@@ -50,7 +50,6 @@ import re
 import resource
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -233,31 +232,16 @@ def is_complete(path: str | os.PathLike) -> bool:
     return all((Path(path) / name).is_file() for name in FILES)
 
 
-# folder -> the stat signature its files had when it was last verified: latest_checkpoint then
-# load_checkpoint read the files once, not twice. Like git's index, it only trusts files older than the
-# timestamp granularity allows to be "racily" rewritten unnoticed (same size and mtime).
-_VERIFIED: dict[str, tuple] = {}
-_RACY_NS = 2_000_000_000
-
-
-def _signature(path: Path) -> tuple:
-    stats = [(name, os.stat(path / name)) for name in (*FILES, MANIFEST) if (path / name).is_file()]
-    return tuple((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats)
-
-
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """What is wrong with a checkpoint folder, naming the file at fault, or None when every file is
     there and matches the size and checksum its manifest records. Hashes every file (a read of the
-    whole checkpoint), once per process for unchanged files."""
+    whole checkpoint)."""
     path = Path(path)
     missing = [name for name in FILES if not (path / name).is_file()]
     if missing:
         return f"{path}: incomplete checkpoint, missing {', '.join(missing)}"
     if not (path / MANIFEST).is_file():
         return None  # written before checkpoints had manifests: nothing to check against
-    signature = _signature(path)
-    if _VERIFIED.get(os.path.abspath(path)) == signature:
-        return None
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
@@ -281,8 +265,6 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         if digest != expected.get(CHECKSUM):
             return (f"{path / name}: corrupted: its {CHECKSUM} checksum is {digest}, the checkpoint manifest "
                     f"records {expected.get(CHECKSUM)}")
-    if time.time_ns() - max(entry[-1] for entry in signature) > _RACY_NS:
-        _VERIFIED[os.path.abspath(path)] = signature
     return None
 
 
@@ -450,14 +432,15 @@ def _is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def load_checkpoint(path: str | os.PathLike, *, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: str | os.PathLike, *, model, optimizer, scheduler, verify: bool = True) -> dict:
     """Restore model weights (strictly), optimizer, scheduler and RNG states from ``path``; return the
     trainer state ``{"step", "reader_state", "extra"}``. Call it after building the model, optimizer
     and scheduler, and draw no random numbers between this call and the first training step.
 
     ``model`` is a plain module (unwrap DDP first) or an FSDP2-sharded one; then every rank must call this
-    (it reads the folder on every rank and scatters the tensors)."""
-    ckpt = read_checkpoint(path)
+    (it reads the folder on every rank and scatters the tensors). ``verify=False`` skips the checksums, for a
+    folder :func:`latest_checkpoint` has just verified."""
+    ckpt = read_checkpoint(path, verify=verify)
     model = getattr(model, "_orig_mod", model)  # torch.compile
     if _is_sharded(model):
         _load_sharded(path, ckpt, model, optimizer)

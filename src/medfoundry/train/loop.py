@@ -195,7 +195,8 @@ def train(job: Job, d: D.Dist, device: str) -> dict:
     latest = latest_checkpoint(ckpt_dir)
     if latest is not None:
         # every process reads it; under FSDP2 the tensors are scattered to the shards (a collective)
-        state = load_checkpoint(latest, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(latest, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler,
+                                verify=False)  # latest_checkpoint has just checked it
         job.reader.load_state_dict(state["reader_state"])
     log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=state["step"],
                      tensorboard=out / "tensorboard" if cfg.log.tensorboard else None)
