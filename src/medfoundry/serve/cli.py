@@ -55,6 +55,8 @@ def add_subcommands(subparsers) -> None:
 
 
 def _add_model_arguments(command: argparse.ArgumentParser) -> None:
+    from medfoundry.cli import add_allow_pickle  # here, not at the top: medfoundry.cli imports this module
+
     command.add_argument("model", help="Hugging Face checkpoint directory or .gguf file")
     command.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                          help="auto: bf16 where the hardware computes in bf16, else fp32")
@@ -64,9 +66,7 @@ def _add_model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--max-seq-len", type=int, help="prompt + generated tokens per request (default: the "
                                                          "model's context, at most 2048)")
     command.add_argument("--chat-template", metavar="FILE", help="Jinja chat template (default: the tokenizer's)")
-    command.add_argument("--allow-pickle", action="store_true",
-                         help="allow pickled weights (pytorch_model.bin), loaded with torch.load(weights_only=True); "
-                              "by default only safetensors load, since unpickling can run code")
+    add_allow_pickle(command, "the model")
 
 
 def _add_sampling_arguments(command: argparse.ArgumentParser, *, temperature: float) -> None:
