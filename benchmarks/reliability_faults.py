@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import resource
-import os
 import shutil
 import signal
 import subprocess
@@ -43,9 +43,21 @@ from pathlib import Path
 
 import yaml
 
-from reliability_frame import (ENV, REPO, SHARED, Context, Row, attempt, kill_during, leftovers, medfoundry, run_scenarios,
-                               run_with_kills, start, tail)
-
+from reliability_frame import (
+    ENV,
+    REPO,
+    SHARED,
+    Context,
+    Row,
+    attempt,
+    kill_during,
+    leftovers,
+    medfoundry,
+    run_scenarios,
+    run_with_kills,
+    start,
+    tail,
+)
 
 # -- the fault group: a small reference pipeline ---------------------------------------------------
 
@@ -72,7 +84,7 @@ def _inputs(root: Path) -> Path:
             if len(docs) == N_FILES * DOCS_PER_FILE:
                 break
     for i in range(N_FILES):
-        _write_jsonl(root / f"abstracts_{i:02d}.jsonl.gz", docs[i * DOCS_PER_FILE:(i + 1) * DOCS_PER_FILE])
+        _write_jsonl(root / f"abstracts_{i:02d}.jsonl.gz", docs[i * DOCS_PER_FILE : (i + 1) * DOCS_PER_FILE])
     with gzip.open(SHARED / "corpus" / "general_replay.jsonl.gz", "rt", encoding="utf-8") as fh:
         _write_jsonl(root / "replay.jsonl.gz", [json.loads(line) for _, line in zip(range(REPLAY_DOCS), fh)])
     return root
@@ -80,12 +92,23 @@ def _inputs(root: Path) -> Path:
 
 def corpus_config(inputs: Path, out: Path) -> dict:
     return {
-        "output_dir": str(out), "workers": 2, "strict": False,
+        "output_dir": str(out),
+        "workers": 2,
+        "strict": False,
         "sources": [
-            {"name": "abstracts", "kind": "jsonl", "paths": [str(inputs / "abstracts_*.jsonl.gz")],
-             "fields": {"text": ["title", "abstract"], "id": "pmid", "pmid": "pmid"}},
-            {"name": "replay", "kind": "jsonl", "paths": [str(inputs / "replay.jsonl.gz")],
-             "fields": {"text": ["text"]}, "weight": 0.05},
+            {
+                "name": "abstracts",
+                "kind": "jsonl",
+                "paths": [str(inputs / "abstracts_*.jsonl.gz")],
+                "fields": {"text": ["title", "abstract"], "id": "pmid", "pmid": "pmid"},
+            },
+            {
+                "name": "replay",
+                "kind": "jsonl",
+                "paths": [str(inputs / "replay.jsonl.gz")],
+                "fields": {"text": ["text"]},
+                "weight": 0.05,
+            },
         ],
         "decontam": {"benchmarks_dir": str(SHARED / "benchmarks")},
         "split": {"val_fraction": 0.08},
@@ -129,22 +152,52 @@ def prepare_faults(ctx: Context) -> dict:
     inputs = _inputs(ctx.work / "inputs")
     timings, startups = {}, {}
     steps = (  # stage, command, the file whose appearance marks the end of start-up (imports, planning)
-        ("corpus", medfoundry("corpus", "build", str(write_config(ref / "corpus.yaml", corpus_config(inputs, ref / "corpus")))),
-         ref / "corpus" / MARKERS["corpus"]),
+        (
+            "corpus",
+            medfoundry(
+                "corpus", "build", str(write_config(ref / "corpus.yaml", corpus_config(inputs, ref / "corpus")))
+            ),
+            ref / "corpus" / MARKERS["corpus"],
+        ),
         ("tokenizer", None, None),
-        ("tokens", medfoundry("tokenize", str(write_config(ref / "tokens.yaml",
-                                                            tokens_config(ref / "corpus", ref / "tokenizer", ref / "tokens")))),
-         ref / "tokens" / MARKERS["tokens"]),
-        ("pretrain", medfoundry("pretrain", str(write_config(ref / "pretrain.yaml",
-                                                             pretrain_config(ref / "tokens", ref / "tokenizer", ref / "pretrain")))),
-         ref / "pretrain" / MARKERS["pretrain"]),
+        (
+            "tokens",
+            medfoundry(
+                "tokenize",
+                str(
+                    write_config(ref / "tokens.yaml", tokens_config(ref / "corpus", ref / "tokenizer", ref / "tokens"))
+                ),
+            ),
+            ref / "tokens" / MARKERS["tokens"],
+        ),
+        (
+            "pretrain",
+            medfoundry(
+                "pretrain",
+                str(
+                    write_config(
+                        ref / "pretrain.yaml", pretrain_config(ref / "tokens", ref / "tokenizer", ref / "pretrain")
+                    )
+                ),
+            ),
+            ref / "pretrain" / MARKERS["pretrain"],
+        ),
     )
     for stage, argv, marker in steps:
         ctx.log(f"reference: {stage}")
         t = time.monotonic()
         if argv is None:
-            train_tokenizer(validate(TokenizerTrainConfig, {"corpus_dir": str(ref / "corpus"), "output_dir": str(ref / "tokenizer"),
-                                                            "vocab_size": 2000, "fertility": {"top_domain_words": 0}}))
+            train_tokenizer(
+                validate(
+                    TokenizerTrainConfig,
+                    {
+                        "corpus_dir": str(ref / "corpus"),
+                        "output_dir": str(ref / "tokenizer"),
+                        "vocab_size": 2000,
+                        "fertility": {"top_domain_words": 0},
+                    },
+                )
+            )
         else:
             proc = start(argv, ref / f"{stage}.log")
             while proc.poll() is None and not marker.exists():
@@ -153,14 +206,26 @@ def prepare_faults(ctx: Context) -> dict:
             if proc.wait(timeout=900) != 0:
                 raise RuntimeError(f"reference {stage} failed: {tail(ref / f'{stage}.log', 2000)}")
         timings[stage] = time.monotonic() - t
-    ctx.log("reference: " + ", ".join(f"{k} {v:.1f} s" + (f" ({startups[k]:.1f} s start-up)" if k in startups else "")
-                                      for k, v in timings.items()))
-    ctx.cache["faults"] = {"inputs": inputs, "ref": ref, "timings": timings, "startups": startups, "markers": MARKERS,
-                           "corpus_docs": read_corpus(ref / "corpus"), "weights": final_weights(ref / "pretrain")}
+    ctx.log(
+        "reference: "
+        + ", ".join(
+            f"{k} {v:.1f} s" + (f" ({startups[k]:.1f} s start-up)" if k in startups else "") for k, v in timings.items()
+        )
+    )
+    ctx.cache["faults"] = {
+        "inputs": inputs,
+        "ref": ref,
+        "timings": timings,
+        "startups": startups,
+        "markers": MARKERS,
+        "corpus_docs": read_corpus(ref / "corpus"),
+        "weights": final_weights(ref / "pretrain"),
+    }
     return ctx.cache["faults"]
 
 
 # -- comparing with the reference ----------------------------------------------------------------
+
 
 def read_corpus(out: Path) -> dict[str, Counter]:
     """Per split, each document (its JSON line) with how many times it occurs."""
@@ -256,6 +321,7 @@ def kill_and_finish(ctx: Context, stage: str, argv: list[str], log: Path, output
 
 # -- the fault scenarios ---------------------------------------------------------------------------
 
+
 def corpus_build_sigkill(ctx: Context, tries: int) -> Row:
     ref = prepare_faults(ctx)
     row = Row("faults", "SIGKILL during corpus build")
@@ -273,8 +339,13 @@ def corpus_build_sigkill(ctx: Context, tries: int) -> Row:
         lost = docs_lost(ref["corpus_docs"], read_corpus(root / "corpus"))
         left = leftovers(root / "corpus")
         ok = lost == 0 and not left
-        return ok, lost, f"killed at {landed} s" + (f"; {lost} documents lost or duplicated" if lost else "") + \
-            (f"; left behind {left[:5]}" if left else "")
+        return (
+            ok,
+            lost,
+            f"killed at {landed} s"
+            + (f"; {lost} documents lost or duplicated" if lost else "")
+            + (f"; left behind {left[:5]}" if left else ""),
+        )
 
     return attempt(ctx, row, tries, one)
 
@@ -287,7 +358,9 @@ def tokenize_sigkill(ctx: Context, tries: int) -> Row:
         root = ctx.work / f"tokens_kill_{i}"
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        config = write_config(root / "tokens.yaml", tokens_config(ref["ref"] / "corpus", ref["ref"] / "tokenizer", root / "tokens"))
+        config = write_config(
+            root / "tokens.yaml", tokens_config(ref["ref"] / "corpus", ref["ref"] / "tokenizer", root / "tokens")
+        )
         log = root / "stderr.log"
         code, landed = kill_and_finish(ctx, "tokens", medfoundry("tokenize", str(config)), log, root / "tokens")
         row.injected += len(landed)
@@ -295,8 +368,13 @@ def tokenize_sigkill(ctx: Context, tries: int) -> Row:
             return False, 0, f"exit {code} after kills at {landed} s: {tail(log)}"
         lost = shard_docs_lost(ref["ref"] / "tokens", root / "tokens")
         left = leftovers(root / "tokens")
-        return lost == 0 and not left, lost, f"killed at {landed} s" + (f"; {lost} documents lost" if lost else "") + \
-            (f"; left behind {left[:5]}" if left else "")
+        return (
+            lost == 0 and not left,
+            lost,
+            f"killed at {landed} s"
+            + (f"; {lost} documents lost" if lost else "")
+            + (f"; left behind {left[:5]}" if left else ""),
+        )
 
     return attempt(ctx, row, tries, one)
 
@@ -305,7 +383,9 @@ def _training_run(ctx: Context, root: Path) -> tuple[list[str], Path]:
     ref = prepare_faults(ctx)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    config = write_config(root / "pretrain.yaml", pretrain_config(ref["ref"] / "tokens", ref["ref"] / "tokenizer", root / "run"))
+    config = write_config(
+        root / "pretrain.yaml", pretrain_config(ref["ref"] / "tokens", ref["ref"] / "tokenizer", root / "run")
+    )
     return medfoundry("pretrain", str(config)), root / "run"
 
 
@@ -335,7 +415,11 @@ def checkpoint_save_sigkill(ctx: Context, tries: int) -> Row:
 
         def saving() -> bool:  # a save under way that an earlier kill did not already hit
             try:
-                names = {p.name.split(".")[1] for p in ckpt.iterdir() if p.name.startswith(".step-") and p.name.endswith(".tmp")}
+                names = {
+                    p.name.split(".")[1]
+                    for p in ckpt.iterdir()
+                    if p.name.startswith(".step-") and p.name.endswith(".tmp")
+                }
             except OSError:
                 return False
             fresh = names - saves_seen
@@ -351,7 +435,11 @@ def checkpoint_save_sigkill(ctx: Context, tries: int) -> Row:
             row.injected += 1
             damaged = [p for p in (sorted(ckpt.glob("step-*")) if ckpt.is_dir() else []) if checkpoint_problem(p)]
             if damaged:
-                return False, 0, f"a save killed {kills[-1]} ms in left a damaged folder: {checkpoint_problem(damaged[0])}"
+                return (
+                    False,
+                    0,
+                    f"a save killed {kills[-1]} ms in left a damaged folder: {checkpoint_problem(damaged[0])}",
+                )
         ok, note = check_training(ctx, run, _rerun(argv, log), log)
         if ok and not kills:
             return False, 0, "no save was caught under way"
@@ -364,8 +452,12 @@ def _can_mount_tmpfs(mount: Path, size: int) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
     mount.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def _rerun(argv: list[str], log: Path) -> int:
@@ -383,7 +475,9 @@ def checkpoint_full_disk(ctx: Context, tries: int) -> Row:
     ref = prepare_faults(ctx)
     row = Row("faults", "full disk during checkpoint save")
     notes = []
-    one_checkpoint = sum(p.stat().st_size for p in sorted((ref["ref"] / "pretrain" / "checkpoints").glob("step-*"))[-1].iterdir())
+    one_checkpoint = sum(
+        p.stat().st_size for p in sorted((ref["ref"] / "pretrain" / "checkpoints").glob("step-*"))[-1].iterdir()
+    )
 
     def one(i: int):
         argv, run = _training_run(ctx, ctx.work / f"full_disk_{i}")
@@ -414,7 +508,11 @@ def checkpoint_full_disk(ctx: Context, tries: int) -> Row:
             message = tail(log, 2000)
             if code == 0:
                 return False, 0, f"{kind}: the run went through the full disk: {message}"
-            missing = [part for part in ("checkpoint for step", "not saved: writing", cause, "is intact") if part not in message]
+            missing = [
+                part
+                for part in ("checkpoint for step", "not saved: writing", cause, "is intact")
+                if part not in message
+            ]
             if missing:
                 return False, 0, f"{kind}: exit {code} without a clear message (no {missing}): {message}"
             left = [p.name for p in ckpt.iterdir() if p.name.startswith(".")]
@@ -422,7 +520,9 @@ def checkpoint_full_disk(ctx: Context, tries: int) -> Row:
             if left or damaged or not list(ckpt.glob("step-*")):
                 return False, 0, f"{kind}: after the failed save: left {left}, damaged {damaged}"
             if use_tmpfs:  # more room, as an operator would make
-                subprocess.run(["mount", "-o", f"remount,size={4 * one_checkpoint // 4096 * 4096 + 4096}", str(mount)], check=True)
+                subprocess.run(
+                    ["mount", "-o", f"remount,size={4 * one_checkpoint // 4096 * 4096 + 4096}", str(mount)], check=True
+                )
             ok, note = check_training(ctx, run, _rerun(argv, log), log)
             return ok, 0, kind + (f"; {note}" if note else "")
         finally:
@@ -488,8 +588,11 @@ def token_shard_corrupted(ctx: Context, tries: int) -> Row:
         victim = ctx.rng.choice(files)
         how = _damage(victim, ctx.rng)
         row.injected += 1
-        entry = next(e for e in json.loads((root / "tokens" / split / "index.json").read_text())["shards"]
-                     if victim.name in (e["bin"], e["idx"]))
+        entry = next(
+            e
+            for e in json.loads((root / "tokens" / split / "index.json").read_text())["shards"]
+            if victim.name in (e["bin"], e["idx"])
+        )
         try:
             TokenShards(root / "tokens" / split).verify()
             named = None
@@ -497,7 +600,9 @@ def token_shard_corrupted(ctx: Context, tries: int) -> Row:
             named = exc.path
         if named != str(victim):
             return False, entry["docs"], f"{victim.name} {how}: not detected (error named {named})"
-        config = write_config(root / "tokens.yaml", tokens_config(ref["ref"] / "corpus", ref["ref"] / "tokenizer", root / "tokens"))
+        config = write_config(
+            root / "tokens.yaml", tokens_config(ref["ref"] / "corpus", ref["ref"] / "tokenizer", root / "tokens")
+        )
         log = root / "stderr.log"
         code = _rerun(medfoundry("tokenize", str(config)), log)
         if code != 0:

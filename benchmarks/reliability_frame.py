@@ -16,11 +16,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-ENV = {**os.environ, "MEDFOUNDRY_NO_TCMALLOC": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+ENV = {
+    **os.environ,
+    "MEDFOUNDRY_NO_TCMALLOC": "1",
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore",
+}
 
 
 # -- the report's frame: rows, context, groups -------------------------------------------------
+
 
 @dataclass
 class Row:
@@ -91,7 +98,6 @@ def attempt(ctx: Context, row: Row, tries: int, one: Callable[[int], tuple[bool,
     return row
 
 
-
 Scenarios = dict[str, tuple[Callable[[Context, int], Row], int, int]]  # name -> (scenario, quick tries, full tries)
 
 
@@ -104,7 +110,9 @@ def run_scenarios(ctx: Context, group: str, scenarios: Scenarios) -> list[Row]:
             rows.append(scenario(ctx, ctx.tries(quick, full)))
     return rows
 
+
 # -- running commands and killing them ---------------------------------------------------------
+
 
 def medfoundry(*args: str) -> list[str]:
     return [sys.executable, "-m", "medfoundry", *args]
@@ -113,8 +121,9 @@ def medfoundry(*args: str) -> list[str]:
 def start(argv: list[str], log: Path, preexec: Callable | None = None) -> subprocess.Popen:
     """``argv`` in its own session (so its whole process group can be killed), stderr to ``log``."""
     with open(log, "ab") as err:
-        return subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True, preexec_fn=preexec)
+        return subprocess.Popen(
+            argv, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, preexec_fn=preexec
+        )
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -144,8 +153,14 @@ def run_with_kills(argv: list[str], log: Path, delays: list[float], timeout: flo
         return -1, landed
 
 
-def kill_during(argv: list[str], log: Path, moment: Callable[[], bool], delay: float = 0.0,
-                timeout: float = 600, poll: float = 0.001) -> bool:
+def kill_during(
+    argv: list[str],
+    log: Path,
+    moment: Callable[[], bool],
+    delay: float = 0.0,
+    timeout: float = 600,
+    poll: float = 0.001,
+) -> bool:
     """Start ``argv`` and SIGKILL its process group ``delay`` seconds after ``moment()`` first holds.
     Returns whether it was killed (False: it ended first)."""
     proc = start(argv, log)
@@ -171,5 +186,8 @@ def tail(log: Path, chars: int = 600) -> str:
 
 def leftovers(root: Path) -> list[str]:
     """Temporary files and folders a finished stage must not leave behind."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.name.endswith((".tmp", ".deleting", ".old")) or p.name.startswith(".staging-"))
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.name.endswith((".tmp", ".deleting", ".old")) or p.name.startswith(".staging-")
+    )

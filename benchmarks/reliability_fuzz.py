@@ -122,7 +122,7 @@ def _saved(ctx: Context, scenario: str, text: str) -> Path:
 
 def _short(text: str, size: int) -> str:
     """``text``, with its middle cut out when it is longer than ``size`` characters (examples can be 100 kB)."""
-    return text if len(text) <= size else f"{text[:size - 150]} ...[{len(text)} characters]... {text[-100:]}"
+    return text if len(text) <= size else f"{text[: size - 150]} ...[{len(text)} characters]... {text[-100:]}"
 
 
 def _shrunk(exc: BaseException) -> str:
@@ -142,9 +142,15 @@ def _search(ctx: Context, name: str, target, examples: int, search: _Search, fir
     wanted = search.tries + examples
     for round_ in range(MAX_FAILURES):
         search.shrinking_until = None
-        test = settings(max_examples=wanted - search.tries, deadline=None, derandomize=False, database=None,
-                        report_multiple_bugs=False, print_blob=False, suppress_health_check=list(HealthCheck))(
-            seed(first_seed + round_)(given(st.fixed_dictionaries(target.strategies))(_runner(target.check, search))))
+        test = settings(
+            max_examples=wanted - search.tries,
+            deadline=None,
+            derandomize=False,
+            database=None,
+            report_multiple_bugs=False,
+            print_blob=False,
+            suppress_health_check=list(HealthCheck),
+        )(seed(first_seed + round_)(given(st.fixed_dictionaries(target.strategies))(_runner(target.check, search))))
         try:
             with contextlib.redirect_stdout(sys.stderr):  # hypothesis's notes: the report's stdout is its table
                 test()
@@ -175,8 +181,14 @@ def _run_targets(ctx: Context, name: str, description: str, targets: list, tries
     for k, target in enumerate(targets, 1):  # each target gets its share of the examples and of the time
         search.stop = min(began + HYPOTHESIS_SECONDS[ctx.quick] * k / len(targets), ctx.deadline)
         _search(ctx, name, target, tries // len(targets), search, ctx.seed * 1000 + 100 * k)
-    row = Row("fuzz", description, tries=search.tries, survived=search.survived, problems=search.problems,
-              seconds=round(time.monotonic() - began, 1))
+    row = Row(
+        "fuzz",
+        description,
+        tries=search.tries,
+        survived=search.survived,
+        problems=search.problems,
+        seconds=round(time.monotonic() - began, 1),
+    )
     row.detail = f"hypothesis, seed {ctx.seed}; slowest example {search.slowest:.2f}s"
     if search.stopped:
         row.detail += f"; {', '.join(dict.fromkeys(search.stopped))} ({search.tries} of {tries} examples)"
@@ -212,8 +224,10 @@ def hostile_xml(ctx: Context, tries: int) -> Row:
     secret.parent.mkdir(parents=True, exist_ok=True)
     secret.write_text(fuzz_targets.SECRET)
     with fuzz_targets.recording_server() as (url, requests):
-        target = fuzz_targets.Target(partial(fuzz_targets.check_hostile, requests=requests),
-                                     {"document": fuzz_targets.hostile_documents(secret, url), "gz": fuzz_targets.GZ})
+        target = fuzz_targets.Target(
+            partial(fuzz_targets.check_hostile, requests=requests),
+            {"document": fuzz_targets.hostile_documents(secret, url), "gz": fuzz_targets.GZ},
+        )
         row = _run_targets(ctx, "fuzz_hostile_xml", "hypothesis: hostile XML", [target], tries)
     row.detail += f"; the local server saw {len(requests)} connections or requests"
     return row
@@ -233,15 +247,28 @@ def _atheris_failures(folder: Path, text: str) -> list[str]:
         reason = " ".join([lines[0], *[line.strip() for line in lines if line.strip().startswith("File ")][-1:]])
     else:
         reason = error.group(1) if error else " ".join(text[-300:].split())
-    return [f"{path.name.split('-')[0]}: {reason}; input ({path.stat().st_size} bytes) saved to {path}"
-            for path in sorted((folder / "crashes").glob("*")) if path.is_file()]
+    return [
+        f"{path.name.split('-')[0]}: {reason}; input ({path.stat().st_size} bytes) saved to {path}"
+        for path in sorted((folder / "crashes").glob("*"))
+        if path.is_file()
+    ]
 
 
 def _run_atheris(ctx: Context, target: str, runs: int, seconds: int, folder: Path) -> int | None:
     """``fuzz_atheris.py`` on ``target`` in its own process group, its log in ``folder``: its exit status, or None
     when it did not stop in time and was killed."""
-    argv = [sys.executable, str(HARNESS), target, str(folder), f"-runs={runs}", f"-max_total_time={seconds}",
-            f"-seed={ctx.seed + 1}", f"-timeout={EXAMPLE_SECONDS}", "-rss_limit_mb=2048", "-print_final_stats=1"]
+    argv = [
+        sys.executable,
+        str(HARNESS),
+        target,
+        str(folder),
+        f"-runs={runs}",
+        f"-max_total_time={seconds}",
+        f"-seed={ctx.seed + 1}",
+        f"-timeout={EXAMPLE_SECONDS}",
+        "-rss_limit_mb=2048",
+        "-print_final_stats=1",
+    ]
     proc = start(argv, folder / "libfuzzer.log")
     try:
         return proc.wait(timeout=seconds + 120)
@@ -274,7 +301,8 @@ def _atheris_scenario(target: str):
         row.survived = row.tries - len(row.problems)
         coverage = re.findall(r"cov: (\d+) ft: \d+ corp: (\d+)", text)
         row.detail = f"atheris, seed {ctx.seed + 1}, {seconds}s" + (
-            f"; coverage {coverage[-1][0]} edges, corpus {coverage[-1][1]} inputs" if coverage else "")
+            f"; coverage {coverage[-1][0]} edges, corpus {coverage[-1][1]} inputs" if coverage else ""
+        )
         return row
 
     return scenario
@@ -283,14 +311,28 @@ def _atheris_scenario(target: str):
 FUZZ_SCENARIOS = {  # name: (function, tries with --quick, tries without): examples, or atheris executions
     "fuzz_pubmed_xml": (_hypothesis_scenario("fuzz_pubmed_xml", "hypothesis: PubMed XML", "pubmed_xml"), 500, 4000),
     "fuzz_jats": (_hypothesis_scenario("fuzz_jats", "hypothesis: JATS", "jats"), 600, 5000),
-    "fuzz_corpus_jsonl": (_hypothesis_scenario("fuzz_corpus_jsonl", "hypothesis: corpus JSONL", "corpus_jsonl"),
-                          600, 6000),
-    "fuzz_strict_jsonl": (_hypothesis_scenario("fuzz_strict_jsonl", "hypothesis: strict JSONL", "strict_jsonl"),
-                          800, 8000),
-    "fuzz_instruction_data": (_hypothesis_scenario("fuzz_instruction_data", "hypothesis: instruction data",
-                                                   "instruction_data"), 600, 6000),
-    "fuzz_chat_template": (_hypothesis_scenario("fuzz_chat_template", "hypothesis: chat-template renderer",
-                                                "renderer", "renderer_any_roles"), 600, 5000),
+    "fuzz_corpus_jsonl": (
+        _hypothesis_scenario("fuzz_corpus_jsonl", "hypothesis: corpus JSONL", "corpus_jsonl"),
+        600,
+        6000,
+    ),
+    "fuzz_strict_jsonl": (
+        _hypothesis_scenario("fuzz_strict_jsonl", "hypothesis: strict JSONL", "strict_jsonl"),
+        800,
+        8000,
+    ),
+    "fuzz_instruction_data": (
+        _hypothesis_scenario("fuzz_instruction_data", "hypothesis: instruction data", "instruction_data"),
+        600,
+        6000,
+    ),
+    "fuzz_chat_template": (
+        _hypothesis_scenario(
+            "fuzz_chat_template", "hypothesis: chat-template renderer", "renderer", "renderer_any_roles"
+        ),
+        600,
+        5000,
+    ),
     "fuzz_hostile_xml": (hostile_xml, 400, 3000),
     "atheris_pubmed_xml": (_atheris_scenario("pubmed_xml"), 1_000_000, 100_000_000),
     "atheris_jats": (_atheris_scenario("jats"), 1_000_000, 100_000_000),

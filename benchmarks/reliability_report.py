@@ -35,10 +35,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from reliability_faults import FAULT_SCENARIOS, fault_scenarios
+from reliability_frame import Context, Row
 from reliability_fuzz import FUZZ_SCENARIOS, fuzz_scenarios
 from reliability_server import SERVER_SCENARIOS, server_scenarios
-from reliability_frame import Context, Row
-
 
 # Groups: name -> function (ctx) -> rows. Fuzz and server-load groups are added here the same way, and
 # their scenario names to SCENARIOS (for --only), each group running those for which ctx.wants(name).
@@ -54,12 +53,27 @@ SCENARIOS.update({name: "server" for name in SERVER_SCENARIOS})
 
 # -- output ------------------------------------------------------------------------------------------
 
+
 def table(rows: list[Row]) -> str:
     header = ("group", "scenario", "tries", "survived", "faults injected", "data lost", "server errors", "seconds")
-    lines = [(r.group, r.scenario, str(r.tries), str(r.survived), str(r.injected), str(r.data_lost), str(r.server_errors),
-              f"{r.seconds:.0f}") for r in rows]
+    lines = [
+        (
+            r.group,
+            r.scenario,
+            str(r.tries),
+            str(r.survived),
+            str(r.injected),
+            str(r.data_lost),
+            str(r.server_errors),
+            f"{r.seconds:.0f}",
+        )
+        for r in rows
+    ]
     widths = [max(len(h), *(len(line[k]) for line in lines)) if lines else len(h) for k, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths)))
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths)))
+
     out = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
     for r in rows:
         out += [f"  {r.scenario}: {r.detail}"] if r.detail else []
@@ -84,26 +98,43 @@ def summary(rows: list[Row], seconds: float, args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one or two tries per scenario (a few minutes)")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"groups ({', '.join(GROUPS)}) or scenarios "
-                        f"(faults: {', '.join(FAULT_SCENARIOS)}) to run")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help=f"groups ({', '.join(GROUPS)}) or scenarios (faults: {', '.join(FAULT_SCENARIOS)}) to run",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill points and damage")
-    parser.add_argument("--budget", type=float, default=None, help="seconds after which no new try starts "
-                        "(default 900 with --quick, 3600 without)")
-    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a "
-                        "temporary folder, removed)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds after which no new try starts (default 900 with --quick, 3600 without)",
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work in this folder and keep it (default: a temporary folder, removed)"
+    )
     args = parser.parse_args()
     unknown = [n for n in args.only or [] if n not in GROUPS and n not in SCENARIOS]
     if unknown:
         parser.error(f"unknown group or scenario: {', '.join(unknown)}")
-    groups = {name: group for name, group in GROUPS.items()
-              if args.only is None or name in args.only or any(SCENARIOS[n] == name for n in args.only if n in SCENARIOS)}
+    groups = {
+        name: group
+        for name, group in GROUPS.items()
+        if args.only is None or name in args.only or any(SCENARIOS[n] == name for n in args.only if n in SCENARIOS)
+    }
     scenarios = [n for n in args.only or [] if n in SCENARIOS]
     budget = args.budget if args.budget is not None else (900 if args.quick else 3600)
     work = args.keep or Path(tempfile.mkdtemp(prefix="medfoundry_reliability_"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    ctx = Context(quick=args.quick, work=work, seed=args.seed, deadline=started + budget,
-                  only=set(scenarios) if scenarios and not any(n in GROUPS for n in args.only) else None)
+    ctx = Context(
+        quick=args.quick,
+        work=work,
+        seed=args.seed,
+        deadline=started + budget,
+        only=set(scenarios) if scenarios and not any(n in GROUPS for n in args.only) else None,
+    )
     rows: list[Row] = []
     try:
         for name, group in groups.items():

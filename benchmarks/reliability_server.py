@@ -50,20 +50,39 @@ MAX_BODY = 64 * 1024  # the server's --max-body-bytes
 FUZZ_LIMITS = {"context": 64, "max_tokens": 16}  # short generations: schemathesis sends hundreds of requests
 RSS_GROWTH_LIMIT = 0.10  # resident memory may grow by at most 10% after the warm-up (about 50 MB here)
 RELEASE_S = 5.0  # time for the slots of dropped requests to be freed
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-PROMPTS = ["The patient presented with", "Aspirin inhibits", "Randomized trials of statins in elderly patients show",
-           "Diagnosis:", "β-lactam antibiotics", "Metformin 500 mg b.i.d.; HbA1c fell to", "Sepsis is defined as"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+PROMPTS = [
+    "The patient presented with",
+    "Aspirin inhibits",
+    "Randomized trials of statins in elderly patients show",
+    "Diagnosis:",
+    "β-lactam antibiotics",
+    "Metformin 500 mg b.i.d.; HbA1c fell to",
+    "Sepsis is defined as",
+]
 
 
 # -- a tiny model -------------------------------------------------------------------------------------
+
 
 def _sentences(count: int = 3000, seed: int = 0):
     rng = random.Random(seed)
     subjects = ["The patient", "A 54-year-old woman", "The cohort", "Each participant", "The child", "Our team"]
     verbs = ["presented with", "was treated for", "developed", "was screened for", "recovered from", "reported"]
-    objects = ["sepsis", "type 2 diabetes", "acute myocardial infarction", "pneumonia", "β-lactam allergy",
-               "hypertension (140/90 mmHg)", "an HbA1c of 6.5%", "chronic kidney disease", "COVID-19"]
+    objects = [
+        "sepsis",
+        "type 2 diabetes",
+        "acute myocardial infarction",
+        "pneumonia",
+        "β-lactam allergy",
+        "hypertension (140/90 mmHg)",
+        "an HbA1c of 6.5%",
+        "chronic kidney disease",
+        "COVID-19",
+    ]
     for _ in range(count):
         yield f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} after {rng.randint(1, 30)} days."
 
@@ -82,15 +101,22 @@ def tiny_model(directory: Path) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(_sentences(), trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))  # its progress bar writes to stdout, before the report's table
+    tokenizer.train_from_iterator(
+        _sentences(),
+        trainers.BpeTrainer(
+            vocab_size=1000,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )  # its progress bar writes to stdout, before the report's table
     source = directory.with_name(directory.name + "-tokenizer")
     source.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(source / "tokenizer.json"))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config("gpt2-tiny", vocab_size=tokenizer.get_vocab_size(),
-                                                          context=CONTEXT))
+    model = AutoModelForCausalLM.from_config(
+        model_config("gpt2-tiny", vocab_size=tokenizer.get_vocab_size(), context=CONTEXT)
+    )
     export_hf(model, source, directory)
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return directory
@@ -98,8 +124,10 @@ def tiny_model(directory: Path) -> Path:
 
 # -- the server under test ----------------------------------------------------------------------------
 
-def request(port: int, method: str, path: str, body: dict | None = None, *, key: str | None = None,
-            timeout: float = 60) -> tuple[int, bytes]:
+
+def request(
+    port: int, method: str, path: str, body: dict | None = None, *, key: str | None = None, timeout: float = 60
+) -> tuple[int, bytes]:
     """One request to a loopback port, with ``Authorization: Bearer key`` unless ``key`` is None: (status, body)."""
     headers = {"Content-Type": "application/json"} if body is not None else {}
     if key is not None:
@@ -122,16 +150,49 @@ def free_port() -> int:
 class Server:
     """``medfoundry serve`` on a free loopback port (stdout and stderr to ``log``); stop it with :meth:`stop`."""
 
-    def __init__(self, model: Path, log: Path, *, key: str = KEY, max_batch: int = 8, max_queue: int = 64,
-                 context: int = CONTEXT, max_tokens: int = MAX_TOKENS, log_level: str = "info"):
+    def __init__(
+        self,
+        model: Path,
+        log: Path,
+        *,
+        key: str = KEY,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        context: int = CONTEXT,
+        max_tokens: int = MAX_TOKENS,
+        log_level: str = "info",
+    ):
         self.key, self.log, self.port = key, log, free_port()
-        argv = medfoundry("serve", str(model), "--port", str(self.port), "--api-key", key, "--served-model-name", MODEL,
-                          "--precision", "fp32", "--threads", "1", "--max-batch", str(max_batch), "--max-queue",
-                          str(max_queue), "--max-seq-len", str(context), "--max-tokens", str(max_tokens),
-                          "--max-body-bytes", str(MAX_BODY), "--log-level", log_level)
+        argv = medfoundry(
+            "serve",
+            str(model),
+            "--port",
+            str(self.port),
+            "--api-key",
+            key,
+            "--served-model-name",
+            MODEL,
+            "--precision",
+            "fp32",
+            "--threads",
+            "1",
+            "--max-batch",
+            str(max_batch),
+            "--max-queue",
+            str(max_queue),
+            "--max-seq-len",
+            str(context),
+            "--max-tokens",
+            str(max_tokens),
+            "--max-body-bytes",
+            str(MAX_BODY),
+            "--log-level",
+            log_level,
+        )
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 120) -> None:
@@ -164,8 +225,13 @@ class Server:
 
     def server_errors(self) -> int:
         """5xx answers the server counted."""
-        return int(sum(v for k, v in self.metrics().items()
-                       if k.startswith("medfoundry_requests_total") and re.search(r'status="5\d\d"', k)))
+        return int(
+            sum(
+                v
+                for k, v in self.metrics().items()
+                if k.startswith("medfoundry_requests_total") and re.search(r'status="5\d\d"', k)
+            )
+        )
 
     def wait_idle(self, seconds: float = RELEASE_S) -> bool:
         """Whether the server reports no running and no queued request within ``seconds``."""
@@ -179,8 +245,9 @@ class Server:
             time.sleep(0.1)
 
     def generates(self) -> bool:
-        status, body = self.request("POST", "/v1/completions", {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4,
-                                                                "ignore_eos": True})
+        status, body = self.request(
+            "POST", "/v1/completions", {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, "ignore_eos": True}
+        )
         return status == 200 and json.loads(body)["usage"]["completion_tokens"] == 4
 
     def rss_mb(self) -> float:
@@ -207,6 +274,7 @@ class Server:
 
 # -- streaming clients --------------------------------------------------------------------------------
 
+
 @dataclass
 class Stream:
     """One streamed request: ``error`` says what went wrong (None: complete, or dropped on purpose)."""
@@ -225,8 +293,12 @@ def stream(port: int, key: str, body: dict, *, drop_after: int | None = None, ti
     started = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("POST", path, json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}),
-                     {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        conn.request(
+            "POST",
+            path,
+            json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}),
+            {"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
         response = conn.getresponse()
         if response.status != 200 or not response.getheader("content-type", "").startswith("text/event-stream"):
             return Stream(f"HTTP {response.status}: {response.read()[:200]!r}")
@@ -260,10 +332,19 @@ def _finished(body: dict, usage: dict | None, seconds: float) -> Stream:
 
 def random_request(rng: random.Random, max_tokens: tuple[int, int]) -> dict:
     """A chat or completion request of ``max_tokens`` tokens exactly (``ignore_eos``), sampled or greedy."""
-    body = {"model": MODEL, "max_tokens": rng.randint(*max_tokens), "ignore_eos": True,
-            "temperature": rng.choice([0, 0.7, 1.0]), "seed": rng.randrange(1 << 30)}
+    body = {
+        "model": MODEL,
+        "max_tokens": rng.randint(*max_tokens),
+        "ignore_eos": True,
+        "temperature": rng.choice([0, 0.7, 1.0]),
+        "seed": rng.randrange(1 << 30),
+    }
     prompt = rng.choice(PROMPTS)
-    return {**body, "messages": [{"role": "user", "content": prompt}]} if rng.random() < 0.5 else {**body, "prompt": prompt}
+    return (
+        {**body, "messages": [{"role": "user", "content": prompt}]}
+        if rng.random() < 0.5
+        else {**body, "prompt": prompt}
+    )
 
 
 @dataclass
@@ -288,13 +369,22 @@ class Load:
         ordered = sorted(self.latencies) or [0.0]
         p50, p99 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
         warm, end = self.rss_growth(warmup)
-        return (f"{self.requests} requests ({self.dropped} dropped), {self.tokens / self.seconds:.0f} tok/s, latency "
-                f"p50 {p50:.2f} s p99 {p99:.2f} s, RSS {self.rss[0][1]:.0f} MB at start, {warm:.0f} after warm-up, "
-                f"{end:.0f} at end ({(end - warm) / warm:+.1%})")
+        return (
+            f"{self.requests} requests ({self.dropped} dropped), {self.tokens / self.seconds:.0f} tok/s, latency "
+            f"p50 {p50:.2f} s p99 {p99:.2f} s, RSS {self.rss[0][1]:.0f} MB at start, {warm:.0f} after warm-up, "
+            f"{end:.0f} at end ({(end - warm) / warm:+.1%})"
+        )
 
 
-def run_load(server: Server, clients: int, seconds: float, *, seed: int = 0, drop_share: float = 0.0,
-             max_tokens: tuple[int, int] = (8, 32)) -> Load:
+def run_load(
+    server: Server,
+    clients: int,
+    seconds: float,
+    *,
+    seed: int = 0,
+    drop_share: float = 0.0,
+    max_tokens: tuple[int, int] = (8, 32),
+) -> Load:
     """``clients`` threads streaming requests back to back for ``seconds`` (a share dropped after 1-3 events),
     the server's RSS sampled every half second. Requests under way at the end run to completion."""
     result, lock = Load(), threading.Lock()
@@ -335,28 +425,37 @@ def run_load(server: Server, clients: int, seconds: float, *, seed: int = 0, dro
 
 # -- schemathesis ---------------------------------------------------------------------------------------
 
+
 def fuzz_api(url: str, key: str, *, examples: int, seed: int) -> tuple[int, list[str]]:
     """Run schemathesis on the server's OpenAPI description (coverage then fuzzing phase, every check but
     positive_data_acceptance), reproducibly for a ``seed``: (requests sent, failures described)."""
     import schemathesis
     from schemathesis.engine import events
 
-    config = schemathesis.Config.from_dict({
-        "seed": seed, "workers": 1, "request-timeout": 60,
-        "auth": {"openapi": {"bearer": {"bearer": key}}},
-        "checks": {"positive_data_acceptance": {"enabled": False}},
-        "generation": {"max-examples": examples},
-        "phases": {"examples": {"enabled": False}, "stateful": {"enabled": False}},
-    })
-    schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers={"Authorization": f"Bearer {key}"},
-                                           config=config)
+    config = schemathesis.Config.from_dict(
+        {
+            "seed": seed,
+            "workers": 1,
+            "request-timeout": 60,
+            "auth": {"openapi": {"bearer": {"bearer": key}}},
+            "checks": {"positive_data_acceptance": {"enabled": False}},
+            "generation": {"max-examples": examples},
+            "phases": {"examples": {"enabled": False}, "stateful": {"enabled": False}},
+        }
+    )
+    schema = schemathesis.openapi.from_url(
+        f"{url}/openapi.json", headers={"Authorization": f"Bearer {key}"}, config=config
+    )
     sent, failures = 0, []
     for event in schemathesis.engine.from_schema(schema).execute():
         if isinstance(event, events.ScenarioFinished):
             sent += len(event.recorder.interactions)
-            failures += [f"{event.recorder.label}: {check.name}: {_first_line(check)}"
-                         for checks in event.recorder.checks.values() for check in checks
-                         if check.status.name == "FAILURE"]
+            failures += [
+                f"{event.recorder.label}: {check.name}: {_first_line(check)}"
+                for checks in event.recorder.checks.values()
+                for check in checks
+                if check.status.name == "FAILURE"
+            ]
         elif isinstance(event, (events.NonFatalError, events.FatalError)):
             failures.append(f"schemathesis error: {getattr(event, 'value', None) or event.exception}")
     return sent, failures
@@ -369,6 +468,7 @@ def _first_line(check) -> str:
 
 # -- hostile requests ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Probe:
     """A raw HTTP request and the status it must get; ``app`` says the answer is the app's (an OpenAI error
@@ -380,10 +480,17 @@ class Probe:
     app: bool = True
 
 
-def raw_request(method: str, path: str, body: bytes = b"", headers: dict | None = None, key: str | None = None) -> bytes:
+def raw_request(
+    method: str, path: str, body: bytes = b"", headers: dict | None = None, key: str | None = None
+) -> bytes:
     """The bytes of an HTTP/1.1 request (Content-Length from the body unless ``headers`` set it)."""
-    headers = {"Host": "127.0.0.1", "Connection": "close", **({"Content-Type": "application/json"} if body else {}),
-               **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    headers = {
+        "Host": "127.0.0.1",
+        "Connection": "close",
+        **({"Content-Type": "application/json"} if body else {}),
+        **({"Authorization": f"Bearer {key}"} if key else {}),
+        **(headers or {}),
+    }
     headers.setdefault("Content-Length", str(len(body)))
     lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     return f"{method} {path} HTTP/1.1\r\n{lines}\r\n".encode("latin-1") + body
@@ -394,10 +501,11 @@ def chunked_over_limit(key: str, filler: bytes = b"x") -> bytes:
     ``filler``. The server reads it all before it refuses it, so the answer is not lost to a reset."""
     body, chunk = b"", (filler * 4096)[:4096]
     for start in range(0, MAX_BODY + 1, len(chunk)):
-        piece = chunk[:min(len(chunk), MAX_BODY + 1 - start)]
+        piece = chunk[: min(len(chunk), MAX_BODY + 1 - start)]
         body += f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
-    head = raw_request("POST", "/v1/completions", key=key, headers={"Transfer-Encoding": "chunked",
-                                                              "Content-Type": "application/json"})
+    head = raw_request(
+        "POST", "/v1/completions", key=key, headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"}
+    )
     return head.replace(b"Content-Length: 0\r\n", b"") + body + b"0\r\n\r\n"
 
 
@@ -409,58 +517,115 @@ def hostile_probes(key: str = KEY) -> list[Probe]:
         return raw_request(method, path, body, headers, auth)
 
     def post(fields: dict, path: str = "/v1/completions") -> bytes:
-        base = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]} if "chat" in path else \
-            {"model": MODEL, "prompt": "hi"}
+        base = (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            if "chat" in path
+            else {"model": MODEL, "prompt": "hi"}
+        )
         return raw("POST", path, json.dumps({**base, **fields}).encode())
 
     deep = b'{"model":"tiny","prompt":"x","user":' + b"[" * 5000 + b"]" * 5000 + b"}"
     return [
-        *[Probe(f"no key: {m} {p}", 401, raw(m, p, auth=None)) for m, p in
-          [("GET", "/v1/models"), ("GET", f"/v1/models/{MODEL}"), ("POST", "/v1/completions"),
-           ("POST", "/v1/chat/completions"), ("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs"),
-           ("GET", "/no/such/route")]],
+        *[
+            Probe(f"no key: {m} {p}", 401, raw(m, p, auth=None))
+            for m, p in [
+                ("GET", "/v1/models"),
+                ("GET", f"/v1/models/{MODEL}"),
+                ("POST", "/v1/completions"),
+                ("POST", "/v1/chat/completions"),
+                ("GET", "/metrics"),
+                ("GET", "/openapi.json"),
+                ("GET", "/docs"),
+                ("GET", "/no/such/route"),
+            ]
+        ],
         Probe("wrong key", 401, raw("GET", "/v1/models", auth=key + "x")),
-        Probe("key of another scheme", 401, raw("GET", "/v1/models", headers={"Authorization": f"Basic {key}"}, auth=None)),
+        Probe(
+            "key of another scheme", 401, raw("GET", "/v1/models", headers={"Authorization": f"Basic {key}"}, auth=None)
+        ),
         Probe("key in the query string only", 401, raw("GET", f"/v1/models?api_key={key}", auth=None)),
-        Probe("no key, oversized body", 401, raw("POST", "/v1/completions", headers={"Content-Length": "999999999"},
-                                                 auth=None)),
-        Probe("body over the limit (declared, not sent)", 413, raw("POST", "/v1/completions", headers={
-            "Content-Length": str(10 * MAX_BODY), "Content-Type": "application/json"})),
+        Probe(
+            "no key, oversized body",
+            401,
+            raw("POST", "/v1/completions", headers={"Content-Length": "999999999"}, auth=None),
+        ),
+        Probe(
+            "body over the limit (declared, not sent)",
+            413,
+            raw(
+                "POST",
+                "/v1/completions",
+                headers={"Content-Length": str(10 * MAX_BODY), "Content-Type": "application/json"},
+            ),
+        ),
         Probe("chunked body over the limit", 413, chunked_over_limit(key)),
         Probe("malformed JSON", 400, raw("POST", "/v1/completions", b'{"model": "tiny", "prompt": ')),
-        Probe("not UTF-8", 400, raw("POST", "/v1/completions", '{"model": "tiny", "prompt": "café"}'.encode("latin-1"))),
-        Probe("Content-Type text/plain", 400, raw("POST", "/v1/completions", b'{"model":"tiny","prompt":"hi"}',
-                                                  headers={"Content-Type": "text/plain"})),
-        Probe("form-encoded body", 400, raw("POST", "/v1/completions", b"model=tiny&prompt=hi",
-                                            headers={"Content-Type": "application/x-www-form-urlencoded"})),
+        Probe(
+            "not UTF-8", 400, raw("POST", "/v1/completions", '{"model": "tiny", "prompt": "café"}'.encode("latin-1"))
+        ),
+        Probe(
+            "Content-Type text/plain",
+            400,
+            raw("POST", "/v1/completions", b'{"model":"tiny","prompt":"hi"}', headers={"Content-Type": "text/plain"}),
+        ),
+        Probe(
+            "form-encoded body",
+            400,
+            raw(
+                "POST",
+                "/v1/completions",
+                b"model=tiny&prompt=hi",
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            ),
+        ),
         Probe("JSON array body", 400, raw("POST", "/v1/completions", b"[1, 2]")),
         Probe("empty body", 400, raw("POST", "/v1/completions", headers={"Content-Type": "application/json"})),
         Probe("JSON nested 5,000 deep", 400, raw("POST", "/v1/completions", deep)),
-        Probe("a 5,000-digit number", 400, raw("POST", "/v1/completions", b'{"model":"tiny","prompt":"x","seed":'
-                                                + b"9" * 5000 + b"}")),
+        Probe(
+            "a 5,000-digit number",
+            400,
+            raw("POST", "/v1/completions", b'{"model":"tiny","prompt":"x","seed":' + b"9" * 5000 + b"}"),
+        ),
         Probe("NaN", 400, raw("POST", "/v1/completions", b'{"model":"tiny","prompt":"x","temperature":NaN}')),
         Probe("Infinity", 400, raw("POST", "/v1/completions", b'{"model":"tiny","prompt":"x","top_p":Infinity}')),
         Probe("1e999", 400, raw("POST", "/v1/completions", b'{"model":"tiny","prompt":"x","max_tokens":1e999}')),
-        Probe("lone surrogate in the prompt", 400, raw("POST", "/v1/completions", b'{"model":"tiny","prompt":"x\\ud800"}')),
+        Probe(
+            "lone surrogate in the prompt", 400, raw("POST", "/v1/completions", b'{"model":"tiny","prompt":"x\\ud800"}')
+        ),
         Probe("lone surrogate in the model", 400, raw("POST", "/v1/completions", b'{"model":"\\udfff","prompt":"x"}')),
         Probe("stream as a string", 400, post({"stream": "yes"})),
         Probe("n as a float", 400, post({"n": 2.0})),
         Probe("prompt as a number", 400, post({"prompt": 42})),
         Probe("messages as a string", 400, post({"messages": "hi"}, "/v1/chat/completions")),
         Probe("unknown role", 400, post({"messages": [{"role": "robot", "content": "hi"}]}, "/v1/chat/completions")),
-        Probe("image content part", 400, post({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "/v1/chat/completions")),
+        Probe(
+            "image content part",
+            400,
+            post(
+                {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+                "/v1/chat/completions",
+            ),
+        ),
         Probe("no messages", 400, post({"messages": []}, "/v1/chat/completions")),
         Probe("missing model", 400, raw("POST", "/v1/completions", b'{"prompt": "hi"}')),
         Probe("unknown model", 404, post({"model": "gpt-4"})),
         Probe("max_tokens over the limit", 400, post({"max_tokens": MAX_TOKENS + 1})),
-        Probe("max_completion_tokens over the limit", 400, post({"max_completion_tokens": MAX_TOKENS + 1, "max_tokens": 4},
-                                                                "/v1/chat/completions")),
+        Probe(
+            "max_completion_tokens over the limit",
+            400,
+            post({"max_completion_tokens": MAX_TOKENS + 1, "max_tokens": 4}, "/v1/chat/completions"),
+        ),
         Probe("max_tokens 0", 400, post({"max_tokens": 0})),
-        Probe("prompt longer than the context", 400, post({"prompt": " ".join(["sepsis"] * (CONTEXT + 20)),
-                                                           "max_tokens": 1})),
-        Probe("prompt plus max_tokens over the context", 400, post({"prompt": " ".join(["sepsis"] * 100),
-                                                                    "max_tokens": MAX_TOKENS})),
+        Probe(
+            "prompt longer than the context",
+            400,
+            post({"prompt": " ".join(["sepsis"] * (CONTEXT + 20)), "max_tokens": 1}),
+        ),
+        Probe(
+            "prompt plus max_tokens over the context",
+            400,
+            post({"prompt": " ".join(["sepsis"] * 100), "max_tokens": MAX_TOKENS}),
+        ),
         Probe("token id outside the vocabulary", 400, post({"prompt": [1, 2, 10**9]})),
         Probe("negative token id", 400, post({"prompt": [-1]})),
         Probe("empty prompt", 400, post({"prompt": ""})),
@@ -516,6 +681,7 @@ def probe_problem(port: int, probe: Probe) -> str | None:
 
 # -- the scenarios ------------------------------------------------------------------------------------
 
+
 def _model(ctx: Context) -> Path:
     if "server_model" not in ctx.cache:
         ctx.cache["server_model"] = tiny_model(ctx.work / "server" / "tiny-gpt2")
@@ -547,8 +713,9 @@ def scenario_schemathesis(ctx: Context, tries: int) -> Row:
 
     def one(i: int) -> tuple[bool, int, str]:
         with _server(ctx, f"schemathesis-{i}", max_batch=2, max_queue=4, **FUZZ_LIMITS) as server:
-            sent, failures = fuzz_api(f"http://127.0.0.1:{server.port}", server.key, examples=examples,
-                                      seed=ctx.seed + i)
+            sent, failures = fuzz_api(
+                f"http://127.0.0.1:{server.port}", server.key, examples=examples, seed=ctx.seed + i
+            )
             errors = server.server_errors()
             problems = failures + _healthy(server)
         row.server_errors += errors + len(failures)
@@ -575,7 +742,9 @@ def scenario_load(ctx: Context, tries: int) -> Row:
         row.server_errors += errors + len(load.errors)
         warm, end = load.rss_growth(warmup)
         if end - warm > RSS_GROWTH_LIMIT * warm:
-            problems.append(f"RSS grew from {warm:.0f} to {end:.0f} MB after the warm-up (limit +{RSS_GROWTH_LIMIT:.0%})")
+            problems.append(
+                f"RSS grew from {warm:.0f} to {end:.0f} MB after the warm-up (limit +{RSS_GROWTH_LIMIT:.0%})"
+            )
         if errors:
             problems.append(f"{errors} answers were 5xx")
         row.detail = f"{clients} clients for {seconds} s: {load.summary(warmup)}"
@@ -617,11 +786,21 @@ def drop_clients(server: Server, streams: int, waiting: int, rng: random.Random)
     tokens the server generated meanwhile)."""
     body = {"model": MODEL, "max_tokens": MAX_TOKENS - 24, "ignore_eos": True}
     before = server.metrics()["medfoundry_generation_tokens_total"]
-    jobs = [(stream, (server.port, server.key, {**body, "prompt": rng.choice(PROMPTS)}), {"drop_after": rng.randint(1, 5)})
-            for _ in range(streams)]
-    jobs += [(drop_waiting_client, (server.port, server.key, {**body, "prompt": rng.choice(PROMPTS)},
-                                    rng.uniform(0.05, 0.5)), {}) for _ in range(waiting)]
-    threads = [threading.Thread(target=function, args=args, kwargs=kwargs, daemon=True) for function, args, kwargs in jobs]
+    jobs = [
+        (stream, (server.port, server.key, {**body, "prompt": rng.choice(PROMPTS)}), {"drop_after": rng.randint(1, 5)})
+        for _ in range(streams)
+    ]
+    jobs += [
+        (
+            drop_waiting_client,
+            (server.port, server.key, {**body, "prompt": rng.choice(PROMPTS)}, rng.uniform(0.05, 0.5)),
+            {},
+        )
+        for _ in range(waiting)
+    ]
+    threads = [
+        threading.Thread(target=function, args=args, kwargs=kwargs, daemon=True) for function, args, kwargs in jobs
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -645,8 +824,10 @@ def scenario_disconnects(ctx: Context, tries: int) -> Row:
             problems.append(f"{generated} of the {asked} tokens asked were generated: the requests were not cut short")
         if errors:
             problems.append(f"{errors} answers were 5xx")
-        row.detail = (f"{streams} streams dropped after 1-5 events and {streams // 2} plain requests abandoned per "
-                      f"try, {asked} tokens asked, {generated} generated before the slots were free (last try)")
+        row.detail = (
+            f"{streams} streams dropped after 1-5 events and {streams // 2} plain requests abandoned per "
+            f"try, {asked} tokens asked, {generated} generated before the slots were free (last try)"
+        )
         return not problems, 0, "; ".join(problems) or f"{generated} of {asked} tokens generated before the drops"
 
     return attempt(ctx, row, tries, one)

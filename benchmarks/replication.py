@@ -27,16 +27,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("replication-cpu-noreplay", "replication-cpu")
 PERPLEXITY = {"ppl_abstracts": "PubMed abstracts", "ppl_pmc": "PMC full text", "ppl_general": "General domain"}
-ACCURACY = {"medqa_4options": "MedQA-4", "medqa_5options": "MedQA-5", "medmcqa": "MedMCQA", "pubmedqa": "PubMedQA",
-            "mmlu_medical": "MMLU-med"}
-NAMES = {"SmolLM2-135M-Instruct.Q4_1": "SmolLM2-135M-Instruct", "model": "+ PubMed, 1% replay",
-         "model-2": "+ PubMed, no replay"}
+ACCURACY = {
+    "medqa_4options": "MedQA-4",
+    "medqa_5options": "MedQA-5",
+    "medmcqa": "MedMCQA",
+    "pubmedqa": "PubMedQA",
+    "mmlu_medical": "MMLU-med",
+}
+NAMES = {
+    "SmolLM2-135M-Instruct.Q4_1": "SmolLM2-135M-Instruct",
+    "model": "+ PubMed, 1% replay",
+    "model-2": "+ PubMed, no replay",
+}
 
 
 def run(recipe: str) -> float:
     started = time.time()
-    subprocess.run([sys.executable, "-m", "medfoundry", "run", str(REPO / "recipes" / f"{recipe}.yaml")], cwd=REPO,
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "medfoundry", "run", str(REPO / "recipes" / f"{recipe}.yaml")], cwd=REPO, check=True
+    )
     return round(time.time() - started, 1)
 
 
@@ -61,8 +70,10 @@ def main() -> None:
     parser.parse_args()
     seconds = {recipe: run(recipe) for recipe in RECIPES}
     run_dir = REPO / "runs" / "replication-cpu"
-    fertility = {name: f["tokens_per_word"]
-                 for name, f in json.loads((run_dir / "tokenizer" / "manifest.json").read_text())["fertility"].items()}
+    fertility = {
+        name: f["tokens_per_word"]
+        for name, f in json.loads((run_dir / "tokenizer" / "manifest.json").read_text())["fertility"].items()
+    }
     models = model_scores(run_dir / "eval")
     base, replay, plain = (models.get(NAMES[k], {}) for k in ("SmolLM2-135M-Instruct.Q4_1", "model", "model-2"))
     findings = {
@@ -77,11 +88,24 @@ def main() -> None:
     columns = [*PERPLEXITY, *ACCURACY]
     print("\nBioMed-LLaMA / Meditron: word perplexity (lower is better) and zero-shot accuracy\n")
     titles = PERPLEXITY | ACCURACY
-    print(table(["model", *[titles[c] for c in columns]],
-                [[name, *[_cell(row.get(c), c in PERPLEXITY) for c in columns]] for name, row in models.items()]))
+    print(
+        table(
+            ["model", *[titles[c] for c in columns]],
+            [[name, *[_cell(row.get(c), c in PERPLEXITY) for c in columns]] for name, row in models.items()],
+        )
+    )
     print("\nFindings:", json.dumps(findings, indent=1))
-    print(json.dumps({"fertility": fertility, "models": models, "findings": findings, "seconds": seconds,
-                      "run_dirs": [str(REPO / "runs" / r) for r in RECIPES]}))
+    print(
+        json.dumps(
+            {
+                "fertility": fertility,
+                "models": models,
+                "findings": findings,
+                "seconds": seconds,
+                "run_dirs": [str(REPO / "runs" / r) for r in RECIPES],
+            }
+        )
+    )
 
 
 def _cell(value: float | None, perplexity: bool) -> str:

@@ -73,6 +73,7 @@ def log(message: str) -> None:
 
 # ---- models
 
+
 def tiny_gpt2() -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -102,6 +103,7 @@ def smollm2() -> Path:
 
 
 # ---- part 1: engine vs generate
+
 
 def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """``model.generate``, greedy, on a left-padded batch, end-of-sequence disabled."""
@@ -165,7 +167,7 @@ def timed(fn) -> tuple[float, float, list[list[int]]]:
 
 def compare(engine, prompts: list[list[int]], batch: int, new_tokens: int, rounds: int) -> dict:
     """Best-of-rounds tokens/s of both contenders at one batch size, and their tokens."""
-    groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)] if batch < len(prompts) else [prompts]
+    groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)] if batch < len(prompts) else [prompts]
     if batch == 1:
         groups = groups[:2]  # two prompts one at a time: enough for a batch-1 rate
 
@@ -179,14 +181,21 @@ def compare(engine, prompts: list[list[int]], batch: int, new_tokens: int, round
     best = {"engine": 0.0, "hf": 0.0}
     tokens, foreign = {}, []
     for round_ in range(rounds + 1):  # round 0 is the warmup
-        for name, fn in (("engine", run_engine), ("hf", run_hf)) if round_ % 2 == 0 else (("hf", run_hf), ("engine", run_engine)):
+        for name, fn in (
+            (("engine", run_engine), ("hf", run_hf)) if round_ % 2 == 0 else (("hf", run_hf), ("engine", run_engine))
+        ):
             seconds, share, tokens[name] = timed(fn)
             if round_:
                 best[name] = max(best[name], made / seconds)
                 foreign.append(share)
-    return {"engine_tok_s": round(best["engine"], 1), "hf_generate_tok_s": round(best["hf"], 1),
-            "speedup": round(best["engine"] / best["hf"], 3), "identical": tokens["engine"] == tokens["hf"],
-            "foreign_cpu": round(statistics.fmean(foreign), 2), "tokens": tokens}
+    return {
+        "engine_tok_s": round(best["engine"], 1),
+        "hf_generate_tok_s": round(best["hf"], 1),
+        "speedup": round(best["engine"] / best["hf"], 3),
+        "identical": tokens["engine"] == tokens["hf"],
+        "foreign_cpu": round(statistics.fmean(foreign), 2),
+        "tokens": tokens,
+    }
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -223,6 +232,7 @@ def bench_model(path: Path, new_tokens: int, rounds: int) -> dict:
 
 # ---- part 2: the server under load
 
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -231,12 +241,31 @@ def free_port() -> int:
 
 def start_server(model: Path, port: int) -> subprocess.Popen:
     """``medfoundry serve`` through the serve package's own subcommand registration."""
-    code = ("import argparse, sys; from medfoundry.serve.cli import add_subcommands; p = argparse.ArgumentParser(); "
-            "add_subcommands(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+    code = (
+        "import argparse, sys; from medfoundry.serve.cli import add_subcommands; p = argparse.ArgumentParser(); "
+        "add_subcommands(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
+    )
     env = dict(os.environ)  # LD_PRELOAD included: the server runs with the allocator this script has
     server_log = (CACHE / "server.log").open("w")  # a file, not a pipe nobody drains
-    proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(model), "--port", str(port), "--served-model-name",
-                             "bench", "--max-batch", "8", "--log-level", "warning"], stderr=server_log, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "bench",
+            "--max-batch",
+            "8",
+            "--log-level",
+            "warning",
+        ],
+        stderr=server_log,
+        env=env,
+    )
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -265,8 +294,13 @@ def load_level(port: int, server_pid: int, clients: int, seconds: float, max_tok
         while time.monotonic() < deadline:
             start = time.perf_counter()
             try:
-                out = client.completions.create(model="bench", prompt=PROMPTS[n % len(PROMPTS)], max_tokens=max_tokens,
-                                                temperature=0, extra_body={"ignore_eos": True})
+                out = client.completions.create(
+                    model="bench",
+                    prompt=PROMPTS[n % len(PROMPTS)],
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    extra_body={"ignore_eos": True},
+                )
                 with lock:
                     latencies.append(time.perf_counter() - start)
                     tokens[0] += out.usage.completion_tokens
@@ -285,10 +319,22 @@ def load_level(port: int, server_pid: int, clients: int, seconds: float, max_tok
             thread.join()
     wall = time.perf_counter() - started
     ordered = sorted(latencies)
-    pick = (lambda q: round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)) if ordered else (lambda q: None)
-    return {"clients": clients, "requests": len(latencies), "errors": errors[0], "p50_ms": pick(0.5),
-            "p99_ms": pick(0.99), "mean_ms": round(1000 * statistics.fmean(ordered), 1) if ordered else None,
-            "tok_s": round(tokens[0] / wall, 1), "seconds": round(wall, 2), "foreign_cpu": round(foreign.share, 2)}
+    pick = (
+        (lambda q: round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1))
+        if ordered
+        else (lambda q: None)
+    )
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors[0],
+        "p50_ms": pick(0.5),
+        "p99_ms": pick(0.99),
+        "mean_ms": round(1000 * statistics.fmean(ordered), 1) if ordered else None,
+        "tok_s": round(tokens[0] / wall, 1),
+        "seconds": round(wall, 2),
+        "foreign_cpu": round(foreign.share, 2),
+    }
 
 
 def bench_server(model: Path, seconds: float, max_tokens: int) -> list[dict]:
@@ -332,6 +378,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from medfoundry.runtime import configure, resolve_device_precision
+
     hf_logging.set_verbosity_error()
     runtime = configure()
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -347,21 +394,38 @@ def main() -> None:
     identical = all(models[m]["fp32"][b]["identical"] for m in models for b in ("batch_1", "batch_8"))
     busiest = levels[-1]
     result = {
-        "tok_s": headline["engine_tok_s"], "hf_generate_tok_s": hf_fp32,
+        "tok_s": headline["engine_tok_s"],
+        "hf_generate_tok_s": hf_fp32,
         "speedup_vs_hf_generate": round(headline["engine_tok_s"] / hf_fp32, 3),
-        "identical_greedy": identical, "precision": default_precision,
+        "identical_greedy": identical,
+        "precision": default_precision,
         "fp32_speedup_vs_fp32_generate": models["smollm2-135m"]["fp32"]["batch_8"]["speedup"],
         "bf16_speedup_vs_bf16_generate": models["smollm2-135m"]["bf16"]["batch_8"]["speedup"],
-        "server_p50_ms": busiest["p50_ms"], "server_p99_ms": busiest["p99_ms"], "server_tok_s": busiest["tok_s"],
+        "server_p50_ms": busiest["p50_ms"],
+        "server_p99_ms": busiest["p99_ms"],
+        "server_tok_s": busiest["tok_s"],
         "errors": sum(level["errors"] for level in levels),
-        "targets": {"speedup_vs_hf_generate_ge_1.5": headline["engine_tok_s"] / hf_fp32 >= 1.5,
-                    "identical_greedy": identical, "no_errors": all(level["errors"] == 0 for level in levels)},
-        "models": models, "server": levels,
-        "settings": {"new_tokens": new_tokens, "server_max_tokens": max_tokens, "level_seconds": seconds,
-                     "rounds": rounds, "threads": runtime.threads, "allocator": runtime.allocator,
-                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "quick": args.quick},
-        "foreign_cpu_max": max([run["foreign_cpu"] for m in models.values() for prec in m.values() for run in prec.values()]
-                               + [level["foreign_cpu"] for level in levels]),
+        "targets": {
+            "speedup_vs_hf_generate_ge_1.5": headline["engine_tok_s"] / hf_fp32 >= 1.5,
+            "identical_greedy": identical,
+            "no_errors": all(level["errors"] == 0 for level in levels),
+        },
+        "models": models,
+        "server": levels,
+        "settings": {
+            "new_tokens": new_tokens,
+            "server_max_tokens": max_tokens,
+            "level_seconds": seconds,
+            "rounds": rounds,
+            "threads": runtime.threads,
+            "allocator": runtime.allocator,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "quick": args.quick,
+        },
+        "foreign_cpu_max": max(
+            [run["foreign_cpu"] for m in models.values() for prec in m.values() for run in prec.values()]
+            + [level["foreign_cpu"] for level in levels]
+        ),
         "seconds": round(time.time() - started, 1),
     }
     print(json.dumps(result))

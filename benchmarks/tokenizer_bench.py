@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 from corpus_bench import DATA, corpus_config
-
 from medfoundry.config import validate
 from medfoundry.corpus.build import build_corpus
 from medfoundry.corpus.config import CorpusConfig
@@ -28,10 +27,17 @@ from medfoundry.tokenizer.train import train_tokenizer
 
 
 def train(corpus: Path, out: Path, rule: str) -> tuple[dict, float]:
-    cfg = validate(TokenizerTrainConfig, {
-        "corpus_dir": str(corpus), "output_dir": str(out), "vocab_size": 28_896, "pretokenizer": rule,
-        "sources": ["abstracts"], "fertility": {"references": {"gpt2": str(DATA / "tokenizers" / "gpt2")}},
-    })
+    cfg = validate(
+        TokenizerTrainConfig,
+        {
+            "corpus_dir": str(corpus),
+            "output_dir": str(out),
+            "vocab_size": 28_896,
+            "pretokenizer": rule,
+            "sources": ["abstracts"],
+            "fertility": {"references": {"gpt2": str(DATA / "tokenizers" / "gpt2")}},
+        },
+    )
     start = time.perf_counter()
     manifest = train_tokenizer(cfg)
     return manifest, time.perf_counter() - start
@@ -41,8 +47,13 @@ def summary(manifest: dict, directory: Path) -> dict:
     report = json.loads((directory / "fertility.json").read_text())
     ours, gpt2 = report["tokenizers"]["medfoundry"]["tokens_per_word"], report["tokenizers"]["gpt2"]["tokens_per_word"]
     singles = [t for t in BIOMEDLM_TERMS if len(report["terms"][t]["medfoundry"]) == 1]
-    return {"fertility_domain": round(ours, 4), "fertility_gpt2": round(gpt2, 4), "gain": round(1 - ours / gpt2, 4),
-            "single_token_terms": singles, "heldout_words": report["words"]}
+    return {
+        "fertility_domain": round(ours, 4),
+        "fertility_gpt2": round(gpt2, 4),
+        "gain": round(1 - ours / gpt2, 4),
+        "single_token_terms": singles,
+        "heldout_words": report["words"],
+    }
 
 
 def main() -> None:
@@ -54,21 +65,33 @@ def main() -> None:
         corpus_manifest = build_corpus(validate(CorpusConfig, corpus_config(tmp, 0), "tokenizer_bench"))
         corpus = tmp / "corpus"
         manifest, train_wall = train(corpus, tmp / "tokenizer", "biomedical")
-        result = {"train_wall_s": round(train_wall, 2), "bpe_train_s": round(manifest["timings"]["train_s"], 2),
-                  "train_chars": manifest["training_text"]["characters"], **summary(manifest, tmp / "tokenizer")}
+        result = {
+            "train_wall_s": round(train_wall, 2),
+            "bpe_train_s": round(manifest["timings"]["train_s"], 2),
+            "train_chars": manifest["training_text"]["characters"],
+            **summary(manifest, tmp / "tokenizer"),
+        }
         start = time.perf_counter()
         shards = tokenize_corpus(corpus, tmp / "tokenizer", tmp / "tokens")
         tokenize_wall = time.perf_counter() - start
         tokens = sum(split["tokens"] for split in shards["splits"].values())
         plain_manifest, plain_wall = train(corpus, tmp / "plain", "gpt2")
         plain = summary(plain_manifest, tmp / "plain")
-    result.update({
-        "tokenize_wall_s": round(tokenize_wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / tokenize_wall),
-        "corpus_docs": sum(corpus_manifest["documents_out"].values()),
-        "plain_bpe": {"fertility_domain": plain["fertility_domain"], "gain": plain["gain"],
-                      "single_token_terms": plain["single_token_terms"], "train_wall_s": round(plain_wall, 2)},
-        "targets": {"gain": 0.12, "single_token_terms": 5, "tokenize_wall_s": 30},
-    })
+    result.update(
+        {
+            "tokenize_wall_s": round(tokenize_wall, 2),
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / tokenize_wall),
+            "corpus_docs": sum(corpus_manifest["documents_out"].values()),
+            "plain_bpe": {
+                "fertility_domain": plain["fertility_domain"],
+                "gain": plain["gain"],
+                "single_token_terms": plain["single_token_terms"],
+                "train_wall_s": round(plain_wall, 2),
+            },
+            "targets": {"gain": 0.12, "single_token_terms": 5, "tokenize_wall_s": 30},
+        }
+    )
     print(json.dumps(result))
 
 

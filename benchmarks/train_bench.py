@@ -78,11 +78,13 @@ CONTENDED = 0.05  # a run during which other processes used more than this share
 
 # -- data ----------------------------------------------------------------------------------------
 
+
 def _data_ready(root: Path) -> bool:
     tokens = root / "tokens"
     try:
         return (root / "tokenizer" / "tokenizer.json").is_file() and all(
-            json.loads((tokens / split / "index.json").read_text()).get("complete") for split in ("train", "val"))
+            json.loads((tokens / split / "index.json").read_text()).get("complete") for split in ("train", "val")
+        )
     except (OSError, ValueError):
         return False
 
@@ -91,9 +93,13 @@ def prepare_data(fresh: bool) -> dict:
     """Corpus (the shared abstracts), 28,896-token tokenizer, token shards: built once into CACHE."""
     start = time.perf_counter()
     if not fresh and _data_ready(CACHE):
-        return {"dir": str(CACHE), "cached": True, "prep_s": round(time.perf_counter() - start, 2), **_data_stats(CACHE)}
+        return {
+            "dir": str(CACHE),
+            "cached": True,
+            "prep_s": round(time.perf_counter() - start, 2),
+            **_data_stats(CACHE),
+        }
     from corpus_bench import DATA, corpus_config
-
     from medfoundry.config import validate
     from medfoundry.corpus.build import build_corpus
     from medfoundry.corpus.config import CorpusConfig
@@ -111,8 +117,12 @@ def prepare_data(fresh: bool) -> dict:
         cfg["dedup"]["precedence"] = ["abstracts"]
         build_corpus(validate(CorpusConfig, cfg, "train_bench"), force=True)
         print(f"data: corpus built ({time.perf_counter() - start:.0f} s)", flush=True)
-        train_tokenizer(validate(TokenizerTrainConfig, {
-            "corpus_dir": str(work / "corpus"), "output_dir": str(work / "tokenizer"), "vocab_size": 28_896}))
+        train_tokenizer(
+            validate(
+                TokenizerTrainConfig,
+                {"corpus_dir": str(work / "corpus"), "output_dir": str(work / "tokenizer"), "vocab_size": 28_896},
+            )
+        )
         print(f"data: tokenizer trained ({time.perf_counter() - start:.0f} s)", flush=True)
         tokenize_corpus(work / "corpus", work / "tokenizer", work / "tokens")
         shutil.rmtree(work / "corpus")  # only the shards and the tokenizer are needed
@@ -126,11 +136,15 @@ def prepare_data(fresh: bool) -> dict:
 
 def _data_stats(root: Path) -> dict:
     index = {s: json.loads((root / "tokens" / s / "index.json").read_text()) for s in ("train", "val")}
-    return {"train_tokens": index["train"]["tokens"], "val_tokens": index["val"]["tokens"],
-            "vocab_size": index["train"]["vocab_size"]}
+    return {
+        "train_tokens": index["train"]["tokens"],
+        "val_tokens": index["val"]["tokens"],
+        "vocab_size": index["train"]["vocab_size"],
+    }
 
 
 # -- children --------------------------------------------------------------------------------------
+
 
 def child_env(allocator: str | None) -> dict:
     env = dict(os.environ)
@@ -217,7 +231,7 @@ def _windows(spec: dict, steps: int):
 def _timed(ends: list[float], warmup: int, steps: int) -> dict:
     """tokens/s over steps warmup+1 .. warmup+steps from the wall-clock end of every step (ends[i]: step i+1)."""
     wall = ends[warmup + steps - 1] - ends[warmup - 1]
-    per_step = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:warmup + steps])]
+    per_step = [b - a for a, b in zip(ends[warmup - 1 :], ends[warmup : warmup + steps])]
     return {"tok_s": steps * TOKENS_PER_STEP / wall, "timed_s": wall, "step_s_median": statistics.median(per_step)}
 
 
@@ -228,18 +242,28 @@ def child_medfoundry(spec: dict) -> dict:
 
     warmup, steps, total = spec["warmup"], spec["steps"], spec["warmup"] + spec["steps"]
     out, data = Path(spec["out"]), Path(spec["data"])
-    cfg = validate(PretrainConfig, {
-        "output_dir": str(out),
-        "model": {"preset": spec["size"], "context": CONTEXT, "overrides": NO_DROPOUT},
-        "data": {"tokens_dir": str(data / "tokens"), "tokenizer_dir": str(data / "tokenizer")},
-        "training": {"seed": SEED, "steps": total, "micro_batch_size": BATCH, "global_batch_size": BATCH, "precision": "bf16",
-                     "compile": spec["kind"] == COMPILED},
-        "optim": {k: OPTIM[k] for k in ("lr", "weight_decay", "betas", "eps", "grad_clip")},
-        "schedule": {"kind": "constant"},
-        "checkpoint": {"every": 10**9, "keep_last": 1},  # only the final one, after the timed steps
-        "eval": {"every": 10**9, "batches": 1},  # only the final validation, after the timed steps
-        "log": {"every": 1},
-    }, "train_bench")
+    cfg = validate(
+        PretrainConfig,
+        {
+            "output_dir": str(out),
+            "model": {"preset": spec["size"], "context": CONTEXT, "overrides": NO_DROPOUT},
+            "data": {"tokens_dir": str(data / "tokens"), "tokenizer_dir": str(data / "tokenizer")},
+            "training": {
+                "seed": SEED,
+                "steps": total,
+                "micro_batch_size": BATCH,
+                "global_batch_size": BATCH,
+                "precision": "bf16",
+                "compile": spec["kind"] == COMPILED,
+            },
+            "optim": {k: OPTIM[k] for k in ("lr", "weight_decay", "betas", "eps", "grad_clip")},
+            "schedule": {"kind": "constant"},
+            "checkpoint": {"every": 10**9, "keep_last": 1},  # only the final one, after the timed steps
+            "eval": {"every": 10**9, "batches": 1},  # only the final validation, after the timed steps
+            "log": {"every": 1},
+        },
+        "train_bench",
+    )
     start = time.perf_counter()
     pretrain(cfg)
     run_s = time.perf_counter() - start
@@ -249,7 +273,13 @@ def child_medfoundry(spec: dict) -> dict:
     timed = _timed(ends, warmup, steps)
     logged = statistics.median(train[s]["tok_s"] for s in range(warmup + 1, total + 1))
     kernels = json.loads((out / "run.json").read_text())["kernels"]
-    return {**timed, "logged_tok_s_median": logged, "final_loss": train[total]["loss"], "run_s": run_s, "kernels": kernels}
+    return {
+        **timed,
+        "logged_tok_s_median": logged,
+        "final_loss": train[total]["loss"],
+        "run_s": run_s,
+        "kernels": kernels,
+    }
 
 
 def child_hf_trainer(spec: dict) -> dict:
@@ -273,19 +303,39 @@ def child_hf_trainer(spec: dict) -> dict:
 
     model = _model(spec)
     args = TrainingArguments(
-        output_dir=spec["out"], use_cpu=True, bf16=True, per_device_train_batch_size=BATCH, max_steps=total,
-        learning_rate=OPTIM["lr"], weight_decay=OPTIM["weight_decay"], adam_beta1=OPTIM["betas"][0],
-        adam_beta2=OPTIM["betas"][1], adam_epsilon=OPTIM["eps"], max_grad_norm=OPTIM["grad_clip"],
-        lr_scheduler_type="constant", warmup_steps=0, logging_strategy="no", save_strategy="no", eval_strategy="no",
-        report_to="none", dataloader_num_workers=0, seed=SEED, disable_tqdm=True)
+        output_dir=spec["out"],
+        use_cpu=True,
+        bf16=True,
+        per_device_train_batch_size=BATCH,
+        max_steps=total,
+        learning_rate=OPTIM["lr"],
+        weight_decay=OPTIM["weight_decay"],
+        adam_beta1=OPTIM["betas"][0],
+        adam_beta2=OPTIM["betas"][1],
+        adam_epsilon=OPTIM["eps"],
+        max_grad_norm=OPTIM["grad_clip"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        seed=SEED,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[StepClock()])
     start = time.perf_counter()
     output = trainer.train()
     run_s = time.perf_counter() - start
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    return {**_timed(ends, warmup, steps), "final_loss": output.training_loss, "run_s": run_s,  # HF: mean over the run
-            "optimizer": f"{type(optimizer).__name__}(foreach={optimizer.defaults.get('foreach')}, "
-                         f"fused={optimizer.defaults.get('fused')})"}
+    return {
+        **_timed(ends, warmup, steps),
+        "final_loss": output.training_loss,
+        "run_s": run_s,  # HF: mean over the run
+        "optimizer": f"{type(optimizer).__name__}(foreach={optimizer.defaults.get('foreach')}, "
+        f"fused={optimizer.defaults.get('fused')})",
+    }
 
 
 def child_plain(spec: dict) -> dict:
@@ -297,9 +347,13 @@ def child_plain(spec: dict) -> dict:
     model.train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM["weight_decay"]},
-                                   {"params": other, "weight_decay": 0.0}],
-                                  lr=OPTIM["lr"], betas=OPTIM["betas"], eps=OPTIM["eps"], foreach=True)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": OPTIM["weight_decay"]}, {"params": other, "weight_decay": 0.0}],
+        lr=OPTIM["lr"],
+        betas=OPTIM["betas"],
+        eps=OPTIM["eps"],
+        foreach=True,
+    )
     ends, loss_value = [], float("nan")
     start = time.perf_counter()
     for _ in range(total):
@@ -325,14 +379,19 @@ def child_main(spec: dict) -> None:
     if kind == "peak":
         result = child_peak(spec)
     else:
-        result = {"medfoundry": child_medfoundry, COMPILED: child_medfoundry, "hf_trainer": child_hf_trainer,
-                  "plain": child_plain}[kind](spec)
+        result = {
+            "medfoundry": child_medfoundry,
+            COMPILED: child_medfoundry,
+            "hf_trainer": child_hf_trainer,
+            "plain": child_plain,
+        }[kind](spec)
         result.update(threads=torch.get_num_threads(), allocator=_allocator_mapped())
     result["peak_rss_mb"] = round(_rss_mb(), 1)
     print(json.dumps(result))
 
 
 # -- parent --------------------------------------------------------------------------------------
+
 
 def _exit_on_sigterm() -> None:
     """SIGTERM raises SystemExit in this process, so subprocess.run kills the running child on its way out.
@@ -359,10 +418,16 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
     parser.add_argument("--rounds", type=int, default=0, help="override the mode's rounds")
     parser.add_argument("--fresh", action="store_true", help=f"rebuild the cached tokens in {CACHE}")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="measure a run again (up to this many times) when other processes took > 5%% of the CPU")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="measure a run again (up to this many times) when other processes took > 5%% of the CPU",
+    )
     parser.add_argument("--glibc", action="store_true", help="do not preload tcmalloc (the allocator ablation)")
-    parser.add_argument("--compile", action="store_true", help=f"add {COMPILED}: medfoundry with training.compile: true")
+    parser.add_argument(
+        "--compile", action="store_true", help=f"add {COMPILED}: medfoundry with training.compile: true"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -379,18 +444,26 @@ def main() -> None:
     tcmalloc = None if args.glibc else find_tcmalloc()
     env = child_env(tcmalloc)
     contenders = CONTENDERS + ((COMPILED,) if args.compile else ())
-    print(f"train_bench ({mode}): sizes {', '.join(args.sizes)}, {rounds} rounds, contenders {', '.join(contenders)}, "
-          f"allocator {'tcmalloc' if tcmalloc else 'glibc'}, {env['OMP_NUM_THREADS']} threads", flush=True)
+    print(
+        f"train_bench ({mode}): sizes {', '.join(args.sizes)}, {rounds} rounds, contenders {', '.join(contenders)}, "
+        f"allocator {'tcmalloc' if tcmalloc else 'glibc'}, {env['OMP_NUM_THREADS']} threads",
+        flush=True,
+    )
 
     data = prepare_data(args.fresh)
-    print(f"data: {'reused the cache in' if data['cached'] else 'built (and cached) in'} {data['dir']} "
-          f"({data['train_tokens']:,} train tokens, vocabulary {data['vocab_size']:,}, {data['prep_s']:.0f} s)", flush=True)
+    print(
+        f"data: {'reused the cache in' if data['cached'] else 'built (and cached) in'} {data['dir']} "
+        f"({data['train_tokens']:,} train tokens, vocabulary {data['vocab_size']:,}, {data['prep_s']:.0f} s)",
+        flush=True,
+    )
 
     _exit_on_sigterm()
     peak = measure_peak(env, args.quick)
-    print(f"peak: bf16 {peak['peak_bf16_gflops']:.0f} GFLOP/s, fp32 {peak['peak_fp32_gflops']:.0f} GFLOP/s "
-          f"({peak['threads']} threads, {peak['allocator']}, other processes used {peak['foreign_cpu']:.0%} of the CPU)",
-          flush=True)
+    print(
+        f"peak: bf16 {peak['peak_bf16_gflops']:.0f} GFLOP/s, fp32 {peak['peak_fp32_gflops']:.0f} GFLOP/s "
+        f"({peak['threads']} threads, {peak['allocator']}, other processes used {peak['foreign_cpu']:.0%} of the CPU)",
+        flush=True,
+    )
 
     runs: dict[str, dict[str, list[dict]]] = {s: {c: [] for c in contenders} for s in args.sizes}
     allocators, threads, repeated = set(), set(), 0
@@ -398,11 +471,17 @@ def main() -> None:
         for size in args.sizes:
             warmup, steps = plan["steps"][size]
             for r in range(rounds):
-                order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
+                order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
                 for contender in order:
                     out = Path(tmp) / f"{size}-{contender}-{r}"
-                    spec = {"kind": contender, "size": size, "warmup": warmup, "steps": steps,
-                            "data": data["dir"], "out": str(out)}
+                    spec = {
+                        "kind": contender,
+                        "size": size,
+                        "warmup": warmup,
+                        "steps": steps,
+                        "data": data["dir"],
+                        "out": str(out),
+                    }
                     for attempt in range(args.retries + 1):
                         started = time.perf_counter()
                         result = run_child(spec, env)
@@ -410,10 +489,13 @@ def main() -> None:
                         contended = result["foreign_cpu"] > CONTENDED
                         busy = f", OTHER PROCESSES USED {result['foreign_cpu']:.0%} OF THE CPU" if contended else ""
                         again = " - measuring again" if contended and attempt < args.retries else ""
-                        print(f"[{size} round {r + 1}/{rounds}] {contender:>18}: {result['tok_s']:8,.0f} tok/s "
-                              f"(median step {result['step_s_median']:.3f} s, loss {result['final_loss']:.3f}, "
-                              f"peak RSS {result['peak_rss_mb']:,.0f} MB, child {time.perf_counter() - started:.0f} s"
-                              f"{busy}{again})", flush=True)
+                        print(
+                            f"[{size} round {r + 1}/{rounds}] {contender:>18}: {result['tok_s']:8,.0f} tok/s "
+                            f"(median step {result['step_s_median']:.3f} s, loss {result['final_loss']:.3f}, "
+                            f"peak RSS {result['peak_rss_mb']:,.0f} MB, child {time.perf_counter() - started:.0f} s"
+                            f"{busy}{again})",
+                            flush=True,
+                        )
                         if not again:
                             break
                         repeated += 1
@@ -443,15 +525,20 @@ def main() -> None:
             "mfu_by_contender": {c: round(med[c] * fpt / bf16_peak, 4) for c in contenders},
             "peak_rss_mb": {c: max(r["peak_rss_mb"] for r in runs[size][c]) for c in contenders},
             "runs_tok_s": {c: [round(r["tok_s"], 1) for r in runs[size][c]] for c in contenders},
-            "medfoundry_logged_tok_s": round(statistics.median(r["logged_tok_s_median"] for r in runs[size]["medfoundry"]), 1),
+            "medfoundry_logged_tok_s": round(
+                statistics.median(r["logged_tok_s_median"] for r in runs[size]["medfoundry"]), 1
+            ),
             "final_loss": {c: round(runs[size][c][-1]["final_loss"], 4) for c in contenders},
             "medfoundry_kernels": runs[size]["medfoundry"][-1]["kernels"],
             "hf_trainer_optimizer": runs[size]["hf_trainer"][-1]["optimizer"],
             "foreign_cpu_max": {c: max(r["foreign_cpu"] for r in runs[size][c]) for c in contenders},
-            "warmup_steps": plan["steps"][size][0], "timed_steps": plan["steps"][size][1],
+            "warmup_steps": plan["steps"][size][0],
+            "timed_steps": plan["steps"][size][1],
         }
-    met = {f"speedup_vs_hf_trainer_{s}": v["speedup_vs_hf_trainer"] >= TARGETS["speedup_vs_hf_trainer"]
-           for s, v in sizes_out.items()}
+    met = {
+        f"speedup_vs_hf_trainer_{s}": v["speedup_vs_hf_trainer"] >= TARGETS["speedup_vs_hf_trainer"]
+        for s, v in sizes_out.items()
+    }
     if "gpt2-52m" in sizes_out:
         met["mfu_gpt2-52m"] = sizes_out["gpt2-52m"]["mfu"] >= TARGETS["mfu_gpt2-52m"]
     result = {
@@ -463,7 +550,7 @@ def main() -> None:
         "allocator": "tcmalloc" if allocators == {"tcmalloc"} else "glibc" if allocators == {"glibc"} else "mixed",
         "threads": sorted(threads),
         "contended": any(r["foreign_cpu"] > CONTENDED for s in runs.values() for c in s.values() for r in c)
-                     or peak["foreign_cpu"] > CONTENDED,
+        or peak["foreign_cpu"] > CONTENDED,
         "runs_repeated_for_contention": repeated,
         "batch": [BATCH, CONTEXT],
         "rounds": rounds,

@@ -15,7 +15,7 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
   apt_log=$(mktemp)
-  install() { $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; }
+  install() { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; }
   if install >"$apt_log" 2>&1 || { sleep 5; install >"$apt_log" 2>&1; }; then  # one retry: mirrors time out
     echo "setup: installed ${missing[*]}"
   else

@@ -42,9 +42,24 @@ def run_torchrun(stage: str, config: Path, env: dict, processes: int = 2):
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                          "-m", "medfoundry", stage, str(config)], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "medfoundry",
+            stage,
+            str(config),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
 
 

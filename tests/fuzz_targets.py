@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import http.server
+import itertools
 import json
 import sys
 import tempfile
@@ -82,7 +83,9 @@ def check_corpus_reader(read, data: bytes, name: str, gz: int | None = None) -> 
         lenient = ReadContext(path, strict=False)
         items = list(read(path, lenient))  # lenient mode never raises
         for item in items:
-            if isinstance(item, Record):  # the text may be empty (JSONL fields that are null): the length filter drops it
+            if isinstance(
+                item, Record
+            ):  # the text may be empty (JSONL fields that are null): the length filter drops it
                 assert isinstance(item.text, str)
                 writable({"id": item.native_id, "text": item.text, "meta": item.meta})
             else:
@@ -99,7 +102,9 @@ def check_corpus_reader(read, data: bytes, name: str, gz: int | None = None) -> 
 
 
 # XML text: any character XML 1.0 allows, escaped, with now and then an entity or character reference
-XML_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Cn")) | st.sampled_from("\n\t -–−+.,;()[]^*0123456789")
+XML_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Cn")) | st.sampled_from(
+    "\n\t -–−+.,;()[]^*0123456789"
+)
 _CHUNK = st.text(XML_CHARS, max_size=12).map(escape)
 XML_REFERENCES = ["&ndash;", "&nbsp;", "&amp;", "&#x2013;", "&#955;", "&unknown;"]
 _REFERENCE = st.sampled_from(XML_REFERENCES)
@@ -116,18 +121,42 @@ def _element(tags: list[str], attributes: dict[str, list[str]], max_leaves: int 
     """Random trees over a reader's own element names and attribute values."""
     attrs = st.lists(st.sampled_from(sorted(attributes)), max_size=2, unique=True).flatmap(
         lambda names: st.tuples(*[st.sampled_from(attributes[n]) for n in names]).map(
-            lambda values, names=names: "".join(f" {n}={quoteattr(v)}" for n, v in zip(names, values))))
+            lambda values, names=names: "".join(f" {n}={quoteattr(v)}" for n, v in zip(names, values))
+        )
+    )
 
     def extend(children):
-        return st.builds(lambda tag, attr, kids: f"<{tag}{attr}>{''.join(kids)}</{tag}>",
-                         st.sampled_from(tags), attrs, st.lists(children, max_size=4))
+        return st.builds(
+            lambda tag, attr, kids: f"<{tag}{attr}>{''.join(kids)}</{tag}>",
+            st.sampled_from(tags),
+            attrs,
+            st.lists(children, max_size=4),
+        )
 
     return st.recursive(XML_TEXT, extend, max_leaves=max_leaves)
 
 
-MUTATION_SNIPPETS = [b"<", b">", b"</", b"&", b"&lol;", b"<!--", b"]]>", b"<![CDATA[", b"\x00", b"\xff\xfe", b'"',
-                     b"<sup>", b"</sec>", b"<p>", b"<!DOCTYPE x [<!ENTITY a 'b'>]>", b"\xc3", "é–".encode(), b"&#0;",
-                     b"&#x110000;"]
+MUTATION_SNIPPETS = [
+    b"<",
+    b">",
+    b"</",
+    b"&",
+    b"&lol;",
+    b"<!--",
+    b"]]>",
+    b"<![CDATA[",
+    b"\x00",
+    b"\xff\xfe",
+    b'"',
+    b"<sup>",
+    b"</sec>",
+    b"<p>",
+    b"<!DOCTYPE x [<!ENTITY a 'b'>]>",
+    b"\xc3",
+    "é–".encode(),
+    b"&#0;",
+    b"&#x110000;",
+]
 
 
 def mutated(sources: list[bytes]):
@@ -163,34 +192,91 @@ def real(*relpaths: str) -> list[bytes]:
 
 # --- PubMed XML ------------------------------------------------------------------------------------
 
-PUBMED_TAGS = ["PubmedArticle", "MedlineCitation", "PMID", "Article", "ArticleTitle", "Abstract", "AbstractText",
-               "Journal", "Title", "JournalIssue", "PubDate", "Year", "MedlineDate", "ArticleDate", "DateCompleted",
-               "Language", "PublicationTypeList", "PublicationType", "MeshHeadingList", "MeshHeading",
-               "DescriptorName", "ELocationID", "PubmedData", "ArticleIdList", "ArticleId", "DeleteCitation",
-               "PubmedBookArticle", "BookDocument", "Book", "BookTitle", "MedlineJournalInfo", "MedlineTA",
-               "sup", "sub", "i", "b", "u"]
-PUBMED_ATTRS = {"Label": ["BACKGROUND", "UNLABELLED", "", " "], "EIdType": ["doi", "pii"], "ValidYN": ["Y", "N"],
-                "IdType": ["doi", "pubmed", "pmc"], "Version": ["1"]}
+PUBMED_TAGS = [
+    "PubmedArticle",
+    "MedlineCitation",
+    "PMID",
+    "Article",
+    "ArticleTitle",
+    "Abstract",
+    "AbstractText",
+    "Journal",
+    "Title",
+    "JournalIssue",
+    "PubDate",
+    "Year",
+    "MedlineDate",
+    "ArticleDate",
+    "DateCompleted",
+    "Language",
+    "PublicationTypeList",
+    "PublicationType",
+    "MeshHeadingList",
+    "MeshHeading",
+    "DescriptorName",
+    "ELocationID",
+    "PubmedData",
+    "ArticleIdList",
+    "ArticleId",
+    "DeleteCitation",
+    "PubmedBookArticle",
+    "BookDocument",
+    "Book",
+    "BookTitle",
+    "MedlineJournalInfo",
+    "MedlineTA",
+    "sup",
+    "sub",
+    "i",
+    "b",
+    "u",
+]
+PUBMED_ATTRS = {
+    "Label": ["BACKGROUND", "UNLABELLED", "", " "],
+    "EIdType": ["doi", "pii"],
+    "ValidYN": ["Y", "N"],
+    "IdType": ["doi", "pubmed", "pmc"],
+    "Version": ["1"],
+}
 
 
 def pubmed_article(pmid: str, title: str, abstract: list[str], year: str, extra: str) -> bytes:
     texts = "".join(f"<AbstractText Label={quoteattr(label)}>{text}</AbstractText>" for label, text in abstract)
-    return (f"<PubmedArticleSet><PubmedArticle><MedlineCitation><PMID>{pmid}</PMID><Article><Journal><JournalIssue>"
-            f"<PubDate><Year>{year}</Year></PubDate></JournalIssue></Journal><ArticleTitle>{title}</ArticleTitle>"
-            f"<Abstract>{texts}</Abstract><ELocationID EIdType=\"doi\">{title}</ELocationID>{extra}</Article>"
-            f"</MedlineCitation></PubmedArticle></PubmedArticleSet>").encode()
+    return (
+        f"<PubmedArticleSet><PubmedArticle><MedlineCitation><PMID>{pmid}</PMID><Article><Journal><JournalIssue>"
+        f"<PubDate><Year>{year}</Year></PubDate></JournalIssue></Journal><ArticleTitle>{title}</ArticleTitle>"
+        f'<Abstract>{texts}</Abstract><ELocationID EIdType="doi">{title}</ELocationID>{extra}</Article>'
+        f"</MedlineCitation></PubmedArticle></PubmedArticleSet>"
+    ).encode()
 
 
-_PUBMED_ARTICLE = _with_doctype(st.builds(
-    pubmed_article, st.sampled_from(["1", "12345678", " 7 ", ""]) | XML_TEXT, _element(PUBMED_TAGS, PUBMED_ATTRS, 10),
-    st.lists(st.tuples(st.sampled_from(["", "METHODS", "UNLABELLED"]), _element(PUBMED_TAGS, PUBMED_ATTRS, 8)), max_size=3),
-    st.sampled_from(["2020", "1998 Dec-1999 Jan"]) | XML_TEXT, _element(PUBMED_TAGS, PUBMED_ATTRS, 10)))
-_PUBMED_TREE = _with_doctype(_element(PUBMED_TAGS, PUBMED_ATTRS).map(
-    lambda tree: f"<PubmedArticleSet>{tree}</PubmedArticleSet>".encode()))
+_PUBMED_ARTICLE = _with_doctype(
+    st.builds(
+        pubmed_article,
+        st.sampled_from(["1", "12345678", " 7 ", ""]) | XML_TEXT,
+        _element(PUBMED_TAGS, PUBMED_ATTRS, 10),
+        st.lists(
+            st.tuples(st.sampled_from(["", "METHODS", "UNLABELLED"]), _element(PUBMED_TAGS, PUBMED_ATTRS, 8)),
+            max_size=3,
+        ),
+        st.sampled_from(["2020", "1998 Dec-1999 Jan"]) | XML_TEXT,
+        _element(PUBMED_TAGS, PUBMED_ATTRS, 10),
+    )
+)
+_PUBMED_TREE = _with_doctype(
+    _element(PUBMED_TAGS, PUBMED_ATTRS).map(lambda tree: f"<PubmedArticleSet>{tree}</PubmedArticleSet>".encode())
+)
 PUBMED_REAL = real("corpus/pubmed_xml/pubmed-29768149.xml", "corpus/pubmed_xml/test_current_medline.xml.gz")
 _PUBMED_MUTATED = [mutated(PUBMED_REAL)] * 3 if PUBMED_REAL else []
-PUBMED_DOCS = st.one_of(st.binary(max_size=2000), _PUBMED_ARTICLE, _PUBMED_ARTICLE, _PUBMED_ARTICLE, _PUBMED_TREE,
-                        _PUBMED_TREE, *_PUBMED_MUTATED)
+PUBMED_DOCS = st.one_of(
+    st.binary(max_size=2000),
+    _PUBMED_ARTICLE,
+    _PUBMED_ARTICLE,
+    _PUBMED_ARTICLE,
+    _PUBMED_TREE,
+    _PUBMED_TREE,
+    *_PUBMED_MUTATED,
+)
 
 
 def check_pubmed(data: bytes, gz: int | None) -> None:
@@ -200,33 +286,101 @@ def check_pubmed(data: bytes, gz: int | None) -> None:
 # --- JATS ------------------------------------------------------------------------------------------
 
 MML = 'xmlns:mml="http://www.w3.org/1998/Math/MathML" xmlns:xlink="http://www.w3.org/1999/xlink"'
-JATS_BLOCKS = ["sec", "title", "p", "list", "list-item", "def-list", "def-item", "term", "def", "fig", "table-wrap",
-               "caption", "label", "disp-formula", "boxed-text", "fig-group", "disp-quote", "fn", "ack", "ref-list",
-               "supplementary-material", "table", "floats-group", "glossary"]
-JATS_INLINE = ["xref", "sup", "sub", "italic", "bold", "inline-formula", "mml:math", "mml:msup", "mml:msubsup",
-               "mml:mi", "mml:mn", "mml:mo", "mml:mrow", "mml:annotation", "alternatives", "tex-math", "break", "hr",
-               "graphic", "inline-graphic", "ext-link", "named-content", "email"]
-JATS_ATTRS = {"ref-type": ["bibr", "fn", "aff", "fig", "table"], "sec-type": ["supplementary-material", "methods"],
-              "abstract-type": ["summary", "toc", "graphical"], "xlink:href": ["https://creativecommons.org/licenses/by/4.0/", ""],
-              "list-type": ["bullet", "order"]}
+JATS_BLOCKS = [
+    "sec",
+    "title",
+    "p",
+    "list",
+    "list-item",
+    "def-list",
+    "def-item",
+    "term",
+    "def",
+    "fig",
+    "table-wrap",
+    "caption",
+    "label",
+    "disp-formula",
+    "boxed-text",
+    "fig-group",
+    "disp-quote",
+    "fn",
+    "ack",
+    "ref-list",
+    "supplementary-material",
+    "table",
+    "floats-group",
+    "glossary",
+]
+JATS_INLINE = [
+    "xref",
+    "sup",
+    "sub",
+    "italic",
+    "bold",
+    "inline-formula",
+    "mml:math",
+    "mml:msup",
+    "mml:msubsup",
+    "mml:mi",
+    "mml:mn",
+    "mml:mo",
+    "mml:mrow",
+    "mml:annotation",
+    "alternatives",
+    "tex-math",
+    "break",
+    "hr",
+    "graphic",
+    "inline-graphic",
+    "ext-link",
+    "named-content",
+    "email",
+]
+JATS_ATTRS = {
+    "ref-type": ["bibr", "fn", "aff", "fig", "table"],
+    "sec-type": ["supplementary-material", "methods"],
+    "abstract-type": ["summary", "toc", "graphical"],
+    "xlink:href": ["https://creativecommons.org/licenses/by/4.0/", ""],
+    "list-type": ["bullet", "order"],
+}
 
 
 def jats_article(title: str, abstract: str, body: str, year: str, licence: str, back: str) -> bytes:
-    return (f'<article {MML} article-type="research-article"><front><journal-meta><journal-title>J</journal-title>'
-            f'</journal-meta><article-meta><article-id pub-id-type="pmc">{title[:20]}</article-id><title-group>'
-            f'<article-title>{title}</article-title></title-group><pub-date><year>{year}</year></pub-date>'
-            f'<permissions><license>{licence}</license></permissions><abstract>{abstract}</abstract></article-meta>'
-            f'</front><body>{body}</body><back>{back}</back></article>').encode()
+    return (
+        f'<article {MML} article-type="research-article"><front><journal-meta><journal-title>J</journal-title>'
+        f'</journal-meta><article-meta><article-id pub-id-type="pmc">{title[:20]}</article-id><title-group>'
+        f"<article-title>{title}</article-title></title-group><pub-date><year>{year}</year></pub-date>"
+        f"<permissions><license>{licence}</license></permissions><abstract>{abstract}</abstract></article-meta>"
+        f"</front><body>{body}</body><back>{back}</back></article>"
+    ).encode()
 
 
 _JATS_TREE = _element(JATS_BLOCKS + JATS_INLINE, JATS_ATTRS)
-_JATS_ARTICLE = _with_doctype(st.builds(jats_article, XML_TEXT, _JATS_TREE, _JATS_TREE,
-                                        st.sampled_from(["²", "٢٠٢٠", "2020"]) | XML_TEXT, XML_TEXT, _JATS_TREE))
-_JATS_SET = _with_doctype(st.lists(_JATS_TREE, max_size=3).map(
-    lambda trees: f'<pmc-articleset {MML}>{"".join(f"<article><body>{t}</body></article>" for t in trees)}'
-                  f'</pmc-articleset>'.encode()))
-JATS_REAL = real("corpus/pmc_jats/cc11003.nxml", "corpus/pmc_jats/journal.pbio.0030408.xml",
-                 "corpus/pmc_jats/journal.pbio.0020188.xml")
+_JATS_ARTICLE = _with_doctype(
+    st.builds(
+        jats_article,
+        XML_TEXT,
+        _JATS_TREE,
+        _JATS_TREE,
+        st.sampled_from(["²", "٢٠٢٠", "2020"]) | XML_TEXT,
+        XML_TEXT,
+        _JATS_TREE,
+    )
+)
+_JATS_SET = _with_doctype(
+    st.lists(_JATS_TREE, max_size=3).map(
+        lambda trees: (
+            f"<pmc-articleset {MML}>{''.join(f'<article><body>{t}</body></article>' for t in trees)}"
+            f"</pmc-articleset>".encode()
+        )
+    )
+)
+JATS_REAL = real(
+    "corpus/pmc_jats/cc11003.nxml",
+    "corpus/pmc_jats/journal.pbio.0030408.xml",
+    "corpus/pmc_jats/journal.pbio.0020188.xml",
+)
 _JATS_MUTATED = [mutated(JATS_REAL)] * 3 if JATS_REAL else []
 JATS_DOCS = st.one_of(st.binary(max_size=2000), _JATS_ARTICLE, _JATS_ARTICLE, _JATS_ARTICLE, _JATS_SET, *_JATS_MUTATED)
 
@@ -237,11 +391,24 @@ def check_jats(data: bytes, gz: int | None) -> None:
 
 # --- JSON lines -------------------------------------------------------------------------------------
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
-                    max_leaves=20)
-EDGE_LINES = [b"[" * 100_000, b"1" * 5000, b'{"text": "\\ud800"}', b'"\\udc00\\ud800"', b'"\\ud83d\\ude00"',
-              b"\xef\xbb\xbf{}", b"NaN", b'{"a": 1}}', b"\xff", b'{"text": "a\\u0000b"}', b'{"text": "x\xe2\x80\xa8y"}']
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=20,
+)
+EDGE_LINES = [
+    b"[" * 100_000,
+    b"1" * 5000,
+    b'{"text": "\\ud800"}',
+    b'"\\udc00\\ud800"',
+    b'"\\ud83d\\ude00"',
+    b"\xef\xbb\xbf{}",
+    b"NaN",
+    b'{"a": 1}}',
+    b"\xff",
+    b'{"text": "a\\u0000b"}',
+    b'{"text": "x\xe2\x80\xa8y"}',
+]
 JSON_LINE = st.one_of(
     JSON.map(lambda v: json.dumps(v).encode()),
     JSON.map(lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8", "surrogatepass")),
@@ -270,9 +437,20 @@ def check_corpus_jsonl(data: bytes, gz: int | None) -> None:
     check_corpus_reader(read_guidelines, data, "fuzz.jsonl", gz)
 
 
-CORPUS_RECORDS = st.fixed_dictionaries({}, optional={
-    "id": JSON, "text": JSON, "title": JSON, "meta": JSON, "pmid": JSON, "clean_text": JSON, "raw_text": JSON,
-    "source": JSON, "url": JSON}).map(lambda v: json.dumps(v).encode())
+CORPUS_RECORDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": JSON,
+        "text": JSON,
+        "title": JSON,
+        "meta": JSON,
+        "pmid": JSON,
+        "clean_text": JSON,
+        "raw_text": JSON,
+        "source": JSON,
+        "url": JSON,
+    },
+).map(lambda v: json.dumps(v).encode())
 CORPUS_JSONL_FILES = st.lists(JSON_LINE | CORPUS_RECORDS, max_size=6).map(b"\n".join)
 
 
@@ -280,11 +458,26 @@ CORPUS_JSONL_FILES = st.lists(JSON_LINE | CORPUS_RECORDS, max_size=6).map(b"\n".
 
 ANY_TEXT = st.text(max_size=30) | st.sampled_from(["", " ", "\n", "<|im_end|>", "### Answer:", "\ufeff", "\u2028"])
 ROLE = st.sampled_from(list(ROLES) + ["human", "gpt", "chatgpt", "tool", ""]) | JSON
-TURN = st.fixed_dictionaries({}, optional={"role": ROLE, "content": ANY_TEXT | JSON, "from": ROLE, "value": ANY_TEXT | JSON,
-                                           "options": st.dictionaries(st.text(max_size=3), ANY_TEXT | JSON, max_size=3) | JSON})
+TURN = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": ROLE,
+        "content": ANY_TEXT | JSON,
+        "from": ROLE,
+        "value": ANY_TEXT | JSON,
+        "options": st.dictionaries(st.text(max_size=3), ANY_TEXT | JSON, max_size=3) | JSON,
+    },
+)
 SFT_RECORD = st.one_of(
-    st.fixed_dictionaries({}, optional={"instruction": ANY_TEXT | JSON, "input": ANY_TEXT | JSON, "output": ANY_TEXT | JSON,
-                                        "system": ANY_TEXT | JSON}),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "instruction": ANY_TEXT | JSON,
+            "input": ANY_TEXT | JSON,
+            "output": ANY_TEXT | JSON,
+            "system": ANY_TEXT | JSON,
+        },
+    ),
     st.fixed_dictionaries({"messages": st.lists(TURN, max_size=5) | JSON}),
     st.fixed_dictionaries({"conversations": st.lists(TURN, max_size=5) | JSON}),
     JSON,
@@ -323,16 +516,40 @@ def check_instructions(file: tuple[bytes, str], fmt: str, gz: int | None) -> Non
 
 # --- chat-template renderer -------------------------------------------------------------------------
 
-SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|user|>", "### Answer:\n", "### Question:\n", "{{ 7*7 }}",
-            "{% for x in y %}", "\n", " ", "\u2028", "\x00", "\ud800", "é", "👩‍⚕️"]
+SPECIALS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|user|>",
+    "### Answer:\n",
+    "### Question:\n",
+    "{{ 7*7 }}",
+    "{% for x in y %}",
+    "\n",
+    " ",
+    "\u2028",
+    "\x00",
+    "\ud800",
+    "é",
+    "👩‍⚕️",
+]
 CONTENT = st.lists(st.text(max_size=12) | st.sampled_from(SPECIALS), max_size=5).map("".join)
-MESSAGE = st.builds(Message, st.sampled_from(ROLES), CONTENT,
-                    st.none() | st.dictionaries(st.sampled_from("ABCDE"), CONTENT, min_size=1, max_size=4))
-ANY_MESSAGE = st.builds(Message, st.text(max_size=10) | st.sampled_from(list(ROLES)), CONTENT,
-                        st.none() | st.dictionaries(st.text(max_size=3), CONTENT, max_size=3))
+MESSAGE = st.builds(
+    Message,
+    st.sampled_from(ROLES),
+    CONTENT,
+    st.none() | st.dictionaries(st.sampled_from("ABCDE"), CONTENT, min_size=1, max_size=4),
+)
+ANY_MESSAGE = st.builds(
+    Message,
+    st.text(max_size=10) | st.sampled_from(list(ROLES)),
+    CONTENT,
+    st.none() | st.dictionaries(st.text(max_size=3), CONTENT, max_size=3),
+)
 TEMPLATES = st.sampled_from(["chatml", "biomed_llama", "model"])
 ALTERNATING = st.lists(st.tuples(MESSAGE, MESSAGE), min_size=1, max_size=3).map(
-    lambda pairs: [Message(r, m.content, m.options) for pair in pairs for r, m in zip(("user", "assistant"), pair)])
+    lambda pairs: [Message(r, m.content, m.options) for pair in pairs for r, m in zip(("user", "assistant"), pair)]
+)
 
 
 def build_renderers(root: Path) -> dict:
@@ -346,8 +563,12 @@ def build_renderers(root: Path) -> dict:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator([(FIXTURES / "sft" / "messages.json").read_text()] * 5, trainer)
     (root / "base").mkdir()
     tokenizer.save(str(root / "base" / "tokenizer.json"))
@@ -408,37 +629,53 @@ TARGETS = {
     "strict_jsonl": Target(check_strict_jsonl, {"data": JSONL_FILES, "gz": GZ}),
     "corpus_jsonl": Target(check_corpus_jsonl, {"data": CORPUS_JSONL_FILES, "gz": GZ}),
     "instruction_data": Target(check_instructions, {"file": sft_files(), "fmt": SFT_FORMATS, "gz": GZ}),
-    "renderer": Target(render_valid, {"messages": ALTERNATING | st.lists(MESSAGE, max_size=6), "template": TEMPLATES,
-                                      "system": st.booleans()}, renderers=True),
-    "renderer_any_roles": Target(render_any, {"messages": st.lists(ANY_MESSAGE, max_size=5), "template": TEMPLATES,
-                                              "system": st.booleans()}, renderers=True),
+    "renderer": Target(
+        render_valid,
+        {"messages": ALTERNATING | st.lists(MESSAGE, max_size=6), "template": TEMPLATES, "system": st.booleans()},
+        renderers=True,
+    ),
+    "renderer_any_roles": Target(
+        render_any,
+        {"messages": st.lists(ANY_MESSAGE, max_size=5), "template": TEMPLATES, "system": st.booleans()},
+        renderers=True,
+    ),
 }
 
 
 # --- hostile XML ------------------------------------------------------------------------------------
 
 SECRET = "TOP-SECRET-c0ffee"  # the content of the files and URLs the attacks point at
-PAPER = ("Malaria remains a leading cause of death among children in sub-Saharan Africa. We sequenced parasite "
-         "genomes from three hundred clinical samples and found mutations linked to drug resistance in most regions, "
-         "which calls for new combination therapies and closer surveillance.")
-ABSTRACT = ("Hypertension is a major risk factor for stroke and heart disease in adults. In this cohort study we "
-            "followed two thousand patients for five years and measured blood pressure, kidney function and the "
-            "incidence of cardiovascular events. Treatment lowered the risk of stroke by one third.")
+PAPER = (
+    "Malaria remains a leading cause of death among children in sub-Saharan Africa. We sequenced parasite "
+    "genomes from three hundred clinical samples and found mutations linked to drug resistance in most regions, "
+    "which calls for new combination therapies and closer surveillance."
+)
+ABSTRACT = (
+    "Hypertension is a major risk factor for stroke and heart disease in adults. In this cohort study we "
+    "followed two thousand patients for five years and measured blood pressure, kidney function and the "
+    "incidence of cardiovascular events. Treatment lowered the risk of stroke by one third."
+)
 
 
-def pubmed(doctype: str = "", title: str = "Blood pressure and stroke", abstract: str = ABSTRACT, pmid: str = "1") -> bytes:
-    return (f'<?xml version="1.0"?>\n{doctype}\n<PubmedArticleSet><PubmedArticle><MedlineCitation Status="MEDLINE">'
-            f'<PMID Version="1">{pmid}</PMID><Article><Journal><Title>Journal of Tests</Title><JournalIssue><PubDate>'
-            f'<Year>2020</Year></PubDate></JournalIssue></Journal><ArticleTitle>{title}</ArticleTitle><Abstract>'
-            f'<AbstractText>{abstract}</AbstractText></Abstract><Language>eng</Language></Article></MedlineCitation>'
-            f'</PubmedArticle></PubmedArticleSet>\n').encode()
+def pubmed(
+    doctype: str = "", title: str = "Blood pressure and stroke", abstract: str = ABSTRACT, pmid: str = "1"
+) -> bytes:
+    return (
+        f'<?xml version="1.0"?>\n{doctype}\n<PubmedArticleSet><PubmedArticle><MedlineCitation Status="MEDLINE">'
+        f'<PMID Version="1">{pmid}</PMID><Article><Journal><Title>Journal of Tests</Title><JournalIssue><PubDate>'
+        f"<Year>2020</Year></PubDate></JournalIssue></Journal><ArticleTitle>{title}</ArticleTitle><Abstract>"
+        f"<AbstractText>{abstract}</AbstractText></Abstract><Language>eng</Language></Article></MedlineCitation>"
+        f"</PubmedArticle></PubmedArticleSet>\n"
+    ).encode()
 
 
 def jats(doctype: str = "", title: str = "Drug resistance in malaria", body: str = PAPER, pmcid: str = "PMC1") -> bytes:
-    return (f'<?xml version="1.0"?>\n{doctype}\n<article article-type="research-article"><front><article-meta>'
-            f'<article-id pub-id-type="pmc">{pmcid}</article-id><title-group><article-title>{title}</article-title>'
-            f'</title-group><abstract><p>{PAPER}</p></abstract></article-meta></front><body><sec><title>Results'
-            f'</title><p>{body}</p></sec></body></article>\n').encode()
+    return (
+        f'<?xml version="1.0"?>\n{doctype}\n<article article-type="research-article"><front><article-meta>'
+        f'<article-id pub-id-type="pmc">{pmcid}</article-id><title-group><article-title>{title}</article-title>'
+        f"</title-group><abstract><p>{PAPER}</p></abstract></article-meta></front><body><sec><title>Results"
+        f"</title><p>{body}</p></sec></body></article>\n"
+    ).encode()
 
 
 READERS = {"pubmed": (read_pubmed_xml, pubmed, "xml"), "jats": (read_jats, jats, "nxml")}
@@ -447,8 +684,9 @@ READERS = {"pubmed": (read_pubmed_xml, pubmed, "xml"), "jats": (read_jats, jats,
 def laughs(names: list[str], fanout: int = 10) -> str:
     """Billion-laughs declarations: each entity holds ``fanout`` references to the one before. With the classic
     ten names and fanout 10 the last expands to 10^9 "lol"s (3 GB) from a 1 kB DOCTYPE."""
-    return f'<!ENTITY {names[0]} "lol">' + "".join(f'<!ENTITY {name} "{f"&{prev};" * fanout}">'
-                                                   for prev, name in zip(names, names[1:]))
+    return f'<!ENTITY {names[0]} "lol">' + "".join(
+        f'<!ENTITY {name} "{f"&{prev};" * fanout}">' for prev, name in itertools.pairwise(names)
+    )
 
 
 LAUGHS = laughs(["lol"] + [f"lol{i}" for i in range(1, 10)])
@@ -473,7 +711,7 @@ def recording_server() -> Iterator[tuple[str, list[str]]]:
     record: list[str] = []
 
     class Recorder(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
+        def do_GET(self):
             record.append(self.path)
             body = f'<!ENTITY leak "{SECRET}">'.encode() if self.path.startswith("/pe") else SECRET.encode()
             self.send_response(200)
@@ -531,8 +769,17 @@ ENTITY_NAME = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_.-]{0,6}", fullmatch=True)
 
 def _xxe_targets(secret: Path, url: str):
     port = url.rsplit(":", 1)[1]
-    return st.sampled_from([f"file://{secret}", str(secret), secret.name, f"{url}/xxe", f"http://localhost:{port}/x",
-                            f"ftp://127.0.0.1:{port}/x", f"{url}/pe"])
+    return st.sampled_from(
+        [
+            f"file://{secret}",
+            str(secret),
+            secret.name,
+            f"{url}/xxe",
+            f"http://localhost:{port}/x",
+            f"ftp://127.0.0.1:{port}/x",
+            f"{url}/pe",
+        ]
+    )
 
 
 CITATION, IMAGE_FORMULA = '<xref ref-type="bibr">1</xref>', "<inline-formula><inline-graphic/></inline-formula>"
@@ -546,25 +793,37 @@ COMPLEX_LAYOUTS = {
     "separators after a lead-in": "(see{separators}x) " + CITATION,
     "separators before a formula image": "{separators}x" + IMAGE_FORMULA,
     "year of n digits": "T</article-title></title-group><pub-date><year>{digits}</year></pub-date><title-group>"
-                        "<article-title>T",
+    "<article-title>T",
 }
 
 
 def complex_text(layout: str, n: int) -> str:
-    return COMPLEX_LAYOUTS[layout].format(digits="1" * n, letters="a" * n, sups="<sup>1</sup>" * (n // 50),
-                                          open="(" * (n // 3), close=")" * (n // 3), separators=", " * (n // 2))
+    return COMPLEX_LAYOUTS[layout].format(
+        digits="1" * n,
+        letters="a" * n,
+        sups="<sup>1</sup>" * (n // 50),
+        open="(" * (n // 3),
+        close=")" * (n // 3),
+        separators=", " * (n // 2),
+    )
 
 
-_COMPLEX_TEXT = st.builds(complex_text, st.sampled_from(sorted(COMPLEX_LAYOUTS)),
-                          st.sampled_from([10, 3000, 30_000, 100_000]) | st.integers(1, 100_000))
+_COMPLEX_TEXT = st.builds(
+    complex_text,
+    st.sampled_from(sorted(COMPLEX_LAYOUTS)),
+    st.sampled_from([10, 3000, 30_000, 100_000]) | st.integers(1, 100_000),
+)
 
 
 @st.composite
 def _attack(draw, secret: Path, url: str) -> tuple[str, str, str]:
     """``(DOCTYPE, text for the title, what strict mode must do: "refuse", "read" or "either")``."""
     target = _xxe_targets(secret, url)
-    kind = draw(st.sampled_from(["laughs", "quadratic", "xxe", "parameter", "declared", "external_dtd", "xinclude",
-                                 "nesting", "complexity"]))
+    kind = draw(
+        st.sampled_from(
+            ["laughs", "quadratic", "xxe", "parameter", "declared", "external_dtd", "xinclude", "nesting", "complexity"]
+        )
+    )
     if kind == "complexity":
         return "", draw(_COMPLEX_TEXT), "either"
     if kind == "laughs":
@@ -578,23 +837,32 @@ def _attack(draw, secret: Path, url: str) -> tuple[str, str, str]:
         name, public = draw(ENTITY_NAME), draw(st.sampled_from(["SYSTEM", 'PUBLIC "-//X//Y//EN"']))
         return f'<!DOCTYPE r [<!ENTITY {name} {public} "{draw(target)}">]>', f"a &{name}; b", "refuse"
     if kind == "parameter":
-        inner = draw(st.sampled_from(['<!ENTITY % pe SYSTEM "{0}"> %pe;',
-                                      '<!ENTITY % a "<!ENTITY &#x25; b SYSTEM \'{0}\'>"> %a; %b;']))
+        inner = draw(
+            st.sampled_from(
+                ['<!ENTITY % pe SYSTEM "{0}"> %pe;', "<!ENTITY % a \"<!ENTITY &#x25; b SYSTEM '{0}'>\"> %a; %b;"]
+            )
+        )
         return f"<!DOCTYPE r [{inner.format(draw(target))}]>", draw(st.sampled_from(["&leak;", "title"])), "refuse"
     if kind == "declared":
         name, value = draw(ENTITY_NAME), draw(XML_TEXT)
         return f'<!DOCTYPE r [<!ENTITY {name} "{value.replace(chr(34), "")}">]>', f"&{name};{draw(XML_TEXT)}", "refuse"
     if kind == "external_dtd":  # what real files do: read, without fetching the DTD
         dtd = draw(target)
-        doctype = draw(st.sampled_from([f'<!DOCTYPE r SYSTEM "{dtd}">',
-                                        f'<!DOCTYPE r PUBLIC "-//NLM//DTD x//EN" "{dtd}">']))
+        doctype = draw(
+            st.sampled_from([f'<!DOCTYPE r SYSTEM "{dtd}">', f'<!DOCTYPE r PUBLIC "-//NLM//DTD x//EN" "{dtd}">'])
+        )
         return doctype, f"Stroke {draw(st.sampled_from(XML_REFERENCES))} risk", "read"
     if kind == "xinclude":  # never processed: the element is dropped or kept as markup, the file not read
         href = draw(target)
-        return (f'<?xml-stylesheet type="text/xsl" href="{href}"?>', f'Stroke <xi:include href="{href}" '
-                f'xmlns:xi="http://www.w3.org/2001/XInclude" parse="text"/> risk', "read")
-    depth, tag = draw(st.sampled_from([100, 254, 255, 256, 257, 1000, 20_000]) | st.integers(1, 5000)), draw(
-        st.sampled_from(["i", "sup", "italic", "sec", "p", "x"]))
+        return (
+            f'<?xml-stylesheet type="text/xsl" href="{href}"?>',
+            f'Stroke <xi:include href="{href}" xmlns:xi="http://www.w3.org/2001/XInclude" parse="text"/> risk',
+            "read",
+        )
+    depth, tag = (
+        draw(st.sampled_from([100, 254, 255, 256, 257, 1000, 20_000]) | st.integers(1, 5000)),
+        draw(st.sampled_from(["i", "sup", "italic", "sec", "p", "x"])),
+    )
     return "", f"<{tag}>" * depth + "deep" + f"</{tag}>" * depth, "either"
 
 

@@ -48,8 +48,12 @@ def full_run(tmp_path_factory) -> Path:
     with gzip.open(shared("corpus/pubmed_abstracts.jsonl.gz"), "rt", encoding="utf-8") as fh:
         abstracts.write_text("".join(line for _, line in zip(range(400), fh)))
     tree = recipe_tree(abstracts, root / "run")
-    tree["stages"]["eval"].update(tasks=["pubmedqa", "mmlu_medical", *tree["stages"]["eval"]["tasks"]], limit=3,
-                                  benchmarks_dir=str(shared("benchmarks")), threads=1)
+    tree["stages"]["eval"].update(
+        tasks=["pubmedqa", "mmlu_medical", *tree["stages"]["eval"]["tasks"]],
+        limit=3,
+        benchmarks_dir=str(shared("benchmarks")),
+        threads=1,
+    )
     tree["card"] = {"license": "apache-2.0", "developers": "The medfoundry tests", "grid_intensity": 400}
     return _run(tree, root)
 
@@ -59,14 +63,24 @@ def pretrain_eval_run(full_run, tmp_path_factory) -> Path:
     """Continued pretraining of the full run's model on its tokens (made outside this run), then evaluation
     beside the model it started from."""
     root = tmp_path_factory.mktemp("card_pretrain_eval")
-    pretrain = {"model": {"preset": "gpt2-tiny", "context": 64, "init_from": str(full_run / "pretrain" / "model")},
-                "data": {"tokens_dir": str(full_run / "tokens"), "tokenizer_dir": str(full_run / "tokenizer")},
-                "training": {"steps": 3, "micro_batch_size": 2, "global_batch_size": 4, "precision": "fp32"},
-                "eval": {"every": 3, "batches": 1}, "log": {"every": 1}}
-    evaluation = {"models": [str(full_run / "pretrain" / "model")], "tasks": ["pubmedqa"], "limit": 2,
-                  "benchmarks_dir": str(shared("benchmarks")), "threads": 1, "bootstrap_iters": 0}
-    run = _run({"name": "continued", "run_dir": str(root / "run"), "stages": {"pretrain": pretrain, "eval": evaluation}},
-               root)
+    pretrain = {
+        "model": {"preset": "gpt2-tiny", "context": 64, "init_from": str(full_run / "pretrain" / "model")},
+        "data": {"tokens_dir": str(full_run / "tokens"), "tokenizer_dir": str(full_run / "tokenizer")},
+        "training": {"steps": 3, "micro_batch_size": 2, "global_batch_size": 4, "precision": "fp32"},
+        "eval": {"every": 3, "batches": 1},
+        "log": {"every": 1},
+    }
+    evaluation = {
+        "models": [str(full_run / "pretrain" / "model")],
+        "tasks": ["pubmedqa"],
+        "limit": 2,
+        "benchmarks_dir": str(shared("benchmarks")),
+        "threads": 1,
+        "bootstrap_iters": 0,
+    }
+    run = _run(
+        {"name": "continued", "run_dir": str(root / "run"), "stages": {"pretrain": pretrain, "eval": evaluation}}, root
+    )
     write_card(run)
     return run
 
@@ -76,22 +90,40 @@ def finetune_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("card_finetune")
     base = _base_model(root / "gpt2", make_tokenizer(root / "tok"), "gpt2")
     sources = write_sources(root / "data")
-    finetune = {"model": {"init_from": str(base)},
-                "data": {"max_length": 256, "allow_test_overlap": True, "mixture": {"total": 120},
-                         "sources": [{"name": "defs", "path": str(sources["defs"]), "weight": 0.6},
-                                     {"name": "dialogues", "path": str(sources["dialogues"]), "weight": 0.4}]},
-                "training": {"steps": 3, "micro_batch_size": 4, "global_batch_size": 8, "precision": "fp32"},
-                "optim": {"lr": 3e-3}, "schedule": {"warmup_steps": 1}, "eval": {"every": 3, "batches": 1},
-                "log": {"every": 1}}
+    finetune = {
+        "model": {"init_from": str(base)},
+        "data": {
+            "max_length": 256,
+            "allow_test_overlap": True,
+            "mixture": {"total": 120},
+            "sources": [
+                {"name": "defs", "path": str(sources["defs"]), "weight": 0.6},
+                {"name": "dialogues", "path": str(sources["dialogues"]), "weight": 0.4},
+            ],
+        },
+        "training": {"steps": 3, "micro_batch_size": 4, "global_batch_size": 8, "precision": "fp32"},
+        "optim": {"lr": 3e-3},
+        "schedule": {"warmup_steps": 1},
+        "eval": {"every": 3, "batches": 1},
+        "log": {"every": 1},
+    }
     card = {"license": "mit", "base_model": "openai-community/gpt2", "language": "en"}
-    return _run({"name": "tiny-sft", "run_dir": str(root / "run"), "stages": {"finetune": finetune}, "card": card}, root)
+    return _run(
+        {"name": "tiny-sft", "run_dir": str(root / "run"), "stages": {"finetune": finetune}, "card": card}, root
+    )
 
 
 @pytest.fixture(scope="module")
 def eval_only_run(full_run, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("card_eval_only")
-    evaluation = {"models": [str(full_run / "pretrain" / "model")], "tasks": ["pubmedqa"], "limit": 2,
-                  "benchmarks_dir": str(shared("benchmarks")), "threads": 1, "bootstrap_iters": 0}
+    evaluation = {
+        "models": [str(full_run / "pretrain" / "model")],
+        "tasks": ["pubmedqa"],
+        "limit": 2,
+        "benchmarks_dir": str(shared("benchmarks")),
+        "threads": 1,
+        "bootstrap_iters": 0,
+    }
     run = _run({"name": "scored", "run_dir": str(root / "run"), "stages": {"eval": evaluation}}, root)
     write_card(run)
     return run
@@ -109,8 +141,8 @@ def _section(body: str, title: str) -> str:
     """The text under a heading, up to the next heading of the same or a higher level."""
     level = re.match(r"#+", title).group()
     start = body.index(title + "\n")
-    following = re.search(rf"^#{{1,{len(level)}}} ", body[start + len(title):], re.M)
-    return body[start:start + len(title) + following.start()] if following else body[start:]
+    following = re.search(rf"^#{{1,{len(level)}}} ", body[start + len(title) :], re.M)
+    return body[start : start + len(title) + following.start()] if following else body[start:]
 
 
 def _table(text: str) -> dict[str, str]:
@@ -136,14 +168,18 @@ def test_front_matter_parses_and_its_model_index_equals_results_json(full_run):
     assert name == "tiny"
     results = _results(full_run)
     expected = []
-    for task, metrics in results["results"].items():
+    for metrics in results["results"].values():
         perplexity = "word_perplexity,none" in metrics
         keys = [("word_perplexity", "perplexity")] if perplexity else [("acc", "acc"), ("acc_norm", "acc_norm")]
         expected += [(metric_type, metrics[f"{key},none"]) for key, metric_type in keys]
     assert [(r.metric_type, r.metric_value) for r in parsed] == expected
     pubmedqa = parsed[0]
-    assert (pubmedqa.task_type, pubmedqa.dataset_type, pubmedqa.dataset_name, pubmedqa.dataset_split) == \
-        ("multiple-choice", "bigbio/pubmed_qa", "PubMedQA", "test")
+    assert (pubmedqa.task_type, pubmedqa.dataset_type, pubmedqa.dataset_name, pubmedqa.dataset_split) == (
+        "multiple-choice",
+        "bigbio/pubmed_qa",
+        "PubMedQA",
+        "test",
+    )
     assert pubmedqa.dataset_args == {"num_few_shot": 0} and pubmedqa.verified is False
     assert {r.dataset_name for r in parsed} >= {"MMLU-medical", "MMLU anatomy", "heldout"}
 
@@ -164,7 +200,10 @@ def test_hyperparameter_table_equals_run_json(full_run, finetune_run):
         record = json.loads((run / stage / "run.json").read_text())
         cfg = record["config"]
         rows = _table(_section(_section(_card(run)[1], title), "#### Hyperparameters"))
-        number = lambda label: float(rows[label].replace(",", ""))  # noqa: E731
+
+        def number(label, rows=rows):
+            return float(rows[label].replace(",", ""))
+
         assert number("Optimizer steps") == record.get("steps", cfg["training"]["steps"])
         assert number("Micro-batch size (sequences per process)") == cfg["training"]["micro_batch_size"]
         assert number("Global batch size (sequences)") == cfg["training"]["global_batch_size"]
@@ -191,7 +230,10 @@ def test_data_evaluation_and_environment_come_from_the_manifests(full_run):
     train = corpus["per_source"]["train"]["abstracts"]
     row = next(line for line in _section(body, "### Pretraining corpus").splitlines() if line.startswith("| abstracts"))
     assert [c.strip() for c in row.strip("|").split("|")][2:5] == [
-        f"{train['docs']:,}", f"{train['chars']:,}", f"{tokens['source_tokens']['train']['abstracts']:,}"]
+        f"{train['docs']:,}",
+        f"{train['chars']:,}",
+        f"{tokens['source_tokens']['train']['abstracts']:,}",
+    ]
     assert "not checked against evaluation sets (decontamination disabled)" in body
     fertility = json.loads((full_run / "tokenizer" / "fertility.json").read_text())
     assert f"{fertility['tokenizers']['medfoundry']['tokens_per_word']:.3f} tokens per word" in body
@@ -271,15 +313,38 @@ def test_a_missing_or_corrupt_artifact_is_an_error_naming_the_file(full_run, tmp
 
 def test_the_command_writes_the_card_with_overrides_and_errors_in_one_line(pretrain_eval_run, tmp_path):
     run = _copy(pretrain_eval_run, tmp_path)
-    done = subprocess.run([sys.executable, "-m", "medfoundry", "card", str(run), "--set", "license=mit", "--set",
-                           "power_watts=100", "--set", "tags=[oncology]"], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medfoundry",
+            "card",
+            str(run),
+            "--set",
+            "license=mit",
+            "--set",
+            "power_watts=100",
+            "--set",
+            "tags=[oncology]",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"card: {run / 'MODEL_CARD.md'}"
     meta, body = _card(run)
     assert meta["license"] == "mit" and "oncology" in meta["tags"] and "100 W (given in the card section)" in body
     (run / "eval" / "manifest.json").write_text("[]")
-    done = subprocess.run([sys.executable, "-m", "medfoundry", "card", str(run)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "medfoundry", "card", str(run)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {run / 'eval' / 'manifest.json'}: expected a JSON object, got list"

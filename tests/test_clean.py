@@ -52,7 +52,10 @@ def test_whitespace_keeps_paragraphs_and_headings():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("P &lt; 0.05 and &gt;2-fold; &quot;barcode&quot; of SK&amp;F 108566", 'P < 0.05 and >2-fold; "barcode" of SK&F 108566'),
+        (
+            "P &lt; 0.05 and &gt;2-fold; &quot;barcode&quot; of SK&amp;F 108566",
+            'P < 0.05 and >2-fold; "barcode" of SK&F 108566',
+        ),
         ("52&amp;emsp14;mol%; 4.4&ndash;8.2%; 80 &mgr;m; TGF-&bgr;1, NF-&kgr;B, DEN4&Dgr;30", None),
         ("AT&T, R&D and SK&F stay; so does &unknown;", "AT&T, R&D and SK&F stay; so does &unknown;"),
         ("cancer progression &NA; The neutrophil pathway", "cancer progression\n\nThe neutrophil pathway"),
@@ -67,7 +70,7 @@ def test_entities_decoded(text, expected):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("BACKGROUND: id=\"Par1\">Many pregnant women", "BACKGROUND: Many pregnant women"),
+        ('BACKGROUND: id="Par1">Many pregnant women', "BACKGROUND: Many pregnant women"),
         ('REGISTRATION: xmlns:ns0="http://www.w3.org/1999/xlink" id="Par4">NCT02371954.', "REGISTRATION: NCT02371954."),
         ('ABSTRACT.AIMS: id="ejhf642-para-0006">Haemodynamic', "ABSTRACT.AIMS: Haemodynamic"),
         ('Patients said "no" and id="x" was "kept" > 2 times.', None),  # quotes without `">` are text

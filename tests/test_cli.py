@@ -22,7 +22,9 @@ ENV = {**os.environ, "MEDFOUNDRY_NO_TCMALLOC": "1", "no_proxy": "127.0.0.1"}
 
 
 def medfoundry(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medfoundry", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "medfoundry", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+    )
 
 
 class _Quiet(SimpleHTTPRequestHandler):
@@ -50,14 +52,25 @@ def ncbi_mirror(tmp_path):
 
 def test_download_then_build_the_fallback_quickstart(ncbi_mirror, tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "corpus"
-    done = medfoundry("corpus", "download", "pubmed", "--dest", str(raw), "--base-url", ncbi_mirror, "--limit", "1", "--quiet")
+    done = medfoundry(
+        "corpus", "download", "pubmed", "--dest", str(raw), "--base-url", ncbi_mirror, "--limit", "1", "--quiet"
+    )
     assert done.returncode == 0, done.stderr
     assert "1 downloaded" in done.stdout and (raw / "baseline" / "medline16n0902.xml.gz").is_file()
-    again = medfoundry("corpus", "download", "pubmed", "--dest", str(raw), "--base-url", ncbi_mirror, "--limit", "1", "--quiet")
+    again = medfoundry(
+        "corpus", "download", "pubmed", "--dest", str(raw), "--base-url", ncbi_mirror, "--limit", "1", "--quiet"
+    )
     assert "1 already verified" in again.stdout
 
-    built = medfoundry("corpus", "build", "recipes/quickstart_corpus_download.yaml", "--set", f"output_dir={out}",
-                       "--set", f"sources.1.paths=[{raw}/baseline/*.xml.gz]")
+    built = medfoundry(
+        "corpus",
+        "build",
+        "recipes/quickstart_corpus_download.yaml",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        f"sources.1.paths=[{raw}/baseline/*.xml.gz]",
+    )
     assert built.returncode == 0, built.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["per_source"]["read"]["pubmed"] == 604  # every citation, 78 of them title-only
@@ -70,7 +83,9 @@ def test_download_then_build_the_fallback_quickstart(ncbi_mirror, tmp_path):
 
 def test_bad_config_is_one_clear_line(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("output_dir: x\nsources:\n  - name: a\n    kind: jsonl\n    paths: [nowhere/*.jsonl]\n    wieght: 0.5\n")
+    bad.write_text(
+        "output_dir: x\nsources:\n  - name: a\n    kind: jsonl\n    paths: [nowhere/*.jsonl]\n    wieght: 0.5\n"
+    )
     result = medfoundry("corpus", "build", str(bad))
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {bad}: invalid configuration")
@@ -80,7 +95,9 @@ def test_bad_config_is_one_clear_line(tmp_path):
 
 def test_missing_input_names_the_field(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("output_dir: x\ndecontam: {enabled: false}\nsources:\n  - {name: a, kind: jsonl, paths: [nowhere/*.jsonl]}\n")
+    cfg.write_text(
+        "output_dir: x\ndecontam: {enabled: false}\nsources:\n  - {name: a, kind: jsonl, paths: [nowhere/*.jsonl]}\n"
+    )
     result = medfoundry("corpus", "build", str(cfg))
     assert result.returncode == 2 and "sources[a].paths: 'nowhere/*.jsonl' matches no file" in result.stderr
 
@@ -93,13 +110,31 @@ def test_tokenizer_train_then_tokenize(tmp_path):
     from test_tokenizer_train import write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", 1500, 100)
-    trained = medfoundry("tokenizer", "train", "recipes/quickstart_tokenizer.yaml", "--set", f"corpus_dir={corpus}",
-                         "--set", f"output_dir={tmp_path / 'tok'}", "--set", "vocab_size=3000",
-                         "--set", "fertility.top_domain_words=3")
+    trained = medfoundry(
+        "tokenizer",
+        "train",
+        "recipes/quickstart_tokenizer.yaml",
+        "--set",
+        f"corpus_dir={corpus}",
+        "--set",
+        f"output_dir={tmp_path / 'tok'}",
+        "--set",
+        "vocab_size=3000",
+        "--set",
+        "fertility.top_domain_words=3",
+    )
     assert trained.returncode == 0, trained.stderr
     assert "tokenizer: 3,000 tokens" in trained.stdout and "vs gpt2" in trained.stdout
-    packed = medfoundry("tokenize", "recipes/quickstart_tokens.yaml", "--set", f"corpus_dir={corpus}",
-                        "--set", f"tokenizer_dir={tmp_path / 'tok'}", "--set", f"output_dir={tmp_path / 'tokens'}")
+    packed = medfoundry(
+        "tokenize",
+        "recipes/quickstart_tokens.yaml",
+        "--set",
+        f"corpus_dir={corpus}",
+        "--set",
+        f"tokenizer_dir={tmp_path / 'tok'}",
+        "--set",
+        f"output_dir={tmp_path / 'tokens'}",
+    )
     assert packed.returncode == 0, packed.stderr
     assert "uint16" in packed.stdout
     shards = TokenShards(tmp_path / "tokens" / "val")

@@ -61,8 +61,14 @@ def test_overrides_apply_with_yaml_typing(tmp_path):
     cfg = load_config(
         CorpusConfig,
         path,
-        ["dedup.near.threshold=0.7", "sources.0.weight=0.5", "clean.language=null", "workers=3",
-         "sources.2.paths=[a.txt, b.txt]", "decontam.sets=[medqa]"],
+        [
+            "dedup.near.threshold=0.7",
+            "sources.0.weight=0.5",
+            "clean.language=null",
+            "workers=3",
+            "sources.2.paths=[a.txt, b.txt]",
+            "decontam.sets=[medqa]",
+        ],
     )
     assert cfg.dedup.near.threshold == 0.7
     assert cfg.sources[0].weight == 0.5
@@ -77,13 +83,21 @@ def test_apply_overrides_on_tree():
     tree = {"sources": [{"name": "a"}], "clean": {"language": "en"}}
     out = apply_overrides(tree, ["sources.0.weight=0.5", "clean.language=null", "new.section.key=true", "x= 3 "])
     assert out is tree
-    assert tree == {"sources": [{"name": "a", "weight": 0.5}], "clean": {"language": None},
-                    "new": {"section": {"key": True}}, "x": 3}
+    assert tree == {
+        "sources": [{"name": "a", "weight": 0.5}],
+        "clean": {"language": None},
+        "new": {"section": {"key": True}},
+        "x": 3,
+    }
     assert apply_overrides({}, ["name=a=b"]) == {"name": "a=b"}  # only the first '=' splits
 
 
 def test_overrides_without_a_file():
-    cfg = load_config(CorpusConfig, None, ["output_dir=out", "sources=[{name: s, kind: text, paths: [x.txt]}]", "decontam.enabled=false"])
+    cfg = load_config(
+        CorpusConfig,
+        None,
+        ["output_dir=out", "sources=[{name: s, kind: text, paths: [x.txt]}]", "decontam.enabled=false"],
+    )
     assert cfg.output_dir == "out" and cfg.sources[0].kind == "text"
     msg = error_of(None, ["output_dir=out", "decontam.enabled=false"])
     assert msg == "<overrides>: invalid configuration\n  sources: required field is missing"
@@ -169,7 +183,10 @@ def test_nonexistent_file(tmp_path):
 def test_num_perm_multiple_of_bands(tmp_path):
     path = write(tmp_path, VALID)
     msg = error_of(path, ["dedup.near.num_perm=100"])
-    assert msg == f"{path}: invalid configuration\n  dedup.near: Value error, num_perm (100) must be a multiple of bands (16)"
+    assert (
+        msg
+        == f"{path}: invalid configuration\n  dedup.near: Value error, num_perm (100) must be a multiple of bands (16)"
+    )
 
 
 def test_duplicate_source_names(tmp_path):
@@ -218,7 +235,14 @@ def test_validate_directly():
         validate(CorpusConfig, tree, "cli")
     assert str(info.value).startswith("cli: invalid configuration\n  sources.0.name: String should match pattern")
     assert "(got 'bad name')" in str(info.value)
-    cfg = validate(CorpusConfig, {"output_dir": "o", "sources": [{"name": "ok", "kind": "text", "paths": ["x"]}], "decontam": {"enabled": False}})
+    cfg = validate(
+        CorpusConfig,
+        {
+            "output_dir": "o",
+            "sources": [{"name": "ok", "kind": "text", "paths": ["x"]}],
+            "decontam": {"enabled": False},
+        },
+    )
     assert cfg.work_path == Path("o") / ".work"
 
 

@@ -63,10 +63,31 @@ def planted(tmp_path_factory) -> dict:
     words = docs[20]["abstract"].split()
     near = dict(docs[20], pmid="90000002", abstract=" ".join(words[:-3] + ["in", "this", "cohort."]))
     pmid, item = _pubmedqa_test_doc()
-    contaminated_ctx = {"pmid": None, "title": "Planted", "abstract": " ".join(item["CONTEXTS"]), "source": "planted", "license": "x"}
-    contaminated_id = {"pmid": pmid, "title": "Planted by id", "abstract": docs[30]["abstract"][::-1].replace(".", " "), "source": "planted", "license": "x"}
-    french = {"pmid": "90000003", "title": "Étude", "abstract": ("Les patients atteints de diabète de type 2 ont été suivis pendant "
-              "cinq ans dans une étude de cohorte prospective menée dans trois hôpitaux universitaires. ") * 4, "source": "planted", "license": "x"}
+    contaminated_ctx = {
+        "pmid": None,
+        "title": "Planted",
+        "abstract": " ".join(item["CONTEXTS"]),
+        "source": "planted",
+        "license": "x",
+    }
+    contaminated_id = {
+        "pmid": pmid,
+        "title": "Planted by id",
+        "abstract": docs[30]["abstract"][::-1].replace(".", " "),
+        "source": "planted",
+        "license": "x",
+    }
+    french = {
+        "pmid": "90000003",
+        "title": "Étude",
+        "abstract": (
+            "Les patients atteints de diabète de type 2 ont été suivis pendant "
+            "cinq ans dans une étude de cohorte prospective menée dans trois hôpitaux universitaires. "
+        )
+        * 4,
+        "source": "planted",
+        "license": "x",
+    }
     files = [docs[:100], docs[100:200] + [exact, near], docs[200:] + [contaminated_ctx, contaminated_id, french]]
     for i, recs in enumerate(files):
         _write_jsonl(root / f"abstracts_{i}.jsonl.gz", recs, raw_lines=("{not json",) if i == 2 else ())
@@ -81,10 +102,19 @@ def _config(planted: dict, out: Path, **extra) -> dict:
         "workers": 2,
         "strict": False,
         "sources": [
-            {"name": "abstracts", "kind": "jsonl", "paths": [str(root / "abstracts_*.jsonl.gz")],
-             "fields": {"text": ["title", "abstract"], "id": "pmid", "pmid": "pmid", "meta": ["source"]}},
-            {"name": "replay", "kind": "jsonl", "paths": [str(root / "replay.jsonl.gz")],
-             "fields": {"text": ["text"], "meta": ["source"]}, "weight": 0.05},
+            {
+                "name": "abstracts",
+                "kind": "jsonl",
+                "paths": [str(root / "abstracts_*.jsonl.gz")],
+                "fields": {"text": ["title", "abstract"], "id": "pmid", "pmid": "pmid", "meta": ["source"]},
+            },
+            {
+                "name": "replay",
+                "kind": "jsonl",
+                "paths": [str(root / "replay.jsonl.gz")],
+                "fields": {"text": ["text"], "meta": ["source"]},
+                "weight": 0.05,
+            },
         ],
         "decontam": {"benchmarks_dir": str(shared("benchmarks"))},
         "split": {"val_fraction": 0.05},
@@ -146,7 +176,9 @@ def test_filters_and_bad_input_are_counted_never_silent(built):
     kept = len(_read_split(out, "train")) + len(_read_split(out, "val"))
     replay_copies = manifest["per_source"]["train"]["replay"]["docs"]
     read = manifest["documents_in"]
-    distinct_kept = kept - replay_copies + len({i.split("#")[0] for i in _read_split(out, "train") if i.startswith("replay/")})
+    distinct_kept = (
+        kept - replay_copies + len({i.split("#")[0] for i in _read_split(out, "train") if i.startswith("replay/")})
+    )
     assert read == 300 + 5 + 1 + 40  # documents + planted + the bad line + replay
     assert distinct_kept + len(drops) == read  # every document read is in the output or listed with its reason
     downsampled = [d for d in drops if d["reason"] == "downsampled"]
@@ -172,7 +204,7 @@ def test_mixture_hits_requested_share(built):
 
 
 def test_val_has_the_train_mixture_and_shards_are_shuffled(built):
-    out, manifest = built
+    out, _manifest = built
     val = _read_split(out, "val")
     val_chars = sum(len(d["text"]) for d in val.values())
     replay_chars = sum(len(d["text"]) for d in val.values() if d["source"] == "replay")
@@ -182,7 +214,9 @@ def test_val_has_the_train_mixture_and_shards_are_shuffled(built):
         lines = fh.readlines()
     keys = [xxhash.xxh64_intdigest(line, seed=1234) for line in lines]
     assert keys == sorted(keys)  # the seeded shuffle order ...
-    orders = [int(json.loads(line)["id"].split("/")[1].split("#")[0]) for line in lines if b'"source": "abstracts"' in line]
+    orders = [
+        int(json.loads(line)["id"].split("/")[1].split("#")[0]) for line in lines if b'"source": "abstracts"' in line
+    ]
     assert orders != sorted(orders)  # ... which is not read order
 
 
@@ -220,13 +254,15 @@ def test_build_killed_resumes_without_loss_or_duplication(planted, tmp_path, kil
     many.mkdir()
     docs = planted["docs"]
     for i in range(30):
-        _write_jsonl(many / f"part_{i:02d}.jsonl.gz", docs[i * 10:(i + 1) * 10])
+        _write_jsonl(many / f"part_{i:02d}.jsonl.gz", docs[i * 10 : (i + 1) * 10])
     cfg = _config(planted, tmp_path / "out", workers=1)
     cfg["sources"][0]["paths"] = [str(many / "*.jsonl.gz")]
     cfg_path = tmp_path / "corpus.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "MEDFOUNDRY_NO_TCMALLOC": "1"}
-    proc = subprocess.Popen(_cli(cfg_path), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _cli(cfg_path), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     work = tmp_path / "out" / ".work"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -263,8 +299,14 @@ def fake_slurm(tmp_path, monkeypatch) -> Path:
 
 
 def _slurm_config(planted, out: Path) -> CorpusConfig:
-    cfg = _config(planted, out, executor={"kind": "slurm", "slurm": {"partition": "bio", "time": "01:00:00",
-                                                                      "sbatch_args": {"account": "medlab"}}})
+    cfg = _config(
+        planted,
+        out,
+        executor={
+            "kind": "slurm",
+            "slurm": {"partition": "bio", "time": "01:00:00", "sbatch_args": {"account": "medlab"}},
+        },
+    )
     return validate(CorpusConfig, cfg)
 
 
@@ -299,7 +341,9 @@ def test_slurm_executor_submits_then_finalizes_on_rerun(planted, built, tmp_path
 
 def test_decontamination_disabled_is_said_in_the_report(planted, tmp_path):
     out = tmp_path / "nodecontam"
-    manifest = build_corpus(validate(CorpusConfig, _config(planted, out, decontam={"enabled": False}, report_tokenizer=None)))
+    manifest = build_corpus(
+        validate(CorpusConfig, _config(planted, out, decontam={"enabled": False}, report_tokenizer=None))
+    )
     assert manifest["decontamination"] is None
     assert "**Disabled**" in (out / "report.md").read_text()
     kept = {**_read_split(out, "train"), **_read_split(out, "val")}
@@ -313,4 +357,6 @@ def test_finalize_only_changes_reuse_the_extract(built, planted, tmp_path):
     cfg["sources"][1]["weight"] = 0.02
     again = build_corpus(validate(CorpusConfig, cfg))
     assert again["extract_dir"] == manifest["extract_dir"] and again["build_key"] != manifest["build_key"]
-    assert abs(again["mixture"]["replay"]["achieved_share"] - 0.02) < abs(again["mixture"]["replay"]["achieved_share"] - 0.05)
+    assert abs(again["mixture"]["replay"]["achieved_share"] - 0.02) < abs(
+        again["mixture"]["replay"]["achieved_share"] - 0.05
+    )

@@ -32,16 +32,23 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 def tiny(tmp_path: Path) -> Path:
     """A benchmarks folder with the official layout and a handful of items."""
     (tmp_path / "pubmedqa").mkdir()
-    contexts = ["Statins lower cholesterol in adults with diabetes and reduce major cardiovascular events over ten years."]
+    contexts = [
+        "Statins lower cholesterol in adults with diabetes and reduce major cardiovascular events over ten years."
+    ]
     pqal = {
         "111": {"QUESTION": "Do statins help?", "CONTEXTS": contexts},
-        "222": {"QUESTION": "Is this train?", "CONTEXTS": ["This train abstract is not part of the test split at all."]},
+        "222": {
+            "QUESTION": "Is this train?",
+            "CONTEXTS": ["This train abstract is not part of the test split at all."],
+        },
     }
     (tmp_path / "pubmedqa" / "ori_pqal.json").write_text(json.dumps(pqal))
     (tmp_path / "pubmedqa" / "test_ground_truth.json").write_text(json.dumps({"111": "yes"}))
     options = {"A": "Myocardial infarction", "B": "Pericarditis"}
     write_jsonl(tmp_path / "medqa" / "us_4_options_test.jsonl", [{"question": LONG_Q, "options": options}])
-    write_jsonl(tmp_path / "medqa" / "us_5_options_test.jsonl", [{"question": LONG_Q, "options": {**options, "E": "GERD"}}])
+    write_jsonl(
+        tmp_path / "medqa" / "us_5_options_test.jsonl", [{"question": LONG_Q, "options": {**options, "E": "GERD"}}]
+    )
     ops = {"opa": "a", "opb": "b", "opc": "c", "opd": None}
     write_jsonl(
         tmp_path / "medmcqa" / "dev.jsonl",
@@ -49,7 +56,9 @@ def tiny(tmp_path: Path) -> Path:
     )
     (tmp_path / "mmlu" / "test").mkdir(parents=True)
     with (tmp_path / "mmlu" / "test" / "anatomy_test.csv").open("w", newline="") as f:
-        csv.writer(f).writerow(["Which nerve, when damaged at the stylomastoid foramen, causes ipsilateral", "x", "y", "z", "w", "A"])
+        csv.writer(f).writerow(
+            ["Which nerve, when damaged at the stylomastoid foramen, causes ipsilateral", "x", "y", "z", "w", "A"]
+        )
     return tmp_path
 
 
@@ -163,7 +172,10 @@ def test_real_summary(real):
     summary = real.summary()
     assert summary["pubmedqa_test_pmids"] == 500
     assert {k: v["items"] for k, v in summary["benchmarks"].items()} == {
-        "pubmedqa": 500, "medqa": 1273, "medmcqa": 4183, "mmlu": 1089
+        "pubmedqa": 500,
+        "medqa": 1273,
+        "medmcqa": 4183,
+        "mmlu": 1089,
     }
 
 

@@ -13,9 +13,11 @@ from medfoundry.corpus.mix import copies_for, plan_factors
 from medfoundry.corpus.ngrams import word_hashes
 from medfoundry.errors import ConfigError, MedfoundryError
 
-BASE = ("Aspirin reduced the incidence of myocardial infarction in a randomized trial of 2,000 adults "
-        "with stable angina followed for five years, with a modest increase in gastrointestinal bleeding "
-        "that was mostly mild and resolved after the drug was stopped in every affected patient.")
+BASE = (
+    "Aspirin reduced the incidence of myocardial infarction in a randomized trial of 2,000 adults "
+    "with stable angina followed for five years, with a modest increase in gastrointestinal bleeding "
+    "that was mostly mild and resolved after the drug was stopped in every affected patient."
+)
 
 
 def _table(docs: list[tuple], ranks: dict[str, int], abstracts: dict[int, str] | None = None) -> DocTable:
@@ -24,10 +26,14 @@ def _table(docs: list[tuple], ranks: dict[str, int], abstracts: dict[int, str] |
     signature = lambda text: hasher.signature(word_hashes(text))  # noqa: E731
     abstracts = abstracts or {}
     table = DocTable(
-        ids=[d[0] for d in docs], sources=[d[1] for d in docs],
+        ids=[d[0] for d in docs],
+        sources=[d[1] for d in docs],
         paper_keys=[([f"pmid:{d[2]}"] if d[2] else []) + list(d[4] if len(d) > 4 else []) for d in docs],
-        pmids=[d[2] for d in docs], exact=[exact_key(d[3]) for d in docs], orders=[(0, i) for i in range(len(docs))],
-        chars=np.array([len(d[3]) for d in docs]), signatures=np.stack([signature(d[3]) for d in docs]),
+        pmids=[d[2] for d in docs],
+        exact=[exact_key(d[3]) for d in docs],
+        orders=[(0, i) for i in range(len(docs))],
+        chars=np.array([len(d[3]) for d in docs]),
+        signatures=np.stack([signature(d[3]) for d in docs]),
         abstract_rows=np.array(list(abstracts), dtype=np.int64),
         abstract_signatures=np.stack([signature(t) for t in abstracts.values()]) if abstracts else None,
     )
@@ -38,12 +44,15 @@ def _table(docs: list[tuple], ranks: dict[str, int], abstracts: dict[int, str] |
 def test_exact_and_near_duplicates_keep_the_highest_precedence_source():
     near = BASE.replace("five years", "six years")
     other = "An entirely different study of vitamin D supplementation and bone density in older women " * 3
-    table = _table([
-        ("abstracts/1", "abstracts", None, BASE),
-        ("papers/A", "papers", None, BASE.upper() + "  "),  # same text up to case/whitespace
-        ("replay/x", "replay", None, near),
-        ("abstracts/2", "abstracts", None, other),
-    ], {"papers": 0, "abstracts": 1, "replay": 2})
+    table = _table(
+        [
+            ("abstracts/1", "abstracts", None, BASE),
+            ("papers/A", "papers", None, BASE.upper() + "  "),  # same text up to case/whitespace
+            ("replay/x", "replay", None, near),
+            ("abstracts/2", "abstracts", None, other),
+        ],
+        {"papers": 0, "abstracts": 1, "replay": 2},
+    )
     removed = resolve(table, [], set(), DedupConfig())
     assert removed[0].reason == "exact_duplicate" and "papers/A" in removed[0].detail
     assert removed[2].reason == "near_duplicate" and "papers/A" in removed[2].detail
@@ -51,20 +60,27 @@ def test_exact_and_near_duplicates_keep_the_highest_precedence_source():
 
 
 def test_near_dedup_threshold_is_respected():
-    different = BASE.replace("Aspirin reduced", "Clopidogrel did not change").replace("mild", "severe").replace("angina", "disease")
+    different = (
+        BASE.replace("Aspirin reduced", "Clopidogrel did not change")
+        .replace("mild", "severe")
+        .replace("angina", "disease")
+    )
     table = _table([("a/1", "a", None, BASE), ("a/2", "a", None, different)], {"a": 0})
     assert resolve(table, [], set(), DedupConfig(near={"threshold": 0.9})) == {}
 
 
 def test_same_paper_prefers_full_text_and_latest_version():
-    table = _table([
-        ("pubmed/1", "pubmed", "111", "old version " + BASE),
-        ("abstracts/1", "abstracts", "111", "abstract text of paper 111 " * 5),
-        ("pubmed/1b", "pubmed", "111", "revised version of the same citation " * 5),
-        ("papers/PMC1", "papers", "111", "the full text of the paper " * 20),
-        ("pubmed/2", "pubmed", "222", "paper two " * 20),
-        ("abstracts/2", "abstracts", "222", "another abstract of paper two " * 9),
-    ], {"papers": 0, "pubmed": 1, "abstracts": 2})
+    table = _table(
+        [
+            ("pubmed/1", "pubmed", "111", "old version " + BASE),
+            ("abstracts/1", "abstracts", "111", "abstract text of paper 111 " * 5),
+            ("pubmed/1b", "pubmed", "111", "revised version of the same citation " * 5),
+            ("papers/PMC1", "papers", "111", "the full text of the paper " * 20),
+            ("pubmed/2", "pubmed", "222", "paper two " * 20),
+            ("abstracts/2", "abstracts", "222", "another abstract of paper two " * 9),
+        ],
+        {"papers": 0, "pubmed": 1, "abstracts": 2},
+    )
     removed = resolve(table, [], {"pubmed"}, DedupConfig(exact=False, near={"enabled": False}))
     assert sorted(removed) == [0, 1, 2, 5]
     assert all(r.reason == "same_paper" for r in removed.values())
@@ -72,17 +88,22 @@ def test_same_paper_prefers_full_text_and_latest_version():
 
 
 def test_same_paper_within_pubmed_keeps_the_latest_version():
-    table = _table([("pubmed/7", "pubmed", "7", "first " * 30), ("pubmed/7", "pubmed", "7", "second " * 30)], {"pubmed": 0})
+    table = _table(
+        [("pubmed/7", "pubmed", "7", "first " * 30), ("pubmed/7", "pubmed", "7", "second " * 30)], {"pubmed": 0}
+    )
     removed = resolve(table, [], {"pubmed"}, DedupConfig(exact=False, near={"enabled": False}))
     assert list(removed) == [0]
 
 
 def test_delete_citation_removes_pmid_everywhere_unless_readded_later():
-    table = _table([
-        ("pubmed/5", "pubmed", "5", "citation five " * 20),
-        ("abstracts/5", "abstracts", "5", "abstract five " * 20),
-        ("pubmed/6", "pubmed", "6", "citation six " * 20),
-    ], {"pubmed": 0, "abstracts": 1})
+    table = _table(
+        [
+            ("pubmed/5", "pubmed", "5", "citation five " * 20),
+            ("abstracts/5", "abstracts", "5", "abstract five " * 20),
+            ("pubmed/6", "pubmed", "6", "citation six " * 20),
+        ],
+        {"pubmed": 0, "abstracts": 1},
+    )
     table.orders = [(0, 0), (1, 0), (2, 5)]
     deletes = [("5", (0, 3)), ("6", (0, 4))]
     removed = resolve(table, deletes, {"pubmed"}, DedupConfig(same_paper=False, exact=False, near={"enabled": False}))
@@ -90,15 +111,20 @@ def test_delete_citation_removes_pmid_everywhere_unless_readded_later():
 
 
 def _cfg(**sources_weights) -> CorpusConfig:
-    return validate(CorpusConfig, {
-        "output_dir": "x",
-        "decontam": {"enabled": False},
-        "sources": [{"name": n, "kind": "jsonl", "paths": ["p"], "weight": w} for n, w in sources_weights.items()],
-    })
+    return validate(
+        CorpusConfig,
+        {
+            "output_dir": "x",
+            "decontam": {"enabled": False},
+            "sources": [{"name": n, "kind": "jsonl", "paths": ["p"], "weight": w} for n, w in sources_weights.items()],
+        },
+    )
 
 
 def test_anchored_weights_size_the_replay_share():
-    plans = plan_factors(_cfg(papers=None, abstracts=None, replay=0.01), {"papers": 600, "abstracts": 390, "replay": 5000})
+    plans = plan_factors(
+        _cfg(papers=None, abstracts=None, replay=0.01), {"papers": 600, "abstracts": 390, "replay": 5000}
+    )
     assert plans["papers"].factor == 1 and plans["abstracts"].factor == 1
     assert plans["replay"].factor * 5000 == pytest.approx(10.0) and not plans["replay"].capped
 
@@ -152,11 +178,14 @@ def test_near_duplicate_clusters_do_not_chain():
 
 
 def test_same_paper_by_doi_and_pmcid():
-    table = _table([
-        ("papers/PMC9", "papers", None, "the full text " * 30, ["doi:10.1371/journal.pone.1", "pmcid:PMC9"]),
-        ("abstracts/x", "abstracts", None, "an abstract " * 20, ["doi:10.1371/journal.pone.1"]),
-        ("pubmed/5", "pubmed", "5", "a citation " * 20, ["pmcid:PMC9"]),
-    ], {"papers": 0, "pubmed": 1, "abstracts": 2})
+    table = _table(
+        [
+            ("papers/PMC9", "papers", None, "the full text " * 30, ["doi:10.1371/journal.pone.1", "pmcid:PMC9"]),
+            ("abstracts/x", "abstracts", None, "an abstract " * 20, ["doi:10.1371/journal.pone.1"]),
+            ("pubmed/5", "pubmed", "5", "a citation " * 20, ["pmcid:PMC9"]),
+        ],
+        {"papers": 0, "pubmed": 1, "abstracts": 2},
+    )
     removed = resolve(table, [], {"pubmed"}, DedupConfig(exact=False, near={"enabled": False}))
     assert sorted(removed) == [1, 2] and all("papers/PMC9" in r.detail for r in removed.values())
 
@@ -165,11 +194,15 @@ def test_abstract_without_ids_is_matched_to_its_paper_by_content():
     """An abstracts-only record with no PMID is dropped when a full-text paper's own abstract matches it."""
     paper_abstract = BASE + " " + BASE.replace("Aspirin", "The drug")
     paper = "# Title\n\n" + paper_abstract + "\n\n## Methods\n\n" + "Patients were enrolled at three sites. " * 40
-    table = _table([
-        ("papers/PMC1", "papers", None, paper),
-        ("abstracts/f.jsonl:7", "abstracts", None, paper_abstract),
-        ("abstracts/f.jsonl:8", "abstracts", None, "Unrelated work on bone density in older women. " * 8),
-    ], {"papers": 0, "abstracts": 1}, abstracts={0: paper_abstract})
+    table = _table(
+        [
+            ("papers/PMC1", "papers", None, paper),
+            ("abstracts/f.jsonl:7", "abstracts", None, paper_abstract),
+            ("abstracts/f.jsonl:8", "abstracts", None, "Unrelated work on bone density in older women. " * 8),
+        ],
+        {"papers": 0, "abstracts": 1},
+        abstracts={0: paper_abstract},
+    )
     removed = resolve(table, [], set(), DedupConfig())
     assert list(removed) == [1] and removed[1].reason == "same_paper" and "papers/PMC1" in removed[1].detail
 

@@ -31,7 +31,10 @@ LETTER_CASES = [
     ("The answer is (c) because", 2),
     ("The answer is:\nB\n", 1),
     # a chain of thought weighs options before concluding: the last statement counts
-    ("Option A is wrong because of the age. Option B fits the labs. The answer is not A. Therefore the answer is B.", 1),
+    (
+        "Option A is wrong because of the age. Option B fits the labs. The answer is not A. Therefore the answer is B.",
+        1,
+    ),
     ("Answer: Let's see. The patient has a fever. Thus, the answer is (D).", 3),
     ("The answer is (C). The answer is therefore clear from the history.", 2),
     # statements that commit to no valid choice

@@ -39,8 +39,17 @@ RENDERED_DOCS = 25  # documents rendered per task and template (every document i
 
 
 def config(**fields) -> EvalConfig:
-    return validate(EvalConfig, {"output_dir": "unused", "models": ["unused"], "tasks": ["pubmedqa"],
-                                 "benchmarks_dir": str(BENCHMARKS), "prompt_style": "instruct", **fields})
+    return validate(
+        EvalConfig,
+        {
+            "output_dir": "unused",
+            "models": ["unused"],
+            "tasks": ["pubmedqa"],
+            "benchmarks_dir": str(BENCHMARKS),
+            "prompt_style": "instruct",
+            **fields,
+        },
+    )
 
 
 def prepared(name: str, **fields) -> Prepared:
@@ -55,7 +64,9 @@ def converted(tmp_path_factory) -> dict[str, list[Conversation]]:
     shared("benchmarks")
     no_test_ids = tmp_path_factory.mktemp("pubmedqa") / "none.json"
     no_test_ids.write_text("{}")  # the converter leaves the test questions out; here they are what is compared
-    pubmedqa = {c.record_id: c for c in converters.pubmedqa(BENCHMARKS / "pubmedqa/ori_pqal.json", test_ids=no_test_ids)}
+    pubmedqa = {
+        c.record_id: c for c in converters.pubmedqa(BENCHMARKS / "pubmedqa/ori_pqal.json", test_ids=no_test_ids)
+    }
     return {
         "pubmedqa": [pubmedqa[pmid] for pmid in prepared("pubmedqa").doc_ids],
         "medqa_4options": list(converters.medqa(BENCHMARKS / "medqa/us_4_options_test.jsonl")),
@@ -71,20 +82,25 @@ def instruct() -> dict[str, Prepared]:
 
 
 @pytest.mark.parametrize("name", TASKS)
-def test_every_question_is_the_converted_user_turn_and_every_gold_answer_the_converted_answer(instruct, converted, name):
+def test_every_question_is_the_converted_user_turn_and_every_gold_answer_the_converted_answer(
+    instruct, converted, name
+):
     p, conversations = instruct[name], converted[name]
     assert p.chat and len(p.contexts) == len(conversations) == p.total
     if name == "medmcqa":
         assert [c.record_id for c in conversations] == p.doc_ids
     for context, continuations, target, conversation in zip(p.contexts, p.continuations, p.targets, conversations):
         user, answer = conversation.messages
-        assert context == [{"role": "user", "content": user.content, **({"options": user.options} if user.options else {})}]
+        assert context == [
+            {"role": "user", "content": user.content, **({"options": user.options} if user.options else {})}
+        ]
         assert continuations[target] == answer.content
         if user.options:
             assert continuations == [f"{k}. {v}" for k, v in user.options.items()]
 
 
 # -- rendered with chat templates ----------------------------------------------------------------
+
 
 def template_tokenizer(kind: str, root: Path, request) -> tuple[object, TemplateConfig]:
     """A tokenizer as `medfoundry finetune` saves it, and the template config it was trained with."""
@@ -102,7 +118,7 @@ def template_tokenizer(kind: str, root: Path, request) -> tuple[object, Template
 def training_prompt(renderer: Renderer, conversation: Conversation) -> tuple[str, str]:
     """What training renders before the last answer (messages up to it, with the generation prompt), and after."""
     text, spans = renderer.response_spans(conversation)
-    return text[:spans[-1][0]], text[spans[-1][0]:]
+    return text[: spans[-1][0]], text[spans[-1][0] :]
 
 
 @pytest.mark.parametrize("kind", ["chatml", "biomed_llama", "zephyr", "smollm2"])
@@ -115,9 +131,13 @@ def test_the_chat_context_is_the_training_prompt(instruct, converted, kind, tmp_
             prompt, rest = training_prompt(renderer, converted[name][i])
             gold = p.continuations[i][p.targets[i]]
             assert chat_prompt(tokenizer, p.contexts[i]) == prompt, (kind, name, p.doc_ids[i])
-            assert rest.startswith(gold) and rest[len(gold):].rstrip() in renderer.end_tokens
-    options_line = {"chatml": "\n\nOptions:\nA. ", "biomed_llama": "\n\n### Options:\nA. ",
-                    "zephyr": "\n\nOptions:\nA. ", "smollm2": "\n\nOptions:\nA. "}[kind]
+            assert rest.startswith(gold) and rest[len(gold) :].rstrip() in renderer.end_tokens
+    options_line = {
+        "chatml": "\n\nOptions:\nA. ",
+        "biomed_llama": "\n\n### Options:\nA. ",
+        "zephyr": "\n\nOptions:\nA. ",
+        "smollm2": "\n\nOptions:\nA. ",
+    }[kind]
     assert options_line in chat_prompt(tokenizer, instruct["medmcqa"].contexts[0])
 
 
@@ -156,29 +176,36 @@ def test_the_chat_prompt_is_encoded_with_the_training_ids(instruct, converted, t
     for i in range(3):
         context = chat_prompt(tokenizer, p.contexts[i])
         gold = p.continuations[i][p.targets[i]]
-        (prefix, answer), = encode_requests(VerbatimTokenizer(tokenizer), [LoglikRequest(context, (gold,))], 4096)[0]
+        ((prefix, answer),) = encode_requests(VerbatimTokenizer(tokenizer), [LoglikRequest(context, (gold,))], 4096)[0]
         trained = renderer(converted["pubmedqa"][i]).ids.tolist()
-        assert list(prefix + answer) == trained[:len(prefix) + len(answer)]
+        assert list(prefix + answer) == trained[: len(prefix) + len(answer)]
         assert prefix.count(bos) == int(writes_bos) and trained.count(bos) == int(writes_bos)
         assert tokenizer.decode(answer) == "\n" + gold  # the generation prompt's newline moves onto it, as in lm-eval
-        (plain, _), = encode_requests(tokenizer, [LoglikRequest(context, (gold,))], 4096)[0]
+        ((plain, _),) = encode_requests(tokenizer, [LoglikRequest(context, (gold,))], 4096)[0]
         assert plain.count(bos) == 1  # lm-eval's rule alone: a BOS the model never saw unless the template writes it
 
 
 def test_chat_styles_are_loglik_only_and_need_their_settings(instruct):
-    with pytest.raises(ConfigError, match="prompts.instruct is a chat style, scored by log-likelihood only, so task "
-                                          "medqa_4options cannot run in chain-of-thought mode with it"):
+    with pytest.raises(
+        ConfigError,
+        match="prompts.instruct is a chat style, scored by log-likelihood only, so task "
+        "medqa_4options cannot run in chain-of-thought mode with it",
+    ):
         prepared("medqa_4options", mode="cot", limit=1)
     with pytest.raises(ConfigError, match="cot_text is not supported with chat"):
         validate(PromptSpec, {"text": "x", "chat": True, "cot_text": "y"}, "<test>")
     with pytest.raises(ConfigError, match="options_apart applies to chat styles"):
         validate(PromptSpec, {"text": "x", "options_apart": True}, "<test>")
-    with pytest.raises(ConfigError, match=r"has no prompt style 'instrcut' \(it has lm_eval, meditron\); "
-                                          "chat styles, for models with a chat template: instruct"):
+    with pytest.raises(
+        ConfigError,
+        match=r"has no prompt style 'instrcut' \(it has lm_eval, meditron\); "
+        "chat styles, for models with a chat template: instruct",
+    ):
         prepared("pubmedqa", prompt_style="instrcut")
 
 
 # -- end to end ------------------------------------------------------------------------------------
+
 
 def tiny_model(directory: Path, tokenizer_dir: Path, vocab_size: int) -> Path:
     torch.manual_seed(0)
@@ -192,8 +219,15 @@ def test_evaluate_a_fine_tuned_chat_model_in_its_training_format(tmp_path):
     chat = tiny_model(tmp_path / "chat", tmp_path / "tok", added[-1] + 1)
     assert (chat / "chat_template.jinja").is_file()
     out = tmp_path / "out"
-    run = config(output_dir=str(out), models=[str(chat)], tasks=["pubmedqa", "medmcqa"], limit=3, threads=1,
-                 precision="fp32", bootstrap_iters=0)
+    run = config(
+        output_dir=str(out),
+        models=[str(chat)],
+        tasks=["pubmedqa", "medmcqa"],
+        limit=3,
+        threads=1,
+        precision="fp32",
+        bootstrap_iters=0,
+    )
     results = evaluate(run)["models"][0]["results"]
     assert {"acc,none", "acc_norm,none"} <= set(results["results"]["medmcqa"])
     assert results["configs"]["pubmedqa"]["prompt_style"] == "instruct"
@@ -203,7 +237,9 @@ def test_evaluate_a_fine_tuned_chat_model_in_its_training_format(tmp_path):
     assert samples[3]["continuations"][0].startswith("A. ") and set(samples[3]["context"][0]["options"]) == set("ABCD")
 
     plain = tiny_model(tmp_path / "plain", shared("tokenizers/gpt2"), 50257)
-    refused = (rf"model {re.escape(str(plain))}: its tokenizer has no chat template, but task pubmedqa uses the chat "
-               "prompt style 'instruct'; evaluate this model with prompt_style lm_eval")
+    refused = (
+        rf"model {re.escape(str(plain))}: its tokenizer has no chat template, but task pubmedqa uses the chat "
+        "prompt style 'instruct'; evaluate this model with prompt_style lm_eval"
+    )
     with pytest.raises(ConfigError, match=refused):
         evaluate(run.model_copy(update={"models": [str(plain)], "output_dir": str(tmp_path / "out_plain")}))

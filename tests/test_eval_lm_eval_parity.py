@@ -16,7 +16,7 @@ import torch
 
 from conftest import shared
 from medfoundry.eval.loglik import LoglikRequest, score_requests
-from medfoundry.eval.model import load_model
+from medfoundry.model.load import load_model
 from test_eval_loglik import gpt2_dir, llama_dir  # noqa: F401 (module fixtures)
 
 N_QUESTIONS = 10
@@ -25,10 +25,9 @@ N_QUESTIONS = 10
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def medqa_docs(n: int, start: int = 0) -> list[dict]:
     lines = shared("benchmarks/medqa/us_4_options_test.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines[start:start + n]]
+    return [json.loads(line) for line in lines[start : start + n]]
 
 
 def medqa_prompt(doc: dict) -> str:
@@ -66,9 +65,11 @@ def pubmedqa_requests() -> list[LoglikRequest]:
 
 def edge_requests(lm) -> list[LoglikRequest]:
     """Trailing whitespace, an empty context, the BOS text in front, and the model's own greedy continuation."""
-    requests = [LoglikRequest("Question: Is aspirin an NSAID?\nAnswer: ", ("yes", "no", "maybe")),
-                LoglikRequest("", ("The patient", " fever", "Answer: yes")),
-                LoglikRequest(lm.tokenizer.decode([lm.tokenizer.bos_token_id]) + "Question: fever?\nAnswer:", (" yes", " no"))]
+    requests = [
+        LoglikRequest("Question: Is aspirin an NSAID?\nAnswer: ", ("yes", "no", "maybe")),
+        LoglikRequest("", ("The patient", " fever", "Answer: yes")),
+        LoglikRequest(lm.tokenizer.decode([lm.tokenizer.bos_token_id]) + "Question: fever?\nAnswer:", (" yes", " no")),
+    ]
     context = "Abstract: Fever resolved after treatment.\nAnswer:"
     ids = lm.tokenizer.encode(context)
     with torch.no_grad():
@@ -84,7 +85,9 @@ def lm_eval_scores(model_dir: Path, requests: list[LoglikRequest], **kwargs) -> 
     from lm_eval.models.huggingface import HFLM
 
     hflm = HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4, **kwargs)
-    instances = [Instance("loglikelihood", {}, (r.context, c), i) for i, r in enumerate(requests) for c in r.continuations]
+    instances = [
+        Instance("loglikelihood", {}, (r.context, c), i) for i, r in enumerate(requests) for c in r.continuations
+    ]
     return hflm.loglikelihood(instances, disable_tqdm=True)
 
 

@@ -14,12 +14,37 @@ from transformers import AutoModelForCausalLM
 from conftest import shared
 from medfoundry.errors import ConfigError, InputError
 from medfoundry.eval.loglik import ChoiceScore, LoglikRequest, encode_requests, score_requests
-from medfoundry.eval.model import load_model
 from medfoundry.model.export import export_hf
+from medfoundry.model.load import load_model
 from medfoundry.model.presets import model_config
 
-WORDS = ("The patient was treated with intravenous ceftriaxone for community-acquired pneumonia, and the fever "
-         "resolved within 48 hours; blood cultures grew Streptococcus pneumoniae sensitive to penicillin. ").split()
+WORDS = [
+    "The",
+    "patient",
+    "was",
+    "treated",
+    "with",
+    "intravenous",
+    "ceftriaxone",
+    "for",
+    "community-acquired",
+    "pneumonia,",
+    "and",
+    "the",
+    "fever",
+    "resolved",
+    "within",
+    "48",
+    "hours;",
+    "blood",
+    "cultures",
+    "grew",
+    "Streptococcus",
+    "pneumoniae",
+    "sensitive",
+    "to",
+    "penicillin.",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +59,9 @@ def bos_tokenizer_dir(directory: Path) -> Path:
 
     bpe = load_fast_tokenizer(shared("tokenizers/gpt2"))
     bpe.add_special_tokens(["<s>", "</s>"])
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))]
+    )
     PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>").save_pretrained(directory)
     return directory
 
@@ -85,24 +112,28 @@ def mixed_requests() -> list[LoglikRequest]:
 def few_shot_requests() -> list[LoglikRequest]:
     """Contexts that share a long few-shot prefix (one of them a prefix of another), so the scorer runs it once."""
     shots = "".join(f"{text(12, i)}\nAnswer: {'ABCD'[i % 4]}\n\n" for i in range(5))
-    requests = [LoglikRequest(shots + text(5 + 9 * i, i) + "\nAnswer:", (" A", " B", " " + text(3, i))) for i in range(4)]
+    requests = [
+        LoglikRequest(shots + text(5 + 9 * i, i) + "\nAnswer:", (" A", " B", " " + text(3, i))) for i in range(4)
+    ]
     return requests + [LoglikRequest(shots + "Q", (" A", " B C")), LoglikRequest(shots + "Q more", (" A",))]
 
 
 def reference(model, tokenizer, request: LoglikRequest, max_length: int) -> list[tuple[float, bool, int]]:
     """lm-eval's algorithm written plainly: one unpadded forward pass per (context, continuation) pair."""
     context = request.context.rstrip()
-    spaces = request.context[len(context):]
+    spaces = request.context[len(context) :]
     context_ids = tokenizer.encode(context)
     result = []
     for continuation in request.continuations:
-        cont = tokenizer.encode(context + spaces + continuation)[len(context_ids):]
-        inputs = (context_ids + cont)[-(max_length + 1):][:-1]
+        cont = tokenizer.encode(context + spaces + continuation)[len(context_ids) :]
+        inputs = (context_ids + cont)[-(max_length + 1) :][:-1]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([inputs]), logits_to_keep=len(cont)).logits[0].float()
         logp = torch.log_softmax(logits, dim=-1)
         target = torch.tensor(cont)
-        result.append((float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()), len(cont)))
+        result.append(
+            (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()), len(cont))
+        )
     return result
 
 
@@ -167,7 +198,9 @@ def test_greedy_continuations_are_flagged(gpt2_dir):
     greedy = lm.tokenizer.decode(ids[-3:])
     assert lm.tokenizer.encode(context + greedy)[-3:] == ids[-3:]
     other = " the" if not greedy.startswith(" the") else " a"
-    first, whole, wrong = flat(score_requests(lm, [LoglikRequest(context, (lm.tokenizer.decode(ids[-3:-2]), greedy, other))]))
+    first, whole, wrong = flat(
+        score_requests(lm, [LoglikRequest(context, (lm.tokenizer.decode(ids[-3:-2]), greedy, other))])
+    )
     assert (first.is_greedy, whole.is_greedy, wrong.is_greedy) == (True, True, False)
     assert whole.tokens == 3 and whole.loglik < first.loglik < 0
 
@@ -220,8 +253,8 @@ def test_duplicates_and_shared_contexts_score_identically(llama_dir):
 def test_trailing_whitespace_moves_to_the_continuation(gpt2_dir):
     lm = load_model(gpt2_dir, precision="fp32", device="cpu", threads=1)
     encode = lm.tokenizer.encode
-    (prefix, cont), = encode_requests(lm.tokenizer, [LoglikRequest("Answer: ", ("yes",))], lm.max_length)[0]
-    assert list(prefix) == encode("Answer:") and list(cont) == encode("Answer: yes")[len(encode("Answer:")):]
+    ((prefix, cont),) = encode_requests(lm.tokenizer, [LoglikRequest("Answer: ", ("yes",))], lm.max_length)[0]
+    assert list(prefix) == encode("Answer:") and list(cont) == encode("Answer: yes")[len(encode("Answer:")) :]
     assert lm.tokenizer.decode(cont) == " yes"
 
 
@@ -288,7 +321,7 @@ def test_context_window_follows_lm_eval():
 
     from transformers import BloomConfig, GPT2Config
 
-    from medfoundry.eval.model import context_window
+    from medfoundry.model.load import context_window
 
     unset = SimpleNamespace(model_max_length=int(1e30))
     assert context_window(GPT2Config(n_positions=512), SimpleNamespace(model_max_length=64)) == 512

@@ -7,8 +7,15 @@ import random
 
 import pytest
 
-from medfoundry.eval.metrics import (argmax, bootstrap_stderr, choice_predictions, mean_stderr, pooled_stderr,
-                                     summarize, summarize_group)
+from medfoundry.eval.metrics import (
+    argmax,
+    bootstrap_stderr,
+    choice_predictions,
+    mean_stderr,
+    pooled_stderr,
+    summarize,
+    summarize_group,
+)
 
 
 def test_acc_norm_divides_by_the_choice_length_in_characters():
@@ -28,7 +35,8 @@ def test_ties_go_to_the_first_choice_like_numpy():
 
 
 def test_stderrs_match_lm_eval():
-    from lm_eval.api.metrics import mean_stderr as lm_mean_stderr, pooled_sample_stderr
+    from lm_eval.api.metrics import mean_stderr as lm_mean_stderr
+    from lm_eval.api.metrics import pooled_sample_stderr
 
     rng = random.Random(0)
     groups = [[float(rng.random() < p) for _ in range(n)] for p, n in ((0.3, 135), (0.6, 265), (0.5, 100))]
@@ -44,7 +52,11 @@ def test_group_is_the_size_weighted_mean_as_lm_eval():
 
     members = [{"acc": [1.0] * 30 + [0.0] * 70}, {"acc": [1.0] * 9 + [0.0] * 1}]
     group = summarize_group(members, weight_by_size=True, iters=200, seed=0)
-    assert group["acc,none"] == pytest.approx(aggregate_subtask_metrics([0.3, 0.9], [100, 10], True)) == pytest.approx(39 / 110)
+    assert (
+        group["acc,none"]
+        == pytest.approx(aggregate_subtask_metrics([0.3, 0.9], [100, 10], True))
+        == pytest.approx(39 / 110)
+    )
     assert group["acc_stderr,none"] == pytest.approx(pooled_stderr([mean_stderr(m["acc"]) for m in members], [100, 10]))
     unweighted = summarize_group(members, weight_by_size=False, iters=0, seed=0)
     assert unweighted["acc,none"] == pytest.approx(0.6) and "acc_bootstrap_stderr,none" not in unweighted
@@ -53,7 +65,11 @@ def test_group_is_the_size_weighted_mean_as_lm_eval():
 def test_bootstrap_is_seeded_and_agrees_with_the_analytic_stderr():
     values = [float(i % 3 == 0) for i in range(600)]
     a = bootstrap_stderr([values], [1.0], iters=2000, seed=1)
-    assert a == bootstrap_stderr([values], [1.0], iters=2000, seed=1) != bootstrap_stderr([values], [1.0], iters=2000, seed=2)
+    assert (
+        a
+        == bootstrap_stderr([values], [1.0], iters=2000, seed=1)
+        != bootstrap_stderr([values], [1.0], iters=2000, seed=2)
+    )
     assert a == pytest.approx(mean_stderr(values), rel=0.08)
     assert bootstrap_stderr([[1.0]], [1.0], iters=100, seed=0) == "N/A"
 

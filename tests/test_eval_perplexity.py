@@ -13,8 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 from conftest import shared
 from medfoundry.errors import ConfigError, InputError, MedfoundryError
-from medfoundry.eval.perplexity import (PerplexityResult, iter_eval_texts, rolling_windows, shard_perplexity,
-                                        text_perplexity)
+from medfoundry.eval.perplexity import (
+    PerplexityResult,
+    iter_eval_texts,
+    rolling_windows,
+    shard_perplexity,
+    text_perplexity,
+)
 from medfoundry.model.export import export_hf
 from medfoundry.model.presets import model_config
 from test_token_shards import read_abstracts, write_corpus
@@ -27,8 +32,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(directory: Path):
-    return (AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(directory))
+    return (
+        AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval(),
+        AutoTokenizer.from_pretrained(directory),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +67,23 @@ def llama_dir(tmp_path_factory) -> Path:
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(read_abstracts(300), trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    bpe.train_from_iterator(
+        read_abstracts(300),
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=["<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(
-        "llama-tiny", vocab_size=len(tokenizer), context=128, overrides={"bos_token_id": 0, "eos_token_id": 1}))
+    model = AutoModelForCausalLM.from_config(
+        model_config(
+            "llama-tiny", vocab_size=len(tokenizer), context=128, overrides={"bos_token_id": 0, "eos_token_id": 1}
+        )
+    )
     _memorize(model, tokenizer, read_abstracts(4))
     out = tmp_path_factory.mktemp("llama") / "model"
     model.save_pretrained(out)
@@ -80,7 +96,7 @@ def _memorize(model, tokenizer, texts: list[str], steps: int = 100) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(steps):
         starts = torch.randint(0, len(ids) - 64, (8,))
-        batch = torch.stack([ids[s:s + 64] for s in starts.tolist()])
+        batch = torch.stack([ids[s : s + 64] for s in starts.tolist()])
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -98,6 +114,7 @@ def lm_eval_rolling(model_dir: Path, texts: list[str], max_length: int, **kwargs
 
 # -- windows -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("max_length,stride", [(1, 1), (7, 7), (7, 3), (7, 1), (64, 64), (64, 16)])
 def test_windows_are_lm_evals_rolling_windows(max_length, stride):
     """stride == max_length: lm-eval's disjoint windows as HFLM feeds them to the model (left-truncated to
@@ -109,11 +126,13 @@ def test_windows_are_lm_evals_rolling_windows(max_length, stride):
     for n in range(0, 3 * max_length + 5):
         tokens = list(range(n))
         seq = [prefix, *tokens]
-        ours = [(seq[start:end], seq[end - scored + 1:end + 1])
-                for start, end, scored in rolling_windows(n, max_length, stride)]
+        ours = [
+            (seq[start:end], seq[end - scored + 1 : end + 1])
+            for start, end, scored in rolling_windows(n, max_length, stride)
+        ]
         windows = get_rolling_token_windows(tokens, prefix, max_length, max_length - stride + 1)
         if stride == max_length:
-            theirs = [((a + b)[-(max_length + 1):][:-1], b) for a, b in map(make_disjoint_window, windows)]
+            theirs = [((a + b)[-(max_length + 1) :][:-1], b) for a, b in map(make_disjoint_window, windows)]
         else:
             theirs = list(windows)
         assert ours == theirs
@@ -121,6 +140,7 @@ def test_windows_are_lm_evals_rolling_windows(max_length, stride):
 
 
 # -- parity with lm-eval -----------------------------------------------------------------------
+
 
 def test_gpt2_matches_lm_eval_per_document_and_in_aggregate(gpt2_dir, gpt2, docs):
     from lm_eval.api.metrics import bits_per_byte, weighted_perplexity
@@ -156,6 +176,7 @@ def test_llama_matches_lm_eval_with_a_bos_adding_tokenizer(llama_dir, docs):
 
 # -- strides, batching, precision --------------------------------------------------------------
 
+
 def test_more_context_lowers_perplexity_and_matches_a_plain_loop(llama_dir, docs):
     model, tokenizer = load(llama_dir)
     texts = docs[:4]
@@ -176,7 +197,7 @@ def _plain_loop(model, tokenizer, texts, max_length: int, stride: int) -> float:
         for start, end, scored in rolling_windows(len(ids), max_length, stride):
             with torch.no_grad():
                 logits = model(input_ids=seq[start:end].unsqueeze(0)).logits[0, -scored:]
-            total += torch.nn.functional.cross_entropy(logits, seq[end - scored + 1:end + 1], reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(logits, seq[end - scored + 1 : end + 1], reduction="sum").item()
     return total
 
 
@@ -220,13 +241,16 @@ def test_refuses_a_model_that_transforms_its_logits(gpt2_dir):
         text_perplexity(model, AutoTokenizer.from_pretrained(gpt2_dir), ["Some text."], max_length=GPT2_LENGTH)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"max_length": 0}, "max_length must be at least 1"),
-    ({"max_length": 8, "stride": 9}, "stride must be between 1 and max_length"),
-    ({"max_length": 8, "stride": 0}, "stride must be between 1 and max_length"),
-    ({"max_length": 8, "batch_size": 0}, "batch_size must be at least 1"),
-    ({"max_length": 8, "precision": "fp16"}, "precision must be one of fp32, bf16"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"max_length": 0}, "max_length must be at least 1"),
+        ({"max_length": 8, "stride": 9}, "stride must be between 1 and max_length"),
+        ({"max_length": 8, "stride": 0}, "stride must be between 1 and max_length"),
+        ({"max_length": 8, "batch_size": 0}, "batch_size must be at least 1"),
+        ({"max_length": 8, "precision": "fp16"}, "precision must be one of fp32, bf16"),
+    ],
+)
 def test_bad_settings(gpt2, kwargs, message):
     model, tokenizer = gpt2
     with pytest.raises(ConfigError, match=message):
@@ -234,6 +258,7 @@ def test_bad_settings(gpt2, kwargs, message):
 
 
 # -- token shards ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> tuple[Path, Path]:
@@ -287,6 +312,7 @@ def test_shard_directory_errors(gpt2, shards, tmp_path):
 
 # -- texts -------------------------------------------------------------------------------------
 
+
 def test_eval_texts_from_each_kind_of_input(tmp_path, shards):
     corpus, _ = shards
     rows = [{"text": "first doc"}, {"text": "second\n\ndoc", "other": 1}, {"text": "third"}]
@@ -308,8 +334,12 @@ def test_eval_texts_from_each_kind_of_input(tmp_path, shards):
 
 
 def test_eval_texts_of_some_sources(tmp_path):
-    rows = [{"text": "an abstract", "source": "abstracts"}, {"text": "a paper", "source": "papers"},
-            {"text": "news", "source": "replay"}, {"text": "unlabelled"}]
+    rows = [
+        {"text": "an abstract", "source": "abstracts"},
+        {"text": "a paper", "source": "papers"},
+        {"text": "news", "source": "replay"},
+        {"text": "unlabelled"},
+    ]
     (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert list(iter_eval_texts(tmp_path / "mixed.jsonl", sources=["papers", "replay"])) == ["a paper", "news"]
     assert list(iter_eval_texts(tmp_path / "mixed.jsonl", sources=["abstracts"], limit=5)) == ["an abstract"]
@@ -325,11 +355,13 @@ def test_eval_text_errors_name_file_and_line(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe\n")
     (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:-20])
     (tmp_path / "data.csv").write_text("text\n")
-    cases = [("bad.jsonl", r"bad.jsonl:2: invalid JSON"),
-             ("field.jsonl", r"field.jsonl:3: no string field 'text' \(fields: body\)"),
-             ("list.jsonl", r"list.jsonl:1: no string field 'text' \(a JSON list\)"),
-             ("bad.txt", r"bad.txt:2: not UTF-8"),
-             ("cut.jsonl.gz", r"cut.jsonl.gz:\d+: unreadable")]
+    cases = [
+        ("bad.jsonl", r"bad.jsonl:2: invalid JSON"),
+        ("field.jsonl", r"field.jsonl:3: no string field 'text' \(fields: body\)"),
+        ("list.jsonl", r"list.jsonl:1: no string field 'text' \(a JSON list\)"),
+        ("bad.txt", r"bad.txt:2: not UTF-8"),
+        ("cut.jsonl.gz", r"cut.jsonl.gz:\d+: unreadable"),
+    ]
     for name, message in cases:
         with pytest.raises(InputError, match=message):
             list(iter_eval_texts(tmp_path / name))
@@ -345,14 +377,23 @@ def test_eval_text_errors_name_file_and_line(tmp_path):
 
 # -- metrics -----------------------------------------------------------------------------------
 
+
 def test_result_metrics():
     result = PerplexityResult(documents=2, tokens=10, words=4, bytes=20, nll=8.0)
     assert result.token_perplexity == pytest.approx(math.exp(0.8))
     assert result.word_perplexity == pytest.approx(math.exp(2.0))
     assert result.byte_perplexity == pytest.approx(math.exp(0.4))
     assert result.bits_per_byte == pytest.approx(0.4 / math.log(2))
-    assert result.to_dict() == {"documents": 2, "tokens": 10, "words": 4, "bytes": 20, "nll": 8.0,
-                                "token_perplexity": result.token_perplexity, "word_perplexity": result.word_perplexity,
-                                "byte_perplexity": result.byte_perplexity, "bits_per_byte": result.bits_per_byte}
+    assert result.to_dict() == {
+        "documents": 2,
+        "tokens": 10,
+        "words": 4,
+        "bytes": 20,
+        "nll": 8.0,
+        "token_perplexity": result.token_perplexity,
+        "word_perplexity": result.word_perplexity,
+        "byte_perplexity": result.byte_perplexity,
+        "bits_per_byte": result.bits_per_byte,
+    }
     assert PerplexityResult(tokens=1, nll=1e6).token_perplexity == math.inf
     assert PerplexityResult().to_dict()["token_perplexity"] is None

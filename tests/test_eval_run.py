@@ -20,8 +20,14 @@ from medfoundry.eval.run import evaluate
 from medfoundry.model.export import export_hf
 from medfoundry.model.presets import model_config
 
-MMLU = ["mmlu_anatomy", "mmlu_clinical_knowledge", "mmlu_college_biology", "mmlu_college_medicine",
-        "mmlu_medical_genetics", "mmlu_professional_medicine"]
+MMLU = [
+    "mmlu_anatomy",
+    "mmlu_clinical_knowledge",
+    "mmlu_college_biology",
+    "mmlu_college_medicine",
+    "mmlu_medical_genetics",
+    "mmlu_professional_medicine",
+]
 
 
 def tiny_model(directory: Path, seed: int) -> Path:
@@ -39,9 +45,19 @@ def models(tmp_path_factory) -> list[Path]:
 
 
 def config(out: Path, models, **fields) -> EvalConfig:
-    return validate(EvalConfig, {"output_dir": str(out), "models": [str(m) for m in models],
-                                 "tasks": ["pubmedqa"], "benchmarks_dir": str(shared("benchmarks")),
-                                 "threads": 1, "precision": "fp32", "bootstrap_iters": 200, **fields})
+    return validate(
+        EvalConfig,
+        {
+            "output_dir": str(out),
+            "models": [str(m) for m in models],
+            "tasks": ["pubmedqa"],
+            "benchmarks_dir": str(shared("benchmarks")),
+            "threads": 1,
+            "precision": "fp32",
+            "bootstrap_iters": 200,
+            **fields,
+        },
+    )
 
 
 def samples(directory: Path) -> list[dict]:
@@ -65,11 +81,22 @@ def test_batch_size_never_changes_the_results(models, tmp_path):
 def two_models_run(models, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("eval_two")
     heldout = out / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
-        "Aspirin irreversibly inhibits cyclooxygenase.", "Metformin lowers hepatic glucose output.",
-        "Statins inhibit HMG-CoA reductase and lower LDL cholesterol.")))
-    cfg = config(out, models, limit=5, tasks=["pubmedqa", "medqa_4options", "mmlu_medical",
-                                              {"task": "heldout", "perplexity": {"path": str(heldout)}}])
+    heldout.write_text(
+        "".join(
+            json.dumps({"text": t}) + "\n"
+            for t in (
+                "Aspirin irreversibly inhibits cyclooxygenase.",
+                "Metformin lowers hepatic glucose output.",
+                "Statins inhibit HMG-CoA reductase and lower LDL cholesterol.",
+            )
+        )
+    )
+    cfg = config(
+        out,
+        models,
+        limit=5,
+        tasks=["pubmedqa", "medqa_4options", "mmlu_medical", {"task": "heldout", "perplexity": {"path": str(heldout)}}],
+    )
     return out, evaluate(cfg)
 
 
@@ -97,8 +124,11 @@ def test_results_json_follows_lm_eval(two_models_run):
 
     assert "| - professional_medicine|" in make_table(results) and "|mmlu_medical|" in make_table(results, "groups")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["stage"] == "eval" and manifest["models"]["tiny1"]["model_files_hash"] == \
-        summary["models"][1]["results"]["config"]["model_files_hash"]
+    assert (
+        manifest["stage"] == "eval"
+        and manifest["models"]["tiny1"]["model_files_hash"]
+        == summary["models"][1]["results"]["config"]["model_files_hash"]
+    )
 
 
 def test_samples_record_every_question(two_models_run):
@@ -128,7 +158,7 @@ def test_reports_compare_models_side_by_side(two_models_run):
 
 def test_a_rerun_reuses_finished_tasks(models, tmp_path, monkeypatch):
     import medfoundry.eval.loglik as loglik
-    import medfoundry.eval.model as model
+    import medfoundry.model.load as model
 
     cfg = config(tmp_path, models[:1], tasks=["pubmedqa", "mmlu_anatomy"], limit=3)
     first = evaluate(cfg)["models"][0]["results"]
@@ -143,7 +173,9 @@ def test_a_rerun_reuses_finished_tasks(models, tmp_path, monkeypatch):
 
     calls = []
     real = loglik.score_requests
-    monkeypatch.setattr(loglik, "score_requests", lambda lm, requests, **kw: calls.append(len(requests)) or real(lm, requests, **kw))
+    monkeypatch.setattr(
+        loglik, "score_requests", lambda lm, requests, **kw: calls.append(len(requests)) or real(lm, requests, **kw)
+    )
     (tmp_path / "tiny0" / "cache" / "mmlu_anatomy.json").unlink()  # as if the run had been killed during this task
     evaluate(cfg)
     assert calls == [3]
@@ -152,8 +184,14 @@ def test_a_rerun_reuses_finished_tasks(models, tmp_path, monkeypatch):
 
 
 def test_fewshot_source_is_reported(models, tmp_path):
-    cfg = config(tmp_path, models[:1], tasks=["medqa_4options"], limit=2, num_fewshot=1,
-                 fewshot_source="mmlu_professional_medicine:dev")
+    cfg = config(
+        tmp_path,
+        models[:1],
+        tasks=["medqa_4options"],
+        limit=2,
+        num_fewshot=1,
+        fewshot_source="mmlu_professional_medicine:dev",
+    )
     results = evaluate(cfg)["models"][0]["results"]
     note = "1-shot demonstrations from mmlu_professional_medicine:dev, not medqa_4options's own"
     assert results["notes"]["medqa_4options"][0].startswith(note)
@@ -163,12 +201,27 @@ def test_fewshot_source_is_reported(models, tmp_path):
 
 def test_chain_of_thought_with_self_consistency(models, tmp_path):
     generation = {"max_new_tokens": 6, "temperature": 0.9, "samples": 3}
-    runs = [evaluate(config(tmp_path / f"b{b}", models[:1], tasks=["pubmedqa", "medqa_4options"], limit=3, mode="cot",
-                            prompt_style="meditron", generation=generation, batch_size=b)) for b in (1, 4)]
+    runs = [
+        evaluate(
+            config(
+                tmp_path / f"b{b}",
+                models[:1],
+                tasks=["pubmedqa", "medqa_4options"],
+                limit=3,
+                mode="cot",
+                prompt_style="meditron",
+                generation=generation,
+                batch_size=b,
+            )
+        )
+        for b in (1, 4)
+    ]
     a, b = samples(tmp_path / "b1" / "tiny0"), samples(tmp_path / "b4" / "tiny0")
     assert [s["completions"] for s in a] == [s["completions"] for s in b]
     assert all(len(s["completions"]) == 3 == len(s["answers"]) for s in a)
-    assert a[0]["prompt"].endswith("\nLet’s think step by step.\n") and a[3]["prompt"].endswith("\nLet's think step by step.\n")
+    assert a[0]["prompt"].endswith("\nLet’s think step by step.\n") and a[3]["prompt"].endswith(
+        "\nLet's think step by step.\n"
+    )
     results = runs[0]["models"][0]["results"]
     assert {"acc,none", "unparsed,none", "unparsed_stderr,none"} <= set(results["results"]["pubmedqa"])
     assert results["higher_is_better"]["pubmedqa"] == {"acc": True, "unparsed": False}
@@ -181,8 +234,9 @@ def test_chat_template_for_fine_tuned_models(models, tmp_path):
     settings["chat_template"] = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|>"
     (chat / "tokenizer_config.json").write_text(json.dumps(settings))
     for choice, out in (("auto", "templated"), ("none", "plain")):
-        evaluate(config(tmp_path / out, [chat], limit=1, mode="cot", chat_template=choice,
-                        generation={"max_new_tokens": 3}))
+        evaluate(
+            config(tmp_path / out, [chat], limit=1, mode="cot", chat_template=choice, generation={"max_new_tokens": 3})
+        )
     templated, plain = samples(tmp_path / "templated" / "chat")[0], samples(tmp_path / "plain" / "chat")[0]
     assert templated["prompt"] == f"<|user|>{plain['prompt']}<|assistant|>"
     assert plain["prompt"].endswith("\nAnswer: Let's think step by step.")
@@ -194,17 +248,21 @@ def test_perplexity_on_a_corpus_and_on_its_token_shards(models, tmp_path):
 
     corpus = write_corpus(tmp_path / "corpus", 4, 4)
     tokenize_corpus(corpus, shared("tokenizers/gpt2"), tmp_path / "tokens", workers=1)
-    tasks = [{"task": "text", "perplexity": {"path": str(corpus)}},
-             {"task": "shards", "perplexity": {"path": str(tmp_path / "tokens"), "split": "val"}}]
+    tasks = [
+        {"task": "text", "perplexity": {"path": str(corpus)}},
+        {"task": "shards", "perplexity": {"path": str(tmp_path / "tokens"), "split": "val"}},
+    ]
     results = evaluate(config(tmp_path / "out", models[:1], tasks=tasks))["models"][0]["results"]
     text, shards = results["configs"]["text"]["totals"], results["configs"]["shards"]["totals"]
     assert text["documents"] == shards["documents"] == 4 and text["tokens"] == shards["tokens"]
-    assert results["results"]["shards"]["token_perplexity,none"] == pytest.approx(results["results"]["text"]["token_perplexity,none"], rel=1e-4)
+    assert results["results"]["shards"]["token_perplexity,none"] == pytest.approx(
+        results["results"]["text"]["token_perplexity,none"], rel=1e-4
+    )
 
 
 def test_generate_stops_and_seeds_per_prompt(models):
     from medfoundry.eval.generate import generate
-    from medfoundry.eval.model import load_model
+    from medfoundry.model.load import load_model
 
     lm = load_model(models[0], precision="fp32", threads=1)
     prompts = ["Question: Which enzyme does aspirin inhibit?\nAnswer:", "The patient presented with"]
@@ -212,7 +270,7 @@ def test_generate_stops_and_seeds_per_prompt(models):
     assert all(len(texts) == 2 and texts[0] == texts[1] for texts in greedy)
     text = greedy[0][0]
     stop = text[3:6]
-    assert generate(lm, prompts[:1], max_new_tokens=8, stop=[stop]) == [[text[:text.find(stop)]]]
+    assert generate(lm, prompts[:1], max_new_tokens=8, stop=[stop]) == [[text[: text.find(stop)]]]
     sampled = generate(lm, prompts, max_new_tokens=6, temperature=1.0, n=3, seed=7, batch_size=1)
     assert generate(lm, prompts[::-1], max_new_tokens=6, temperature=1.0, n=3, seed=7, batch_size=6) == sampled[::-1]
     assert generate(lm, prompts, max_new_tokens=6, temperature=1.0, n=3, seed=8) != sampled

@@ -15,19 +15,34 @@ from medfoundry.config import validate
 from medfoundry.errors import ConfigError, MedfoundryError
 from medfoundry.eval.config import EvalConfig
 from medfoundry.eval.data import load_split
-from medfoundry.eval.fields import Doc
 from medfoundry.eval.fewshot import fewshot_pool
+from medfoundry.eval.fields import Doc
 from medfoundry.eval.prompts import PromptBuilder
 from medfoundry.eval.run import prepare, registry_for
 from medfoundry.eval.tasks import BUILTIN_DIR, TaskRegistry
 
 BENCHMARKS = SHARED_DATA / "benchmarks"
-MMLU = ["anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics", "professional_medicine"]
+MMLU = [
+    "anatomy",
+    "clinical_knowledge",
+    "college_biology",
+    "college_medicine",
+    "medical_genetics",
+    "professional_medicine",
+]
 
 
 def config(**fields) -> EvalConfig:
-    return validate(EvalConfig, {"output_dir": "unused", "models": ["unused"], "tasks": ["pubmedqa"],
-                                 "benchmarks_dir": str(BENCHMARKS), **fields})
+    return validate(
+        EvalConfig,
+        {
+            "output_dir": "unused",
+            "models": ["unused"],
+            "tasks": ["pubmedqa"],
+            "benchmarks_dir": str(BENCHMARKS),
+            **fields,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +57,14 @@ def prepared(registry, name: str, **fields):
 
 
 def test_builtin_tasks_and_splits(registry):
-    assert {"pubmedqa", "medqa_4options", "medqa_5options", "medmcqa", "mmlu_medical", *(f"mmlu_{s}" for s in MMLU)} == set(registry.names)
+    assert {
+        "pubmedqa",
+        "medqa_4options",
+        "medqa_5options",
+        "medmcqa",
+        "mmlu_medical",
+        *(f"mmlu_{s}" for s in MMLU),
+    } == set(registry.names)
     plan = registry.plan(["pubmedqa", "mmlu_medical", "mmlu_anatomy"])
     assert plan.requested == ["pubmedqa", "mmlu_medical", "mmlu_anatomy"]
     assert [t.task for t in plan.tasks] == ["pubmedqa", *(f"mmlu_{s}" for s in MMLU)]  # each task once
@@ -50,7 +72,9 @@ def test_builtin_tasks_and_splits(registry):
     pubmedqa = registry.get("pubmedqa")
     test, train = load_split(pubmedqa, "test", BENCHMARKS), load_split(pubmedqa, "train", BENCHMARKS)
     truth = json.loads((BENCHMARKS / "pubmedqa/test_ground_truth.json").read_text())
-    assert len(test) == len(train) == 500 and {d.id for d in test} == set(truth) and not {d.id for d in train} & set(truth)
+    assert (
+        len(test) == len(train) == 500 and {d.id for d in test} == set(truth) and not {d.id for d in train} & set(truth)
+    )
     builder = PromptBuilder(pubmedqa, "lm_eval")
     assert all(builder.choices(d)[builder.target(d)] == truth[d.id] for d in test)
 
@@ -65,28 +89,50 @@ def test_builtin_tasks_and_splits(registry):
 
 # -- lm-eval equality ---------------------------------------------------------------------------
 
+
 def _lm_eval_records(name: str, docs: list[Doc]) -> list[dict]:
     """The documents in the schema of the hub dataset lm-eval's task reads."""
     f = [d.fields for d in docs]
     if name == "pubmedqa":
-        return [{"QUESTION": r["QUESTION"], "CONTEXTS": r["CONTEXTS"], "final_decision": r["final_decision"]} for r in f]
+        return [
+            {"QUESTION": r["QUESTION"], "CONTEXTS": r["CONTEXTS"], "final_decision": r["final_decision"]} for r in f
+        ]
     if name == "medqa_4options":
-        return [{"sent1": r["question"], **{f"ending{i}": r["options"][k] for i, k in enumerate("ABCD")},
-                 "label": "ABCD".index(r["answer_idx"])} for r in f]
+        return [
+            {
+                "sent1": r["question"],
+                **{f"ending{i}": r["options"][k] for i, k in enumerate("ABCD")},
+                "label": "ABCD".index(r["answer_idx"]),
+            }
+            for r in f
+        ]
     if name == "medmcqa":
         return [{k: r[k] for k in ("question", "opa", "opb", "opc", "opd")} | {"cop": r["cop"] - 1} for r in f]
-    return [{"question": r["question"], "choices": [r[k] for k in "ABCD"], "answer": "ABCD".index(r["answer"])} for r in f]
+    return [
+        {"question": r["question"], "choices": [r[k] for k in "ABCD"], "answer": "ABCD".index(r["answer"])} for r in f
+    ]
 
 
 def _lm_eval_yaml(name: str, files: dict, cache: Path) -> dict:
     from lm_eval import tasks as lm_tasks
 
     base = Path(lm_tasks.__file__).parent
-    source = {"pubmedqa": "pubmedqa/pubmedqa.yaml", "medqa_4options": "medqa/medqa.yaml",
-              "medmcqa": "medmcqa/medmcqa.yaml"}.get(name, f"mmlu/default/{name}.yaml")
-    return {"include": str(base / source), "task": f"ours_{name}", "tag": None, "dataset_path": "json",
-            "dataset_name": None, "dataset_kwargs": {"data_files": files, "cache_dir": str(cache)},
-            "training_split": None, "validation_split": None, "test_split": "test"}
+    source = {
+        "pubmedqa": "pubmedqa/pubmedqa.yaml",
+        "medqa_4options": "medqa/medqa.yaml",
+        "medmcqa": "medmcqa/medmcqa.yaml",
+    }.get(name, f"mmlu/default/{name}.yaml")
+    return {
+        "include": str(base / source),
+        "task": f"ours_{name}",
+        "tag": None,
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": files, "cache_dir": str(cache)},
+        "training_split": None,
+        "validation_split": None,
+        "test_split": "test",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +148,9 @@ def lm_eval_instances(registry, tmp_path_factory):
         files = {}
         for split in ("test", "dev") if name.startswith("mmlu") else ("test",):
             path = root / f"{name}_{split}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in _lm_eval_records(name, load_split(task, split, BENCHMARKS))))
+            path.write_text(
+                "".join(json.dumps(r) + "\n" for r in _lm_eval_records(name, load_split(task, split, BENCHMARKS)))
+            )
             files[split] = str(path)
         (root / f"{name}.yaml").write_text(yaml.safe_dump(_lm_eval_yaml(name, files, root / "cache")))
     manager = TaskManager(include_path=str(root), include_defaults=False)
@@ -141,6 +189,7 @@ def test_mmlu_five_shot_equals_lm_eval(registry, lm_eval_instances, subject):
 
 # -- Meditron's format ---------------------------------------------------------------------------
 
+
 def test_meditron_style(registry):
     medmcqa = prepared(registry, "medmcqa", prompt_style="meditron", limit=1)
     assert medmcqa.contexts[0] == (
@@ -151,20 +200,26 @@ def test_meditron_style(registry):
         "Question: Which of the following is not true for myelinated nerve fibers:?\n\nOptions:\n"
         "A. Impulse through myelinated fibers is slower than non-myelinated fibers\n"
         "B. Membrane currents are generated at nodes of Ranvier\nC. Saltatory conduction of impulses is seen\n"
-        "D. Local anesthesia is effective only when the nerve is not covered by myelin sheath\nThe answer is:")
+        "D. Local anesthesia is effective only when the nerve is not covered by myelin sheath\nThe answer is:"
+    )
     assert medmcqa.continuations[0] == [" A", " B", " C", " D"] and medmcqa.targets == [0]
 
     pubmedqa = prepared(registry, "pubmedqa", prompt_style="meditron", limit=2, num_fewshot=1)
     demo, question = pubmedqa.contexts[0].split("\n", 1)[1].split("\n\n")
     assert demo.endswith(("\nThe answer is: yes", "\nThe answer is: no", "\nThe answer is: maybe"))
-    assert question.endswith("\nDo mitochondria play a role in remodelling lace plant leaves during programmed cell death?\nThe answer is:")
+    assert question.endswith(
+        "\nDo mitochondria play a role in remodelling lace plant leaves during programmed cell death?\nThe answer is:"
+    )
 
     cot = prepared(registry, "medqa_5options", prompt_style="meditron", mode="cot", limit=1)
-    assert cot.kind == "cot" and cot.contexts[0].endswith("E. Refuse to dictate the operative report\nLet's think step by step.\n")
+    assert cot.kind == "cot" and cot.contexts[0].endswith(
+        "E. Refuse to dictate the operative report\nLet's think step by step.\n"
+    )
     assert "from A to E" in cot.contexts[0] and cot.options[0][4] == "Refuse to dictate the operative report"
 
 
 # -- few-shot -------------------------------------------------------------------------------------
+
 
 def test_fewshot_is_seeded_per_question_and_never_from_test(registry):
     a = prepared(registry, "pubmedqa", num_fewshot=3, limit=6)
@@ -181,13 +236,20 @@ def test_fewshot_is_seeded_per_question_and_never_from_test(registry):
 
 
 def test_medqa_fewshot_needs_a_stated_source(registry):
-    with pytest.raises(ConfigError, match=r"medqa_4options: 5-shot prompts need demonstrations, but MedQA's train "
-                                          r"and dev splits are not in ../shared/data.*fewshot_source=TASK\[:SPLIT\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"medqa_4options: 5-shot prompts need demonstrations, but MedQA's train "
+        r"and dev splits are not in ../shared/data.*fewshot_source=TASK\[:SPLIT\]",
+    ):
         prepared(registry, "medqa_4options", num_fewshot=5)
-    borrowed = prepared(registry, "medqa_4options", num_fewshot=2, limit=2, fewshot_source="mmlu_professional_medicine:dev")
+    borrowed = prepared(
+        registry, "medqa_4options", num_fewshot=2, limit=2, fewshot_source="mmlu_professional_medicine:dev"
+    )
     assert borrowed.fewshot_source == "mmlu_professional_medicine:dev"
-    assert borrowed.notes == ["2-shot demonstrations from mmlu_professional_medicine:dev, not medqa_4options's own "
-                              "(MedQA's train and dev splits are not in ../shared/data, only its test set)"]
+    assert borrowed.notes == [
+        "2-shot demonstrations from mmlu_professional_medicine:dev, not medqa_4options's own "
+        "(MedQA's train and dev splits are not in ../shared/data, only its test set)"
+    ]
     dev = load_split(registry.get("mmlu_professional_medicine"), "dev", BENCHMARKS)
     assert borrowed.contexts[0].startswith(dev[0].fields["question"].strip())  # first_n: the lender's sampler
     with pytest.raises(ConfigError, match="medqa_5options's test split; demonstrations never come from a test set"):
@@ -197,12 +259,20 @@ def test_medqa_fewshot_needs_a_stated_source(registry):
 # -- hub loaders (offline, with a fake loader) -----------------------------------------------------
 
 HUB_RECORDS = {
-    "medqa_4options": lambda r: {"id": "x", "sent1": r["question"], "label": "ABCD".index(r["answer_idx"]),
-                                 **{f"ending{i}": r["options"][k] for i, k in enumerate("ABCD")}},
+    "medqa_4options": lambda r: {
+        "id": "x",
+        "sent1": r["question"],
+        "label": "ABCD".index(r["answer_idx"]),
+        **{f"ending{i}": r["options"][k] for i, k in enumerate("ABCD")},
+    },
     "medqa_5options": lambda r: {**r, "options": [{"key": k, "value": v} for k, v in r["options"].items()]},
     "medmcqa": lambda r: {**r, "cop": r["cop"] - 1},
-    "mmlu_anatomy": lambda r: {"question": r["question"], "subject": "anatomy", "choices": [r[k] for k in "ABCD"],
-                               "answer": "ABCD".index(r["answer"])},
+    "mmlu_anatomy": lambda r: {
+        "question": r["question"],
+        "subject": "anatomy",
+        "choices": [r[k] for k in "ABCD"],
+        "answer": "ABCD".index(r["answer"]),
+    },
     "pubmedqa": lambda r: {**r, "pubid": 42},
 }
 
@@ -229,23 +299,38 @@ def test_hub_failure_and_missing_file_messages(registry, tmp_path):
     def offline(path, name, split):
         raise ConnectionError("no network")
 
-    with pytest.raises(MedfoundryError, match=r"data file .*/medmcqa/dev.jsonl not found.*; its hub loader "
-                                               r"\(openlifescienceai/medmcqa\) failed: ConnectionError: no network$"):
+    with pytest.raises(
+        MedfoundryError,
+        match=r"data file .*/medmcqa/dev.jsonl not found.*; its hub loader "
+        r"\(openlifescienceai/medmcqa\) failed: ConnectionError: no network$",
+    ):
         load_split(registry.get("medmcqa"), "test", tmp_path, hub_loader=offline)
     task = registry.get("mmlu_anatomy").model_copy(update={"hub": None})
-    with pytest.raises(MedfoundryError, match=rf"data file {tmp_path}/mmlu/test/anatomy_test.csv not found\. The "
-                                               r"official files go in ../shared/data/benchmarks"):
+    with pytest.raises(
+        MedfoundryError,
+        match=rf"data file {tmp_path}/mmlu/test/anatomy_test.csv not found\. The "
+        r"official files go in ../shared/data/benchmarks",
+    ):
         load_split(task, "test", tmp_path)
 
 
 # -- user tasks and errors -----------------------------------------------------------------------
 
+
 def write_user_task(directory: Path, **changes) -> Path:
     directory.mkdir(exist_ok=True)
-    (directory / "drugs.csv").write_text("id,stem,right,wrong\nd1,Aspirin inhibits,COX,ACE\nd2,Statins inhibit,HMG-CoA reductase,COX\n")
-    definition = {"task": "drug_targets", "data": {"path": str(directory / "drugs.csv"), "id_field": "id"},
-                  "splits": {"test": {}}, "choices": "{{ [right, wrong] }}", "target": {"field": "right"},
-                  "prompts": {"lm_eval": {"text": "{{ stem }}"}}, **changes}
+    (directory / "drugs.csv").write_text(
+        "id,stem,right,wrong\nd1,Aspirin inhibits,COX,ACE\nd2,Statins inhibit,HMG-CoA reductase,COX\n"
+    )
+    definition = {
+        "task": "drug_targets",
+        "data": {"path": str(directory / "drugs.csv"), "id_field": "id"},
+        "splits": {"test": {}},
+        "choices": "{{ [right, wrong] }}",
+        "target": {"field": "right"},
+        "prompts": {"lm_eval": {"text": "{{ stem }}"}},
+        **changes,
+    }
     (directory / "drug_targets.yaml").write_text(yaml.safe_dump(definition))
     return directory
 
@@ -265,12 +350,21 @@ def test_clear_errors(tmp_path, registry):
     folder = write_user_task(tmp_path / "bad", prompts={"lm_eval": {"text": "{{ stem }} {{ steem }}"}})
     cfg = config(tasks=["drug_targets"], task_dirs=[str(folder)])
     reg = registry_for(cfg)
-    with pytest.raises(ConfigError, match=rf"{folder}/drug_targets.yaml: prompts.lm_eval.text: 'steem' is undefined "
-                                          r"\(the documents have the fields id, right, stem, wrong\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"{folder}/drug_targets.yaml: prompts.lm_eval.text: 'steem' is undefined "
+        r"\(the documents have the fields id, right, stem, wrong\)",
+    ):
         prepare(reg.get("drug_targets"), cfg, reg)
-    with pytest.raises(ConfigError, match="task pubmedqa has no prompt style 'meditorn' \\(it has lm_eval, meditron\\)"):
+    with pytest.raises(
+        ConfigError, match="task pubmedqa has no prompt style 'meditorn' \\(it has lm_eval, meditron\\)"
+    ):
         prepared(registry, "pubmedqa", prompt_style="meditorn")
-    (folder / "typo.yaml").write_text("task: typo\nsplits: {test: {path: x.jsonl}}\nchoices: [a]\ntarget: {field: y}\n"
-                                      "prompts: {lm_eval: {text: x}}\nfewshots: {split: train}\n")
-    with pytest.raises(ConfigError, match="typo.yaml: invalid configuration\n  fewshots: unknown field; did you mean 'fewshot'?"):
+    (folder / "typo.yaml").write_text(
+        "task: typo\nsplits: {test: {path: x.jsonl}}\nchoices: [a]\ntarget: {field: y}\n"
+        "prompts: {lm_eval: {text: x}}\nfewshots: {split: train}\n"
+    )
+    with pytest.raises(
+        ConfigError, match="typo.yaml: invalid configuration\n  fewshots: unknown field; did you mean 'fewshot'?"
+    ):
         TaskRegistry([folder]).get("typo")

@@ -23,9 +23,18 @@ from torch import nn
 
 from conftest import REPO
 from medfoundry.errors import InputError
-from medfoundry.train.checkpoint import (FILES, MANIFEST, CheckpointWriteError, DamagedCheckpoint, checkpoint_problem,
-                                         latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint,
-                                         verify_checkpoint)
+from medfoundry.train.checkpoint import (
+    FILES,
+    MANIFEST,
+    CheckpointWriteError,
+    DamagedCheckpoint,
+    checkpoint_problem,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from medfoundry.train.schedules import ScheduleConfig, build_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,6 +43,7 @@ ENV = {**os.environ, "MEDFOUNDRY_NO_TCMALLOC": "1", "HF_HUB_OFFLINE": "1", "OMP_
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+
 
 def _trained(seed: int = 0):
     """A 64x64 linear layer after one AdamW step (so the optimizer has state), with its schedule."""
@@ -49,8 +59,16 @@ def _trained(seed: int = 0):
 
 def _save(directory: Path, step: int, parts, keep_last: int = 0) -> Path:
     model, optimizer, scheduler = parts
-    return save_checkpoint(directory, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                           reader_state={"position": step}, extra={}, keep_last=keep_last)
+    return save_checkpoint(
+        directory,
+        step,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        reader_state={"position": step},
+        extra={},
+        keep_last=keep_last,
+    )
 
 
 def _flip_byte(path: Path, at: float = 0.5) -> None:
@@ -98,8 +116,11 @@ def test_damaged_checkpoints_are_named_and_the_previous_intact_one_is_used(tmp_p
     assert latest_checkpoint(tmp_path) == paths[1]
 
     (paths[1] / "rng.pt").unlink()
-    with pytest.raises(DamagedCheckpoint, match=r"no intact checkpoint: .*step-00000003/model\.safetensors: corrupted.*; "
-                                                r".*step-00000002: incomplete checkpoint, missing rng\.pt"):
+    with pytest.raises(
+        DamagedCheckpoint,
+        match=r"no intact checkpoint: .*step-00000003/model\.safetensors: corrupted.*; "
+        r".*step-00000002: incomplete checkpoint, missing rng\.pt",
+    ):
         latest_checkpoint(tmp_path)
 
 
@@ -107,7 +128,10 @@ def test_checkpoint_manifest_damage_and_old_checkpoints_without_one(tmp_path):
     parts = _trained()
     path = _save(tmp_path, 1, parts)
     (path / MANIFEST).write_text('{"files": ')
-    assert checkpoint_problem(path) == f"{path / MANIFEST}: unreadable checkpoint manifest (Expecting value: line 1 column 11 (char 10))"
+    assert (
+        checkpoint_problem(path)
+        == f"{path / MANIFEST}: unreadable checkpoint manifest (Expecting value: line 1 column 11 (char 10))"
+    )
 
     (path / MANIFEST).unlink()  # written before manifests existed: loads, unverified
     assert checkpoint_problem(path) is None and read_checkpoint(path)["trainer_state"]["step"] == 1
@@ -126,7 +150,7 @@ def test_a_replacement_killed_between_its_two_renames_is_undone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
 
 
-FULL_DISK = r'''
+FULL_DISK = r"""
 import json, resource, signal, sys
 import torch
 from torch import nn
@@ -158,7 +182,7 @@ for limit in limits:
         errors.append(str(exc))
 resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
 print(json.dumps(errors))
-'''
+"""
 
 
 def test_file_size_limit_during_a_save_keeps_the_previous_checkpoint(tmp_path):
@@ -168,8 +192,9 @@ def test_file_size_limit_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     script = tmp_path / "full_disk.py"
     script.write_text(FULL_DISK)
     out = tmp_path / "checkpoints"
-    run = subprocess.run([sys.executable, str(script), str(out), "4096", "24576"], env=ENV, capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(script), str(out), "4096", "24576"], env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     previous = out / "step-00000001"
     assert sizes_ok(previous)
@@ -194,7 +219,9 @@ def small_tmpfs(tmp_path):
     mount.mkdir()
     if shutil.which("mount") is None or os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -222,6 +249,7 @@ def test_full_tmpfs_during_a_save_keeps_the_previous_checkpoint(small_tmpfs):
 
 
 # -- token shards ------------------------------------------------------------------------------
+
 
 def _word_corpus(root: Path, parts: dict[str, int], docs_per_part: int = 40) -> Path:
     """A corpus directory of documents made of the words w0..w99 (a word-level tokenizer reads them)."""
@@ -256,7 +284,11 @@ def _shard_files(split_dir: Path) -> dict[str, bytes]:
 def test_corrupted_token_shards_are_named_and_rebuilt(tmp_path):
     from medfoundry.tokenizer.shards import TokenShards, tokenize_corpus
 
-    corpus, tokenizer, out = _word_corpus(tmp_path / "corpus", {"train": 3, "val": 1}), _word_tokenizer(tmp_path / "tok"), tmp_path / "tokens"
+    corpus, tokenizer, out = (
+        _word_corpus(tmp_path / "corpus", {"train": 3, "val": 1}),
+        _word_tokenizer(tmp_path / "tok"),
+        tmp_path / "tokens",
+    )
     tokenize_corpus(corpus, tokenizer, out, workers=1)
     index = json.loads((out / "train" / "index.json").read_text())
     assert index["checksum"] == "xxh3_128" and all(set(e["checksums"]) == {"bin", "idx"} for e in index["shards"])
@@ -265,8 +297,11 @@ def test_corrupted_token_shards_are_named_and_rebuilt(tmp_path):
 
     _flip_byte(out / "train" / "part-00001.bin")
     shards = TokenShards(out / "train")  # sizes agree: opening is cheap and does not notice
-    with pytest.raises(InputError, match=r"train/part-00001\.bin: corrupted: its xxh3_128 checksum is \w+, index\.json "
-                                         r"records \w+; run the tokenization again to rebuild it"):
+    with pytest.raises(
+        InputError,
+        match=r"train/part-00001\.bin: corrupted: its xxh3_128 checksum is \w+, index\.json "
+        r"records \w+; run the tokenization again to rebuild it",
+    ):
         shards.verify()
     with pytest.raises(InputError, match=r"part-00001\.bin: corrupted"):
         TokenShards(out / "train", verify=True)
@@ -307,8 +342,9 @@ def test_tokenization_killed_midway_resumes_to_identical_shards(tmp_path):
     reference = tokenize_corpus(corpus, gpt2, tmp_path / "reference", workers=1)
     out = tmp_path / "tokens"
     config = tmp_path / "tokens.yaml"
-    config.write_text(yaml.safe_dump({"corpus_dir": str(corpus), "tokenizer_dir": str(gpt2), "output_dir": str(out),
-                                      "workers": 1}))
+    config.write_text(
+        yaml.safe_dump({"corpus_dir": str(corpus), "tokenizer_dir": str(gpt2), "output_dir": str(out), "workers": 1})
+    )
     argv = [sys.executable, "-m", "medfoundry", "tokenize", str(config)]
 
     def three_parts_done() -> bool:
@@ -317,8 +353,12 @@ def test_tokenization_killed_midway_resumes_to_identical_shards(tmp_path):
         except (OSError, ValueError, KeyError):
             return False
 
-    _kill_when(subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True), three_parts_done)
+    _kill_when(
+        subprocess.Popen(
+            argv, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        ),
+        three_parts_done,
+    )
     assert not json.loads((out / "train" / "index.json").read_text())["complete"]
     assert not (out / "manifest.json").exists()
     subprocess.run(argv, cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
@@ -332,6 +372,7 @@ def test_tokenization_killed_midway_resumes_to_identical_shards(tmp_path):
 
 # -- corpus build ------------------------------------------------------------------------------
 
+
 def _corpus_config(tmp_path: Path, out: Path, **extra) -> tuple[dict, Path]:
     """120 real-looking abstracts in 6 input files, and a corpus build config for them written to a file."""
     from test_corpus_build import _abstracts, _write_jsonl
@@ -340,11 +381,24 @@ def _corpus_config(tmp_path: Path, out: Path, **extra) -> tuple[dict, Path]:
     inputs.mkdir(exist_ok=True)
     docs = _abstracts(120)
     for i in range(6):
-        _write_jsonl(inputs / f"part_{i}.jsonl.gz", docs[i * 20:(i + 1) * 20])
-    cfg = {"output_dir": str(out), "workers": 1, "strict": False, "decontam": {"enabled": False},
-           "sources": [{"name": "abstracts", "kind": "jsonl", "paths": [str(inputs / "*.jsonl.gz")],
-                        "fields": {"text": ["title", "abstract"], "id": "pmid", "pmid": "pmid"}}],
-           "split": {"val_fraction": 0.1}, "output": {"shard_docs": 30}, **extra}
+        _write_jsonl(inputs / f"part_{i}.jsonl.gz", docs[i * 20 : (i + 1) * 20])
+    cfg = {
+        "output_dir": str(out),
+        "workers": 1,
+        "strict": False,
+        "decontam": {"enabled": False},
+        "sources": [
+            {
+                "name": "abstracts",
+                "kind": "jsonl",
+                "paths": [str(inputs / "*.jsonl.gz")],
+                "fields": {"text": ["title", "abstract"], "id": "pmid", "pmid": "pmid"},
+            }
+        ],
+        "split": {"val_fraction": 0.1},
+        "output": {"shard_docs": 30},
+        **extra,
+    }
     config = tmp_path / "corpus.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return cfg, config
@@ -388,9 +442,12 @@ def test_corpus_build_killed_after_installing_its_splits_resumes_identically(tmp
     out = tmp_path / "out"
     cfg, config = _corpus_config(tmp_path, out)
     argv = [sys.executable, "-m", "medfoundry", "corpus", "build", str(config)]
-    _kill_when(subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True),
-               lambda: (out / "val").is_dir() and not (out / "manifest.json").exists())
+    _kill_when(
+        subprocess.Popen(
+            argv, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        ),
+        lambda: (out / "val").is_dir() and not (out / "manifest.json").exists(),
+    )
     assert not (out / "manifest.json").exists()
     subprocess.run(argv, cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
     build_corpus(validate(CorpusConfig, dict(cfg, output_dir=str(tmp_path / "reference"))))

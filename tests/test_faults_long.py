@@ -17,8 +17,8 @@ import pytest
 from conftest import REPO, shared
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import reliability_faults as rr  # noqa: E402
-from reliability_report import table  # noqa: E402
+import reliability_faults as rr
+from reliability_report import table
 
 pytestmark = [pytest.mark.long, pytest.mark.timeout(1800)]
 
@@ -26,8 +26,12 @@ pytestmark = [pytest.mark.long, pytest.mark.timeout(1800)]
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory) -> rr.Context:
     shared("corpus/pubmed_abstracts.jsonl.gz")
-    context = rr.Context(quick=False, work=tmp_path_factory.mktemp("reliability"),
-                         seed=int(os.environ.get("MEDFOUNDRY_FAULT_SEED", "0")), deadline=time.monotonic() + 24 * 3600)
+    context = rr.Context(
+        quick=False,
+        work=tmp_path_factory.mktemp("reliability"),
+        seed=int(os.environ.get("MEDFOUNDRY_FAULT_SEED", "0")),
+        deadline=time.monotonic() + 24 * 3600,
+    )
     rr.prepare_faults(context)
     return context
 

@@ -33,12 +33,31 @@ def _base_model(directory: Path, tokenizer: Path, kind: str) -> Path:
     torch.manual_seed(0)
     vocab = json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"]
     if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=48, n_layer=2, n_head=4, n_positions=256,
-                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=len(vocab),
+                n_embd=48,
+                n_layer=2,
+                n_head=4,
+                n_positions=256,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        )
     else:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=48, intermediate_size=96,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=256, tie_word_embeddings=False))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(vocab),
+                hidden_size=48,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                tie_word_embeddings=False,
+            )
+        )
     model.save_pretrained(directory)
     shutil.copy(tokenizer / "tokenizer.json", directory / "tokenizer.json")
     return directory
@@ -48,23 +67,35 @@ def _base_model(directory: Path, tokenizer: Path, kind: str) -> Path:
 def inputs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("finetune_inputs")
     tokenizer = make_tokenizer(root / "tok")
-    return {"sources": write_sources(root / "data"), "gpt2": _base_model(root / "gpt2", tokenizer, "gpt2"),
-            "llama": _base_model(root / "llama", tokenizer, "llama")}
+    return {
+        "sources": write_sources(root / "data"),
+        "gpt2": _base_model(root / "gpt2", tokenizer, "gpt2"),
+        "llama": _base_model(root / "llama", tokenizer, "llama"),
+    }
 
 
 def _tree(inputs: dict, out: Path, kind: str = "gpt2", **training) -> dict:
     return {
         "output_dir": str(out),
         "model": {"init_from": str(inputs[kind])},
-        "data": {"max_length": 256, "allow_test_overlap": True, "seed": 1, "mixture": {"total": 240},
-                 "prepared_dir": str(out.parent / f"data-{kind}"),
-                 "sources": [{"name": "defs", "path": str(inputs["sources"]["defs"]), "weight": 0.6},
-                             {"name": "dialogues", "path": str(inputs["sources"]["dialogues"]), "weight": 0.4}],
-                 "validation": {"fraction": 0.1}},
+        "data": {
+            "max_length": 256,
+            "allow_test_overlap": True,
+            "seed": 1,
+            "mixture": {"total": 240},
+            "prepared_dir": str(out.parent / f"data-{kind}"),
+            "sources": [
+                {"name": "defs", "path": str(inputs["sources"]["defs"]), "weight": 0.6},
+                {"name": "dialogues", "path": str(inputs["sources"]["dialogues"]), "weight": 0.4},
+            ],
+            "validation": {"fraction": 0.1},
+        },
         "training": {"steps": 30, "micro_batch_size": 4, "global_batch_size": 8, "precision": "fp32", **training},
         "optim": {"lr": 3e-3},
         "schedule": {"kind": "cosine", "warmup_steps": 3},
-        "checkpoint": {"every": 10}, "eval": {"every": 15, "batches": 4}, "log": {"every": 1},
+        "checkpoint": {"every": 10},
+        "eval": {"every": 15, "batches": 4},
+        "log": {"every": 1},
     }
 
 
@@ -100,8 +131,9 @@ def test_export_carries_the_chat_template_and_grown_vocabulary(trained):
     model = AutoModelForCausalLM.from_pretrained(str(trained / "model"))
     assert tokenizer.eos_token == "<|im_end|>" and model.config.eos_token_id == tokenizer.eos_token_id
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Define fever."}], add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Define fever."}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
@@ -189,7 +221,9 @@ def test_lora_trains_adapters_and_added_tokens_and_merges(inputs, tmp_path):
     assert not torch.equal(merged[emb][added], before[emb][added])  # the new tokens learned
     assert torch.equal(merged[emb][: added[0]], before[emb][: added[0]])  # the others did not move
     assert torch.equal(merged["model.norm.weight"], before["model.norm.weight"])  # not adapted
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
 
     adapted = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     exported = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
@@ -198,11 +232,14 @@ def test_lora_trains_adapters_and_added_tokens_and_merges(inputs, tmp_path):
         torch.testing.assert_close(exported(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"training": {"steps": 3, "epochs": 1.0}}, "exactly one of training.steps and training.epochs"),
-    ({"training": {"micro_batch_size": 3, "global_batch_size": 8}}, "multiple of"),
-    ({"lora": {"r": 0}}, "lora.r"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"training": {"steps": 3, "epochs": 1.0}}, "exactly one of training.steps and training.epochs"),
+        ({"training": {"micro_batch_size": 3, "global_batch_size": 8}}, "multiple of"),
+        ({"lora": {"r": 0}}, "lora.r"),
+    ],
+)
 def test_config_errors(inputs, tmp_path, change, message):
     tree = _tree(inputs, tmp_path / "bad")
     for key, value in change.items():

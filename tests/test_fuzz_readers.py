@@ -21,24 +21,29 @@ import pytest
 
 pytest.importorskip("hypothesis", reason="needs hypothesis (the dev extras)")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings
 
-from fuzz_targets import PUBMED_REAL, TARGETS, build_renderers, check_corpus_reader, jats_article  # noqa: E402
-from medfoundry.corpus.readers.jats import read_jats  # noqa: E402
-from medfoundry.errors import InputError  # noqa: E402
-from medfoundry.io import iter_json_lines  # noqa: E402
-from medfoundry.sft.formats import Message, make_conversation, read_conversations  # noqa: E402
+from fuzz_targets import PUBMED_REAL, TARGETS, build_renderers, check_corpus_reader, jats_article
+from medfoundry.corpus.readers.jats import read_jats
+from medfoundry.errors import InputError
+from medfoundry.io import iter_json_lines
+from medfoundry.sft.formats import Message, make_conversation, read_conversations
 
-CI = settings(max_examples=100, deadline=None, derandomize=True, database=None, print_blob=True,
-              suppress_health_check=list(HealthCheck))
+CI = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=list(HealthCheck),
+)
 LONG = settings(CI, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 3000)), derandomize=False)
 
 
 def fuzz(target: str):
     """A CI test and its long twin running the check of ``TARGETS[target]`` on its strategies."""
     check, strategies = TARGETS[target].check, TARGETS[target].strategies
-    return (CI(given(**strategies)(check)),
-            pytest.mark.long(LONG(given(**strategies)(check))))
+    return (CI(given(**strategies)(check)), pytest.mark.long(LONG(given(**strategies)(check))))
 
 
 # --- PubMed XML ------------------------------------------------------------------------------------
@@ -83,7 +88,7 @@ def test_strict_jsonl_refuses_what_json_loads_raises_other_errors_for(tmp_path):
         with pytest.raises(InputError, match=rf"edge{number}\.jsonl:2: invalid JSON"):
             list(iter_json_lines(path))
     path.write_bytes(b'{"text": "\\ud83d\\ude00"}\n')  # a surrogate pair is a character (U+1F600)
-    assert [value for _, value in iter_json_lines(path)] == [{"text": "\U0001F600"}]
+    assert [value for _, value in iter_json_lines(path)] == [{"text": "\U0001f600"}]
 
 
 test_corpus_jsonl, test_corpus_jsonl_long = fuzz("corpus_jsonl")

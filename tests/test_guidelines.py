@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FIXTURES
 from medfoundry.corpus.readers.base import ReadContext
 from medfoundry.corpus.readers.guidelines import read_guidelines
 from medfoundry.errors import InputError
-
-from conftest import FIXTURES
 
 SAMPLE = FIXTURES / "guidelines" / "guidelines_sample.jsonl"
 

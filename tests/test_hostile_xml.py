@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fuzz_targets import (COMPLEX_LAYOUTS, LAUGHS, READERS, SECRET, attacks, complex_text, jats, pubmed,
-                          recording_server)
+from fuzz_targets import COMPLEX_LAYOUTS, LAUGHS, READERS, SECRET, attacks, complex_text, jats, pubmed, recording_server
 from medfoundry.config import validate
 from medfoundry.corpus.build import build_corpus
 from medfoundry.corpus.config import CorpusConfig
@@ -43,8 +42,17 @@ def _read(reader, path: Path, strict: bool):
     return list(reader(path, ctx)), ctx
 
 
-@pytest.mark.parametrize("attack", ["billion_laughs", "quadratic_blowup", "xxe_local_file", "xxe_url",
-                                    "parameter_entity_url", "parameter_entity_file"])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "billion_laughs",
+        "quadratic_blowup",
+        "xxe_local_file",
+        "xxe_url",
+        "parameter_entity_url",
+        "parameter_entity_file",
+    ],
+)
 @pytest.mark.parametrize("kind", ["pubmed", "jats"])
 def test_entity_attacks_are_refused_without_expansion_or_access(kind, attack, tmp_path, secret_file, server):
     url, requests = server
@@ -82,8 +90,11 @@ def test_external_dtd_is_neither_fetched_nor_needed(kind, tmp_path, server):
 def test_gzipped_billion_laughs_is_refused(tmp_path):
     path = tmp_path / "evil.xml.gz"
     path.write_bytes(gzip.compress(pubmed(f"<!DOCTYPE r [{LAUGHS}]>", title="&lol9;")))
-    with pytest.raises(InputError, match=r"evil\.xml\.gz:\d+: (refused: its entities would expand enormously|"
-                                         r"document declares XML entities \(lol, lol1)"):
+    with pytest.raises(
+        InputError,
+        match=r"evil\.xml\.gz:\d+: (refused: its entities would expand enormously|"
+        r"document declares XML entities \(lol, lol1)",
+    ):
         _read(read_pubmed_xml, path, strict=True)
 
 
@@ -162,21 +173,34 @@ def build_inputs(tmp_path, secret_file, server) -> Path:
     (root / "pubmed").mkdir(parents=True)
     (root / "pmc").mkdir()
     (root / "pubmed" / "good.xml").write_bytes(pubmed(pmid="11"))
-    (root / "pubmed" / "laughs.xml.gz").write_bytes(gzip.compress(pubmed(f"<!DOCTYPE r [{LAUGHS}]>", title="&lol9;", pmid="12")))
+    (root / "pubmed" / "laughs.xml.gz").write_bytes(
+        gzip.compress(pubmed(f"<!DOCTYPE r [{LAUGHS}]>", title="&lol9;", pmid="12"))
+    )
     (root / "pmc" / "good.nxml").write_bytes(jats())
     xxe = attacks(secret_file, url)
-    (root / "pmc" / "xxe.nxml").write_bytes(jats(xxe["xxe_local_file"][0], title=xxe["xxe_local_file"][1], pmcid="PMC2"))
+    (root / "pmc" / "xxe.nxml").write_bytes(
+        jats(xxe["xxe_local_file"][0], title=xxe["xxe_local_file"][1], pmcid="PMC2")
+    )
     (root / "pmc" / "fetch.nxml").write_bytes(jats(xxe["xxe_url"][0], title=xxe["xxe_url"][1], pmcid="PMC3"))
     return root
 
 
 def _config(root: Path, out: Path, strict: bool) -> CorpusConfig:
-    return validate(CorpusConfig, {
-        "output_dir": str(out), "workers": 1, "strict": strict,
-        "sources": [{"name": "pubmed", "kind": "pubmed_xml", "paths": [str(root / "pubmed" / "*")]},
-                    {"name": "papers", "kind": "jats", "paths": [str(root / "pmc" / "*.nxml")]}],
-        "decontam": {"enabled": False}, "split": {"val_fraction": 0.0}, "clean": {"min_chars": 50, "min_words": 5},
-    })
+    return validate(
+        CorpusConfig,
+        {
+            "output_dir": str(out),
+            "workers": 1,
+            "strict": strict,
+            "sources": [
+                {"name": "pubmed", "kind": "pubmed_xml", "paths": [str(root / "pubmed" / "*")]},
+                {"name": "papers", "kind": "jats", "paths": [str(root / "pmc" / "*.nxml")]},
+            ],
+            "decontam": {"enabled": False},
+            "split": {"val_fraction": 0.0},
+            "clean": {"min_chars": 50, "min_words": 5},
+        },
+    )
 
 
 def test_corpus_build_lenient_skips_and_reports_each_hostile_file(build_inputs, tmp_path, server):
@@ -186,7 +210,9 @@ def test_corpus_build_lenient_skips_and_reports_each_hostile_file(build_inputs, 
     manifest = build_corpus(_config(build_inputs, out, strict=False))
     assert manifest["documents_out"]["train"] == 2  # the two good documents
     with gzip.open(out / "dropped.jsonl.gz", "rt") as fh:
-        skipped = {Path(d["detail"].split(":")[0]).name: d["detail"] for d in map(json.loads, fh) if d["stage"] == "read"}
+        skipped = {
+            Path(d["detail"].split(":")[0]).name: d["detail"] for d in map(json.loads, fh) if d["stage"] == "read"
+        }
     assert set(skipped) == {"laughs.xml.gz", "xxe.nxml", "fetch.nxml"}
     assert "declares XML entities" in skipped["xxe.nxml"] and "declares XML entities" in skipped["fetch.nxml"]
     assert re.search(r"declares XML entities|expand enormously", skipped["laughs.xml.gz"])
@@ -198,8 +224,11 @@ def test_corpus_build_lenient_skips_and_reports_each_hostile_file(build_inputs, 
 
 
 def test_corpus_build_strict_stops_at_a_hostile_file_naming_it(build_inputs, tmp_path):
-    with pytest.raises(InputError, match=r"(laughs\.xml\.gz|xxe\.nxml|fetch\.nxml):\d+: .*(declares XML entities|"
-                                         r"expand enormously)") as refused:
+    with pytest.raises(
+        InputError,
+        match=r"(laughs\.xml\.gz|xxe\.nxml|fetch\.nxml):\d+: .*(declares XML entities|"
+        r"expand enormously)",
+    ) as refused:
         build_corpus(_config(build_inputs, tmp_path / "strict", strict=True))
     assert SECRET not in str(refused.value)
     assert not (tmp_path / "strict" / "manifest.json").exists()

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared
 from medfoundry.corpus.readers.base import ReadContext
 from medfoundry.corpus.readers.jats import read_jats
 from medfoundry.errors import InputError
-
-from conftest import shared
 
 PMC_FILE = "corpus/pmc_jats/1471-2180-11-174.nxml"  # BMC Microbiology, PMC archive DTD
 PLOS_FILE = "corpus/pmc_jats/journal.pone.0152459.xml"  # PLOS ONE, journal publishing DTD 3.0
@@ -238,7 +237,7 @@ CITATIONS = [
     (f"a random variable (see [{_cite('4')}–{_cite('6')}]).", "a random variable."),
     (f"too large (see, e.g., [{_cite('7')}, {_cite('12')}]).", "too large."),
     (f"the type locality ({_cite('12')}, p. 67).", "the type locality."),
-    (f"a model ({_cite('12')}; <xref ref-type=\"fig\" rid=\"f2\">Figure 2</xref>).", "a model (Figure 2)."),
+    (f'a model ({_cite("12")}; <xref ref-type="fig" rid="f2">Figure 2</xref>).', "a model (Figure 2)."),
     (f'as in <xref ref-type="fig" rid="f1">Figure 1</xref> [{_cite("3")}].', "as in Figure 1."),
     (f"Amir <italic>et al.</italic> [{_cite('10')}] showed", "Amir et al. showed"),
     (f"defined as SD/MLT; [{_cite('10')}])", "defined as SD/MLT)"),
@@ -341,8 +340,14 @@ FORMULAS = [
 ]
 IMAGE = '<inline-formula><inline-graphic xlink:href="i.gif"/></inline-formula>'
 INLINE = [
-    ("10<sup>5</sup> CFU of CO<sub>2</sub>-fixing CD4<sup>+</sup> p27<sup>Kip1</sup>", "10^5 CFU of CO2-fixing CD4+ p27Kip1"),
-    ("10<sup>−3</sup> M, 1.5x10<sup>(−1/k)</sup>, 21<sup>st</sup>, 0.01<sup>a</sup>", "10^−3 M, 1.5x10^(−1/k), 21st, 0.01a"),
+    (
+        "10<sup>5</sup> CFU of CO<sub>2</sub>-fixing CD4<sup>+</sup> p27<sup>Kip1</sup>",
+        "10^5 CFU of CO2-fixing CD4+ p27Kip1",
+    ),
+    (
+        "10<sup>−3</sup> M, 1.5x10<sup>(−1/k)</sup>, 21<sup>st</sup>, 0.01<sup>a</sup>",
+        "10^−3 M, 1.5x10^(−1/k), 21st, 0.01a",
+    ),
     (f"rate <inline-formula>{MATH_X2}</inline-formula> and e<sup>x</sup>.", "rate x^2 and ex."),
     (f"the parameters ({IMAGE}, {IMAGE}, and {IMAGE}) between runs", "the parameters between runs"),
     (f"full rank ( = {IMAGE}).", "full rank."),
@@ -447,8 +452,10 @@ def test_external_entities_are_not_resolved(tmp_path):
     with pytest.raises(InputError, match=r"xxe\.xml:1: document declares XML entities \(xxe\)") as refused:
         _one(path)  # refused whole (tests/test_hostile_xml.py has the other attacks)
     assert "TOP-SECRET-VALUE" not in str(refused.value)
-    path.write_text('<!DOCTYPE article PUBLIC "-//NLM//DTD JATS//EN" "JATS.dtd">'
-                    "<article><body><p>Before &ndash; after &nbsp;end.</p></body></article>")
+    path.write_text(
+        '<!DOCTYPE article PUBLIC "-//NLM//DTD JATS//EN" "JATS.dtd">'
+        "<article><body><p>Before &ndash; after &nbsp;end.</p></body></article>"
+    )
     assert _one(path).text == "Before – after end."  # undeclared: kept as the HTML character; &nbsp; is whitespace
 
 

@@ -158,8 +158,9 @@ def test_record_without_text_fields(tmp_path):
     assert [s.line for s in ctx.skips] == [2]
 
 
-@pytest.mark.parametrize("name, content", [("empty.jsonl", b""), ("empty.jsonl.gz", gzip.compress(b"")),
-                                           ("blank.jsonl", b"\n  \n\r\n")])
+@pytest.mark.parametrize(
+    "name, content", [("empty.jsonl", b""), ("empty.jsonl.gz", gzip.compress(b"")), ("blank.jsonl", b"\n  \n\r\n")]
+)
 def test_empty_file(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)

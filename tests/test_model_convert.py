@@ -45,15 +45,21 @@ def reference_model(gguf: Path):
 
 
 def test_converted_directory_gives_the_gguf_logits(gguf, converted):
-    assert {p.name for p in converted.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json",
-                                                      "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert {p.name for p in converted.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    }
     model = AutoModelForCausalLM.from_pretrained(converted, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(converted, local_files_only=True)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, reference_model(gguf)(ids).logits)
         answer = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tokenizer.decode(answer[0, ids.shape[1]:])  # the dequantized weights are the right ones
+    assert "Paris" in tokenizer.decode(answer[0, ids.shape[1] :])  # the dequantized weights are the right ones
     assert model.dtype == torch.float32 and model.lm_head.weight is model.get_input_embeddings().weight
 
 
@@ -63,7 +69,9 @@ def test_converted_tokenizer_round_trips_with_its_chat_template(gguf, converted)
     assert tokenizer(text).input_ids == original(text).input_ids
     assert tokenizer.decode(tokenizer(text).input_ids) == text
     assert tokenizer.chat_template == original.chat_template
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.startswith("<|im_start|>system") and chat.endswith("<|im_start|>assistant\n")
     model = AutoModelForCausalLM.from_pretrained(converted, local_files_only=True)
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id == 2
@@ -71,8 +79,18 @@ def test_converted_tokenizer_round_trips_with_its_chat_template(gguf, converted)
 
 def test_smollm2_preset_matches_the_gguf(converted):
     preset, config = model_config("smollm2-135m"), model_config(str(converted))
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+    )
     assert {k: getattr(preset, k) for k in keys} == {k: getattr(config, k) for k in keys}
     assert preset.rope_parameters["rope_theta"] == config.rope_parameters["rope_theta"] == 100_000.0
     assert preset.rms_norm_eps == pytest.approx(config.rms_norm_eps)

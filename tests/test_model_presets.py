@@ -33,14 +33,27 @@ def test_parameter_counts():
 
 def test_published_shapes():
     biomedlm = model_config("biomedlm")
-    assert (biomedlm.n_embd, biomedlm.n_head, biomedlm.n_layer, biomedlm.vocab_size, biomedlm.n_positions) == (2560, 20, 32, 28_896, 1024)
+    assert (biomedlm.n_embd, biomedlm.n_head, biomedlm.n_layer, biomedlm.vocab_size, biomedlm.n_positions) == (
+        2560,
+        20,
+        32,
+        28_896,
+        1024,
+    )
     llama, llama2 = model_config("llama-7b"), model_config("llama2-7b")
-    assert (llama.max_position_embeddings, llama.rms_norm_eps, llama2.max_position_embeddings, llama2.rms_norm_eps) == (2048, 1e-6, 4096, 1e-5)
+    assert (llama.max_position_embeddings, llama.rms_norm_eps, llama2.max_position_embeddings, llama2.rms_norm_eps) == (
+        2048,
+        1e-6,
+        4096,
+        1e-5,
+    )
     assert not llama.tie_word_embeddings and model_config("smollm2-135m").tie_word_embeddings
     assert model_config("bloom-560m").vocab_size == 250_880
 
 
-@pytest.mark.parametrize("name, key", [("gpt2-tiny", "n_positions"), ("llama-tiny", "max_position_embeddings"), ("bloom-tiny", "seq_length")])
+@pytest.mark.parametrize(
+    "name, key", [("gpt2-tiny", "n_positions"), ("llama-tiny", "max_position_embeddings"), ("bloom-tiny", "seq_length")]
+)
 def test_vocab_context_and_overrides(name, key):
     config = model_config(name, vocab_size=1000, context=512, overrides={"num_hidden_layers": 3})
     assert config.vocab_size == 1000 and getattr(config, key) == 512 == context_length(config)
@@ -49,7 +62,9 @@ def test_vocab_context_and_overrides(name, key):
 
 
 def test_overrides_come_last():
-    config = model_config("gpt2-tiny", vocab_size=4000, context=128, overrides={"vocab_size": 4032, "max_position_embeddings": 512})
+    config = model_config(
+        "gpt2-tiny", vocab_size=4000, context=128, overrides={"vocab_size": 4032, "max_position_embeddings": 512}
+    )
     assert (config.vocab_size, config.n_positions) == (4032, 512)  # a padded vocabulary, a longer position table
 
 
@@ -63,7 +78,12 @@ def test_config_json_file_or_directory(tmp_path):
     model_config("llama-tiny", overrides={"hidden_size": 64}).save_pretrained(tmp_path)
     for spec in (tmp_path, tmp_path / "config.json"):
         config = model_config(str(spec), vocab_size=300, context=128)
-        assert (config.model_type, config.hidden_size, config.vocab_size, config.max_position_embeddings) == ("llama", 64, 300, 128)
+        assert (config.model_type, config.hidden_size, config.vocab_size, config.max_position_embeddings) == (
+            "llama",
+            64,
+            300,
+            128,
+        )
 
 
 def test_unknown_preset_lists_presets_and_paths():

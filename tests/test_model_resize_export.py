@@ -66,13 +66,20 @@ def test_resize_for_an_extended_tokenizer(tmp_path):
     model = tiny("llama-tiny")
     write_extension(tmp_path / "ext", 4096, 4106)
     report = resize_for_tokenizer(model, tmp_path / "ext")
-    assert report == {"source": "vocab_extension.json", "model_vocab_size": 4096, "vocab_size": 4106, "added_ids": list(range(4096, 4106))}
+    assert report == {
+        "source": "vocab_extension.json",
+        "model_vocab_size": 4096,
+        "vocab_size": 4106,
+        "added_ids": list(range(4096, 4106)),
+    }
     assert resize_for_tokenizer(model, tmp_path / "ext")["added_ids"] == []  # already grown (e.g. on resume)
 
     write_extension(tmp_path / "other", 5000, 5010)
     with pytest.raises(ConfigError, match="not trained with the base tokenizer"):
         resize_for_tokenizer(tiny("llama-tiny"), tmp_path / "other")
-    (tmp_path / "other" / "vocab_extension.json").write_text('{"base_vocab_size": 4096, "vocab_size": 4100, "added_ids": [7]}')
+    (tmp_path / "other" / "vocab_extension.json").write_text(
+        '{"base_vocab_size": 4096, "vocab_size": 4100, "added_ids": [7]}'
+    )
     with pytest.raises(InputError, match="appended"):
         resize_for_tokenizer(tiny("llama-tiny"), tmp_path / "other")
 
@@ -90,10 +97,18 @@ def test_resize_for_a_larger_unrelated_tokenizer():
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "bloom-tiny"])
 def test_export_loads_back_identically(name, tmp_path):
     model = tiny(name, vocab_size=50_257)
-    out = export_hf(torch.compile(model), shared("tokenizers/gpt2"), tmp_path / "model", generation={"max_new_tokens": 32})
+    out = export_hf(
+        torch.compile(model), shared("tokenizers/gpt2"), tmp_path / "model", generation={"max_new_tokens": 32}
+    )
 
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
@@ -108,8 +123,8 @@ def test_export_bfloat16_leaves_the_fp32_model_alone(tmp_path):
     out = export_hf(model, shared("tokenizers/gpt2"), tmp_path / "bf16", dtype="bfloat16")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with safe_open(out / "model.safetensors", "pt") as weights:
-        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}
-        assert "lm_head.weight" not in weights.keys()  # tied to the token embeddings: stored once
+        assert {weights.get_slice(k).get_dtype() for k in weights} == {"BF16"}
+        assert "lm_head.weight" not in weights  # tied to the token embeddings: stored once
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert loaded.dtype == torch.bfloat16 and loaded.lm_head.weight is loaded.get_input_embeddings().weight
@@ -121,18 +136,34 @@ def test_export_copies_tokenizer_config_and_chat_template(tmp_path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [TEXT] * 20,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     src = tmp_path / "tokenizer"
     src.mkdir()
     tok.save(str(src / "tokenizer.json"))
-    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                                                           "bos_token": "<|endoftext|>", "pad_token": "<|pad|>"}))
-    (src / "chat_template.jinja").write_text("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    (src / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "bos_token": "<|endoftext|>",
+                "pad_token": "<|pad|>",
+            }
+        )
+    )
+    (src / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    )
 
     out = export_hf(tiny("llama-tiny", vocab_size=tok.get_vocab_size()), src, tmp_path / "model")
     tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<|im_start|>hi<|im_end|>"
+    assert (
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<|im_start|>hi<|im_end|>"
+    )
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["eos_token_id"], generation["pad_token_id"]) == (0, 1)
 
@@ -142,4 +173,6 @@ def test_export_without_tokenizer(tmp_path):
     out = export_hf(model, None, tmp_path / "model")
     assert not (out / "tokenizer.json").exists()
     ids = torch.randint(0, 4096, (1, 8))
-    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out, local_files_only=True), ids), logits(model, ids))
+    assert torch.equal(
+        logits(AutoModelForCausalLM.from_pretrained(out, local_files_only=True), ids), logits(model, ids)
+    )

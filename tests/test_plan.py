@@ -13,8 +13,17 @@ from medfoundry.cli import main
 from medfoundry.config import load_yaml, validate
 from medfoundry.errors import ConfigError
 from medfoundry.model.presets import model_config
-from medfoundry.plan import (GIB, PlanSection, activation_bytes, build_meta_model, layer_activation_bytes,
-                             load_target, make_plan, state_bytes, with_flags)
+from medfoundry.plan import (
+    GIB,
+    PlanSection,
+    activation_bytes,
+    build_meta_model,
+    layer_activation_bytes,
+    load_target,
+    make_plan,
+    state_bytes,
+    with_flags,
+)
 from medfoundry.recipe.config import RecipeConfig, wire
 
 FULL_SCALE = ["biomedlm-2.7b", "biomed-llama-7b", "meditron-7b", "bloom-560m"]
@@ -30,7 +39,9 @@ def recipe(name: str) -> str:
     return str(REPO / "recipes" / f"{name}.yaml")
 
 
-def plan_of(name: str, days: float | None = None, overrides: list[str] | None = None, stage: str | None = None, **flags):
+def plan_of(
+    name: str, days: float | None = None, overrides: list[str] | None = None, stage: str | None = None, **flags
+):
     return make_plan(with_flags(load_target(recipe(name), overrides, stage), **flags), days=days)
 
 
@@ -176,8 +187,11 @@ def test_finetune_stage_continues_the_pretrain_stage_s_model():
     assert plan.stage == "finetune" and "pretrain stage's model" in plan.model.source
     assert plan.model.parameters == pytest.approx(6.74e9, rel=0.01)
     assert plan.tokens is None and "training.epochs" in plan.tokens_note and plan.days is None
-    steps = plan_of("meditron-7b", stage="finetune", overrides=["stages.finetune.training.steps=100",
-                                                                 "stages.finetune.training.epochs=null"])
+    steps = plan_of(
+        "meditron-7b",
+        stage="finetune",
+        overrides=["stages.finetune.training.steps=100", "stages.finetune.training.epochs=null"],
+    )
     assert steps.tokens == 100 * 128 * 2048 and steps.days > 0
 
 
@@ -190,16 +204,28 @@ def test_lora_trains_only_the_adapters():
 
 def _finetune_config(tmp_path, init_from: str) -> str:
     path = tmp_path / "ft.yaml"
-    path.write_text(yaml.safe_dump({
-        "output_dir": "runs/ft", "model": {"init_from": init_from},
-        "data": {"sources": [{"name": "qa", "path": "qa.jsonl"}], "allow_test_overlap": True, "max_length": 512},
-        "training": {"epochs": 1, "micro_batch_size": 2, "global_batch_size": 8}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "runs/ft",
+                "model": {"init_from": init_from},
+                "data": {
+                    "sources": [{"name": "qa", "path": "qa.jsonl"}],
+                    "allow_test_overlap": True,
+                    "max_length": 512,
+                },
+                "training": {"epochs": 1, "micro_batch_size": 2, "global_batch_size": 8},
+            }
+        )
+    )
     return str(path)
 
 
 def test_plain_finetune_config(tmp_path):
     model_config("llama-tiny", context=512).save_pretrained(tmp_path / "base")
-    target = load_target(_finetune_config(tmp_path, str(tmp_path / "base")), ["training.steps=10", "training.epochs=null"])
+    target = load_target(
+        _finetune_config(tmp_path, str(tmp_path / "base")), ["training.steps=10", "training.epochs=null"]
+    )
     plan = make_plan(with_flags(target, gpu="a100-80gb", gpus=4))
     assert plan.stage == "finetune" and plan.model.context == 512
     assert plan.tokens == 10 * 8 * 512 and "at most" in plan.tokens_note
@@ -245,8 +271,15 @@ def test_stage_needs_a_recipe_with_that_stage(tmp_path):
 def test_cli_table_and_implied_mfu(capsys):
     assert main(["plan", recipe("biomedlm-2.7b"), "--days", "6.25"]) == 0
     out = capsys.readouterr().out
-    for expected in ("parameters", "300.00B = 286,103 steps", "4+4+8 = 16 B/param", "fits", "GPU-hours", "kWh",
-                     "23.0% (6·N·D alone: 21.7%)"):
+    for expected in (
+        "parameters",
+        "300.00B = 286,103 steps",
+        "4+4+8 = 16 B/param",
+        "fits",
+        "GPU-hours",
+        "kWh",
+        "23.0% (6·N·D alone: 21.7%)",
+    ):
         assert expected in out
 
 
@@ -260,13 +293,20 @@ def test_an_extended_tokenizer_grows_the_embeddings_as_in_training(tmp_path):
     extended = tmp_path / "tokenizer"
     extended.mkdir()
     (extended / "tokenizer.json").write_text("{}")  # only vocab_extension.json is read for an extension
-    (extended / "vocab_extension.json").write_text(json.dumps(
-        {"base_vocab_size": 4096, "vocab_size": 4100, "added_ids": [4096, 4097, 4098, 4099]}))
+    (extended / "vocab_extension.json").write_text(
+        json.dumps({"base_vocab_size": 4096, "vocab_size": 4100, "added_ids": [4096, 4097, 4098, 4099]})
+    )
     path = tmp_path / "pretrain.yaml"
-    path.write_text(yaml.safe_dump({
-        "output_dir": "runs/p", "model": {"preset": "llama-tiny", "init_from": str(tmp_path / "base"), "context": 128},
-        "data": {"tokens_dir": "runs/p/tokens", "tokenizer_dir": str(extended)},
-        "training": {"steps": 10, "micro_batch_size": 2, "global_batch_size": 2}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "runs/p",
+                "model": {"preset": "llama-tiny", "init_from": str(tmp_path / "base"), "context": 128},
+                "data": {"tokens_dir": "runs/p/tokens", "tokenizer_dir": str(extended)},
+                "training": {"steps": 10, "micro_batch_size": 2, "global_batch_size": 2},
+            }
+        )
+    )
     plan = make_plan(load_target(str(path)))
     assert plan.model.vocab_size == 4100
     assert plan.model.embedding_parameters == 4100 * 128

@@ -37,8 +37,17 @@ def tokens(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("pretrain_data")
     corpus = write_corpus(root / "corpus", 1200, 150)
-    train_tokenizer(validate(TokenizerTrainConfig, {"corpus_dir": str(corpus), "output_dir": str(root / "tok"),
-                                                    "vocab_size": 2000, "fertility": {"top_domain_words": 0}}))
+    train_tokenizer(
+        validate(
+            TokenizerTrainConfig,
+            {
+                "corpus_dir": str(corpus),
+                "output_dir": str(root / "tok"),
+                "vocab_size": 2000,
+                "fertility": {"top_domain_words": 0},
+            },
+        )
+    )
     tokenize_corpus(corpus, root / "tok", root / "tokens", workers=1)
     return {"tokens_dir": str(root / "tokens"), "tokenizer_dir": str(root / "tok")}
 
@@ -97,7 +106,9 @@ def test_export_loads_in_transformers_with_the_same_logits(trained):
     state = load_file(out / "checkpoints" / "step-00000030" / "model.safetensors")
     reference.load_state_dict(state, strict=False)
     reference.tie_weights()
-    ids = AutoTokenizer.from_pretrained(out / "model")("Immunohistochemistry of the tumour", return_tensors="pt")["input_ids"]
+    ids = AutoTokenizer.from_pretrained(out / "model")("Immunohistochemistry of the tumour", return_tensors="pt")[
+        "input_ids"
+    ]
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, reference(ids).logits)
     assert (out / "model" / "generation_config.json").is_file()
@@ -123,7 +134,9 @@ def test_sigkill_then_resume_is_bit_identical(tokens, tmp_path):
         cfg.write_text(yaml.safe_dump(tree))
         runs[name] = cfg
     subprocess.run(_cli(runs["straight"]), cwd=REPO, env=ENV, check=True, capture_output=True)
-    proc = subprocess.Popen(_cli(runs["killed"]), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(runs["killed"]), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (tmp_path / "killed" / "checkpoints" / "step-00000006").is_dir():
@@ -160,9 +173,25 @@ def test_a_failed_save_stops_every_process(tokens, tmp_path):
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(yaml.safe_dump(_tree(tokens, tmp_path / "ddp", steps=20)))
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))  # noqa: E731
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "medfoundry", "pretrain", str(cfg)], cwd=REPO, env=ENV, capture_output=True,
-                         text=True, timeout=300, preexec_fn=limit)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "medfoundry",
+            "pretrain",
+            str(cfg),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
     assert run.returncode != 0
     assert run.stderr.count("checkpoint for step 10 not saved: writing model.safetensors failed") == 1
     assert "process 0 could not write the checkpoint" in run.stderr  # process 1 stopped too, saying why
@@ -196,12 +225,19 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tokens, tmp_path):
     assert [r["skipped"] for r in records[-3:]] == [True, True, True]
 
 
-@pytest.mark.parametrize("change, error, message", [
-    ({"model": {"preset": "gpt5-huge"}}, MedfoundryError, "gpt5-huge"),
-    ({"training": {"steps": 5, "micro_batch_size": 3, "global_batch_size": 8}}, ConfigError, "multiple of"),
-    ({"model": {"preset": "gpt2-tiny", "context": 64, "overrides": {"vocab_size": 500}}}, ConfigError, "2,000-token vocabulary"),
-    ({"data": {"tokens_dir": "/nonexistent/tokens", "tokenizer_dir": None}}, InputError, "/nonexistent/tokens"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"model": {"preset": "gpt5-huge"}}, MedfoundryError, "gpt5-huge"),
+        ({"training": {"steps": 5, "micro_batch_size": 3, "global_batch_size": 8}}, ConfigError, "multiple of"),
+        (
+            {"model": {"preset": "gpt2-tiny", "context": 64, "overrides": {"vocab_size": 500}}},
+            ConfigError,
+            "2,000-token vocabulary",
+        ),
+        ({"data": {"tokens_dir": "/nonexistent/tokens", "tokenizer_dir": None}}, InputError, "/nonexistent/tokens"),
+    ],
+)
 def test_config_errors_stop_before_any_work(tokens, tmp_path, change, error, message):
     tree = _tree(tokens, tmp_path / "bad")
     for key, value in change.items():
@@ -226,7 +262,9 @@ def test_tensorboard_scalars_match_the_metrics_and_survive_a_resume(tokens, tmp_
 
     out = tmp_path / "tb"
     tree = _tree(tokens, out, steps=6)
-    tree.update(log={"every": 2, "tensorboard": True}, eval={"every": 2, "batches": 2}, checkpoint={"every": 2, "keep_last": 3})
+    tree.update(
+        log={"every": 2, "tensorboard": True}, eval={"every": 2, "batches": 2}, checkpoint={"every": 2, "keep_last": 3}
+    )
     pretrain(validate(PretrainConfig, tree))
     first = _scalars(out / "tensorboard")
     assert set(first) == set(TENSORBOARD_TAGS.values())
@@ -250,9 +288,13 @@ def test_tensorboard_missing_is_a_config_error(tokens, tmp_path, monkeypatch):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a)
+    )
     tree = _tree(tokens, tmp_path / "no_tb")
     tree["log"] = {"tensorboard": True}
-    with pytest.raises(ConfigError, match=r"log.tensorboard: the tensorboard package is not installed: pip install tensorboard"):
+    with pytest.raises(
+        ConfigError, match=r"log.tensorboard: the tensorboard package is not installed: pip install tensorboard"
+    ):
         pretrain(validate(PretrainConfig, tree))
     assert not (tmp_path / "no_tb").exists()

@@ -23,8 +23,16 @@ from medfoundry.train.config import PretrainConfig
 from medfoundry.train.loop import pretrain
 from test_pretrain import ENV, _records, _tree, tokens  # noqa: F401  (tokens: the shared data fixture)
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "medfoundry", "pretrain"]
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "-m",
+    "medfoundry",
+    "pretrain",
+]
 
 
 def _fsdp_tree(tokens: dict, out: Path, steps: int, every: int) -> dict:
@@ -68,16 +76,25 @@ def _tensors_equal(a: dict, b: dict) -> bool:
 
 
 def _optim_equal(a: dict, b: dict) -> bool:
-    return a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys() and all(
-        _tensors_equal(a["state"][i], b["state"][i]) for i in a["state"])
+    return (
+        a["param_groups"] == b["param_groups"]
+        and a["state"].keys() == b["state"].keys()
+        and all(_tensors_equal(a["state"][i], b["state"][i]) for i in a["state"])
+    )
 
 
 @pytest.fixture(scope="module")
 def runs(tokens, tmp_path_factory) -> dict[str, Path]:
     """The same 6 steps by 1 process (in this one) and by 2 FSDP processes (torchrun), without dropout."""
     root = tmp_path_factory.mktemp("fsdp")
-    proc = subprocess.Popen(TORCHRUN + [str(_config(_fsdp_tree(tokens, root / "fsdp", 6, 3), root / "fsdp.yaml"))],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        TORCHRUN + [str(_config(_fsdp_tree(tokens, root / "fsdp", 6, 3), root / "fsdp.yaml"))],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     pretrain(validate(PretrainConfig, _fsdp_tree(tokens, root / "single", 6, 3)))  # strategy ignored: 1 process
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
@@ -116,7 +133,7 @@ def test_checkpoints_have_one_format(runs):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from medfoundry.train import distributed as D
+    from medfoundry.train import distributed
     from medfoundry.train.optim import OptimConfig, build_optimizer
     from medfoundry.train.schedules import ScheduleConfig, build_scheduler
 
@@ -133,8 +150,9 @@ def test_checkpoints_have_one_format(runs):
         return model, optimizer, build_scheduler(optimizer, 6, ScheduleConfig(kind="cosine", warmup_steps=3))
 
     model, optimizer, scheduler = build(AutoModelForCausalLM.from_pretrained(runs["single"] / "model"))
-    load_checkpoint(runs["fsdp"] / "checkpoints" / "step-00000006", model=model, optimizer=optimizer,
-                    scheduler=scheduler)  # FSDP -> 1 process
+    load_checkpoint(
+        runs["fsdp"] / "checkpoints" / "step-00000006", model=model, optimizer=optimizer, scheduler=scheduler
+    )  # FSDP -> 1 process
     assert _tensors_equal(model.state_dict(), fsdp["model"]) and _optim_equal(optimizer.state_dict(), fsdp["optimizer"])
 
     store = dist.FileStore(str(runs["single"].parent / "store"), 1)  # 1 process -> FSDP2 and back
@@ -143,15 +161,24 @@ def test_checkpoints_have_one_format(runs):
         from torch.distributed.fsdp import fully_shard
 
         model = AutoModelForCausalLM.from_pretrained(runs["single"] / "model")
-        for block in D.transformer_blocks(model):  # as D.wrap_model does under torchrun
+        for block in distributed.transformer_blocks(model):  # as distributed.wrap_model does under torchrun
             fully_shard(block)
         fully_shard(model)
         model, optimizer, scheduler = build(model)
-        assert D.is_sharded(model)
+        assert distributed.is_sharded(model)
         state = load_checkpoint(single_path, model=model, optimizer=optimizer, scheduler=scheduler)
-        again = save_checkpoint(runs["single"].parent / "again", 6, model=None, optimizer=None, scheduler=scheduler,
-                                reader_state=state["reader_state"], extra=state["extra"], keep_last=1,
-                                model_state=D.full_model_state(model), optim_state=D.full_optim_state(model, optimizer))
+        again = save_checkpoint(
+            runs["single"].parent / "again",
+            6,
+            model=None,
+            optimizer=None,
+            scheduler=scheduler,
+            reader_state=state["reader_state"],
+            extra=state["extra"],
+            keep_last=1,
+            model_state=distributed.full_model_state(model),
+            optim_state=distributed.full_optim_state(model, optimizer),
+        )
     finally:
         dist.destroy_process_group()
     again = read_checkpoint(again)
@@ -167,10 +194,12 @@ def test_fsdp_sigkill_then_resume_is_bit_identical(tokens, tmp_path):
         tree = _fsdp_tree(tokens, tmp_path / name, steps, 3)
         tree["model"]["overrides"] = {}  # dropout on: every process must get the RNG state back
         cfgs[name] = _config(tree, tmp_path / f"{name}.yaml")
-    straight = subprocess.Popen(TORCHRUN + [str(cfgs["straight"])], cwd=REPO, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = subprocess.Popen(TORCHRUN + [str(cfgs["killed"])], cwd=REPO, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    straight = subprocess.Popen(
+        TORCHRUN + [str(cfgs["straight"])], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    killed = subprocess.Popen(
+        TORCHRUN + [str(cfgs["killed"])], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 240
     while killed.poll() is None and time.monotonic() < deadline:
@@ -184,8 +213,9 @@ def test_fsdp_sigkill_then_resume_is_bit_identical(tokens, tmp_path):
     assert reached < steps and not (tmp_path / "killed" / "model").exists()
 
     started = time.time()
-    resumed = subprocess.run(TORCHRUN + [str(cfgs["killed"])], cwd=REPO, env=ENV, capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(
+        TORCHRUN + [str(cfgs["killed"])], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     final = f"checkpoints/step-{steps:08d}"
@@ -194,8 +224,10 @@ def test_fsdp_sigkill_then_resume_is_bit_identical(tokens, tmp_path):
     assert a["rng"]["torch"].equal(b["rng"]["torch"]) and a["trainer_state"] == b["trainer_state"]
     from safetensors.torch import load_file
 
-    assert _tensors_equal(load_file(tmp_path / "straight" / "model" / "model.safetensors"),
-                          load_file(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert _tensors_equal(
+        load_file(tmp_path / "straight" / "model" / "model.safetensors"),
+        load_file(tmp_path / "killed" / "model" / "model.safetensors"),
+    )
     records = _records(tmp_path / "killed")
     assert [r["step"] for r in records] == [r["step"] for r in _records(tmp_path / "straight")]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))  # one run's log

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared
 from medfoundry.corpus.readers import pubmed_xml
 from medfoundry.corpus.readers.base import Deletion, ReadContext, Record
 from medfoundry.corpus.readers.pubmed_xml import read_pubmed_xml
 from medfoundry.errors import InputError
-
-from conftest import shared
 
 
 def read(path: Path, strict: bool = True) -> tuple[list[Record], list[Deletion], ReadContext]:
@@ -198,7 +197,7 @@ def test_book_article_and_multi_pmid_deletion(tmp_path):
         "<Book><BookTitle>GeneReviews</BookTitle><PubDate><Year>1993</Year></PubDate></Book>"
         "<ArticleTitle>Alpha Thalassemia</ArticleTitle><Language>eng</Language>"
         "<PublicationType>Review</PublicationType>"
-        "<Abstract><AbstractText Label=\"CLINICAL CHARACTERISTICS\">Alpha thalassemia has two forms.</AbstractText>"
+        '<Abstract><AbstractText Label="CLINICAL CHARACTERISTICS">Alpha thalassemia has two forms.</AbstractText>'
         "</Abstract></BookDocument></PubmedBookArticle>\n"
     )
     deletion = '<DeleteCitation>\n<PMID Version="1">11</PMID>\n<PMID Version="1">12</PMID>\n</DeleteCitation>\n'

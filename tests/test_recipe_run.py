@@ -33,18 +33,36 @@ def abstracts(tmp_path_factory) -> Path:
 
 def recipe_tree(abstracts: Path, run_dir: Path, **stages) -> dict:
     tree = {
-        "name": "tiny", "run_dir": str(run_dir), "description": "A test run.",
+        "name": "tiny",
+        "run_dir": str(run_dir),
+        "description": "A test run.",
         "stages": {
-            "corpus": {"workers": 1, "sources": [{"name": "abstracts", "kind": "jsonl", "paths": [str(abstracts)],
-                                                  "fields": {"text": ["title", "abstract"], "id": "pmid"}}],
-                       "decontam": {"enabled": False}, "split": {"val_fraction": 0.05}},
+            "corpus": {
+                "workers": 1,
+                "sources": [
+                    {
+                        "name": "abstracts",
+                        "kind": "jsonl",
+                        "paths": [str(abstracts)],
+                        "fields": {"text": ["title", "abstract"], "id": "pmid"},
+                    }
+                ],
+                "decontam": {"enabled": False},
+                "split": {"val_fraction": 0.05},
+            },
             "tokenizer": {"vocab_size": 1000, "fertility": {"top_domain_words": 0}},
             "tokens": {"workers": 1},
-            "pretrain": {"model": {"preset": "gpt2-tiny", "context": 64},
-                         "training": {"steps": 6, "micro_batch_size": 4, "global_batch_size": 4, "precision": "fp32"},
-                         "checkpoint": {"every": 3}, "eval": {"every": 3, "batches": 2}},
-            "eval": {"tasks": [{"task": "heldout", "perplexity": {"path": "${run_dir}/corpus", "split": "val"}}],
-                     "limit": 10, "bootstrap_iters": 0},
+            "pretrain": {
+                "model": {"preset": "gpt2-tiny", "context": 64},
+                "training": {"steps": 6, "micro_batch_size": 4, "global_batch_size": 4, "precision": "fp32"},
+                "checkpoint": {"every": 3},
+                "eval": {"every": 3, "batches": 2},
+            },
+            "eval": {
+                "tasks": [{"task": "heldout", "perplexity": {"path": "${run_dir}/corpus", "split": "val"}}],
+                "limit": 10,
+                "bootstrap_iters": 0,
+            },
             "generate": {"prompts": ["The patient was treated with"], "max_tokens": 5},
         },
     }
@@ -70,7 +88,7 @@ def first_run(abstracts, tmp_path_factory) -> tuple[dict, dict, Path]:
 
 
 def test_every_stage_runs_and_the_report_links_them(first_run):
-    tree, summary, root = first_run
+    _tree, summary, root = first_run
     run = root / "run"
     assert _ran(summary) == ["corpus", "tokenizer", "tokens", "pretrain", "eval", "generate"]
     state = json.loads((run / "stages.json").read_text())
@@ -81,7 +99,14 @@ def test_every_stage_runs_and_the_report_links_them(first_run):
     sample = json.loads((run / "generate" / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"] == "The patient was treated with" and sample["completion_tokens"] > 0
     report = (run / "report.md").read_text()
-    for text in ("## Corpus", "## Tokenizer", "## Pretraining", "## Evaluation", "## Samples", "(pretrain/plots/loss.png)"):
+    for text in (
+        "## Corpus",
+        "## Tokenizer",
+        "## Pretraining",
+        "## Evaluation",
+        "## Samples",
+        "(pretrain/plots/loss.png)",
+    ):
         assert text in report
     assert yaml.safe_load((run / "recipe.yaml").read_text())["name"] == "tiny"
 
@@ -98,7 +123,14 @@ def test_each_stage_config_reruns_alone_with_its_own_command(first_run):
 def test_a_rerun_is_all_cached(first_run):
     tree, _, root = first_run
     again = _run(tree, root)
-    assert _ran(again) == [] and set(again["stages"]) == {"corpus", "tokenizer", "tokens", "pretrain", "eval", "generate"}
+    assert _ran(again) == [] and set(again["stages"]) == {
+        "corpus",
+        "tokenizer",
+        "tokens",
+        "pretrain",
+        "eval",
+        "generate",
+    }
 
 
 def test_a_changed_stage_reruns_with_what_follows_and_keeps_the_old_output(first_run, tmp_path):
@@ -158,12 +190,17 @@ def test_dry_run_writes_nothing(abstracts, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"pretrain": {"output_dir": "elsewhere", "model": {"preset": "gpt2-tiny"}, "training": {"steps": 1}}},
-     "stages.pretrain.output_dir: set by the runner"),
-    ({"pretrain": {"model": {"preset": "gpt2-tiny"}, "training": {"step": 1}}}, "stages.pretrain"),
-    ({"pretraining": {}}, "pretraining: unknown field"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"pretrain": {"output_dir": "elsewhere", "model": {"preset": "gpt2-tiny"}, "training": {"steps": 1}}},
+            "stages.pretrain.output_dir: set by the runner",
+        ),
+        ({"pretrain": {"model": {"preset": "gpt2-tiny"}, "training": {"step": 1}}}, "stages.pretrain"),
+        ({"pretraining": {}}, "pretraining: unknown field"),
+    ],
+)
 def test_recipe_errors_name_the_field(abstracts, tmp_path, change, message):
     tree = recipe_tree(abstracts, tmp_path / "run", **change)
     with pytest.raises(ConfigError, match=message):

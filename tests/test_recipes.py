@@ -7,16 +7,23 @@ import pytest
 
 from conftest import REPO
 from medfoundry.config import load_config, load_yaml
-from medfoundry.recipe.config import wire
-from medfoundry.recipe.runner import load_recipe
 from medfoundry.corpus.config import CorpusConfig
 from medfoundry.eval.config import EvalConfig
+from medfoundry.recipe.config import wire
+from medfoundry.recipe.runner import load_recipe
 from medfoundry.sft.config import FinetuneConfig
 from medfoundry.tokenizer.config import ExtendConfig, TokenizeConfig, TokenizerTrainConfig
 from medfoundry.train.config import PretrainConfig
 
-STAGES = {"corpus": CorpusConfig, "tokenizer_extend": ExtendConfig, "tokenizer": TokenizerTrainConfig, "tokens": TokenizeConfig, "pretrain": PretrainConfig,
-          "finetune": FinetuneConfig, "eval": EvalConfig}
+STAGES = {
+    "corpus": CorpusConfig,
+    "tokenizer_extend": ExtendConfig,
+    "tokenizer": TokenizerTrainConfig,
+    "tokens": TokenizeConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "eval": EvalConfig,
+}
 FILES = sorted((REPO / "recipes").glob("*.yaml"))
 PIPELINES = [r for r in FILES if "stages" in load_yaml(r)]
 SINGLE = [r for r in FILES if r not in PIPELINES]

@@ -105,8 +105,10 @@ def test_reexec_command_and_env(fake_execve, monkeypatch):
     assert os.environ.get("MEDFOUNDRY_ALLOCATOR_CHECKED") is None  # the current process is left alone
 
 
-@pytest.mark.parametrize("var, value", [("MEDFOUNDRY_ALLOCATOR_CHECKED", "1"), ("MEDFOUNDRY_NO_TCMALLOC", "1"),
-                                        ("LD_PRELOAD", "/x/libtcmalloc.so.4")])
+@pytest.mark.parametrize(
+    "var, value",
+    [("MEDFOUNDRY_ALLOCATOR_CHECKED", "1"), ("MEDFOUNDRY_NO_TCMALLOC", "1"), ("LD_PRELOAD", "/x/libtcmalloc.so.4")],
+)
 def test_no_reexec(fake_execve, monkeypatch, var, value):
     monkeypatch.setattr(runtime, "find_tcmalloc", lambda: "/opt/lib/libtcmalloc_minimal.so.4")
     monkeypatch.setenv(var, value)
@@ -136,8 +138,13 @@ def test_cli_reexec_runs(tmp_path):
         f"with open({str(log)!r}, 'a') as fh:\n"
         "    fh.write(f\"{os.getpid()} {'tcmalloc' in maps} {os.environ.get('MEDFOUNDRY_ALLOCATOR_CHECKED')}\\n\")\n"
     )
-    proc = subprocess.run([sys.executable, "-m", "medfoundry", "--version"], env=_cli_env(tmp_path),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medfoundry", "--version"],
+        env=_cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"medfoundry {__version__}"
     starts = log.read_text().split("\n")[:-1]
@@ -154,8 +161,9 @@ def test_cli_reexec_runs(tmp_path):
 def test_cli_opt_out(tmp_path):
     env = _cli_env()
     env["MEDFOUNDRY_NO_TCMALLOC"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "medfoundry", "--version"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medfoundry", "--version"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == f"medfoundry {__version__}"
 
 

@@ -55,9 +55,12 @@ def running_server(engine: Engine, config: ServerConfig, max_queue: int):
 
 
 @pytest.fixture(scope="module")
-def server(gpt2_dir):  # noqa: F811
+def server(gpt2_dir):
     engine = Engine.load(gpt2_dir, precision="fp32", device="cpu", threads=1, max_batch=2, max_seq_len=128)
-    with running_server(engine, ServerConfig(model_name="tiny", api_key=KEY, max_tokens=100), max_queue=2) as (url, worker):
+    with running_server(engine, ServerConfig(model_name="tiny", api_key=KEY, max_tokens=100), max_queue=2) as (
+        url,
+        worker,
+    ):
         yield url, worker
 
 
@@ -101,18 +104,30 @@ def test_completion_plain_and_streamed_agree(server, client):
     assert plain.choices[0].finish_reason == "length" and plain.choices[0].text
     assert plain.usage.completion_tokens == 12
     assert plain.usage.prompt_tokens == len(server[1].engine.encode(PROMPT))
-    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
 
 
 def test_several_prompts_and_choices(client):
-    out = client.completions.create(model="tiny", prompt=[PROMPT, "Aspirin"], n=2, max_tokens=5, temperature=1.0, seed=3)
+    out = client.completions.create(
+        model="tiny", prompt=[PROMPT, "Aspirin"], n=2, max_tokens=5, temperature=1.0, seed=3
+    )
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     assert out.usage.completion_tokens == 20
-    again = client.completions.create(model="tiny", prompt=[PROMPT, "Aspirin"], n=2, max_tokens=5, temperature=1.0, seed=3)
+    again = client.completions.create(
+        model="tiny", prompt=[PROMPT, "Aspirin"], n=2, max_tokens=5, temperature=1.0, seed=3
+    )
     assert [c.text for c in again.choices] == [c.text for c in out.choices]  # seeded: reproducible
 
 
@@ -120,14 +135,16 @@ def test_stop_sequence(client):
     full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
     stop = full[4:9]
     cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop]).choices[0]
-    assert cut.finish_reason == "stop" and cut.text == full[:full.index(stop)]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
 
 
 def test_chat_plain_and_streamed(client):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is aspirin?"}]
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
     assert plain.choices[0].message.role == "assistant" and plain.choices[0].finish_reason == "length"
-    stream = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True))
+    stream = list(
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
     assert stream[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in stream) == plain.choices[0].message.content
     assert stream[-1].choices[0].finish_reason == "length"
@@ -136,7 +153,9 @@ def test_chat_plain_and_streamed(client):
 
 
 def test_sse_wire_format(server):
-    status, body = http(server[0] + "/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "stream": True})
+    status, body = http(
+        server[0] + "/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "stream": True}
+    )
     events = [line for line in body.split("\n\n") if line]
     assert status == 200 and events[-1] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events)
@@ -151,16 +170,19 @@ def test_api_key_is_required(server):
     assert status == 401
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"temperature": 5}, "temperature"),
-    ({"max_tokens": 101}, "limit of 100"),
-    ({"max_tokens": 100, "prompt": "word " * 60}, "context of 128"),
-    ({"prompt": "word " * 140}, "prompt"),
-    ({"prompt": ""}, "empty"),
-    ({"logprobs": 2}, "logprobs is not supported"),
-    ({"stop": [str(i) for i in range(17)]}, "at most 16"),
-    ({"n": 5}, "at most 4 at once"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"max_tokens": 101}, "limit of 100"),
+        ({"max_tokens": 100, "prompt": "word " * 60}, "context of 128"),
+        ({"prompt": "word " * 140}, "prompt"),
+        ({"prompt": ""}, "empty"),
+        ({"logprobs": 2}, "logprobs is not supported"),
+        ({"stop": [str(i) for i in range(17)]}, "at most 16"),
+        ({"n": 5}, "at most 4 at once"),
+    ],
+)
 def test_invalid_requests_are_400s_that_say_why(client, fields, message):
     with pytest.raises(openai.BadRequestError, match=message):
         client.completions.create(**{"model": "tiny", "prompt": PROMPT, "max_tokens": 4, **fields})
@@ -180,8 +202,12 @@ def test_full_queue_is_429_and_disconnects_free_slots(server, client, monkeypatc
     url, worker = server
     step = worker.engine.step
     monkeypatch.setattr(worker.engine, "step", lambda: (time.sleep(0.1), step())[1])  # 90 tokens take > 9 s
-    streams = [client.completions.create(model="tiny", prompt=PROMPT, max_tokens=90, temperature=0, stream=True,
-                                         extra_body={"ignore_eos": True}) for _ in range(4)]
+    streams = [
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=90, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        for _ in range(4)
+    ]
     next(iter(streams[0]))
     with pytest.raises(openai.RateLimitError, match="busy"):
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5)
@@ -189,12 +215,12 @@ def test_full_queue_is_429_and_disconnects_free_slots(server, client, monkeypatc
     for stream in streams:
         stream.close()
     assert wait_idle(worker, seconds=4.0), "disconnected clients still hold slots"
-    status, text = http(url + "/metrics")
+    _status, text = http(url + "/metrics")
     assert "medfoundry_running_requests 0" in text and 'status="429"' in text
     assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
 
 
-def test_chat_without_template_is_a_400_and_no_key_needed(gpt2_dir, tmp_path):  # noqa: F811
+def test_chat_without_template_is_a_400_and_no_key_needed(gpt2_dir, tmp_path):
     plain = tmp_path / "no-template"
     shutil.copytree(gpt2_dir, plain)
     (plain / "chat_template.jinja").unlink()
@@ -213,8 +239,11 @@ def test_disconnect_while_waiting_for_a_plain_answer(server, monkeypatch):
     body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 90, "ignore_eos": True}).encode()
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as conn:
-        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        conn.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         deadline = time.monotonic() + 5
         while not worker.engine.running:
             assert time.monotonic() < deadline

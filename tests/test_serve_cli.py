@@ -32,9 +32,23 @@ def run(argv: list[str]) -> int:
     return args.func(args)
 
 
-def test_generate_from_arguments_to_stdout(gpt2_dir, capsys):  # noqa: F811
-    assert run(["generate", str(gpt2_dir), "Aspirin", "The patient presented with", "--max-tokens", "6",
-                "--ignore-eos", "--quiet", *COMMON]) == 0
+def test_generate_from_arguments_to_stdout(gpt2_dir, capsys):
+    assert (
+        run(
+            [
+                "generate",
+                str(gpt2_dir),
+                "Aspirin",
+                "The patient presented with",
+                "--max-tokens",
+                "6",
+                "--ignore-eos",
+                "--quiet",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows] == ["Aspirin", "The patient presented with"]
     assert all(r["completion_tokens"] == 6 and r["finish_reason"] == "length" for r in rows)
@@ -43,21 +57,42 @@ def test_generate_from_arguments_to_stdout(gpt2_dir, capsys):  # noqa: F811
     assert rows[0]["completion"] == greedy.text  # generate is greedy by default
 
 
-def test_generate_from_files(gpt2_dir, tmp_path):  # noqa: F811
+def test_generate_from_files(gpt2_dir, tmp_path):
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text('{"id": "a", "prompt": "Aspirin"}\n\n{"id": "b", "prompt": "Statins"}\n')
     out = tmp_path / "out.jsonl"
-    assert run(["generate", str(gpt2_dir), "--file", str(jsonl), "--output", str(out), "--max-tokens", "3",
-                "--temperature", "0.8", "--seed", "1", "--chat", *COMMON]) == 0
+    assert (
+        run(
+            [
+                "generate",
+                str(gpt2_dir),
+                "--file",
+                str(jsonl),
+                "--output",
+                str(out),
+                "--max-tokens",
+                "3",
+                "--temperature",
+                "0.8",
+                "--seed",
+                "1",
+                "--chat",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"] and all("completion" in r for r in rows)
     text = tmp_path / "prompts.txt"
     text.write_text("Aspirin\nStatins\n")
-    assert run(["generate", str(gpt2_dir), "--file", str(text), "--output", str(out), "--max-tokens", "2", *COMMON]) == 0
+    assert (
+        run(["generate", str(gpt2_dir), "--file", str(text), "--output", str(out), "--max-tokens", "2", *COMMON]) == 0
+    )
     assert len(out.read_text().splitlines()) == 2
 
 
-def test_generate_errors_name_the_fault(gpt2_dir, tmp_path):  # noqa: F811
+def test_generate_errors_name_the_fault(gpt2_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(InputError, match="bad.jsonl:2"):
@@ -70,13 +105,21 @@ def test_generate_errors_name_the_fault(gpt2_dir, tmp_path):  # noqa: F811
         run(["generate", str(gpt2_dir), "word " * 20, "--max-seq-len", "16", *COMMON])
 
 
-def test_chat_on_piped_stdin_keeps_history(gpt2_dir, monkeypatch, capsys):  # noqa: F811
+def test_chat_on_piped_stdin_keeps_history(gpt2_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is aspirin?\nAnd ibuprofen?\n/reset\nHello\n/exit\nignored\n"))
     seen = []
     original = Engine.chat_prompt
-    monkeypatch.setattr(Engine, "chat_prompt", lambda self, messages, template=None: (
-        seen.append([m["content"] for m in messages]), original(self, messages, template))[1])
-    assert run(["chat", str(gpt2_dir), "--system", "Be brief.", "--max-tokens", "5", "--temperature", "0", *COMMON]) == 0
+    monkeypatch.setattr(
+        Engine,
+        "chat_prompt",
+        lambda self, messages, template=None: (
+            seen.append([m["content"] for m in messages]),
+            original(self, messages, template),
+        )[1],
+    )
+    assert (
+        run(["chat", str(gpt2_dir), "--system", "Be brief.", "--max-tokens", "5", "--temperature", "0", *COMMON]) == 0
+    )
     replies = capsys.readouterr().out.splitlines()
     assert len(replies) == 3
     assert seen[0] == ["Be brief.", "What is aspirin?"]
@@ -84,7 +127,7 @@ def test_chat_on_piped_stdin_keeps_history(gpt2_dir, monkeypatch, capsys):  # no
     assert seen[2] == ["Be brief.", "Hello"]  # after /reset
 
 
-def test_chat_needs_a_template(gpt2_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_chat_needs_a_template(gpt2_dir, tmp_path, monkeypatch):
     plain = tmp_path / "no-template"
     shutil.copytree(gpt2_dir, plain)
     (plain / "chat_template.jinja").unlink()
@@ -96,21 +139,43 @@ def test_chat_needs_a_template(gpt2_dir, tmp_path, monkeypatch):  # noqa: F811
     assert run(["chat", str(plain), "--chat-template", str(template), "--max-tokens", "2", *COMMON]) == 0
 
 
-def test_serve_command_answers_on_loopback(gpt2_dir):  # noqa: F811
+def test_serve_command_answers_on_loopback(gpt2_dir):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    code = "import argparse, sys; from medfoundry.serve.cli import add_subcommands; p = argparse.ArgumentParser(); " \
-           "add_subcommands(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
+    code = (
+        "import argparse, sys; from medfoundry.serve.cli import add_subcommands; p = argparse.ArgumentParser(); "
+        "add_subcommands(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
+    )
     env = {**os.environ, "MEDFOUNDRY_API_KEY": "k", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(gpt2_dir), "--port", str(port),
-                             "--served-model-name", "tiny", "--log-level", "warning", *COMMON],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            str(gpt2_dir),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+            "--log-level",
+            "warning",
+            *COMMON,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         body = json.dumps({"model": "tiny", "prompt": "Aspirin", "max_tokens": 3}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                         headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=body,
+            headers={"Authorization": "Bearer k", "Content-Type": "application/json"},
+        )
         deadline = time.monotonic() + 60
         while True:
             try:

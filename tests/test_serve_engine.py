@@ -18,10 +18,17 @@ from medfoundry.serve.engine import Engine
 from medfoundry.serve.sampling import SamplingParams, TokenSampler, sample
 from medfoundry.serve.text import Detokenizer, StopMatcher
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-PROMPTS = ["The patient presented with", "Aspirin", "Randomized controlled trials of statins in elderly patients show",
-           "Diagnosis:", "β-lactam antibiotics inhibit"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+PROMPTS = [
+    "The patient presented with",
+    "Aspirin",
+    "Randomized controlled trials of statins in elderly patients show",
+    "Diagnosis:",
+    "β-lactam antibiotics inhibit",
+]
 
 
 def tiny_checkpoint(directory: Path, preset: str = "gpt2-tiny", seed: int = 0) -> Path:
@@ -109,8 +116,10 @@ def test_sampling_filters_and_penalties():
 def test_penalties_change_greedy_output(engine):
     plain = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
     assert len(set(plain.token_ids)) < len(plain.token_ids)  # a random model repeats itself
-    penalized = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
-                                                             presence_penalty=2.0, repetition_penalty=2.0))[0]
+    penalized = engine.generate(
+        [PROMPTS[0]],
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, presence_penalty=2.0, repetition_penalty=2.0),
+    )[0]
     assert len(set(penalized.token_ids)) > len(set(plain.token_ids))
 
 
@@ -146,7 +155,7 @@ def test_stop_sequence_across_tokens_is_cut_out(engine):
     stop = full.text[5:12]  # spans several tokens
     streamed = list(engine.stream(PROMPTS[3], SamplingParams(**{**params.__dict__, "stop": (stop,)})))
     text = "".join(o.text for o in streamed)
-    assert text == full.text[:full.text.index(stop)]
+    assert text == full.text[: full.text.index(stop)]
     assert streamed[-1].finish_reason == "stop" and streamed[-1].completion_tokens < 20
 
 
@@ -206,8 +215,16 @@ def test_sliding_window_caps_the_sequence_length(gpt2_dir):
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=50_257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=32)
+    config = MistralConfig(
+        vocab_size=50_257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=32,
+    )
     model = MistralForCausalLM(config).eval()
     engine = Engine(model, AutoTokenizer.from_pretrained(gpt2_dir), max_batch=2)
     assert engine.max_seq_len == 32  # attention stays exact: no token ever falls out of the window

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark modules import each other by name
-import reliability_server as rs  # noqa: E402
+import reliability_server as rs
 
 pytestmark = [pytest.mark.long, pytest.mark.timeout(900)]
 CLIENTS, SECONDS, WARMUP, DROP_SHARE = 48, 180, 30, 0.1
@@ -25,8 +25,9 @@ CLIENTS, SECONDS, WARMUP, DROP_SHARE = 48, 180, 30, 0.1
 def test_many_streaming_clients_for_three_minutes(tmp_path):
     model = rs.tiny_model(tmp_path / "tiny-gpt2")
     with rs.Server(model, tmp_path / "server.log", max_batch=16, max_queue=64) as server:
-        load = rs.run_load(server, CLIENTS, SECONDS, seed=int(os.environ.get("MEDFOUNDRY_LOAD_SEED", "0")),
-                           drop_share=DROP_SHARE)
+        load = rs.run_load(
+            server, CLIENTS, SECONDS, seed=int(os.environ.get("MEDFOUNDRY_LOAD_SEED", "0")), drop_share=DROP_SHARE
+        )
         print(load.summary(WARMUP))
         assert not load.errors, f"{len(load.errors)} failed streams: {load.errors[:5]}"
         assert load.dropped > 0 and load.requests > 20 * CLIENTS

@@ -25,7 +25,7 @@ from test_serve_api import serving
 from test_serve_engine import gpt2_dir  # noqa: F401  (session fixture: the tiny GPT-2 checkpoint)
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark modules import each other by name
-import reliability_server as rs  # noqa: E402
+import reliability_server as rs
 
 KEY = "test-key-3a9d"
 NAME = "served-model-7f3a"  # distinctive: the public routes must not reveal it
@@ -38,7 +38,7 @@ PUBLIC = {
 
 
 @pytest.fixture(scope="module")
-def app_server(gpt2_dir):  # noqa: F811
+def app_server(gpt2_dir):
     """The app in this process (its routes are enumerated) on a loopback port, at most 8 tokens per request."""
     engine = Engine.load(gpt2_dir, precision="fp32", device="cpu", threads=1, max_batch=2, max_seq_len=48)
     worker = EngineWorker(engine, max_queue=4)
@@ -132,11 +132,21 @@ def test_hostile_requests_are_refused(served):
 def test_errors_name_the_field(served):
     status, body = served.request("POST", "/v1/completions", {"model": rs.MODEL, "prompt": "hi", "temperature": "hot"})
     assert status == 400 and json.loads(body)["error"]["param"] == "temperature"
-    status, body = served.request("POST", "/v1/chat/completions", {"model": rs.MODEL, "max_tokens": 4,
-                                                                   "messages": [{"role": "user", "content": "x\ud800"}]})
+    status, body = served.request(
+        "POST",
+        "/v1/chat/completions",
+        {"model": rs.MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "x\ud800"}]},
+    )
     assert status == 400 and "messages.0.content: not valid Unicode" in json.loads(body)["error"]["message"]
-    status, body = rs.send_raw(served.port, rs.raw_request("POST", "/v1/completions", headers={
-        "Content-Length": str(10 * rs.MAX_BODY), "Content-Type": "application/json"}, key=KEY))
+    status, body = rs.send_raw(
+        served.port,
+        rs.raw_request(
+            "POST",
+            "/v1/completions",
+            headers={"Content-Length": str(10 * rs.MAX_BODY), "Content-Type": "application/json"},
+            key=KEY,
+        ),
+    )
     assert status == 413 and f"limit of {rs.MAX_BODY}" in json.loads(body)["error"]["message"]
 
 
@@ -161,25 +171,32 @@ def test_logs_hold_no_prompt_no_completion_no_key(tiny, tmp_path):
     key, prompt = f"sk-canary-{uuid.uuid4().hex}", f"Canaryprompt{uuid.uuid4().hex[:12]}"
     log = tmp_path / "server.log"
     with rs.Server(tiny, log, key=key, log_level="debug", max_batch=2, max_queue=4) as server:
-        status, body = server.request("POST", "/v1/completions", {"model": rs.MODEL, "prompt": prompt, "max_tokens": 24,
-                                                                  "ignore_eos": True})
+        status, body = server.request(
+            "POST", "/v1/completions", {"model": rs.MODEL, "prompt": prompt, "max_tokens": 24, "ignore_eos": True}
+        )
         completion = json.loads(body)["choices"][0]["text"]
         chat = {"model": rs.MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8}
         assert rs.stream(server.port, key, chat).error is None
-        bad = [({"model": rs.MODEL, "prompt": prompt, "temperature": 5}, 400),
-               ({"model": rs.MODEL, "prompt": prompt, "max_tokens": prompt}, 400),
-               ({"model": rs.MODEL, "prompt": [prompt, 7]}, 400),
-               ({"model": rs.MODEL, "prompt": prompt + "\ud800"}, 400),
-               ({"model": rs.MODEL, "prompt": " ".join([prompt] * 400), "max_tokens": 1}, 400),
-               ({"model": rs.MODEL, "messages": [{"role": prompt, "content": prompt}]}, 400)]
-        statuses = [server.request("POST", "/v1/chat/completions" if "messages" in b else "/v1/completions", b)[0]
-                    for b, _ in bad]
+        bad = [
+            ({"model": rs.MODEL, "prompt": prompt, "temperature": 5}, 400),
+            ({"model": rs.MODEL, "prompt": prompt, "max_tokens": prompt}, 400),
+            ({"model": rs.MODEL, "prompt": [prompt, 7]}, 400),
+            ({"model": rs.MODEL, "prompt": prompt + "\ud800"}, 400),
+            ({"model": rs.MODEL, "prompt": " ".join([prompt] * 400), "max_tokens": 1}, 400),
+            ({"model": rs.MODEL, "messages": [{"role": prompt, "content": prompt}]}, 400),
+        ]
+        statuses = [
+            server.request("POST", "/v1/chat/completions" if "messages" in b else "/v1/completions", b)[0]
+            for b, _ in bad
+        ]
         unfinished = f'{{"model": "{rs.MODEL}", "prompt": "{prompt}'.encode()
-        raws = [rs.raw_request("POST", "/v1/completions", unfinished, key=key),
-                rs.raw_request("POST", "/v1/completions", json.dumps({"prompt": prompt}).encode(), key=key + "x"),
-                rs.raw_request("GET", f"/v1/models?api_key={key}&prompt={prompt}"),
-                rs.raw_request("GET", f"/v1/models?api_key={key}", key=key),
-                rs.chunked_over_limit(key, filler=prompt.encode())]
+        raws = [
+            rs.raw_request("POST", "/v1/completions", unfinished, key=key),
+            rs.raw_request("POST", "/v1/completions", json.dumps({"prompt": prompt}).encode(), key=key + "x"),
+            rs.raw_request("GET", f"/v1/models?api_key={key}&prompt={prompt}"),
+            rs.raw_request("GET", f"/v1/models?api_key={key}", key=key),
+            rs.chunked_over_limit(key, filler=prompt.encode()),
+        ]
         statuses += [rs.send_raw(server.port, raw)[0] for raw in raws]
     assert status == 200 and len(completion) >= 16
     assert statuses == [expected for _, expected in bad] + [400, 401, 401, 200, 413]
@@ -189,9 +206,17 @@ def test_logs_hold_no_prompt_no_completion_no_key(tiny, tmp_path):
         assert canary not in text, f"{canary!r} is in the server's log"
 
 
-@pytest.mark.parametrize("params", [{"temperature": 1e-300}, {"repetition_penalty": 1e-300, "temperature": 1.0},
-                                    {"repetition_penalty": 1e300, "temperature": 1.0}, {"top_p": 1e-300},
-                                    {"repetition_penalty": 1e-300, "top_k": 3}, {"frequency_penalty": -2.0}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 1e-300},
+        {"repetition_penalty": 1e-300, "temperature": 1.0},
+        {"repetition_penalty": 1e300, "temperature": 1.0},
+        {"top_p": 1e-300},
+        {"repetition_penalty": 1e-300, "top_k": 3},
+        {"frequency_penalty": -2.0},
+    ],
+)
 def test_extreme_sampling_values_still_give_a_token(params):
     """Values schemathesis found crashing the engine step (and with it every request in the batch): logits
     divided into inf made softmax NaN, and a top_p below float32's smallest value masked every token."""

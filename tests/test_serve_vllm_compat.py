@@ -33,18 +33,38 @@ VLLM_ARCHITECTURES = {
 # vllm/transformers_utils/model_arch_config_convertor.py, derive_max_model_len_and_key: the context is the
 # smallest of these config fields (model_max_length, when set, wins), then vllm/config/model.py
 # _get_and_verify_max_len caps it at tokenizer_config.json's model_max_length; with none of them, 2048
-VLLM_MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
-                     "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+VLLM_MAX_LEN_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
 # vllm/config/model.py, get_diff_sampling_param: the generation_config.json fields that become default sampling
 # parameters (--generation-config auto, the default); max_new_tokens becomes max_tokens
-VLLM_SAMPLING_DEFAULTS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k",
-                          "top_p", "min_p", "max_new_tokens", "skip_special_tokens")
+VLLM_SAMPLING_DEFAULTS = (
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "max_new_tokens",
+    "skip_special_tokens",
+)
 # vllm/config/model.py, _STR_DTYPE_TO_TORCH_DTYPE (the values of --dtype other than auto)
 VLLM_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 CONTEXT = 256
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # (preset, exported dtype, chat template in the tokenizer): tied and untied embeddings, every dtype, with and without
 CASES = [("gpt2-tiny", "bfloat16", False), ("llama-tiny", "float32", True), ("bloom-tiny", "float16", False)]
 
@@ -55,9 +75,16 @@ def gpt2_tokenizer(directory: Path, *, chat_template: bool, **tokenizer_config) 
     if chat_template:
         (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     if tokenizer_config:
-        (directory / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-             **tokenizer_config}))
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "bos_token": "<|endoftext|>",
+                    "eos_token": "<|endoftext|>",
+                    **tokenizer_config,
+                }
+            )
+        )
     return directory
 
 
@@ -117,7 +144,7 @@ def test_dtype_is_the_weights_dtype(exported):
     assert config["dtype"] in VLLM_DTYPES
     assert config.get("torch_dtype", config["dtype"]) == config["dtype"]
     with safe_open(out / "model.safetensors", "pt") as weights:
-        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {VLLM_DTYPES[config["dtype"]]}
+        assert {weights.get_slice(k).get_dtype() for k in weights} == {VLLM_DTYPES[config["dtype"]]}
 
 
 def test_vllm_derives_the_models_context(exported):
@@ -140,7 +167,9 @@ def test_weights_are_safetensors_that_vllm_maps_onto_the_model(exported):
     """Only safetensors (vLLM prefers them, and never needs to unpickle), every tensor stored once: a tied output
     matrix is absent and ``tie_word_embeddings`` says so (vLLM ties it itself), an untied one is present."""
     out, model, _ = exported
-    assert [p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")] == ["model.safetensors"]
+    assert [p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")] == [
+        "model.safetensors"
+    ]
     config = read_json(out / "config.json")
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert config["tie_word_embeddings"] is tied
@@ -184,5 +213,7 @@ def test_chat_template_travels_with_the_tokenizer(exported):
         assert not tokenizer.chat_template
         return
     assert tokenizer.chat_template == CHAT_TEMPLATE
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -20,8 +20,11 @@ from test_serve_api import KEY, running_server, wait_idle
 from test_serve_engine import gpt2_dir  # noqa: F401  (session fixture: the tiny GPT-2 checkpoint)
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
-                                "(scripts/setup.sh installs them; apt-get install chromium chromium-driver)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver "
+    "(scripts/setup.sh installs them; apt-get install chromium chromium-driver)",
+)
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -29,8 +32,10 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 STEP_DELAY_S = 0.05  # per generated token, so that a streamed answer visibly grows
 QUESTION = "What does <b>aspirin</b> do? <img src=x onerror=\"document.title='pwned'\">"
-LAST_ANSWER = ("const m = document.querySelector('#messages .assistant:last-child');"
-               "return m ? [m.dataset.state || '', m.querySelector('.content').textContent] : null;")
+LAST_ANSWER = (
+    "const m = document.querySelector('#messages .assistant:last-child');"
+    "return m ? [m.dataset.state || '', m.querySelector('.content').textContent] : null;"
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +53,14 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(gpt2_dir):  # noqa: F811
+def server(gpt2_dir):
     engine = Engine.load(gpt2_dir, precision="fp32", device="cpu", threads=1, max_batch=2, max_seq_len=128)
     step = engine.step
     engine.step = lambda: (time.sleep(STEP_DELAY_S), step())[1]
-    with running_server(engine, ServerConfig(model_name="tiny", api_key=KEY, max_tokens=100), max_queue=2) as (url, worker):
+    with running_server(engine, ServerConfig(model_name="tiny", api_key=KEY, max_tokens=100), max_queue=2) as (
+        url,
+        worker,
+    ):
         yield url, worker
 
 
@@ -67,7 +75,9 @@ def by_id(driver, element_id: str):
 def open_chat(driver, url: str, key: str | None = KEY) -> None:
     """Load the page with the API key already in the tab's sessionStorage, and wait until it names the model."""
     driver.get(url)
-    driver.execute_script("sessionStorage.clear(); if (arguments[0]) sessionStorage.setItem('medfoundry-api-key', arguments[0]);", key)
+    driver.execute_script(
+        "sessionStorage.clear(); if (arguments[0]) sessionStorage.setItem('medfoundry-api-key', arguments[0]);", key
+    )
     driver.refresh()
     wait(driver, lambda d: by_id(d, "model-name").text not in ("", "connecting…"))
 
@@ -129,10 +139,13 @@ def test_answer_streams_into_the_page_and_equals_the_api(server, browser):
     ask(browser, QUESTION, max_tokens="24")
     seen, state, text = watch_answer(browser)
     assert state == "done" and text
-    assert len(seen) >= 2 and all(text.startswith(partial) for partial in seen), "the answer did not grow while streaming"
+    assert len(seen) >= 2 and all(text.startswith(partial) for partial in seen), (
+        "the answer did not grow while streaming"
+    )
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
-    expected = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTION}],
-                                              temperature=0, max_tokens=24)
+    expected = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=24
+    )
     assert text == expected.choices[0].message.content
     # the question and the answer are text: nothing in them was parsed as HTML
     assert browser.find_elements(By.CSS_SELECTOR, "#messages .user .content")[-1].text == QUESTION
@@ -172,7 +185,7 @@ def test_errors_are_shown_and_the_question_is_given_back(server, browser, monkey
     assert by_id(browser, "error").get_attribute("role") == "alert"
 
 
-def test_model_without_chat_template_answers_through_completions(gpt2_dir, tmp_path, browser):  # noqa: F811
+def test_model_without_chat_template_answers_through_completions(gpt2_dir, tmp_path, browser):
     plain = tmp_path / "no-template"
     shutil.copytree(gpt2_dir, plain)
     (plain / "chat_template.jinja").unlink()
@@ -185,8 +198,13 @@ def test_model_without_chat_template_answers_through_completions(gpt2_dir, tmp_p
         assert state == "done" and text
         assert "no chat template" in by_id(browser, "mode-note").text and by_id(browser, "mode-note").is_displayed()
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
-        expected = client.completions.create(model="plain", prompt="Question: What is aspirin?\nAnswer:",
-                                             stop=["\nQuestion:"], temperature=0, max_tokens=12)
+        expected = client.completions.create(
+            model="plain",
+            prompt="Question: What is aspirin?\nAnswer:",
+            stop=["\nQuestion:"],
+            temperature=0,
+            max_tokens=12,
+        )
         assert text == expected.choices[0].text
 
 

@@ -25,7 +25,10 @@ def test_pubmedqa_keeps_the_train_dev_half_of_pqa_l():
     assert first.messages[1].content == raw[first.pmid]["final_decision"]
     assert first.location.startswith(f"{path}:") and first.line > 1
     with_reasoning = next(iter(pubmedqa(path, reasoning=True)))
-    assert with_reasoning.messages[1].content == f"{raw[first.pmid]['LONG_ANSWER']}\n\nAnswer: {raw[first.pmid]['final_decision']}"
+    assert (
+        with_reasoning.messages[1].content
+        == f"{raw[first.pmid]['LONG_ANSWER']}\n\nAnswer: {raw[first.pmid]['final_decision']}"
+    )
     labels = {c.messages[1].content for c in records}
     assert labels == {"yes", "no", "maybe"}
 
@@ -51,8 +54,10 @@ def test_medmcqa_one_based_cop_and_explanations_as_chain_of_thought():
 
 
 def _medmcqa_file(path: Path, cops: list[int]) -> Path:
-    rows = [{"question": f"q{i}", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": c, "exp": None, "id": str(i)}
-            for i, c in enumerate(cops)]
+    rows = [
+        {"question": f"q{i}", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": c, "exp": None, "id": str(i)}
+        for i, c in enumerate(cops)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

@@ -21,7 +21,22 @@ from medfoundry.sft.dataset import SFTData, prepare, validation_passes
 from test_sft_templates import make_tokenizer
 
 TERMS = ["anemia", "fever", "sepsis", "asthma", "gout", "angina", "stroke", "nephritis", "hepatitis", "rickets"]
-FILLER = "the patient blood pressure heart rate dose daily oral therapy chronic acute symptoms treatment".split()
+FILLER = [
+    "the",
+    "patient",
+    "blood",
+    "pressure",
+    "heart",
+    "rate",
+    "dose",
+    "daily",
+    "oral",
+    "therapy",
+    "chronic",
+    "acute",
+    "symptoms",
+    "treatment",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,12 +49,25 @@ def write_sources(root: Path) -> dict[str, Path]:
     """300 Alpaca definitions and 100 two-turn ShareGPT dialogues of varied lengths."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
-    defs = [{"instruction": f"Define {TERMS[i % 10]} (case {i}).", "input": _sentence(rng, 2, 30),
-             "output": _sentence(rng, 3, 25)} for i in range(300)]
-    dialogues = [{"conversations": [{"from": "human", "value": f"Tell me about {TERMS[i % 10]} {i}."},
-                                    {"from": "gpt", "value": _sentence(rng, 2, 15)},
-                                    {"from": "human", "value": "And the treatment?"},
-                                    {"from": "gpt", "value": _sentence(rng, 2, 15)}]} for i in range(100)]
+    defs = [
+        {
+            "instruction": f"Define {TERMS[i % 10]} (case {i}).",
+            "input": _sentence(rng, 2, 30),
+            "output": _sentence(rng, 3, 25),
+        }
+        for i in range(300)
+    ]
+    dialogues = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"Tell me about {TERMS[i % 10]} {i}."},
+                {"from": "gpt", "value": _sentence(rng, 2, 15)},
+                {"from": "human", "value": "And the treatment?"},
+                {"from": "gpt", "value": _sentence(rng, 2, 15)},
+            ]
+        }
+        for i in range(100)
+    ]
     paths = {"defs": root / "defs.jsonl", "dialogues": root / "dialogues.jsonl"}
     for name, records in (("defs", defs), ("dialogues", dialogues)):
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -47,10 +75,18 @@ def write_sources(root: Path) -> dict[str, Path]:
 
 
 def config(tokenizer: Path, paths: dict[str, Path], **changes) -> SFTDataConfig:
-    tree = {"tokenizer": str(tokenizer), "max_length": 256, "allow_test_overlap": True, "seed": 1,
-            "sources": [{"name": "defs", "path": str(paths["defs"]), "weight": 0.6},
-                        {"name": "dialogues", "path": str(paths["dialogues"]), "weight": 0.4}],
-            "mixture": {"total": 500}, "validation": {"fraction": 0.1}}
+    tree = {
+        "tokenizer": str(tokenizer),
+        "max_length": 256,
+        "allow_test_overlap": True,
+        "seed": 1,
+        "sources": [
+            {"name": "defs", "path": str(paths["defs"]), "weight": 0.6},
+            {"name": "dialogues", "path": str(paths["dialogues"]), "weight": 0.4},
+        ],
+        "mixture": {"total": 500},
+        "validation": {"fraction": 0.1},
+    }
     return validate(SFTDataConfig, {**tree, **changes})
 
 
@@ -95,8 +131,10 @@ def test_stored_examples_are_what_the_saved_chat_template_renders(prepared, inpu
     stored = [tuple(ids.tolist()) for r in range(split.n_rows) for ids, _ in split.row(r)]
     from_dialogues = [s for s in stored if s in rendered]
     assert len(from_dialogues) == 200  # every sampled dialogue is byte-identical to apply_chat_template's ids
-    assert all(tokenizer.apply_chat_template(renderer.messages(c))["input_ids"] == list(renderer(c).ids)
-               for c in list(read_conversations(inputs[1]["defs"]))[:5])
+    assert all(
+        tokenizer.apply_chat_template(renderer.messages(c))["input_ids"] == list(renderer(c).ids)
+        for c in list(read_conversations(inputs[1]["defs"]))[:5]
+    )
 
 
 def test_prepare_is_cached_by_content_and_redone_when_an_input_changes(prepared, inputs, tmp_path):
@@ -151,8 +189,9 @@ def test_validation_rows_belong_to_one_source_each(prepared):
         assert examples == manifest["source_stats"][name]["val_records"]
         batches = [b for rank in (0, 1) for b in val.batches(2, rank=rank, world_size=2, source=name)]
         assert sum(len(b["input_ids"]) for b in batches) == len(rows)
-        assert validation_passes(val, 2, 2, name) == max(sum(1 for _ in val.batches(2, rank=r, world_size=2, source=name))
-                                                         for r in (0, 1))
+        assert validation_passes(val, 2, 2, name) == max(
+            sum(1 for _ in val.batches(2, rank=r, world_size=2, source=name)) for r in (0, 1)
+        )
     with pytest.raises(MedfoundryError, match="unknown source 'pubmed'"):
         val.rows_for("pubmed")
 
@@ -177,14 +216,19 @@ def _long_record(tmp_path: Path, inputs) -> dict[str, Path]:
 
 def test_over_long_examples_error_with_their_location_by_default(inputs, tmp_path):
     paths = _long_record(tmp_path, inputs)
-    with pytest.raises(InputError, match=r"defs.jsonl:7: example is [\d,]+ tokens, longer than max_length 256: raise "
-                                         r"max_length, or set truncation: left_prompt"):
+    with pytest.raises(
+        InputError,
+        match=r"defs.jsonl:7: example is [\d,]+ tokens, longer than max_length 256: raise "
+        r"max_length, or set truncation: left_prompt",
+    ):
         prepare(config(inputs[0], paths, validation={"fraction": 0}), tmp_path / "data")
 
 
 def test_left_prompt_truncation_keeps_whole_responses_and_reports_drops(inputs, tmp_path):
     paths = _long_record(tmp_path, inputs)
-    manifest = prepare(config(inputs[0], paths, truncation="left_prompt", validation={"fraction": 0}), tmp_path / "data")
+    manifest = prepare(
+        config(inputs[0], paths, truncation="left_prompt", validation={"fraction": 0}), tmp_path / "data"
+    )
     stats = manifest["source_stats"]["defs"]
     assert stats["truncated"] == 1 and stats["dropped_too_long"] == 1  # the long response is never cut
     assert stats["dropped_locations"] == [f"{paths['defs']}:10"]
@@ -194,7 +238,9 @@ def test_left_prompt_truncation_keeps_whole_responses_and_reports_drops(inputs, 
     responses = [tokenizer.decode(ids[loss].tolist()) for r in range(split.n_rows) for ids, loss in split.row(r)]
     assert "Fever.<|im_end|>" in responses
     dropped = prepare(config(inputs[0], paths, truncation="drop", validation={"fraction": 0}), tmp_path / "dropped")
-    assert dropped["source_stats"]["defs"]["dropped_too_long"] == 2 and dropped["source_stats"]["defs"]["truncated"] == 0
+    assert (
+        dropped["source_stats"]["defs"]["dropped_too_long"] == 2 and dropped["source_stats"]["defs"]["truncated"] == 0
+    )
 
 
 def test_reader_state_from_other_data_is_refused(prepared, inputs, tmp_path):
@@ -207,14 +253,34 @@ def test_reader_state_from_other_data_is_refused(prepared, inputs, tmp_path):
 
 def test_medmcqa_dev_is_refused_for_training_unless_dropped_or_allowed(inputs, tmp_path):
     benchmarks = shared("benchmarks")
-    tree = {"tokenizer": str(inputs[0]), "overlap": {"benchmarks_dir": str(benchmarks)}, "max_length": 4096,
-            "truncation": "drop",
-            "sources": [{"name": "medmcqa", "converter": "medmcqa", "path": str(benchmarks / "medmcqa" / "dev.jsonl"),
-                         "reasoning": True, "max_examples": 40, "weight": 0.5},
-                        {"name": "pqa", "converter": "pubmedqa", "path": str(benchmarks / "pubmedqa" / "ori_pqal.json"),
-                         "max_examples": 40, "weight": 0.5}]}
-    with pytest.raises(MedfoundryError, match=r"(?s)^4183 of 4683 training records overlap evaluation test splits "
-                                              r"\(medmcqa: 4183\):\n  .*dev.jsonl:1: medmcqa test item"):
+    tree = {
+        "tokenizer": str(inputs[0]),
+        "overlap": {"benchmarks_dir": str(benchmarks)},
+        "max_length": 4096,
+        "truncation": "drop",
+        "sources": [
+            {
+                "name": "medmcqa",
+                "converter": "medmcqa",
+                "path": str(benchmarks / "medmcqa" / "dev.jsonl"),
+                "reasoning": True,
+                "max_examples": 40,
+                "weight": 0.5,
+            },
+            {
+                "name": "pqa",
+                "converter": "pubmedqa",
+                "path": str(benchmarks / "pubmedqa" / "ori_pqal.json"),
+                "max_examples": 40,
+                "weight": 0.5,
+            },
+        ],
+    }
+    with pytest.raises(
+        MedfoundryError,
+        match=r"(?s)^4183 of 4683 training records overlap evaluation test splits "
+        r"\(medmcqa: 4183\):\n  .*dev.jsonl:1: medmcqa test item",
+    ):
         prepare(validate(SFTDataConfig, tree), tmp_path / "refused")
     assert not (tmp_path / "refused").exists()  # nothing half-written
     allowed = prepare(validate(SFTDataConfig, {**tree, "allow_test_overlap": True}), tmp_path / "allowed")
@@ -228,17 +294,26 @@ def test_medmcqa_dev_is_refused_for_training_unless_dropped_or_allowed(inputs, t
     assert dropped["overlap"]["action"] == "dropped" and len(dropped["overlap"]["first"]) == 5
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"allow_test_overlap": False}, "overlap.benchmarks_dir is required"),
-    ({"drop_test_overlap": True}, "allow_test_overlap and drop_test_overlap exclude each other"),
-    ({"mixture": {"total": 10}, "sources": [{"name": "a", "path": "a.jsonl", "weight": 0.5}]},
-     "when every source has a weight they must sum to 1"),
-    ({"sources": [{"name": "a", "path": "a.jsonl", "converter": "medqa", "format": "alpaca"}]},
-     "format applies to file sources"),
-    ({"sources": [{"name": "a", "path": "a.jsonl", "converter": "medqa", "reasoning": True}]},
-     "'reasoning' applies to the pubmedqa and medmcqa converter"),
-    ({"template": {"name": "vicuna"}}, "template.name"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"allow_test_overlap": False}, "overlap.benchmarks_dir is required"),
+        ({"drop_test_overlap": True}, "allow_test_overlap and drop_test_overlap exclude each other"),
+        (
+            {"mixture": {"total": 10}, "sources": [{"name": "a", "path": "a.jsonl", "weight": 0.5}]},
+            "when every source has a weight they must sum to 1",
+        ),
+        (
+            {"sources": [{"name": "a", "path": "a.jsonl", "converter": "medqa", "format": "alpaca"}]},
+            "format applies to file sources",
+        ),
+        (
+            {"sources": [{"name": "a", "path": "a.jsonl", "converter": "medqa", "reasoning": True}]},
+            "'reasoning' applies to the pubmedqa and medmcqa converter",
+        ),
+        ({"template": {"name": "vicuna"}}, "template.name"),
+    ],
+)
 def test_config_errors_say_what_to_fix(inputs, change, message):
     tree = {"tokenizer": "t", "allow_test_overlap": True, "sources": [{"name": "a", "path": "a.jsonl"}], **change}
     with pytest.raises(ConfigError, match=message):
@@ -254,8 +329,17 @@ def test_a_few_training_steps_through_the_loop_contract(prepared):
     out, manifest = prepared
     data = SFTData(out)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=manifest["tokenizer"]["added_ids"][0], n_embd=64, n_layer=2, n_head=4,
-                                       n_positions=256, bos_token_id=None, eos_token_id=None))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=manifest["tokenizer"]["added_ids"][0],
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    )
     assert resize_for_tokenizer(model, data.tokenizer_dir)["vocab_size"] == manifest["tokenizer"]["vocab_size"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     reader, losses = data.reader(8, seed=0), []
@@ -276,6 +360,7 @@ def test_a_few_training_steps_through_the_loop_contract(prepared):
     tokenizer = AutoTokenizer.from_pretrained(str(out.parent / "model"))
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert GenerationConfig.from_pretrained(str(out.parent / "model")).eos_token_id == end == tokenizer.eos_token_id
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Define fever."}], add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Define fever."}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt == "<|im_start|>user\nDefine fever.<|im_end|>\n<|im_start|>assistant\n"

@@ -24,10 +24,15 @@ def test_alpaca_records_become_user_assistant_turns_with_their_lines():
     records = list(read_conversations(SFT / "alpaca.jsonl"))
     assert [c.line for c in records] == [1, 2, 4]  # a blank line 3 is skipped but counted
     assert roles(records[0]) == ["user", "assistant"] and records[0].system is None
-    assert records[1].messages[0].content == ("Classify the sentence as a finding or a method.\n\n"
-                                              "Patients were randomized to metformin or placebo.")
+    assert records[1].messages[0].content == (
+        "Classify the sentence as a finding or a method.\n\nPatients were randomized to metformin or placebo."
+    )
     assert records[1].messages[1] == Message("assistant", "method")
-    assert records[2].system == "You are a careful medical assistant." and roles(records[2]) == ["system", "user", "assistant"]
+    assert records[2].system == "You are a careful medical assistant." and roles(records[2]) == [
+        "system",
+        "user",
+        "assistant",
+    ]
     assert records[2].location == f"{SFT / 'alpaca.jsonl'}:4"
 
 
@@ -36,7 +41,10 @@ def test_messages_json_array_keeps_each_record_line_and_options():
     assert [c.line for c in records] == [2, 9, 17]
     assert roles(records[1]) == ["user", "assistant", "user", "assistant"]
     assert records[1].messages[0].options == {"A": "Vitamin A", "B": "Vitamin C"}
-    assert records[1].messages[0].folded() == "Which vitamin deficiency causes scurvy?\n\nOptions:\nA. Vitamin A\nB. Vitamin C"
+    assert (
+        records[1].messages[0].folded()
+        == "Which vitamin deficiency causes scurvy?\n\nOptions:\nA. Vitamin A\nB. Vitamin C"
+    )
 
 
 def test_sharegpt_gzipped_reads_like_the_plain_file(tmp_path: Path):
@@ -50,20 +58,34 @@ def test_sharegpt_gzipped_reads_like_the_plain_file(tmp_path: Path):
 
 def test_explicit_format_overrides_detection_and_names_the_mismatch():
     assert len(list(read_conversations(SFT / "sharegpt.jsonl", "sharegpt"))) == 2
-    with pytest.raises(InputError, match=r"sharegpt.jsonl:1: record has no 'messages' list \(expected by the messages format\)"):
+    with pytest.raises(
+        InputError, match=r"sharegpt.jsonl:1: record has no 'messages' list \(expected by the messages format\)"
+    ):
         list(read_conversations(SFT / "sharegpt.jsonl", "messages"))
     with pytest.raises(InputError, match="unknown format 'openai'"):
         list(read_conversations(SFT / "sharegpt.jsonl", "openai"))
 
 
-@pytest.mark.parametrize("name, message", [
-    ("bad_missing_output.jsonl", r"bad_missing_output.jsonl:2: record is missing its response \(field 'output' is missing\)"),
-    ("bad_unknown_role.json", r"bad_unknown_role.json:3: message 2 has unknown role 'doctor'; expected one of system, user, assistant"),
-    ("bad_unknown_from.jsonl", r"bad_unknown_from.jsonl:3: turn 2 has unknown role 'bot' in 'from'"),
-    ("bad_ends_with_user.jsonl", r"bad_ends_with_user.jsonl:1: record is missing its response: the last turn is a user turn"),
-    ("bad_mixed.jsonl", r"bad_mixed.jsonl:2: record is missing its instruction"),
-    ("bad_json.jsonl", r"bad_json.jsonl:2: invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "bad_missing_output.jsonl",
+            r"bad_missing_output.jsonl:2: record is missing its response \(field 'output' is missing\)",
+        ),
+        (
+            "bad_unknown_role.json",
+            r"bad_unknown_role.json:3: message 2 has unknown role 'doctor'; expected one of system, user, assistant",
+        ),
+        ("bad_unknown_from.jsonl", r"bad_unknown_from.jsonl:3: turn 2 has unknown role 'bot' in 'from'"),
+        (
+            "bad_ends_with_user.jsonl",
+            r"bad_ends_with_user.jsonl:1: record is missing its response: the last turn is a user turn",
+        ),
+        ("bad_mixed.jsonl", r"bad_mixed.jsonl:2: record is missing its instruction"),
+        ("bad_json.jsonl", r"bad_json.jsonl:2: invalid JSON"),
+    ],
+)
 def test_bad_records_are_named_by_file_and_line(name, message):
     with pytest.raises(InputError, match=message):
         list(read_conversations(SFT / name))
@@ -74,8 +96,7 @@ def test_turn_order_and_empty_responses_are_refused(tmp_path: Path):
         '{"messages": [{"role": "assistant", "content": "Hello."}]}': "turn 1 is 'assistant' but 'user' was expected",
         '{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, '
         '{"role": "assistant", "content": "c"}]}': "a system message may only come first",
-        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}':
-            "record is missing its response: assistant turn 2 is empty",
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}': "record is missing its response: assistant turn 2 is empty",
         '{"text": "plain pretraining text"}': r"cannot tell the format of this record \(keys: \['text'\]\)",
     }
     for i, (record, message) in enumerate(cases.items()):

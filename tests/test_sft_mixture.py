@@ -42,12 +42,16 @@ def test_default_size_repeats_no_weighted_source_and_unweighted_sources_come_who
     assert {n: len(p) for n, p in plan.items()} == {"a": 300, "b": 300}
     anchored = [pool("whole", 600, None, 20), pool("extra", 100, 0.25, 20)]
     plan = plan_mixture(anchored, MixtureConfig(), seed=0)
-    assert len(plan["whole"]) == 600 and sorted(plan["whole"].tolist()) == list(range(600)) and len(plan["extra"]) == 200
+    assert (
+        len(plan["whole"]) == 600 and sorted(plan["whole"].tolist()) == list(range(600)) and len(plan["extra"]) == 200
+    )
 
 
 def test_too_many_repeats_is_an_error_naming_the_source():
     pools = [pool("big", 10_000, 0.5, 20), pool("tiny", 10, 0.5, 20)]
-    with pytest.raises(ConfigError, match=r"source 'tiny' would be repeated 100.0 times .* more than mixture.max_repeat 10.0"):
+    with pytest.raises(
+        ConfigError, match=r"source 'tiny' would be repeated 100.0 times .* more than mixture.max_repeat 10.0"
+    ):
         plan_mixture(pools, MixtureConfig(total=2000), seed=0)
 
 

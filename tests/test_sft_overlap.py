@@ -18,19 +18,30 @@ def guard() -> OverlapGuard:
 
 def test_every_test_item_converted_for_training_is_caught(guard):
     root = shared("benchmarks")
-    for benchmark, records in (("medmcqa", medmcqa(root / "medmcqa" / "dev.jsonl", reasoning=True)),
-                               ("medqa", medqa(root / "medqa" / "us_5_options_test.jsonl")),
-                               ("mmlu", mmlu(root / "mmlu" / "test"))):
+    for benchmark, records in (
+        ("medmcqa", medmcqa(root / "medmcqa" / "dev.jsonl", reasoning=True)),
+        ("medqa", medqa(root / "medqa" / "us_5_options_test.jsonl")),
+        ("mmlu", mmlu(root / "mmlu" / "test")),
+    ):
         found = [guard.check(c) for c in records]
         assert all(found) and {f.benchmark for f in found} == {benchmark}
 
 
 def test_items_too_short_for_a_13_gram_are_caught_by_their_text(guard):
-    short = [c for c in medmcqa(shared("benchmarks/medmcqa/dev.jsonl"))
-             if len((c.messages[0].content + " " + " ".join(c.messages[0].options.values())).split()) < 12]
+    short = [
+        c
+        for c in medmcqa(shared("benchmarks/medmcqa/dev.jsonl"))
+        if len((c.messages[0].content + " " + " ".join(c.messages[0].options.values())).split()) < 12
+    ]
     assert len(short) > 100
-    reworded_case = make_conversation([Message("user", short[0].messages[0].content.upper(), short[0].messages[0].options),
-                                       Message("assistant", "A")], "train.jsonl", 3)
+    reworded_case = make_conversation(
+        [
+            Message("user", short[0].messages[0].content.upper(), short[0].messages[0].options),
+            Message("assistant", "A"),
+        ],
+        "train.jsonl",
+        3,
+    )
     found = guard.check(reworded_case)
     assert found.reason == "same_item" and found.benchmark == "medmcqa" and found.location == "train.jsonl:3"
 

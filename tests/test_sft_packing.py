@@ -29,7 +29,9 @@ def rendered(tmp_path_factory):
     cfg = TemplateConfig(name="chatml")
     tokenizer, _ = prepare_tokenizer(str(make_tokenizer(root / "base")), cfg, root / "tok")
     renderer = Renderer(tokenizer, cfg)
-    records = [c for name in ("alpaca.jsonl", "messages.json", "sharegpt.jsonl") for c in read_conversations(SFT / name)]
+    records = [
+        c for name in ("alpaca.jsonl", "messages.json", "sharegpt.jsonl") for c in read_conversations(SFT / name)
+    ]
     examples = [renderer(c) for c in records]
     return [(e.ids, e.loss) for e in examples], tokenizer
 
@@ -39,13 +41,32 @@ def tiny_model(kind: str, attention: str, vocab: int):
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
         model = GPT2LMHeadModel(config)
     else:
-        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                             bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        )
         model = LlamaForCausalLM(config)
     model.config._attn_implementation = attention
     return model.eval()
@@ -69,10 +90,15 @@ def test_packed_logits_equal_each_example_alone(rendered, kind, attention):
                 start += len(ids)
     # and the summed loss of the packed batch is the sum of the examples' losses
     loss, count = masked_token_loss(packed, batch["labels"])
-    singles = [masked_token_loss(model(**model_inputs(collate([[e]], 0, packed=False))).logits,
-                                 collate([[e]], 0, packed=False)["labels"]) for row in rows for e in row]
+    singles = [
+        masked_token_loss(
+            model(**model_inputs(collate([[e]], 0, packed=False))).logits, collate([[e]], 0, packed=False)["labels"]
+        )
+        for row in rows
+        for e in row
+    ]
     assert count == sum(n for _, n in singles) == target_count(batch)
-    assert loss.item() == pytest.approx(sum(l.item() for l, _ in singles), rel=1e-5)
+    assert loss.item() == pytest.approx(sum(single.item() for single, _ in singles), rel=1e-5)
 
 
 def test_without_the_block_mask_packing_would_leak_across_examples(rendered):
@@ -97,8 +123,10 @@ def test_labels_are_the_responses_and_never_cross_an_example_boundary(rendered):
     assert labels.tolist() == expected.tolist()
     assert batch["position_ids"][0].tolist() == [p for e, _ in examples[3:6] for p in range(len(e))]
     text = tokenizer.decode(ids[labels != IGNORE].tolist())
-    assert text == "Average blood glucose over about three months.<|im_end|>B. Vitamin C<|im_end|>" \
-                   "Vitamin D deficiency.<|im_end|>Yes.<|im_end|>"
+    assert (
+        text == "Average blood glucose over about three months.<|im_end|>B. Vitamin C<|im_end|>"
+        "Vitamin D deficiency.<|im_end|>Yes.<|im_end|>"
+    )
 
 
 def test_loss_depends_only_on_response_predictions(rendered):
@@ -132,12 +160,14 @@ def test_loss_depends_only_on_response_predictions(rendered):
 def test_block_causal_mask_layout():
     segments = torch.tensor([[1, 1, 2, 2, 2, 0]])
     allowed = block_causal_mask(segments, torch.bool)[0, 0].int().tolist()
-    assert allowed == [[1, 0, 0, 0, 0, 0],
-                       [1, 1, 0, 0, 0, 0],
-                       [0, 0, 1, 0, 0, 0],
-                       [0, 0, 1, 1, 0, 0],
-                       [0, 0, 1, 1, 1, 0],
-                       [0, 0, 0, 0, 0, 1]]  # padding attends to itself only: no empty softmax row
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]  # padding attends to itself only: no empty softmax row
     additive = block_causal_mask(segments, torch.float32)
     assert ((additive == 0) == block_causal_mask(segments, torch.bool)).all()
     assert additive.min() == torch.finfo(torch.float32).min

@@ -16,8 +16,10 @@ from medfoundry.sft.formats import Message, make_conversation, read_conversation
 from medfoundry.sft.templates import IM_END, IM_START, Renderer, prepare_tokenizer
 
 SFT = FIXTURES / "sft"
-WORDS = ("The patient presented with fever, cough and chest pain. Question: Answer: Options: yes no maybe. "
-         "Vitamin deficiency causes scurvy and rickets. Hypertension, diabetes, anemia; tachycardia. ### user assistant")
+WORDS = (
+    "The patient presented with fever, cough and chest pain. Question: Answer: Options: yes no maybe. "
+    "Vitamin deficiency causes scurvy and rickets. Hypertension, diabetes, anemia; tachycardia. ### user assistant"
+)
 
 
 def make_tokenizer(directory: Path, vocab_size: int = 600) -> Path:
@@ -27,8 +29,9 @@ def make_tokenizer(directory: Path, vocab_size: int = 600) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     texts = [WORDS] * 20 + [(SFT / n).read_text() for n in ("alpaca.jsonl", "messages.json", "sharegpt.jsonl")]
     tokenizer.train_from_iterator(texts, trainer)
     directory.mkdir(parents=True, exist_ok=True)
@@ -42,10 +45,17 @@ def base(tmp_path_factory) -> Path:
 
 
 def multi_turn():
-    return make_conversation([
-        Message("system", "Be brief."), Message("user", "Which vitamin deficiency causes scurvy?", {"A": "Vitamin A", "B": "Vitamin C"}),
-        Message("assistant", "B. Vitamin C"), Message("user", "And rickets?"), Message("assistant", "Vitamin D deficiency.")],
-        "memory", 7)
+    return make_conversation(
+        [
+            Message("system", "Be brief."),
+            Message("user", "Which vitamin deficiency causes scurvy?", {"A": "Vitamin A", "B": "Vitamin C"}),
+            Message("assistant", "B. Vitamin C"),
+            Message("user", "And rickets?"),
+            Message("assistant", "Vitamin D deficiency."),
+        ],
+        "memory",
+        7,
+    )
 
 
 def load(directory: Path):
@@ -97,16 +107,27 @@ def test_biomed_llama_layout(base, tmp_path):
     tokenizer, added = prepare_tokenizer(str(base), cfg, tmp_path / "tok")
     renderer = Renderer(tokenizer, cfg)
     conversation = next(iter(read_conversations(SFT / "messages.json")))  # has its own system message
-    single = make_conversation([Message("user", "Which vitamin deficiency causes scurvy?", {"A": "Vitamin A", "B": "Vitamin C"}),
-                                Message("assistant", "B. Vitamin C")], "memory", 1)
+    single = make_conversation(
+        [
+            Message("user", "Which vitamin deficiency causes scurvy?", {"A": "Vitamin A", "B": "Vitamin C"}),
+            Message("assistant", "B. Vitamin C"),
+        ],
+        "memory",
+        1,
+    )
     text, spans = renderer.response_spans(single)
     assert added == [] and tokenizer.eos_token == "<|endoftext|>"
-    assert text == ("Answer the medical question.\n\n### Question:\nWhich vitamin deficiency causes scurvy?\n\n### Options:\n"
-                    "A. Vitamin A\nB. Vitamin C\n\n### Answer:\nB. Vitamin C<|endoftext|>")
+    assert text == (
+        "Answer the medical question.\n\n### Question:\nWhich vitamin deficiency causes scurvy?\n\n### Options:\n"
+        "A. Vitamin A\nB. Vitamin C\n\n### Answer:\nB. Vitamin C<|endoftext|>"
+    )
     assert [text[a:b] for a, b in spans] == ["B. Vitamin C<|endoftext|>"]
     assert renderer.response_spans(conversation)[0].startswith("You are a careful medical assistant.\n\n### Question:")
     two = renderer.response_spans(multi_turn())[0]
-    assert "Vitamin C<|endoftext|>\n\n### Question:\nAnd rickets?\n\n### Answer:\nVitamin D deficiency.<|endoftext|>" in two
+    assert (
+        "Vitamin C<|endoftext|>\n\n### Question:\nAnd rickets?\n\n### Answer:\nVitamin D deficiency.<|endoftext|>"
+        in two
+    )
 
 
 def test_model_template_is_used_as_is_with_options_folded_into_the_question(base, tmp_path):
@@ -126,12 +147,19 @@ def test_model_template_is_used_as_is_with_options_folded_into_the_question(base
     renderer = Renderer(prepared, cfg)
     record = list(read_conversations(SFT / "messages.json"))[1]
     example = renderer(record)
-    assert prepared.decode(example.ids[example.loss].tolist()) == "B. Vitamin C<|endoftext|>Vitamin D deficiency.<|endoftext|>"
-    assert "<|user|>\nWhich vitamin deficiency causes scurvy?\n\nOptions:\nA. Vitamin A\nB. Vitamin C<|endoftext|>" in \
-        prepared.decode(example.ids.tolist())
+    assert (
+        prepared.decode(example.ids[example.loss].tolist())
+        == "B. Vitamin C<|endoftext|>Vitamin D deficiency.<|endoftext|>"
+    )
+    assert (
+        "<|user|>\nWhich vitamin deficiency causes scurvy?\n\nOptions:\nA. Vitamin A\nB. Vitamin C<|endoftext|>"
+        in prepared.decode(example.ids.tolist())
+    )
     assert example.ids.tolist() == load(tmp_path / "tok").apply_chat_template(renderer.messages(record))["input_ids"]
     # this template refuses system messages: the error names the record
-    with pytest.raises(InputError, match=r"messages.json:2: template 'model' cannot render this record: .*no system role"):
+    with pytest.raises(
+        InputError, match=r"messages.json:2: template 'model' cannot render this record: .*no system role"
+    ):
         renderer(next(iter(read_conversations(SFT / "messages.json"))))
 
 
@@ -148,9 +176,11 @@ def _with_template(base: Path, tmp_path: Path, template: str) -> Renderer:
 
 def test_templates_whose_responses_cannot_be_located_are_refused(base, tmp_path):
     # history rewritten once a later turn exists (like templates that strip earlier reasoning)
-    rewriting = ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}[earlier answer]"
-                 "{% else %}{{ m.role }}: {{ m.content }}<|im_end|>{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}assistant: {% endif %}")
+    rewriting = (
+        "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}[earlier answer]"
+        "{% else %}{{ m.role }}: {{ m.content }}<|im_end|>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(InputError, match=r"memory:7: template 'model' does not render this conversation incrementally"):
         _with_template(base, tmp_path, rewriting)(multi_turn())
     unterminated = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
@@ -172,7 +202,6 @@ def test_chatml_vocab_extension_grows_the_model_with_mean_rows(base, tmp_path):
     assert torch.allclose(rows[added[0]], rows[: added[0]].mean(0))
 
 
-
 @pytest.mark.parametrize("name", ["model", "chatml"])
 def test_a_real_instruct_tokenizer_with_its_own_chatml_template(smollm2, tmp_path, name):
     cfg = TemplateConfig(name=name)
@@ -181,7 +210,10 @@ def test_a_real_instruct_tokenizer_with_its_own_chatml_template(smollm2, tmp_pat
     renderer = Renderer(tokenizer, cfg)
     for conversation in [multi_turn(), *read_conversations(SFT / "sharegpt.jsonl")]:
         example = renderer(conversation)
-        assert example.ids.tolist() == load(tmp_path / "tok").apply_chat_template(renderer.messages(conversation))["input_ids"]
+        assert (
+            example.ids.tolist()
+            == load(tmp_path / "tok").apply_chat_template(renderer.messages(conversation))["input_ids"]
+        )
     text = tokenizer.decode(renderer(multi_turn()).ids.tolist())
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     example = renderer(next(iter(read_conversations(SFT / "alpaca.jsonl"))))

@@ -38,7 +38,7 @@ def write_corpus(root: Path, texts: list[str], parts: dict[str, int]) -> dict[st
     by_split, start = {}, 0
     for split, n_parts in parts.items():
         (root / split).mkdir(parents=True, exist_ok=True)
-        by_split[split] = texts[start:start + n_parts * per_part]
+        by_split[split] = texts[start : start + n_parts * per_part]
         for p in range(n_parts):
             with gzip.open(root / split / f"part-{p:05d}.jsonl.gz", "wt", encoding="utf-8") as fh:
                 for i in range(start, start + per_part):
@@ -212,8 +212,11 @@ def test_token_shards_reject_files_that_disagree_with_the_index(tokenized, tmp_p
     tokens = index["shards"][1]["tokens"]
     with open(split / "part-00001.bin", "r+b") as fh:
         fh.truncate(2000)
-    with pytest.raises(InputError, match=rf"part-00001.bin: index says {tokens:,} tokens \({2 * tokens:,} bytes\) "
-                                         "but the file has 2,000 bytes"):
+    with pytest.raises(
+        InputError,
+        match=rf"part-00001.bin: index says {tokens:,} tokens \({2 * tokens:,} bytes\) "
+        "but the file has 2,000 bytes",
+    ):
         TokenShards(split)
 
     shutil.copy(tokenized[0] / "train" / "part-00001.bin", split)
@@ -240,7 +243,7 @@ def test_slice_spans_shard_boundaries(tokenized):
     boundary = len(bins[0])
     assert np.array_equal(shards.slice(boundary - 5, boundary + 5), np.concatenate([bins[0][-5:], bins[1][:5]]))
     whole_middle = shards.slice(boundary - 1, boundary + len(bins[1]) + 1)
-    assert np.array_equal(whole_middle, everything[boundary - 1:boundary + len(bins[1]) + 1])
+    assert np.array_equal(whole_middle, everything[boundary - 1 : boundary + len(bins[1]) + 1])
     assert shards.slice(10, 10).size == 0
     with pytest.raises(IndexError):
         shards.slice(0, shards.total_tokens + 1)
@@ -251,7 +254,7 @@ def test_slice_spans_shard_boundaries(tokenized):
 def test_a_gguf_model_file_serves_as_the_tokenizer(tmp_path, monkeypatch):
     """Continued pretraining of a GGUF model: its embedded tokenizer (through the dequantized checkpoint)
     tokenizes the corpus, with the model's own end-of-sequence token."""
-    from medfoundry.eval.model import hf_directory
+    from medfoundry.model.load import hf_directory
 
     monkeypatch.setenv("MEDFOUNDRY_CACHE", str(tmp_path / "cache"))
     gguf = smollm2_gguf()

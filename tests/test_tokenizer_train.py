@@ -22,8 +22,14 @@ def write_corpus(root: Path, n_train: int, n_val: int) -> Path:
     with gzip.open(shared("corpus/pubmed_abstracts.jsonl.gz"), "rt") as fh:
         for i, line in zip(range(n_train + n_val), fh):
             rec = json.loads(line)
-            docs.append({"id": f"abstracts/{i}", "text": ((rec["title"] or "") + "\n\n" + rec["abstract"]).strip(),
-                         "source": "abstracts" if i % 10 else "replay", "meta": {}})
+            docs.append(
+                {
+                    "id": f"abstracts/{i}",
+                    "text": ((rec["title"] or "") + "\n\n" + rec["abstract"]).strip(),
+                    "source": "abstracts" if i % 10 else "replay",
+                    "meta": {},
+                }
+            )
     for split, chunk in (("train", docs[:n_train]), ("val", docs[n_train:])):
         (root / split).mkdir(parents=True)
         with gzip.open(root / split / "part-00000.jsonl.gz", "wt") as fh:
@@ -38,8 +44,12 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _cfg(corpus: Path, out: Path, **extra) -> TokenizerTrainConfig:
-    tree = {"corpus_dir": str(corpus), "output_dir": str(out), "vocab_size": 6000,
-            "fertility": {"references": {"gpt2": str(shared("tokenizers/gpt2"))}, "top_domain_words": 5}}
+    tree = {
+        "corpus_dir": str(corpus),
+        "output_dir": str(out),
+        "vocab_size": 6000,
+        "fertility": {"references": {"gpt2": str(shared("tokenizers/gpt2"))}, "top_domain_words": 5},
+    }
     return validate(TokenizerTrainConfig, {**tree, **extra})
 
 
@@ -65,7 +75,11 @@ def test_autotokenizer_loads_offline_with_special_tokens(trained, monkeypatch):
     ids = tok("<|im_start|>user\nIs aspirin safe?<|im_end|>")["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and tok.convert_tokens_to_ids("<|im_end|>") in ids
     assert tok.convert_ids_to_tokens(ids).count("<|im_start|>") == 1  # kept whole, never split into pieces
-    assert set(json.loads((out / "special_tokens_map.json").read_text())) >= {"eos_token", "pad_token", "additional_special_tokens"}
+    assert set(json.loads((out / "special_tokens_map.json").read_text())) >= {
+        "eos_token",
+        "pad_token",
+        "additional_special_tokens",
+    }
 
 
 def test_round_trip_on_real_abstracts(trained, corpus):
@@ -82,7 +96,7 @@ def test_training_is_deterministic(trained, corpus, tmp_path):
 
 
 def test_fertility_report_compares_with_gpt2(trained):
-    out, manifest = trained
+    out, _manifest = trained
     report = json.loads((out / "fertility.json").read_text())
     ours, gpt2 = report["tokenizers"]["medfoundry"], report["tokenizers"]["gpt2"]
     assert report["documents"] == 300 and report["words"] > 50_000
@@ -96,7 +110,12 @@ def test_fertility_report_compares_with_gpt2(trained):
 
 
 def test_biomedical_pretokenizer_keeps_compounds():
-    pieces = [p for p, _ in byte_level_pretokenizer("biomedical").pre_tokenize_str("IL-6 and COVID-19 at 0.05 mg/kg of 5-fluorouracil")]
+    pieces = [
+        p
+        for p, _ in byte_level_pretokenizer("biomedical").pre_tokenize_str(
+            "IL-6 and COVID-19 at 0.05 mg/kg of 5-fluorouracil"
+        )
+    ]
     assert pieces == ["IL-6", "Ġand", "ĠCOVID-19", "Ġat", "Ġ0.05", "Ġmg/kg", "Ġof", "Ġ5-fluorouracil"]
     gpt2 = [p for p, _ in byte_level_pretokenizer("gpt2").pre_tokenize_str("IL-6 at 0.05")]
     assert gpt2 == ["IL", "-", "6", "Ġat", "Ġ0", ".", "05"]
@@ -125,8 +144,16 @@ def extended(corpus, tmp_path_factory):
     from medfoundry.tokenizer.extend import extend_tokenizer
 
     out = tmp_path_factory.mktemp("ext") / "gpt2_extended"
-    cfg = validate(ExtendConfig, {"base_dir": str(shared("tokenizers/gpt2")), "corpus_dir": str(corpus),
-                                  "output_dir": str(out), "add_tokens": 300, "min_frequency": 5})
+    cfg = validate(
+        ExtendConfig,
+        {
+            "base_dir": str(shared("tokenizers/gpt2")),
+            "corpus_dir": str(corpus),
+            "output_dir": str(out),
+            "add_tokens": 300,
+            "min_frequency": 5,
+        },
+    )
     return out, extend_tokenizer(cfg)
 
 
@@ -178,8 +205,17 @@ def test_extend_smollm2_tokenizer_from_gguf(corpus, tmp_path, monkeypatch):
     from medfoundry.tokenizer.extend import extend_tokenizer
 
     out = tmp_path / "smol_extended"
-    cfg = validate(ExtendConfig, {"base_dir": str(smollm2_gguf()), "corpus_dir": str(corpus), "output_dir": str(out),
-                                  "add_tokens": 200, "min_frequency": 5, "fertility": {"top_domain_words": 0}})
+    cfg = validate(
+        ExtendConfig,
+        {
+            "base_dir": str(smollm2_gguf()),
+            "corpus_dir": str(corpus),
+            "output_dir": str(out),
+            "add_tokens": 200,
+            "min_frequency": 5,
+            "fertility": {"top_domain_words": 0},
+        },
+    )
     manifest = extend_tokenizer(cfg)
     assert manifest["base_vocab_size"] == 49152 and manifest["vocab_size"] == 49352
     tok = AutoTokenizer.from_pretrained(str(out))

@@ -11,8 +11,15 @@ from torch import nn
 
 from medfoundry.errors import ConfigError
 from medfoundry.model.presets import model_config
-from medfoundry.train.accel import (PassThroughLinear, TanhGELU, _tanh_gelu_classes, attention_for, fuse_output_layer,
-                                    native_gelu, set_attention)
+from medfoundry.train.accel import (
+    PassThroughLinear,
+    TanhGELU,
+    _tanh_gelu_classes,
+    attention_for,
+    fuse_output_layer,
+    native_gelu,
+    set_attention,
+)
 
 
 def tiny(preset: str, **overrides):
@@ -83,7 +90,9 @@ def test_native_gelu_in_models(preset, count, tmp_path):
         assert native_gelu(model) == count
         after = model(input_ids=ids).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
-    assert model.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.state_dict().keys() == state.keys() and all(
+        torch.equal(v, state[k]) for k, v in model.state_dict().items()
+    )
     if count:
         assert sum(isinstance(m, TanhGELU) for m in model.modules()) == count
         model.save_pretrained(tmp_path)
@@ -108,8 +117,9 @@ def test_output_layer_passes_hidden_states_through(preset):
 def test_chunked_loss_refused_where_it_does_not_fit():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=96, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=32))
+    model = GPTNeoXForCausalLM(
+        GPTNeoXConfig(vocab_size=96, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
     assert fuse_output_layer(model, "auto") is None  # auto: the plain loss
     with pytest.raises(ConfigError, match="training.loss: chunked does not fit this model: model type 'gpt_neox'"):
         fuse_output_layer(model, "chunked")

@@ -16,8 +16,13 @@ from safetensors import safe_open
 from torch import nn
 
 from medfoundry.errors import MedfoundryError
-from medfoundry.train.checkpoint import (is_complete, latest_checkpoint, load_checkpoint, read_checkpoint,
-                                         save_checkpoint)
+from medfoundry.train.checkpoint import (
+    is_complete,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from medfoundry.train.optim import OptimConfig, build_optimizer, clip_grads, grad_norm
 from medfoundry.train.schedules import ScheduleConfig, build_scheduler
 
@@ -59,8 +64,16 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def save(directory, step, model, optimizer, scheduler, keep_last=3, **extra):
-    return save_checkpoint(directory, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                           reader_state={"position": step * 2}, extra=extra, keep_last=keep_last)
+    return save_checkpoint(
+        directory,
+        step,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        reader_state={"position": step * 2},
+        extra=extra,
+        keep_last=keep_last,
+    )
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -79,7 +92,11 @@ def test_resume_is_bit_identical(tmp_path):
         model, optimizer, scheduler = setup(1)  # a different init, and the RNGs have moved on
         random.random(), np.random.rand()
         state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
-        assert state == {"step": 4, "reader_state": {"position": 8}, "extra": {"tokens": 96, "best_val_loss": float("inf")}}
+        assert state == {
+            "step": 4,
+            "reader_state": {"position": 8},
+            "extra": {"tokens": 96, "best_val_loss": float("inf")},
+        }
         if control:
             torch.rand(1)  # one stray random draw after loading changes the dropout masks
         train(model, optimizer, scheduler, 4, TOTAL)
@@ -134,7 +151,7 @@ def test_latest_ignores_incomplete_and_temporary_folders(tmp_path):
         read_checkpoint(broken)
 
 
-SCRIPT = r'''
+SCRIPT = r"""
 import random, sys, time
 import numpy as np, torch
 import torch.nn.functional as F
@@ -182,7 +199,7 @@ while step < total:
     save_checkpoint(out, step, model=model, optimizer=optimizer, scheduler=scheduler,
                     reader_state={"position": position}, extra={"loss": loss.item()}, keep_last=2)
     time.sleep(pause)
-'''
+"""
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
@@ -191,8 +208,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     total = 30
 
     def run(out, pause):
-        return subprocess.Popen([sys.executable, str(script), str(out), str(total), str(pause)],
-                                stdout=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, str(script), str(out), str(total), str(pause)], stdout=subprocess.PIPE, text=True
+        )
 
     straight = run(tmp_path / "straight", 0)
     killed = run(tmp_path / "killed", 0.03)

@@ -34,8 +34,10 @@ def loss_and_grads(model, loss_fn: NextTokenLoss, wrapped=None) -> tuple[float, 
     loss, n = loss_fn(wrapped or model, batch())
     assert n == 3 * 24
     (loss / n).backward()
-    grads = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
-             for name, p in model.named_parameters()}
+    grads = {
+        name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+        for name, p in model.named_parameters()
+    }
     return loss.item(), grads
 
 
@@ -69,7 +71,9 @@ def test_many_chunks_and_groups_equal_one(monkeypatch):
     (plain, plain_loss), (chunked, chunked_loss) = plain_and_chunked("gpt2-tiny")
     assert_same(loss_and_grads(plain, plain_loss), loss_and_grads(chunked, chunked_loss), 1e-5)
     with torch.no_grad():  # validation: the loss only
-        assert chunked_loss(chunked, batch(2))[0].item() == pytest.approx(plain_loss(plain, batch(2))[0].item(), rel=1e-6)
+        assert chunked_loss(chunked, batch(2))[0].item() == pytest.approx(
+            plain_loss(plain, batch(2))[0].item(), rel=1e-6
+        )
 
 
 def test_direct_call_and_partial_gradients():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medfoundry.errors import InputError, MedfoundryError
-from medfoundry.eval.model import load_model
+from medfoundry.model.load import load_model
 from medfoundry.serve.engine import Engine
 from medfoundry.train.model_setup import load_pretrained
 
@@ -43,14 +43,19 @@ def checkpoint(tmp_path_factory) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(["The patient had a fever and a cough; the blood pressure was high."] * 50, trainer)
     (root / "tok").mkdir()
     tokenizer.save(str(root / "tok" / "tokenizer.json"))
     torch.manual_seed(0)
-    config = model_config("gpt2-tiny", vocab_size=tokenizer.get_vocab_size(), context=64,
-                          overrides={"n_layer": 1, "n_embd": 32, "n_head": 2})
+    config = model_config(
+        "gpt2-tiny",
+        vocab_size=tokenizer.get_vocab_size(),
+        context=64,
+        overrides={"n_layer": 1, "n_embd": 32, "n_head": 2},
+    )
     model = AutoModelForCausalLM.from_config(config)
     return export_hf(model, root / "tok", root / "model")
 
@@ -153,7 +158,10 @@ def test_other_pickle_files_are_refused_too(tmp_path, checkpoint, name):
 def _remote_code_checkpoint(checkpoint: Path, directory: Path, marker: Path) -> Path:
     shutil.copytree(checkpoint, directory)
     config = json.loads((directory / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    config["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilModel",
+    }
     (directory / "config.json").write_text(json.dumps(config))
     code = f"open({str(marker)!r}, 'w').write('pwned')\n"
     (directory / "configuration_evil.py").write_text(code)
@@ -165,8 +173,11 @@ def _remote_code_checkpoint(checkpoint: Path, directory: Path, marker: Path) -> 
 def test_a_checkpoint_asking_for_its_own_code_is_refused(tmp_path, checkpoint, loader):
     marker = tmp_path / "PWNED"
     directory = _remote_code_checkpoint(checkpoint, tmp_path / "remote", marker)
-    with pytest.raises(InputError, match=r"config\.json: refused: 'auto_map' asks to run Python code shipped with the "
-                                         r"checkpoint \(AutoConfig: configuration_evil\.EvilConfig.*trust_remote_code"):
+    with pytest.raises(
+        InputError,
+        match=r"config\.json: refused: 'auto_map' asks to run Python code shipped with the "
+        r"checkpoint \(AutoConfig: configuration_evil\.EvilConfig.*trust_remote_code",
+    ):
         _loaders()[loader](directory)
     assert not marker.exists()
 
@@ -194,13 +205,18 @@ def test_a_tokenizer_asking_for_its_own_code_is_refused(tmp_path, checkpoint, lo
 
     marker = tmp_path / "PWNED"
     directory = _remote_code_tokenizer(checkpoint, tmp_path / "remote", marker)
-    load = {"eval": lambda: load_model(directory, device="cpu", threads=1),
-            "train": lambda: _load_tokenizer(str(directory)),
-            "finetune": lambda: load_base_tokenizer(directory),
-            "export": lambda: copy_tokenizer(directory, (tmp_path / "copy").resolve())}[loader]
+    load = {
+        "eval": lambda: load_model(directory, device="cpu", threads=1),
+        "train": lambda: _load_tokenizer(str(directory)),
+        "finetune": lambda: load_base_tokenizer(directory),
+        "export": lambda: copy_tokenizer(directory, (tmp_path / "copy").resolve()),
+    }[loader]
     (tmp_path / "copy").mkdir()
-    with pytest.raises(InputError, match=r"tokenizer_config\.json: refused: 'auto_map' asks to run Python code "
-                                         r"shipped with the tokenizer.*trust_remote_code"):
+    with pytest.raises(
+        InputError,
+        match=r"tokenizer_config\.json: refused: 'auto_map' asks to run Python code "
+        r"shipped with the tokenizer.*trust_remote_code",
+    ):
         load()
     assert not marker.exists()
 
@@ -211,10 +227,14 @@ def test_a_safetensors_index_naming_a_pickle_shard_is_refused(tmp_path, checkpoi
     directory = _without_weights(checkpoint, tmp_path / "sharded")
     state = _state(checkpoint)
     _malicious_torch_file(directory / "shard-1.bin", state, marker)
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
-        name: "shard-1.bin" for name in state}}))
-    with pytest.raises(InputError, match=r"model\.safetensors\.index\.json: refused: shards shard-1\.bin are not "
-                                         r"\.safetensors files"):
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {name: "shard-1.bin" for name in state}})
+    )
+    with pytest.raises(
+        InputError,
+        match=r"model\.safetensors\.index\.json: refused: shards shard-1\.bin are not "
+        r"\.safetensors files",
+    ):
         load_model(directory, device="cpu", threads=1)
     assert not marker.exists()
 
@@ -248,13 +268,16 @@ def test_cli_refuses_pickles_and_names_the_flag(tmp_path, checkpoint, capsys):
     assert json.loads(capsys.readouterr().out)["completion_tokens"] == 2
 
 
-@pytest.mark.parametrize("argv, field", [
-    (["eval", "--model", "m", "--allow-pickle"], "allow_pickle"),
-    (["serve", "m", "--allow-pickle"], "allow_pickle"),
-    (["chat", "m", "--allow-pickle"], "allow_pickle"),
-    (["pretrain", "c.yaml", "--allow-pickle"], "allow_pickle"),
-    (["finetune", "c.yaml", "--allow-pickle"], "allow_pickle"),
-])
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["eval", "--model", "m", "--allow-pickle"], "allow_pickle"),
+        (["serve", "m", "--allow-pickle"], "allow_pickle"),
+        (["chat", "m", "--allow-pickle"], "allow_pickle"),
+        (["pretrain", "c.yaml", "--allow-pickle"], "allow_pickle"),
+        (["finetune", "c.yaml", "--allow-pickle"], "allow_pickle"),
+    ],
+)
 def test_every_command_that_loads_a_checkpoint_has_the_flag(argv, field):
     from medfoundry.cli import build_parser
 
@@ -269,8 +292,9 @@ def test_training_checkpoints_load_optimizer_state_with_weights_only(tmp_path):
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    step = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, reader_state={},
-                           extra={}, keep_last=0)
+    step = save_checkpoint(
+        tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, reader_state={}, extra={}, keep_last=0
+    )
     marker = tmp_path / "PWNED"
     for name in ("optim.pt", "rng.pt"):
         original = (step / name).read_bytes()

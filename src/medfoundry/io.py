@@ -16,8 +16,9 @@ import re
 import shutil
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from medfoundry.errors import InputError
 
@@ -31,8 +32,11 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 # the write errors that say the disk (or the process's share of it) is full, in words
-DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
-             errno.EFBIG: "the file size limit was reached (RLIMIT_FSIZE, `ulimit -f`)"}
+DISK_FULL = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file size limit was reached (RLIMIT_FSIZE, `ulimit -f`)",
+}
 
 
 def fsync_dir(path: Path) -> None:
@@ -82,7 +86,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", compresslevel: int = 6
     with atomic_path(path) as tmp:
         if str(path).endswith(".gz"):
             # no file name and a zero mtime in the gzip header: the same content gives the same bytes
-            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0) as gz:
+            with (
+                open(tmp, "wb") as raw,
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0) as gz,
+            ):
                 if "b" in mode:
                     yield gz
                 else:
@@ -169,8 +176,12 @@ def json_value(text: str, path: str, line: int | None) -> Any:
     if may_hold_surrogates(text):
         surrogate = lone_surrogate(value)
         if surrogate is not None:
-            raise InputError(path, f"invalid JSON: the string escape \\u{ord(surrogate):04x} is a lone UTF-16 "
-                                   "surrogate, not a character (a string cut inside a surrogate pair?)", line)
+            raise InputError(
+                path,
+                f"invalid JSON: the string escape \\u{ord(surrogate):04x} is a lone UTF-16 "
+                "surrogate, not a character (a string cut inside a surrogate pair?)",
+                line,
+            )
     return value
 
 

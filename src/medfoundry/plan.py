@@ -58,8 +58,12 @@ GPUS: dict[str, Accelerator] = {
 CPU = "cpu"  # this machine: peak measured with medfoundry.train.metrics.peak_flops, memory = its RAM
 
 Sharding = Literal["ddp", "zero1", "zero2", "fsdp"]
-SHARDING_NAMES = {"ddp": "DDP, nothing sharded", "zero1": "ZeRO-1, optimizer states sharded",
-                  "zero2": "ZeRO-2, optimizer states and gradients sharded", "fsdp": "FSDP, ZeRO-3 full sharding"}
+SHARDING_NAMES = {
+    "ddp": "DDP, nothing sharded",
+    "zero1": "ZeRO-1, optimizer states sharded",
+    "zero2": "ZeRO-2, optimizer states and gradients sharded",
+    "fsdp": "FSDP, ZeRO-3 full sharding",
+}
 BYTES_PER_PARAMETER = {"weights": 4, "gradients": 4, "adam": 8}  # fp32 weights, fp32 grads, fp32 m and v
 USABLE_MEMORY = 0.9  # the rest: CUDA context, communication buffers, allocator fragmentation
 
@@ -208,13 +212,19 @@ def with_flags(target: Target, **flags) -> Target:
 
 def add_arguments(command: argparse.ArgumentParser) -> None:
     """The flags of ``medfoundry plan`` (the config and ``--set`` come from the CLI's config-command helper)."""
-    command.add_argument("--stage", choices=["pretrain", "finetune"], help="which stage of a recipe to plan "
-                         "(default: pretrain when the recipe has one)")
+    command.add_argument(
+        "--stage",
+        choices=["pretrain", "finetune"],
+        help="which stage of a recipe to plan (default: pretrain when the recipe has one)",
+    )
     command.add_argument("--gpu", help=f"{', '.join(GPUS)} or {CPU} (default: the recipe's plan.gpu)")
     command.add_argument("--gpus", type=int, help="number of GPUs (default: the recipe's plan.gpus)")
     command.add_argument("--mfu", type=float, help="assumed model FLOPs utilization, e.g. 0.4 (default: plan.mfu)")
-    command.add_argument("--sharding", choices=list(SHARDING_NAMES),
-                         help="default: plan.sharding, else the training config's distributed.strategy")
+    command.add_argument(
+        "--sharding",
+        choices=list(SHARDING_NAMES),
+        help="default: plan.sharding, else the training config's distributed.strategy",
+    )
     command.add_argument("--days", type=float, help="a known wall-clock duration: also report the MFU it implies")
     command.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
@@ -228,8 +238,9 @@ def _checkpoint_config(init_from: str):
 
     path = Path(init_from)
     if path.suffix == ".gguf" and path.is_file():
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
-                                          trust_remote_code=False)
+        return AutoConfig.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
+        )
     if (path / "config.json").is_file():
         return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     return None
@@ -263,8 +274,10 @@ def _pretrain_config(cfg: PretrainConfig, tokenizer_vocab: int | None):
             return config, f"checkpoint {m.init_from}"
         return model_config(m.preset), f"preset {m.preset} (standing in for {m.init_from}, not found here)"
     vocab = _tokenizer_size(cfg.data.tokenizer_dir) or tokenizer_vocab
-    return (model_config(m.preset, vocab_size=vocab, context=m.context, overrides=m.overrides),
-            f"preset {m.preset}" + (f", vocabulary {vocab:,}" if vocab else ""))
+    return (
+        model_config(m.preset, vocab_size=vocab, context=m.context, overrides=m.overrides),
+        f"preset {m.preset}" + (f", vocabulary {vocab:,}" if vocab else ""),
+    )
 
 
 def _model_config(target: Target):
@@ -277,8 +290,10 @@ def _model_config(target: Target):
     if target.pretrain is not None:
         config, source = _pretrain_config(target.pretrain, target.tokenizer_vocab)
         return config, f"the pretrain stage's model: {source}"
-    raise ConfigError(f"{target.source}: model.init_from: {cfg.model.init_from} is neither a Hugging Face checkpoint "
-                      "directory (config.json) nor a .gguf file here: download the base model first")
+    raise ConfigError(
+        f"{target.source}: model.init_from: {cfg.model.init_from} is neither a Hugging Face checkpoint "
+        "directory (config.json) nor a .gguf file here: download the base model first"
+    )
 
 
 def _tokenizer_dir(target: Target) -> str:
@@ -307,7 +322,9 @@ def build_meta_model(target: Target, device: str):
     if _has_tokenizer(_tokenizer_dir(target)):  # an extended tokenizer grows the embeddings, as in training
         resize_for_tokenizer(model, _tokenizer_dir(target))
     try:
-        check_context(model.config, context_of(target), "model.context" if target.stage == "pretrain" else "data.max_length")
+        check_context(
+            model.config, context_of(target), "model.context" if target.stage == "pretrain" else "data.max_length"
+        )
     except ConfigError as exc:
         raise ConfigError(f"{target.source} ({target.stage} stage): {exc}") from None
     attention = set_attention(model, cfg.training.attention, device, context_of(target))
@@ -334,12 +351,22 @@ def model_plan(target: Target, device: str) -> ModelPlan:
     total = sum(p.numel() for p in params)
     embedding = _embedding_parameters(model)
     context = context_of(target)
-    return ModelPlan(source=source, model_type=config.model_type, layers=config.num_hidden_layers,
-                     hidden_size=config.hidden_size, heads=config.num_attention_heads, vocab_size=config.vocab_size,
-                     context=context, attention=attention, loss=loss, parameters=total, embedding_parameters=embedding,
-                     non_embedding_parameters=total - embedding,
-                     trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
-                     flops_per_token=flops_per_token(config, context))
+    return ModelPlan(
+        source=source,
+        model_type=config.model_type,
+        layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        heads=config.num_attention_heads,
+        vocab_size=config.vocab_size,
+        context=context,
+        attention=attention,
+        loss=loss,
+        parameters=total,
+        embedding_parameters=embedding,
+        non_embedding_parameters=total - embedding,
+        trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
+        flops_per_token=flops_per_token(config, context),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- costs
@@ -413,32 +440,48 @@ def logits_bytes(m: ModelPlan, micro_batch: int) -> float:
 def memory_plan(m: ModelPlan, target: Target, hw: Accelerator, precision: str) -> MemoryPlan:
     cfg, plan = target.cfg, target.plan
     sharding = plan.sharding or ("fsdp" if cfg.distributed.strategy == "fsdp" else "ddp")
-    checkpointing = cfg.training.activation_checkpointing if plan.activation_checkpointing is None \
+    checkpointing = (
+        cfg.training.activation_checkpointing
+        if plan.activation_checkpointing is None
         else plan.activation_checkpointing
+    )
     micro = cfg.training.micro_batch_size
     try:
         accumulation = cfg.grad_accumulation(plan.gpus)
     except ConfigError as exc:
-        raise ConfigError(f"{target.source} ({target.stage} stage): {exc} "
-                          f"(processes: plan.gpus / --gpus {plan.gpus})") from None
+        raise ConfigError(
+            f"{target.source} ({target.stage} stage): {exc} (processes: plan.gpus / --gpus {plan.gpus})"
+        ) from None
     states = state_bytes(m.parameters, m.trainable_parameters, sharding, plan.gpus)
     full, ckpt = activation_bytes(m, micro, False), activation_bytes(m, micro, True)
     copies, logits = weight_copy_bytes(m, checkpointing, precision), logits_bytes(m, micro)
     total = states + (ckpt if checkpointing else full) + copies + logits
-    return MemoryPlan(sharding=sharding, precision=precision, bytes_per_parameter=dict(BYTES_PER_PARAMETER),
-                      states_gib=states / GIB, micro_batch_size=micro, grad_accumulation=accumulation,
-                      activation_checkpointing=checkpointing, activations_gib=full / GIB,
-                      activations_checkpointed_gib=ckpt / GIB, weight_copies_gib=copies / GIB,
-                      logits_gib=logits / GIB, total_gib=total / GIB,
-                      memory_gib=hw.memory_gib, fits=total <= USABLE_MEMORY * hw.memory_gib * GIB)
+    return MemoryPlan(
+        sharding=sharding,
+        precision=precision,
+        bytes_per_parameter=dict(BYTES_PER_PARAMETER),
+        states_gib=states / GIB,
+        micro_batch_size=micro,
+        grad_accumulation=accumulation,
+        activation_checkpointing=checkpointing,
+        activations_gib=full / GIB,
+        activations_checkpointed_gib=ckpt / GIB,
+        weight_copies_gib=copies / GIB,
+        logits_gib=logits / GIB,
+        total_gib=total / GIB,
+        memory_gib=hw.memory_gib,
+        fits=total <= USABLE_MEMORY * hw.memory_gib * GIB,
+    )
 
 
 def token_count(target: Target) -> tuple[int | None, str | None]:
     """(tokens, note): steps x global batch x context; fine-tuning sequences hold at most max_length tokens."""
     t = target.cfg.training
     if t.steps is None:
-        return None, (f"training.epochs ({t.epochs}): the tokens depend on the prepared data; "
-                      "give training.steps (--set training.steps=N) to plan time and energy")
+        return None, (
+            f"training.epochs ({t.epochs}): the tokens depend on the prepared data; "
+            "give training.steps (--set training.steps=N) to plan time and energy"
+        )
     tokens = t.steps * t.global_batch_size * context_of(target)
     note = None if target.stage == "pretrain" else "at most: packed sequences may be shorter than max_length"
     return tokens, note
@@ -460,12 +503,26 @@ def make_plan(target: Target, days: float | None = None) -> Plan:
     flops_6nd = None if tokens is None else 6.0 * model.parameters * tokens
     seconds = None if flops is None else seconds_for(flops, p.gpus, hw, p.mfu)
     gpu_hours = None if seconds is None else seconds * p.gpus / 3600
-    plan = Plan(source=target.source, stage=target.stage, model=model, steps=cfg.training.steps,
-                global_batch_size=cfg.training.global_batch_size, tokens=tokens, tokens_note=note,
-                flops_6nd=flops_6nd, flops=flops, gpu=p.gpu, gpus=p.gpus, peak_tflops=hw.peak_tflops,
-                tdp_watts=hw.tdp_watts, mfu=p.mfu, memory=memory,
-                days=None if seconds is None else seconds / 86400, gpu_hours=gpu_hours,
-                energy_kwh=None if gpu_hours is None or hw.tdp_watts is None else gpu_hours * hw.tdp_watts / 1e3)
+    plan = Plan(
+        source=target.source,
+        stage=target.stage,
+        model=model,
+        steps=cfg.training.steps,
+        global_batch_size=cfg.training.global_batch_size,
+        tokens=tokens,
+        tokens_note=note,
+        flops_6nd=flops_6nd,
+        flops=flops,
+        gpu=p.gpu,
+        gpus=p.gpus,
+        peak_tflops=hw.peak_tflops,
+        tdp_watts=hw.tdp_watts,
+        mfu=p.mfu,
+        memory=memory,
+        days=None if seconds is None else seconds / 86400,
+        gpu_hours=gpu_hours,
+        energy_kwh=None if gpu_hours is None or hw.tdp_watts is None else gpu_hours * hw.tdp_watts / 1e3,
+    )
     if days is not None:
         if flops is None:
             raise ConfigError(f"--days: {note}")
@@ -506,15 +563,23 @@ def _model_rows(plan: Plan) -> list[list[str]]:
     if plan.tokens is None:
         tokens = plan.tokens_note
     else:
-        tokens = (f"{_count(plan.tokens)} = {plan.steps:,} steps x {plan.global_batch_size:,} sequences x {m.context:,}"
-                  + (f" ({plan.tokens_note})" if plan.tokens_note else ""))
+        tokens = (
+            f"{_count(plan.tokens)} = {plan.steps:,} steps x {plan.global_batch_size:,} sequences x {m.context:,}"
+            + (f" ({plan.tokens_note})" if plan.tokens_note else "")
+        )
     return [
         ["plan", f"{plan.source} ({plan.stage} stage)"],
         ["model", f"{m.model_type} from {m.source}"],
-        ["shape", f"{m.layers} layers, hidden {m.hidden_size:,}, {m.heads} heads, vocabulary {m.vocab_size:,}, "
-                  f"context {m.context:,}; {m.attention} attention, {m.loss} loss"],
-        ["parameters", f"{_count(m.parameters)} ({m.parameters:,}); non-embedding {_count(m.non_embedding_parameters)}, "
-                       f"embedding tables {_count(m.embedding_parameters)}{trainable}"],
+        [
+            "shape",
+            f"{m.layers} layers, hidden {m.hidden_size:,}, {m.heads} heads, vocabulary {m.vocab_size:,}, "
+            f"context {m.context:,}; {m.attention} attention, {m.loss} loss",
+        ],
+        [
+            "parameters",
+            f"{_count(m.parameters)} ({m.parameters:,}); non-embedding {_count(m.non_embedding_parameters)}, "
+            f"embedding tables {_count(m.embedding_parameters)}{trainable}",
+        ],
         ["tokens", tokens],
     ]
 
@@ -523,16 +588,28 @@ def _memory_rows(plan: Plan) -> list[list[str]]:
     m, mem = plan.model, plan.memory
     per_param = "+".join(str(v) for v in mem.bytes_per_parameter.values())
     frozen = ", frozen weights 4" if m.trainable_parameters != m.parameters else ""
-    copies = (f"{_gib(mem.weight_copies_gib)} bf16 weight copies kept for backward (autocast)"
-              if mem.precision == "bf16" else "fp32: no weight copies")
+    copies = (
+        f"{_gib(mem.weight_copies_gib)} bf16 weight copies kept for backward (autocast)"
+        if mem.precision == "bf16"
+        else "fp32: no weight copies"
+    )
     verdict = "fits" if mem.fits else f"DOES NOT FIT (over {USABLE_MEMORY:.0%} of memory)"
     return [
-        ["sharding", f"{mem.sharding} ({SHARDING_NAMES[mem.sharding]}); micro-batch {mem.micro_batch_size} x "
-                     f"{mem.grad_accumulation} accumulation step(s) x {plan.gpus} GPUs"],
-        ["memory/GPU", f"{_gib(mem.states_gib)} weights + gradients + AdamW "
-                       f"({per_param} = {sum(mem.bytes_per_parameter.values())} B/param{frozen}; {mem.sharding})"],
-        ["", f"{_gib(mem.activations_gib)} activations without checkpointing, {_gib(mem.activations_checkpointed_gib)} "
-             f"with (using {'with' if mem.activation_checkpointing else 'without'})"],
+        [
+            "sharding",
+            f"{mem.sharding} ({SHARDING_NAMES[mem.sharding]}); micro-batch {mem.micro_batch_size} x "
+            f"{mem.grad_accumulation} accumulation step(s) x {plan.gpus} GPUs",
+        ],
+        [
+            "memory/GPU",
+            f"{_gib(mem.states_gib)} weights + gradients + AdamW "
+            f"({per_param} = {sum(mem.bytes_per_parameter.values())} B/param{frozen}; {mem.sharding})",
+        ],
+        [
+            "",
+            f"{_gib(mem.activations_gib)} activations without checkpointing, {_gib(mem.activations_checkpointed_gib)} "
+            f"with (using {'with' if mem.activation_checkpointing else 'without'})",
+        ],
         ["", f"{copies}, {_gib(mem.logits_gib)} logits ({m.loss} loss)"],
         ["", f"{_gib(mem.total_gib)} of {mem.memory_gib:,.0f} GiB: {verdict}"],
     ]
@@ -540,15 +617,31 @@ def _memory_rows(plan: Plan) -> list[list[str]]:
 
 def _cost_rows(plan: Plan) -> list[list[str]]:
     tdp = f", {plan.tdp_watts:,.0f} W TDP" if plan.tdp_watts else ""
-    rows = [["hardware", f"{plan.gpus} x {plan.gpu} ({_num(plan.peak_tflops)} TFLOP/s peak, "
-                         f"{plan.memory.memory_gib:,.0f} GiB{tdp}) at {plan.mfu:.1%} MFU"]]
+    rows = [
+        [
+            "hardware",
+            f"{plan.gpus} x {plan.gpu} ({_num(plan.peak_tflops)} TFLOP/s peak, "
+            f"{plan.memory.memory_gib:,.0f} GiB{tdp}) at {plan.mfu:.1%} MFU",
+        ]
+    ]
     if plan.flops is not None:
-        rows.append(["training FLOPs", f"{plan.flops_6nd:.3g} (6·N·D); {plan.flops:.3g} with attention "
-                                       f"({plan.model.flops_per_token:.3g} per token: 6·N_matmul + 12·L·H·T)"])
+        rows.append(
+            [
+                "training FLOPs",
+                f"{plan.flops_6nd:.3g} (6·N·D); {plan.flops:.3g} with attention "
+                f"({plan.model.flops_per_token:.3g} per token: 6·N_matmul + 12·L·H·T)",
+            ]
+        )
     if plan.days is not None:
         rows.append(["time", f"{_duration(plan.days * 86400)} wall-clock, {_num(plan.gpu_hours)} GPU-hours"])
-        rows.append(["energy", f"{_num(plan.energy_kwh)} kWh ({plan.tdp_watts:,.0f} W TDP x GPU-hours; GPUs only)"
-                     if plan.energy_kwh is not None else "n/a (no TDP for this device)"])
+        rows.append(
+            [
+                "energy",
+                f"{_num(plan.energy_kwh)} kWh ({plan.tdp_watts:,.0f} W TDP x GPU-hours; GPUs only)"
+                if plan.energy_kwh is not None
+                else "n/a (no TDP for this device)",
+            ]
+        )
     if plan.implied_mfu is not None:
         rows.append(["implied MFU", f"{plan.implied_mfu:.1%} (6·N·D alone: {plan.implied_mfu_6nd:.1%})"])
     return rows

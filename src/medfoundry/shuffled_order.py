@@ -29,7 +29,13 @@ class ShuffledOrder:
             raise MedfoundryError(f"batch_size must be positive, not {batch_size}")
         if not 0 <= rank < world_size:
             raise MedfoundryError(f"rank must be in 0..{world_size - 1}, not {rank}")
-        self.n_items, self.batch_size, self.rank, self.world_size, self.seed = n_items, batch_size, rank, world_size, seed
+        self.n_items, self.batch_size, self.rank, self.world_size, self.seed = (
+            n_items,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+        )
         self.position = 0
         self._permutations: dict[int, np.ndarray] = {}
 
@@ -66,10 +72,14 @@ class ShuffledOrder:
         """Continue from ``state`` (rank and batch size may differ: ``position`` is the same on every rank)."""
         for name in self.must_match:
             if state.get(name) != getattr(self, name):
-                raise MedfoundryError(f"reader state does not fit this reader: {name} is {state.get(name)!r} "
-                                      f"in the state but {getattr(self, name)!r} here{self.mismatch_hint}")
+                raise MedfoundryError(
+                    f"reader state does not fit this reader: {name} is {state.get(name)!r} "
+                    f"in the state but {getattr(self, name)!r} here{self.mismatch_hint}"
+                )
         position = state.get("position")
         if not isinstance(position, int) or position < 0 or position % self.world_size:
-            raise MedfoundryError(f"reader state: position must be a non-negative multiple of world_size "
-                                  f"{self.world_size}, not {position!r}")
+            raise MedfoundryError(
+                f"reader state: position must be a non-negative multiple of world_size "
+                f"{self.world_size}, not {position!r}"
+            )
         self.position = position

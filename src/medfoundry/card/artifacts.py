@@ -119,16 +119,21 @@ class Training:
 def load_training(stage: str, directory: Path) -> Training:
     run = read_json(directory / "run.json", f"not found: the {stage} stage did not start")
     require(run, directory / "run.json", "config", "world_size", "device", "precision")
-    summary = read_json(directory / "summary.json", f"not found: the {stage} stage has not finished (run it again "
-                                                    "to resume it)")
+    summary = read_json(
+        directory / "summary.json", f"not found: the {stage} stage has not finished (run it again to resume it)"
+    )
     model_dir = directory / "model"
     if not model_dir.is_dir():
-        raise InputError(str(model_dir), "not found: the run exported no full model (a LoRA run with lora.merge: false "
-                                         "saves only adapter/); the card describes a full model")
+        raise InputError(
+            str(model_dir),
+            "not found: the run exported no full model (a LoRA run with lora.merge: false "
+            "saves only adapter/); the card describes a full model",
+        )
     data_dir = _sft_data_dir(directory, run) if stage == "finetune" else None
     data = read_json(data_dir / "manifest.json") if data_dir is not None else None
-    return Training(stage, directory, run, summary, read_jsonl(directory / "metrics.jsonl"), load_model(model_dir),
-                    data, data_dir)
+    return Training(
+        stage, directory, run, summary, read_jsonl(directory / "metrics.jsonl"), load_model(model_dir), data, data_dir
+    )
 
 
 def _sft_data_dir(directory: Path, run: dict) -> Path:
@@ -254,7 +259,9 @@ def load_run(directory: Path, card: CardConfig, recipe: dict) -> Run:
         run.corpus = read_json(stage["corpus"] / "manifest.json", "not found: the corpus stage has not finished")
         require(run.corpus, stage["corpus"] / "manifest.json", "config", "per_source", "mixture", "dropped")
     if "tokenizer" in stage:
-        run.tokenizer = read_json(stage["tokenizer"] / "manifest.json", "not found: the tokenizer stage has not finished")
+        run.tokenizer = read_json(
+            stage["tokenizer"] / "manifest.json", "not found: the tokenizer stage has not finished"
+        )
         run.fertility = read_json(stage["tokenizer"] / "fertility.json")
         require(run.fertility, stage["tokenizer"] / "fertility.json", "tokenizers", "documents", "words")
     if "tokens" in stage:
@@ -267,8 +274,11 @@ def load_run(directory: Path, card: CardConfig, recipe: dict) -> Run:
     if "generate" in stage:
         run.samples = read_jsonl(stage["generate"] / "samples.jsonl")
     if not stage:
-        raise InputError(str(directory), "no stage output here (corpus/, tokenizer/, tokens/, pretrain/, finetune/, "
-                                         "eval/ or generate/): not a run directory")
+        raise InputError(
+            str(directory),
+            "no stage output here (corpus/, tokenizer/, tokens/, pretrain/, finetune/, "
+            "eval/ or generate/): not a run directory",
+        )
     return run
 
 

@@ -13,8 +13,11 @@ METRICS = {
     "cot": [("acc", "acc", "accuracy")],
     "perplexity": [("word_perplexity", "perplexity", "word perplexity")],
 }
-TASK_TYPES = {"loglik": ("multiple-choice", "Multiple Choice"), "cot": ("multiple-choice", "Multiple Choice"),
-              "perplexity": ("text-generation", "Text Generation")}
+TASK_TYPES = {
+    "loglik": ("multiple-choice", "Multiple Choice"),
+    "cot": ("multiple-choice", "Multiple Choice"),
+    "perplexity": ("text-generation", "Text Generation"),
+}
 METRIC_IDS = {"acc": "accuracy", "acc_norm": "accuracy", "perplexity": "perplexity"}
 
 
@@ -23,11 +26,18 @@ def front_matter(run: Run) -> str:
 
     results = eval_results(run)
     data = ModelCardData(
-        model_name=run.name, license=run.card.license, language=languages(run), datasets=run.card.datasets or None,
-        base_model=run.card.base_model, tags=["medical", "biomedical", "medfoundry", *run.card.tags],
-        pipeline_tag="text-generation", library_name="transformers",
-        metrics=sorted({METRIC_IDS[r.metric_type] for r in results}) or None, eval_results=results or None,
-        widget=[{"text": s["prompt"]} for s in run.samples or []] or None)
+        model_name=run.name,
+        license=run.card.license,
+        language=languages(run),
+        datasets=run.card.datasets or None,
+        base_model=run.card.base_model,
+        tags=["medical", "biomedical", "medfoundry", *run.card.tags],
+        pipeline_tag="text-generation",
+        library_name="transformers",
+        metrics=sorted({METRIC_IDS[r.metric_type] for r in results}) or None,
+        eval_results=results or None,
+        widget=[{"text": s["prompt"]} for s in run.samples or []] or None,
+    )
     return f"---\n{data.to_yaml()}\n---\n"
 
 
@@ -69,8 +79,11 @@ def dataset(results: dict, name: str) -> dict:
     member = name if name in results["configs"] else results["group_subtasks"][name][0]
     definition = results["configs"][member]["definition"]
     hub = definition.get("hub")
-    fields = {"dataset_name": task_title(results, name), "dataset_type": hub["path"] if hub else name,
-              "dataset_args": {"num_few_shot": results["n-shot"].get(name, 0)}}
+    fields = {
+        "dataset_name": task_title(results, name),
+        "dataset_type": hub["path"] if hub else name,
+        "dataset_args": {"num_few_shot": results["n-shot"].get(name, 0)},
+    }
     if hub:
         split = hub["splits"].get(definition.get("test_split", "test"))
         fields.update({"dataset_split": split} if split else {})
@@ -92,7 +105,15 @@ def eval_results(run: Run) -> list:
         for key, metric_type, metric_name in METRICS[mode]:
             value = metrics.get(f"{key},none")
             if isinstance(value, (int, float)) and math.isfinite(value):
-                out.append(EvalResult(task_type=task_type, task_name=task_name, metric_type=metric_type,
-                                      metric_name=metric_name, metric_value=value, verified=False,
-                                      **dataset(results, name)))
+                out.append(
+                    EvalResult(
+                        task_type=task_type,
+                        task_name=task_name,
+                        metric_type=metric_type,
+                        metric_name=metric_name,
+                        metric_value=value,
+                        verified=False,
+                        **dataset(results, name),
+                    )
+                )
     return out

@@ -7,13 +7,18 @@ DIRECT_USE = (
     "Research on biomedical language models: studying what a model learns from biomedical text, scoring and "
     "generating biomedical text in experiments, and comparing training recipes. As with the seed models "
     "(BioMedLM, BioMed-LLaMA, Meditron), generated text is for research purposes only and is not suitable for "
-    "production use.")
+    "production use."
+)
 
 DOWNSTREAM_USE = {
-    "pretrain": ("A starting point for supervised fine-tuning on biomedical tasks (question answering, summarization, "
-                 "information extraction). A fine-tuned derivative needs its own evaluation before any use."),
-    "finetune": ("Answering biomedical questions in the chat format it was fine-tuned on, in research settings; "
-                 "further fine-tuning or alignment for a specific task, with its own evaluation."),
+    "pretrain": (
+        "A starting point for supervised fine-tuning on biomedical tasks (question answering, summarization, "
+        "information extraction). A fine-tuned derivative needs its own evaluation before any use."
+    ),
+    "finetune": (
+        "Answering biomedical questions in the chat format it was fine-tuned on, in research settings; "
+        "further fine-tuning or alignment for a specific task, with its own evaluation."
+    ),
 }
 
 OUT_OF_SCOPE = [
@@ -54,7 +59,8 @@ SEEDS = {
         "Manning, Christopher D.},\n"
         "  journal = {arXiv preprint arXiv:2403.18421},\n"
         "  year = {2024}\n"
-        "}"),
+        "}",
+    ),
     "BioMed-LLaMA": (
         "BioMed-LLaMA (Jiang et al., 2023): continued pretraining of LLaMA-7B on PubMed abstracts and papers, "
         "evaluated by log-likelihood on MedQA, MedMCQA and PubMedQA, then instruction-tuned.",
@@ -64,18 +70,20 @@ SEEDS = {
         "  year = {2023},\n"
         "  publisher = {GitHub},\n"
         "  url = {https://github.com/Coldog2333/BioMed-LLaMA}\n"
-        "}"),
+        "}",
+    ),
     "Meditron": (
         "Meditron (Chen et al., 2023): continued pretraining of Llama 2 on GAP-Replay (guidelines, abstracts, papers "
         "and 1% general-domain replay), decontaminated against its benchmarks, then fine-tuned on them.",
         "@article{chen2023meditron,\n"
         "  title = {MEDITRON-70B: Scaling Medical Pretraining for Large Language Models},\n"
         "  author = {Chen, Zeming and Hern{\\'a}ndez Cano, Alejandro and Romanou, Angelika and Bonnet, Antoine and "
-        "Matoba, Kyle and Salvi, Francesco and Pagliardini, Matteo and Fan, Simin and K{\\\"o}pf, Andreas and "
+        'Matoba, Kyle and Salvi, Francesco and Pagliardini, Matteo and Fan, Simin and K{\\"o}pf, Andreas and '
         "Mohtashami, Amirkeivan and others},\n"
         "  journal = {arXiv preprint arXiv:2311.16079},\n"
         "  year = {2023}\n"
-        "}"),
+        "}",
+    ),
 }
 
 EXAMPLE_PROMPT = "Metformin is a first-line treatment for"

@@ -52,10 +52,16 @@ def write_card(run_dir: Path, overrides: list[str] | None = None) -> Path:
 
 def add_subcommand(commands, func) -> None:
     """Register ``medfoundry card`` with ``func`` as its handler."""
-    card = commands.add_parser("card", help="write MODEL_CARD.md (Hugging Face front matter and model-index) from a "
-                                            "run directory's manifests")
+    card = commands.add_parser(
+        "card", help="write MODEL_CARD.md (Hugging Face front matter and model-index) from a run directory's manifests"
+    )
     card.add_argument("run_dir", help="a run directory (medfoundry run), or a pretrain / finetune output directory")
-    card.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="set a card field on top of recipe.yaml's card section, e.g. --set license=apache-2.0 "
-                           "(repeatable)")
+    card.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a card field on top of recipe.yaml's card section, e.g. --set license=apache-2.0 (repeatable)",
+    )
     card.set_defaults(func=func)

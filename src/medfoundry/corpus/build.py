@@ -32,8 +32,15 @@ from medfoundry.corpus.dedup import DocTable, Removal, resolve
 from medfoundry.corpus.mix import copies_for, in_validation, plan_factors
 from medfoundry.corpus.plan import HashCache, WorkUnit, fingerprint, hash_inputs, hash_tree, plan_units
 from medfoundry.corpus.report import write_report
-from medfoundry.corpus.steps import (INDEX_KEYS, CleanAndFilter, Decontaminate, Fingerprint, ReadSources,
-                                     WriteTaskOutput, benchmark_index)
+from medfoundry.corpus.steps import (
+    INDEX_KEYS,
+    CleanAndFilter,
+    Decontaminate,
+    Fingerprint,
+    ReadSources,
+    WriteTaskOutput,
+    benchmark_index,
+)
 from medfoundry.errors import Pending
 from medfoundry.io import atomic_open, iter_jsonl, naming_full_disk, write_json
 from medfoundry.runtime import cpu_count
@@ -63,14 +70,26 @@ def make_executor(cfg: CorpusConfig, pipeline: list, tasks: int, logging_dir: Pa
     """A datatrove executor for the extract stage: a local process pool, or a Slurm array job."""
     if cfg.executor.kind == "slurm":
         slurm = cfg.executor.slurm
-        env_command = slurm.env_command or (f"source {sys.prefix}/bin/activate" if sys.prefix != sys.base_prefix else None)
+        env_command = slurm.env_command or (
+            f"source {sys.prefix}/bin/activate" if sys.prefix != sys.base_prefix else None
+        )
         return SlurmPipelineExecutor(
-            pipeline, tasks=tasks, time=slurm.time, partition=slurm.partition, cpus_per_task=slurm.cpus_per_task,
-            mem_per_cpu_gb=slurm.mem_per_cpu_gb, job_name=slurm.job_name, sbatch_args=slurm.sbatch_args,
-            env_command=env_command, logging_dir=str(logging_dir), max_array_launch_parallel=slurm.max_array_launch_parallel,
+            pipeline,
+            tasks=tasks,
+            time=slurm.time,
+            partition=slurm.partition,
+            cpus_per_task=slurm.cpus_per_task,
+            mem_per_cpu_gb=slurm.mem_per_cpu_gb,
+            job_name=slurm.job_name,
+            sbatch_args=slurm.sbatch_args,
+            env_command=env_command,
+            logging_dir=str(logging_dir),
+            max_array_launch_parallel=slurm.max_array_launch_parallel,
         )
     workers = min(cfg.workers or cpu_count(), tasks)
-    return _QuietLocalExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir), start_method="fork")
+    return _QuietLocalExecutor(
+        pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir), start_method="fork"
+    )
 
 
 class _QuietLocalExecutor(LocalPipelineExecutor):
@@ -118,16 +137,20 @@ def run_extract(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) -> list
     executor = make_executor(cfg, extract_pipeline(cfg, units, out_dir), len(units), logs)
     active = _active_slurm_job(logs) if cfg.executor.kind == "slurm" else None
     if active and executor.get_incomplete_ranks():
-        raise Pending(f"slurm job {active} is still running the extract tasks (logs in {logs}); run this command again when it is done")
+        raise Pending(
+            f"slurm job {active} is still running the extract tasks (logs in {logs}); run this command again when it is done"
+        )
     with _progress(logs, len(units)):
         executor.run()
     if getattr(executor, "job_id", None) not in (None, -1):
         write_json(logs / "slurm_job.json", {"job_id": executor.job_id})
     incomplete = executor.get_incomplete_ranks()
     if incomplete:
-        raise Pending(f"{len(incomplete)} of {len(units)} extract tasks are not finished "
-                      f"(slurm job {getattr(executor, 'job_id', '?')}; logs in {logs}). "
-                      "Run the same command again once they are done: finished tasks are kept, failed ones re-run.")
+        raise Pending(
+            f"{len(incomplete)} of {len(units)} extract tasks are not finished "
+            f"(slurm job {getattr(executor, 'job_id', '?')}; logs in {logs}). "
+            "Run the same command again once they are done: finished tasks are kept, failed ones re-run."
+        )
     return _step_stats(logs, len(units))
 
 
@@ -169,9 +192,16 @@ def load_extract(out_dir: Path, tasks: int, num_perm: int) -> tuple[DocTable, li
         ledger.extend(iter_jsonl(out_dir / f"{rank:05d}.ledger.jsonl.gz"))
     empty = np.zeros((0, num_perm), np.uint32)
     table = DocTable(
-        cols["id"], cols["source"], cols["paper_keys"], cols["pmid"], cols["exact"], [tuple(o) for o in cols["order"]],
-        np.array(cols["chars"], dtype=np.int64), np.concatenate(signatures) if signatures else empty,
-        np.array(abstract_rows, dtype=np.int64), np.concatenate(abstract_signatures) if abstract_signatures else empty,
+        cols["id"],
+        cols["source"],
+        cols["paper_keys"],
+        cols["pmid"],
+        cols["exact"],
+        [tuple(o) for o in cols["order"]],
+        np.array(cols["chars"], dtype=np.int64),
+        np.concatenate(signatures) if signatures else empty,
+        np.array(abstract_rows, dtype=np.int64),
+        np.concatenate(abstract_signatures) if abstract_signatures else empty,
     )
     deletes = [(e["pmid"], tuple(e["order"])) for e in ledger if e.get("event") == "delete"]
     drops = [e for e in ledger if "event" not in e]
@@ -193,7 +223,9 @@ class _Tally:
         self._pending: list[tuple[str, str, str, int]] = []
 
     def add(self, split: str, source: str, text: str, copies: int) -> None:
-        entry = self.counts[split].setdefault(source, {"docs": 0, "chars": 0, **({"tokens": 0} if self.tokenizer else {})})
+        entry = self.counts[split].setdefault(
+            source, {"docs": 0, "chars": 0, **({"tokens": 0} if self.tokenizer else {})}
+        )
         entry["docs"] += copies
         entry["chars"] += copies * len(text)
         if self.tokenizer:
@@ -210,7 +242,9 @@ class _Tally:
         self._pending.clear()
 
 
-def write_splits(cfg: CorpusConfig, out_dir: Path, staging: Path, tasks: int, alive: np.ndarray, val: np.ndarray, copies: np.ndarray) -> dict:
+def write_splits(
+    cfg: CorpusConfig, out_dir: Path, staging: Path, tasks: int, alive: np.ndarray, val: np.ndarray, copies: np.ndarray
+) -> dict:
     """Stream the kept documents once into train/val shards, then shuffle each shard.
 
     Each document copy goes to a shard chosen by a seeded hash of its id, then every shard is
@@ -220,11 +254,17 @@ def write_splits(cfg: CorpusConfig, out_dir: Path, staging: Path, tasks: int, al
     tally = _Tally(load_fast_tokenizer(cfg.report_tokenizer) if cfg.report_tokenizer else None)
     unsorted = staging / "unsorted"
     unsorted.mkdir(parents=True)
-    names = {split: [f"{split}/part-{i:05d}.jsonl.gz" for i in range(max(1, math.ceil(n / cfg.output.shard_docs)))]
-             for split, n in sizes.items()}
+    names = {
+        split: [f"{split}/part-{i:05d}.jsonl.gz" for i in range(max(1, math.ceil(n / cfg.output.shard_docs)))]
+        for split, n in sizes.items()
+    }
     with contextlib.ExitStack() as stack:
-        shards = {split: [stack.enter_context(open(unsorted / name.replace("/", "-"), "w", encoding="utf-8")) for name in files]
-                  for split, files in names.items()}
+        shards = {
+            split: [
+                stack.enter_context(open(unsorted / name.replace("/", "-"), "w", encoding="utf-8")) for name in files
+            ]
+            for split, files in names.items()
+        }
         row = 0
         for rank in range(tasks):
             with gzip.open(out_dir / f"{rank:05d}.docs.jsonl.gz", "rb") as lines:
@@ -315,8 +355,14 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     with naming_full_disk(staging):  # the split files are written through many open handles at once
         counts = write_splits(cfg, extract_dir, staging, len(units), alive, val, copies)
     unselected = np.flatnonzero(alive & (copies == 0))
-    all_drops = (drops + [_removal_entry(table, row, "dedup", r) for row, r in sorted(removed.items())]
-                 + [_removal_entry(table, int(row), "mix", Removal("downsampled", "not selected by the mixture sampler")) for row in unselected])
+    all_drops = (
+        drops
+        + [_removal_entry(table, row, "dedup", r) for row, r in sorted(removed.items())]
+        + [
+            _removal_entry(table, int(row), "mix", Removal("downsampled", "not selected by the mixture sampler"))
+            for row in unselected
+        ]
+    )
     with atomic_open(staging / "dropped.jsonl.gz") as fh:
         for entry in all_drops:
             fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -371,8 +417,14 @@ def _total(stat) -> float:
 
 
 def _removal_entry(table: DocTable, row: int, stage: str, removal: Removal) -> dict:
-    return {"id": table.ids[row], "source": table.sources[row], "pmid": table.pmids[row],
-            "stage": stage, "reason": removal.reason, "detail": removal.detail}
+    return {
+        "id": table.ids[row],
+        "source": table.sources[row],
+        "pmid": table.pmids[row],
+        "stage": stage,
+        "reason": removal.reason,
+        "detail": removal.detail,
+    }
 
 
 def _manifest(cfg, build_key, extract_dir, inputs, units, table, drops, plans, counts, step_stats) -> dict:
@@ -381,7 +433,9 @@ def _manifest(cfg, build_key, extract_dir, inputs, units, table, drops, plans, c
         key = f"{entry['stage']}/{entry['reason']}"
         by_reason.setdefault(key, {}).setdefault(entry["source"], 0)
         by_reason[key][entry["source"]] += 1
-    read = Counter(table.sources) + Counter(e["source"] for e in drops if e["stage"] in ("filter", "decontaminate", "read"))
+    read = Counter(table.sources) + Counter(
+        e["source"] for e in drops if e["stage"] in ("filter", "decontaminate", "read")
+    )
     return {
         **_header(cfg, build_key, extract_dir, inputs, units),
         "documents_in": sum(read.values()),
@@ -400,9 +454,15 @@ def _achieved_mixture(plans: dict, train: dict) -> dict:
     mixture = {}
     for name, plan in plans.items():
         got = train.get(name, {})
-        entry = {"weight": plan.weight, "available_chars": plan.available_chars, "factor": round(plan.factor, 6),
-                 "capped_by_max_repeat": plan.capped, "requested_share": plan.weight,
-                 "achieved_chars": got.get("chars", 0), "achieved_share": got.get("chars", 0) / totals["chars"]}
+        entry = {
+            "weight": plan.weight,
+            "available_chars": plan.available_chars,
+            "factor": round(plan.factor, 6),
+            "capped_by_max_repeat": plan.capped,
+            "requested_share": plan.weight,
+            "achieved_chars": got.get("chars", 0),
+            "achieved_share": got.get("chars", 0) / totals["chars"],
+        }
         if "tokens" in got:
             entry.update(achieved_tokens=got["tokens"], achieved_token_share=got["tokens"] / totals["tokens"])
         mixture[name] = entry

@@ -26,7 +26,38 @@ _C1_AS_CP1252 = {c: bytes([c]).decode("cp1252", errors="ignore") or None for c i
 # ISO 8879 Greek names of SGML-era records ("&bgr;" β, "&Dgr;" Δ). "&NA;" stands for a missing section title and
 # becomes a paragraph break. Only the ";"-terminated form is decoded, so "SK&F" or "R&D" stay; unknown names stay.
 _ENTITY = re.compile(r"&(?:amp;)?(#\d+|#x[\da-fA-F]+|[A-Za-z][A-Za-z\d]*);")
-_ISO_GREEK = dict(zip("a b g d e z ee th i k l m n x o p r s sf t u ph kh ps oh".split(), "αβγδεζηθικλμνξοπρσςτυφχψω"))
+_ISO_GREEK = dict(
+    zip(
+        [
+            "a",
+            "b",
+            "g",
+            "d",
+            "e",
+            "z",
+            "ee",
+            "th",
+            "i",
+            "k",
+            "l",
+            "m",
+            "n",
+            "x",
+            "o",
+            "p",
+            "r",
+            "s",
+            "sf",
+            "t",
+            "u",
+            "ph",
+            "kh",
+            "ps",
+            "oh",
+        ],
+        "αβγδεζηθικλμνξοπρσςτυφχψω",
+    )
+)
 _NAMED_ENTITIES = {
     **{f"{name}gr": letter for name, letter in _ISO_GREEK.items()},
     **{f"{name.upper()}gr": letter.upper() for name, letter in _ISO_GREEK.items()},
@@ -91,7 +122,15 @@ _NOTICE = re.compile(
 )
 # _NOTICE has no literal prefix, so it only runs on the ~2% of texts holding one of these.
 _NOTICE_HINTS = (
-    "©", "\ufffd", "(c)", "opyright", "Published", "rights reserved", "TRUNCATED", "SUPPLEMENTARY", "Editors' Summary"
+    "©",
+    "\ufffd",
+    "(c)",
+    "opyright",
+    "Published",
+    "rights reserved",
+    "TRUNCATED",
+    "SUPPLEMENTARY",
+    "Editors' Summary",
 )
 
 _SPACE_BEFORE_PUNCT = re.compile(r" (?=[.,;!?](?:\s|$))")  # not ":", ratios are written "1 : 3"
@@ -156,7 +195,7 @@ LANGID_PREFIX = 500
 """Characters given to the language identifier: its cost is a Python loop over bytes (~160 us for 500),
 and 500 characters classify every abstract of the reference corpus the same way as 1,000."""
 
-_ENGLISH_WORDS = frozenset("the and of to with for were that by are this from".split())
+_ENGLISH_WORDS = frozenset(["the", "and", "of", "to", "with", "for", "were", "that", "by", "are", "this", "from"])
 
 
 def _clearly_english(prefix: str) -> bool:

@@ -45,7 +45,7 @@ class SourceConfig(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _options_fit_kind(self) -> "SourceConfig":
+    def _options_fit_kind(self) -> SourceConfig:
         for option, kind in _KIND_OPTIONS.items():
             if option in self.model_fields_set and self.kind != kind:
                 raise ValueError(f"{option!r} applies to kind {kind!r} sources, not {self.kind!r}")
@@ -76,7 +76,7 @@ class NearDedupConfig(StrictModel):
     seed: int = 1
 
     @model_validator(mode="after")
-    def _bands_divide(self) -> "NearDedupConfig":
+    def _bands_divide(self) -> NearDedupConfig:
         if self.num_perm % self.bands:
             raise ValueError(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
         return self
@@ -85,7 +85,9 @@ class NearDedupConfig(StrictModel):
 class DedupConfig(StrictModel):
     exact: bool = True
     near: NearDedupConfig = Field(default_factory=NearDedupConfig)
-    same_paper: bool = Field(True, description="documents sharing a PMID are one paper: keep the highest-precedence one")
+    same_paper: bool = Field(
+        True, description="documents sharing a PMID are one paper: keep the highest-precedence one"
+    )
     precedence: list[str] = Field(
         default_factory=list,
         description="source names, best first; a duplicate is kept in the earliest. Unlisted sources come last, in config order",
@@ -106,7 +108,9 @@ class DecontamConfig(StrictModel):
 class MixConfig(StrictModel):
     seed: int = 1234
     max_repeat: float = Field(4.0, ge=1, description="no source is repeated more than this many times")
-    total_chars: int | None = Field(None, gt=0, description="size of the train split; default: as large as the weights allow")
+    total_chars: int | None = Field(
+        None, gt=0, description="size of the train split; default: as large as the weights allow"
+    )
 
 
 class SplitConfig(StrictModel):
@@ -126,8 +130,12 @@ class SlurmConfig(StrictModel):
     mem_per_cpu_gb: float = Field(2.0, gt=0)
     job_name: str = "medfoundry-corpus"
     max_array_launch_parallel: bool = False
-    sbatch_args: dict[str, str] = Field(default_factory=dict, description="extra #SBATCH directives, e.g. {account: bio}")
-    env_command: str | None = Field(None, description="shell line run before each task, e.g. 'source .venv/bin/activate'")
+    sbatch_args: dict[str, str] = Field(
+        default_factory=dict, description="extra #SBATCH directives, e.g. {account: bio}"
+    )
+    env_command: str | None = Field(
+        None, description="shell line run before each task, e.g. 'source .venv/bin/activate'"
+    )
 
 
 class ExecutorConfig(StrictModel):
@@ -139,7 +147,7 @@ class ExecutorConfig(StrictModel):
     slurm: SlurmConfig | None = None
 
     @model_validator(mode="after")
-    def _slurm_needs_settings(self) -> "ExecutorConfig":
+    def _slurm_needs_settings(self) -> ExecutorConfig:
         if self.kind == "slurm" and self.slurm is None:
             raise ValueError("executor.slurm (at least its partition) is required when executor.kind is slurm")
         return self
@@ -160,11 +168,12 @@ class CorpusConfig(StrictModel):
     output: OutputConfig = Field(default_factory=OutputConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     report_tokenizer: str | None = Field(
-        None, description="tokenizer directory (tokenizer.json, or vocab.json + merges.txt): report the mixture in tokens too"
+        None,
+        description="tokenizer directory (tokenizer.json, or vocab.json + merges.txt): report the mixture in tokens too",
     )
 
     @model_validator(mode="after")
-    def _check_sources(self) -> "CorpusConfig":
+    def _check_sources(self) -> CorpusConfig:
         names = [s.name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -173,8 +182,10 @@ class CorpusConfig(StrictModel):
         if unknown:
             raise ValueError(f"dedup.precedence names unknown sources {unknown}; sources are {names}")
         if self.decontam.enabled and not self.decontam.benchmarks_dir:
-            raise ValueError("decontam.benchmarks_dir is required while decontam.enabled is true: point it at the "
-                             "evaluation sets (e.g. ../shared/data/benchmarks), or set decontam.enabled: false")
+            raise ValueError(
+                "decontam.benchmarks_dir is required while decontam.enabled is true: point it at the "
+                "evaluation sets (e.g. ../shared/data/benchmarks), or set decontam.enabled: false"
+            )
         weights = [s.weight for s in self.sources if s.weight is not None]
         anchored = len(weights) < len(self.sources)
         if anchored and sum(weights) >= 1:
@@ -183,8 +194,10 @@ class CorpusConfig(StrictModel):
                 f"(those are taken whole); got {sum(weights):.3f}"
             )
         if anchored and self.mix.total_chars:
-            raise ValueError("mix.total_chars needs every source to have a weight (unweighted sources are taken whole "
-                             "and fix the size themselves)")
+            raise ValueError(
+                "mix.total_chars needs every source to have a weight (unweighted sources are taken whole "
+                "and fix the size themselves)"
+            )
         if not anchored and abs(sum(weights) - 1) > 1e-6:
             raise ValueError(f"when every source has a weight they must sum to 1; got {sum(weights):.6f}")
         return self

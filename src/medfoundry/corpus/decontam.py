@@ -138,7 +138,7 @@ class BenchmarkIndex:
     stats: dict[str, dict[str, int]] = field(default_factory=dict)  # per benchmark: items, ngrams, short_items
 
     @classmethod
-    def build(cls, benchmarks_dir: Path, sets: list[str], ngram: int, pubmedqa_ids: bool) -> "BenchmarkIndex":
+    def build(cls, benchmarks_dir: Path, sets: list[str], ngram: int, pubmedqa_ids: bool) -> BenchmarkIndex:
         """Index the test items of ``sets``. Items shorter than ``ngram`` words cannot be matched and
         are counted as ``short_items``. PMIDs are indexed when ``pubmedqa_ids`` and pubmedqa is in ``sets``."""
         root = Path(benchmarks_dir)

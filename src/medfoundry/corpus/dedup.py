@@ -66,7 +66,9 @@ class Removal:
     detail: str
 
 
-def resolve(table: DocTable, deletes: list[tuple[str, tuple[int, int]]], pubmed_sources: set[str], cfg: DedupConfig) -> dict[int, Removal]:
+def resolve(
+    table: DocTable, deletes: list[tuple[str, tuple[int, int]]], pubmed_sources: set[str], cfg: DedupConfig
+) -> dict[int, Removal]:
     removed: dict[int, Removal] = {}
     _apply_deletes(table, deletes, pubmed_sources, removed)
     if cfg.same_paper:
@@ -101,7 +103,9 @@ def _duplicate_ids(table: DocTable, removed: dict[int, Removal]) -> None:
             continue
         doc_id = table.ids[row]
         if doc_id in first:
-            removed[row] = Removal("duplicate_id", f"id already used by an earlier record (order {table.orders[first[doc_id]]})")
+            removed[row] = Removal(
+                "duplicate_id", f"id already used by an earlier record (order {table.orders[first[doc_id]]})"
+            )
         else:
             first[doc_id] = row
 
@@ -173,7 +177,9 @@ def _abstracts_of_papers(table: DocTable, near, removed: dict[int, Removal]) -> 
                     continue
                 jaccard = float(np.mean(table.signatures[row] == paper_sigs[p]))
                 if jaccard >= near.threshold:
-                    removed[row] = Removal("same_paper", f"the abstract of {table.ids[paper]} (estimated Jaccard {jaccard:.2f})")
+                    removed[row] = Removal(
+                        "same_paper", f"the abstract of {table.ids[paper]} (estimated Jaccard {jaccard:.2f})"
+                    )
 
 
 def _exact(table: DocTable, removed: dict[int, Removal]) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from medfoundry.errors import InputError
 
@@ -14,7 +14,9 @@ def corpus_parts(corpus_dir: str | Path, split: str) -> list[Path]:
     """The shard files of one split, after checking the corpus is complete (its manifest is written last)."""
     corpus_dir = Path(corpus_dir)
     if not (corpus_dir / "manifest.json").is_file():
-        raise InputError(str(corpus_dir), "not a finished corpus (no manifest.json): run `medfoundry corpus build` first")
+        raise InputError(
+            str(corpus_dir), "not a finished corpus (no manifest.json): run `medfoundry corpus build` first"
+        )
     parts = sorted((corpus_dir / split).glob("part-*.jsonl.gz"))
     if not parts:
         raise InputError(str(corpus_dir / split), f"the corpus has no {split} shards")

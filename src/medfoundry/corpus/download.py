@@ -17,10 +17,11 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -81,8 +82,7 @@ class DownloadError(MedfoundryError):
         self.report = report
         lines = "\n".join(f"  {key}: {error}" for key, error in report.failed.items())
         super().__init__(
-            f"{len(report.failed)} file(s) failed to download (re-run the same command to retry "
-            f"and resume):\n{lines}"
+            f"{len(report.failed)} file(s) failed to download (re-run the same command to retry and resume):\n{lines}"
         )
 
 
@@ -261,4 +261,4 @@ def _load_manifest(path: Path, base_url: str) -> dict[str, Any]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

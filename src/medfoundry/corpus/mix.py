@@ -47,8 +47,10 @@ def plan_factors(cfg: CorpusConfig, available: dict[str, int]) -> dict[str, Sour
     weights = {s.name: s.weight for s in cfg.sources}
     empty = [n for n, w in weights.items() if w is not None and available.get(n, 0) == 0]
     if empty:
-        raise MedfoundryError(f"sources {empty} have a weight but no documents left after filtering and dedup; "
-                              "remove their weight or check their inputs in the report")
+        raise MedfoundryError(
+            f"sources {empty} have a weight but no documents left after filtering and dedup; "
+            "remove their weight or check their inputs in the report"
+        )
     weighted = {n: w for n, w in weights.items() if w is not None}
     anchors = [n for n, w in weights.items() if w is None]
     if anchors:

@@ -73,7 +73,9 @@ def plan_units(cfg: CorpusConfig) -> list[WorkUnit]:
         paths = expand_paths(source)
         for path, label in zip(paths, _labels(paths)):
             parts = _parts_for(path, source.kind, cfg.split_mb)
-            units.extend(WorkUnit(source.name, source.kind, str(path), label, file_index, p, parts) for p in range(parts))
+            units.extend(
+                WorkUnit(source.name, source.kind, str(path), label, file_index, p, parts) for p in range(parts)
+            )
             file_index += 1
     return units
 
@@ -98,7 +100,7 @@ class HashCache:
         self.cache_file = cache_file
         self.cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
 
-    def __enter__(self) -> "HashCache":
+    def __enter__(self) -> HashCache:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -119,10 +121,16 @@ def hash_inputs(units: list[WorkUnit], hashes: HashCache) -> dict[str, dict]:
 
 def hash_tree(root: Path, hashes: HashCache) -> dict[str, str]:
     """sha256 of every file under ``root`` (e.g. the evaluation sets decontamination reads)."""
-    return {str(p.relative_to(root)): hashes.sha256(p) for p in sorted(root.rglob("*")) if p.is_file()} if root.is_dir() else {}
+    return (
+        {str(p.relative_to(root)): hashes.sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+        if root.is_dir()
+        else {}
+    )
 
 
 def fingerprint(*parts: object) -> str:
     """Short stable hash of JSON-serializable parts (configs, unit lists, input hashes)."""
-    blob = json.dumps(parts, sort_keys=True, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+    blob = json.dumps(
+        parts, sort_keys=True, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

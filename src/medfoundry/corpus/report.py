@@ -7,7 +7,6 @@ from pathlib import Path
 from medfoundry.io import atomic_path, write_text
 
 
-
 def composition_chart(path: Path, mixture: dict) -> None:
     import matplotlib
 
@@ -32,7 +31,14 @@ def composition_chart(path: Path, mixture: dict) -> None:
     right.bar_label(bars, labels=[f"{v:.2f}%" for v in shares], fontsize=8)
     for i, req in enumerate(requested):
         if req is not None:
-            right.hlines(req, i - 0.4, i + 0.4, colors="black", linestyles="dashed", label="requested" if i == 0 or all(r is None for r in requested[:i]) else None)
+            right.hlines(
+                req,
+                i - 0.4,
+                i + 0.4,
+                colors="black",
+                linestyles="dashed",
+                label="requested" if i == 0 or all(r is None for r in requested[:i]) else None,
+            )
     right.set_xticks(list(x), names, rotation=20)
     right.set_ylabel("% of train characters")
     right.set_title("Train mixture")
@@ -55,8 +61,16 @@ def _fmt_share(value) -> str:
 
 def _mixture_table(mixture: dict) -> str:
     tokens = all("achieved_tokens" in m for m in mixture.values())
-    header = ["source", "requested", "achieved (chars)", *(["achieved (tokens)"] if tokens else []),
-              "factor", "available chars", "train chars", *(["train tokens"] if tokens else [])]
+    header = [
+        "source",
+        "requested",
+        "achieved (chars)",
+        *(["achieved (tokens)"] if tokens else []),
+        "factor",
+        "available chars",
+        "train chars",
+        *(["train tokens"] if tokens else []),
+    ]
     rows = []
     for name, m in mixture.items():
         row = [name, _fmt_share(m["requested_share"]), f"{100 * m['achieved_share']:.2f}%"]
@@ -78,35 +92,73 @@ def write_report(out_dir: Path, manifest: dict, drops: list[dict]) -> None:
         f"Documents read: **{manifest['documents_in']:,}** · train: **{manifest['documents_out']['train']:,}** · "
         f"val: **{manifest['documents_out']['val']:,}**",
         "## Sources",
-        _table(["source", "read", "train docs", "train chars", "val docs"], [
-            [s, per["read"].get(s, 0), per["train"].get(s, {}).get("docs", 0),
-             f"{per['train'].get(s, {}).get('chars', 0):,}", per["val"].get(s, {}).get("docs", 0)] for s in sources]),
+        _table(
+            ["source", "read", "train docs", "train chars", "val docs"],
+            [
+                [
+                    s,
+                    per["read"].get(s, 0),
+                    per["train"].get(s, {}).get("docs", 0),
+                    f"{per['train'].get(s, {}).get('chars', 0):,}",
+                    per["val"].get(s, {}).get("docs", 0),
+                ]
+                for s in sources
+            ],
+        ),
         "## Mixture (train split)",
         "![composition](composition.png)",
         _mixture_table(manifest["mixture"]),
-        *[f"**Short of its weight:** `{name}` would need more than `mix.max_repeat` copies of its documents "
-          f"to reach {100 * m['requested_share']:.2f}%; it got {100 * m['achieved_share']:.2f}%."
-          for name, m in manifest["mixture"].items() if m["capped_by_max_repeat"]],
+        *[
+            f"**Short of its weight:** `{name}` would need more than `mix.max_repeat` copies of its documents "
+            f"to reach {100 * m['requested_share']:.2f}%; it got {100 * m['achieved_share']:.2f}%."
+            for name, m in manifest["mixture"].items()
+            if m["capped_by_max_repeat"]
+        ],
         "## Dropped documents by reason",
-        _table(["stage/reason", *sources], [[k, *[v.get(s, 0) for s in sources]] for k, v in sorted(manifest["dropped"].items())])
-        if manifest["dropped"] else "Nothing was dropped.",
+        _table(
+            ["stage/reason", *sources],
+            [[k, *[v.get(s, 0) for s in sources]] for k, v in sorted(manifest["dropped"].items())],
+        )
+        if manifest["dropped"]
+        else "Nothing was dropped.",
         "Every dropped document is listed with its reason in `dropped.jsonl.gz`.",
     ]
     decontam = manifest.get("decontamination")
     if not decontam:
         parts.append("## Decontamination")
-        parts.append("**Disabled** (`decontam.enabled: false`): this corpus was not checked against any evaluation set.")
+        parts.append(
+            "**Disabled** (`decontam.enabled: false`): this corpus was not checked against any evaluation set."
+        )
     else:
         parts.append("## Decontamination index")
-        parts.append(f"{decontam['ngram']}-gram overlap; {decontam['pubmedqa_test_pmids']} PubMedQA test PMIDs matched by id.")
-        parts.append(_table(["benchmark", "test items", "n-grams", f"items shorter than {decontam['ngram']} words (not matchable)"],
-                            [[b, v["items"], v["ngrams"], v["short_items"]] for b, v in decontam["benchmarks"].items()]))
-    for stage, title in (("decontaminate", "Decontamination: removed documents"), ("read", "Skipped input (lenient mode)")):
+        parts.append(
+            f"{decontam['ngram']}-gram overlap; {decontam['pubmedqa_test_pmids']} PubMedQA test PMIDs matched by id."
+        )
+        parts.append(
+            _table(
+                ["benchmark", "test items", "n-grams", f"items shorter than {decontam['ngram']} words (not matchable)"],
+                [[b, v["items"], v["ngrams"], v["short_items"]] for b, v in decontam["benchmarks"].items()],
+            )
+        )
+    for stage, title in (
+        ("decontaminate", "Decontamination: removed documents"),
+        ("read", "Skipped input (lenient mode)"),
+    ):
         listed = [d for d in drops if d["stage"] == stage and d["reason"] != "no_abstract"]
         parts.append(f"## {title}")
-        parts.append(_table(["id", "source", "reason", "detail"], [[d["id"], d["source"], d["reason"], d["detail"]] for d in listed])
-                     if listed else "None.")
+        parts.append(
+            _table(
+                ["id", "source", "reason", "detail"], [[d["id"], d["source"], d["reason"], d["detail"]] for d in listed]
+            )
+            if listed
+            else "None."
+        )
     parts.append("## Timings")
     parts.append(_table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in manifest["timings"].items()]))
-    parts.append(_table(["extract step", "CPU seconds (all tasks)"], [[s["name"], f"{s['time_s'] or 0:.2f}"] for s in manifest["extract_steps"]]))
+    parts.append(
+        _table(
+            ["extract step", "CPU seconds (all tasks)"],
+            [[s["name"], f"{s['time_s'] or 0:.2f}"] for s in manifest["extract_steps"]],
+        )
+    )
     write_text(out_dir / "report.md", "\n\n".join(parts) + "\n")

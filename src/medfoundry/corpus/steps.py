@@ -83,16 +83,29 @@ class ReadSources(PipelineStep):
                 return
             order = [unit.file_index, item.line if item.line is not None else pos]
             if isinstance(item, Deletion):
-                yield Document("", f"{unit.source}/delete:{item.pmid}", metadata={"event": "delete", "pmid": item.pmid, "source": unit.source, "order": order})
+                yield Document(
+                    "",
+                    f"{unit.source}/delete:{item.pmid}",
+                    metadata={"event": "delete", "pmid": item.pmid, "source": unit.source, "order": order},
+                )
                 continue
             self.stat_update("read")
-            local_id = item.native_id if item.native_id is not None else f"{unit.label}:{item.line if item.line is not None else pos}"
+            local_id = (
+                item.native_id
+                if item.native_id is not None
+                else f"{unit.label}:{item.line if item.line is not None else pos}"
+            )
             pmid = item.meta.get("pmid")
             doc = Document(
                 item.text,
                 f"{unit.source}/{local_id}",
-                metadata={"source": unit.source, "meta": item.meta, "pmid": str(pmid) if pmid else None,
-                          "paper_keys": paper_keys(item.meta), "order": order},
+                metadata={
+                    "source": unit.source,
+                    "meta": item.meta,
+                    "pmid": str(pmid) if pmid else None,
+                    "paper_keys": paper_keys(item.meta),
+                    "order": order,
+                },
             )
             if item.meta.get("has_abstract") is False and not source.keep_without_abstract:
                 _drop(doc, "read", "no_abstract", "title-only citation (sources[].keep_without_abstract: false)")
@@ -204,7 +217,10 @@ class WriteTaskOutput(PipelineStep):
         stem = self.out_dir / f"{rank:05d}"
         index = {key: [] for key in INDEX_KEYS + ("chars", "abstract_rows")}
         signatures: dict[str, list] = {"minhash": [], "abstract_minhash": []}
-        with atomic_open(f"{stem}.docs.jsonl.gz", compresslevel=1) as docs, atomic_open(f"{stem}.ledger.jsonl.gz") as ledger:
+        with (
+            atomic_open(f"{stem}.docs.jsonl.gz", compresslevel=1) as docs,
+            atomic_open(f"{stem}.ledger.jsonl.gz") as ledger,
+        ):
             for doc in data:
                 with self.track_time():
                     self._write(doc, docs, ledger, index, signatures)
@@ -223,7 +239,10 @@ class WriteTaskOutput(PipelineStep):
             entry.update(md.get("drop") or {"event": md["event"]})
             ledger.write(json.dumps(entry, ensure_ascii=False) + "\n")
             return
-        docs.write(json.dumps({"id": doc.id, "text": doc.text, "source": md["source"], "meta": md["meta"]}, ensure_ascii=False) + "\n")
+        docs.write(
+            json.dumps({"id": doc.id, "text": doc.text, "source": md["source"], "meta": md["meta"]}, ensure_ascii=False)
+            + "\n"
+        )
         if "abstract_minhash" in md:
             index["abstract_rows"].append(len(index["id"]))
             signatures["abstract_minhash"].append(md["abstract_minhash"])

@@ -22,15 +22,19 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 _CUE = re.compile(
     r"\\boxed\{"
     r"|(?:\banswers?\b|\b(?:correct|right|best|final|most likely)\s+(?:option|choice|response)\b)"
     r"(?:\s*(?:is|would\s+be|should\s+be|will\s+be|must\s+be|:|=|-|–|—))+",
-    re.IGNORECASE)
-_FILLER = re.compile(r"^(?:\s*(?:therefore|thus|then|clearly|likely|most\s+likely|probably|definitely|indeed|"
-                     r"option|choice|letter|the|[\"'`\[(]))*\s*", re.IGNORECASE)
+    re.IGNORECASE,
+)
+_FILLER = re.compile(
+    r"^(?:\s*(?:therefore|thus|then|clearly|likely|most\s+likely|probably|definitely|indeed|"
+    r"option|choice|letter|the|[\"'`\[(]))*\s*",
+    re.IGNORECASE,
+)
 _LETTER = re.compile(r"^([A-Za-z])(?:\)|\]|\}|(?![A-Za-z0-9]))")  # an opening bracket went with the filler
 _LOWER_LABEL = re.compile(r"^[a-z](?:\)|\]|[.:]?\s*(?:$|\n))")
 _AMBIGUOUS = re.compile(r"^\s*(?:or|and|/|,)\s*\(?[A-Za-z](?![A-Za-z0-9])", re.IGNORECASE)
@@ -44,7 +48,7 @@ def extract_answer(text: str, choices: Sequence[str], options: Sequence[str] | N
     text = _MARKUP.sub("", text)
     parsers = [_letter_at_start if _are_letters(choices) else _word_at_start]
     for match in reversed(list(_CUE.finditer(text))):
-        tail = _FILLER.sub("", text[match.end():], count=1)
+        tail = _FILLER.sub("", text[match.end() :], count=1)
         found = _first_parse(tail, choices, options, parsers + [_option_at_start], strict=False)
         if found is not None:
             return found
@@ -78,7 +82,7 @@ def _letter_at_start(tail: str, choices, options, strict: bool) -> int | None:
         letter = match and match.group(1)
         if letter and letter.islower() and not _LOWER_LABEL.match(tail):
             return None
-        if match and _AMBIGUOUS.match(tail[match.end():]):
+        if match and _AMBIGUOUS.match(tail[match.end() :]):
             return None
     if not letter or letter.upper() not in choices:
         return None
@@ -99,8 +103,11 @@ def _option_at_start(tail: str, choices, options, strict: bool) -> int | None:
     if not options:
         return None
     norm = _normalize(tail)
-    matches = [(len(opt), i) for i, opt in enumerate(map(_normalize, options))
-               if opt and norm.startswith(opt) and not norm[len(opt):len(opt) + 1].isalnum()]
+    matches = [
+        (len(opt), i)
+        for i, opt in enumerate(map(_normalize, options))
+        if opt and norm.startswith(opt) and not norm[len(opt) : len(opt) + 1].isalnum()
+    ]
     return max(matches)[1] if matches else None
 
 

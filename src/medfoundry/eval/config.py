@@ -25,7 +25,7 @@ class GenerationConfig(StrictModel):
     stop: list[str] | None = Field(None, description="stop sequences; default each task's")
 
     @model_validator(mode="after")
-    def _sampling_for_votes(self) -> "GenerationConfig":
+    def _sampling_for_votes(self) -> GenerationConfig:
         if self.samples > 1 and self.temperature == 0:
             raise ValueError("samples > 1 (self-consistency) needs temperature > 0: greedy samples are all the same")
         return self
@@ -33,21 +33,29 @@ class GenerationConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     output_dir: str
-    models: list[str] = Field(min_length=1, description="Hugging Face model directories (or .gguf files), "
-                                                         "compared side by side")
+    models: list[str] = Field(
+        min_length=1, description="Hugging Face model directories (or .gguf files), compared side by side"
+    )
     tasks: list[str | dict] = Field(min_length=1, description="task or group names, or inline task definitions")
-    benchmarks_dir: str | None = Field(None, description="where task data files are; default ../shared/data/benchmarks "
-                                                         "next to the repository")
+    benchmarks_dir: str | None = Field(
+        None, description="where task data files are; default ../shared/data/benchmarks next to the repository"
+    )
     task_dirs: list[str] = Field(default_factory=list, description="folders of your own task YAML files")
-    prompt_style: str = Field("lm_eval", description="lm_eval (lm-eval's prompts, byte for byte), meditron, or instruct "
-                                                     "(the fine-tuning format of medfoundry.sft, through the model's chat template)")
+    prompt_style: str = Field(
+        "lm_eval",
+        description="lm_eval (lm-eval's prompts, byte for byte), meditron, or instruct "
+        "(the fine-tuning format of medfoundry.sft, through the model's chat template)",
+    )
     mode: Literal["loglik", "cot"] | None = Field(None, description="override every task's mode")
     num_fewshot: int = Field(0, ge=0)
     fewshot_seed: int = Field(1234, description="picks the demonstrations (lm-eval's default seed)")
-    fewshot_source: str | None = Field(None, description="TASK[:SPLIT] giving demonstrations to tasks that have "
-                                                         "no few-shot split here (MedQA, MedMCQA)")
-    chat_template: Literal["auto", "none"] = Field("auto", description="chain-of-thought prompts go through the "
-                                                                      "tokenizer's chat template when it has one")
+    fewshot_source: str | None = Field(
+        None,
+        description="TASK[:SPLIT] giving demonstrations to tasks that have no few-shot split here (MedQA, MedMCQA)",
+    )
+    chat_template: Literal["auto", "none"] = Field(
+        "auto", description="chain-of-thought prompts go through the tokenizer's chat template when it has one"
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     limit: int | None = Field(None, gt=0, description="only the first N questions (documents) of each task")
     batch_size: int | None = Field(None, gt=0, description="default: automatic; never changes the results")
@@ -56,8 +64,11 @@ class EvalConfig(StrictModel):
     threads: int = Field(0, ge=0, description="0 = the runtime's choice")
     bootstrap_iters: int = Field(1000, ge=0, description="0 = no bootstrap standard errors")
     seed: int = Field(0, description="bootstrap resampling and generation sampling")
-    allow_pickle: bool = Field(False, description="allow pickled weights (pytorch_model.bin) in the models, loaded with "
-                                                  "torch.load(weights_only=True); default: safetensors only")
+    allow_pickle: bool = Field(
+        False,
+        description="allow pickled weights (pytorch_model.bin) in the models, loaded with "
+        "torch.load(weights_only=True); default: safetensors only",
+    )
 
     def benchmarks_path(self) -> Path:
         return Path(self.benchmarks_dir).expanduser() if self.benchmarks_dir else default_benchmarks_dir()

@@ -12,13 +12,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from medfoundry.errors import InputError, MedfoundryError
-from medfoundry.io import iter_json_lines
 from medfoundry.eval.fields import Doc, map_fields
 from medfoundry.eval.tasks import ChoiceTask, SplitSpec
+from medfoundry.io import iter_json_lines
 
 HubLoader = Callable[[str, "str | None", str], Iterable[dict]]
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
@@ -48,15 +48,19 @@ def load_split(task: ChoiceTask, split: str, benchmarks_dir: Path, hub_loader: H
         records = list((hub_loader or _load_from_hub)(hub.path, hub.name, hub.splits[split]))
     except Exception as exc:  # network, authentication, a renamed dataset: all end the same way for the user
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise DataUnavailable(f"{_missing_message(task, split, local)}; its hub loader ({hub.path}) failed: "
-                              f"{type(exc).__name__}: {detail}") from None
+        raise DataUnavailable(
+            f"{_missing_message(task, split, local)}; its hub loader ({hub.path}) failed: "
+            f"{type(exc).__name__}: {detail}"
+        ) from None
     return hub_docs(task, records)
 
 
 def _missing_message(task: ChoiceTask, split: str, local: Path | None) -> str:
     what = f"data file {local} not found" if local is not None else f"no local file for its {split!r} split"
-    message = (f"task {task.task} ({task.source}): {what}. The official files go in ../shared/data/benchmarks "
-               "(or set benchmarks_dir to their folder)")
+    message = (
+        f"task {task.task} ({task.source}): {what}. The official files go in ../shared/data/benchmarks "
+        "(or set benchmarks_dir to their folder)"
+    )
     if task.hub is None or split not in task.hub.splits:
         return message + "; the task has no hub loader for this split"
     if not _datasets_installed():
@@ -108,7 +112,9 @@ def _csv(path: Path, spec: SplitSpec) -> list[tuple[str, dict]]:
     records = []
     for line_no, row in enumerate(body, first_line):
         if len(row) != len(columns):
-            raise InputError(str(path), f"{len(row)} columns where {len(columns)} are expected ({', '.join(columns)})", line_no)
+            raise InputError(
+                str(path), f"{len(row)} columns where {len(columns)} are expected ({', '.join(columns)})", line_no
+            )
         records.append((str(len(records)), dict(zip(columns, row))))
     return records
 

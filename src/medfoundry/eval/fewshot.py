@@ -12,9 +12,9 @@ record where demonstrations came from. No network access is ever attempted impli
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from medfoundry.errors import ConfigError
 from medfoundry.eval.data import DataUnavailable, HubLoader, load_split
@@ -43,8 +43,16 @@ class FewshotPool:
         return [self.builder.demonstration(doc) for doc in self.select(k, seed=seed, task=task, doc_id=doc_id)]
 
 
-def fewshot_pool(task: ChoiceTask, k: int, *, style: str, source: str | None, get_task: Callable[[str], Entry],
-                 benchmarks_dir: Path, hub_loader: HubLoader | None = None) -> FewshotPool | None:
+def fewshot_pool(
+    task: ChoiceTask,
+    k: int,
+    *,
+    style: str,
+    source: str | None,
+    get_task: Callable[[str], Entry],
+    benchmarks_dir: Path,
+    hub_loader: HubLoader | None = None,
+) -> FewshotPool | None:
     """The pool for ``k``-shot prompts of ``task``; None for zero-shot."""
     if k == 0:
         return None
@@ -56,14 +64,17 @@ def fewshot_pool(task: ChoiceTask, k: int, *, style: str, source: str | None, ge
         except DataUnavailable as exc:
             reason = task.fewshot.note or str(exc)
     if source is None:
-        raise ConfigError(f"task {task.task}: {k}-shot prompts need demonstrations, but {reason}. Set "
-                          "fewshot_source=TASK[:SPLIT] to borrow another benchmark's train or dev split (e.g. "
-                          "mmlu_professional_medicine:dev; the results will say so), or use num_fewshot=0")
+        raise ConfigError(
+            f"task {task.task}: {k}-shot prompts need demonstrations, but {reason}. Set "
+            "fewshot_source=TASK[:SPLIT] to borrow another benchmark's train or dev split (e.g. "
+            "mmlu_professional_medicine:dev; the results will say so), or use num_fewshot=0"
+        )
     return _borrowed(task, k, style, source, reason, get_task, benchmarks_dir, hub_loader)
 
 
-def _borrowed(task: ChoiceTask, k: int, style: str, source: str, reason: str, get_task, benchmarks_dir: Path,
-              hub_loader) -> FewshotPool:
+def _borrowed(
+    task: ChoiceTask, k: int, style: str, source: str, reason: str, get_task, benchmarks_dir: Path, hub_loader
+) -> FewshotPool:
     name, _, split = source.partition(":")
     lender = get_task(name)
     if not isinstance(lender, ChoiceTask):
@@ -72,9 +83,13 @@ def _borrowed(task: ChoiceTask, k: int, style: str, source: str, reason: str, ge
     if not split:
         raise ConfigError(f"fewshot_source {source!r}: {name} has no few-shot split; name one, e.g. {name}:dev")
     if split == lender.test_split:
-        raise ConfigError(f"fewshot_source {source!r}: that is {name}'s test split; demonstrations never come from a test set")
+        raise ConfigError(
+            f"fewshot_source {source!r}: that is {name}'s test split; demonstrations never come from a test set"
+        )
     docs = load_split(lender, split, benchmarks_dir, hub_loader)
-    note = f"{k}-shot demonstrations from {name}:{split}" + ("" if name == task.task else f", not {task.task}'s own ({reason})")
+    note = f"{k}-shot demonstrations from {name}:{split}" + (
+        "" if name == task.task else f", not {task.task}'s own ({reason})"
+    )
     return _checked(FewshotPool(PromptBuilder(lender, style), docs, f"{name}:{split}", note), k)
 
 

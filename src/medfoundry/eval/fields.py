@@ -46,7 +46,9 @@ def render(template: str, fields: dict, where: str) -> str:
     try:
         return _compile(template, where).render(**fields)
     except jinja2.UndefinedError as exc:
-        raise ConfigError(f"{where}: {exc.message} (the documents have the fields {', '.join(sorted(fields))})") from None
+        raise ConfigError(
+            f"{where}: {exc.message} (the documents have the fields {', '.join(sorted(fields))})"
+        ) from None
     except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
         raise ConfigError(f"{where}: template failed on a document: {exc}") from None
 

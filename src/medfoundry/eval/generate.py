@@ -16,7 +16,7 @@ sampler draws from one global generator for the whole batch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import xxhash
@@ -33,7 +33,7 @@ class StopOnText(StoppingCriteria):
         self.tokenizer, self.stop, self.width = tokenizer, [s for s in stop if s], prompt_width
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
         return torch.tensor([any(s in text for s in self.stop) for text in texts], device=input_ids.device)
 
 
@@ -63,10 +63,20 @@ def row_seed(seed: int, sample: int, prompt: str) -> int:
     return xxhash.xxh64_intdigest(f"{seed}\0{sample}\0{prompt}".encode()) & (2**63 - 1)
 
 
-def generate(lm, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             n: int = 1, seed: int = 0, stop: Sequence[str] = (), batch_size: int | None = None,
-             add_special_tokens: bool = True) -> list[list[str]]:
-    """``n`` completions of each prompt (``lm``: a :class:`medfoundry.eval.model.LoadedModel`)."""
+def generate(
+    lm,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    n: int = 1,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    batch_size: int | None = None,
+    add_special_tokens: bool = True,
+) -> list[list[str]]:
+    """``n`` completions of each prompt (``lm``: a :class:`medfoundry.model.load.LoadedModel`)."""
     draws = 1 if temperature == 0 else n
     rows = [(i, j) for i in range(len(prompts)) for j in range(draws)]
     encoded = _encode(lm, prompts, max_new_tokens, add_special_tokens)
@@ -74,7 +84,7 @@ def generate(lm, prompts: Sequence[str], *, max_new_tokens: int, temperature: fl
     texts: dict[tuple[int, int], str] = {}
     size = batch_size or DEFAULT_BATCH
     for start in range(0, len(rows), size):
-        batch = rows[start:start + size]
+        batch = rows[start : start + size]
         seeds = [row_seed(seed, j, prompts[i]) for i, j in batch]
         outs = _generate_batch(lm, [encoded[i] for i, _ in batch], seeds, max_new_tokens, temperature, top_p, stop)
         texts.update(zip(batch, (_cut(text, stop) for text in outs)))
@@ -89,14 +99,27 @@ def _encode(lm, prompts: Sequence[str], max_new_tokens: int, add_special_tokens:
 
 
 @torch.inference_mode()
-def _generate_batch(lm, ids: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
-                    top_p: float, stop: Sequence[str]) -> list[str]:
+def _generate_batch(
+    lm,
+    ids: list[list[int]],
+    seeds: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop: Sequence[str],
+) -> list[str]:
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     tokenizer, model = lm.tokenizer, lm.model
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    eos = (
+        model.generation_config.eos_token_id
+        if model.generation_config.eos_token_id is not None
+        else tokenizer.eos_token_id
+    )
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)  # masked anyway
+    pad = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    )  # masked anyway
     width = max(len(row) for row in ids)
     input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids])
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
@@ -105,12 +128,17 @@ def _generate_batch(lm, ids: list[list[int]], seeds: list[int], max_new_tokens: 
     stopping = StoppingCriteriaList([StopOnText(tokenizer, stop, width)] if any(stop) else [])
     device = next(model.parameters()).device
     with lm.autocast():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             logits_processor=processors, stopping_criteria=stopping)
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+            logits_processor=processors,
+            stopping_criteria=stopping,
+        )
     return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:
     """The completion up to the first stop sequence."""
     cuts = [text.find(s) for s in stop if s and s in text]
-    return text[:min(cuts)] if cuts else text
+    return text[: min(cuts)] if cuts else text

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,11 +80,12 @@ class _Unit:
     continuations: list[Tokens]
 
 
-def score_requests(lm, requests: Sequence[LoglikRequest], *, batch_size: int | None = None,
-                   progress: bool = False) -> list[list[ChoiceScore]]:
+def score_requests(
+    lm, requests: Sequence[LoglikRequest], *, batch_size: int | None = None, progress: bool = False
+) -> list[list[ChoiceScore]]:
     """Score every continuation of every request: ``result[i][j]`` belongs to ``requests[i].continuations[j]``.
 
-    ``lm`` is a :class:`medfoundry.eval.model.LoadedModel`. ``batch_size`` is the number of contexts
+    ``lm`` is a :class:`medfoundry.model.load.LoadedModel`. ``batch_size`` is the number of contexts
     per forward pass; None sizes batches by a token budget. Results do not depend on it.
     """
     from tqdm import tqdm
@@ -93,8 +94,11 @@ def score_requests(lm, requests: Sequence[LoglikRequest], *, batch_size: int | N
         raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
     pairs = encode_requests(lm.tokenizer, requests, lm.max_length)
     budget = max(1, ACTIVATION_BUDGET // lm.model.config.hidden_size)
-    plan = [(shared, batch) for shared, members in _groups(_units(pairs))
-            for batch in _batches(members, len(shared), batch_size, budget)]
+    plan = [
+        (shared, batch)
+        for shared, members in _groups(_units(pairs))
+        for batch in _batches(members, len(shared), batch_size, budget)
+    ]
     scorer = _Scorer(lm)
     scores: dict[tuple[Tokens, Tokens], ChoiceScore] = {}
     try:
@@ -119,13 +123,15 @@ def encode_requests(tokenizer, requests: Sequence[LoglikRequest], max_length: in
     for request in requests:
         if request.context:
             context = request.context.rstrip()
-            spaces = request.context[len(context):]
+            spaces = request.context[len(context) :]
             encoder.add(context, *(context + spaces + c for c in request.continuations))
         else:
             encoder.add_bare(*request.continuations)
     encoder.run()
-    return [[_window(*_pair(encoder, request, c, prefix_id), max_length, i)
-             for c in request.continuations] for i, request in enumerate(requests)]
+    return [
+        [_window(*_pair(encoder, request, c, prefix_id), max_length, i) for c in request.continuations]
+        for i, request in enumerate(requests)
+    ]
 
 
 class _Encoder:
@@ -152,8 +158,11 @@ class _Encoder:
 
     def run(self) -> None:
         plain = {s for s in self.pending[None] if not (self.bos_text and s.startswith(self.bos_text))}
-        groups = [(None, plain, {}), (None, self.pending[None] - plain, {"add_special_tokens": False}),
-                  (False, self.pending[False], {"add_special_tokens": False})]
+        groups = [
+            (None, plain, {}),
+            (None, self.pending[None] - plain, {"add_special_tokens": False}),
+            (False, self.pending[False], {"add_special_tokens": False}),
+        ]
         for key, strings, kwargs in groups:
             strings = sorted(strings)
             if strings:
@@ -161,7 +170,9 @@ class _Encoder:
                 self.ids.update(((s, key), ids) for s, ids in zip(strings, encoded))
 
 
-def _pair(encoder: _Encoder, request: LoglikRequest, continuation: str, prefix_id: int | None) -> tuple[list[int], list[int]]:
+def _pair(
+    encoder: _Encoder, request: LoglikRequest, continuation: str, prefix_id: int | None
+) -> tuple[list[int], list[int]]:
     """HFLM's (context_enc, continuation_enc) of one continuation."""
     if not request.context:
         tokens = encoder.get(continuation, bare=True)
@@ -171,9 +182,9 @@ def _pair(encoder: _Encoder, request: LoglikRequest, continuation: str, prefix_i
             return tokens[:1], tokens[1:]
         return [prefix_id], tokens
     context = request.context.rstrip()
-    spaces = request.context[len(context):]
+    spaces = request.context[len(context) :]
     context_ids = encoder.get(context)
-    return context_ids, encoder.get(context + spaces + continuation)[len(context_ids):]
+    return context_ids, encoder.get(context + spaces + continuation)[len(context_ids) :]
 
 
 def _window(context: list[int], continuation: list[int], max_length: int, index: int) -> tuple[Tokens, Tokens]:
@@ -184,8 +195,9 @@ def _window(context: list[int], continuation: list[int], max_length: int, index:
     if not continuation:
         raise ValueError(f"request {index}: a continuation tokenizes to nothing")
     if len(continuation) > max_length:
-        raise ValueError(f"request {index}: a continuation of {len(continuation)} tokens exceeds "
-                         f"the model's context of {max_length}")
+        raise ValueError(
+            f"request {index}: a continuation of {len(continuation)} tokens exceeds the model's context of {max_length}"
+        )
     start = max(0, len(context) + len(continuation) - max_length - 1)
     return tuple(context[start:]), tuple(continuation)
 
@@ -241,7 +253,7 @@ def _batches(units: list[_Unit], offset: int, batch_size: int | None, budget: in
     """
     ordered = sorted(units, key=lambda u: (-len(u.prefix), u.prefix))
     if batch_size is not None:
-        return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+        return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
     batches: list[list[_Unit]] = []
     for unit in ordered:
         if batches and _fits(batches[-1] + [unit], offset, budget):
@@ -298,8 +310,9 @@ class _Scorer:
         for i, unit in enumerate(batch):
             for c in unit.continuations:
                 loglik, greedy = rest.get((i, c), (0.0, True))
-                scores[(unit.prefix, c)] = ChoiceScore(loglik=float(first[i, c[0]]) + loglik,
-                                                       is_greedy=greedy and argmax[i] == c[0], tokens=len(c))
+                scores[(unit.prefix, c)] = ChoiceScore(
+                    loglik=float(first[i, c[0]]) + loglik, is_greedy=greedy and argmax[i] == c[0], tokens=len(c)
+                )
         return scores
 
     def _contexts(self, batch: list[_Unit], shared: Tokens, keep_cache: bool):
@@ -317,7 +330,9 @@ class _Scorer:
         last = out.last_hidden_state[torch.arange(len(batch), device=self.device), mask.sum(1) - offset - 1]
         return last, out.past_key_values, mask
 
-    def _rest(self, cache, mask: torch.Tensor, multi: list[tuple[int, Tokens]]) -> dict[tuple[int, Tokens], tuple[float, bool]]:
+    def _rest(
+        self, cache, mask: torch.Tensor, multi: list[tuple[int, Tokens]]
+    ) -> dict[tuple[int, Tokens], tuple[float, bool]]:
         """Log-probability and greediness of continuation tokens 2..n, one row per multi-token continuation,
         each row reading its context from the cache (expanded over the rows)."""
         rows = torch.tensor([i for i, _ in multi], device=self.device)
@@ -365,8 +380,8 @@ class _Scorer:
         ids = torch.zeros((len(sequences), width), dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, seq in enumerate(sequences):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
         return ids.to(self.device), mask.to(self.device)
 
 
@@ -380,5 +395,7 @@ def _check_head(model, base, head, device: torch.device) -> None:
             full = model(input_ids=ids, use_cache=False).logits.float()
             split = head(base(input_ids=ids, use_cache=False).last_hidden_state).float()
     if split is None or not torch.allclose(full, split, rtol=1e-3, atol=1e-3):
-        raise ConfigError(f"{type(model).__name__}: its logits are not its output layer applied to the last hidden "
-                          "state (e.g. soft-capping or scaling), which the log-likelihood scorer relies on")
+        raise ConfigError(
+            f"{type(model).__name__}: its logits are not its output layer applied to the last hidden "
+            "state (e.g. soft-capping or scaling), which the log-likelihood scorer relies on"
+        )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -47,7 +47,9 @@ def mean_stderr(values: Sequence[float]) -> float | str:
     return statistics.stdev(values) / math.sqrt(len(values))
 
 
-def bootstrap_stderr(strata: Sequence[Sequence[float]], weights: Sequence[float], *, iters: int, seed: int) -> float | str:
+def bootstrap_stderr(
+    strata: Sequence[Sequence[float]], weights: Sequence[float], *, iters: int, seed: int
+) -> float | str:
     """Bootstrap standard error of ``sum(w_i * mean_i) / sum(w_i)``, resampling within each stratum."""
     if iters < 2 or sum(len(s) for s in strata) < 2:
         return NA
@@ -58,7 +60,7 @@ def bootstrap_stderr(strata: Sequence[Sequence[float]], weights: Sequence[float]
     for start in range(0, iters, BOOTSTRAP_CHUNK):
         m = min(BOOTSTRAP_CHUNK, iters - start)
         means = np.stack([a[rng.integers(0, len(a), (m, len(a)))].mean(axis=1) for a in arrays], axis=1)
-        estimates[start:start + m] = means @ w
+        estimates[start : start + m] = means @ w
     return float(np.std(estimates, ddof=1))
 
 
@@ -75,11 +77,13 @@ def summarize(per_doc: dict[str, Sequence[float]], *, iters: int, seed: int) -> 
 
 def pooled_stderr(stderrs: Sequence[float], sizes: Sequence[int]) -> float:
     """lm-eval's ``pooled_sample_stderr``: the stderr of a size-weighted mean of subtask means."""
-    pooled_var = sum((n - 1) * se ** 2 * n for n, se in zip(sizes, stderrs)) / (sum(sizes) - len(sizes))
+    pooled_var = sum((n - 1) * se**2 * n for n, se in zip(sizes, stderrs)) / (sum(sizes) - len(sizes))
     return math.sqrt(pooled_var / sum(sizes))
 
 
-def summarize_group(members: Sequence[dict[str, Sequence[float]]], *, weight_by_size: bool, iters: int, seed: int) -> dict:
+def summarize_group(
+    members: Sequence[dict[str, Sequence[float]]], *, weight_by_size: bool, iters: int, seed: int
+) -> dict:
     """A group's metrics from its members' per-question values (each member a metric -> values mapping)."""
     out: dict = {}
     shared = [m for m in members[0] if all(m in member and member[m] for member in members)]
@@ -95,7 +99,7 @@ def summarize_group(members: Sequence[dict[str, Sequence[float]]], *, weight_by_
         elif weight_by_size:
             out[f"{metric}_stderr,none"] = pooled_stderr(stderrs, sizes)
         else:  # lm-eval's unweighted_mean_stderr
-            out[f"{metric}_stderr,none"] = math.sqrt(sum(se ** 2 for se in stderrs)) / len(stderrs)
+            out[f"{metric}_stderr,none"] = math.sqrt(sum(se**2 for se in stderrs)) / len(stderrs)
         if iters:
             out[f"{metric}_bootstrap_stderr,none"] = bootstrap_stderr(strata, weights, iters=iters, seed=seed)
     return out

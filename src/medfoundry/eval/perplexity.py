@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -84,8 +84,13 @@ class PerplexityResult:
         return self.nll / (self.bytes * math.log(2)) if self.bytes else None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "token_perplexity": self.token_perplexity, "word_perplexity": self.word_perplexity,
-                "byte_perplexity": self.byte_perplexity, "bits_per_byte": self.bits_per_byte}
+        return {
+            **asdict(self),
+            "token_perplexity": self.token_perplexity,
+            "word_perplexity": self.word_perplexity,
+            "byte_perplexity": self.byte_perplexity,
+            "bits_per_byte": self.bits_per_byte,
+        }
 
     def _add_document(self, tokens: int, text: str | None) -> None:
         self.documents += 1
@@ -104,8 +109,15 @@ def _perplexity(nll: float, count: int) -> float | None:
 
 # -- reading texts -----------------------------------------------------------------------------
 
-def iter_eval_texts(path: str | Path, *, split: str = "val", text_field: str = "text",
-                    limit: int | None = None, sources: list[str] | None = None) -> Iterator[str]:
+
+def iter_eval_texts(
+    path: str | Path,
+    *,
+    split: str = "val",
+    text_field: str = "text",
+    limit: int | None = None,
+    sources: list[str] | None = None,
+) -> Iterator[str]:
     """The documents of a held-out file or corpus, as strings, at most ``limit`` of them.
 
     ``path`` is one of: a medfoundry corpus directory (the ``{split}/part-*.jsonl.gz`` parts of
@@ -161,8 +173,18 @@ def _text_blocks(path: Path) -> Iterator[str]:
 
 # -- entry points ------------------------------------------------------------------------------
 
-def text_perplexity(model, tokenizer, texts: Iterable[str], *, max_length: int, stride: int | None = None,
-                    batch_size: int = 8, precision: str = "fp32", progress: bool = False) -> PerplexityResult:
+
+def text_perplexity(
+    model,
+    tokenizer,
+    texts: Iterable[str],
+    *,
+    max_length: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> PerplexityResult:
     """Perplexity of ``model`` (a ``transformers`` causal LM) on ``texts``, encoded by ``tokenizer``
     (a ``transformers`` tokenizer). See the module docstring for what is scored."""
     stride = _check_args(max_length, stride, batch_size, precision)
@@ -173,9 +195,18 @@ def text_perplexity(model, tokenizer, texts: Iterable[str], *, max_length: int, 
     return _evaluate(model, documents, prefix, max_length, stride, batch_size, precision, progress, total=None)
 
 
-def shard_perplexity(model, shards_dir: str | Path, *, max_length: int, stride: int | None = None,
-                     batch_size: int = 8, precision: str = "fp32", limit_tokens: int | None = None,
-                     tokenizer=None, progress: bool = False) -> PerplexityResult:
+def shard_perplexity(
+    model,
+    shards_dir: str | Path,
+    *,
+    max_length: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    limit_tokens: int | None = None,
+    tokenizer=None,
+    progress: bool = False,
+) -> PerplexityResult:
     """Perplexity on one split of medfoundry token shards (the directory holding its ``index.json``).
 
     Each shard document is scored as a text document would be, with the shards' EOS id (the token
@@ -188,8 +219,10 @@ def shard_perplexity(model, shards_dir: str | Path, *, max_length: int, stride: 
     if limit_tokens is not None and limit_tokens < 1:
         raise ConfigError(f"limit_tokens must be at least 1, not {limit_tokens}")
     shards = _open_shards(Path(shards_dir), model)
-    documents = ((ids, _decode(tokenizer, ids) if tokenizer is not None else None)
-                 for ids in _shard_documents(shards, limit_tokens))
+    documents = (
+        (ids, _decode(tokenizer, ids) if tokenizer is not None else None)
+        for ids in _shard_documents(shards, limit_tokens)
+    )
     total = shards.total_tokens - shards.num_docs  # every document's tokens, without the EOS after each
     total = min(total, limit_tokens) if limit_tokens is not None else total
     return _evaluate(model, documents, shards.eos_id, max_length, stride, batch_size, precision, progress, total)
@@ -225,8 +258,11 @@ def _open_shards(path: Path, model):
     shards = TokenShards(path)
     model_vocab = model.get_output_embeddings().weight.shape[0]
     if shards.vocab_size > model_vocab:
-        raise InputError(str(path), f"tokenized with a {shards.vocab_size:,}-token vocabulary but the model has "
-                                    f"{model_vocab:,} outputs: not this model's tokenizer")
+        raise InputError(
+            str(path),
+            f"tokenized with a {shards.vocab_size:,}-token vocabulary but the model has "
+            f"{model_vocab:,} outputs: not this model's tokenizer",
+        )
     return shards
 
 
@@ -246,6 +282,7 @@ def _decode(tokenizer, ids: np.ndarray) -> str:
 
 # -- windows and scoring -----------------------------------------------------------------------
 
+
 def rolling_windows(n_tokens: int, max_length: int, stride: int) -> Iterator[tuple[int, int, int]]:
     """``(start, end, scored)`` per window over ``seq = [prefix] + tokens`` (``n_tokens`` tokens):
     the input is ``seq[start:end]`` and its last ``scored`` predictions, of ``seq[end - scored + 1:end + 1]``,
@@ -261,8 +298,17 @@ def rolling_windows(n_tokens: int, max_length: int, stride: int) -> Iterator[tup
         yield end - max_length, end, scored
 
 
-def _evaluate(model, documents, prefix: int, max_length: int, stride: int, batch_size: int, precision: str,
-              progress: bool, total: int | None) -> PerplexityResult:
+def _evaluate(
+    model,
+    documents,
+    prefix: int,
+    max_length: int,
+    stride: int,
+    batch_size: int,
+    precision: str,
+    progress: bool,
+    total: int | None,
+) -> PerplexityResult:
     """Window every document, pool the windows and score them in length-sorted batches."""
     from tqdm import tqdm
 
@@ -310,15 +356,17 @@ class _Scorer:
             expected = self.model(input_ids=probe).logits.float()
             ours = self.head(self.base(input_ids=probe).last_hidden_state).float()
         if not torch.allclose(ours, expected, rtol=1e-3, atol=1e-3):
-            raise MedfoundryError(f"{type(self.model).__name__}'s logits are not its output layer applied to its "
-                                  "hidden states (logit soft-capping or scaling?): perplexity does not support it")
+            raise MedfoundryError(
+                f"{type(self.model).__name__}'s logits are not its output layer applied to its "
+                "hidden states (logit soft-capping or scaling?): perplexity does not support it"
+            )
 
     def score_pool(self, pool: list, batch_size: int, bar) -> float:
         """Total NLL of the pool's windows; sorting by length first keeps padding (wasted compute) small."""
         pool = sorted(pool, key=lambda w: w[2] - w[1], reverse=True)
         total = 0.0
         for i in range(0, len(pool), batch_size):
-            batch = pool[i:i + batch_size]
+            batch = pool[i : i + batch_size]
             total += self.score_batch(batch)
             bar.update(sum(w[3] for w in batch))
         return total
@@ -328,8 +376,12 @@ class _Scorer:
         ids, mask, scored, targets = (torch.from_numpy(a).to(self.device) for a in _batch_arrays(windows))
         with self._autocast():
             hidden = self.base(input_ids=ids, attention_mask=mask).last_hidden_state[scored]
-        nll = torch.cat([self._token_nll(hidden[i:i + self.rows], targets[i:i + self.rows])
-                         for i in range(0, len(targets), self.rows)])
+        nll = torch.cat(
+            [
+                self._token_nll(hidden[i : i + self.rows], targets[i : i + self.rows])
+                for i in range(0, len(targets), self.rows)
+            ]
+        )
         return nll.double().sum().item()
 
     def _token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -350,6 +402,6 @@ def _batch_arrays(windows: list[tuple[np.ndarray, int, int, int]]):
         length = end - start
         ids[row, :length] = seq[start:end]
         mask[row, :length] = 1
-        scored[row, length - count:length] = True
-        targets.append(seq[end - count + 1:end + 1])
+        scored[row, length - count : length] = True
+        targets.append(seq[end - count + 1 : end + 1])
     return ids, mask, scored, np.concatenate(targets)

@@ -87,8 +87,10 @@ class PromptBuilder:
             raise ConfigError(f"{task.source}: task {task.task} has no prompt style {style!r} {_known_styles(task)}")
         self.task, self.style, self.spec = task, style, task.prompts[style]
         if self.spec.options_apart and task.options is None:
-            raise ConfigError(f"{task.source}: prompts.{style}.options_apart needs the task's `options` field "
-                              "(where each document's option texts are)")
+            raise ConfigError(
+                f"{task.source}: prompts.{style}.options_apart needs the task's `options` field "
+                "(where each document's option texts are)"
+            )
 
     def _where(self, field: str) -> str:
         return f"{self.task.source}: {field}"
@@ -97,8 +99,10 @@ class PromptBuilder:
         if not cot:
             return render(self.spec.text, doc.fields, self._where(f"prompts.{self.style}.text"))
         if self.spec.cot_text is None:
-            raise ConfigError(f"{self.task.source}: prompts.{self.style} has no cot_text, so task {self.task.task} "
-                              "cannot run in chain-of-thought mode with this style")
+            raise ConfigError(
+                f"{self.task.source}: prompts.{self.style} has no cot_text, so task {self.task.task} "
+                "cannot run in chain-of-thought mode with this style"
+            )
         return render(self.spec.cot_text, doc.fields, self._where(f"prompts.{self.style}.cot_text"))
 
     def choices(self, doc: Doc) -> list[str]:
@@ -138,8 +142,10 @@ class PromptBuilder:
         else:
             index = spec.map.get(text)
         if index is None or not 0 <= index < len(choices):
-            raise MedfoundryError(f"task {self.task.task} ({self.task.source}): document {doc.id} has target "
-                                  f"{spec.field}={value!r}, not a valid {spec.kind} for choices {choices}")
+            raise MedfoundryError(
+                f"task {self.task.task} ({self.task.source}): document {doc.id} has target "
+                f"{spec.field}={value!r}, not a valid {spec.kind} for choices {choices}"
+            )
         return index
 
     def options(self, doc: Doc) -> list[str] | None:
@@ -153,8 +159,10 @@ class PromptBuilder:
         """The document as medfoundry.sft's converters make a multiple-choice conversation, answered ``letter``."""
         letters, texts = self._labels(doc), self.options(doc)
         if len(letters) != len(texts):
-            raise ConfigError(f"{self._where('options')}: document {doc.id} has {len(texts)} options for the "
-                              f"{len(letters)} choices {letters}")
+            raise ConfigError(
+                f"{self._where('options')}: document {doc.id} has {len(texts)} options for the "
+                f"{len(letters)} choices {letters}"
+            )
         options = dict(zip(letters, texts))
         return multiple_choice(self.question(doc), options, letter, None, self.task.source, None, doc.id)
 
@@ -180,7 +188,9 @@ class PromptBuilder:
 
     def _chat_context(self, doc: Doc, demonstrations: list[list[dict]], cot: bool) -> list[dict]:
         if cot:
-            raise ConfigError(f"{self.task.source}: prompts.{self.style} is a chat style, scored by log-likelihood "
-                              f"only, so task {self.task.task} cannot run in chain-of-thought mode with it")
+            raise ConfigError(
+                f"{self.task.source}: prompts.{self.style} is a chat style, scored by log-likelihood "
+                f"only, so task {self.task.task} cannot run in chain-of-thought mode with it"
+            )
         system = [{"role": "system", "content": self.spec.description}] if self.spec.description else []
         return system + [turn for demo in demonstrations for turn in demo] + [self._user_turn(doc)]

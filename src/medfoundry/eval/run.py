@@ -26,7 +26,7 @@ import xxhash
 
 from medfoundry import __version__
 from medfoundry.errors import ConfigError
-from medfoundry.eval import results as R
+from medfoundry.eval import results as result_files
 from medfoundry.eval.config import EvalConfig
 from medfoundry.eval.data import HubLoader, load_split
 from medfoundry.eval.fewshot import fewshot_pool
@@ -62,7 +62,9 @@ class Prepared:
         """Hash of everything the model will be asked."""
         h = xxhash.xxh3_128()
         if isinstance(self.task, PerplexityTask):
-            h.update(json.dumps([self.task.perplexity.model_dump(), _path_stats(Path(self.task.perplexity.path))]).encode())
+            h.update(
+                json.dumps([self.task.perplexity.model_dump(), _path_stats(Path(self.task.perplexity.path))]).encode()
+            )
         for context, continuations in zip(self.contexts, self.continuations):
             h.update(json.dumps([context, continuations]).encode())
         h.update(json.dumps([self.kind, self.stop]).encode())
@@ -85,17 +87,34 @@ def prepare(task: Task, cfg: EvalConfig, registry: TaskRegistry, hub_loader: Hub
     docs = load_split(task, task.test_split, cfg.benchmarks_path(), hub_loader)
     if not docs:
         raise ConfigError(f"task {task.task} ({task.source}): its {task.test_split!r} split has no documents")
-    pool = fewshot_pool(task, cfg.num_fewshot, style=cfg.prompt_style, source=cfg.fewshot_source,
-                        get_task=registry.get, benchmarks_dir=cfg.benchmarks_path(), hub_loader=hub_loader)
+    pool = fewshot_pool(
+        task,
+        cfg.num_fewshot,
+        style=cfg.prompt_style,
+        source=cfg.fewshot_source,
+        get_task=registry.get,
+        benchmarks_dir=cfg.benchmarks_path(),
+        hub_loader=hub_loader,
+    )
     if pool and pool.builder.spec.chat != builder.spec.chat:
-        raise ConfigError(f"task {task.task}: prompt style {cfg.prompt_style!r} is a chat style in only one of "
-                          f"{task.task} and {pool.source}, so its demonstrations cannot be put in its prompts")
-    prepared = Prepared(task, kind, total=len(docs), num_fewshot=cfg.num_fewshot,
-                        fewshot_source=pool.source if pool else None, notes=[pool.note] if pool and pool.note else [],
-                        stop=list(cfg.generation.stop if cfg.generation.stop is not None else task.generation.stop),
-                        chat=builder.spec.chat)
-    for doc in docs[:cfg.limit]:
-        demos = pool.demonstrations(cfg.num_fewshot, seed=cfg.fewshot_seed, task=task.task, doc_id=doc.id) if pool else []
+        raise ConfigError(
+            f"task {task.task}: prompt style {cfg.prompt_style!r} is a chat style in only one of "
+            f"{task.task} and {pool.source}, so its demonstrations cannot be put in its prompts"
+        )
+    prepared = Prepared(
+        task,
+        kind,
+        total=len(docs),
+        num_fewshot=cfg.num_fewshot,
+        fewshot_source=pool.source if pool else None,
+        notes=[pool.note] if pool and pool.note else [],
+        stop=list(cfg.generation.stop if cfg.generation.stop is not None else task.generation.stop),
+        chat=builder.spec.chat,
+    )
+    for doc in docs[: cfg.limit]:
+        demos = (
+            pool.demonstrations(cfg.num_fewshot, seed=cfg.fewshot_seed, task=task.task, doc_id=doc.id) if pool else []
+        )
         prepared.doc_ids.append(doc.id)
         prepared.contexts.append(builder.context(doc, demos, cot=kind == "cot"))
         prepared.choices.append(builder.choices(doc))
@@ -126,14 +145,23 @@ def evaluate(cfg: EvalConfig, *, progress: bool = False, hub_loader: HubLoader |
     for name, path in _model_names(cfg.models):
         results = _evaluate_model(cfg, plan, prepared, name, path, out / name, progress)
         evaluated.append({"name": name, "path": str(path), "dir": str(out / name), "results": results})
-    header, rows = R.comparison_rows(plan, evaluated)
+    header, rows = result_files.comparison_rows(plan, evaluated)
     report = out / "results.md"
-    R.write_comparison(report, header, rows, [m["name"] for m in evaluated])
-    write_json(out / "manifest.json", {
-        "stage": "eval", "medfoundry_version": __version__, "config": cfg.model_dump(mode="json"), "tasks": plan.requested,
-        "models": {m["name"]: {"path": m["path"], "model_files_hash": m["results"]["config"]["model_files_hash"]}
-                   for m in evaluated},
-        "seconds": round(time.perf_counter() - start, 2)})
+    result_files.write_comparison(report, header, rows, [m["name"] for m in evaluated])
+    write_json(
+        out / "manifest.json",
+        {
+            "stage": "eval",
+            "medfoundry_version": __version__,
+            "config": cfg.model_dump(mode="json"),
+            "tasks": plan.requested,
+            "models": {
+                m["name"]: {"path": m["path"], "model_files_hash": m["results"]["config"]["model_files_hash"]}
+                for m in evaluated
+            },
+            "seconds": round(time.perf_counter() - start, 2),
+        },
+    )
     return {"models": evaluated, "report": str(report), "table": {"header": header, "rows": rows}}
 
 
@@ -167,8 +195,9 @@ def model_files_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _evaluate_model(cfg: EvalConfig, plan: Plan, prepared: list[Prepared], name: str, path: Path, out: Path,
-                    progress: bool) -> dict:
+def _evaluate_model(
+    cfg: EvalConfig, plan: Plan, prepared: list[Prepared], name: str, path: Path, out: Path, progress: bool
+) -> dict:
     from medfoundry.runtime import resolve_device_precision
 
     start = time.perf_counter()
@@ -185,14 +214,22 @@ def _evaluate_model(cfg: EvalConfig, plan: Plan, prepared: list[Prepared], name:
             if outputs is None:
                 outputs = runner.run(p)
                 write_json(cache, {"key": key, "outputs": outputs})
-            scored[p.name] = R.score(p, outputs, cfg)
+            scored[p.name] = result_files.score(p, outputs, cfg)
     finally:
         runner.close()
-    info = {"model": "medfoundry", "model_args": f"pretrained={path}", "model_name": name, "model_path": str(path),
-            **identity, "medfoundry_version": __version__}
-    results = R.results_json(plan, prepared, scored, info, cfg)
-    results["total_evaluation_time_seconds"] = str(round(time.perf_counter() - start, 2))  # a string, as lm-eval writes it
-    R.write_model_outputs(out, results, prepared, scored, name)
+    info = {
+        "model": "medfoundry",
+        "model_args": f"pretrained={path}",
+        "model_name": name,
+        "model_path": str(path),
+        **identity,
+        "medfoundry_version": __version__,
+    }
+    results = result_files.results_json(plan, prepared, scored, info, cfg)
+    results["total_evaluation_time_seconds"] = str(
+        round(time.perf_counter() - start, 2)
+    )  # a string, as lm-eval writes it
+    result_files.write_model_outputs(out, results, prepared, scored, name)
     return results
 
 
@@ -234,10 +271,15 @@ class _Runner:
     @property
     def lm(self):
         if self._lm is None:
-            from medfoundry.eval.model import load_model
+            from medfoundry.model.load import load_model
 
-            self._lm = load_model(self.path, precision=self.cfg.precision, device=self.cfg.device, threads=self.cfg.threads,
-                                  allow_pickle=self.cfg.allow_pickle)
+            self._lm = load_model(
+                self.path,
+                precision=self.cfg.precision,
+                device=self.cfg.device,
+                threads=self.cfg.threads,
+                allow_pickle=self.cfg.allow_pickle,
+            )
         return self._lm
 
     def close(self) -> None:
@@ -263,24 +305,45 @@ class _Runner:
 
         tokenizer = self.lm.tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(f"model {self.path}: its tokenizer has no chat template, but task {p.name} uses the chat "
-                              f"prompt style {self.cfg.prompt_style!r}; evaluate this model with prompt_style lm_eval")
+            raise ConfigError(
+                f"model {self.path}: its tokenizer has no chat template, but task {p.name} uses the chat "
+                f"prompt style {self.cfg.prompt_style!r}; evaluate this model with prompt_style lm_eval"
+            )
         try:
             return [chat_prompt(tokenizer, messages) for messages in p.contexts]
         except jinja2.TemplateError as exc:
-            raise ConfigError(f"model {self.path}: its chat template cannot render the prompts of task {p.name} "
-                              f"(prompt style {self.cfg.prompt_style!r}): {exc}") from None
+            raise ConfigError(
+                f"model {self.path}: its chat template cannot render the prompts of task {p.name} "
+                f"(prompt style {self.cfg.prompt_style!r}): {exc}"
+            ) from None
 
     def _cot(self, p: Prepared) -> list:
         from medfoundry.eval.generate import generate
 
         gen, tokenizer = self.cfg.generation, self.lm.tokenizer
         templated = self.cfg.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
-                   for c in p.contexts] if templated else p.contexts
-        completions = generate(self.lm, prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                               top_p=gen.top_p, n=gen.samples, seed=self.cfg.seed, stop=p.stop,
-                               batch_size=self.cfg.batch_size, add_special_tokens=not templated)
+        prompts = (
+            [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True
+                )
+                for c in p.contexts
+            ]
+            if templated
+            else p.contexts
+        )
+        completions = generate(
+            self.lm,
+            prompts,
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            n=gen.samples,
+            seed=self.cfg.seed,
+            stop=p.stop,
+            batch_size=self.cfg.batch_size,
+            add_special_tokens=not templated,
+        )
         return [{"prompt": prompt, "completions": texts} for prompt, texts in zip(prompts, completions)]
 
     def _perplexity(self, p: Prepared) -> dict:
@@ -289,16 +352,26 @@ class _Runner:
         spec, lm = p.task.perplexity, self.lm
         path = Path(spec.path)
         shards = path / spec.split if (path / spec.split / "index.json").is_file() else path
-        common = {"max_length": spec.max_length or lm.max_length, "stride": spec.stride,
-                  "batch_size": self.cfg.batch_size or 8, "precision": lm.precision, "progress": self.progress}
+        common = {
+            "max_length": spec.max_length or lm.max_length,
+            "stride": spec.stride,
+            "batch_size": self.cfg.batch_size or 8,
+            "precision": lm.precision,
+            "progress": self.progress,
+        }
         if (shards / "index.json").is_file():
             if spec.sources:
-                raise ConfigError(f"task {p.name}: perplexity.sources filters corpus or JSONL documents; token shards "
-                                  f"({shards}) do not record sources")
-            result = shard_perplexity(lm.model, shards, limit_tokens=spec.limit_tokens, tokenizer=lm.tokenizer, **common)
+                raise ConfigError(
+                    f"task {p.name}: perplexity.sources filters corpus or JSONL documents; token shards "
+                    f"({shards}) do not record sources"
+                )
+            result = shard_perplexity(
+                lm.model, shards, limit_tokens=spec.limit_tokens, tokenizer=lm.tokenizer, **common
+            )
         else:
-            texts = iter_eval_texts(path, split=spec.split, text_field=spec.text_field, limit=self.cfg.limit,
-                                    sources=spec.sources)
+            texts = iter_eval_texts(
+                path, split=spec.split, text_field=spec.text_field, limit=self.cfg.limit, sources=spec.sources
+            )
             result = text_perplexity(lm.model, lm.tokenizer, texts, **common)
         return result.to_dict()
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
@@ -32,7 +32,7 @@ NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
 # a field of a document: a dotted path into the record (``choices.0``, ``options.A``), a Jinja template
 # rendered to a string (``"{{ cop + 1 }}"``), or a list / mapping of paths
-FieldValue = Union[str, list[str], dict[str, str]]
+FieldValue = str | list[str] | dict[str, str]
 
 
 class SplitSpec(StrictModel):
@@ -40,10 +40,12 @@ class SplitSpec(StrictModel):
 
     path: str | None = Field(None, description="file relative to the benchmarks directory, or absolute")
     format: Literal["jsonl", "json", "csv"] | None = Field(
-        None, description="default from the suffix; json is a list of records or a dict keyed by document id")
+        None, description="default from the suffix; json is a list of records or a dict keyed by document id"
+    )
     columns: list[str] | None = Field(None, description="csv: the column names of a file without a header row")
-    id_field: str | None = Field(None, description="field holding the document id (default: the key of a json "
-                                                   "dict, else the record's position)")
+    id_field: str | None = Field(
+        None, description="field holding the document id (default: the key of a json dict, else the record's position)"
+    )
     ids_file: str | None = Field(None, description="JSON dict or list of document ids: keep only those")
     exclude_ids: bool = Field(False, description="keep the documents NOT in ids_file instead")
 
@@ -53,8 +55,10 @@ class TargetSpec(StrictModel):
 
     field: str
     kind: Literal["choice", "letter", "index", "map"] = Field(
-        "choice", description="choice: the value is one of the choices; letter: A, B, ...; index: 0-based; "
-                              "map: looked up in `map` (e.g. MedMCQA's cop 1-4)")
+        "choice",
+        description="choice: the value is one of the choices; letter: A, B, ...; index: 0-based; "
+        "map: looked up in `map` (e.g. MedMCQA's cop 1-4)",
+    )
     map: dict[str, int] | None = None
 
     @field_validator("map", mode="before")
@@ -64,7 +68,7 @@ class TargetSpec(StrictModel):
         return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
-    def _map_with_kind_map(self) -> "TargetSpec":
+    def _map_with_kind_map(self) -> TargetSpec:
         if (self.kind == "map") != (self.map is not None):
             raise ValueError("`map` is required with kind 'map' and only allowed with it")
         return self
@@ -78,22 +82,31 @@ class PromptSpec(StrictModel):
     :mod:`medfoundry.eval.prompts`), and it is scored by log-likelihood only.
     """
 
-    text: str = Field(description="the question; the context ends here and the continuation is "
-                                  "target_delimiter + choice (chat: the user turn's content)")
+    text: str = Field(
+        description="the question; the context ends here and the continuation is "
+        "target_delimiter + choice (chat: the user turn's content)"
+    )
     cot_text: str | None = Field(None, description="the question for chain-of-thought generation")
-    description: str = Field("", description="put once before the demonstrations (lm-eval's `description`; "
-                                             "chat: the system message)")
+    description: str = Field(
+        "", description="put once before the demonstrations (lm-eval's `description`; chat: the system message)"
+    )
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
     choices: list[str] | None = Field(None, description="this style's choices, when they differ from the task's")
-    chat: bool = Field(False, description="the question is a user turn rendered through the model's chat template "
-                                          "with the generation prompt; demonstrations are earlier user/assistant turns")
-    options_apart: bool = Field(False, description="chat: the task's `options` go with the user turn apart from the "
-                                                   "question, and each choice is answered 'A. <option text>', as "
-                                                   "medfoundry.sft's converters build multiple-choice conversations")
+    chat: bool = Field(
+        False,
+        description="the question is a user turn rendered through the model's chat template "
+        "with the generation prompt; demonstrations are earlier user/assistant turns",
+    )
+    options_apart: bool = Field(
+        False,
+        description="chat: the task's `options` go with the user turn apart from the "
+        "question, and each choice is answered 'A. <option text>', as "
+        "medfoundry.sft's converters build multiple-choice conversations",
+    )
 
     @model_validator(mode="after")
-    def _chat_settings(self) -> "PromptSpec":
+    def _chat_settings(self) -> PromptSpec:
         if self.chat and self.cot_text is not None:
             raise ValueError("a chat style is scored by log-likelihood only: cot_text is not supported with chat")
         if self.options_apart and not self.chat:
@@ -104,8 +117,10 @@ class PromptSpec(StrictModel):
 class FewshotSpec(StrictModel):
     split: str | None = Field(None, description="where demonstrations come from; never the test split")
     sampler: Literal["random", "first_n", "fixed"] = Field(
-        "random", description="random: k per question, drawn by (seed, question id); first_n: the first k in "
-                              "file order (lm-eval's MMLU); fixed: the same k for every question (Meditron)")
+        "random",
+        description="random: k per question, drawn by (seed, question id); first_n: the first k in "
+        "file order (lm-eval's MMLU); fixed: the same k for every question (Meditron)",
+    )
     note: str | None = Field(None, description="why the split may be missing, shown when it is")
 
 
@@ -138,8 +153,11 @@ class ChoiceTask(StrictModel):
     test_split: str = "test"
     fields: dict[str, FieldValue] = Field(default_factory=dict, description="extra document fields")
     choices: list[str] | str = Field(description="a list, or a Jinja template rendering a Python list literal")
-    options: str | None = Field(None, description="field with the options' texts (list, or dict in choice "
-                                                  "order); lets chain-of-thought answers name an option")
+    options: str | None = Field(
+        None,
+        description="field with the options' texts (list, or dict in choice "
+        "order); lets chain-of-thought answers name an option",
+    )
     target: TargetSpec
     prompts: dict[str, PromptSpec] = Field(min_length=1)
     fewshot: FewshotSpec = Field(default_factory=FewshotSpec)
@@ -148,7 +166,7 @@ class ChoiceTask(StrictModel):
     _source: str = PrivateAttr("<inline>")
 
     @model_validator(mode="after")
-    def _splits_make_sense(self) -> "ChoiceTask":
+    def _splits_make_sense(self) -> ChoiceTask:
         known = set(self.splits) | set(self.hub.splits if self.hub else ())
         if self.test_split not in known:
             raise ValueError(f"test_split {self.test_split!r} is neither in `splits` nor in `hub.splits`")
@@ -169,15 +187,20 @@ class ChoiceTask(StrictModel):
 
 
 class PerplexitySource(StrictModel):
-    path: str = Field(description="a corpus directory, a .jsonl(.gz) or .txt(.gz) file, or token shards "
-                                  "(a tokenize output directory or one split of it); relative to the working directory")
+    path: str = Field(
+        description="a corpus directory, a .jsonl(.gz) or .txt(.gz) file, or token shards "
+        "(a tokenize output directory or one split of it); relative to the working directory"
+    )
     split: str = "val"
     text_field: str = "text"
     max_length: int | None = Field(None, gt=0, description="window length; default the model's context")
     stride: int | None = Field(None, gt=0, description="default max_length (disjoint windows, as lm-eval)")
     limit_tokens: int | None = Field(None, gt=0, description="token shards: stop after this many tokens")
-    sources: list[str] | None = Field(None, description="corpus / JSONL: only documents whose 'source' is one of these "
-                                                        "(e.g. a corpus's held-out abstracts alone)")
+    sources: list[str] | None = Field(
+        None,
+        description="corpus / JSONL: only documents whose 'source' is one of these "
+        "(e.g. a corpus's held-out abstracts alone)",
+    )
 
 
 class PerplexityTask(StrictModel):
@@ -207,8 +230,8 @@ class TaskGroup(StrictModel):
         return self._source
 
 
-Task = Union[ChoiceTask, PerplexityTask]
-Entry = Union[ChoiceTask, PerplexityTask, TaskGroup]
+Task = ChoiceTask | PerplexityTask
+Entry = ChoiceTask | PerplexityTask | TaskGroup
 
 
 def entry_name(entry: Entry) -> str:

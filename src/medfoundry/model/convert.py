@@ -29,8 +29,9 @@ def load_gguf(gguf_path: Path):
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise InputError(str(gguf_path), "GGUF file not found")
-    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True,
-                                        trust_remote_code=False)
+    config = AutoConfig.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True, trust_remote_code=False
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -38,8 +39,10 @@ def load_gguf(gguf_path: Path):
     loaded = {state[name].data_ptr() for name in tensors}
     unfilled = [name for name in missing if state[name].data_ptr() not in loaded]  # a tied head is filled
     if unfilled or unexpected:
-        raise InputError(str(gguf_path), f"tensors do not match a {type(model).__name__}: "
-                                         f"missing {unfilled[:5]}, unexpected {unexpected[:5]}")
+        raise InputError(
+            str(gguf_path),
+            f"tensors do not match a {type(model).__name__}: missing {unfilled[:5]}, unexpected {unexpected[:5]}",
+        )
     return model.eval()
 
 

@@ -37,7 +37,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def export_hf(model, tokenizer_dir: Path | None, out_dir: Path, *, dtype: str = "float32", generation: dict | None = None) -> Path:
+def export_hf(
+    model, tokenizer_dir: Path | None, out_dir: Path, *, dtype: str = "float32", generation: dict | None = None
+) -> Path:
     """Export ``model`` (weights cast to ``dtype``) with the tokenizer of ``tokenizer_dir`` into ``out_dir``.
 
     The live model is not modified: weights are cast on a copy of the state dict, so a model kept in
@@ -104,6 +106,8 @@ def _write_gpt2_conventions(directory: Path) -> None:
     special = {}
     if Tokenizer.from_file(str(directory / "tokenizer.json")).token_to_id("<|endoftext|>") is not None:
         special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-    write_json(directory / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **special,
-                                                     "clean_up_tokenization_spaces": False})
+    write_json(
+        directory / "tokenizer_config.json",
+        {"tokenizer_class": "PreTrainedTokenizerFast", **special, "clean_up_tokenization_spaces": False},
+    )
     write_json(directory / "special_tokens_map.json", special)

@@ -24,8 +24,10 @@ def grow_embeddings(model, new_vocab_size: int) -> list[int]:
     """Append rows up to ``new_vocab_size`` (mean-initialized) and return the new ids; a tied head stays tied."""
     old = vocab_size(model)
     if new_vocab_size < old:
-        raise ConfigError(f"cannot shrink the vocabulary from {old:,} to {new_vocab_size:,} tokens: "
-                          f"existing token ids would lose their embeddings")
+        raise ConfigError(
+            f"cannot shrink the vocabulary from {old:,} to {new_vocab_size:,} tokens: "
+            f"existing token ids would lose their embeddings"
+        )
     if new_vocab_size == old:
         return []
     head = model.get_output_embeddings()
@@ -61,7 +63,8 @@ def resize_for_tokenizer(model, tokenizer_dir, *, grow: bool = False) -> dict:
             raise ConfigError(
                 f"the tokenizer in {tokenizer_dir} has a {target:,}-token vocabulary but the model only {model_size:,} embeddings, "
                 f"and it is not an extension of the model's tokenizer (no vocab_extension.json): train from scratch "
-                f"with this tokenizer, extend the model's own with `medfoundry tokenizer extend`, or request growth")
+                f"with this tokenizer, extend the model's own with `medfoundry tokenizer extend`, or request growth"
+            )
     added = grow_embeddings(model, target) if target > model_size else []
     return {"source": source, "model_vocab_size": model_size, "vocab_size": vocab_size(model), "added_ids": added}
 
@@ -76,8 +79,10 @@ def _extended_size(path: Path, model_size: int) -> int:
     if added != list(range(base, size)):
         raise InputError(str(path), f"added_ids are not the ids {base}..{size - 1} appended after the base vocabulary")
     if model_size not in (base, size):
-        raise ConfigError(f"{path}: the tokenizer extends a {base:,}-token vocabulary to {size:,}, "
-                          f"but the model has {model_size:,} embeddings: it was not trained with the base tokenizer")
+        raise ConfigError(
+            f"{path}: the tokenizer extends a {base:,}-token vocabulary to {size:,}, "
+            f"but the model has {model_size:,} embeddings: it was not trained with the base tokenizer"
+        )
     return size
 
 

@@ -42,7 +42,9 @@ class GenerateConfig(StrictModel):
     """A sample of the run's model: prompts answered with the serving engine, written as JSONL."""
 
     prompts: list[str] = Field(min_length=1)
-    chat: bool | None = Field(None, description="send prompts through the chat template; default: when the model has one")
+    chat: bool | None = Field(
+        None, description="send prompts through the chat template; default: when the model has one"
+    )
     max_tokens: int = Field(64, gt=0)
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -67,7 +69,9 @@ class RecipeConfig(StrictModel):
     run_dir: str = Field(description="every stage writes run_dir/<stage>")
     description: str | None = None
     stages: StagesConfig
-    card: CardConfig | None = Field(None, description="model card metadata (medfoundry card); a card is written when set")
+    card: CardConfig | None = Field(
+        None, description="model card metadata (medfoundry card); a card is written when set"
+    )
     plan: dict | None = Field(None, description="the hardware the recipe targets (medfoundry plan)")
 
     @field_validator("stages")
@@ -122,25 +126,59 @@ def wire(recipe: RecipeConfig) -> dict[str, StrictModel]:
     out = {name: str(run / name) for name in STAGES}
     tokenizer_dir = out["tokenizer"] if s.tokenizer is not None else None
     if tokenizer_dir is None and s.pretrain is not None:
-        tokenizer_dir = (s.pretrain.get("data") or {}).get("tokenizer_dir") or (s.pretrain.get("model") or {}).get("init_from")
+        tokenizer_dir = (s.pretrain.get("data") or {}).get("tokenizer_dir") or (s.pretrain.get("model") or {}).get(
+            "init_from"
+        )
     sections: dict[str, tuple[type, dict]] = {}
     if s.corpus is not None:
         sections["corpus"] = CorpusConfig, _section(s.corpus, "corpus", {"output_dir": out["corpus"]})
     if s.tokenizer is not None:
-        sections["tokenizer"] = TokenizerTrainConfig, _section(s.tokenizer, "tokenizer", {
-            "output_dir": out["tokenizer"], "corpus_dir": out["corpus"] if s.corpus is not None else None})
+        sections["tokenizer"] = (
+            TokenizerTrainConfig,
+            _section(
+                s.tokenizer,
+                "tokenizer",
+                {"output_dir": out["tokenizer"], "corpus_dir": out["corpus"] if s.corpus is not None else None},
+            ),
+        )
     if s.tokens is not None:
-        sections["tokens"] = TokenizeConfig, _section(s.tokens, "tokens", {
-            "output_dir": out["tokens"], "corpus_dir": out["corpus"] if s.corpus is not None else None,
-            "tokenizer_dir": tokenizer_dir})
+        sections["tokens"] = (
+            TokenizeConfig,
+            _section(
+                s.tokens,
+                "tokens",
+                {
+                    "output_dir": out["tokens"],
+                    "corpus_dir": out["corpus"] if s.corpus is not None else None,
+                    "tokenizer_dir": tokenizer_dir,
+                },
+            ),
+        )
     if s.pretrain is not None:
-        sections["pretrain"] = PretrainConfig, _section(s.pretrain, "pretrain", {
-            "output_dir": out["pretrain"], "data.tokens_dir": out["tokens"] if s.tokens is not None else None,
-            "data.tokenizer_dir": tokenizer_dir})
+        sections["pretrain"] = (
+            PretrainConfig,
+            _section(
+                s.pretrain,
+                "pretrain",
+                {
+                    "output_dir": out["pretrain"],
+                    "data.tokens_dir": out["tokens"] if s.tokens is not None else None,
+                    "data.tokenizer_dir": tokenizer_dir,
+                },
+            ),
+        )
     if s.finetune is not None:
-        sections["finetune"] = FinetuneConfig, _section(s.finetune, "finetune", {
-            "output_dir": out["finetune"],
-            "model.init_from": str(run / "pretrain" / "model") if s.pretrain is not None else None})
+        sections["finetune"] = (
+            FinetuneConfig,
+            _section(
+                s.finetune,
+                "finetune",
+                {
+                    "output_dir": out["finetune"],
+                    "model.init_from": str(run / "pretrain" / "model") if s.pretrain is not None else None,
+                },
+            ),
+        )
     if s.eval is not None:
         sections["eval"] = EvalConfig, _eval_section(s.eval, recipe, out["eval"])
     if s.generate is not None:
@@ -150,6 +188,7 @@ def wire(recipe: RecipeConfig) -> dict[str, StrictModel]:
 
 def _expand(stages: StagesConfig, run_dir: str) -> StagesConfig:
     """The stage sections with ``${run_dir}`` in any string replaced by the run directory."""
+
     def sub(value):
         if isinstance(value, str):
             return value.replace("${run_dir}", run_dir)
@@ -183,6 +222,7 @@ def _eval_section(given: dict, recipe: RecipeConfig, output_dir: str) -> dict:
     baselines = list(section.get("models") or [])
     section["models"] = [model, *baselines] if trained else baselines
     if not section["models"]:
-        raise ConfigError(f"{recipe.name}: stages.eval.models: the recipe trains no model, so eval needs the models to "
-                          "evaluate")
+        raise ConfigError(
+            f"{recipe.name}: stages.eval.models: the recipe trains no model, so eval needs the models to evaluate"
+        )
     return section

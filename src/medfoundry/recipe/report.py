@@ -26,14 +26,20 @@ def write_report(recipe: RecipeConfig, run: Path, state: dict) -> Path:
     lines = [f"# Run `{recipe.name}`", ""]
     if recipe.description:
         lines += [recipe.description.strip(), ""]
-    lines += [f"medfoundry {__version__}; the recipe as run: [recipe.yaml](recipe.yaml); each stage's config: "
-              "`configs/<stage>.yaml`; stage keys and times: [stages.json](stages.json).", "",
-              "| stage | status | seconds | key | outputs |", "|---|---|---:|---|---|"]
+    lines += [
+        f"medfoundry {__version__}; the recipe as run: [recipe.yaml](recipe.yaml); each stage's config: "
+        "`configs/<stage>.yaml`; stage keys and times: [stages.json](stages.json).",
+        "",
+        "| stage | status | seconds | key | outputs |",
+        "|---|---|---:|---|---|",
+    ]
     for stage in recipe.present():
         entry = state.get(stage, {})
         links = " · ".join(f"[{Path(href).name}]({href})" for href in _links(run, stage))
         seconds = f"{entry['seconds']:,.0f}" if "seconds" in entry else ""
-        lines.append(f"| {stage} | {entry.get('status', 'not run')} | {seconds} | `{entry.get('key', '')[:12]}` | {links} |")
+        lines.append(
+            f"| {stage} | {entry.get('status', 'not run')} | {seconds} | `{entry.get('key', '')[:12]}` | {links} |"
+        )
     for stage in recipe.present():
         if state.get(stage, {}).get("status") == "done":
             lines += ["", *SECTIONS[stage](run / stage, state[stage].get("result") or {})]
@@ -55,8 +61,12 @@ def _json(path: Path) -> dict:
 
 def _corpus(out: Path, result: dict) -> list[str]:
     docs = result.get("documents_out", {})
-    lines = ["## Corpus", "", f"{result.get('documents_in', 0):,} documents read; {docs.get('train', 0):,} train and "
-             f"{docs.get('val', 0):,} validation documents kept. Details: [report](corpus/report.md)."]
+    lines = [
+        "## Corpus",
+        "",
+        f"{result.get('documents_in', 0):,} documents read; {docs.get('train', 0):,} train and "
+        f"{docs.get('val', 0):,} validation documents kept. Details: [report](corpus/report.md).",
+    ]
     if (out / "composition.png").is_file():
         lines += ["", "![composition](corpus/composition.png)"]
     return lines
@@ -65,8 +75,12 @@ def _corpus(out: Path, result: dict) -> list[str]:
 def _tokenizer(out: Path, result: dict) -> list[str]:
     fertility = _json(out / "manifest.json").get("fertility", {})
     others = ", ".join(f"{name} {f['tokens_per_word']:.3f}" for name, f in fertility.items() if name != "medfoundry")
-    return ["## Tokenizer", "", f"{result.get('vocab_size', 0):,} tokens; {result.get('tokens_per_word', 0):.3f} tokens "
-            f"per held-out word{f' (vs {others})' if others else ''}. Details: [fertility](tokenizer/fertility.md)."]
+    return [
+        "## Tokenizer",
+        "",
+        f"{result.get('vocab_size', 0):,} tokens; {result.get('tokens_per_word', 0):.3f} tokens "
+        f"per held-out word{f' (vs {others})' if others else ''}. Details: [fertility](tokenizer/fertility.md).",
+    ]
 
 
 def _tokens(out: Path, result: dict) -> list[str]:
@@ -76,14 +90,23 @@ def _tokens(out: Path, result: dict) -> list[str]:
 
 def _training(title: str, stage: str):
     def section(out: Path, summary: dict) -> list[str]:
-        lines = [f"## {title}", "", f"{summary.get('steps', 0):,} steps, {summary.get('tokens') or 0:,} tokens, "
-                 f"median {summary.get('median_tok_s', 0):,.0f} tokens/s."]
+        lines = [
+            f"## {title}",
+            "",
+            f"{summary.get('steps', 0):,} steps, {summary.get('tokens') or 0:,} tokens, "
+            f"median {summary.get('median_tok_s', 0):,.0f} tokens/s.",
+        ]
         if "val_loss" in summary:
-            ppl = f" (perplexity {summary['initial_val_ppl']:,.1f} -> {summary['val_ppl']:,.1f})" if "val_ppl" in summary else ""
+            ppl = (
+                f" (perplexity {summary['initial_val_ppl']:,.1f} -> {summary['val_ppl']:,.1f})"
+                if "val_ppl" in summary
+                else ""
+            )
             lines.append(f"Validation loss {summary['initial_val_loss']:.3f} -> {summary['val_loss']:.3f}{ppl}.")
         if (out / "plots" / "loss.png").is_file():
             lines += ["", f"![loss]({stage}/plots/loss.png)"]
         return lines
+
     return section
 
 
@@ -107,6 +130,13 @@ def _card(out: Path, result: dict) -> list[str]:
     return ["## Model card", "", "[MODEL_CARD.md](MODEL_CARD.md), also the README.md of the model directory."]
 
 
-SECTIONS = {"corpus": _corpus, "tokenizer": _tokenizer, "tokens": _tokens,
-            "pretrain": _training("Pretraining", "pretrain"), "finetune": _training("Fine-tuning", "finetune"),
-            "eval": _eval, "generate": _generate, "card": _card}
+SECTIONS = {
+    "corpus": _corpus,
+    "tokenizer": _tokenizer,
+    "tokens": _tokens,
+    "pretrain": _training("Pretraining", "pretrain"),
+    "finetune": _training("Fine-tuning", "finetune"),
+    "eval": _eval,
+    "generate": _generate,
+    "card": _card,
+}

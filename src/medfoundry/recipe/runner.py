@@ -40,8 +40,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeC
     return validate(RecipeConfig, tree, str(path))
 
 
-def run_recipe(recipe: RecipeConfig, *, start: str | None = None, until: str | None = None, dry_run: bool = False,
-               log: Callable[[str], None] = print) -> dict:
+def run_recipe(
+    recipe: RecipeConfig,
+    *,
+    start: str | None = None,
+    until: str | None = None,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run (or, with ``dry_run``, plan) the recipe's stages; returns the run summary written to run.json.
 
     ``start`` reruns that stage and every later one even when done; ``until`` stops after that stage.
@@ -55,11 +61,13 @@ def run_recipe(recipe: RecipeConfig, *, start: str | None = None, until: str | N
     state = _read_state(run)
     keys = _keys(recipe, configs, present)
     chosen = present[: present.index(until) + 1] if until else present
-    forced = set(present[present.index(start):]) if start else set()
+    forced = set(present[present.index(start) :]) if start else set()
     summary = {"recipe": recipe.name, "version": __version__, "run_dir": str(run), "stages": {}}
     if not dry_run:
         run.mkdir(parents=True, exist_ok=True)
-        write_text(run / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
+        write_text(
+            run / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        )
     for stage in chosen:
         done = state.get(stage, {})
         cached = done.get("key") == keys[stage] and done.get("status") == "done" and stage not in forced
@@ -74,7 +82,7 @@ def run_recipe(recipe: RecipeConfig, *, start: str | None = None, until: str | N
         if done.get("key") != keys[stage] or stage in forced:
             _supersede(run, stage)
         summary["stages"][stage] = {**_run_stage(recipe, configs, stage, keys[stage], state, log), "this_run": "ran"}
-        forced |= set(present[present.index(stage) + 1:])  # what follows read this stage's new output
+        forced |= set(present[present.index(stage) + 1 :])  # what follows read this stage's new output
     if not dry_run:
         from medfoundry.recipe.report import write_report
 
@@ -86,14 +94,21 @@ def run_recipe(recipe: RecipeConfig, *, start: str | None = None, until: str | N
 def _run_stage(recipe: RecipeConfig, configs: dict, stage: str, key: str, state: dict, log) -> dict:
     run = Path(recipe.run_dir)
     if stage in configs:
-        write_text(run / "configs" / f"{stage}.yaml", yaml.safe_dump(configs[stage].model_dump(mode="json"), sort_keys=False))
+        write_text(
+            run / "configs" / f"{stage}.yaml", yaml.safe_dump(configs[stage].model_dump(mode="json"), sort_keys=False)
+        )
     log(f"run: {stage}: running (key {key[:12]})")
     started = time.time()
     state[stage] = {"key": key, "status": "running", "started": started}
     _write_state(run, state)
     result = STAGE_RUNNERS[stage](recipe, configs.get(stage))
-    state[stage] = {"key": key, "status": "done", "started": started, "seconds": round(time.time() - started, 1),
-                    "result": result}
+    state[stage] = {
+        "key": key,
+        "status": "done",
+        "started": started,
+        "seconds": round(time.time() - started, 1),
+        "result": result,
+    }
     _write_state(run, state)
     log(f"run: {stage}: done in {state[stage]['seconds']:,.0f} s")
     return state[stage]
@@ -108,7 +123,9 @@ def _keys(recipe: RecipeConfig, configs: dict[str, StrictModel], present: list[s
     run = Path(recipe.run_dir).resolve()
     for stage in present:
         payload = (recipe.card if stage == "card" else configs[stage]).model_dump(mode="json")
-        digest = xxhash.xxh3_128(json.dumps([stage, payload, previous, __version__], sort_keys=True, default=str).encode())
+        digest = xxhash.xxh3_128(
+            json.dumps([stage, payload, previous, __version__], sort_keys=True, default=str).encode()
+        )
         for fingerprint in _external_files(payload, run):
             digest.update(fingerprint.encode())
         keys[stage] = previous = digest.hexdigest()
@@ -189,14 +206,23 @@ def _tokenizer(recipe, cfg) -> dict:
     from medfoundry.tokenizer.train import train_tokenizer
 
     manifest = train_tokenizer(cfg)
-    return {"vocab_size": manifest["vocab_size"], "tokens_per_word": manifest["fertility"]["medfoundry"]["tokens_per_word"]}
+    return {
+        "vocab_size": manifest["vocab_size"],
+        "tokens_per_word": manifest["fertility"]["medfoundry"]["tokens_per_word"],
+    }
 
 
 def _tokens(recipe, cfg) -> dict:
     from medfoundry.tokenizer.shards import tokenize_corpus
 
-    manifest = tokenize_corpus(Path(cfg.corpus_dir), Path(cfg.tokenizer_dir), Path(cfg.output_dir),
-                               eos_token=cfg.eos_token, dtype=cfg.dtype, workers=cfg.workers)
+    manifest = tokenize_corpus(
+        Path(cfg.corpus_dir),
+        Path(cfg.tokenizer_dir),
+        Path(cfg.output_dir),
+        eos_token=cfg.eos_token,
+        dtype=cfg.dtype,
+        workers=cfg.workers,
+    )
     return {name: split["tokens"] for name, split in manifest["splits"].items()}
 
 
@@ -232,5 +258,12 @@ def _card(recipe, cfg) -> dict:
 
 
 STAGE_RUNNERS: dict[str, Callable[[RecipeConfig, StrictModel | None], dict]] = {
-    "corpus": _corpus, "tokenizer": _tokenizer, "tokens": _tokens, "pretrain": _pretrain, "finetune": _finetune,
-    "eval": _eval, "generate": _generate, "card": _card}
+    "corpus": _corpus,
+    "tokenizer": _tokenizer,
+    "tokens": _tokens,
+    "pretrain": _pretrain,
+    "finetune": _finetune,
+    "eval": _eval,
+    "generate": _generate,
+    "card": _card,
+}

@@ -6,8 +6,16 @@ load torch and transformers.
 
 from importlib import import_module
 
-_EXPORTS = {"Engine": "engine", "Completion": "engine", "Output": "engine", "Request": "engine",
-            "SamplingParams": "sampling", "EngineWorker": "worker", "ServerConfig": "app", "create_app": "app"}
+_EXPORTS = {
+    "Engine": "engine",
+    "Completion": "engine",
+    "Output": "engine",
+    "Request": "engine",
+    "SamplingParams": "sampling",
+    "EngineWorker": "worker",
+    "ServerConfig": "app",
+    "create_app": "app",
+}
 __all__ = sorted(_EXPORTS)
 
 

@@ -77,39 +77,74 @@ def create_app(worker: EngineWorker, config: ServerConfig) -> FastAPI:
         worker.stop()
 
     service = _Service(worker, config)
-    app = FastAPI(title="medfoundry", summary=f"OpenAI-compatible API for {config.model_name}", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="medfoundry",
+        summary=f"OpenAI-compatible API for {config.model_name}",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(ApiKeyGuard, api_key=config.api_key)
     app.add_middleware(_Observe, metrics=worker.metrics, routes=app.routes)  # outermost: sees every answer
 
     app.add_api_route("/v1/models", service.models, methods=["GET"], responses={200: {"model": protocol.ModelList}})
-    app.add_api_route("/v1/models/{model_id:path}", service.model, methods=["GET"],
-                      responses={200: {"model": protocol.ModelCard}, **openapi.errors(404)})
-    app.add_api_route("/v1/completions", service.complete, methods=["POST"],
-                      responses=openapi.generation_responses(protocol.Completion, protocol.CompletionChunk))
-    app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"],
-                      responses=openapi.generation_responses(protocol.ChatCompletion, protocol.ChatCompletionChunk))
-    app.add_api_route("/health", service.health, methods=["GET"],
-                      responses={200: {"model": protocol.Health}, 503: {"model": protocol.Health,
-                                                                         "description": "The engine thread died"}})
-    app.add_api_route("/metrics", service.metrics, methods=["GET"], response_class=PlainTextResponse,
-                      responses={200: {"description": "Prometheus text exposition format"}})
+    app.add_api_route(
+        "/v1/models/{model_id:path}",
+        service.model,
+        methods=["GET"],
+        responses={200: {"model": protocol.ModelCard}, **openapi.errors(404)},
+    )
+    app.add_api_route(
+        "/v1/completions",
+        service.complete,
+        methods=["POST"],
+        responses=openapi.generation_responses(protocol.Completion, protocol.CompletionChunk),
+    )
+    app.add_api_route(
+        "/v1/chat/completions",
+        service.chat,
+        methods=["POST"],
+        responses=openapi.generation_responses(protocol.ChatCompletion, protocol.ChatCompletionChunk),
+    )
+    app.add_api_route(
+        "/health",
+        service.health,
+        methods=["GET"],
+        responses={
+            200: {"model": protocol.Health},
+            503: {"model": protocol.Health, "description": "The engine thread died"},
+        },
+    )
+    app.add_api_route(
+        "/metrics",
+        service.metrics,
+        methods=["GET"],
+        response_class=PlainTextResponse,
+        responses={200: {"description": "Prometheus text exposition format"}},
+    )
     app.add_api_route("/", lambda: FileResponse(STATIC / "index.html"), methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    openapi.install(app, model=config.model_name, max_tokens=service.max_tokens, secured=bool(config.api_key),
-                    chunks=[protocol.CompletionChunk, protocol.ChatCompletionChunk])
+    openapi.install(
+        app,
+        model=config.model_name,
+        max_tokens=service.max_tokens,
+        secured=bool(config.api_key),
+        chunks=[protocol.CompletionChunk, protocol.ChatCompletionChunk],
+    )
     return app
 
 
-def serve(worker: EngineWorker, config: ServerConfig, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> None:
+def serve(
+    worker: EngineWorker, config: ServerConfig, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> None:
     """Run the server until interrupted, with uvicorn's access log replaced by ours (no query strings)."""
     import uvicorn
 
-    uvicorn.run(create_app(worker, config), host=host, port=port, log_level=log_level,
-                log_config=_log_config(log_level))
+    uvicorn.run(
+        create_app(worker, config), host=host, port=port, log_level=log_level, log_config=_log_config(log_level)
+    )
 
 
 def _log_config(log_level: str) -> dict:
@@ -148,8 +183,13 @@ class _Service:
         return self._model_card()
 
     def _model_card(self) -> dict:
-        return {"id": self.config.model_name, "object": "model", "created": self.started, "owned_by": "medfoundry",
-                "max_model_len": self.engine.max_seq_len}
+        return {
+            "id": self.config.model_name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "medfoundry",
+            "max_model_len": self.engine.max_seq_len,
+        }
 
     # ---- generation routes
 
@@ -168,14 +208,20 @@ class _Service:
 
     def _check_model(self, name: str) -> None:
         if name != self.config.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {self.config.model_name!r}",
-                           code="model_not_found")
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves {self.config.model_name!r}",
+                code="model_not_found",
+            )
 
     def _check_capacity(self, generations: int) -> None:
         """Refuse at once (before tokenizing anything) more generations than the server ever runs together."""
         if generations > self.worker.capacity:
-            raise APIError(400, f"n: {generations} generations (prompts x n) in one request; this server runs at "
-                                f"most {self.worker.capacity} at once")
+            raise APIError(
+                400,
+                f"n: {generations} generations (prompts x n) in one request; this server runs at "
+                f"most {self.worker.capacity} at once",
+            )
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         ids = self.engine.encode(prompt) if isinstance(prompt, str) else prompt
@@ -208,31 +254,46 @@ class _Service:
         if requested is None:
             return min(room, self.max_tokens)
         if requested > room:
-            raise APIError(400, f"max_tokens: the prompt's {len(prompt)} tokens plus {requested} to generate exceed "
-                                f"the model's context of {self.engine.max_seq_len} tokens; lower max_tokens or shorten the prompt")
+            raise APIError(
+                400,
+                f"max_tokens: the prompt's {len(prompt)} tokens plus {requested} to generate exceed "
+                f"the model's context of {self.engine.max_seq_len} tokens; lower max_tokens or shorten the prompt",
+            )
         return requested
 
-    async def _generate(self, http: Request, body, prompts: list[list[int]], requested: int | None, *, chat: bool
-                        ) -> Response:
+    async def _generate(
+        self, http: Request, body, prompts: list[list[int]], requested: int | None, *, chat: bool
+    ) -> Response:
         self._check_limit(body)
         try:
-            jobs = [(ids, body.sampling(self._budget(ids, requested), choice))
-                    for ids in prompts for choice in range(body.n)]
+            jobs = [
+                (ids, body.sampling(self._budget(ids, requested), choice))
+                for ids in prompts
+                for choice in range(body.n)
+            ]
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         try:
             generation = _Generation(self.worker, jobs)
         except QueueFull as exc:
             raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from None
-        reply = _Reply(protocol.new_id("chatcmpl" if chat else "cmpl"), self.config.model_name, chat,
-                       prompt_tokens=sum(map(len, prompts)), choices=len(jobs))
+        reply = _Reply(
+            protocol.new_id("chatcmpl" if chat else "cmpl"),
+            self.config.model_name,
+            chat,
+            prompt_tokens=sum(map(len, prompts)),
+            choices=len(jobs),
+        )
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         if body.stream:
-            return StreamingResponse(self._stream(generation, reply, body.include_usage, endpoint),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                self._stream(generation, reply, body.include_usage, endpoint),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         return await self._collect(http, generation, reply, endpoint)
 
-    async def _collect(self, http: Request, generation: "_Generation", reply: "_Reply", endpoint: str) -> Response:
+    async def _collect(self, http: Request, generation: _Generation, reply: _Reply, endpoint: str) -> Response:
         started = time.monotonic()
         next_check = started + DISCONNECT_POLL_S
         try:
@@ -252,7 +313,7 @@ class _Service:
             raise APIError(500, "generation failed (see the server log)", "server_error")
         return JSONResponse(reply.body())
 
-    async def _stream(self, generation: "_Generation", reply: "_Reply", include_usage: bool, endpoint: str):
+    async def _stream(self, generation: _Generation, reply: _Reply, include_usage: bool, endpoint: str):
         started = time.monotonic()
         try:
             for chunk in reply.opening_chunks():
@@ -286,6 +347,7 @@ class _Generation:
                     loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
                 except RuntimeError:  # the event loop is closed: the server is shutting down
                     pass
+
             return sink
 
         self.requests = worker.submit([(ids, params, sink_for(i)) for i, (ids, params) in enumerate(jobs)])
@@ -330,8 +392,10 @@ class _Reply:
         """Chat streams first announce the assistant role of every choice."""
         if not self.chat:
             return []
-        return [protocol.chat_chunk(self.id, self.model, i, {"role": "assistant", "content": ""}, None)
-                for i in range(len(self.texts))]
+        return [
+            protocol.chat_chunk(self.id, self.model, i, {"role": "assistant", "content": ""}, None)
+            for i in range(len(self.texts))
+        ]
 
     def chunks(self, index: int, out: Output) -> list[dict]:
         """The chunks of one output: its text, then (at the end) one with the finish reason."""
@@ -373,8 +437,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_request, exc: HTTPException):
         message = _unreadable(exc.__cause__) if exc.status_code == 400 and exc.__cause__ else str(exc.detail)
-        return JSONResponse(protocol.error_body(message, "invalid_request_error"), status_code=exc.status_code,
-                            headers=exc.headers)  # a 405 keeps its Allow header
+        return JSONResponse(
+            protocol.error_body(message, "invalid_request_error"), status_code=exc.status_code, headers=exc.headers
+        )  # a 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def crashed(_request, _exc: Exception):  # uvicorn logs the traceback
@@ -430,8 +495,14 @@ class _Observe:
         finally:
             self.metrics.requests.inc(endpoint=self._endpoint(scope), status=str(status[0]))
             client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
-            self.log.info('%s - "%s %s HTTP/%s" %d', client, scope["method"], quote(scope["path"]),
-                          scope["http_version"], status[0])
+            self.log.info(
+                '%s - "%s %s HTTP/%s" %d',
+                client,
+                scope["method"],
+                quote(scope["path"]),
+                scope["http_version"],
+                status[0],
+            )
 
     def _endpoint(self, scope) -> str:
         """The route's path template (``/v1/models/{model_id:path}``), or "other" when none matches."""

@@ -92,12 +92,12 @@ class SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         owner = self.owner
         if owner.write_pos is None:
-            self.keys[owner.rows, :, :key_states.shape[2]] = key_states
-            self.values[owner.rows, :, :value_states.shape[2]] = value_states
+            self.keys[owner.rows, :, : key_states.shape[2]] = key_states
+            self.values[owner.rows, :, : value_states.shape[2]] = value_states
         else:
             self.keys[owner.row_index, :, owner.write_pos] = key_states[:, :, 0]
             self.values[owner.row_index, :, owner.write_pos] = value_states[:, :, 0]
-        return self.keys[owner.rows, :, :owner.kv_len], self.values[owner.rows, :, :owner.kv_len]
+        return self.keys[owner.rows, :, : owner.kv_len], self.values[owner.rows, :, : owner.kv_len]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.kv_len, 0

@@ -25,9 +25,9 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -90,9 +90,17 @@ class Engine:
     context, at most 2,048; a sliding-window model is capped at its window, so attention stays exact).
     """
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq_len: int | None = None,
-                 name: str = "model", precision: str = "fp32"):
-        from medfoundry.eval.model import context_window
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch: int = 8,
+        max_seq_len: int | None = None,
+        name: str = "model",
+        precision: str = "fp32",
+    ):
+        from medfoundry.model.load import context_window
 
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch}: must be at least 1")
@@ -101,8 +109,10 @@ class Engine:
         _check_attention(config)
         limit = min(context_window(config, tokenizer), _sliding_window(config) or 1 << 62)
         if max_seq_len is not None and not 1 < max_seq_len <= limit:
-            raise ConfigError(f"max_seq_len={max_seq_len}: must be in [2, {limit}] (the model's context"
-                              f"{', capped at its sliding window' if _sliding_window(config) else ''})")
+            raise ConfigError(
+                f"max_seq_len={max_seq_len}: must be in [2, {limit}] (the model's context"
+                f"{', capped at its sliding window' if _sliding_window(config) else ''})"
+            )
         self.max_seq_len = max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN)
         self.max_batch = max_batch
         self.cache = SlotCache(config.num_hidden_layers, max_batch, self.max_seq_len)
@@ -115,21 +125,43 @@ class Engine:
         self._ids = itertools.count()
 
     @classmethod
-    def load(cls, path, *, precision: str = "auto", device: str = "auto", threads: int = 0, max_batch: int = 8,
-             max_seq_len: int | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> "Engine":
+    def load(
+        cls,
+        path,
+        *,
+        precision: str = "auto",
+        device: str = "auto",
+        threads: int = 0,
+        max_batch: int = 8,
+        max_seq_len: int | None = None,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+    ) -> Engine:
         """Load a Hugging Face checkpoint directory or a ``.gguf`` file. ``precision`` "auto" is bf16 where the
         hardware computes in bf16, else fp32. Weights come from safetensors; pickled ones (``pytorch_model.bin``)
         are refused unless ``allow_pickle``, and then load with ``torch.load(weights_only=True)``; a checkpoint
         asking for its own code is refused unless ``trust_remote_code`` (see
-        :func:`medfoundry.eval.model.weights_policy`)."""
-        from medfoundry.eval.model import load_model
+        :func:`medfoundry.model.load.weights_policy`)."""
+        from medfoundry.model.load import load_model
 
-        loaded = load_model(Path(path), precision=precision, device=device, threads=threads,
-                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        loaded = load_model(
+            Path(path),
+            precision=precision,
+            device=device,
+            threads=threads,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+        )
         if loaded.precision == "bf16":
             loaded.model.to(torch.bfloat16)
-        return cls(loaded.model, loaded.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
-                   name=loaded.name, precision=loaded.precision)
+        return cls(
+            loaded.model,
+            loaded.tokenizer,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            name=loaded.name,
+            precision=loaded.precision,
+        )
 
     # ---- requests, from any thread
 
@@ -148,23 +180,32 @@ class Engine:
 
         template = template or self.tokenizer.chat_template
         if not template:
-            raise ValueError("this model has no chat template: give one with --chat-template FILE "
-                             "(or use plain completions)")
+            raise ValueError(
+                "this model has no chat template: give one with --chat-template FILE (or use plain completions)"
+            )
         try:
-            text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                      add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
         except TemplateError as exc:
             raise ValueError(f"messages: the chat template refused them: {exc}") from None
         return self.encode(text, add_special_tokens=False)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
-                    request_id: str | None = None) -> Request:
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
         """Queue a generation; a text prompt is tokenized with the tokenizer's special tokens (e.g. BOS)."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(ids)
-        request = Request(id=request_id or f"req-{next(self._ids)}", prompt_ids=ids, params=params,
-                          sampler=TokenSampler(params, ids, self.vocab_size),
-                          detokenizer=_LockedDetokenizer(self, ids), stopper=StopMatcher(params.stop))
+        params = params or SamplingParams()
+        request = Request(
+            id=request_id or f"req-{next(self._ids)}",
+            prompt_ids=ids,
+            params=params,
+            sampler=TokenSampler(params, ids, self.vocab_size),
+            detokenizer=_LockedDetokenizer(self, ids),
+            stopper=StopMatcher(params.stop),
+        )
         with self._lock:
             self.waiting.append(request)
         return request
@@ -174,8 +215,10 @@ class Engine:
         if not ids:
             raise ValueError("the prompt is empty (no tokens)")
         if len(ids) > self.max_seq_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; this engine holds at most {self.max_seq_len} "
-                             "per request (prompt + generated)")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; this engine holds at most {self.max_seq_len} "
+                "per request (prompt + generated)"
+            )
         if max(ids) >= self.vocab_size or min(ids) < 0:
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
 
@@ -209,8 +252,13 @@ class Engine:
                 outputs += self._decode()
         return outputs
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams(),
-                 *, progress: bool = False) -> list[Completion]:
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        progress: bool = False,
+    ) -> list[Completion]:
         """Run ``prompts`` to completion (continuously batched) and return them in order."""
         from tqdm import tqdm
 
@@ -224,7 +272,7 @@ class Engine:
                     bar.update(out.finish_reason is not None)
         return [Completion("".join(texts[r.id]), r.output_ids, r.finish_reason, len(r.prompt_ids)) for r in requests]
 
-    def stream(self, prompt: str | list[int], params: SamplingParams = SamplingParams()) -> Iterator[Output]:
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Output]:
         """Generate for one prompt, yielding each step's output (closing the iterator cancels it)."""
         request = self.add_request(prompt, params)
         try:
@@ -268,7 +316,7 @@ class Engine:
         width = int(lengths.max())
         ids = torch.zeros(len(joiners), width, dtype=torch.long)
         for i, request in enumerate(joiners):
-            ids[i, :len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
+            ids[i, : len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
         mask = torch.arange(width)[None, :] < lengths[:, None]
         positions = torch.arange(width).expand(len(joiners), width)
         self.cache.bind_prefill(len(self.running), len(joiners), width)
@@ -293,9 +341,14 @@ class Engine:
         """The model's own forward on our cache; logits (rows, vocab) at the kept position of each row."""
         device = self.device
         keep = keep.to(device) if isinstance(keep, torch.Tensor) else keep
-        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device, torch.long),
-                         position_ids=positions.to(device), past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=keep)
+        out = self.model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device, torch.long),
+            position_ids=positions.to(device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
         return out.logits[:, -1, :]
 
     def _advance(self, requests: list[Request], logits: torch.Tensor) -> list[Output]:
@@ -375,5 +428,7 @@ def _sliding_window(config) -> int | None:
 def _check_attention(config) -> None:
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if not kinds <= _ATTENTION_LAYERS:
-        raise ConfigError(f"layer types {sorted(kinds - _ATTENTION_LAYERS)}: the engine serves attention-only models "
-                          "(GPT-2, LLaMA, BLOOM, Mistral, Qwen, ...)")
+        raise ConfigError(
+            f"layer types {sorted(kinds - _ATTENTION_LAYERS)}: the engine serves attention-only models "
+            "(GPT-2, LLaMA, BLOOM, Mistral, Qwen, ...)"
+        )

@@ -28,7 +28,7 @@ UNAUTHORIZED = "invalid or missing API key: send the header 'Authorization: Bear
 def route_path(scope) -> str:
     """The path the router matches: without the ``root_path`` a proxy mounted the app under."""
     path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def is_public(path: str) -> bool:
@@ -48,13 +48,25 @@ class ApiKeyGuard:
         self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket") or self.expected is None or is_public(route_path(scope)) \
-                or self._authorized(scope):
+        if (
+            scope["type"] not in ("http", "websocket")
+            or self.expected is None
+            or is_public(route_path(scope))
+            or self._authorized(scope)
+        ):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":  # no such route today; refused all the same, should one be added
             return await send({"type": "websocket.close", "code": 1008})
-        await _reject(scope, receive, send, 401, UNAUTHORIZED, "authentication_error", "invalid_api_key",
-                      headers={"WWW-Authenticate": "Bearer"})
+        await _reject(
+            scope,
+            receive,
+            send,
+            401,
+            UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     def _authorized(self, scope) -> bool:
         for name, value in scope["headers"]:
@@ -79,8 +91,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            return await _reject(scope, receive, send, 413, self.message(str(declared)), "invalid_request_error",
-                                 "request_too_large")
+            return await _reject(
+                scope, receive, send, 413, self.message(str(declared)), "invalid_request_error", "request_too_large"
+            )
         received = 0
 
         async def receive_within_limit():

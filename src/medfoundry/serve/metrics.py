@@ -7,7 +7,7 @@ them out is a few lines, and one dependency fewer for every install.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -108,7 +108,11 @@ class ServerMetrics:
         self.latency = Histogram("medfoundry_request_duration_seconds", "time from request to last token, by endpoint")
         self.first_token = Histogram("medfoundry_time_to_first_token_seconds", "time from request to first token")
         self.metrics: list[_Metric] = [
-            self.requests, self.prompt_tokens, self.generation_tokens, self.latency, self.first_token,
+            self.requests,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.latency,
+            self.first_token,
             Gauge("medfoundry_queue_depth", "requests waiting for a batch slot", queue_depth),
             Gauge("medfoundry_running_requests", "requests generating", running),
             Gauge("medfoundry_batch_slots", "requests the engine runs at once", lambda: slots),

@@ -35,17 +35,42 @@ def errors(*statuses: int) -> dict:
 
 def generation_responses(answer: type[BaseModel], chunk: type[BaseModel]) -> dict:
     """A generation route's ``responses``: the JSON answer, or (``"stream": true``) server-sent events."""
-    event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
-        {"const": "[DONE]"},
-        {"type": "string", "contentMediaType": "application/json",
-         "contentSchema": {"anyOf": [{"$ref": REF.format(model=chunk.__name__)},
-                                     {"$ref": REF.format(model=ErrorResponse.__name__)}]}},
-    ]}}}
-    stream = {"text/event-stream": {"schema": event, "description": "each event's data is one JSON chunk (or an "
-                                    "error, if generation fails mid-stream); the last is [DONE]"}}
-    return {200: {"model": answer, "description": "The answer, or with \"stream\": true a stream of chunks",
-                  "content": stream},
-            **errors(400, 404, 413, 429, 500)}
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"const": "[DONE]"},
+                    {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {
+                            "anyOf": [
+                                {"$ref": REF.format(model=chunk.__name__)},
+                                {"$ref": REF.format(model=ErrorResponse.__name__)},
+                            ]
+                        },
+                    },
+                ]
+            }
+        },
+    }
+    stream = {
+        "text/event-stream": {
+            "schema": event,
+            "description": "each event's data is one JSON chunk (or an "
+            "error, if generation fails mid-stream); the last is [DONE]",
+        }
+    }
+    return {
+        200: {
+            "model": answer,
+            "description": 'The answer, or with "stream": true a stream of chunks',
+            "content": stream,
+        },
+        **errors(400, 404, 413, 429, 500),
+    }
 
 
 def install(app: FastAPI, *, model: str, max_tokens: int, secured: bool, chunks: list[type[BaseModel]]) -> None:
@@ -100,5 +125,7 @@ def _require_key(schema: dict) -> None:
     for path, operation in _operations(schema):
         if not is_public(path):
             operation["security"] = [{"bearer": []}]
-            operation["responses"]["401"] = {"description": CAUSES[401], "content": {"application/json": {
-                "schema": {"$ref": REF.format(model=ErrorResponse.__name__)}}}}
+            operation["responses"]["401"] = {
+                "description": CAUSES[401],
+                "content": {"application/json": {"schema": {"$ref": REF.format(model=ErrorResponse.__name__)}}},
+            }

@@ -76,10 +76,17 @@ class _GenerationRequest(BaseModel):
         """The engine's parameters for choice number ``choice`` (choices of a seeded request get seeds seed, seed+1, ...)."""
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
-            max_tokens=max_tokens, temperature=_default(self.temperature, 1.0), top_k=_default(self.top_k, 0),
-            top_p=_default(self.top_p, 1.0), repetition_penalty=_default(self.repetition_penalty, 1.0),
-            frequency_penalty=_default(self.frequency_penalty, 0.0), presence_penalty=_default(self.presence_penalty, 0.0),
-            stop=stops, seed=None if self.seed is None else self.seed + choice, ignore_eos=self.ignore_eos)
+            max_tokens=max_tokens,
+            temperature=_default(self.temperature, 1.0),
+            top_k=_default(self.top_k, 0),
+            top_p=_default(self.top_p, 1.0),
+            repetition_penalty=_default(self.repetition_penalty, 1.0),
+            frequency_penalty=_default(self.frequency_penalty, 0.0),
+            presence_penalty=_default(self.presence_penalty, 0.0),
+            stop=stops,
+            seed=None if self.seed is None else self.seed + choice,
+            ignore_eos=self.ignore_eos,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -96,8 +103,12 @@ class CompletionRequest(_GenerationRequest):
 
     @model_validator(mode="after")
     def _completion_supported(self):
-        for name, unsupported in [("logprobs", self.logprobs is not None), ("echo", self.echo),
-                                  ("best_of", (self.best_of or 1) > 1), ("suffix", bool(self.suffix))]:
+        for name, unsupported in [
+            ("logprobs", self.logprobs is not None),
+            ("echo", self.echo),
+            ("best_of", (self.best_of or 1) > 1),
+            ("suffix", bool(self.suffix)),
+        ]:
             if unsupported:
                 raise ValueError(f"{name} is not supported by this server")
         if isinstance(self.prompt, list) and not self.prompt:
@@ -145,8 +156,12 @@ class ChatCompletionRequest(_GenerationRequest):
 
     @model_validator(mode="after")
     def _chat_supported(self):
-        for name, unsupported in [("logprobs", self.logprobs), ("tools", bool(self.tools)), ("functions", bool(self.functions)),
-                                  ("response_format", self.response_format is not None and self.response_format.type != "text")]:
+        for name, unsupported in [
+            ("logprobs", self.logprobs),
+            ("tools", bool(self.tools)),
+            ("functions", bool(self.functions)),
+            ("response_format", self.response_format is not None and self.response_format.type != "text"),
+        ]:
             if unsupported:
                 raise ValueError(f"{name} is not supported by this server")
         return self
@@ -182,41 +197,83 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def completion_response(request_id: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
-                        for i, c in enumerate(choices)],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def completion_response(
+    request_id: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int
+) -> dict:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
+            for i, c in enumerate(choices)
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def chat_response(request_id: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None,
-                         "finish_reason": c["finish_reason"]} for i, c in enumerate(choices)],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c["text"]},
+                "logprobs": None,
+                "finish_reason": c["finish_reason"],
+            }
+            for i, c in enumerate(choices)
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def completion_chunk(request_id: str, model: str, index: int, text: str, finish_reason: str | None) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
 
 
 def chat_chunk(request_id: str, model: str, index: int, delta: dict, finish_reason: str | None) -> dict:
-    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
 
 
 def usage_chunk(request_id: str, model: str, kind: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 # ---- the answers, as documented in the OpenAPI description

@@ -21,6 +21,7 @@ import torch
 FLOAT32_MAX = torch.finfo(torch.float32).max
 GREEDY_BELOW = 1e-5  # a smaller temperature is greedy (as in vLLM): dividing logits by it overflows to inf, then NaN
 
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request generates; invalid values raise ``ValueError`` naming the field (the server's 400)."""

@@ -30,21 +30,21 @@ class Detokenizer:
     def push(self, token: int) -> str:
         """Add a token; return the new complete text (possibly empty)."""
         self.ids.append(token)
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         if len(after) > len(before) and not after.endswith(_INCOMPLETE):
             self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
+            return after[len(before) :]
         return ""
 
     def flush(self) -> str:
         """The text still held back at the end of the generation (an incomplete character stays a U+FFFD)."""
         if self.read == len(self.ids):
             return ""
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return after[len(before):]
+        return after[len(before) :]
 
 
 class StopMatcher:
@@ -62,10 +62,10 @@ class StopMatcher:
         self.pending += text
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
-            emit, self.pending = self.pending[:min(hits)], ""
+            emit, self.pending = self.pending[: min(hits)], ""
             return emit, True
         keep = self._partial_tail()
-        emit, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        emit, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
         return emit, False
 
     def flush(self) -> str:

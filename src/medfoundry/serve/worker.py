@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from medfoundry.serve.engine import Engine, Output, Request
 from medfoundry.serve.metrics import ServerMetrics
@@ -30,8 +30,9 @@ class EngineWorker:
     def __init__(self, engine: Engine, *, max_queue: int = 64):
         self.engine = engine
         self.max_queue = max_queue
-        self.metrics = ServerMetrics(queue_depth=lambda: len(engine.waiting), running=lambda: len(engine.running),
-                                     slots=engine.max_batch)
+        self.metrics = ServerMetrics(
+            queue_depth=lambda: len(engine.waiting), running=lambda: len(engine.running), slots=engine.max_batch
+        )
         self._inflight: dict[str, tuple[Request, Sink]] = {}
         self._wake = threading.Condition()
         self._stopping = False
@@ -62,8 +63,10 @@ class EngineWorker:
         with self._wake:
             in_flight = len(self.engine.running) + len(self.engine.waiting)
             if in_flight + len(jobs) > self.capacity:
-                raise QueueFull(f"server busy: {in_flight} generations in flight, {len(jobs)} more asked, room for "
-                                f"{self.capacity} ({self.engine.max_batch} running, {self.max_queue} waiting); retry later")
+                raise QueueFull(
+                    f"server busy: {in_flight} generations in flight, {len(jobs)} more asked, room for "
+                    f"{self.capacity} ({self.engine.max_batch} running, {self.max_queue} waiting); retry later"
+                )
             requests = []
             for ids, params, sink in jobs:
                 request = self.engine.add_request(ids, params)

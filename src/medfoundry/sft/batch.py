@@ -34,11 +34,18 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.floa
     allowed = allowed[:, None]
     if dtype == torch.bool:
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
-def collate(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int, *, packed: bool,
-            mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def collate(
+    rows: list[list[tuple[np.ndarray, np.ndarray]]],
+    pad_id: int,
+    *,
+    packed: bool,
+    mask_dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
     """A batch from rows of ``(ids, loss)`` examples, right-padded to the longest row; ``tokens`` counts
     the examples' tokens (padding excluded).
 
@@ -62,8 +69,12 @@ def collate(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int, *, pac
             segments[r, start:end] = s
             start = end
     segment_ids = torch.from_numpy(segments)
-    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-             "position_ids": torch.from_numpy(positions), "tokens": (segment_ids > 0).sum()}
+    batch = {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(positions),
+        "tokens": (segment_ids > 0).sum(),
+    }
     batch["attention_mask"] = block_causal_mask(segment_ids, mask_dtype) if packed else (segment_ids > 0).long()
     return batch
 
@@ -84,7 +95,9 @@ def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     """
     targets = labels[:, 1:]
     scores = logits[:, :-1].float()
-    loss = F.cross_entropy(scores.reshape(-1, scores.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(
+        scores.reshape(-1, scores.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return loss, int((targets != IGNORE).sum())
 
 

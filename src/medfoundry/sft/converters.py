@@ -29,8 +29,15 @@ def answer_text(answer: str, reasoning: str | None) -> str:
     return answer
 
 
-def multiple_choice(question: str, options: dict[str, str], letter: str, reasoning: str | None, source: str,
-                    line: int | None, record_id: str | None = None) -> Conversation:
+def multiple_choice(
+    question: str,
+    options: dict[str, str],
+    letter: str,
+    reasoning: str | None,
+    source: str,
+    line: int | None,
+    record_id: str | None = None,
+) -> Conversation:
     user = Message("user", question.strip(), {k: v.strip() for k, v in options.items()})
     response = answer_text(f"{letter}. {options[letter].strip()}", reasoning)
     return make_conversation([user, Message("assistant", response)], source, line, record_id=record_id)
@@ -43,7 +50,9 @@ def _require(record: dict, names: tuple[str, ...], path: str, line: int | None, 
     return [record[n] for n in names]
 
 
-def pubmedqa(path: str | Path, *, test_ids: str | Path | None = None, reasoning: bool = False) -> Iterator[Conversation]:
+def pubmedqa(
+    path: str | Path, *, test_ids: str | Path | None = None, reasoning: bool = False
+) -> Iterator[Conversation]:
     """The train/dev half of PQA-L: ``ori_pqal.json`` minus the official test PMIDs.
 
     ``test_ids`` is ``test_ground_truth.json`` (default: beside ``path``); without it the split cannot
@@ -54,22 +63,27 @@ def pubmedqa(path: str | Path, *, test_ids: str | Path | None = None, reasoning:
     path = Path(path)
     ids_path = Path(test_ids) if test_ids else path.parent / "test_ground_truth.json"
     if not ids_path.is_file():
-        raise InputError(str(ids_path), "PubMedQA test ids not found: they are needed to leave the test questions out "
-                                        "(point test_ids at test_ground_truth.json)")
+        raise InputError(
+            str(ids_path),
+            "PubMedQA test ids not found: they are needed to leave the test questions out "
+            "(point test_ids at test_ground_truth.json)",
+        )
     test = set(json.loads(ids_path.read_text(encoding="utf-8")))
     for line, pmid, record in iter_json_records(path):
         if pmid is None:
             raise InputError(str(path), "expected ori_pqal.json: an object of records keyed by PMID", line)
         if pmid in test:
             continue
-        question, contexts, decision = _require(record, ("QUESTION", "CONTEXTS", "final_decision"), str(path), line,
-                                                f"PMID {pmid}: ")
+        question, contexts, decision = _require(
+            record, ("QUESTION", "CONTEXTS", "final_decision"), str(path), line, f"PMID {pmid}: "
+        )
         if decision not in ("yes", "no", "maybe"):
             raise InputError(str(path), f"PMID {pmid}: final_decision must be yes, no or maybe, not {decision!r}", line)
         prompt = "\n".join(contexts) + f"\n\nQuestion: {question}\n{PUBMEDQA_PROMPT}"
         response = answer_text(decision, record.get("LONG_ANSWER") if reasoning else None)
-        yield make_conversation([Message("user", prompt), Message("assistant", response)], str(path), line,
-                                record_id=pmid, pmid=pmid)
+        yield make_conversation(
+            [Message("user", prompt), Message("assistant", response)], str(path), line, record_id=pmid, pmid=pmid
+        )
 
 
 def _jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -90,8 +104,10 @@ def _cop_base(records: list[tuple[int, dict]], path: Path, cop_base: int | None)
         raise InputError(str(path), "cop takes both 0 and 4: it cannot index four options; fix the file")
     if 0 in values or 4 in values:
         return 0 if 0 in values else 1
-    raise InputError(str(path), f"cannot tell whether cop counts from 0 or 1 (values seen: {sorted(values, key=str)}); "
-                                "set cop_base: 0 or 1")
+    raise InputError(
+        str(path),
+        f"cannot tell whether cop counts from 0 or 1 (values seen: {sorted(values, key=str)}); set cop_base: 0 or 1",
+    )
 
 
 def medmcqa(path: str | Path, *, reasoning: bool = False, cop_base: int | None = None) -> Iterator[Conversation]:
@@ -104,8 +120,15 @@ def medmcqa(path: str | Path, *, reasoning: bool = False, cop_base: int | None =
         if not isinstance(cop, int) or not 0 <= cop - base < 4:
             raise InputError(str(path), f"cop {cop!r} is not an option number {base}..{base + 3}", line)
         options = dict(zip("ABCD", (str(t) for t in texts)))
-        yield multiple_choice(question, options, "ABCD"[cop - base], record.get("exp") if reasoning else None,
-                              str(path), line, record.get("id"))
+        yield multiple_choice(
+            question,
+            options,
+            "ABCD"[cop - base],
+            record.get("exp") if reasoning else None,
+            str(path),
+            line,
+            record.get("id"),
+        )
 
 
 def medqa(path: str | Path) -> Iterator[Conversation]:
@@ -132,15 +155,22 @@ def mmlu(path: str | Path) -> Iterator[Conversation]:
             rows, start = csv.reader(fh), 1
             for row in rows:
                 if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
-                    raise InputError(str(csv_path), "expected 6 columns question,A,B,C,D,answer with answer A-D, "
-                                                    f"found {len(row)} columns", start)
+                    raise InputError(
+                        str(csv_path),
+                        f"expected 6 columns question,A,B,C,D,answer with answer A-D, found {len(row)} columns",
+                        start,
+                    )
                 options = dict(zip("ABCD", row[1:5]))
                 yield multiple_choice(row[0], options, row[5].strip(), None, str(csv_path), start)
                 start = rows.line_num + 1
 
 
 CONVERTERS: dict[str, Callable[..., Iterator[Conversation]]] = {
-    "pubmedqa": pubmedqa, "medmcqa": medmcqa, "medqa": medqa, "mmlu": mmlu}
+    "pubmedqa": pubmedqa,
+    "medmcqa": medmcqa,
+    "medqa": medqa,
+    "mmlu": mmlu,
+}
 _OPTIONS = {"pubmedqa": {"test_ids", "reasoning"}, "medmcqa": {"reasoning", "cop_base"}, "medqa": set(), "mmlu": set()}
 
 
@@ -151,5 +181,7 @@ def convert(name: str, path: str | Path, **options) -> Iterator[Conversation]:
     given = {k: v for k, v in options.items() if v is not None and v is not False}  # cop_base=0 is a value
     unknown = sorted(set(given) - _OPTIONS[name])
     if unknown:
-        raise ConfigError(f"converter {name!r} does not take {unknown}; it takes {sorted(_OPTIONS[name]) or 'no options'}")
+        raise ConfigError(
+            f"converter {name!r} does not take {unknown}; it takes {sorted(_OPTIONS[name]) or 'no options'}"
+        )
     return CONVERTERS[name](path, **given)

@@ -48,8 +48,14 @@ from medfoundry.sft.templates import Renderer, prepare_tokenizer
 from medfoundry.shuffled_order import ShuffledOrder
 
 SPLITS = ("train", "val")
-TOKENIZER_INPUTS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                    "vocab.json", "merges.txt")
+TOKENIZER_INPUTS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
 SHOWN = 5
 
 
@@ -72,8 +78,15 @@ def source_files(source: SFTSourceConfig) -> list[Path]:
 
 def read_source(source: SFTSourceConfig) -> list[Conversation]:
     if source.converter:
-        return list(convert(source.converter, source.path, reasoning=source.reasoning, cop_base=source.cop_base,
-                            test_ids=source.test_ids))
+        return list(
+            convert(
+                source.converter,
+                source.path,
+                reasoning=source.reasoning,
+                cop_base=source.cop_base,
+                test_ids=source.test_ids,
+            )
+        )
     return [c for path in source_files(source) for c in read_conversations(path, source.format)]
 
 
@@ -138,8 +151,9 @@ def _check_overlap(cfg: SFTDataConfig, sources: dict[str, list[Conversation]], s
     """Refuse, drop or record records that overlap evaluation test items; returns the manifest entry."""
     if not cfg.overlap.benchmarks_dir:
         return {"checked": False}
-    guard = OverlapGuard(cfg.overlap.benchmarks_dir, cfg.overlap.sets, ngram=cfg.overlap.ngram,
-                         min_fraction=cfg.overlap.min_fraction)
+    guard = OverlapGuard(
+        cfg.overlap.benchmarks_dir, cfg.overlap.sets, ngram=cfg.overlap.ngram, min_fraction=cfg.overlap.min_fraction
+    )
     found: list[Overlap] = []
     for name, records in sources.items():
         flags = [guard.check(c) for c in records]
@@ -151,12 +165,19 @@ def _check_overlap(cfg: SFTDataConfig, sources: dict[str, list[Conversation]], s
     if found and not (cfg.allow_test_overlap or cfg.drop_test_overlap):
         raise overlap_error(found, checked)
     action = "dropped" if cfg.drop_test_overlap else "kept (allow_test_overlap)" if cfg.allow_test_overlap else "none"
-    return {"checked": True, "index": guard.summary(), "records": checked, "overlapping": len(found), "action": action,
-            "first": [f"{o.location}: {o.benchmark} {o.item} ({o.reason})" for o in found[:SHOWN]]}
+    return {
+        "checked": True,
+        "index": guard.summary(),
+        "records": checked,
+        "overlapping": len(found),
+        "action": action,
+        "first": [f"{o.location}: {o.benchmark} {o.item} ({o.reason})" for o in found[:SHOWN]],
+    }
 
 
-def _render_split(renderer: Renderer, records: list[Conversation], cfg: SFTDataConfig, stats: SourceStats,
-                  bar) -> Examples:
+def _render_split(
+    renderer: Renderer, records: list[Conversation], cfg: SFTDataConfig, stats: SourceStats, bar
+) -> Examples:
     out = Examples()
     for conversation in records:
         bar.update()
@@ -165,7 +186,8 @@ def _render_split(renderer: Renderer, records: list[Conversation], cfg: SFTDataC
         if status == DROPPED and cfg.truncation == "error":
             raise conversation.error(
                 f"example is {len(example.ids):,} tokens, longer than max_length {cfg.max_length:,}: raise max_length, "
-                "or set truncation: left_prompt (cuts the prompt, never the response) or drop")
+                "or set truncation: left_prompt (cuts the prompt, never the response) or drop"
+            )
         stats.boundary_tokens += example.boundary_tokens
         if status == DROPPED:
             stats.dropped_too_long += 1
@@ -204,8 +226,13 @@ def _split_source(cfg: SFTDataConfig, index: int, records: list[Conversation], s
     return train, val
 
 
-def _write_split(directory: Path, examples: list[tuple[np.ndarray, np.ndarray]], sources: np.ndarray,
-                 rows: list[list[int]], max_length: int) -> dict:
+def _write_split(
+    directory: Path,
+    examples: list[tuple[np.ndarray, np.ndarray]],
+    sources: np.ndarray,
+    rows: list[list[int]],
+    max_length: int,
+) -> dict:
     """Store unique examples and the rows (sequences) that reference them; return the split's counts."""
     directory.mkdir(parents=True)
     lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
@@ -221,9 +248,14 @@ def _write_split(directory: Path, examples: list[tuple[np.ndarray, np.ndarray]],
     np.save(directory / "row_source.npy", np.array(row_source, dtype=np.int64))
     row_tokens = [int(lengths[r].sum()) for r in rows]
     response = sum(int(examples[i][1].sum()) for r in rows for i in r)
-    return {"examples": int(sum(row_lengths)), "unique_examples": len(examples), "rows": len(rows),
-            "tokens": sum(row_tokens), "response_tokens": response,
-            "fill": sum(row_tokens) / max(len(rows) * max_length, 1)}
+    return {
+        "examples": int(sum(row_lengths)),
+        "unique_examples": len(examples),
+        "rows": len(rows),
+        "tokens": sum(row_tokens),
+        "response_tokens": response,
+        "fill": sum(row_tokens) / max(len(rows) * max_length, 1),
+    }
 
 
 def _rows(lengths: np.ndarray, cfg: SFTDataConfig, seed: int) -> list[list[int]]:
@@ -235,8 +267,15 @@ def _rows(lengths: np.ndarray, cfg: SFTDataConfig, seed: int) -> list[list[int]]
 def _train_split(directory: Path, cfg: SFTDataConfig, rendered: dict[str, Examples]) -> tuple[dict, dict]:
     """Mix, pack and write the train split; return (split counts, mixture report)."""
     weights = {s.name: s.weight for s in cfg.sources}
-    pools = [Pool(name, weights[name], np.array([int(l.sum()) for l in ex.loss], dtype=np.int64),
-                  np.array([len(i) for i in ex.ids], dtype=np.int64)) for name, ex in rendered.items()]
+    pools = [
+        Pool(
+            name,
+            weights[name],
+            np.array([int(mask.sum()) for mask in ex.loss], dtype=np.int64),
+            np.array([len(i) for i in ex.ids], dtype=np.int64),
+        )
+        for name, ex in rendered.items()
+    ]
     plan = plan_mixture(pools, cfg.mixture, cfg.seed)
     examples, sources, sampled = [], [], []
     for s, (name, ex) in enumerate(rendered.items()):
@@ -263,8 +302,9 @@ def _val_split(directory: Path, cfg: SFTDataConfig, rendered: dict[str, Examples
     return _write_split(directory, examples, np.array(sources, dtype=np.int64), rows, cfg.max_length)
 
 
-def _render_sources(cfg: SFTDataConfig, renderer: Renderer, records: dict[str, list[Conversation]],
-                    stats: dict[str, SourceStats]) -> dict[str, dict[str, Examples]]:
+def _render_sources(
+    cfg: SFTDataConfig, renderer: Renderer, records: dict[str, list[Conversation]], stats: dict[str, SourceStats]
+) -> dict[str, dict[str, Examples]]:
     """Split every source, then render and fit its train and validation records: ``{split: {source: Examples}}``."""
     rendered: dict[str, dict[str, Examples]] = {"train": {}, "val": {}}
     splits = [_split_source(cfg, i, records[s.name], stats[s.name]) for i, s in enumerate(cfg.sources)]
@@ -298,12 +338,25 @@ def prepare(cfg: SFTDataConfig, out_dir: str | Path, *, force: bool = False) -> 
         val_counts = _val_split(tmp / "val", cfg, rendered["val"])
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         manifest = {
-            "stage": "sft_prepare", "version": __version__, "config": cfg.model_dump(), "inputs": inputs,
-            "fingerprint": fingerprint, "sources": [s.name for s in cfg.sources],
-            "tokenizer": {"template": cfg.template.name, "added_ids": added, "vocab_size": len(tokenizer),
-                          "eos_token": tokenizer.eos_token, "pad_id": pad_id},
-            "packing": cfg.packing, "max_length": cfg.max_length, "truncation": cfg.truncation,
-            "source_stats": {name: vars(s) for name, s in stats.items()}, "overlap": overlap, "mixture": mixture,
+            "stage": "sft_prepare",
+            "version": __version__,
+            "config": cfg.model_dump(),
+            "inputs": inputs,
+            "fingerprint": fingerprint,
+            "sources": [s.name for s in cfg.sources],
+            "tokenizer": {
+                "template": cfg.template.name,
+                "added_ids": added,
+                "vocab_size": len(tokenizer),
+                "eos_token": tokenizer.eos_token,
+                "pad_id": pad_id,
+            },
+            "packing": cfg.packing,
+            "max_length": cfg.max_length,
+            "truncation": cfg.truncation,
+            "source_stats": {name: vars(s) for name, s in stats.items()},
+            "overlap": overlap,
+            "mixture": mixture,
             "splits": {"train": train_counts, "val": val_counts},
             "timings": {"total_s": time.perf_counter() - started},
         }
@@ -313,22 +366,46 @@ def prepare(cfg: SFTDataConfig, out_dir: str | Path, *, force: bool = False) -> 
 
 
 def _report(manifest: dict, train: dict[str, Examples]) -> str:
-    lines = ["# Fine-tuning data", "", f"Template `{manifest['tokenizer']['template']}`, max_length "
-             f"{manifest['max_length']}, packing {'on' if manifest['packing'] else 'off'}, truncation "
-             f"`{manifest['truncation']}`.", "", "## Mixture (train)", "", mixture_markdown(manifest["mixture"]),
-             "## Sources", "", "| source | records | test overlap | train | val | truncated | dropped (too long) | "
-             "tokens merged across a prompt/response boundary |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Fine-tuning data",
+        "",
+        f"Template `{manifest['tokenizer']['template']}`, max_length "
+        f"{manifest['max_length']}, packing {'on' if manifest['packing'] else 'off'}, truncation "
+        f"`{manifest['truncation']}`.",
+        "",
+        "## Mixture (train)",
+        "",
+        mixture_markdown(manifest["mixture"]),
+        "## Sources",
+        "",
+        "| source | records | test overlap | train | val | truncated | dropped (too long) | "
+        "tokens merged across a prompt/response boundary |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, s in manifest["source_stats"].items():
-        lines.append(f"| {name} | {s['records']:,} | {s['test_overlap']:,} | {s['train_records']:,} | "
-                     f"{s['val_records']:,} | {s['truncated']:,} | {s['dropped_too_long']:,} | {s['boundary_tokens']:,} |")
+        lines.append(
+            f"| {name} | {s['records']:,} | {s['test_overlap']:,} | {s['train_records']:,} | "
+            f"{s['val_records']:,} | {s['truncated']:,} | {s['dropped_too_long']:,} | {s['boundary_tokens']:,} |"
+        )
     overlap = manifest["overlap"]
-    lines += ["", "## Evaluation test overlap", "",
-              f"{overlap['overlapping']:,} of {overlap['records']:,} records overlap a test item; action: {overlap['action']}."
-              if overlap["checked"] else "Not checked (no overlap.benchmarks_dir; allow_test_overlap is set).", "",
-              "## Splits", "", "| split | examples | sequences | tokens | response tokens | fill |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Evaluation test overlap",
+        "",
+        f"{overlap['overlapping']:,} of {overlap['records']:,} records overlap a test item; action: {overlap['action']}."
+        if overlap["checked"]
+        else "Not checked (no overlap.benchmarks_dir; allow_test_overlap is set).",
+        "",
+        "## Splits",
+        "",
+        "| split | examples | sequences | tokens | response tokens | fill |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for split, c in manifest["splits"].items():
-        lines.append(f"| {split} | {c['examples']:,} | {c['rows']:,} | {c['tokens']:,} | {c['response_tokens']:,} | "
-                     f"{c['fill']:.1%} |")
+        lines.append(
+            f"| {split} | {c['examples']:,} | {c['rows']:,} | {c['tokens']:,} | {c['response_tokens']:,} | "
+            f"{c['fill']:.1%} |"
+        )
     lines += ["", "## One example per source", "", "Tokens that carry loss are inside ⟦ ⟧.", ""]
     for name, ex in train.items():
         lines += [f"### {name}", "", "```text", (ex.text or "(no examples)")[:2000], "```", ""]
@@ -344,15 +421,21 @@ class PackedSplit:
     def __init__(self, directory: Path, pad_id: int, packed: bool, sources: list[str]):
         load = lambda name: np.load(directory / f"{name}.npy", mmap_mode="r")  # noqa: E731
         self.tokens, self.loss, self.offsets = load("tokens"), load("loss"), load("offsets")
-        self.row_offsets, self.row_examples, self.row_source = load("row_offsets"), load("row_examples"), load("row_source")
+        self.row_offsets, self.row_examples, self.row_source = (
+            load("row_offsets"),
+            load("row_examples"),
+            load("row_source"),
+        )
         self.pad_id, self.packed, self.sources = pad_id, packed, sources
         self.n_rows = len(self.row_source)
 
     def row(self, i: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The ``(ids, loss)`` examples of sequence ``i``."""
         examples = self.row_examples[self.row_offsets[i] : self.row_offsets[i + 1]]
-        return [(np.asarray(self.tokens[a:b], dtype=np.int64), np.asarray(self.loss[a:b]))
-                for a, b in ((self.offsets[e], self.offsets[e + 1]) for e in examples)]
+        return [
+            (np.asarray(self.tokens[a:b], dtype=np.int64), np.asarray(self.loss[a:b]))
+            for a, b in ((self.offsets[e], self.offsets[e + 1]) for e in examples)
+        ]
 
     def batch(self, rows, mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         return collate([self.row(int(i)) for i in rows], self.pad_id, packed=self.packed, mask_dtype=mask_dtype)
@@ -365,8 +448,15 @@ class PackedSplit:
             raise MedfoundryError(f"unknown source {source!r}; sources are {self.sources}")
         return np.flatnonzero(np.asarray(self.row_source) == self.sources.index(source))
 
-    def batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1, source: str | None = None,
-                mask_dtype: torch.dtype = torch.float32) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        source: str | None = None,
+        mask_dtype: torch.dtype = torch.float32,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's share of the sequences (of ``source``), in stored order: for validation."""
         mine = self.rows_for(source)[rank::world_size]
         for start in range(0, len(mine), batch_size):
@@ -388,14 +478,32 @@ class SFTData:
     def split(self, name: str) -> PackedSplit:
         if name not in SPLITS:
             raise MedfoundryError(f"unknown split {name!r}; expected one of {SPLITS}")
-        return PackedSplit(self.directory / name, self.manifest["tokenizer"]["pad_id"], self.manifest["packing"],
-                           self.manifest["sources"])
+        return PackedSplit(
+            self.directory / name,
+            self.manifest["tokenizer"]["pad_id"],
+            self.manifest["packing"],
+            self.manifest["sources"],
+        )
 
-    def reader(self, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-               mask_dtype: torch.dtype = torch.float32) -> "SFTReader":
+    def reader(
+        self,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        mask_dtype: torch.dtype = torch.float32,
+    ) -> SFTReader:
         """The endless, shuffled, resumable train reader."""
-        return SFTReader(self.split("train"), batch_size, rank=rank, world_size=world_size, seed=seed,
-                         mask_dtype=mask_dtype, fingerprint=self.fingerprint)
+        return SFTReader(
+            self.split("train"),
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            mask_dtype=mask_dtype,
+            fingerprint=self.fingerprint,
+        )
 
 
 class SFTReader(ShuffledOrder):
@@ -408,8 +516,17 @@ class SFTReader(ShuffledOrder):
     must_match = ("seed", "world_size", "n_rows", "fingerprint")
     mismatch_hint = " (was the data prepared again?)"
 
-    def __init__(self, split: PackedSplit, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 mask_dtype: torch.dtype = torch.float32, fingerprint: str = ""):
+    def __init__(
+        self,
+        split: PackedSplit,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        mask_dtype: torch.dtype = torch.float32,
+        fingerprint: str = "",
+    ):
         if split.n_rows < 1:
             raise MedfoundryError("the train split has no sequences: add data or lower validation.fraction")
         super().__init__(split.n_rows, batch_size, rank=rank, world_size=world_size, seed=seed)

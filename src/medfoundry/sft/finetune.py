@@ -23,7 +23,7 @@ from medfoundry.errors import ConfigError
 from medfoundry.sft.batch import IGNORE, masked_token_loss, model_inputs, target_count
 from medfoundry.sft.config import FinetuneConfig
 from medfoundry.sft.dataset import PackedSplit, SFTData, prepare, validation_passes
-from medfoundry.train import distributed as D
+from medfoundry.train import distributed
 from medfoundry.train.accel import fuse_output_layer, native_gelu, set_attention
 from medfoundry.train.loop import Job, run_distributed, to_device
 from medfoundry.train.losses import NextTokenLoss, linear_cross_entropy
@@ -56,7 +56,7 @@ class SFTValidation:
     """Loss on the held-out sequences of every source (the same ones each time, at most ``batches``
     micro-batches per source): ``val_loss`` over all, ``val_loss/<source>`` each."""
 
-    def __init__(self, split: PackedSplit, micro: int, batches: int, d: D.Dist):
+    def __init__(self, split: PackedSplit, micro: int, batches: int, d: distributed.Dist):
         self.split, self.micro = split, micro
         self.plan = {}
         for source in split.sources:
@@ -66,7 +66,7 @@ class SFTValidation:
                 self.plan[source] = (passes, mine)
 
     @torch.no_grad()
-    def run(self, model, loss_fn: MaskedTokenLoss, device: str, d: D.Dist) -> dict:
+    def run(self, model, loss_fn: MaskedTokenLoss, device: str, d: distributed.Dist) -> dict:
         model.eval()
         totals = {}
         for source, (passes, rows) in self.plan.items():
@@ -78,7 +78,10 @@ class SFTValidation:
                 loss, n = loss_fn(model, batch)
                 if len(chunk):
                     loss_sum, count = loss_sum + loss.item(), count + n
-            totals[source] = (D.all_reduce_sum(loss_sum, d, device), D.all_reduce_sum(count, d, device))
+            totals[source] = (
+                distributed.all_reduce_sum(loss_sum, d, device),
+                distributed.all_reduce_sum(count, d, device),
+            )
         model.train()
         loss_all, count_all = sum(s for s, _ in totals.values()), sum(n for _, n in totals.values())
         metrics = {"val_loss": loss_all / max(count_all, 1), "val_ppl": math.exp(min(loss_all / max(count_all, 1), 50))}
@@ -86,16 +89,19 @@ class SFTValidation:
         return metrics
 
 
-def _prepared(cfg: FinetuneConfig, d: D.Dist) -> SFTData:
+def _prepared(cfg: FinetuneConfig, d: distributed.Dist) -> SFTData:
     """The prepared data, written by process 0 (reused when config and inputs are unchanged)."""
     path = cfg.prepared_path()
     if d.is_main:
         manifest = prepare(cfg.data_config(), path)
         counts = manifest["splits"]
-        print(f"finetune: data: {counts['train']['examples']:,} train examples in {counts['train']['rows']:,} sequences "
-              f"({counts['train']['response_tokens']:,} response tokens), {counts['val']['rows']:,} validation "
-              f"sequences -> {path}", flush=True)
-    D.barrier(d)
+        print(
+            f"finetune: data: {counts['train']['examples']:,} train examples in {counts['train']['rows']:,} sequences "
+            f"({counts['train']['response_tokens']:,} response tokens), {counts['val']['rows']:,} validation "
+            f"sequences -> {path}",
+            flush=True,
+        )
+    distributed.barrier(d)
     return SFTData(path)
 
 
@@ -118,8 +124,8 @@ def _load_base(cfg: FinetuneConfig, tokenizer_dir: Path, max_length: int):
     return model
 
 
-def _finetune_job(cfg: FinetuneConfig, d: D.Dist, device: str, precision: str) -> Job:
-    from medfoundry.sft import lora as L
+def _finetune_job(cfg: FinetuneConfig, d: distributed.Dist, device: str, precision: str) -> Job:
+    from medfoundry.sft import lora
 
     data = _prepared(cfg, d)
     cfg = _resolve_steps(cfg, data)
@@ -127,28 +133,42 @@ def _finetune_job(cfg: FinetuneConfig, d: D.Dist, device: str, precision: str) -
     model = _load_base(cfg, data.tokenizer_dir, max_length)
     attention = set_attention(model, cfg.training.attention, device, max_length)
     if data.manifest["packing"] and attention not in ("eager", "sdpa"):
-        raise ConfigError(f"{type(model).__name__} uses its own {attention!r} attention, which ignores the block-causal "
-                          "masks of packed sequences: set data.packing: false")
+        raise ConfigError(
+            f"{type(model).__name__} uses its own {attention!r} attention, which ignores the block-causal "
+            "masks of packed sequences: set data.packing: false"
+        )
     native_gelu(model)
     added = data.manifest["tokenizer"]["added_ids"]
     head = fuse_output_layer(model, _loss_choice(cfg, added))
     if cfg.lora is not None:
-        model = L.add_adapters(model, cfg.lora, added)
+        model = lora.add_adapters(model, cfg.lora, added)
     model.to(device)
     if cfg.training.activation_checkpointing:
         model.gradient_checkpointing_enable()
         if cfg.lora is not None:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need input grads
-    model = D.wrap_model(model, cfg.distributed.strategy, device, d)
+    model = distributed.wrap_model(model, cfg.distributed.strategy, device, d)
     reader = data.reader(cfg.training.micro_batch_size, rank=d.rank, world_size=d.world_size, seed=cfg.training.seed)
     val = data.split("val")
     validation = SFTValidation(val, cfg.training.micro_batch_size, cfg.eval.batches, d) if val.n_rows else None
     kernels = {"attention": attention, "loss": "plain" if head is None else "chunked"}
-    info = {"kernels": kernels, "data": {"dir": str(data.directory), "fingerprint": data.fingerprint},
-            "steps": cfg.training.steps, **({"lora": L.describe(D.unwrap(model))} if cfg.lora is not None else {})}
-    return Job(cfg=cfg, model=model, loss=MaskedTokenLoss(head, precision, device), reader=reader, counts=_counts,
-               validation=validation, export=lambda m, out: _export(m, out, cfg, data),
-               step_flops=_step_flops(D.unwrap(model), max_length, fused=head is not None), info=info)
+    info = {
+        "kernels": kernels,
+        "data": {"dir": str(data.directory), "fingerprint": data.fingerprint},
+        "steps": cfg.training.steps,
+        **({"lora": lora.describe(distributed.unwrap(model))} if cfg.lora is not None else {}),
+    }
+    return Job(
+        cfg=cfg,
+        model=model,
+        loss=MaskedTokenLoss(head, precision, device),
+        reader=reader,
+        counts=_counts,
+        validation=validation,
+        export=lambda m, out: _export(m, out, cfg, data),
+        step_flops=_step_flops(distributed.unwrap(model), max_length, fused=head is not None),
+        info=info,
+    )
 
 
 def _step_flops(model, context: int, fused: bool):
@@ -167,8 +187,10 @@ def _loss_choice(cfg: FinetuneConfig, added_ids: list[int]) -> str:
     if cfg.lora is None or not added_ids:
         return cfg.training.loss
     if cfg.training.loss == "chunked":
-        raise ConfigError("training.loss: chunked cannot train the tokens the template added under LoRA "
-                          "(they train through peft's wrappers): use auto or plain")
+        raise ConfigError(
+            "training.loss: chunked cannot train the tokens the template added under LoRA "
+            "(they train through peft's wrappers): use auto or plain"
+        )
     return "plain"
 
 
@@ -179,11 +201,11 @@ def _counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 def _export(model, out: Path, cfg: FinetuneConfig, data: SFTData) -> None:
     from medfoundry.model.export import export_hf
-    from medfoundry.sft import lora as L
+    from medfoundry.sft import lora
 
     if cfg.lora is not None:
-        L.save_adapter(model, out.parent / "adapter", data.tokenizer_dir)
+        lora.save_adapter(model, out.parent / "adapter", data.tokenizer_dir)
         if not cfg.lora.merge:
             return
-        model = L.merged(model)
+        model = lora.merged(model)
     export_hf(model, data.tokenizer_dir, out)

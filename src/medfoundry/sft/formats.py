@@ -22,8 +22,14 @@ from medfoundry.errors import InputError
 from medfoundry.io import iter_json_lines, lone_surrogate, may_hold_surrogates, open_binary
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+}
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,9 @@ def _structure_problem(messages: tuple[Message, ...]) -> str | None:
         if message.role == "system":
             return f"a system message may only come first (found one at turn {i + 1})"
         if message.role != expected:
-            return f"turn {i + 1} is {message.role!r} but {expected!r} was expected: turns must alternate user, assistant"
+            return (
+                f"turn {i + 1} is {message.role!r} but {expected!r} was expected: turns must alternate user, assistant"
+            )
     if turns[-1].role != "assistant":
         return "record is missing its response: the last turn is a user turn without an assistant reply"
     empty = [i + 1 for i, m in enumerate(turns) if m.role == "assistant" and not m.content.strip()]
@@ -161,7 +169,10 @@ def from_sharegpt(record: dict, path: str, line: int | None) -> Conversation:
 
 
 PARSERS: dict[str, Callable[[dict, str, int | None], Conversation]] = {
-    "alpaca": from_alpaca, "messages": from_messages, "sharegpt": from_sharegpt}
+    "alpaca": from_alpaca,
+    "messages": from_messages,
+    "sharegpt": from_sharegpt,
+}
 
 
 def detect_format(record: Any, path: str, line: int | None) -> str:
@@ -174,8 +185,12 @@ def detect_format(record: Any, path: str, line: int | None) -> str:
         if "instruction" in record or "output" in record:
             return "alpaca"
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-    raise InputError(path, f"cannot tell the format of this record (keys: {keys}); expected Alpaca "
-                           "(instruction/input/output), 'messages' or ShareGPT 'conversations', or set format:", line)
+    raise InputError(
+        path,
+        f"cannot tell the format of this record (keys: {keys}); expected Alpaca "
+        "(instruction/input/output), 'messages' or ShareGPT 'conversations', or set format:",
+        line,
+    )
 
 
 def _scan_json(text: str, path: str) -> Iterator[tuple[int, str | None, Any]]:
@@ -209,8 +224,12 @@ def _scan_json(text: str, path: str) -> Iterator[tuple[int, str | None, Any]]:
             raise InputError(path, "invalid JSON: nested too deeply", line) from None
         surrogate = lone_surrogate([key, value]) if escapes else None
         if surrogate is not None:
-            raise InputError(path, f"invalid JSON: the string escape \\u{ord(surrogate):04x} is a lone UTF-16 surrogate, "
-                                   "not a character (a string cut inside a surrogate pair?)", line)
+            raise InputError(
+                path,
+                f"invalid JSON: the string escape \\u{ord(surrogate):04x} is a lone UTF-16 surrogate, "
+                "not a character (a string cut inside a surrogate pair?)",
+                line,
+            )
         yield line, key, value
         pos = _skip(text, pos)
         if text[pos : pos + 1] == ",":

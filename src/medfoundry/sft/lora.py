@@ -30,8 +30,14 @@ def _peft():
 def add_adapters(model: nn.Module, cfg: LoraConfig, added_ids: list[int]) -> nn.Module:
     """``model`` wrapped with LoRA adapters; everything else frozen (but the rows of ``added_ids``)."""
     peft = _peft()
-    config = peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                             target_modules=cfg.target_modules, trainable_token_indices=_token_rows(model, added_ids))
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        trainable_token_indices=_token_rows(model, added_ids),
+    )
     try:
         return peft.get_peft_model(model, config)
     except ValueError as exc:  # e.g. target modules not found

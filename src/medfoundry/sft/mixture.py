@@ -35,8 +35,10 @@ def _targets(pools: list[Pool], cfg: MixtureConfig) -> dict[str, float]:
     sizes = {p.name: float(p.units(cfg.by).sum()) for p in pools}
     empty = [p.name for p in pools if sizes[p.name] == 0]
     if empty:
-        raise ConfigError(f"source {empty[0]!r} has no training examples left (after the validation split, overlap "
-                          "and length filters): remove it or give it data")
+        raise ConfigError(
+            f"source {empty[0]!r} has no training examples left (after the validation split, overlap "
+            "and length filters): remove it or give it data"
+        )
     weighted = [p for p in pools if p.weight is not None]
     whole = {p.name: sizes[p.name] for p in pools if p.weight is None}
     if whole:
@@ -70,7 +72,8 @@ def plan_mixture(pools: list[Pool], cfg: MixtureConfig, seed: int) -> dict[str, 
             raise ConfigError(
                 f"source {pool.name!r} would be repeated {repeat:.1f} times to reach its weight {pool.weight} "
                 f"({len(units):,} examples, {int(pool.response_tokens.sum()):,} response tokens), more than "
-                f"mixture.max_repeat {cfg.max_repeat}: lower its weight or mixture.total, add data, or raise max_repeat")
+                f"mixture.max_repeat {cfg.max_repeat}: lower its weight or mixture.total, add data, or raise max_repeat"
+            )
         plan[pool.name] = _sample(units, targets[pool.name], np.random.default_rng([seed, i]))
     return plan
 
@@ -85,25 +88,40 @@ def mixture_report(pools: list[Pool], plan: dict[str, np.ndarray], cfg: MixtureC
     for p in pools:
         available = p.units(cfg.by).sum()
         sources[p.name] = {
-            "requested_share": p.weight, "available_examples": len(p.tokens),
-            "available_response_tokens": int(p.response_tokens.sum()), "examples": examples[p.name],
-            "response_tokens": response[p.name], "tokens": tokens[p.name],
+            "requested_share": p.weight,
+            "available_examples": len(p.tokens),
+            "available_response_tokens": int(p.response_tokens.sum()),
+            "examples": examples[p.name],
+            "response_tokens": response[p.name],
+            "tokens": tokens[p.name],
             "epochs": float(p.units(cfg.by)[plan[p.name]].sum() / available),
-            "share_examples": examples[p.name] / all_examples, "share_response_tokens": response[p.name] / all_response,
+            "share_examples": examples[p.name] / all_examples,
+            "share_response_tokens": response[p.name] / all_response,
         }
-    return {"by": cfg.by, "examples": sum(examples.values()), "response_tokens": sum(response.values()),
-            "tokens": sum(tokens.values()), "sources": sources}
+    return {
+        "by": cfg.by,
+        "examples": sum(examples.values()),
+        "response_tokens": sum(response.values()),
+        "tokens": sum(tokens.values()),
+        "sources": sources,
+    }
 
 
 def mixture_markdown(report: dict) -> str:
     """The mixture report as a Markdown table."""
     achieved = "share_examples" if report["by"] == "examples" else "share_response_tokens"
-    lines = [f"Shares are of {report['by'].replace('_', ' ')}; sources without a weight are taken whole.", "",
-             "| source | requested | achieved | examples | response tokens | share of examples | "
-             "share of response tokens | epochs |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Shares are of {report['by'].replace('_', ' ')}; sources without a weight are taken whole.",
+        "",
+        "| source | requested | achieved | examples | response tokens | share of examples | "
+        "share of response tokens | epochs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, s in report["sources"].items():
         requested = "whole" if s["requested_share"] is None else f"{s['requested_share']:.1%}"
-        lines.append(f"| {name} | {requested} | {s[achieved]:.1%} | {s['examples']:,} | {s['response_tokens']:,} | "
-                     f"{s['share_examples']:.1%} | {s['share_response_tokens']:.1%} | {s['epochs']:.2f} |")
+        lines.append(
+            f"| {name} | {requested} | {s[achieved]:.1%} | {s['examples']:,} | {s['response_tokens']:,} | "
+            f"{s['share_examples']:.1%} | {s['share_response_tokens']:.1%} | {s['epochs']:.2f} |"
+        )
     lines.append(f"| **total** | | | {report['examples']:,} | {report['response_tokens']:,} | | | |")
     return "\n".join(lines) + "\n"

@@ -98,8 +98,13 @@ class OverlapGuard:
         total = int(self.item_ngrams[self.item_number[(found.benchmark, found.item)]])
         if found.matches < self.min_fraction * total:
             return None
-        return Overlap(where, found.benchmark, found.item, "ngram_overlap",
-                       f"{found.matches} of the item's {total} {self.index.ngram}-grams")
+        return Overlap(
+            where,
+            found.benchmark,
+            found.item,
+            "ngram_overlap",
+            f"{found.matches} of the item's {total} {self.index.ngram}-grams",
+        )
 
     def summary(self) -> dict:
         return {**self.index.summary(), "exact_items": len(self.keys), "min_fraction": self.min_fraction}
@@ -115,6 +120,8 @@ def overlap_error(found: list[Overlap], checked: int) -> MedfoundryError:
     lines += [f"  {o.location}: {o.benchmark} test item {o.item} ({o.reason}: {o.detail})" for o in found[:SHOWN]]
     if len(found) > SHOWN:
         lines.append(f"  ... and {len(found) - SHOWN} more")
-    lines.append("Training on them would inflate the evaluation. Remove them from the sources, or set "
-                 "allow_test_overlap: true to train on them anyway (the manifest then records the overlap).")
+    lines.append(
+        "Training on them would inflate the evaluation. Remove them from the sources, or set "
+        "allow_test_overlap: true to train on them anyway (the manifest then records the overlap)."
+    )
     return MedfoundryError("\n".join(lines))

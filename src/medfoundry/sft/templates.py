@@ -31,9 +31,11 @@ from medfoundry.sft.formats import Conversation, Message
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
-_OPTIONS_JINJA = ("{%- if message['options'] is defined and message['options'] -%}{{ '\\n\\n' + options_header }}"
-                  "{%- for key, value in message['options'].items() -%}{{ '\\n' + key + '. ' + value }}{%- endfor -%}"
-                  "{%- endif -%}")
+_OPTIONS_JINJA = (
+    "{%- if message['options'] is defined and message['options'] -%}{{ '\\n\\n' + options_header }}"
+    "{%- for key, value in message['options'].items() -%}{{ '\\n' + key + '. ' + value }}{%- endfor -%}"
+    "{%- endif -%}"
+)
 
 CHATML = (
     "{%- set options_header = 'Options:' -%}"
@@ -86,8 +88,9 @@ def install_template(tokenizer, cfg: TemplateConfig) -> list[int]:
     embeddings must grow by as many rows)."""
     if cfg.name == "model":
         if not tokenizer.chat_template:
-            raise ConfigError("template.name is 'model' but the tokenizer has no chat template: "
-                              "use template chatml or biomed_llama")
+            raise ConfigError(
+                "template.name is 'model' but the tokenizer has no chat template: use template chatml or biomed_llama"
+            )
         return []
     if tokenizer.eos_token is None:
         raise ConfigError(f"template {cfg.name!r} closes every response with the EOS token, but the tokenizer has none")
@@ -108,9 +111,16 @@ def save_tokenizer(tokenizer, directory: Path, added_ids: list[int], base: str) 
     ``vocab_extension.json`` lets :func:`medfoundry.model.resize.resize_for_tokenizer` grow the model."""
     tokenizer.save_pretrained(str(directory))
     if added_ids:
-        write_json(directory / "vocab_extension.json", {
-            "base_dir": str(base), "base_vocab_size": added_ids[0], "vocab_size": added_ids[-1] + 1,
-            "added_ids": added_ids, "added_tokens": tokenizer.convert_ids_to_tokens(added_ids)})
+        write_json(
+            directory / "vocab_extension.json",
+            {
+                "base_dir": str(base),
+                "base_vocab_size": added_ids[0],
+                "vocab_size": added_ids[-1] + 1,
+                "added_ids": added_ids,
+                "added_tokens": tokenizer.convert_ids_to_tokens(added_ids),
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -158,7 +168,8 @@ class Renderer:
                 raise conversation.error(
                     f"template {self.cfg.name!r} does not render this conversation incrementally (turn {i + 1}: the "
                     "prompt is not a prefix of prompt + response), so the response cannot be located for the loss mask; "
-                    "use template chatml or biomed_llama")
+                    "use template chatml or biomed_llama"
+                )
             if i in targets:
                 spans.append((len(prompt), self._response_end(full, len(prompt), conversation)))
             text = full
@@ -170,15 +181,18 @@ class Renderer:
         if not stripped.endswith(self.end_tokens) or len(stripped) <= start:
             raise conversation.error(
                 f"template {self.cfg.name!r} does not close the assistant turn with a special end token "
-                f"(it renders {full[start:][-40:]!r}): the model would never learn to stop")
+                f"(it renders {full[start:][-40:]!r}): the model would never learn to stop"
+            )
         return len(stripped)
 
     def __call__(self, conversation: Conversation) -> Example:
         text, spans = self.response_spans(conversation)
         surrogate = lone_surrogate(text)
         if surrogate is not None:  # the Rust tokenizer takes UTF-8 only: it would fail with a bare UnicodeEncodeError
-            raise conversation.error(f"the record holds a lone UTF-16 surrogate (\\u{ord(surrogate):04x}), "
-                                     "which is not a character: it cannot be tokenized")
+            raise conversation.error(
+                f"the record holds a lone UTF-16 surrogate (\\u{ord(surrogate):04x}), "
+                "which is not a character: it cannot be tokenized"
+            )
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         starts, ends = offsets[:, 0], offsets[:, 1]
@@ -202,4 +216,3 @@ def prepare_tokenizer(spec: str, cfg: TemplateConfig, directory: Path):
     added = install_template(tokenizer, cfg)
     save_tokenizer(tokenizer, directory, added, spec)
     return tokenizer, added
-

@@ -45,7 +45,17 @@ class _Bpe:
         self.merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         self.next_id = first_new_id
         self.added: list[str] = []
-        self.options = {k: model.get(k) for k in ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback")}
+        self.options = {
+            k: model.get(k)
+            for k in (
+                "dropout",
+                "unk_token",
+                "continuing_subword_prefix",
+                "end_of_word_suffix",
+                "fuse_unk",
+                "byte_fallback",
+            )
+        }
 
     def merge(self, left: str, right: str) -> None:
         self.merges.append((left, right))
@@ -143,8 +153,10 @@ def _copy_configs(base_dir: Path, out: Path, tokenizer: Tokenizer, gguf_tokenize
             copied = True
     if not copied and tokenizer.token_to_id("<|endoftext|>") is not None:
         special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-        write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **special,
-                                                   "clean_up_tokenization_spaces": False})
+        write_json(
+            out / "tokenizer_config.json",
+            {"tokenizer_class": "PreTrainedTokenizerFast", **special, "clean_up_tokenization_spaces": False},
+        )
         write_json(out / "special_tokens_map.json", special)
 
 
@@ -160,17 +172,32 @@ def extend_tokenizer(cfg: ExtendConfig) -> dict:
     with atomic_dir(cfg.output_dir) as tmp:
         _copy_configs(Path(cfg.base_dir), tmp, extended, gguf)
         extended.save(str(tmp / "tokenizer.json"))
-        extension = {"base_dir": cfg.base_dir, "base_vocab_size": base_size, "vocab_size": new_size,
-                     "added_ids": added_ids, "added_tokens": [extended.id_to_token(i) for i in added_ids], "words": words}
+        extension = {
+            "base_dir": cfg.base_dir,
+            "base_vocab_size": base_size,
+            "vocab_size": new_size,
+            "added_ids": added_ids,
+            "added_tokens": [extended.id_to_token(i) for i in added_ids],
+            "words": words,
+        }
         write_json(tmp / "vocab_extension.json", extension)
         texts = list(_texts(cfg, "val"))[: cfg.fertility.max_docs]
         references = {"base": base, **{n: load_fast_tokenizer(p) for n, p in cfg.fertility.references.items()}}
-        terms = cfg.fertility.terms + domain_words(texts, cfg.fertility.top_domain_words, cfg.fertility.min_word_chars, base)
+        terms = cfg.fertility.terms + domain_words(
+            texts, cfg.fertility.top_domain_words, cfg.fertility.min_word_chars, base
+        )
         report = fertility_report(texts, {"extended": extended, **references}, list(dict.fromkeys(terms)))
         write_json(tmp / "fertility.json", report)
         write_text(tmp / "fertility.md", fertility_markdown(report, "base"))
-        manifest = {"stage": "tokenizer_extend", "version": __version__, "config": cfg.model_dump(),
-                    "base_vocab_size": base_size, "vocab_size": new_size, "words_added": len(words),
-                    "fertility": report["tokenizers"], "timings": {"total_s": time.perf_counter() - start}}
+        manifest = {
+            "stage": "tokenizer_extend",
+            "version": __version__,
+            "config": cfg.model_dump(),
+            "base_vocab_size": base_size,
+            "vocab_size": new_size,
+            "words_added": len(words),
+            "fertility": report["tokenizers"],
+            "timings": {"total_s": time.perf_counter() - start},
+        }
         write_json(tmp / "manifest.json", manifest)
     return manifest

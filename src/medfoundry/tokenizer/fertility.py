@@ -71,7 +71,8 @@ def fertility_markdown(report: dict, baseline: str | None = None) -> str:
         "# Tokenizer fertility",
         f"{report['documents']:,} validation documents, {report['words']:,} words, {report['characters']:,} characters.",
         "",
-        "| tokenizer | tokens/word | chars/token | words split | tokens/doc |" + (f" vs {baseline} |" if baseline else ""),
+        "| tokenizer | tokens/word | chars/token | words split | tokens/doc |"
+        + (f" vs {baseline} |" if baseline else ""),
         "|---|---|---|---|---|" + ("---|" if baseline else ""),
     ]
     base = report["tokenizers"].get(baseline) if baseline else None
@@ -80,7 +81,13 @@ def fertility_markdown(report: dict, baseline: str | None = None) -> str:
         if base:
             row += f" {100 * (m['tokens_per_word'] / base['tokens_per_word'] - 1):+.1f}% |"
         lines.append(row)
-    lines += ["", "## Terms as they appear inside a sentence", "", "| term | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [
+        "",
+        "## Terms as they appear inside a sentence",
+        "",
+        "| term | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for term, splits in report["terms"].items():
         cells = [f"{len(p)}: `{'·'.join(x.replace(' ', '␣') for x in p)}`" for p in (splits[n] for n in names)]
         lines.append(f"| {term} | " + " | ".join(cells) + " |")

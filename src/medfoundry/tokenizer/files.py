@@ -18,8 +18,9 @@ def load_gguf_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise InputError(str(path), "GGUF file not found")
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
-                                         trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(
+        str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
+    )
 
 
 def load_hf_tokenizer(directory: str | Path, *, trust_remote_code: bool = False):
@@ -35,9 +36,12 @@ def load_hf_tokenizer(directory: str | Path, *, trust_remote_code: bool = False)
         except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError) as exc:
             raise InputError(str(config), f"not a readable JSON object ({exc})") from None
         if auto_map:
-            raise InputError(str(config), f"refused: 'auto_map' asks to run Python code shipped with the tokenizer "
-                                          f"({auto_map!r:.200}), and medfoundry never runs a checkpoint's code unless "
-                                          "told to trust it (trust_remote_code=True)")
+            raise InputError(
+                str(config),
+                f"refused: 'auto_map' asks to run Python code shipped with the tokenizer "
+                f"({auto_map!r:.200}), and medfoundry never runs a checkpoint's code unless "
+                "told to trust it (trust_remote_code=True)",
+            )
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
 
 

@@ -30,7 +30,9 @@ PATTERNS = {
 
 def byte_level_pretokenizer(rule: str):
     """Split with ``rule``'s pattern, then map bytes to GPT-2's printable byte alphabet."""
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PATTERNS[rule]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PATTERNS[rule]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )

@@ -19,14 +19,17 @@ class WindowReader(ShuffledOrder):
 
     must_match = ("seq_len", "world_size", "n_windows", "seed")
 
-    def __init__(self, shards: TokenShards, seq_len: int, batch_size: int, *, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+    def __init__(
+        self, shards: TokenShards, seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0
+    ):
         if seq_len < 1:
             raise MedfoundryError(f"seq_len must be positive, not {seq_len}")
         n_windows = (shards.total_tokens - 1) // seq_len
         if n_windows < 1:
-            raise MedfoundryError(f"too little data: {shards.total_tokens:,} tokens, but one window of "
-                                  f"seq_len {seq_len:,} needs {seq_len + 1:,}")
+            raise MedfoundryError(
+                f"too little data: {shards.total_tokens:,} tokens, but one window of "
+                f"seq_len {seq_len:,} needs {seq_len + 1:,}"
+            )
         super().__init__(n_windows, batch_size, rank=rank, world_size=world_size, seed=seed)
         self.shards, self.seq_len = shards, seq_len
 

@@ -41,11 +41,19 @@ ENCODE_BATCH = 1000  # documents per encode_batch call
 _PART_SUFFIX = ".jsonl.gz"
 
 
-def tokenize_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, *, eos_token: str | None = None,
-                    dtype: str = "auto", workers: int = 0, splits=("train", "val")) -> dict:
+def tokenize_corpus(
+    corpus_dir: Path,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    *,
+    eos_token: str | None = None,
+    dtype: str = "auto",
+    workers: int = 0,
+    splits=("train", "val"),
+) -> dict:
     """Tokenize every corpus part into ``out_dir/{split}``; returns (and writes) ``out_dir/manifest.json``.
     ``tokenizer_dir`` may be a ``.gguf`` model file (its tokenizer, from the dequantized checkpoint)."""
-    from medfoundry.eval.model import hf_directory
+    from medfoundry.model.load import hf_directory
 
     start = time.perf_counter()
     corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), hf_directory(tokenizer_dir), Path(out_dir)
@@ -74,6 +82,7 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, *, eos
 
 # -- tokenizer, EOS and dtype ------------------------------------------------------------------
 
+
 def _header(tokenizer_dir: Path, eos_token: str | None, dtype: str) -> tuple[dict, str]:
     """The fields every index.json starts with; they decide whether earlier shards can be reused."""
     tokenizer = load_fast_tokenizer(tokenizer_dir)
@@ -82,13 +91,19 @@ def _header(tokenizer_dir: Path, eos_token: str | None, dtype: str) -> tuple[dic
     if eos_token is None and tokenizer.token_to_id("<|endoftext|>") is not None:
         eos_token = "<|endoftext|>"
     if eos_token is None:
-        raise MedfoundryError(f"{tokenizer_dir}: no end-of-document token (no eos_token in tokenizer_config.json "
-                              "and no <|endoftext|> in the vocabulary); pass eos_token=... naming one")
+        raise MedfoundryError(
+            f"{tokenizer_dir}: no end-of-document token (no eos_token in tokenizer_config.json "
+            "and no <|endoftext|> in the vocabulary); pass eos_token=... naming one"
+        )
     eos_id = tokenizer.token_to_id(eos_token)
     if eos_id is None:
         raise MedfoundryError(f"{tokenizer_dir}: eos token {eos_token!r} is not in the vocabulary")
-    header = {"dtype": _choose_dtype(dtype, vocab_size), "eos_id": eos_id, "vocab_size": vocab_size,
-              "tokenizer": {"path": str(tokenizer_dir.resolve()), "sha256": _tokenizer_sha256(tokenizer_dir)}}
+    header = {
+        "dtype": _choose_dtype(dtype, vocab_size),
+        "eos_id": eos_id,
+        "vocab_size": vocab_size,
+        "tokenizer": {"path": str(tokenizer_dir.resolve()), "sha256": _tokenizer_sha256(tokenizer_dir)},
+    }
     return header, eos_token
 
 
@@ -106,8 +121,9 @@ def _choose_dtype(dtype: str, vocab_size: int) -> str:
     if dtype not in DTYPES:
         raise MedfoundryError(f"dtype must be auto, uint16 or uint32, not {dtype!r}")
     if dtype == "uint16" and vocab_size > 2**16:
-        raise MedfoundryError(f"dtype uint16 holds ids below 65,536 but the vocabulary has {vocab_size:,} ids; "
-                              "use dtype uint32 or auto")
+        raise MedfoundryError(
+            f"dtype uint16 holds ids below 65,536 but the vocabulary has {vocab_size:,} ids; use dtype uint32 or auto"
+        )
     return dtype
 
 
@@ -121,6 +137,7 @@ def _tokenizer_sha256(tokenizer_dir: Path) -> str:
 
 
 # -- planning and resuming ---------------------------------------------------------------------
+
 
 def _corpus_parts(corpus_dir: Path, split: str) -> list[Path]:
     split_dir = corpus_dir / split
@@ -181,6 +198,7 @@ def _reusable(entry: dict | None, split_dir: Path, source_sha256: str, itemsize:
 
 # -- workers -----------------------------------------------------------------------------------
 
+
 def _run(tasks: list, tokenizer_dir: str, workers: int):
     """Yield (split, entry, built) per task as workers finish them (in no particular order)."""
     if not tasks:
@@ -226,9 +244,15 @@ def _tokenize_part(task: tuple) -> tuple[str, dict, bool]:
             out.write(data)
     with atomic_open(split_dir / f"{name}.idx.npy", "wb") as out:
         np.save(out, np.asarray(offsets, dtype=np.int64))
-    entry = {"bin": f"{name}.bin", "idx": f"{name}.idx.npy", "tokens": total, "docs": len(offsets),
-             "source_sha256": source_sha256, "sources": dict(sorted(sources.items())),
-             "checksums": {"bin": bin_digest.hexdigest(), "idx": file_checksum(split_dir / f"{name}.idx.npy")}}
+    entry = {
+        "bin": f"{name}.bin",
+        "idx": f"{name}.idx.npy",
+        "tokens": total,
+        "docs": len(offsets),
+        "source_sha256": source_sha256,
+        "sources": dict(sorted(sources.items())),
+        "checksums": {"bin": bin_digest.hexdigest(), "idx": file_checksum(split_dir / f"{name}.idx.npy")},
+    }
     return split, entry, True
 
 
@@ -250,18 +274,29 @@ def _document_batches(part: Path):
                     yield texts, sources
                     texts, sources = [], []
         except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupted .gz (its CRC catches it)
-            raise InputError(str(part), f"unreadable corpus part ({exc}); build the corpus again", line_no + 1) from None
+            raise InputError(
+                str(part), f"unreadable corpus part ({exc}); build the corpus again", line_no + 1
+            ) from None
     if texts:
         yield texts, sources
 
 
 # -- outputs -----------------------------------------------------------------------------------
 
+
 def _write_index(split_dir: Path, header: dict, shards: dict[str, dict], complete: bool) -> None:
     entries = [shards[name] for name in sorted(shards)]
-    write_json(split_dir / "index.json", {**header, "checksum": CHECKSUM, "shards": entries,
-                                          "tokens": sum(e["tokens"] for e in entries),
-                                          "docs": sum(e["docs"] for e in entries), "complete": complete})
+    write_json(
+        split_dir / "index.json",
+        {
+            **header,
+            "checksum": CHECKSUM,
+            "shards": entries,
+            "tokens": sum(e["tokens"] for e in entries),
+            "docs": sum(e["docs"] for e in entries),
+            "complete": complete,
+        },
+    )
 
 
 def _remove_stale(split_dir: Path, shards: dict[str, dict]) -> None:
@@ -277,14 +312,21 @@ def _manifest(corpus_dir, header, eos_token, shards, built_tokens, tokenize_s, t
     build_key = json.loads(corpus_manifest.read_text()).get("build_key") if corpus_manifest.is_file() else None
     splits, sources = {}, {}
     for split, entries in shards.items():
-        splits[split] = {"tokens": sum(e["tokens"] for e in entries.values()),
-                         "docs": sum(e["docs"] for e in entries.values()), "shards": len(entries)}
+        splits[split] = {
+            "tokens": sum(e["tokens"] for e in entries.values()),
+            "docs": sum(e["docs"] for e in entries.values()),
+            "shards": len(entries),
+        }
         sources[split] = dict(sorted(sum((Counter(e["sources"]) for e in entries.values()), Counter()).items()))
     return {
         "package_version": __version__,
         "corpus": {"path": str(corpus_dir.resolve()), "build_key": build_key},
-        "tokenizer": {**header["tokenizer"], "vocab_size": header["vocab_size"],
-                      "eos_token": eos_token, "eos_id": header["eos_id"]},
+        "tokenizer": {
+            **header["tokenizer"],
+            "vocab_size": header["vocab_size"],
+            "eos_token": eos_token,
+            "eos_id": header["eos_id"],
+        },
         "dtype": header["dtype"],
         "splits": splits,
         "source_tokens": sources,
@@ -295,6 +337,7 @@ def _manifest(corpus_dir, header, eos_token, shards, built_tokens, tokenize_s, t
 
 
 # -- reading -----------------------------------------------------------------------------------
+
 
 class TokenShards:
     """One tokenized split, memory-mapped, read as one long token array.
@@ -341,8 +384,11 @@ class TokenShards:
                 path = self.split_dir / entry[kind]
                 found = file_checksum(path)
                 if found != expected:
-                    raise InputError(str(path), f"corrupted: its {CHECKSUM} checksum is {found}, index.json records "
-                                                f"{expected}; run the tokenization again to rebuild it")
+                    raise InputError(
+                        str(path),
+                        f"corrupted: its {CHECKSUM} checksum is {found}, index.json records "
+                        f"{expected}; run the tokenization again to rebuild it",
+                    )
                 checked += 1
         return checked
 
@@ -352,8 +398,9 @@ class TokenShards:
             raise InputError(str(path), "missing (listed in index.json)")
         size, expected = path.stat().st_size, entry["tokens"] * self.dtype.itemsize
         if size != expected:
-            raise InputError(str(path), f"index says {entry['tokens']:,} tokens ({expected:,} bytes) "
-                                        f"but the file has {size:,} bytes")
+            raise InputError(
+                str(path), f"index says {entry['tokens']:,} tokens ({expected:,} bytes) but the file has {size:,} bytes"
+            )
         if size == 0:  # mmap cannot map an empty file
             return np.empty(0, self.dtype)
         return np.memmap(path, dtype=self.dtype, mode="r")
@@ -366,8 +413,9 @@ class TokenShards:
         except (OSError, ValueError, EOFError) as exc:
             raise InputError(str(path), f"unreadable document index ({exc})") from None
         if offsets.shape != (entry["docs"],):
-            raise InputError(str(path), f"index says {entry['docs']:,} documents but the file has "
-                                        f"{offsets.size:,} offsets")
+            raise InputError(
+                str(path), f"index says {entry['docs']:,} documents but the file has {offsets.size:,} offsets"
+            )
         return offsets
 
     def document(self, i: int) -> np.ndarray:
@@ -377,7 +425,7 @@ class TokenShards:
         shard = int(np.searchsorted(self._doc_starts, i, side="right")) - 1
         offsets, local = self._idx[shard], i - int(self._doc_starts[shard])
         stop = int(offsets[local + 1]) if local + 1 < len(offsets) else len(self._bins[shard])
-        return np.asarray(self._bins[shard][int(offsets[local]):stop - 1])
+        return np.asarray(self._bins[shard][int(offsets[local]) : stop - 1])
 
     def slice(self, start: int, stop: int) -> np.ndarray:
         """Tokens ``start:stop`` of the concatenation of all shards (may span shard boundaries)."""
@@ -388,7 +436,7 @@ class TokenShards:
         while start < stop:
             base = int(self._token_starts[shard])
             end = min(stop, int(self._token_starts[shard + 1]))
-            pieces.append(self._bins[shard][start - base:end - base])
+            pieces.append(self._bins[shard][start - base : end - base])
             start, shard = end, shard + 1
         if len(pieces) == 1:
             return np.asarray(pieces[0])

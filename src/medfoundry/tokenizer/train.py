@@ -8,8 +8,8 @@ reference tokenizers, and ``manifest.json``.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -44,8 +44,11 @@ def train_bpe(cfg: TokenizerTrainConfig, texts: Iterator[str]) -> Tokenizer:
     """Deterministic: the same texts and settings give the same vocabulary and merges."""
     tokenizer = new_tokenizer(cfg)
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=cfg.special_tokens.all(),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=cfg.special_tokens.all(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
@@ -56,14 +59,36 @@ def save_hf(tokenizer: Tokenizer, directory: Path, cfg: TokenizerTrainConfig) ->
     (4.x and 5.x, and so lm-eval and vLLM) loads as a fast tokenizer. GPT-2 convention: bos = eos = unk."""
     special = cfg.special_tokens
     tokenizer.save(str(directory / "tokenizer.json"))
-    tokens = {"bos_token": special.eos, "eos_token": special.eos, "unk_token": special.eos, "pad_token": special.pad,
-              "additional_special_tokens": [*special.chat, *special.extra]}
-    added = {str(tokenizer.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                             "single_word": False, "special": True} for t in special.all()}
-    write_json(directory / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", **tokens, "model_max_length": cfg.model_max_length,
-        "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": added,
-    })
+    tokens = {
+        "bos_token": special.eos,
+        "eos_token": special.eos,
+        "unk_token": special.eos,
+        "pad_token": special.pad,
+        "additional_special_tokens": [*special.chat, *special.extra],
+    }
+    added = {
+        str(tokenizer.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in special.all()
+    }
+    write_json(
+        directory / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **tokens,
+            "model_max_length": cfg.model_max_length,
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "added_tokens_decoder": added,
+        },
+    )
     write_json(directory / "special_tokens_map.json", tokens)
 
 
@@ -71,8 +96,12 @@ def fertility(cfg: TokenizerTrainConfig, tokenizer: Tokenizer, directory: Path) 
     texts = [d["text"] for d in iter_documents(cfg.corpus_dir, "val", cfg.sources)][: cfg.fertility.max_docs]
     references = {name: load_fast_tokenizer(path) for name, path in cfg.fertility.references.items()}
     baseline = next(iter(references), None)
-    frequent = domain_words(texts, cfg.fertility.top_domain_words, cfg.fertility.min_word_chars, references.get(baseline))
-    report = fertility_report(texts, {"medfoundry": tokenizer, **references}, list(dict.fromkeys(cfg.fertility.terms + frequent)))
+    frequent = domain_words(
+        texts, cfg.fertility.top_domain_words, cfg.fertility.min_word_chars, references.get(baseline)
+    )
+    report = fertility_report(
+        texts, {"medfoundry": tokenizer, **references}, list(dict.fromkeys(cfg.fertility.terms + frequent))
+    )
     write_json(directory / "fertility.json", report)
     write_text(directory / "fertility.md", fertility_markdown(report, baseline))
     return report
@@ -87,10 +116,15 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
         save_hf(tokenizer, tmp, cfg)
         report = fertility(cfg, tokenizer, tmp)
         manifest = {
-            "stage": "tokenizer", "version": __version__, "config": cfg.model_dump(),
-            "corpus_dir": cfg.corpus_dir, "training_text": used, "vocab_size": tokenizer.get_vocab_size(),
+            "stage": "tokenizer",
+            "version": __version__,
+            "config": cfg.model_dump(),
+            "corpus_dir": cfg.corpus_dir,
+            "training_text": used,
+            "vocab_size": tokenizer.get_vocab_size(),
             "special_token_ids": {t: tokenizer.token_to_id(t) for t in cfg.special_tokens.all()},
-            "fertility": report["tokenizers"], "timings": {"train_s": train_s, "total_s": time.perf_counter() - start},
+            "fertility": report["tokenizers"],
+            "timings": {"train_s": train_s, "total_s": time.perf_counter() - start},
         }
         write_json(tmp / "manifest.json", manifest)
     return manifest

@@ -49,8 +49,9 @@ def set_attention(model: nn.Module, choice: str, device: str, context: int) -> s
     if not model._can_set_attn_implementation():
         if choice == "auto":
             return current
-        raise ConfigError(f"training.attention: {type(model).__name__} has only its own {current!r} attention; "
-                          "use auto")
+        raise ConfigError(
+            f"training.attention: {type(model).__name__} has only its own {current!r} attention; use auto"
+        )
     model.set_attn_implementation(wanted)
     return wanted
 

@@ -77,9 +77,12 @@ class DamagedCheckpoint(MedfoundryError):
 
 def get_rng_state() -> dict:
     name, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, key.tolist(), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": (name, key.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -98,8 +101,10 @@ def _cpu_tensors(state: dict[str, torch.Tensor], copy: bool = True) -> tuple[dic
     tensors, aliases, seen = {}, {}, {}
     for name, tensor in state.items():
         if hasattr(tensor, "full_tensor"):
-            raise MedfoundryError(f"checkpoint: {name} is a sharded DTensor; gather a full state dict first "
-                                  "(get_model_state_dict with StateDictOptions(full_state_dict=True))")
+            raise MedfoundryError(
+                f"checkpoint: {name} is a sharded DTensor; gather a full state dict first "
+                "(get_model_state_dict with StateDictOptions(full_state_dict=True))"
+            )
         identity = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
         if identity in seen:
             aliases[name] = seen[identity]
@@ -158,9 +163,19 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def save_checkpoint(directory: str | os.PathLike, step: int, *, model, optimizer, scheduler, reader_state: dict,
-                    extra: dict, keep_last: int, model_state: dict | None = None,
-                    optim_state: dict | None = None) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    reader_state: dict,
+    extra: dict,
+    keep_last: int,
+    model_state: dict | None = None,
+    optim_state: dict | None = None,
+) -> Path:
     """Write ``directory/step-{step:08d}/`` atomically, then keep only the ``keep_last`` newest step folders
     up to this step (0 keeps all; the new one is never removed, later ones are left alone).
     ``model_state``/``optim_state`` replace ``model.state_dict()``/``optimizer.state_dict()`` when given (e.g. full state dicts gathered under
@@ -180,9 +195,13 @@ def save_checkpoint(directory: str | os.PathLike, step: int, *, model, optimizer
     trainer_state = {"step": step, "reader_state": reader_state, "extra": extra}
     writers = {
         "model.safetensors": lambda p: save_file(tensors, p, metadata={"aliases": json.dumps(aliases)}),
-        "optim.pt": lambda p: torch.save({"optimizer": optimizer.state_dict() if optim_state is None
-                                          else optim_state_by_index(optim_state),
-                                          "scheduler": scheduler.state_dict()}, p),
+        "optim.pt": lambda p: torch.save(
+            {
+                "optimizer": optimizer.state_dict() if optim_state is None else optim_state_by_index(optim_state),
+                "scheduler": scheduler.state_dict(),
+            },
+            p,
+        ),
         "rng.pt": lambda p: torch.save(get_rng_state(), p),
         "trainer_state.json": lambda p: p.write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8"),
     }
@@ -191,13 +210,15 @@ def save_checkpoint(directory: str | os.PathLike, step: int, *, model, optimizer
         return CheckpointWriteError(
             f"{final}: checkpoint for step {step} not saved: writing {what} failed: {_write_failure(exc, path)}. "
             f"The unfinished folder was removed and {_previous(directory, final)}; free some space (or raise the "
-            "limit) and run again to resume from it.")
+            "limit) and run again to resume from it."
+        )
 
     try:
         with atomic_dir(final) as tmp:
             files = {}
-            writers[MANIFEST] = lambda p: p.write_text(json.dumps({"step": step, "checksum": CHECKSUM, "files": files},
-                                                                  indent=2) + "\n", encoding="utf-8")
+            writers[MANIFEST] = lambda p: p.write_text(
+                json.dumps({"step": step, "checksum": CHECKSUM, "files": files}, indent=2) + "\n", encoding="utf-8"
+            )
             for name, write in writers.items():
                 try:  # torch and safetensors raise RuntimeError / SafetensorError for I/O errors
                     write(tmp / name)
@@ -260,11 +281,15 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         if size != expected.get("bytes"):
             recorded = expected.get("bytes")
             recorded = f"{recorded:,}" if isinstance(recorded, int) else repr(recorded)
-            return f"{path / name}: truncated or damaged: {size:,} bytes where the checkpoint manifest records {recorded}"
+            return (
+                f"{path / name}: truncated or damaged: {size:,} bytes where the checkpoint manifest records {recorded}"
+            )
         digest = _digest(path / name)
         if digest != expected.get(CHECKSUM):
-            return (f"{path / name}: corrupted: its {CHECKSUM} checksum is {digest}, the checkpoint manifest "
-                    f"records {expected.get(CHECKSUM)}")
+            return (
+                f"{path / name}: corrupted: its {CHECKSUM} checksum is {digest}, the checkpoint manifest "
+                f"records {expected.get(CHECKSUM)}"
+            )
     return None
 
 
@@ -314,8 +339,9 @@ def latest_checkpoint(directory: str | os.PathLike, clean: bool = True, verify: 
         damaged.append(problem)
         _say(f"checkpoint: damaged, skipped: {problem}")
     if damaged:
-        raise DamagedCheckpoint(f"{directory}: no intact checkpoint: {'; '.join(damaged)}. Move these folders away "
-                                "to start training over.")
+        raise DamagedCheckpoint(
+            f"{directory}: no intact checkpoint: {'; '.join(damaged)}. Move these folders away to start training over."
+        )
     return None
 
 
@@ -348,8 +374,13 @@ def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
         raise
     except Exception as exc:  # safetensors, torch.load (zip, unpickler) and json errors alike
         raise DamagedCheckpoint(f"{path / name}: unreadable checkpoint file ({type(exc).__name__}: {exc})") from None
-    return {"model": model_state, "optimizer": optimizer, "scheduler": scheduler, "rng": rng,
-            "trainer_state": trainer_state}
+    return {
+        "model": model_state,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "rng": rng,
+        "trainer_state": trainer_state,
+    }
 
 
 def optim_state_by_index(state: dict) -> dict:
@@ -366,8 +397,10 @@ def optim_state_by_index(state: dict) -> dict:
     unknown = [name for name in state["state"] if name not in index]
     if unknown:
         raise MedfoundryError(f"optimizer state for parameters in no param group: {', '.join(map(str, unknown[:5]))}")
-    return {"state": {index[name]: value for name, value in state["state"].items()},
-            "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in groups]}
+    return {
+        "state": {index[name]: value for name, value in state["state"].items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in groups],
+    }
 
 
 def optim_state_by_name(state: dict, model, optimizer) -> dict:
@@ -380,17 +413,23 @@ def optim_state_by_name(state: dict, model, optimizer) -> dict:
     saved = state["param_groups"]
     sizes = [len(group["params"]) for group in saved]
     if sizes != [len(group) for group in current]:
-        raise MedfoundryError(f"the optimizer state does not fit this model: param groups of {sizes} parameters "
-                              f"saved, {[len(group) for group in current]} here")
+        raise MedfoundryError(
+            f"the optimizer state does not fit this model: param groups of {sizes} parameters "
+            f"saved, {[len(group) for group in current]} here"
+        )
     for group, here in zip(saved, current):
         if "param_names" in group and list(group["param_names"]) != here:
             wrong = next((a, b) for a, b in zip(group["param_names"], here) if a != b)
-            raise MedfoundryError(f"the optimizer state does not fit this model: parameter {wrong[0]!r} "
-                                  f"saved where this model has {wrong[1]!r}")
+            raise MedfoundryError(
+                f"the optimizer state does not fit this model: parameter {wrong[0]!r} "
+                f"saved where this model has {wrong[1]!r}"
+            )
     position = {i: k for k, i in enumerate(i for group in saved for i in group["params"])}
     flat = [name for group in current for name in group]
-    return {"state": {flat[position[i]]: value for i, value in state["state"].items()},
-            "param_groups": [{**group, "params": here} for group, here in zip(saved, current)]}
+    return {
+        "state": {flat[position[i]]: value for i, value in state["state"].items()},
+        "param_groups": [{**group, "params": here} for group, here in zip(saved, current)],
+    }
 
 
 def _check_fits(path, saved: dict, model) -> None:
@@ -403,13 +442,14 @@ def _check_fits(path, saved: dict, model) -> None:
     problems = [f"missing {k}" for k in expected if k not in got]
     problems += [f"unexpected {k}" for k in got if k not in expected]
     problems += [f"{k}: {got[k]} saved, {shape} here" for k, shape in expected.items() if k in got and got[k] != shape]
-    raise MedfoundryError(f"{path}: the checkpoint does not fit this model: {'; '.join(problems[:5])}"
-                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    raise MedfoundryError(
+        f"{path}: the checkpoint does not fit this model: {'; '.join(problems[:5])}"
+        + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+    )
 
 
 def _load_sharded(path, ckpt: dict, model, optimizer) -> None:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     _check_fits(path, ckpt["model"], model)
     options = StateDictOptions(full_state_dict=True, strict=True)

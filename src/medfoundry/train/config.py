@@ -12,11 +12,18 @@ from medfoundry.train.schedules import ScheduleConfig
 
 
 class ModelConfig(StrictModel):
-    preset: str = Field(description="a preset name (gpt2-tiny, gpt2-52m, biomedlm, llama-tiny, smollm2-135m, bloom-560m, ...) "
-                                    "or a path to a Hugging Face config.json / model directory")
-    init_from: str | None = Field(None, description="continue pretraining from an HF checkpoint directory or a .gguf file")
-    allow_pickle: bool = Field(False, description="allow pickled weights (pytorch_model.bin) in init_from, loaded with "
-                                                  "torch.load(weights_only=True); default: safetensors only")
+    preset: str = Field(
+        description="a preset name (gpt2-tiny, gpt2-52m, biomedlm, llama-tiny, smollm2-135m, bloom-560m, ...) "
+        "or a path to a Hugging Face config.json / model directory"
+    )
+    init_from: str | None = Field(
+        None, description="continue pretraining from an HF checkpoint directory or a .gguf file"
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="allow pickled weights (pytorch_model.bin) in init_from, loaded with "
+        "torch.load(weights_only=True); default: safetensors only",
+    )
     context: int = Field(256, gt=1, description="training sequence length")
     overrides: dict = Field(default_factory=dict, description="config fields to change, e.g. {n_layer: 4}")
 
@@ -24,9 +31,12 @@ class ModelConfig(StrictModel):
 class DataConfig(StrictModel):
     tokens_dir: str = Field(description="output of `medfoundry tokenize`: train/ and val/ shards")
     tokenizer_dir: str = Field(description="the tokenizer the shards were made with (exported with the model)")
-    verify_shards: bool = Field(True, description="check every shard against the checksums of its index.json when "
-                                "training starts or resumes (reads all tokens once: a few seconds per GB); a "
-                                "corrupted shard is named before any step")
+    verify_shards: bool = Field(
+        True,
+        description="check every shard against the checksums of its index.json when "
+        "training starts or resumes (reads all tokens once: a few seconds per GB); a "
+        "corrupted shard is named before any step",
+    )
 
 
 class TrainingConfig(StrictModel):
@@ -34,16 +44,22 @@ class TrainingConfig(StrictModel):
     steps: int = Field(gt=0, description="optimizer steps")
     micro_batch_size: int = Field(8, gt=0, description="sequences per forward pass on each process")
     global_batch_size: int = Field(8, gt=0, description="sequences per optimizer step, all processes together")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast where the hardware has it")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast where the hardware has it"
+    )
     activation_checkpointing: bool = False
     compile: bool = False
     attention: Literal["auto", "sdpa", "eager"] = Field(
-        "auto", description="attention kernel: auto = eager on CPU below context 512, sdpa otherwise "
-                            "(medfoundry.train.accel.attention_for)")
+        "auto",
+        description="attention kernel: auto = eager on CPU below context 512, sdpa otherwise "
+        "(medfoundry.train.accel.attention_for)",
+    )
     loss: Literal["auto", "chunked", "plain"] = Field(
-        "auto", description="chunked = output layer fused with the fp32 cross-entropy, by chunks of tokens, "
-                            "never the full fp32 logits (medfoundry.train.losses); auto = chunked where the "
-                            "model allows it (GPT-2, LLaMA, BLOOM), plain otherwise")
+        "auto",
+        description="chunked = output layer fused with the fp32 cross-entropy, by chunks of tokens, "
+        "never the full fp32 logits (medfoundry.train.losses); auto = chunked where the "
+        "model allows it (GPT-2, LLaMA, BLOOM), plain otherwise",
+    )
     max_consecutive_skips: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
 
 
@@ -59,8 +75,11 @@ class EvalConfig(StrictModel):
 
 class LogConfig(StrictModel):
     every: int = Field(10, gt=0)
-    tensorboard: bool = Field(False, description="also write the metrics as TensorBoard scalars into "
-                                                 "<output_dir>/tensorboard/ (needs the tensorboard package)")
+    tensorboard: bool = Field(
+        False,
+        description="also write the metrics as TensorBoard scalars into "
+        "<output_dir>/tensorboard/ (needs the tensorboard package)",
+    )
 
 
 class DistributedConfig(StrictModel):
@@ -81,11 +100,13 @@ class RunConfig(StrictModel):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "RunConfig":
+    def _batch_divides(self) -> RunConfig:
         t = self.training
         if t.global_batch_size % t.micro_batch_size:
-            raise ValueError(f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                             f"training.micro_batch_size ({t.micro_batch_size})")
+            raise ValueError(
+                f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"training.micro_batch_size ({t.micro_batch_size})"
+            )
         return self
 
     def grad_accumulation(self, world_size: int) -> int:
@@ -95,8 +116,10 @@ class RunConfig(StrictModel):
         if t.global_batch_size % per_step:
             from medfoundry.errors import ConfigError
 
-            raise ConfigError(f"training.global_batch_size ({t.global_batch_size}) must be a multiple of micro_batch_size "
-                              f"x processes ({t.micro_batch_size} x {world_size} = {per_step}); change one of them")
+            raise ConfigError(
+                f"training.global_batch_size ({t.global_batch_size}) must be a multiple of micro_batch_size "
+                f"x processes ({t.micro_batch_size} x {world_size} = {per_step}); change one of them"
+            )
         return t.global_batch_size // per_step
 
 

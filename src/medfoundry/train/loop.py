@@ -33,7 +33,7 @@ from medfoundry.model.presets import flops_per_token
 from medfoundry.runtime import configure, resolve_device_precision
 from medfoundry.tokenizer.reader import WindowReader
 from medfoundry.tokenizer.shards import TokenShards
-from medfoundry.train import distributed as D
+from medfoundry.train import distributed
 from medfoundry.train.accel import fuse_output_layer, native_gelu, set_attention
 from medfoundry.train.checkpoint import CheckpointWriteError, latest_checkpoint, load_checkpoint, save_checkpoint
 from medfoundry.train.config import PretrainConfig
@@ -47,7 +47,7 @@ from medfoundry.train.schedules import build_scheduler
 class Validation:
     """Fixed validation windows (the same every time), spread over processes; loss, perplexity, bits per byte."""
 
-    def __init__(self, shards: TokenShards, context: int, batches: int, micro: int, tokenizer, d: D.Dist):
+    def __init__(self, shards: TokenShards, context: int, batches: int, micro: int, tokenizer, d: distributed.Dist):
         n = min(batches * micro, (shards.total_tokens - 1) // context)
         if n == 0:
             raise ConfigError(f"the validation split has fewer than {context + 1} tokens: lower model.context")
@@ -59,7 +59,7 @@ class Validation:
         self.bytes = sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in self.windows)
 
     @torch.no_grad()
-    def run(self, model, token_losses: NextTokenLoss, device: str, d: D.Dist) -> dict:
+    def run(self, model, token_losses: NextTokenLoss, device: str, d: distributed.Dist) -> dict:
         model.eval()
         loss_sum, count = 0.0, 0
         for start in range(0, self.passes * self.micro, self.micro):
@@ -71,8 +71,8 @@ class Validation:
             loss, n = token_losses(model, batch)
             loss_sum, count = loss_sum + loss.item(), count + n
         model.train()
-        loss_sum, count = D.all_reduce_sum(loss_sum, d, device), D.all_reduce_sum(count, d, device)
-        total_bytes = D.all_reduce_sum(self.bytes, d, device)
+        loss_sum, count = distributed.all_reduce_sum(loss_sum, d, device), distributed.all_reduce_sum(count, d, device)
+        total_bytes = distributed.all_reduce_sum(self.bytes, d, device)
         loss = loss_sum / count
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": loss_sum / math.log(2) / total_bytes}
 
@@ -97,7 +97,7 @@ def run_distributed(cfg, make_job: Callable) -> dict:
     """Set up the device and the process group, build the run's :class:`Job` and :func:`train` it."""
     device, precision = resolve_device_precision("auto", cfg.training.precision)
     configure()
-    d = D.init_distributed(cfg.distributed.backend, device)
+    d = distributed.init_distributed(cfg.distributed.backend, device)
     if device.startswith("cuda"):
         device = f"cuda:{d.local_rank}"
         torch.cuda.set_device(device)
@@ -107,7 +107,7 @@ def run_distributed(cfg, make_job: Callable) -> dict:
         _seed_everything(cfg.training.seed)
         return train(make_job(cfg, d, device, precision), d, device)
     finally:
-        D.shutdown(d)
+        distributed.shutdown(d)
 
 
 @dataclass
@@ -127,9 +127,9 @@ class Job:
     info: dict = field(default_factory=dict)  # for run.json: kernels, data...
 
 
-def _pretrain_job(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -> Job:
-    from medfoundry.eval.model import hf_directory
+def _pretrain_job(cfg: PretrainConfig, d: distributed.Dist, device: str, precision: str) -> Job:
     from medfoundry.model.export import export_hf
+    from medfoundry.model.load import hf_directory
 
     tokens = Path(cfg.data.tokens_dir)
     verify = cfg.data.verify_shards
@@ -137,13 +137,28 @@ def _pretrain_job(cfg: PretrainConfig, d: D.Dist, device: str, precision: str) -
     tokenizer_dir = hf_directory(cfg.data.tokenizer_dir)  # a .gguf: its dequantized checkpoint's tokenizer
     tokenizer = _load_tokenizer(tokenizer_dir)
     model, token_losses, kernels = _build(cfg, len(tokenizer), train_shards.vocab_size, d, device, precision)
-    reader = WindowReader(train_shards, cfg.model.context, cfg.training.micro_batch_size,
-                          rank=d.rank, world_size=d.world_size, seed=cfg.training.seed)
-    validation = Validation(val_shards, cfg.model.context, cfg.eval.batches, cfg.training.micro_batch_size, tokenizer, d)
-    return Job(cfg=cfg, model=model, loss=token_losses, reader=_Tensors(reader), counts=_window_counts, validation=validation,
-               export=lambda m, out: export_hf(m, tokenizer_dir, out),
-               step_flops=_per_token(flops_per_token(D.unwrap(model).config, cfg.model.context)),
-               info={"kernels": kernels})
+    reader = WindowReader(
+        train_shards,
+        cfg.model.context,
+        cfg.training.micro_batch_size,
+        rank=d.rank,
+        world_size=d.world_size,
+        seed=cfg.training.seed,
+    )
+    validation = Validation(
+        val_shards, cfg.model.context, cfg.eval.batches, cfg.training.micro_batch_size, tokenizer, d
+    )
+    return Job(
+        cfg=cfg,
+        model=model,
+        loss=token_losses,
+        reader=_Tensors(reader),
+        counts=_window_counts,
+        validation=validation,
+        export=lambda m, out: export_hf(m, tokenizer_dir, out),
+        step_flops=_per_token(flops_per_token(distributed.unwrap(model).config, cfg.model.context)),
+        info={"kernels": kernels},
+    )
 
 
 class _Tensors:
@@ -178,7 +193,7 @@ def to_device(batch, device: str):
     return batch.to(device)
 
 
-def train(job: Job, d: D.Dist, device: str) -> dict:
+def train(job: Job, d: distributed.Dist, device: str) -> dict:
     """The training loop, for a pretraining or fine-tuning :class:`Job` (their configs have the same
     ``training``, ``optim``, ``schedule``, ``checkpoint``, ``eval`` and ``log`` sections)."""
     cfg = job.cfg
@@ -186,7 +201,7 @@ def train(job: Job, d: D.Dist, device: str) -> dict:
     accum = cfg.grad_accumulation(d.world_size)
     model, loss_fn = job.model, job.loss
     trained = torch.compile(model) if cfg.training.compile else model
-    optimizer = build_optimizer(D.unwrap(model), cfg.optim)
+    optimizer = build_optimizer(distributed.unwrap(model), cfg.optim)
     kernels = {**job.info.get("kernels", {}), "optimizer": kernel_of(optimizer)}
     scheduler = build_scheduler(optimizer, cfg.training.steps, cfg.schedule)
 
@@ -195,16 +210,31 @@ def train(job: Job, d: D.Dist, device: str) -> dict:
     latest = latest_checkpoint(ckpt_dir)
     if latest is not None:
         # every process reads it; under FSDP2 the tensors are scattered to the shards (a collective)
-        state = load_checkpoint(latest, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler,
-                                verify=False)  # latest_checkpoint has just checked it
+        state = load_checkpoint(
+            latest, model=distributed.unwrap(model), optimizer=optimizer, scheduler=scheduler, verify=False
+        )  # latest_checkpoint has just checked it
         job.reader.load_state_dict(state["reader_state"])
-    log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=state["step"],
-                     tensorboard=out / "tensorboard" if cfg.log.tensorboard else None)
+    log = MetricsLog(
+        out / "metrics.jsonl",
+        enabled=d.is_main,
+        resume_step=state["step"],
+        tensorboard=out / "tensorboard" if cfg.log.tensorboard else None,
+    )
     peak = peak_flops(device, job.loss.precision) * d.world_size
     if d.is_main:
-        write_json(out / "run.json", {"version": __version__, "config": cfg.model_dump(), "world_size": d.world_size,
-                                      "device": device, "precision": job.loss.precision, "grad_accumulation": accum,
-                                      **job.info, "kernels": kernels})
+        write_json(
+            out / "run.json",
+            {
+                "version": __version__,
+                "config": cfg.model_dump(),
+                "world_size": d.world_size,
+                "device": device,
+                "precision": job.loss.precision,
+                "grad_accumulation": accum,
+                **job.info,
+                "kernels": kernels,
+            },
+        )
 
     step, extra = state["step"], state["extra"]
     try:
@@ -224,14 +254,26 @@ def train(job: Job, d: D.Dist, device: str) -> dict:
                 extra["targets"] = extra.get("targets", 0) + int(n_targets)
                 elapsed = time.perf_counter() - started
                 tok_s = n_tokens / elapsed
-                log.step(step, bar, loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=norm, tok_s=tok_s,
-                         mfu=job.step_flops(n_tokens, n_targets) / elapsed / peak, tokens=extra["tokens"], targets=extra["targets"],
-                         skipped=not finite, every=cfg.log.every)
+                log.step(
+                    step,
+                    bar,
+                    loss=loss_value,
+                    lr=scheduler.get_last_lr()[0],
+                    grad_norm=norm,
+                    tok_s=tok_s,
+                    mfu=job.step_flops(n_tokens, n_targets) / elapsed / peak,
+                    tokens=extra["tokens"],
+                    targets=extra["targets"],
+                    skipped=not finite,
+                    every=cfg.log.every,
+                )
                 if extra["skipped_in_a_row"] >= cfg.training.max_consecutive_skips:
                     last = latest_checkpoint(ckpt_dir)
-                    raise MedfoundryError(f"{extra['skipped_in_a_row']} steps in a row had a non-finite loss or gradient "
-                                          f"(step {step}); stopping. Last good checkpoint: {last or 'none'}. "
-                                          "Lower optim.lr, raise schedule.warmup_steps or check the data.")
+                    raise MedfoundryError(
+                        f"{extra['skipped_in_a_row']} steps in a row had a non-finite loss or gradient "
+                        f"(step {step}); stopping. Last good checkpoint: {last or 'none'}. "
+                        "Lower optim.lr, raise schedule.warmup_steps or check the data."
+                    )
                 if job.validation is not None and (step % cfg.eval.every == 0 or step == cfg.training.steps):
                     log.eval(step, job.validation.run(trained, loss_fn, device, d))
                 if step % cfg.checkpoint.every == 0 or step == cfg.training.steps:
@@ -241,8 +283,9 @@ def train(job: Job, d: D.Dist, device: str) -> dict:
     return _finish(job, model, log, out, d)
 
 
-def _build(cfg: PretrainConfig, tokenizer_size: int, shard_vocab: int, d: D.Dist, device: str,
-           precision: str) -> tuple[torch.nn.Module, NextTokenLoss, dict]:
+def _build(
+    cfg: PretrainConfig, tokenizer_size: int, shard_vocab: int, d: distributed.Dist, device: str, precision: str
+) -> tuple[torch.nn.Module, NextTokenLoss, dict]:
     """The model, with the speed-ups of :mod:`medfoundry.train.accel` and wrapped for the strategy; its
     loss; and the kernels chosen (recorded in run.json)."""
     model = build_model(cfg, tokenizer_size, Path(cfg.output_dir) / "base")
@@ -253,28 +296,33 @@ def _build(cfg: PretrainConfig, tokenizer_size: int, shard_vocab: int, d: D.Dist
     model.to(device)
     if cfg.training.activation_checkpointing:
         model.gradient_checkpointing_enable()
-    model = D.wrap_model(model, cfg.distributed.strategy, device, d)
-    return model, NextTokenLoss(head, precision, device), {"attention": attention, "loss": "plain" if head is None else "chunked"}
+    model = distributed.wrap_model(model, cfg.distributed.strategy, device, d)
+    return (
+        model,
+        NextTokenLoss(head, precision, device),
+        {"attention": attention, "loss": "plain" if head is None else "chunked"},
+    )
 
 
-def _train_step(job: Job, trained, batches: list, optimizer, cfg, d: D.Dist,
-                device: str) -> tuple[float, float, float, float]:
+def _train_step(
+    job: Job, trained, batches: list, optimizer, cfg, d: distributed.Dist, device: str
+) -> tuple[float, float, float, float]:
     """Forward and backward over the step's micro-batches, then the update unless the loss or the
     gradient norm is not finite. Returns (mean loss over the global batch's targets, gradient norm,
     global targets, global tokens). Both values are the same on every process (an all-reduced loss;
     the norm of all-reduced or, under FSDP2, globally reduced gradients), so all processes skip or
     step together without another collective."""
     counts = [job.counts(b) for b in batches]
-    n_global = D.all_reduce_sum(sum(c[0] for c in counts), d, device)
-    tokens_global = D.all_reduce_sum(sum(c[1] for c in counts), d, device)
+    n_global = distributed.all_reduce_sum(sum(c[0] for c in counts), d, device)
+    tokens_global = distributed.all_reduce_sum(sum(c[1] for c in counts), d, device)
     scale = d.world_size / max(n_global, 1)  # DDP/FSDP average over processes
     loss_sum = 0.0
     for i, batch in enumerate(batches):
-        with D.gradient_sync(job.model, sync=i == len(batches) - 1):
+        with distributed.gradient_sync(job.model, sync=i == len(batches) - 1):
             loss, _ = job.loss(trained, batch)
             (loss * scale).backward()
         loss_sum += loss.item()
-    loss_value = D.all_reduce_sum(loss_sum, d, device) / max(n_global, 1)
+    loss_value = distributed.all_reduce_sum(loss_sum, d, device) / max(n_global, 1)
     norm = grad_norm(job.model.parameters())
     norm_value = norm.item()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
@@ -284,29 +332,38 @@ def _train_step(job: Job, trained, batches: list, optimizer, cfg, d: D.Dist,
     return loss_value, norm_value, n_global, tokens_global
 
 
-def _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d: D.Dist, device: str) -> None:
+def _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d: distributed.Dist, device: str) -> None:
     model_state = optim_state = None
-    if D.is_sharded(model):  # FSDP2: every process takes part in gathering whole tensors; process 0 gets them
-        model_state, optim_state = D.full_model_state(model), D.full_optim_state(model, optimizer)
+    if distributed.is_sharded(model):  # FSDP2: every process takes part in gathering whole tensors; process 0 gets them
+        model_state, optim_state = distributed.full_model_state(model), distributed.full_optim_state(model, optimizer)
     error = None
     if d.is_main:
         try:
-            save_checkpoint(ckpt_dir, step, model=D.unwrap(model), optimizer=optimizer, scheduler=scheduler,
-                            reader_state=reader.state_dict(), extra=dict(extra), keep_last=cfg.checkpoint.keep_last,
-                            model_state=model_state, optim_state=optim_state)
+            save_checkpoint(
+                ckpt_dir,
+                step,
+                model=distributed.unwrap(model),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                reader_state=reader.state_dict(),
+                extra=dict(extra),
+                keep_last=cfg.checkpoint.keep_last,
+                model_state=model_state,
+                optim_state=optim_state,
+            )
         except CheckpointWriteError as exc:
             error = exc
-    if D.any_failed(d, error is not None, device):
+    if distributed.any_failed(d, error is not None, device):
         raise error or CheckpointWriteError(f"step {step}: process 0 could not write the checkpoint (see its error)")
 
 
-def _finish(job: Job, model, log: MetricsLog, out: Path, d: D.Dist) -> dict:
+def _finish(job: Job, model, log: MetricsLog, out: Path, d: distributed.Dist) -> dict:
     summary = log.summary()
     # FSDP2: every process gathers the weights into a plain model on process 0
-    exported = D.unsharded_copy(model) if D.is_sharded(model) else D.unwrap(model)
+    exported = distributed.unsharded_copy(model) if distributed.is_sharded(model) else distributed.unwrap(model)
     if d.is_main:
         job.export(exported, out / "model")
         plot_losses(out / "metrics.jsonl", out / "plots" / "loss.png")
         write_json(out / "summary.json", summary)
-    D.barrier(d)
+    distributed.barrier(d)
     return summary if d.is_main else {}  # one report per run, not one per process

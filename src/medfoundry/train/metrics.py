@@ -17,16 +17,26 @@ from medfoundry.errors import ConfigError
 from medfoundry.io import atomic_path, write_json
 
 # metrics.jsonl key -> TensorBoard tag
-TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "tok_s": "train/tokens_per_s", "mfu": "train/mfu",
-                    "grad_norm": "train/grad_norm", "val_loss": "val/loss", "val_ppl": "val/ppl", "val_bpb": "val/bpb"}
+TENSORBOARD_TAGS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "tok_s": "train/tokens_per_s",
+    "mfu": "train/mfu",
+    "grad_norm": "train/grad_norm",
+    "val_loss": "val/loss",
+    "val_ppl": "val/ppl",
+    "val_bpb": "val/bpb",
+}
 
 
 def require_tensorboard() -> None:
     """``log.tensorboard`` needs the tensorboard package (torch's SummaryWriter writes with it): say so
     before any work."""
     if importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("log.tensorboard: the tensorboard package is not installed: pip install tensorboard "
-                          "(or pip install 'medfoundry[tensorboard]'), or set log.tensorboard: false")
+        raise ConfigError(
+            "log.tensorboard: the tensorboard package is not installed: pip install tensorboard "
+            "(or pip install 'medfoundry[tensorboard]'), or set log.tensorboard: false"
+        )
 
 
 @lru_cache(maxsize=4)
@@ -38,7 +48,7 @@ def peak_flops(device: str, precision: str) -> float:
     processes share the cores comes out several times too low and would report an MFU above 100%.
     Measured once per process.
     """
-    from medfoundry.eval.model import cache_root
+    from medfoundry.model.load import cache_root
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     key = f"{device}|{_device_name(device)}|{dtype}|{torch.get_num_threads()}"
@@ -92,7 +102,11 @@ class MetricsLog:
         self.writer = None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] if path.is_file() else []
+            kept = (
+                [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+                if path.is_file()
+                else []
+            )
             path.write_text("".join(line + "\n" for line in kept))
             self.records = [json.loads(line) for line in kept]
             if tensorboard is not None:
@@ -123,7 +137,12 @@ class MetricsLog:
 
     def step(self, step: int, bar, *, every: int, skipped: bool, **values) -> None:
         bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tok_s']:,.0f}", mfu=f"{100 * values['mfu']:.1f}%", refresh=False)
+        bar.set_postfix(
+            loss=f"{values['loss']:.3f}",
+            tok_s=f"{values['tok_s']:,.0f}",
+            mfu=f"{100 * values['mfu']:.1f}%",
+            refresh=False,
+        )
         if step % every == 0 or skipped or step == 1:
             self._write({"step": step, "skipped": skipped, **values, "time": time.time()})
 
@@ -135,11 +154,19 @@ class MetricsLog:
         evals = [r for r in self.records if "val_loss" in r]
         out = {"steps": max((r["step"] for r in self.records), default=0)}
         if train:
-            out.update(final_loss=train[-1]["loss"], tokens=train[-1]["tokens"], targets=train[-1].get("targets"),
-                       median_tok_s=statistics.median(r["tok_s"] for r in train), median_mfu=statistics.median(r["mfu"] for r in train))
+            out.update(
+                final_loss=train[-1]["loss"],
+                tokens=train[-1]["tokens"],
+                targets=train[-1].get("targets"),
+                median_tok_s=statistics.median(r["tok_s"] for r in train),
+                median_mfu=statistics.median(r["mfu"] for r in train),
+            )
         if evals:  # every validation metric (loss, ppl, bpb or per-source losses), last and first
-            out.update({k: v for k, v in evals[-1].items() if k.startswith("val_")},
-                       initial_val_loss=evals[0]["val_loss"], initial_val_ppl=evals[0]["val_ppl"])
+            out.update(
+                {k: v for k, v in evals[-1].items() if k.startswith("val_")},
+                initial_val_loss=evals[0]["val_loss"],
+                initial_val_ppl=evals[0]["val_ppl"],
+            )
         return out
 
 

@@ -26,7 +26,8 @@ class OptimConfig(StrictModel):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
     implementation: Literal["auto", "fused", "foreach", "loop"] = Field(
-        "auto", description="AdamW kernel: auto = fused wherever torch has it (CUDA, CPU), else foreach")
+        "auto", description="AdamW kernel: auto = fused wherever torch has it (CUDA, CPU), else foreach"
+    )
 
 
 def _is_matrix_layer(module: nn.Module) -> bool:
@@ -52,8 +53,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for wd, wanted in ((weight_decay, lambda i: i in decay_ids), (0.0, lambda i: i not in decay_ids)):
         chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad and wanted(id(p))]
         if chosen:
-            groups.append({"params": [p for _, p in chosen], "param_names": [n for n, _ in chosen],
-                           "weight_decay": wd})
+            groups.append({"params": [p for _, p in chosen], "param_names": [n for n, _ in chosen], "weight_decay": wd})
     return groups
 
 
@@ -61,8 +61,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """torch AdamW over :func:`param_groups` with the kernel of :func:`adamw_kernel`."""
     groups = param_groups(model, cfg.weight_decay)
     impl = adamw_kernel(cfg.implementation, [p for g in groups for p in g["params"]])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             fused=True if impl == "fused" else None, foreach=impl == "foreach")
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=True if impl == "fused" else None,
+        foreach=impl == "foreach",
+    )
 
 
 def adamw_kernel(choice: str, params: list[torch.Tensor]) -> str:

@@ -50,11 +50,14 @@ def lr_at(step: int, base_lr: float, total_steps: int, cfg: ScheduleConfig) -> f
     return min_lr + (base_lr - min_lr) * factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
-                    cfg: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: ScheduleConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR scaling every group's lr by ``lr_at(step, 1, ...)``; call ``scheduler.step()`` once per optimizer
     step. Its state_dict holds the step counter (the lambda itself is rebuilt from the config)."""
     if cfg.kind != "constant" and cfg.warmup_steps >= total_steps:
-        raise ConfigError(f"schedule.warmup_steps ({cfg.warmup_steps}) must be smaller than the number of steps "
-                          f"({total_steps}) to leave room for the {cfg.kind} decay")
+        raise ConfigError(
+            f"schedule.warmup_steps ({cfg.warmup_steps}) must be smaller than the number of steps "
+            f"({total_steps}) to leave room for the {cfg.kind} decay"
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, 1.0, total_steps, cfg))

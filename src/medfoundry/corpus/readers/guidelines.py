@@ -6,8 +6,9 @@ One JSON object per line: ``id, source, title, clean_text, raw_text, url, overvi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from medfoundry.corpus.readers.base import ReadContext, Record
 from medfoundry.corpus.readers.jsonl import decode_object, iter_lines

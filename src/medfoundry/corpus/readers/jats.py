@@ -11,8 +11,8 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from lxml import etree
 
@@ -58,9 +58,7 @@ _SEP = r"[\s,;\-–—−]"
 # every split of a long run of them between the two took time quadratic in its length.
 _LEAD = r"(?:\b(?:see(?: also)?|e\.g\.|cf\.)[\s,]*+)*"
 # Brackets holding only citations with separators, a lead-in or a locator: "[4]–[6]", "(see 1, 2)", "(12, p. 67)".
-_CITE_GROUP = re.compile(
-    rf"[\[(]\s*{_LEAD}{_SEP}*\x00(?:{_SEP}|and|&|\x00)*(?:,[^()\[\]\x00]{{0,40}})?[\])]"
-)
+_CITE_GROUP = re.compile(rf"[\[(]\s*{_LEAD}{_SEP}*\x00(?:{_SEP}|and|&|\x00)*(?:,[^()\[\]\x00]{{0,40}})?[\])]")
 _CITE_AFTER_OPEN = re.compile(rf"([\[(])\x00(?:{_SEP}*\x00)*{_SEP}*")  # "(12; Figure 2)" -> "(Figure 2)"
 # A run of separators is only matched from its start ((?<!...)): searching from each of its characters took
 # time quadratic in its length.

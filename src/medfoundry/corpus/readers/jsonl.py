@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from medfoundry.corpus.config import FieldMap
 from medfoundry.corpus.readers.base import ReadContext, Record

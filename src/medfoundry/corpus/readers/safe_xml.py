@@ -18,7 +18,8 @@ could only be read correctly by expanding it.
 from __future__ import annotations
 
 import html
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
+from typing import IO, Any
 
 from lxml import etree
 
@@ -37,7 +38,7 @@ def parser() -> etree.XMLParser:
     return etree.XMLParser(**PARSER_OPTIONS)
 
 
-class iterparse:  # noqa: N801 - named and used like the lxml function it replaces
+class iterparse:
     """``lxml.etree.iterparse(source, events, tag)`` with :data:`PARSER_OPTIONS`, that delivers every event parsed
     before a syntax error before raising it: lxml 6's iterparse raises at once, dropping the entries already
     parsed from the same block, so a lenient reader would lose the good records before the damage. ``root``
@@ -78,8 +79,10 @@ def declared_entities(node: etree._Element | etree._ElementTree | None) -> list[
 def entity_refusal(names: list[str]) -> str:
     """The reason given when a document declares entities."""
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return (f"document declares XML entities ({shown}) in its DOCTYPE: refused, because expanding them is how "
-            "billion-laughs and external-entity (XXE) attacks work, and PubMed/JATS files never declare any")
+    return (
+        f"document declares XML entities ({shown}) in its DOCTYPE: refused, because expanding them is how "
+        "billion-laughs and external-entity (XXE) attacks work, and PubMed/JATS files never declare any"
+    )
 
 
 def entity_text(entity: etree._Entity) -> str:
@@ -94,6 +97,8 @@ def syntax_error_reason(error: etree.XMLSyntaxError) -> str:
     referenced, so libxml2 may stop a billion-laughs document itself: that is a refusal, not just bad XML."""
     message = error.msg or str(error)
     if "amplification" in message or "entity reference loop" in message.lower():
-        return (f"refused: its entities would expand enormously, as in a billion-laughs or quadratic-blowup "
-                f"attack ({message})")
+        return (
+            f"refused: its entities would expand enormously, as in a billion-laughs or quadratic-blowup "
+            f"attack ({message})"
+        )
     return f"malformed XML: {message}"

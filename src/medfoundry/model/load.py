@@ -51,7 +51,7 @@ class LoadedModel:
     weight at every forward pass)."""
 
     model: torch.nn.Module
-    tokenizer: "PreTrainedTokenizerFast"
+    tokenizer: PreTrainedTokenizerFast
     name: str
     path: Path
     precision: str
@@ -64,9 +64,17 @@ class LoadedModel:
         return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
-def load_model(path, *, precision: str = "auto", device: str = "auto", tokenizer=None, threads: int = 0,
-               cache_dir: str | Path | None = None, allow_pickle: bool = False,
-               trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    path,
+    *,
+    precision: str = "auto",
+    device: str = "auto",
+    tokenizer=None,
+    threads: int = 0,
+    cache_dir: str | Path | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
     """Load ``path`` (checkpoint directory or ``.gguf`` file) in eval mode.
 
     ``tokenizer`` overrides the checkpoint's own: a directory, a ``.gguf`` file or a loaded fast
@@ -83,18 +91,27 @@ def load_model(path, *, precision: str = "auto", device: str = "auto", tokenizer
     precision = resolved
     path = Path(path)
     directory = gguf_checkpoint(path, cache_dir) if path.suffix == ".gguf" else path
-    policy = check_checkpoint(directory, need_tokenizer=tokenizer is None, allow_pickle=allow_pickle,
-                              trust_remote_code=trust_remote_code)
+    policy = check_checkpoint(
+        directory, need_tokenizer=tokenizer is None, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
     tok = load_tokenizer(directory if tokenizer is None else tokenizer, trust_remote_code=trust_remote_code)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = load_causal_lm(directory, policy, dtype=dtype)
     model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tok, name=path.stem if path.suffix == ".gguf" else path.resolve().name,
-                       path=path, precision=precision, device=device, max_length=context_window(model.config, tok))
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        name=path.stem if path.suffix == ".gguf" else path.resolve().name,
+        path=path,
+        precision=precision,
+        device=device,
+        max_length=context_window(model.config, tok),
+    )
 
 
-def check_checkpoint(directory: Path, *, need_tokenizer: bool = True, allow_pickle: bool = False,
-                     trust_remote_code: bool = False) -> dict:
+def check_checkpoint(
+    directory: Path, *, need_tokenizer: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> dict:
     """Name the missing piece before transformers fails with a message about the Hub, and refuse what
     :func:`weights_policy` refuses. Returns the ``from_pretrained`` arguments that load the weights."""
     directory = Path(directory)
@@ -104,8 +121,10 @@ def check_checkpoint(directory: Path, *, need_tokenizer: bool = True, allow_pick
         raise InputError(str(directory), "no config.json: not a Hugging Face checkpoint directory")
     policy = weights_policy(directory, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if need_tokenizer and not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise InputError(str(directory), f"no tokenizer: expected one of {', '.join(TOKENIZER_FILES)} "
-                                         "(or pass a tokenizer explicitly)")
+        raise InputError(
+            str(directory),
+            f"no tokenizer: expected one of {', '.join(TOKENIZER_FILES)} (or pass a tokenizer explicitly)",
+        )
     return policy
 
 
@@ -134,24 +153,38 @@ def weights_policy(directory: Path, *, allow_pickle: bool = False, trust_remote_
     if safe:
         if safe[0].endswith(".index.json"):
             _check_safetensors_index(directory / safe[0])
-        return {"use_safetensors": True, "weights_only": True, "trust_remote_code": trust_remote_code,
-                "local_files_only": True}
+        return {
+            "use_safetensors": True,
+            "weights_only": True,
+            "trust_remote_code": trust_remote_code,
+            "local_files_only": True,
+        }
     pickles = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
     if not pickles:
         raise InputError(str(directory), f"no weights: expected one of {', '.join(WEIGHT_FILES)}")
     if not allow_pickle:
-        raise InputError(str(directory), f"refused: its weights are pickled ({', '.join(pickles[:3])}), and loading a "
-                                         "pickle can run any code it names. Convert them to safetensors (load them once "
-                                         "where you trust the file and save_pretrained(..., safe_serialization=True)), "
-                                         "or allow pickled weights (--allow-pickle; in a config, allow_pickle: true for "
-                                         "eval, model.allow_pickle: true for pretrain and finetune): they then load with "
-                                         "torch.load(weights_only=True), which rebuilds tensors and refuses any other "
-                                         "object")
+        raise InputError(
+            str(directory),
+            f"refused: its weights are pickled ({', '.join(pickles[:3])}), and loading a "
+            "pickle can run any code it names. Convert them to safetensors (load them once "
+            "where you trust the file and save_pretrained(..., safe_serialization=True)), "
+            "or allow pickled weights (--allow-pickle; in a config, allow_pickle: true for "
+            "eval, model.allow_pickle: true for pretrain and finetune): they then load with "
+            "torch.load(weights_only=True), which rebuilds tensors and refuses any other "
+            "object",
+        )
     if not any((directory / name).is_file() for name in PICKLE_WEIGHT_FILES):
-        raise InputError(str(directory), f"no weights transformers can load: found {', '.join(pickles[:3])}, expected "
-                                         f"one of {', '.join(WEIGHT_FILES)}")
-    return {"use_safetensors": False, "weights_only": True, "trust_remote_code": trust_remote_code,
-            "local_files_only": True}
+        raise InputError(
+            str(directory),
+            f"no weights transformers can load: found {', '.join(pickles[:3])}, expected "
+            f"one of {', '.join(WEIGHT_FILES)}",
+        )
+    return {
+        "use_safetensors": False,
+        "weights_only": True,
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": True,
+    }
 
 
 def _read_config(directory: Path) -> dict:
@@ -171,10 +204,16 @@ def _remote_code_refusal(config: dict) -> str:
     classes = config["auto_map"] if isinstance(config["auto_map"], dict) else {}
     shown = ", ".join(f"{k}: {v}" for k, v in list(classes.items())[:3]) or repr(config["auto_map"])
     model_type = config.get("model_type")
-    native = (f" transformers implements model_type {model_type!r} itself: deleting 'auto_map' from config.json "
-              "loads the model without that code." if model_type in CONFIG_MAPPING_NAMES else "")
-    return (f"refused: 'auto_map' asks to run Python code shipped with the checkpoint ({shown}), and medfoundry "
-            f"never runs a checkpoint's code unless told to trust it (trust_remote_code=True).{native}")
+    native = (
+        f" transformers implements model_type {model_type!r} itself: deleting 'auto_map' from config.json "
+        "loads the model without that code."
+        if model_type in CONFIG_MAPPING_NAMES
+        else ""
+    )
+    return (
+        f"refused: 'auto_map' asks to run Python code shipped with the checkpoint ({shown}), and medfoundry "
+        f"never runs a checkpoint's code unless told to trust it (trust_remote_code=True).{native}"
+    )
 
 
 def _check_safetensors_index(index: Path) -> None:
@@ -185,11 +224,13 @@ def _check_safetensors_index(index: Path) -> None:
         shards = set(weight_map.values())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(str(index), f"not a safetensors index (a JSON object with a 'weight_map'): {exc!r}") from None
-    bad = sorted(str(s) for s in shards if not (isinstance(s, str) and s.endswith(".safetensors")
-                                                and Path(s).name == s))
+    bad = sorted(
+        str(s) for s in shards if not (isinstance(s, str) and s.endswith(".safetensors") and Path(s).name == s)
+    )
     if bad:
-        raise InputError(str(index), f"refused: shards {', '.join(bad[:3])} are not .safetensors files in the "
-                                     "checkpoint directory")
+        raise InputError(
+            str(index), f"refused: shards {', '.join(bad[:3])} are not .safetensors files in the checkpoint directory"
+        )
 
 
 def load_causal_lm(directory: Path, policy: dict, **kwargs):
@@ -208,11 +249,14 @@ def load_causal_lm(directory: Path, policy: dict, **kwargs):
         if not isinstance(cause, pickle.UnpicklingError):
             raise
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise InputError(str(directory), "pickled weights refused by torch.load(weights_only=True): they hold more "
-                                         f"than tensors, which a weights file never needs ({first})") from None
+        raise InputError(
+            str(directory),
+            "pickled weights refused by torch.load(weights_only=True): they hold more "
+            f"than tensors, which a weights file never needs ({first})",
+        ) from None
 
 
-def load_tokenizer(source, *, trust_remote_code: bool = False) -> "PreTrainedTokenizerFast":
+def load_tokenizer(source, *, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
     """A fast tokenizer from a directory, a ``.gguf`` file, or one already loaded.
 
     Scoring tokenizes whole batches in one call of the Rust tokenizer, so slow (Python)
