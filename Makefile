@@ -1,5 +1,5 @@
 # medfoundry: `make quickstart` runs the pipeline end to end on a tiny CPU configuration;
-# `make test` runs the test suite, `make test-long` the slow reliability tests (not run by CI). All set everything up first.
+# `make test` checks formatting and lint, then runs the test suite, `make test-long` the slow reliability tests (not run by CI). All set everything up first.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ SHARED := ../shared/data
 STAMP := $(VENV)/.setup-stamp
 DEB_PACKAGES := libtcmalloc-minimal4 chromium chromium-driver
 
-.PHONY: setup test test-long quickstart bench clean
+.PHONY: setup lint test test-long quickstart bench clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) DEB_PACKAGES="$(DEB_PACKAGES)" bash scripts/setup.sh
 	touch $(STAMP)
 
-test: setup
+# ruff's formatter and linter, configured in pyproject.toml; part of make test, so CI runs it
+lint: setup
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
+
+test: setup lint
 	$(BIN)/pytest -q
 
 # many random-point SIGKILLs, full disks and corrupted files over corpus build, tokenization and training

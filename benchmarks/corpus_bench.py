@@ -84,21 +84,21 @@ def main() -> None:
         start = time.perf_counter()
         manifest = build_corpus(cfg, force=True)
         wall = time.perf_counter() - start
-    docs_out = sum(manifest["documents_out"].values())
+    counts = manifest.counts
     result = {
-        "docs_in": manifest["documents_in"],
-        "docs_out": docs_out,
-        "docs_train": manifest["documents_out"]["train"],
-        "docs_val": manifest["documents_out"]["val"],
+        "docs_in": counts["documents_in"],
+        "docs_out": counts["documents_train"] + counts["documents_val"],
+        "docs_train": counts["documents_train"],
+        "docs_val": counts["documents_val"],
         "wall_s": round(wall, 2),
-        "docs_per_s": round(manifest["documents_in"] / wall, 1),
+        "docs_per_s": round(counts["documents_in"] / wall, 1),
         "input_mb": round(input_mb, 1),
         "mb_per_s": round(input_mb / wall, 2),
-        "stages_s": {k: round(v, 2) for k, v in manifest["timings"].items()},
-        "extract_steps_cpu_s": {s["name"]: round(s["time_s"] or 0, 2) for s in manifest["extract_steps"]},
-        "dropped": {k: sum(v.values()) for k, v in manifest["dropped"].items()},
-        "tasks": manifest["tasks"],
-        "workers": min(args.workers or runtime.threads, manifest["tasks"]),
+        "stages_s": {k: round(v, 2) for k, v in manifest.timings.items()},
+        "extract_steps_cpu_s": {s["name"]: round(s["time_s"] or 0, 2) for s in manifest.details["extract_steps"]},
+        "dropped": {k: sum(v.values()) for k, v in manifest.details["dropped"].items()},
+        "tasks": counts["extract_tasks"],
+        "workers": min(args.workers or runtime.threads, counts["extract_tasks"]),
         "allocator": "tcmalloc" if tcmalloc_loaded() else "glibc",
         "target_wall_s": 60,
     }

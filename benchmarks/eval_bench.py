@@ -453,7 +453,8 @@ def bench_model(name: str, model: str, lm_eval_dir: str, data: dict, task_dir: P
             f"[{name}] {task}: acc {r['medfoundry']['acc']:.4f} vs {r['lm_eval']['acc']:.4f}, acc_norm "
             f"{r['medfoundry']['acc_norm']:.4f} vs {r['lm_eval']['acc_norm']:.4f}, {r['speedup_vs_lm_eval']:.2f}x, "
             f"prompts {'identical' if r['prompts_identical'] else 'DIFFERENT'}, "
-            f"{len(r['differing_predictions'])} differing predictions, max |loglik diff| {r['max_abs_loglik_diff']:.2e}",
+            f"{len(r['differing_predictions'])} differing predictions, "
+            f"max |loglik diff| {r['max_abs_loglik_diff']:.2e}",
             flush=True,
         )
     return {
@@ -516,7 +517,8 @@ def main() -> None:
     questions = sum(len(d["golds"]) for d in data.values())
     sizes = ", ".join(f"{task} {len(d['golds'])}" for task, d in data.items())
     print(
-        f"eval_bench ({'quick' if args.quick else 'full'}): {sizes} questions, {args.precision}, {args.threads} threads, "
+        f"eval_bench ({'quick' if args.quick else 'full'}): {sizes} questions, {args.precision}, "
+        f"{args.threads} threads, "
         f"lm-eval batch size {args.lm_eval_batch_size}",
         flush=True,
     )

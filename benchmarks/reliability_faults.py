@@ -12,9 +12,9 @@ dropout, 40 steps, a checkpoint every 2 steps, keep 2). Then each try, in a fres
   folder appears), one to three times. Survived as above, and every ``step-*`` folder left verifies.
 - *full disk during checkpoint save*: ``RLIMIT_FSIZE`` (1 MB) set on the running trainer with ``prlimit``
   after its first checkpoints, and, where a tmpfs can be mounted (root), ``checkpoints/`` on a tmpfs with
-  room for 1.5 or 2.5 checkpoints (grown by a remount before the re-run). Survived: the run stops with an error naming the file, the cause and the
-  intact previous checkpoint, no partial folder is left, and re-running without the limit ends
-  bit-identical to the reference.
+  room for 1.5 or 2.5 checkpoints (grown by a remount before the re-run). Survived: the run stops with an
+  error naming the file, the cause and the intact previous checkpoint, no partial folder is left, and
+  re-running without the limit ends bit-identical to the reference.
 - *corrupted checkpoint*: a run killed mid-way has a byte of a random file of its newest checkpoint
   flipped, or the file truncated. Survived: the resumed run names the damaged file, falls back to the
   previous checkpoint and ends bit-identical.

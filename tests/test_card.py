@@ -227,12 +227,12 @@ def test_data_evaluation_and_environment_come_from_the_manifests(full_run):
     _, body = _card(full_run)
     corpus = json.loads((full_run / "corpus" / "manifest.json").read_text())
     tokens = json.loads((full_run / "tokens" / "manifest.json").read_text())
-    train = corpus["per_source"]["train"]["abstracts"]
+    train = corpus["details"]["per_source"]["train"]["abstracts"]
     row = next(line for line in _section(body, "### Pretraining corpus").splitlines() if line.startswith("| abstracts"))
     assert [c.strip() for c in row.strip("|").split("|")][2:5] == [
         f"{train['docs']:,}",
         f"{train['chars']:,}",
-        f"{tokens['source_tokens']['train']['abstracts']:,}",
+        f"{tokens['details']['source_tokens']['train']['abstracts']:,}",
     ]
     assert "not checked against evaluation sets (decontamination disabled)" in body
     fertility = json.loads((full_run / "tokenizer" / "fertility.json").read_text())

@@ -73,9 +73,9 @@ def test_download_then_build_the_fallback_quickstart(ncbi_mirror, tmp_path):
     )
     assert built.returncode == 0, built.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["per_source"]["read"]["pubmed"] == 604  # every citation, 78 of them title-only
-    assert manifest["dropped"]["read/no_abstract"]["pubmed"] == 78
-    assert manifest["documents_out"]["train"] + manifest["documents_out"]["val"] > 500
+    assert manifest["details"]["per_source"]["read"]["pubmed"] == 604  # every citation, 78 of them title-only
+    assert manifest["details"]["dropped"]["read/no_abstract"]["pubmed"] == 78
+    assert manifest["counts"]["documents_train"] + manifest["counts"]["documents_val"] > 500
     with gzip.open(next((out / "train").glob("part-*.jsonl.gz")), "rt") as fh:
         doc = json.loads(fh.readline())
     assert set(doc) == {"id", "text", "source", "meta"}

@@ -174,8 +174,8 @@ def test_filters_and_bad_input_are_counted_never_silent(built):
     skipped = [d for d in drops if d["stage"] == "read"]
     assert len(skipped) == 1 and "abstracts_2.jsonl.gz:" in skipped[0]["detail"] and "JSON" in skipped[0]["detail"]
     kept = len(_read_split(out, "train")) + len(_read_split(out, "val"))
-    replay_copies = manifest["per_source"]["train"]["replay"]["docs"]
-    read = manifest["documents_in"]
+    replay_copies = manifest.details["per_source"]["train"]["replay"]["docs"]
+    read = manifest.counts["documents_in"]
     distinct_kept = (
         kept - replay_copies + len({i.split("#")[0] for i in _read_split(out, "train") if i.startswith("replay/")})
     )
@@ -187,19 +187,19 @@ def test_filters_and_bad_input_are_counted_never_silent(built):
 
 def test_mixture_hits_requested_share(built):
     _, manifest = built
-    replay = manifest["mixture"]["replay"]
+    replay = manifest.details["mixture"]["replay"]
     assert replay["requested_share"] == 0.05
     # sized around the anchor (abstracts, taken whole), exact to within one replay document
-    anchor = manifest["mixture"]["abstracts"]["achieved_chars"]
+    anchor = manifest.details["mixture"]["abstracts"]["achieved_chars"]
     target = 0.05 * anchor / 0.95
     largest = max(len(r["text"]) for r in _replay(40))
     assert abs(replay["achieved_chars"] - target) <= largest / 2
-    assert manifest["mixture"]["abstracts"]["factor"] == 1
+    assert manifest.details["mixture"]["abstracts"]["factor"] == 1
     # token counts of the written train split (GPT-2 tokenizer), beside the character shares
-    tokens = {name: m["achieved_tokens"] for name, m in manifest["mixture"].items()}
-    assert tokens["abstracts"] > manifest["mixture"]["abstracts"]["achieved_chars"] / 8
-    assert sum(m["achieved_token_share"] for m in manifest["mixture"].values()) == pytest.approx(1.0)
-    assert manifest["per_source"]["train"]["replay"]["tokens"] == tokens["replay"]
+    tokens = {name: m["achieved_tokens"] for name, m in manifest.details["mixture"].items()}
+    assert tokens["abstracts"] > manifest.details["mixture"]["abstracts"]["achieved_chars"] / 8
+    assert sum(m["achieved_token_share"] for m in manifest.details["mixture"].values()) == pytest.approx(1.0)
+    assert manifest.details["per_source"]["train"]["replay"]["tokens"] == tokens["replay"]
     assert (built[0] / "composition.png").stat().st_size > 5000
 
 
@@ -226,14 +226,14 @@ def test_split_is_disjoint_and_deterministic(built, planted, tmp_path):
     assert val and not {i.split("#")[0] for i in train} & set(val)
     again = build_corpus(validate(CorpusConfig, _config(planted, tmp_path / "again", workers=1)))
     assert _read_split(tmp_path / "again", "train") == train and _read_split(tmp_path / "again", "val") == val
-    assert again["mixture"] == manifest["mixture"]
+    assert again.details["mixture"] == manifest.details["mixture"]
 
 
 def test_unchanged_build_is_a_no_op(built, planted):
     out, manifest = built
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.gz")}
     again = build_corpus(validate(CorpusConfig, _config(planted, out)))
-    assert again["build_key"] == manifest["build_key"]
+    assert again.key == manifest.key
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.gz")} == before
 
 
@@ -335,8 +335,10 @@ def test_slurm_executor_submits_then_finalizes_on_rerun(planted, built, tmp_path
     local_out, local_manifest = built
     for split in ("train", "val"):
         assert _read_split(out, split) == _read_split(local_out, split)
-    assert manifest["mixture"] == local_manifest["mixture"]
-    assert {s["name"] for s in manifest["extract_steps"]} == {s["name"] for s in local_manifest["extract_steps"]}
+    assert manifest.details["mixture"] == local_manifest.details["mixture"]
+    assert {s["name"] for s in manifest.details["extract_steps"]} == {
+        s["name"] for s in local_manifest.details["extract_steps"]
+    }
 
 
 def test_decontamination_disabled_is_said_in_the_report(planted, tmp_path):
@@ -344,7 +346,7 @@ def test_decontamination_disabled_is_said_in_the_report(planted, tmp_path):
     manifest = build_corpus(
         validate(CorpusConfig, _config(planted, out, decontam={"enabled": False}, report_tokenizer=None))
     )
-    assert manifest["decontamination"] is None
+    assert manifest.details["decontamination"] is None
     assert "**Disabled**" in (out / "report.md").read_text()
     kept = {**_read_split(out, "train"), **_read_split(out, "val")}
     assert f"abstracts/{planted['pubmedqa_pmid']}" in kept  # the planted test abstract survives
@@ -356,7 +358,7 @@ def test_finalize_only_changes_reuse_the_extract(built, planted, tmp_path):
     cfg = _config(planted, tmp_path / "rethreshold", work_dir=str(out / ".work"), dedup={"near": {"threshold": 0.7}})
     cfg["sources"][1]["weight"] = 0.02
     again = build_corpus(validate(CorpusConfig, cfg))
-    assert again["extract_dir"] == manifest["extract_dir"] and again["build_key"] != manifest["build_key"]
-    assert abs(again["mixture"]["replay"]["achieved_share"] - 0.02) < abs(
-        again["mixture"]["replay"]["achieved_share"] - 0.05
+    assert again.details["extract_dir"] == manifest.details["extract_dir"] and again.key != manifest.key
+    assert abs(again.details["mixture"]["replay"]["achieved_share"] - 0.02) < abs(
+        again.details["mixture"]["replay"]["achieved_share"] - 0.05
     )

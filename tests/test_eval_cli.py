@@ -110,18 +110,19 @@ def _bad_task_folder(path):
         (["--tasks", "pubmedq"], "error: unknown task 'pubmedq'; did you mean 'pubmedqa'?"),
         (
             ["--tasks", "medqa_4options", "--num-fewshot", "3"],
-            "error: task medqa_4options: 3-shot prompts need demonstrations, but MedQA's train and dev splits are not in "
-            "../shared/data, only its test set. Set fewshot_source=TASK[:SPLIT]",
+            "error: task medqa_4options: 3-shot prompts need demonstrations, but MedQA's train and dev splits are "
+            "not in ../shared/data, only its test set. Set fewshot_source=TASK[:SPLIT]",
         ),
         (
             ["--tasks", "pubmedqa", "--set", "benchmarks_dir=/nonexistent"],
             "error: task pubmedqa ({tasks}/pubmedqa.yaml): data file /nonexistent/pubmedqa/ori_pqal.json not found. "
-            "The official files go in ../shared/data/benchmarks (or set benchmarks_dir to their folder); its hub loader "
-            "(bigbio/pubmed_qa) failed: ConnectionError",
+            "The official files go in ../shared/data/benchmarks (or set benchmarks_dir to their folder); its hub "
+            "loader (bigbio/pubmed_qa) failed: ConnectionError",
         ),
         (
             ["--tasks", "drugs", "--set", "task_dirs=[{tmp}/mine]"],
-            "error: {tmp}/mine/drugs.yaml: prompts.lm_eval.text: 'stemm' is undefined (the documents have the fields answer, stem)",
+            "error: {tmp}/mine/drugs.yaml: prompts.lm_eval.text: 'stemm' is undefined "
+            "(the documents have the fields answer, stem)",
         ),
         (["--tasks", "pubmedqa", "--set", "generation.samples=3"], "error: <overrides>: invalid configuration"),
     ],

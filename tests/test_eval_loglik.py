@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -55,9 +54,9 @@ def bos_tokenizer_dir(directory: Path) -> Path:
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    from medfoundry.tokenizer.files import load_fast_tokenizer
+    from medfoundry.model.load import load_backend_tokenizer
 
-    bpe = load_fast_tokenizer(shared("tokenizers/gpt2"))
+    bpe = load_backend_tokenizer(shared("tokenizers/gpt2"))
     bpe.add_special_tokens(["<s>", "</s>"])
     bpe.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))]
@@ -348,24 +347,3 @@ def test_load_model_names_what_is_missing(gpt2_dir, tmp_path):
     assert lm.tokenizer.eos_token == "<|endoftext|>"
     with pytest.raises(ConfigError, match="precision 'fp16'"):
         load_model(gpt2_dir, precision="fp16", device="cpu", threads=1)
-
-
-def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
-    """A .gguf path is dequantized into the cache on first use and read from there afterwards."""
-    from medfoundry.eval import model as model_module
-
-    calls = []
-
-    def fake_convert(gguf_path, out):
-        calls.append(gguf_path)
-        out.mkdir(parents=True)
-        (out / "config.json").write_text(json.dumps({}))
-
-    monkeypatch.setattr("medfoundry.model.convert.convert_gguf", fake_convert)
-    gguf = tmp_path / "tiny.Q4.gguf"
-    gguf.write_bytes(b"GGUF")
-    first = model_module.gguf_checkpoint(gguf, tmp_path / "cache")
-    assert model_module.gguf_checkpoint(gguf, tmp_path / "cache") == first and len(calls) == 1
-    assert first.parent == tmp_path / "cache" / "gguf" and first.name.startswith("tiny.Q4-")
-    with pytest.raises(InputError, match="missing.gguf: GGUF file not found"):
-        model_module.gguf_checkpoint(tmp_path / "missing.gguf", tmp_path / "cache")

@@ -126,7 +126,7 @@ def test_results_json_follows_lm_eval(two_models_run):
     manifest = json.loads((out / "manifest.json").read_text())
     assert (
         manifest["stage"] == "eval"
-        and manifest["models"]["tiny1"]["model_files_hash"]
+        and manifest["details"]["models"]["tiny1"]["model_files_hash"]
         == summary["models"][1]["results"]["config"]["model_files_hash"]
     )
 
@@ -200,7 +200,7 @@ def test_fewshot_source_is_reported(models, tmp_path):
 
 
 def test_chain_of_thought_with_self_consistency(models, tmp_path):
-    generation = {"max_new_tokens": 6, "temperature": 0.9, "samples": 3}
+    generation = {"max_tokens": 6, "temperature": 0.9, "samples": 3}
     runs = [
         evaluate(
             config(
@@ -235,7 +235,7 @@ def test_chat_template_for_fine_tuned_models(models, tmp_path):
     (chat / "tokenizer_config.json").write_text(json.dumps(settings))
     for choice, out in (("auto", "templated"), ("none", "plain")):
         evaluate(
-            config(tmp_path / out, [chat], limit=1, mode="cot", chat_template=choice, generation={"max_new_tokens": 3})
+            config(tmp_path / out, [chat], limit=1, mode="cot", chat_template=choice, generation={"max_tokens": 3})
         )
     templated, plain = samples(tmp_path / "templated" / "chat")[0], samples(tmp_path / "plain" / "chat")[0]
     assert templated["prompt"] == f"<|user|>{plain['prompt']}<|assistant|>"
@@ -262,15 +262,38 @@ def test_perplexity_on_a_corpus_and_on_its_token_shards(models, tmp_path):
 
 def test_generate_stops_and_seeds_per_prompt(models):
     from medfoundry.eval.generate import generate
+    from medfoundry.generation.config import SamplingConfig
     from medfoundry.model.load import load_model
 
     lm = load_model(models[0], precision="fp32", threads=1)
     prompts = ["Question: Which enzyme does aspirin inhibit?\nAnswer:", "The patient presented with"]
-    greedy = generate(lm, prompts, max_new_tokens=8, n=2)
+    greedy = generate(lm, prompts, SamplingConfig(max_tokens=8), n=2)
     assert all(len(texts) == 2 and texts[0] == texts[1] for texts in greedy)
     text = greedy[0][0]
     stop = text[3:6]
-    assert generate(lm, prompts[:1], max_new_tokens=8, stop=[stop]) == [[text[: text.find(stop)]]]
-    sampled = generate(lm, prompts, max_new_tokens=6, temperature=1.0, n=3, seed=7, batch_size=1)
-    assert generate(lm, prompts[::-1], max_new_tokens=6, temperature=1.0, n=3, seed=7, batch_size=6) == sampled[::-1]
-    assert generate(lm, prompts, max_new_tokens=6, temperature=1.0, n=3, seed=8) != sampled
+    assert generate(lm, prompts[:1], SamplingConfig(max_tokens=8, stop=[stop])) == [[text[: text.find(stop)]]]
+    sampling = SamplingConfig(max_tokens=6, temperature=1.0)
+    sampled = generate(lm, prompts, sampling, n=3, seed=7, batch_size=1)
+    assert generate(lm, prompts[::-1], sampling, n=3, seed=7, batch_size=6) == sampled[::-1]
+    assert generate(lm, prompts, sampling, n=3, seed=8) != sampled
+
+
+def test_greedy_chain_of_thought_ignores_the_checkpoints_generation_defaults(models, tmp_path):
+    """Every sampling choice is the eval config's: a generation_config.json that asks for sampling, penalties or a
+    shorter length changes nothing (only its end-of-sequence tokens count)."""
+    from medfoundry.eval.generate import generate
+    from medfoundry.generation.config import SamplingConfig
+    from medfoundry.model.load import load_model
+
+    tuned = shutil.copytree(models[0], tmp_path / "tuned")
+    settings_path = tuned / "generation_config.json"
+    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    settings.update(
+        do_sample=True, temperature=0.3, top_k=2, top_p=0.5, repetition_penalty=5.0, max_new_tokens=1, num_beams=2
+    )
+    settings_path.write_text(json.dumps(settings))
+    prompts = ["Question: Which enzyme does aspirin inhibit?\nAnswer:", "The patient presented with"]
+    greedy = SamplingConfig(max_tokens=8)
+    plain = generate(load_model(models[0], precision="fp32", threads=1), prompts, greedy)
+    assert generate(load_model(tuned, precision="fp32", threads=1), prompts, greedy) == plain
+    assert all(len(texts[0]) > 1 for texts in plain)

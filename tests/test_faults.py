@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,16 +27,16 @@ from medfoundry.errors import InputError
 from medfoundry.train.checkpoint import (
     FILES,
     MANIFEST,
+    Checkpointer,
     CheckpointWriteError,
     DamagedCheckpoint,
     checkpoint_problem,
     latest_checkpoint,
-    load_checkpoint,
     read_checkpoint,
-    save_checkpoint,
     verify_checkpoint,
 )
 from medfoundry.train.schedules import ScheduleConfig, build_scheduler
+from medfoundry.train.state import TrainState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,18 +58,13 @@ def _trained(seed: int = 0):
     return model, optimizer, scheduler
 
 
-def _save(directory: Path, step: int, parts, keep_last: int = 0) -> Path:
+def _checkpointer(directory: Path, parts, keep_last: int = 0) -> Checkpointer:
     model, optimizer, scheduler = parts
-    return save_checkpoint(
-        directory,
-        step,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        reader_state={"position": step},
-        extra={},
-        keep_last=keep_last,
-    )
+    return Checkpointer(directory, model=model, optimizer=optimizer, scheduler=scheduler, keep_last=keep_last)
+
+
+def _save(directory: Path, step: int, parts, keep_last: int = 0) -> Path:
+    return _checkpointer(directory, parts, keep_last).save(TrainState(step=step, reader_state={"position": step}))
 
 
 def _flip_byte(path: Path, at: float = 0.5) -> None:
@@ -99,15 +95,15 @@ def test_damaged_checkpoints_are_named_and_the_previous_intact_one_is_used(tmp_p
     err = capsys.readouterr().err
     assert f"checkpoint: damaged, skipped: {paths[2] / 'model.safetensors'}: corrupted" in err
     assert f"checkpoint: using {paths[1]}, the newest intact checkpoint" in err
-    model, optimizer, scheduler = _trained(1)
+    other = _trained(1)
     with pytest.raises(DamagedCheckpoint, match=r"step-00000003/model\.safetensors: corrupted"):
-        load_checkpoint(paths[2], model=model, optimizer=optimizer, scheduler=scheduler)
+        _checkpointer(tmp_path, other).load(paths[2])
 
     _truncate(paths[1] / "optim.pt")  # a torn write
     assert latest_checkpoint(tmp_path) == paths[0]
     assert f"{paths[1] / 'optim.pt'}: truncated or damaged" in capsys.readouterr().err
-    state = load_checkpoint(paths[0], model=model, optimizer=optimizer, scheduler=scheduler)
-    assert state["step"] == 1 and torch.equal(model.weight, parts[0].weight)
+    state = _checkpointer(tmp_path, other).restore()
+    assert state.step == 1 and torch.equal(other[0].weight, parts[0].weight)
 
     # resumed from step 1: saving step 2 replaces the damaged one and retention ignores the later step 3
     _save(tmp_path, 2, parts, keep_last=1)
@@ -124,20 +120,29 @@ def test_damaged_checkpoints_are_named_and_the_previous_intact_one_is_used(tmp_p
         latest_checkpoint(tmp_path)
 
 
-def test_checkpoint_manifest_damage_and_old_checkpoints_without_one(tmp_path):
+def test_checkpoint_manifest_damage_and_checkpoints_without_one(tmp_path):
     parts = _trained()
     path = _save(tmp_path, 1, parts)
+    manifest = (path / MANIFEST).read_text()
     (path / MANIFEST).write_text('{"files": ')
     assert (
         checkpoint_problem(path)
         == f"{path / MANIFEST}: unreadable checkpoint manifest (Expecting value: line 1 column 11 (char 10))"
     )
 
-    (path / MANIFEST).unlink()  # written before manifests existed: loads, unverified
-    assert checkpoint_problem(path) is None and read_checkpoint(path)["trainer_state"]["step"] == 1
-    _truncate(path / "model.safetensors")  # still refused, by the reader, naming the file
+    (path / MANIFEST).unlink()  # no manifest: its files cannot be verified, so it is refused
+    refusal = f"{path}: no {MANIFEST}, so its files cannot be verified: not loaded (move the folder away)"
+    assert checkpoint_problem(path) == refusal
+    for verify in (True, False):
+        with pytest.raises(DamagedCheckpoint, match=re.escape(refusal)):
+            read_checkpoint(path, verify=verify)
+    with pytest.raises(DamagedCheckpoint, match="no intact checkpoint: .*no manifest.json"):
+        _checkpointer(tmp_path, parts).restore()
+
+    (path / MANIFEST).write_text(manifest)
+    _truncate(path / "model.safetensors")  # unverified, still refused by the reader, naming the file
     with pytest.raises(DamagedCheckpoint, match=r"step-00000001/model\.safetensors: unreadable checkpoint file"):
-        read_checkpoint(path)
+        read_checkpoint(path, verify=False)
 
 
 def test_a_replacement_killed_between_its_two_renames_is_undone(tmp_path):
@@ -154,8 +159,9 @@ FULL_DISK = r"""
 import json, resource, signal, sys
 import torch
 from torch import nn
-from medfoundry.train.checkpoint import CheckpointWriteError, save_checkpoint
+from medfoundry.train.checkpoint import Checkpointer, CheckpointWriteError
 from medfoundry.train.schedules import ScheduleConfig, build_scheduler
+from medfoundry.train.state import TrainState
 
 out, limits = sys.argv[1], [int(v) for v in sys.argv[2:]]
 torch.manual_seed(0)
@@ -165,9 +171,10 @@ scheduler = build_scheduler(optimizer, 10, ScheduleConfig())
 model(torch.randn(2, 64)).sum().backward()
 optimizer.step()
 
+checkpointer = Checkpointer(out, model=model, optimizer=optimizer, scheduler=scheduler, keep_last=1)
+
 def save(step):
-    return save_checkpoint(out, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                           reader_state={}, extra={}, keep_last=1)
+    return checkpointer.save(TrainState(step=step))
 
 save(1)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG instead of killing us
@@ -307,7 +314,7 @@ def test_corrupted_token_shards_are_named_and_rebuilt(tmp_path):
         TokenShards(out / "train", verify=True)
     _flip_byte(out / "train" / "part-00002.idx.npy", at=0.9)
     manifest = tokenize_corpus(corpus, tokenizer, out, workers=1)  # a re-run rebuilds exactly the damaged parts
-    assert manifest["tokens_tokenized"] == index["shards"][1]["tokens"] + index["shards"][2]["tokens"]
+    assert manifest.counts["tokens_tokenized"] == index["shards"][1]["tokens"] + index["shards"][2]["tokens"]
     assert _shard_files(out / "train") == original
 
     (out / "train" / "index.json").write_text('{"dtype": "uint16", "shar')
@@ -363,11 +370,12 @@ def test_tokenization_killed_midway_resumes_to_identical_shards(tmp_path):
     assert not (out / "manifest.json").exists()
     subprocess.run(argv, cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
     manifest = json.loads((out / "manifest.json").read_text())
-    total = sum(split["tokens"] for split in reference["splits"].values())
-    assert 0 < manifest["tokens_tokenized"] < total  # finished parts were kept, not redone
+    total = reference.counts["train_tokens"] + reference.counts["val_tokens"]
+    assert 0 < manifest["counts"]["tokens_tokenized"] < total  # finished parts were kept, not redone
     for split in ("train", "val"):
         assert _shard_files(out / split) == _shard_files(tmp_path / "reference" / split)  # no .tmp leftovers either
-    assert manifest["splits"] == reference["splits"]
+    per_split = [name for name in reference.counts if name.startswith(("train_", "val_"))]  # tokens, documents, shards
+    assert {n: manifest["counts"][n] for n in per_split} == {n: reference.counts[n] for n in per_split}
 
 
 # -- corpus build ------------------------------------------------------------------------------

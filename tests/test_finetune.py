@@ -144,14 +144,14 @@ def test_masked_loss_matches_the_plain_loss(inputs, trained):
     from medfoundry.sft.batch import masked_token_loss, model_inputs
     from medfoundry.sft.dataset import SFTData
     from medfoundry.sft.finetune import MaskedTokenLoss
-    from medfoundry.train.accel import fuse_output_layer
+    from medfoundry.train.accel import HiddenStatesLM, fused_head
 
     batch = next(SFTData(trained.parent / "data-gpt2").reader(4, seed=3))
     model = AutoModelForCausalLM.from_pretrained(str(trained / "model"))
     with torch.no_grad():
         plain, n_plain = masked_token_loss(model(**model_inputs(batch)).logits, batch["labels"])
-        head = fuse_output_layer(model, "chunked")
-        fused, n_fused = MaskedTokenLoss(head, "fp32", "cpu")(model, batch)
+        head = fused_head(model, "chunked")
+        fused, n_fused = MaskedTokenLoss(head, "fp32", "cpu")(HiddenStatesLM(model), batch)
     assert n_plain == n_fused > 0
     assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
 
@@ -191,7 +191,7 @@ def test_epochs_become_whole_steps(inputs, tmp_path):
     tree = _tree(inputs, out)
     tree["training"] = {**tree["training"], "steps": None, "epochs": 0.5}
     finetune(validate(FinetuneConfig, tree))
-    rows = json.loads((tmp_path / "data-gpt2" / "manifest.json").read_text())["splits"]["train"]["rows"]
+    rows = json.loads((tmp_path / "data-gpt2" / "manifest.json").read_text())["counts"]["train_rows"]
     assert json.loads((out / "run.json").read_text())["steps"] == -(-rows // 2 // 8)
 
 
@@ -211,7 +211,7 @@ def test_lora_trains_adapters_and_added_tokens_and_merges(inputs, tmp_path):
     finetune(validate(FinetuneConfig, tree))
     run = json.loads((out / "run.json").read_text())
     assert run["kernels"]["loss"] == "plain" and 0 < run["lora"]["trainable_share"] < 0.5
-    added = json.loads((tmp_path / "data-llama" / "manifest.json").read_text())["tokenizer"]["added_ids"]
+    added = json.loads((tmp_path / "data-llama" / "manifest.json").read_text())["details"]["tokenizer"]["added_ids"]
 
     base = AutoModelForCausalLM.from_pretrained(str(inputs["llama"]))
     resize_for_tokenizer(base, tmp_path / "data-llama" / "tokenizer")

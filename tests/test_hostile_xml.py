@@ -208,7 +208,7 @@ def test_corpus_build_lenient_skips_and_reports_each_hostile_file(build_inputs, 
 
     out = tmp_path / "corpus"
     manifest = build_corpus(_config(build_inputs, out, strict=False))
-    assert manifest["documents_out"]["train"] == 2  # the two good documents
+    assert manifest.counts["documents_train"] == 2  # the two good documents
     with gzip.open(out / "dropped.jsonl.gz", "rt") as fh:
         skipped = {
             Path(d["detail"].split(":")[0]).name: d["detail"] for d in map(json.loads, fh) if d["stage"] == "read"

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import smollm2_gguf
 from medfoundry.errors import InputError
 from medfoundry.model.convert import convert_gguf, load_gguf
+from medfoundry.model.load import load_tokenizer
 from medfoundry.model.presets import count_parameters, model_config
-from medfoundry.tokenizer.files import load_gguf_tokenizer
 
 PROMPT = "The capital of France is"
 
@@ -64,7 +64,7 @@ def test_converted_directory_gives_the_gguf_logits(gguf, converted):
 
 
 def test_converted_tokenizer_round_trips_with_its_chat_template(gguf, converted):
-    original, tokenizer = load_gguf_tokenizer(gguf), AutoTokenizer.from_pretrained(converted, local_files_only=True)
+    original, tokenizer = load_tokenizer(gguf), AutoTokenizer.from_pretrained(converted, local_files_only=True)
     text = "Acetaminophen 500 mg q6h; IL-6 ↑ in COVID-19 <|im_end|>"
     assert tokenizer(text).input_ids == original(text).input_ids
     assert tokenizer.decode(tokenizer(text).input_ids) == text

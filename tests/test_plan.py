@@ -70,7 +70,8 @@ def test_the_model_is_only_ever_on_the_meta_device(name):
 
 
 def test_biomedlm_decoupled_weight_decay_is_composers():
-    """Composer's DecoupledAdamW multiplies weights by 1 - 1.6e-5 per step (at peak lr); torch's AdamW by 1 - lr x wd."""
+    """Composer's DecoupledAdamW multiplies weights by 1 - 1.6e-5 per step (at peak lr); torch's AdamW by
+    1 - lr x wd."""
     optim = load_target(recipe("biomedlm-2.7b")).cfg.optim
     assert optim.lr * optim.weight_decay == pytest.approx(1.6e-5)
 

@@ -18,7 +18,7 @@ import yaml
 
 from conftest import REPO
 from medfoundry.config import validate
-from medfoundry.train.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from medfoundry.train.checkpoint import Checkpointer, latest_checkpoint, read_checkpoint
 from medfoundry.train.config import PretrainConfig
 from medfoundry.train.loop import pretrain
 from test_pretrain import ENV, _records, _tree, tokens  # noqa: F401  (tokens: the shared data fixture)
@@ -134,6 +134,7 @@ def test_checkpoints_have_one_format(runs):
     from transformers import AutoModelForCausalLM
 
     from medfoundry.train import distributed
+    from medfoundry.train.accel import HiddenStatesLM
     from medfoundry.train.optim import OptimConfig, build_optimizer
     from medfoundry.train.schedules import ScheduleConfig, build_scheduler
 
@@ -145,14 +146,19 @@ def test_checkpoints_have_one_format(runs):
     assert fsdp["model"].keys() == single["model"].keys() and fsdp["trainer_state"]["step"] == 6
     assert fsdp["model"]["lm_head.weight"].data_ptr() == fsdp["model"]["transformer.wte.weight"].data_ptr()
 
-    def build(model):
-        optimizer = build_optimizer(model, OptimConfig(lr=3e-3))
-        return model, optimizer, build_scheduler(optimizer, 6, ScheduleConfig(kind="cosine", warmup_steps=3))
+    def build(model, directory):
+        optimizer = build_optimizer(distributed.unwrap(model), OptimConfig(lr=3e-3))  # as the training loop does
+        scheduler = build_scheduler(optimizer, 6, ScheduleConfig(kind="cosine", warmup_steps=3))
+        return (
+            model,
+            optimizer,
+            Checkpointer(directory, model=model, optimizer=optimizer, scheduler=scheduler, keep_last=1),
+        )
 
-    model, optimizer, scheduler = build(AutoModelForCausalLM.from_pretrained(runs["single"] / "model"))
-    load_checkpoint(
-        runs["fsdp"] / "checkpoints" / "step-00000006", model=model, optimizer=optimizer, scheduler=scheduler
-    )  # FSDP -> 1 process
+    model, optimizer, checkpointer = build(
+        AutoModelForCausalLM.from_pretrained(runs["single"] / "model"), runs["single"].parent / "unused"
+    )
+    checkpointer.load(runs["fsdp"] / "checkpoints" / "step-00000006")  # FSDP -> 1 process
     assert _tensors_equal(model.state_dict(), fsdp["model"]) and _optim_equal(optimizer.state_dict(), fsdp["optimizer"])
 
     store = dist.FileStore(str(runs["single"].parent / "store"), 1)  # 1 process -> FSDP2 and back
@@ -160,25 +166,14 @@ def test_checkpoints_have_one_format(runs):
     try:
         from torch.distributed.fsdp import fully_shard
 
-        model = AutoModelForCausalLM.from_pretrained(runs["single"] / "model")
+        model = HiddenStatesLM(AutoModelForCausalLM.from_pretrained(runs["single"] / "model"))
         for block in distributed.transformer_blocks(model):  # as distributed.wrap_model does under torchrun
             fully_shard(block)
         fully_shard(model)
-        model, optimizer, scheduler = build(model)
+        model, optimizer, checkpointer = build(model, runs["single"].parent / "again")
         assert distributed.is_sharded(model)
-        state = load_checkpoint(single_path, model=model, optimizer=optimizer, scheduler=scheduler)
-        again = save_checkpoint(
-            runs["single"].parent / "again",
-            6,
-            model=None,
-            optimizer=None,
-            scheduler=scheduler,
-            reader_state=state["reader_state"],
-            extra=state["extra"],
-            keep_last=1,
-            model_state=distributed.full_model_state(model),
-            optim_state=distributed.full_optim_state(model, optimizer),
-        )
+        state = checkpointer.load(single_path)
+        again = checkpointer.save(state)
     finally:
         dist.destroy_process_group()
     again = read_checkpoint(again)

@@ -13,8 +13,10 @@ import pytest
 import yaml
 
 from conftest import shared
+from medfoundry import __version__
 from medfoundry.config import validate
 from medfoundry.errors import ConfigError
+from medfoundry.manifest import Manifest, output_fingerprint
 from medfoundry.recipe.config import RecipeConfig, wire
 from medfoundry.recipe.runner import load_recipe, run_recipe
 
@@ -63,7 +65,7 @@ def recipe_tree(abstracts: Path, run_dir: Path, **stages) -> dict:
                 "limit": 10,
                 "bootstrap_iters": 0,
             },
-            "generate": {"prompts": ["The patient was treated with"], "max_tokens": 5},
+            "generate": {"prompts": ["The patient was treated with"], "sampling": {"max_tokens": 5}},
         },
     }
     tree["stages"].update(stages)
@@ -93,6 +95,11 @@ def test_every_stage_runs_and_the_report_links_them(first_run):
     assert _ran(summary) == ["corpus", "tokenizer", "tokens", "pretrain", "eval", "generate"]
     state = json.loads((run / "stages.json").read_text())
     assert all(state[s]["status"] == "done" for s in summary["stages"])
+    manifests = {s: Manifest.read(run / s, s) for s in summary["stages"]}  # every stage writes one, typed
+    assert {m.medfoundry_version for m in manifests.values()} == {__version__}
+    assert manifests["pretrain"].counts["steps"] == 6 and manifests["pretrain"].outputs["model"] == "model"
+    assert manifests["pretrain"].inputs[str(run / "tokens")] == output_fingerprint(run / "tokens")
+    assert manifests["generate"].counts["prompts"] == 1 and manifests["eval"].details["models"]["model"]
     assert (run / "pretrain" / "model" / "model.safetensors").is_file()
     results = json.loads((run / "eval" / "model" / "results.json").read_text())
     assert "heldout" in results["results"]
@@ -211,3 +218,29 @@ def test_eval_alone_needs_models(tmp_path):
     tree = {"name": "x", "run_dir": str(tmp_path), "stages": {"eval": {"tasks": ["pubmedqa"]}}}
     with pytest.raises(ConfigError, match="stages.eval.models"):
         wire(validate(RecipeConfig, tree))
+
+
+def test_generate_is_wired_to_the_run_model(tmp_path):
+    """The generate stage takes `medfoundry generate`'s config: the runner gives it the run's model and its output."""
+    run = tmp_path / "run"
+    generate = {"prompts": ["The patient"], "sampling": {"max_tokens": 3, "temperature": 0.5, "seed": 1}}
+    tree = {
+        "name": "g",
+        "run_dir": str(run),
+        "stages": {"eval": {"models": ["base"], "tasks": ["pubmedqa"]}, "generate": generate},
+    }
+    cfg = wire(validate(RecipeConfig, tree))["generate"]
+    assert cfg.model == "base" and cfg.output == str(run / "generate" / "samples.jsonl")
+    assert (cfg.sampling.max_tokens, cfg.sampling.temperature, cfg.sampling.seed) == (3, 0.5, 1)
+    for field in ("model", "output"):
+        given = {**tree, "stages": {**tree["stages"], "generate": {**generate, field: "elsewhere"}}}
+        with pytest.raises(ConfigError, match=f"stages.generate.{field}: set by the runner"):
+            wire(validate(RecipeConfig, given))
+    with pytest.raises(ConfigError, match="no model to generate with"):
+        wire(validate(RecipeConfig, {**tree, "stages": {"generate": generate}}))
+    with pytest.raises(ConfigError, match="max_tokens: sampling fields go under sampling"):
+        wire(
+            validate(
+                RecipeConfig, {**tree, "stages": {**tree["stages"], "generate": {"prompts": ["x"], "max_tokens": 3}}}
+            )
+        )

@@ -17,8 +17,8 @@ import openai
 import pytest
 import uvicorn
 
+from medfoundry.generation.engine import Engine
 from medfoundry.serve.app import ServerConfig, create_app
-from medfoundry.serve.engine import Engine
 from medfoundry.serve.worker import EngineWorker
 from test_serve_engine import gpt2_dir  # noqa: F401  (session fixture: the tiny GPT-2 checkpoint)
 

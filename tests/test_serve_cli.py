@@ -1,9 +1,9 @@
-"""``generate``, ``chat`` and ``serve`` as registered by ``medfoundry.serve.cli.add_subcommands``: prompts from
-arguments and files, JSONL out, a chat session on piped standard input, and a served model answering."""
+"""``generate``, ``chat`` and ``serve`` on the main command line (``generate`` through the stage registry):
+prompts from arguments and files, JSONL out, a chat session on piped standard input, and a served model
+answering."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -16,19 +16,18 @@ import urllib.request
 
 import pytest
 
+from medfoundry.cli import build_parser
 from medfoundry.errors import ConfigError, InputError
-from medfoundry.serve.cli import add_subcommands
-from medfoundry.serve.engine import Engine
-from medfoundry.serve.sampling import SamplingParams
+from medfoundry.generation.config import SamplingConfig
+from medfoundry.generation.engine import Engine
+from medfoundry.manifest import Manifest
 from test_serve_engine import gpt2_dir  # noqa: F401  (session fixture: the tiny GPT-2 checkpoint)
 
 COMMON = ["--precision", "fp32", "--threads", "1"]
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="medfoundry")
-    add_subcommands(parser.add_subparsers(dest="stage", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
@@ -53,7 +52,7 @@ def test_generate_from_arguments_to_stdout(gpt2_dir, capsys):
     assert [r["prompt"] for r in rows] == ["Aspirin", "The patient presented with"]
     assert all(r["completion_tokens"] == 6 and r["finish_reason"] == "length" for r in rows)
     engine = Engine.load(gpt2_dir, precision="fp32", threads=1)
-    greedy = engine.generate(["Aspirin"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    greedy = engine.generate(["Aspirin"], SamplingConfig(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert rows[0]["completion"] == greedy.text  # generate is greedy by default
 
 
@@ -84,6 +83,10 @@ def test_generate_from_files(gpt2_dir, tmp_path):
     )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"] and all("completion" in r for r in rows)
+    manifest = Manifest.read(tmp_path, "generate")  # the registry's stage: the same manifest as in a recipe
+    assert manifest.outputs == {"samples": "out.jsonl"} and manifest.counts["prompts"] == 2
+    assert manifest.counts["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
+    assert str(jsonl) in manifest.inputs
     text = tmp_path / "prompts.txt"
     text.write_text("Aspirin\nStatins\n")
     assert (
@@ -145,8 +148,8 @@ def test_serve_command_answers_on_loopback(gpt2_dir):
     port = sock.getsockname()[1]
     sock.close()
     code = (
-        "import argparse, sys; from medfoundry.serve.cli import add_subcommands; p = argparse.ArgumentParser(); "
-        "add_subcommands(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
+        "import sys; from medfoundry.cli import build_parser; a = build_parser().parse_args(sys.argv[1:]); "
+        "sys.exit(a.func(a))"
     )
     env = {**os.environ, "MEDFOUNDRY_API_KEY": "k", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(

@@ -12,11 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from conftest import shared
 from medfoundry.errors import ConfigError, InputError
+from medfoundry.generation.config import SamplingConfig
+from medfoundry.generation.engine import Engine
+from medfoundry.generation.sampling import TokenSampler, sample
+from medfoundry.generation.text import Detokenizer, StopMatcher
 from medfoundry.model.export import export_hf
 from medfoundry.model.presets import model_config
-from medfoundry.serve.engine import Engine
-from medfoundry.serve.sampling import SamplingParams, TokenSampler, sample
-from medfoundry.serve.text import Detokenizer, StopMatcher
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -66,7 +67,7 @@ def test_greedy_equals_generate_under_continuous_batching(preset, gpt2_dir, tmp_
     engine = Engine.load(directory, precision="fp32", device="cpu", threads=1, max_batch=3)
     prompts = [engine.encode(p) for p in PROMPTS]
     budgets = [12, 5, 9, 16, 7]  # different lengths, so slots free up at different steps
-    done = engine.generate(prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in budgets])
+    done = engine.generate(prompts, [SamplingConfig(max_tokens=n, temperature=0, ignore_eos=True) for n in budgets])
     with torch.no_grad():
         expected = [hf_greedy(engine.model, [ids], n)[0] for ids, n in zip(prompts, budgets)]
         batched = hf_greedy(engine.model, prompts, max(budgets))
@@ -80,45 +81,45 @@ def test_greedy_equals_generate_under_continuous_batching(preset, gpt2_dir, tmp_
 def test_bf16_engine_runs_and_mostly_agrees(gpt2_dir, engine):
     bf16 = Engine.load(gpt2_dir, precision="bf16", device="cpu", threads=1, max_batch=3)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    params = SamplingConfig(max_tokens=8, temperature=0, ignore_eos=True)
     ours, reference = bf16.generate(PROMPTS[:3], params), engine.generate(PROMPTS[:3], params)
     assert all(len(c.token_ids) == 8 for c in ours)
     assert sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(ours, reference)) >= 2
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
-    params = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    params = SamplingConfig(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
     alone = engine.generate([PROMPTS[0]], params)[0]
-    others = SamplingParams(max_tokens=6, temperature=1.2, seed=7, ignore_eos=True)
+    others = SamplingConfig(max_tokens=6, temperature=1.2, seed=7, ignore_eos=True)
     crowded = engine.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [others, params, others])[1]
     assert crowded.token_ids == alone.token_ids
-    reseeded = engine.generate([PROMPTS[0]], SamplingParams(**{**params.__dict__, "seed": 99}))[0]
+    reseeded = engine.generate([PROMPTS[0]], params.model_copy(update={"seed": 99}))[0]
     assert reseeded.token_ids != alone.token_ids
 
 
 def test_sampling_filters_and_penalties():
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
-    sampler = TokenSampler(SamplingParams(temperature=1.0, top_k=1, seed=0), [0], 4)
+    sampler = TokenSampler(SamplingConfig(temperature=1.0, top_k=1, seed=0), [0], 4)
     assert sample(logits.clone(), [sampler]) == [1]
-    narrow = TokenSampler(SamplingParams(temperature=5.0, top_p=0.05, seed=0), [0], 4)
+    narrow = TokenSampler(SamplingConfig(temperature=5.0, top_p=0.05, seed=0), [0], 4)
     assert {sample(logits.clone(), [narrow])[0] for _ in range(20)} == {1}  # top-p keeps the top token only
-    repeat = TokenSampler(SamplingParams(temperature=0, repetition_penalty=10.0), [1], 4)
+    repeat = TokenSampler(SamplingConfig(temperature=0, repetition_penalty=10.0), [1], 4)
     assert sample(logits.clone(), [repeat]) == [2]  # 3.0 / 10 falls below 2.0
-    frequent = TokenSampler(SamplingParams(temperature=0, frequency_penalty=2.0), [0], 4)
+    frequent = TokenSampler(SamplingConfig(temperature=0, frequency_penalty=2.0), [0], 4)
     assert sample(logits.clone(), [frequent]) == [1]
     frequent.observe(1)
     assert sample(logits.clone(), [frequent]) == [2]  # 3.0 - 2.0 < 2.0; the prompt token 0 is not counted
     for field, value in [("temperature", -1.0), ("top_p", 0.0), ("max_tokens", 0), ("presence_penalty", 3.0)]:
         with pytest.raises(ValueError, match=field):
-            SamplingParams(**{field: value})
+            SamplingConfig(**{field: value})
 
 
 def test_penalties_change_greedy_output(engine):
-    plain = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    plain = engine.generate([PROMPTS[0]], SamplingConfig(max_tokens=24, temperature=0, ignore_eos=True))[0]
     assert len(set(plain.token_ids)) < len(plain.token_ids)  # a random model repeats itself
     penalized = engine.generate(
         [PROMPTS[0]],
-        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, presence_penalty=2.0, repetition_penalty=2.0),
+        SamplingConfig(max_tokens=24, temperature=0, ignore_eos=True, presence_penalty=2.0, repetition_penalty=2.0),
     )[0]
     assert len(set(penalized.token_ids)) > len(set(plain.token_ids))
 
@@ -149,11 +150,11 @@ def test_stop_matcher_spanning_pushes():
 
 
 def test_stop_sequence_across_tokens_is_cut_out(engine):
-    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    params = SamplingConfig(max_tokens=20, temperature=0, ignore_eos=True)
     full = engine.generate([PROMPTS[3]], params)[0]
     assert len(full.text) > 12
     stop = full.text[5:12]  # spans several tokens
-    streamed = list(engine.stream(PROMPTS[3], SamplingParams(**{**params.__dict__, "stop": (stop,)})))
+    streamed = list(engine.stream(PROMPTS[3], params.model_copy(update={"stop": [stop]})))
     text = "".join(o.text for o in streamed)
     assert text == full.text[: full.text.index(stop)]
     assert streamed[-1].finish_reason == "stop" and streamed[-1].completion_tokens < 20
@@ -161,18 +162,18 @@ def test_stop_sequence_across_tokens_is_cut_out(engine):
 
 def test_end_of_sequence_stops_without_text(gpt2_dir):
     engine = Engine.load(gpt2_dir, precision="fp32", device="cpu", threads=1, max_batch=2)
-    first = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=1, temperature=0))[0].token_ids[0]
+    first = engine.generate([PROMPTS[1]], SamplingConfig(max_tokens=1, temperature=0))[0].token_ids[0]
     engine.eos_ids = frozenset({first})
-    done = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=5, temperature=0))[0]
+    done = engine.generate([PROMPTS[1]], SamplingConfig(max_tokens=5, temperature=0))[0]
     assert (done.token_ids, done.text, done.finish_reason) == ([first], "", "stop")
-    ignored = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    ignored = engine.generate([PROMPTS[1]], SamplingConfig(max_tokens=5, temperature=0, ignore_eos=True))[0]
     assert len(ignored.token_ids) == 5
 
 
 def test_cache_length_bounds_generation(gpt2_dir):
     engine = Engine.load(gpt2_dir, precision="fp32", device="cpu", threads=1, max_batch=2, max_seq_len=16)
     prompt = engine.encode(PROMPTS[2])
-    done = engine.generate([prompt], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    done = engine.generate([prompt], SamplingConfig(max_tokens=100, temperature=0, ignore_eos=True))[0]
     assert done.finish_reason == "length" and len(prompt) + len(done.token_ids) == 17  # the last token needs no slot
     with pytest.raises(ValueError, match="at most 16"):
         engine.add_request(list(range(17)))
@@ -181,12 +182,12 @@ def test_cache_length_bounds_generation(gpt2_dir):
 
 
 def test_cancel_frees_the_slot(engine):
-    stream = engine.stream(PROMPTS[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    stream = engine.stream(PROMPTS[0], SamplingConfig(max_tokens=50, temperature=0, ignore_eos=True))
     next(stream)
     assert len(engine.running) == 1
     stream.close()
     assert not engine.running and not engine.waiting
-    waiting = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=3))
+    waiting = engine.add_request(PROMPTS[0], SamplingConfig(max_tokens=3, temperature=1.0))
     engine.cancel(waiting)
     assert [o.finish_reason for o in engine.step()] == ["abort"] and not engine.has_work
 
@@ -200,9 +201,9 @@ def test_refuses_pickled_weights(tmp_path, gpt2_dir):
 
 def test_prefill_budget_splits_admissions(engine, monkeypatch):
     """With room for one prompt per prefill, requests join one step after another: same tokens."""
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    params = SamplingConfig(max_tokens=6, temperature=0, ignore_eos=True)
     together = engine.generate(PROMPTS[:3], params)
-    monkeypatch.setattr("medfoundry.serve.engine.PREFILL_TOKEN_BUDGET", 12)
+    monkeypatch.setattr("medfoundry.generation.engine.PREFILL_TOKEN_BUDGET", 12)
     requests = [engine.add_request(p, params) for p in PROMPTS[:3]]
     engine.step()
     assert sum(r.row >= 0 for r in requests) < 3  # not all admitted at once
@@ -229,7 +230,7 @@ def test_sliding_window_caps_the_sequence_length(gpt2_dir):
     engine = Engine(model, AutoTokenizer.from_pretrained(gpt2_dir), max_batch=2)
     assert engine.max_seq_len == 32  # attention stays exact: no token ever falls out of the window
     prompt = engine.encode(PROMPTS[2])
-    done = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    done = engine.generate([prompt], SamplingConfig(max_tokens=8, temperature=0, ignore_eos=True))[0]
     with torch.no_grad():
         assert done.token_ids == hf_greedy(model, [prompt], 8)[0]
     with pytest.raises(ConfigError, match="sliding window"):

@@ -17,9 +17,10 @@ import torch
 from starlette.routing import Mount
 
 from conftest import REPO
+from medfoundry.generation.config import SamplingConfig
+from medfoundry.generation.engine import Engine
+from medfoundry.generation.sampling import TokenSampler, sample
 from medfoundry.serve.app import ServerConfig, create_app
-from medfoundry.serve.engine import Engine
-from medfoundry.serve.sampling import SamplingParams, TokenSampler, sample
 from medfoundry.serve.worker import EngineWorker
 from test_serve_api import serving
 from test_serve_engine import gpt2_dir  # noqa: F401  (session fixture: the tiny GPT-2 checkpoint)
@@ -220,7 +221,7 @@ def test_logs_hold_no_prompt_no_completion_no_key(tiny, tmp_path):
 def test_extreme_sampling_values_still_give_a_token(params):
     """Values schemathesis found crashing the engine step (and with it every request in the batch): logits
     divided into inf made softmax NaN, and a top_p below float32's smallest value masked every token."""
-    sampler = TokenSampler(SamplingParams(**params), [1, 2, 3], 50)
+    sampler = TokenSampler(SamplingConfig(**{"temperature": 1.0, **params}), [1, 2, 3], 50)
     logits = torch.randn(1, 50) * 30
     tokens = [sample(logits.clone(), [sampler])[0] for _ in range(20)]
     assert all(0 <= t < 50 for t in tokens)

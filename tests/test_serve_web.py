@@ -13,8 +13,8 @@ import time
 import openai
 import pytest
 
+from medfoundry.generation.engine import Engine
 from medfoundry.serve.app import ServerConfig
-from medfoundry.serve.engine import Engine
 from medfoundry.serve.worker import QueueFull
 from test_serve_api import KEY, running_server, wait_idle
 from test_serve_engine import gpt2_dir  # noqa: F401  (session fixture: the tiny GPT-2 checkpoint)
@@ -216,7 +216,12 @@ def test_sse_parser_across_every_chunk_boundary(server, browser):
         const wire = ': keep-alive\\n\\ndata: {"a":1}\\n\\ndata: one\\r\\ndata: two\\r\\n\\r\\n'
                    + 'event: x\\rdata:no space\\r\\rdata: [DONE]\\n\\n';
         const runs = [];
-        const parse = (pieces) => { const got = []; const push = createSSEParser((d) => got.push(d)); pieces.forEach(push); return got; };
+        const parse = (pieces) => {
+          const got = [];
+          const push = createSSEParser((d) => got.push(d));
+          pieces.forEach(push);
+          return got;
+        };
         for (let i = 0; i <= wire.length; i++)
           for (let j = i; j <= wire.length; j++)
             runs.push(parse([wire.slice(0, i), wire.slice(i, j), wire.slice(j)]));

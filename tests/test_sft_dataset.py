@@ -104,15 +104,19 @@ def prepared(inputs, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_manifest_counts_mixture_and_per_source_validation(prepared):
     out, manifest = prepared
-    stats, mixture = manifest["source_stats"], manifest["mixture"]
+    stats, mixture = manifest.details["source_stats"], manifest.details["mixture"]
     for name, total in (("defs", 300), ("dialogues", 100)):
         assert stats[name]["records"] == total == stats[name]["train_records"] + stats[name]["val_records"]
         assert 0.04 * total <= stats[name]["val_records"] <= 0.18 * total
     assert {n: s["examples"] for n, s in mixture["sources"].items()} == {"defs": 300, "dialogues": 200}
     assert mixture["sources"]["dialogues"]["epochs"] == pytest.approx(200 / stats["dialogues"]["train_records"])
-    train = manifest["splits"]["train"]
-    assert train["examples"] == 500 and train["fill"] > 0.9 and train["response_tokens"] == mixture["response_tokens"]
-    assert manifest["tokenizer"]["added_ids"] and manifest["overlap"] == {"checked": False}
+    train = manifest.details["splits"]["train"]
+    assert (
+        train["examples"] == 500 == manifest.counts["train_examples"]
+        and train["fill"] > 0.9
+        and train["response_tokens"] == mixture["response_tokens"]
+    )
+    assert manifest.details["tokenizer"]["added_ids"] and manifest.details["overlap"] == {"checked": False}
     report = (out / "report.md").read_text()
     assert "| defs | 60.0% | 60.0% | 300 |" in report and "⟦" in report
 
@@ -125,7 +129,7 @@ def test_stored_examples_are_what_the_saved_chat_template_renders(prepared, inpu
 
     out, manifest = prepared
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
-    renderer = Renderer(tokenizer, SFTDataConfig.model_validate(manifest["config"]).template)
+    renderer = Renderer(tokenizer, SFTDataConfig.model_validate(manifest.config).template)
     rendered = {tuple(renderer(c).ids.tolist()) for c in read_conversations(inputs[1]["dialogues"])}
     split = SFTData(out).split("train")
     stored = [tuple(ids.tolist()) for r in range(split.n_rows) for ids, _ in split.row(r)]
@@ -146,7 +150,7 @@ def test_prepare_is_cached_by_content_and_redone_when_an_input_changes(prepared,
     copy["defs"].write_text(paths["defs"].read_text())
     first = prepare(config(tokenizer, copy), tmp_path / "a")
     copy["defs"].write_text(paths["defs"].read_text().replace("case 0)", "case zero)"))
-    assert prepare(config(tokenizer, copy), tmp_path / "a")["fingerprint"] != first["fingerprint"]
+    assert prepare(config(tokenizer, copy), tmp_path / "a").key != first.key
 
 
 def test_reader_resumes_exactly_across_epochs(prepared):
@@ -186,7 +190,7 @@ def test_validation_rows_belong_to_one_source_each(prepared):
     for name in ("defs", "dialogues"):
         rows = val.rows_for(name)
         examples = sum(len(val.row(int(r))) for r in rows)
-        assert examples == manifest["source_stats"][name]["val_records"]
+        assert examples == manifest.details["source_stats"][name]["val_records"]
         batches = [b for rank in (0, 1) for b in val.batches(2, rank=rank, world_size=2, source=name)]
         assert sum(len(b["input_ids"]) for b in batches) == len(rows)
         assert validation_passes(val, 2, 2, name) == max(
@@ -198,7 +202,7 @@ def test_validation_rows_belong_to_one_source_each(prepared):
 
 def test_without_packing_each_row_is_one_example_with_a_2d_mask(inputs, tmp_path):
     manifest = prepare(config(*inputs, packing=False), tmp_path / "data")
-    assert manifest["splits"]["train"]["rows"] == 500
+    assert manifest.counts["train_rows"] == 500
     batch = next(SFTData(tmp_path / "data").reader(4))
     assert batch["attention_mask"].shape == batch["input_ids"].shape
     assert (batch["position_ids"][:, 0] == 0).all() and (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
@@ -229,7 +233,7 @@ def test_left_prompt_truncation_keeps_whole_responses_and_reports_drops(inputs, 
     manifest = prepare(
         config(inputs[0], paths, truncation="left_prompt", validation={"fraction": 0}), tmp_path / "data"
     )
-    stats = manifest["source_stats"]["defs"]
+    stats = manifest.details["source_stats"]["defs"]
     assert stats["truncated"] == 1 and stats["dropped_too_long"] == 1  # the long response is never cut
     assert stats["dropped_locations"] == [f"{paths['defs']}:10"]
     data = SFTData(tmp_path / "data")
@@ -239,7 +243,8 @@ def test_left_prompt_truncation_keeps_whole_responses_and_reports_drops(inputs, 
     assert "Fever.<|im_end|>" in responses
     dropped = prepare(config(inputs[0], paths, truncation="drop", validation={"fraction": 0}), tmp_path / "dropped")
     assert (
-        dropped["source_stats"]["defs"]["dropped_too_long"] == 2 and dropped["source_stats"]["defs"]["truncated"] == 0
+        dropped.details["source_stats"]["defs"]["dropped_too_long"] == 2
+        and dropped.details["source_stats"]["defs"]["truncated"] == 0
     )
 
 
@@ -284,14 +289,17 @@ def test_medmcqa_dev_is_refused_for_training_unless_dropped_or_allowed(inputs, t
         prepare(validate(SFTDataConfig, tree), tmp_path / "refused")
     assert not (tmp_path / "refused").exists()  # nothing half-written
     allowed = prepare(validate(SFTDataConfig, {**tree, "allow_test_overlap": True}), tmp_path / "allowed")
-    assert allowed["overlap"]["overlapping"] == 4183 and allowed["overlap"]["action"] == "kept (allow_test_overlap)"
+    assert (
+        allowed.details["overlap"]["overlapping"] == 4183
+        and allowed.details["overlap"]["action"] == "kept (allow_test_overlap)"
+    )
     with pytest.raises(ConfigError, match="source 'medmcqa' has no training examples left"):
         prepare(validate(SFTDataConfig, {**tree, "drop_test_overlap": True}), tmp_path / "emptied")
     tree["sources"][0] = {"name": "mmlu", "converter": "mmlu", "path": str(benchmarks / "mmlu" / "dev"), "weight": 0.5}
     dropped = prepare(validate(SFTDataConfig, {**tree, "drop_test_overlap": True}), tmp_path / "dropped")
-    stats = dropped["source_stats"]["mmlu"]
+    stats = dropped.details["source_stats"]["mmlu"]
     assert stats["test_overlap"] == 5 and stats["train_records"] + stats["val_records"] == 25
-    assert dropped["overlap"]["action"] == "dropped" and len(dropped["overlap"]["first"]) == 5
+    assert dropped.details["overlap"]["action"] == "dropped" and len(dropped.details["overlap"]["first"]) == 5
 
 
 @pytest.mark.parametrize(
@@ -331,7 +339,7 @@ def test_a_few_training_steps_through_the_loop_contract(prepared):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
         GPT2Config(
-            vocab_size=manifest["tokenizer"]["added_ids"][0],
+            vocab_size=manifest.details["tokenizer"]["added_ids"][0],
             n_embd=64,
             n_layer=2,
             n_head=4,
@@ -340,7 +348,7 @@ def test_a_few_training_steps_through_the_loop_contract(prepared):
             eos_token_id=None,
         )
     )
-    assert resize_for_tokenizer(model, data.tokenizer_dir)["vocab_size"] == manifest["tokenizer"]["vocab_size"]
+    assert resize_for_tokenizer(model, data.tokenizer_dir)["vocab_size"] == manifest.details["tokenizer"]["vocab_size"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     reader, losses = data.reader(8, seed=0), []
     for _ in range(25):

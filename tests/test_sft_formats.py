@@ -96,7 +96,9 @@ def test_turn_order_and_empty_responses_are_refused(tmp_path: Path):
         '{"messages": [{"role": "assistant", "content": "Hello."}]}': "turn 1 is 'assistant' but 'user' was expected",
         '{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, '
         '{"role": "assistant", "content": "c"}]}': "a system message may only come first",
-        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}': "record is missing its response: assistant turn 2 is empty",
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}': (
+            "record is missing its response: assistant turn 2 is empty"
+        ),
         '{"text": "plain pretraining text"}': r"cannot tell the format of this record \(keys: \['text'\]\)",
     }
     for i, (record, message) in enumerate(cases.items()):

@@ -183,7 +183,10 @@ def test_templates_whose_responses_cannot_be_located_are_refused(base, tmp_path)
     )
     with pytest.raises(InputError, match=r"memory:7: template 'model' does not render this conversation incrementally"):
         _with_template(base, tmp_path, rewriting)(multi_turn())
-    unterminated = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    unterminated = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(InputError, match="does not close the assistant turn with a special end token"):
         _with_template(base, tmp_path, unterminated)(multi_turn())
 

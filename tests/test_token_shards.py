@@ -13,7 +13,8 @@ import pytest
 
 from conftest import shared, smollm2_gguf
 from medfoundry.errors import InputError, MedfoundryError
-from medfoundry.tokenizer.files import load_fast_tokenizer
+from medfoundry.manifest import output_fingerprint
+from medfoundry.model.load import load_backend_tokenizer
 from medfoundry.tokenizer.shards import TokenShards, tokenize_corpus
 
 SOURCES = ("pubmed", "pmc", "guidelines")
@@ -86,12 +87,12 @@ def tokenized(tmp_path_factory, corpus, gpt2) -> tuple[Path, dict]:
 
 def test_shards_hold_each_document_then_eos(tokenized, corpus, gpt2):
     out, manifest = tokenized
-    tokenizer = load_fast_tokenizer(gpt2)
+    tokenizer = load_backend_tokenizer(gpt2)
     for split, texts in corpus[1].items():
         shards = TokenShards(out / split)
         assert (shards.dtype, shards.eos_id, shards.vocab_size) == (np.dtype("uint16"), 50256, 50257)
-        assert shards.num_docs == len(texts) == manifest["splits"][split]["docs"]
-        assert shards.total_tokens == manifest["splits"][split]["tokens"]
+        assert shards.num_docs == len(texts) == manifest.counts[f"{split}_documents"]
+        assert shards.total_tokens == manifest.counts[f"{split}_tokens"]
         expected = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
         position = 0
         for i, ids in enumerate(expected):
@@ -100,11 +101,11 @@ def test_shards_hold_each_document_then_eos(tokenized, corpus, gpt2):
             position += len(ids) + 1
         assert position == shards.total_tokens
         assert tokenizer.decode(shards.document(7).tolist()) == texts[7]
-    assert manifest["corpus"]["build_key"] == "test-build-key"
-    assert manifest["tokenizer"]["eos_token"] == "<|endoftext|>"
-    assert sum(manifest["source_tokens"]["train"].values()) == manifest["splits"]["train"]["tokens"]
-    assert set(manifest["source_tokens"]["train"]) == set(SOURCES)
-    assert manifest["tokens_tokenized"] == manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
+    assert manifest.stage == "tokens" and manifest.inputs[str(corpus[0])] == output_fingerprint(corpus[0])
+    assert manifest.details["tokenizer"]["eos_token"] == "<|endoftext|>"
+    assert sum(manifest.details["source_tokens"]["train"].values()) == manifest.counts["train_tokens"]
+    assert set(manifest.details["source_tokens"]["train"]) == set(SOURCES)
+    assert manifest.counts["tokens_tokenized"] == manifest.counts["train_tokens"] + manifest.counts["val_tokens"]
     index = json.loads((out / "train" / "index.json").read_text())
     assert [s["bin"] for s in index["shards"]] == ["part-00000.bin", "part-00001.bin", "part-00002.bin"]
     assert index["complete"] and index["docs"] == 600
@@ -121,7 +122,7 @@ def test_rerun_skips_finished_parts_and_rebuilds_damaged_ones(tokenized, corpus,
     shutil.copytree(tokenized[0], out)
     original = shard_files(out / "train")
     manifest = tokenize_corpus(corpus[0], gpt2, out, workers=2)
-    assert manifest["tokens_tokenized"] == 0
+    assert manifest.counts["tokens_tokenized"] == 0
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("part-*")}
     (out / "train" / "part-00001.bin").unlink()
@@ -132,7 +133,7 @@ def test_rerun_skips_finished_parts_and_rebuilds_damaged_ones(tokenized, corpus,
     changed = {p.name for p in (out / "train").glob("part-*") if p.stat().st_mtime_ns != mtimes.get(p.name)}
     assert changed == {"part-00001.bin", "part-00001.idx.npy", "part-00002.bin", "part-00002.idx.npy"}
     index = json.loads((out / "train" / "index.json").read_text())
-    assert manifest["tokens_tokenized"] == index["shards"][1]["tokens"] + index["shards"][2]["tokens"]
+    assert manifest.counts["tokens_tokenized"] == index["shards"][1]["tokens"] + index["shards"][2]["tokens"]
 
 
 def test_changed_corpus_part_is_retokenized_and_stale_shards_removed(gpt2, tmp_path):
@@ -155,7 +156,7 @@ def test_dtype_follows_vocabulary_size(gpt2, tmp_path):
     write_corpus(root, ["w1 w2 w65537", "w69998 w3"], {"train": 1, "val": 1})
     manifest = tokenize_corpus(root, big, tmp_path / "auto", workers=1)
     shards = TokenShards(tmp_path / "auto" / "train")
-    assert manifest["dtype"] == "uint32" and shards.dtype == np.dtype("uint32")
+    assert manifest.details["dtype"] == "uint32" and shards.dtype == np.dtype("uint32")
     assert shards.slice(0, shards.total_tokens).tolist() == [1, 2, 65537, 69999]
     with pytest.raises(MedfoundryError, match="70,000 ids"):
         tokenize_corpus(root, big, tmp_path / "u16", dtype="uint16", workers=1)
@@ -173,8 +174,10 @@ def test_eos_comes_from_argument_then_config(tmp_path):
     root = tmp_path / "corpus"
     write_corpus(root, ["w1 w2", "w3"], {"train": 1, "val": 1})
     configured = wordlevel_tokenizer(tmp_path / "configured", 10, {"eos_token": {"content": "w9"}})
-    assert tokenize_corpus(root, configured, tmp_path / "a", workers=1)["tokenizer"]["eos_id"] == 9
-    assert tokenize_corpus(root, configured, tmp_path / "b", eos_token="w8", workers=1)["tokenizer"]["eos_id"] == 8
+    assert tokenize_corpus(root, configured, tmp_path / "a", workers=1).details["tokenizer"]["eos_id"] == 9
+    assert (
+        tokenize_corpus(root, configured, tmp_path / "b", eos_token="w8", workers=1).details["tokenizer"]["eos_id"] == 8
+    )
     with pytest.raises(MedfoundryError, match="pass eos_token"):
         tokenize_corpus(root, wordlevel_tokenizer(tmp_path / "bare", 10), tmp_path / "c", workers=1)
     with pytest.raises(MedfoundryError, match="'</s>' is not in the vocabulary"):
@@ -263,7 +266,9 @@ def test_a_gguf_model_file_serves_as_the_tokenizer(tmp_path, monkeypatch):
     write_corpus(root, texts, {"train": 1, "val": 1})
     manifest = tokenize_corpus(root, gguf, tmp_path / "tokens", workers=1)
     directory = hf_directory(gguf)
-    tokenizer = load_fast_tokenizer(directory)
+    tokenizer = load_backend_tokenizer(directory)
     shards = TokenShards(tmp_path / "tokens" / "train")
-    assert manifest["tokenizer"]["eos_token"] == "<|im_end|>" and shards.eos_id == tokenizer.token_to_id("<|im_end|>")
+    assert manifest.details["tokenizer"]["eos_token"] == "<|im_end|>" and shards.eos_id == tokenizer.token_to_id(
+        "<|im_end|>"
+    )
     assert shards.document(0).tolist() == tokenizer.encode(texts[0], add_special_tokens=False).ids

@@ -71,7 +71,7 @@ def test_autotokenizer_loads_offline_with_special_tokens(trained, monkeypatch):
     out, manifest = trained
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
-    assert len(tok) == manifest["vocab_size"] == 6000
+    assert len(tok) == manifest.counts["vocab_size"] == 6000
     ids = tok("<|im_start|>user\nIs aspirin safe?<|im_end|>")["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and tok.convert_tokens_to_ids("<|im_end|>") in ids
     assert tok.convert_ids_to_tokens(ids).count("<|im_start|>") == 1  # kept whole, never split into pieces
@@ -123,9 +123,9 @@ def test_biomedical_pretokenizer_keeps_compounds():
 
 def test_sources_and_character_cap_select_training_text(corpus, tmp_path):
     only = train_tokenizer(_cfg(corpus, tmp_path / "a", sources=["replay"], fertility={"top_domain_words": 0}))
-    assert only["training_text"]["documents"] == 300  # every 10th document is labelled replay
+    assert only.counts["training_documents"] == 300  # every 10th document is labelled replay
     capped = train_tokenizer(_cfg(corpus, tmp_path / "b", max_chars=100_000, fertility={"top_domain_words": 0}))
-    assert 100_000 <= capped["training_text"]["characters"] < 100_000 + 10_000
+    assert 100_000 <= capped.counts["training_characters"] < 100_000 + 10_000
 
 
 def test_output_replaced_whole_and_bad_corpus_named(corpus, tmp_path):
@@ -160,15 +160,15 @@ def extended(corpus, tmp_path_factory):
 def test_extension_keeps_every_existing_id(extended):
     from tokenizers import Tokenizer
 
-    from medfoundry.tokenizer.files import load_fast_tokenizer
+    from medfoundry.model.load import load_backend_tokenizer
 
     out, manifest = extended
-    base = load_fast_tokenizer(shared("tokenizers/gpt2"))
+    base = load_backend_tokenizer(shared("tokenizers/gpt2"))
     new = Tokenizer.from_file(str(out / "tokenizer.json"))
     base_vocab, new_vocab = base.get_vocab(), new.get_vocab()
     assert all(new_vocab[token] == i for token, i in base_vocab.items())
     ext = json.loads((out / "vocab_extension.json").read_text())
-    assert ext["base_vocab_size"] == 50257 and ext["vocab_size"] == 50257 + 300 == manifest["vocab_size"]
+    assert ext["base_vocab_size"] == 50257 and ext["vocab_size"] == 50257 + 300 == manifest.counts["vocab_size"]
     assert ext["added_ids"] == list(range(50257, 50557))
     assert [new.id_to_token(i) for i in ext["added_ids"]] == ext["added_tokens"]
 
@@ -185,7 +185,7 @@ def test_extension_makes_chosen_words_single_tokens_and_saves_tokens(extended, c
         assert entry["id"] >= 50257
     texts = _val_texts(corpus)
     assert all(new.decode(e.ids) == t for e, t in zip(new.encode_batch(texts), texts))
-    fert = manifest["fertility"]
+    fert = manifest.details["fertility"]
     assert fert["extended"]["tokens_per_word"] < fert["base"]["tokens_per_word"]
 
 
@@ -217,10 +217,13 @@ def test_extend_smollm2_tokenizer_from_gguf(corpus, tmp_path, monkeypatch):
         },
     )
     manifest = extend_tokenizer(cfg)
-    assert manifest["base_vocab_size"] == 49152 and manifest["vocab_size"] == 49352
+    assert manifest.counts["base_vocab_size"] == 49152 and manifest.counts["vocab_size"] == 49352
     tok = AutoTokenizer.from_pretrained(str(out))
     assert len(tok) == 49352 and tok.eos_token == "<|im_end|>" and tok.chat_template
     chat = tok.apply_chat_template([{"role": "user", "content": "Define cytotoxicity."}], tokenize=True)
     ids = chat["input_ids"] if hasattr(chat, "keys") else chat
     assert tok.convert_tokens_to_ids("<|im_start|>") in ids
-    assert manifest["fertility"]["extended"]["tokens_per_word"] < manifest["fertility"]["base"]["tokens_per_word"]
+    assert (
+        manifest.details["fertility"]["extended"]["tokens_per_word"]
+        < manifest.details["fertility"]["base"]["tokens_per_word"]
+    )

@@ -1,4 +1,4 @@
-"""Run-time speed-ups of the training model: attention kernel, native GELU, pass-through output layer.
+"""Run-time speed-ups of the training model: attention kernel, native GELU, the output layer left to the loss.
 None may change what the model computes, its weights or the config.json it exports."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from torch import nn
 from medfoundry.errors import ConfigError
 from medfoundry.model.presets import model_config
 from medfoundry.train.accel import (
-    PassThroughLinear,
+    HiddenStatesLM,
     TanhGELU,
     _tanh_gelu_classes,
     attention_for,
-    fuse_output_layer,
+    fused_head,
     native_gelu,
     set_attention,
 )
@@ -100,18 +100,20 @@ def test_native_gelu_in_models(preset, count, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "bloom-tiny"])
-def test_output_layer_passes_hidden_states_through(preset):
+def test_hidden_states_wrapper_leaves_the_output_layer_to_the_loss(preset):
     model = tiny(preset)
     ids = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
         names = list(model.state_dict())
-        head = fuse_output_layer(model, "auto")
-        hidden = model(input_ids=ids).logits
-    assert isinstance(head, PassThroughLinear) and isinstance(head, nn.Linear) and head is model.get_output_embeddings()
+        head = fused_head(model, "auto")
+        hidden = HiddenStatesLM(model)(input_ids=ids)
+        again = model(input_ids=ids).logits  # the model itself still returns logits
+    assert type(head) is nn.Linear and head is model.get_output_embeddings()
     assert hidden.shape == (2, 16, model.config.hidden_size) and list(model.state_dict()) == names
     torch.testing.assert_close(hidden @ head.weight.T, logits, atol=1e-5, rtol=1e-5)
-    assert fuse_output_layer(tiny(preset), "plain") is None
+    assert torch.equal(again, logits)
+    assert fused_head(tiny(preset), "plain") is None
 
 
 def test_chunked_loss_refused_where_it_does_not_fit():
@@ -120,10 +122,10 @@ def test_chunked_loss_refused_where_it_does_not_fit():
     model = GPTNeoXForCausalLM(
         GPTNeoXConfig(vocab_size=96, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     )
-    assert fuse_output_layer(model, "auto") is None  # auto: the plain loss
+    assert fused_head(model, "auto") is None  # auto: the plain loss
     with pytest.raises(ConfigError, match="training.loss: chunked does not fit this model: model type 'gpt_neox'"):
-        fuse_output_layer(model, "chunked")
+        fused_head(model, "chunked")
     biased = tiny("llama-tiny")
     biased.lm_head = nn.Linear(128, 96)
     with pytest.raises(ConfigError, match="output layer has a bias"):
-        fuse_output_layer(biased, "chunked")
+        fused_head(biased, "chunked")

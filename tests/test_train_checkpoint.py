@@ -16,15 +16,10 @@ from safetensors import safe_open
 from torch import nn
 
 from medfoundry.errors import MedfoundryError
-from medfoundry.train.checkpoint import (
-    is_complete,
-    latest_checkpoint,
-    load_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-)
+from medfoundry.train.checkpoint import Checkpointer, is_complete, latest_checkpoint, read_checkpoint
 from medfoundry.train.optim import OptimConfig, build_optimizer, clip_grads, grad_norm
 from medfoundry.train.schedules import ScheduleConfig, build_scheduler
+from medfoundry.train.state import TrainState
 
 TOTAL = 10
 DATA = torch.randint(0, 64, (TOTAL, 2, 12), generator=torch.Generator().manual_seed(7))
@@ -63,17 +58,13 @@ def assert_same(a: dict, b: dict) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def save(directory, step, model, optimizer, scheduler, keep_last=3, **extra):
-    return save_checkpoint(
-        directory,
-        step,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        reader_state={"position": step * 2},
-        extra=extra,
-        keep_last=keep_last,
-    )
+def checkpointer(directory, model, optimizer, scheduler, keep_last=3) -> Checkpointer:
+    return Checkpointer(directory, model=model, optimizer=optimizer, scheduler=scheduler, keep_last=keep_last)
+
+
+def save(directory, step, model, optimizer, scheduler, keep_last=3, tokens=0):
+    state = TrainState(step=step, tokens=tokens, reader_state={"position": step * 2})
+    return checkpointer(directory, model, optimizer, scheduler, keep_last).save(state)
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -85,17 +76,18 @@ def test_resume_is_bit_identical(tmp_path):
     seed_all(0)
     model, optimizer, scheduler = setup(0)
     train(model, optimizer, scheduler, 0, 4)
-    path = save(tmp_path, 4, model, optimizer, scheduler, tokens=96, best_val_loss=float("inf"))
+    path = save(tmp_path, 4, model, optimizer, scheduler, tokens=96)
     assert path == tmp_path / "step-00000004" and latest_checkpoint(tmp_path) == path
 
     for control in (False, True):
         model, optimizer, scheduler = setup(1)  # a different init, and the RNGs have moved on
         random.random(), np.random.rand()
-        state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
-        assert state == {
+        state = checkpointer(tmp_path, model, optimizer, scheduler).restore()
+        assert state == TrainState(step=4, tokens=96, reader_state={"position": 8})
+        assert read_checkpoint(path)["trainer_state"] == {
             "step": 4,
             "reader_state": {"position": 8},
-            "extra": {"tokens": 96, "best_val_loss": float("inf")},
+            "extra": {"tokens": 96, "targets": 0, "skipped": 0, "skipped_in_a_row": 0},
         }
         if control:
             torch.rand(1)  # one stray random draw after loading changes the dropout masks
@@ -116,7 +108,7 @@ def test_tied_weights_stored_once_and_loaded_strictly(tmp_path):
     assert_same(read_checkpoint(path)["model"], model.state_dict())
     other = nn.Linear(2, 2)
     with pytest.raises(MedfoundryError, match="does not fit this model"):
-        load_checkpoint(path, model=other, optimizer=torch.optim.AdamW(other.parameters()), scheduler=scheduler)
+        checkpointer(tmp_path, other, torch.optim.AdamW(other.parameters()), scheduler).load(path)
 
 
 def small():
@@ -156,7 +148,7 @@ import random, sys, time
 import numpy as np, torch
 import torch.nn.functional as F
 from torch import nn
-from medfoundry.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medfoundry.train.checkpoint import Checkpointer
 from medfoundry.train.optim import OptimConfig, build_optimizer, clip_grads, grad_norm
 from medfoundry.train.schedules import ScheduleConfig, build_scheduler
 
@@ -179,15 +171,22 @@ model = Tiny()
 optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
 scheduler = build_scheduler(optimizer, total, ScheduleConfig(warmup_steps=3))
 data = torch.randint(0, 32, (total * 4, 9), generator=torch.Generator().manual_seed(1))
-step, position = 0, 0
-latest = latest_checkpoint(out)
-if latest is not None:
-    state = load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
-    step, position = state["step"], state["reader_state"]["position"]
-print("start", step, flush=True)
-while step < total:
-    batch = data[position : position + 4].clone()
-    position += 4
+class Reader:
+    position = 0
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+reader = Reader()
+checkpointer = Checkpointer(out, model=model, optimizer=optimizer, scheduler=scheduler, reader=reader, keep_last=2)
+state = checkpointer.restore()
+print("start", state.step, flush=True)
+while state.step < total:
+    batch = data[reader.position : reader.position + 4].clone()
+    reader.position += 4
     batch[:, np.random.randint(9)] = random.randrange(32)
     loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
     loss.backward()
@@ -195,9 +194,8 @@ while step < total:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    step += 1
-    save_checkpoint(out, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                    reader_state={"position": position}, extra={"loss": loss.item()}, keep_last=2)
+    state.record_step(36, 32, finite=True)
+    checkpointer.save(state)
     time.sleep(pause)
 """
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from medfoundry.model.presets import model_config
 from medfoundry.train import losses
-from medfoundry.train.accel import fuse_output_layer
+from medfoundry.train.accel import HiddenStatesLM, fused_head
 from medfoundry.train.losses import NextTokenLoss, chunk_rows, linear_cross_entropy, plain_cross_entropy
 
 PRESETS = ["gpt2-tiny", "llama-tiny", "bloom-tiny"]
@@ -31,7 +31,11 @@ def batch(seed: int = 1) -> torch.Tensor:
 
 
 def loss_and_grads(model, loss_fn: NextTokenLoss, wrapped=None) -> tuple[float, dict[str, torch.Tensor]]:
-    loss, n = loss_fn(wrapped or model, batch())
+    """The loss and the gradients of ``model``'s parameters, called as ``wrapped`` (by default, with the
+    fused loss, inside the HiddenStatesLM that returns its hidden states)."""
+    if wrapped is None:
+        wrapped = model if loss_fn.head is None else HiddenStatesLM(model)
+    loss, n = loss_fn(wrapped, batch())
     assert n == 3 * 24
     (loss / n).backward()
     grads = {
@@ -44,7 +48,7 @@ def loss_and_grads(model, loss_fn: NextTokenLoss, wrapped=None) -> tuple[float, 
 def plain_and_chunked(preset: str, precision: str = "fp32"):
     plain = tiny(preset)
     chunked = tiny(preset)
-    head = fuse_output_layer(chunked, "chunked")
+    head = fused_head(chunked, "chunked")
     return (plain, NextTokenLoss(None, precision, "cpu")), (chunked, NextTokenLoss(head, precision, "cpu"))
 
 
@@ -71,7 +75,7 @@ def test_many_chunks_and_groups_equal_one(monkeypatch):
     (plain, plain_loss), (chunked, chunked_loss) = plain_and_chunked("gpt2-tiny")
     assert_same(loss_and_grads(plain, plain_loss), loss_and_grads(chunked, chunked_loss), 1e-5)
     with torch.no_grad():  # validation: the loss only
-        assert chunked_loss(chunked, batch(2))[0].item() == pytest.approx(
+        assert chunked_loss(HiddenStatesLM(chunked), batch(2))[0].item() == pytest.approx(
             plain_loss(plain, batch(2))[0].item(), rel=1e-6
         )
 
@@ -124,7 +128,7 @@ def one_process_group():
             dist.destroy_process_group()
 
 
-@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module .* returned a view tensor")  # as D.wrap_model does
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module .* returned a view tensor")  # as distributed.wrap_model does
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
 def test_chunked_through_ddp_and_fsdp2(preset, one_process_group):
     """The loss reads the head's weight beside the wrapper's forward: DDP must still reduce its gradient,
@@ -135,11 +139,12 @@ def test_chunked_through_ddp_and_fsdp2(preset, one_process_group):
 
     (plain, plain_loss), (chunked, chunked_loss) = plain_and_chunked(preset)
     reference = loss_and_grads(plain, plain_loss)
-    ddp = torch.nn.parallel.DistributedDataParallel(chunked)
+    ddp = torch.nn.parallel.DistributedDataParallel(HiddenStatesLM(chunked))
     assert_same(reference, loss_and_grads(chunked, chunked_loss, wrapped=ddp), 1e-5)
 
     (_, _), (sharded, sharded_loss) = plain_and_chunked(preset)
-    for block in transformer_blocks(sharded):
+    root = HiddenStatesLM(sharded)  # the root FSDP2 module, as distributed.wrap_model makes it
+    for block in transformer_blocks(root):
         fully_shard(block)
-    fully_shard(sharded)
-    assert_same(reference, loss_and_grads(sharded, sharded_loss), 1e-5)
+    fully_shard(root)
+    assert_same(reference, loss_and_grads(sharded, sharded_loss, wrapped=root), 1e-5)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from medfoundry.errors import InputError, MedfoundryError
+from medfoundry.generation.engine import Engine
 from medfoundry.model.load import load_model
-from medfoundry.serve.engine import Engine
 from medfoundry.train.model_setup import load_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,7 +88,7 @@ def _loaders():
     return {
         "eval": lambda d, **kw: load_model(d, device="cpu", precision="fp32", threads=1, **kw),
         "serve": lambda d, **kw: Engine.load(d, device="cpu", precision="fp32", threads=1, **kw),
-        "train": lambda d, **kw: load_pretrained(str(d), d / "base", **kw),
+        "train": lambda d, **kw: load_pretrained(str(d), **kw),
     }
 
 
@@ -197,17 +197,18 @@ def _remote_code_tokenizer(checkpoint: Path, directory: Path, marker: Path) -> P
     return directory
 
 
-@pytest.mark.parametrize("loader", ["eval", "train", "finetune", "export"])
+@pytest.mark.parametrize("loader", ["eval", "load", "finetune", "export"])
 def test_a_tokenizer_asking_for_its_own_code_is_refused(tmp_path, checkpoint, loader):
+    """Through the one loader (what training and every stage use) and the paths that copy or stage a tokenizer."""
     from medfoundry.model.export import copy_tokenizer
+    from medfoundry.model.load import load_tokenizer
     from medfoundry.sft.templates import load_base_tokenizer
-    from medfoundry.train.loop import _load_tokenizer
 
     marker = tmp_path / "PWNED"
     directory = _remote_code_tokenizer(checkpoint, tmp_path / "remote", marker)
     load = {
         "eval": lambda: load_model(directory, device="cpu", threads=1),
-        "train": lambda: _load_tokenizer(str(directory)),
+        "load": lambda: load_tokenizer(str(directory)),
         "finetune": lambda: load_base_tokenizer(directory),
         "export": lambda: copy_tokenizer(directory, (tmp_path / "copy").resolve()),
     }[loader]
@@ -240,7 +241,8 @@ def test_a_safetensors_index_naming_a_pickle_shard_is_refused(tmp_path, checkpoi
 
 
 def test_config_naming_a_pickle_as_its_weights_is_refused(tmp_path, checkpoint):
-    """config.json's transformers_weights overrides the usual file names: naming a pickle makes it a pickle checkpoint."""
+    """config.json's transformers_weights overrides the usual file names: naming a pickle makes it a pickle
+    checkpoint."""
     marker = tmp_path / "PWNED"
     directory = tmp_path / "explicit"
     shutil.copytree(checkpoint, directory)
@@ -287,14 +289,14 @@ def test_every_command_that_loads_a_checkpoint_has_the_flag(argv, field):
 
 def test_training_checkpoints_load_optimizer_state_with_weights_only(tmp_path):
     """Resuming reads optim.pt and rng.pt with torch.load(weights_only=True): a tampered one cannot run code."""
-    from medfoundry.train.checkpoint import read_checkpoint, save_checkpoint
+    from medfoundry.train.checkpoint import Checkpointer, read_checkpoint
+    from medfoundry.train.state import TrainState
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    step = save_checkpoint(
-        tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, reader_state={}, extra={}, keep_last=0
-    )
+    checkpointer = Checkpointer(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler)
+    step = checkpointer.save(TrainState(step=1))
     marker = tmp_path / "PWNED"
     for name in ("optim.pt", "rng.pt"):
         original = (step / name).read_bytes()

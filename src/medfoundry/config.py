@@ -134,3 +134,14 @@ def load_config(model: type[M], path: str | Path | None, overrides: list[str] | 
     tree = load_yaml(path) if path else {}
     tree = apply_overrides(tree, overrides or [])
     return validate(model, tree, str(path or "<overrides>"))
+
+
+def add_allow_pickle(command, where: str) -> None:
+    """The ``--allow-pickle`` flag of a command that loads model weights (an ``argparse`` parser), worded alike
+    everywhere; here, at the bottom layer, so that every package's command can use it."""
+    command.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help=f"allow pickled weights (pytorch_model.bin) in {where}, loaded with torch.load(weights_only=True); "
+        "by default only safetensors load, since unpickling can run code",
+    )

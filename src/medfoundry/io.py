@@ -209,6 +209,23 @@ def lone_surrogate(value: Any) -> str | None:
 
 
 @contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the block: processes that would write the
+    same artifact at the same time (torchrun ranks converting one GGUF file) take turns. The operating system
+    releases it when the process dies, so a killed holder never blocks the next run."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole. Temporary
     directories that earlier, killed attempts at ``path`` left behind are removed first."""

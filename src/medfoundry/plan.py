@@ -255,9 +255,9 @@ def _has_tokenizer(directory: str | None) -> bool:
 def _tokenizer_size(tokenizer_dir: str | None) -> int | None:
     if not _has_tokenizer(tokenizer_dir):
         return None
-    from medfoundry.tokenizer.files import load_fast_tokenizer
+    from medfoundry.model.load import load_backend_tokenizer
 
-    return load_fast_tokenizer(Path(tokenizer_dir)).get_vocab_size(with_added_tokens=True)
+    return load_backend_tokenizer(Path(tokenizer_dir)).get_vocab_size(with_added_tokens=True)
 
 
 def _pretrain_config(cfg: PretrainConfig, tokenizer_vocab: int | None):
@@ -312,8 +312,7 @@ def build_meta_model(target: Target, device: str):
     from transformers import AutoModelForCausalLM
 
     from medfoundry.model.resize import resize_for_tokenizer
-    from medfoundry.train.accel import fuse_output_layer, set_attention
-    from medfoundry.train.model_setup import check_context
+    from medfoundry.train.model_setup import check_context, prepare_for_training
 
     config, source = _model_config(target)
     cfg = target.cfg
@@ -327,13 +326,11 @@ def build_meta_model(target: Target, device: str):
         )
     except ConfigError as exc:
         raise ConfigError(f"{target.source} ({target.stage} stage): {exc}") from None
-    attention = set_attention(model, cfg.training.attention, device, context_of(target))
-    loss = "plain" if fuse_output_layer(model, cfg.training.loss) is None else "chunked"
-    if target.stage == "finetune" and cfg.lora is not None:
-        from medfoundry.sft.lora import add_adapters
-
-        model = add_adapters(model, cfg.lora, [])
-    return model, source, attention, loss
+    lora = cfg.lora if target.stage == "finetune" else None
+    prepared = prepare_for_training(
+        model, cfg.training, device=device, context=context_of(target), lora=lora, place=False
+    )
+    return prepared.lm, source, prepared.kernels["attention"], prepared.kernels["loss"]
 
 
 def _embedding_parameters(model) -> int:

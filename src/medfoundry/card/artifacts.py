@@ -1,7 +1,8 @@
 """A run directory's artifacts, read strictly: a missing or corrupt file is an :class:`InputError` naming it.
 
-A stage that did not run has no folder and is ``None`` here; a folder without the files its stage
-writes when it finishes is an error, since a card must not describe a half-written model.
+Each stage's output is known by its typed ``manifest.json`` (:class:`~medfoundry.manifest.Manifest`). A stage
+that did not run has no folder and is ``None`` here; a folder without the files its stage writes when it
+finishes is an error, since a card must not describe a half-written model.
 """
 
 from __future__ import annotations
@@ -16,21 +17,10 @@ from pathlib import Path
 from medfoundry.card.config import CardConfig
 from medfoundry.errors import InputError
 from medfoundry.io import iter_json_lines
+from medfoundry.manifest import MANIFEST, Manifest, read_json
 
-
-def read_json(path: Path, missing: str = "not found") -> dict:
-    """A JSON object from ``path``; absent, invalid or not an object is an :class:`InputError`."""
-    if not path.is_file():
-        raise InputError(str(path), missing)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InputError(str(path), f"not UTF-8 text ({exc.reason})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(str(path), f"invalid JSON: {exc.msg}", exc.lineno) from None
-    if not isinstance(data, dict):
-        raise InputError(str(path), f"expected a JSON object, got {type(data).__name__}")
-    return data
+TRAINING_STAGES = ("pretrain", "finetune")
+STAGE_DIRS = ("corpus", "tokenizer", "tokens", "pretrain", "finetune", "eval", "generate")  # in a run directory
 
 
 def require(data: dict, path: Path, *keys: str) -> None:
@@ -98,11 +88,12 @@ class Training:
 
     stage: str
     dir: Path
+    manifest: Manifest
     run: dict  # run.json: config, world_size, device, precision, kernels...
     summary: dict  # summary.json
     metrics: list[dict]  # metrics.jsonl
     model: ModelInfo
-    data: dict | None  # fine-tuning: the prepared data's manifest.json
+    data: Manifest | None  # fine-tuning: the prepared data's manifest
     data_dir: Path | None  # and its folder
 
     @property
@@ -119,6 +110,7 @@ class Training:
 def load_training(stage: str, directory: Path) -> Training:
     run = read_json(directory / "run.json", f"not found: the {stage} stage did not start")
     require(run, directory / "run.json", "config", "world_size", "device", "precision")
+    manifest = Manifest.read(directory, stage)
     summary = read_json(
         directory / "summary.json", f"not found: the {stage} stage has not finished (run it again to resume it)"
     )
@@ -130,44 +122,48 @@ def load_training(stage: str, directory: Path) -> Training:
             "saves only adapter/); the card describes a full model",
         )
     data_dir = _sft_data_dir(directory, run) if stage == "finetune" else None
-    data = read_json(data_dir / "manifest.json") if data_dir is not None else None
-    return Training(
-        stage, directory, run, summary, read_jsonl(directory / "metrics.jsonl"), load_model(model_dir), data, data_dir
-    )
+    data = Manifest.read(data_dir, "sft_data") if data_dir is not None else None
+    metrics = read_jsonl(directory / "metrics.jsonl")
+    return Training(stage, directory, manifest, run, summary, metrics, load_model(model_dir), data, data_dir)
 
 
 def _sft_data_dir(directory: Path, run: dict) -> Path:
     """The prepared fine-tuning data: ``data/`` beside the run, else where run.json says it is."""
     recorded = Path((run.get("data") or {}).get("dir") or directory / "data")
     local = directory / "data"
-    return local if (local / "manifest.json").is_file() or not (recorded / "manifest.json").is_file() else recorded
+    return local if (local / MANIFEST).is_file() or not (recorded / MANIFEST).is_file() else recorded
 
 
 @dataclass
 class Evaluation:
     dir: Path
-    manifest: dict
+    manifest: Manifest
     results: dict[str, dict]  # model name -> its results.json
     model: str | None  # the run's model among them; None when the eval did not evaluate it
 
+    @property
+    def models(self) -> dict[str, dict]:
+        """Model name -> {path, model_files_hash}."""
+        return self.manifest.details["models"]
+
 
 def load_evaluation(directory: Path, final: Training | None) -> Evaluation:
-    manifest = read_json(directory / "manifest.json", "not found: the eval stage has not finished")
-    require(manifest, directory / "manifest.json", "models", "config")
+    manifest = Manifest.read(directory, "eval")
+    require(manifest.details, directory / MANIFEST, "models")
     results = {}
-    for name in manifest["models"]:
+    for name in manifest.details["models"]:
         path = directory / name / "results.json"
         results[name] = read_json(path)
         require(results[name], path, "results", "configs", "n-shot", "n-samples", "config")
     return Evaluation(directory, manifest, results, _run_model(manifest, final))
 
 
-def _run_model(manifest: dict, final: Training | None) -> str | None:
+def _run_model(manifest: Manifest, final: Training | None) -> str | None:
     """The name under which the eval stage scored the run's model: the one at ``<stage>/model`` of the last
     training stage (compared by the path's tail, so the card can be written from another working directory;
     among several such, the one at the same absolute path), or, for a run that trained nothing, the first
     model evaluated."""
-    models = manifest["models"]
+    models = manifest.details["models"]
     if final is None:
         return next(iter(models), None)
     tail = [name for name, m in models.items() if Path(m["path"]).parts[-2:] == (final.stage, "model")]
@@ -182,10 +178,10 @@ class Run:
     dir: Path
     card: CardConfig
     recipe: dict
-    corpus: dict | None = None
-    tokenizer: dict | None = None
+    corpus: Manifest | None = None
+    tokenizer: Manifest | None = None
     fertility: dict | None = None
-    tokens: dict | None = None
+    tokens: Manifest | None = None
     pretrain: Training | None = None
     finetune: Training | None = None
     eval: Evaluation | None = None
@@ -202,12 +198,13 @@ class Run:
 
     @cached_property
     def model(self) -> ModelInfo | None:
-        """The model the card describes: the trained one, else the first one evaluated (when it is a model directory)."""
+        """The model the card describes: the trained one, else the first one evaluated (when it is a model
+        directory)."""
         if self.final is not None:
             return self.final.model
         if self.eval is None or self.eval.model is None:
             return None
-        path = Path(self.eval.manifest["models"][self.eval.model]["path"])
+        path = Path(self.eval.models[self.eval.model]["path"])
         return load_model(path) if (path / "config.json").is_file() else None
 
     @property
@@ -215,7 +212,7 @@ class Run:
         if self.final is not None:
             return str(self.final.model.path)
         if self.eval is not None and self.eval.model is not None:
-            return self.eval.manifest["models"][self.eval.model]["path"]
+            return self.eval.models[self.eval.model]["path"]
         return None
 
     def relative(self, path: Path) -> str:
@@ -234,15 +231,11 @@ class Run:
 
 
 def training_stage(directory: Path) -> str | None:
-    """``pretrain`` or ``finetune`` when ``directory`` is a training stage's own output (its run.json holds
-    the training config; the recipe runner's run.json does not)."""
-    path = directory / "run.json"
-    if not path.is_file():
+    """``pretrain`` or ``finetune`` when ``directory`` is a training stage's own output (its manifest says so)."""
+    if not (directory / MANIFEST).is_file():
         return None
-    run = read_json(path)
-    if not isinstance(run.get("config"), dict):
-        return None
-    return "finetune" if "sources" in (run["config"].get("data") or {}) else "pretrain"
+    stage = Manifest.read(directory).stage
+    return stage if stage in TRAINING_STAGES else None
 
 
 def load_run(directory: Path, card: CardConfig, recipe: dict) -> Run:
@@ -256,23 +249,22 @@ def load_run(directory: Path, card: CardConfig, recipe: dict) -> Run:
         return run
     stage = _stages(directory)
     if "corpus" in stage:
-        run.corpus = read_json(stage["corpus"] / "manifest.json", "not found: the corpus stage has not finished")
-        require(run.corpus, stage["corpus"] / "manifest.json", "config", "per_source", "mixture", "dropped")
+        run.corpus = Manifest.read(stage["corpus"], "corpus")
+        require(run.corpus.details, stage["corpus"] / MANIFEST, "per_source", "mixture", "dropped")
     if "tokenizer" in stage:
-        run.tokenizer = read_json(
-            stage["tokenizer"] / "manifest.json", "not found: the tokenizer stage has not finished"
-        )
+        run.tokenizer = Manifest.read(stage["tokenizer"], "tokenizer")
         run.fertility = read_json(stage["tokenizer"] / "fertility.json")
         require(run.fertility, stage["tokenizer"] / "fertility.json", "tokenizers", "documents", "words")
     if "tokens" in stage:
-        run.tokens = read_json(stage["tokens"] / "manifest.json", "not found: the tokens stage has not finished")
-    for name in ("pretrain", "finetune"):
+        run.tokens = Manifest.read(stage["tokens"], "tokens")
+    for name in TRAINING_STAGES:
         if name in stage:
             setattr(run, name, load_training(name, stage[name]))
     if "eval" in stage:
         run.eval = load_evaluation(stage["eval"], run.final)
     if "generate" in stage:
-        run.samples = read_jsonl(stage["generate"] / "samples.jsonl")
+        samples = Manifest.read(stage["generate"], "generate").outputs["samples"]
+        run.samples = read_jsonl(stage["generate"] / samples)
     if not stage:
         raise InputError(
             str(directory),
@@ -283,5 +275,4 @@ def load_run(directory: Path, card: CardConfig, recipe: dict) -> Run:
 
 
 def _stages(directory: Path) -> dict[str, Path]:
-    names = ("corpus", "tokenizer", "tokens", "pretrain", "finetune", "eval", "generate")
-    return {name: directory / name for name in names if (directory / name).is_dir()}
+    return {name: directory / name for name in STAGE_DIRS if (directory / name).is_dir()}

@@ -50,3 +50,12 @@ class CardConfig(StrictModel):
     @classmethod
     def _one_language(cls, value):
         return [value] if isinstance(value, str) else value
+
+
+class CardRunConfig(StrictModel):
+    """``medfoundry card``: the card of a run directory (``medfoundry run``) or of a pretrain / finetune output."""
+
+    run_dir: str = Field(description="the run directory, or a pretrain / finetune output directory")
+    overrides: list[str] = Field(
+        default_factory=list, description="card fields set on top of recipe.yaml's card section, as key=value"
+    )

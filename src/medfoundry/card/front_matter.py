@@ -46,7 +46,7 @@ def languages(run: Run) -> list[str]:
     benchmark medfoundry reads is English)."""
     if run.card.language:
         return run.card.language
-    corpus_language = ((run.corpus or {}).get("config", {}).get("clean") or {}).get("language")
+    corpus_language = (run.corpus.config.get("clean") or {}).get("language") if run.corpus is not None else None
     return [corpus_language] if corpus_language else ["en"]
 
 

@@ -15,6 +15,7 @@ from medfoundry import __version__
 from medfoundry.card import text
 from medfoundry.card.artifacts import Run, Training
 from medfoundry.card.front_matter import languages, task_mode, task_title
+from medfoundry.manifest import Manifest
 
 # ---------------------------------------------------------------------------------------------- formatting
 
@@ -75,7 +76,7 @@ def summary_sentence(run: Run) -> str:
     if run.final is None:
         return f"{size} evaluated (not trained) by this run: {code(run.model_path)}."
     steps = "; ".join(origin(t, run) for t in run.trainings)
-    return f"{size}, {steps}. Made with medfoundry {run.final.run.get('version', __version__)}."
+    return f"{size}, {steps}. Made with medfoundry {run.final.manifest.medfoundry_version}."
 
 
 def opening(run: Run) -> list[str]:
@@ -117,11 +118,11 @@ def fertility_lines(run: Run) -> list[str]:
     fertility, manifest = run.fertility, run.tokenizer
     tokenizers = fertility["tokenizers"]
     ours = tokenizers["medfoundry"]["tokens_per_word"]
-    trained_on = manifest.get("training_text", {})
+    counts = manifest.counts
     lines = [
-        f"A byte-level BPE of {manifest['vocab_size']:,} tokens trained by this run on the corpus's train split "
-        f"({trained_on.get('documents', 0):,} documents, {trained_on.get('characters', 0):,} characters), "
-        f"pre-tokenizer {code(manifest['config'].get('pretokenizer'))}. On the corpus's validation split "
+        f"A byte-level BPE of {counts['vocab_size']:,} tokens trained by this run on the corpus's train split "
+        f"({counts['training_documents']:,} documents, {counts['training_characters']:,} characters), "
+        f"pre-tokenizer {code(manifest.config.get('pretokenizer'))}. On the corpus's validation split "
         f"({fertility['documents']:,} documents, {fertility['words']:,} words) it needs {ours:.3f} tokens per word"
     ]
     comparisons = []
@@ -149,7 +150,7 @@ def tokenizer_lines(run: Run) -> list[str]:
     else:
         lines = ["The evaluated model's own tokenizer; this run trained none."]
     if run.finetune is not None:
-        tok = run.finetune.data["tokenizer"]
+        tok = run.finetune.data.details["tokenizer"]
         added = len(tok.get("added_ids") or [])
         lines += [
             "",
@@ -225,8 +226,8 @@ def uses(run: Run) -> list[str]:
     ]
 
 
-def corpus_contamination(corpus: dict) -> str:
-    checked = corpus.get("decontamination")
+def corpus_contamination(corpus: Manifest) -> str:
+    checked = corpus.details["decontamination"]
     if not checked:
         return (
             "**Evaluation overlap (pretraining).** The pretraining corpus was not checked against evaluation sets "
@@ -234,7 +235,7 @@ def corpus_contamination(corpus: dict) -> str:
         )
     removed = sum(
         n
-        for reason, counts in corpus["dropped"].items()
+        for reason, counts in corpus.details["dropped"].items()
         if reason.startswith("decontaminate/")
         for n in counts.values()
     )
@@ -246,8 +247,8 @@ def corpus_contamination(corpus: dict) -> str:
     )
 
 
-def finetune_contamination(data: dict) -> str:
-    overlap = data["overlap"]
+def finetune_contamination(data: Manifest) -> str:
+    overlap = data.details["overlap"]
     if not overlap.get("checked"):
         return (
             "**Evaluation overlap (fine-tuning).** The fine-tuning data were not checked for overlap with "
@@ -286,10 +287,10 @@ def risks(run: Run) -> list[str]:
 
 
 def corpus_rows(run: Run) -> tuple[list[str], list[list[str]]]:
-    corpus = run.corpus
+    corpus = run.corpus.details
     train = corpus["per_source"].get("train", {})
-    run_tokens = (run.tokens or {}).get("source_tokens", {}).get("train")
-    sources = {s["name"]: s for s in corpus["config"]["sources"]}
+    run_tokens = run.tokens.details["source_tokens"].get("train") if run.tokens is not None else None
+    sources = {s["name"]: s for s in run.corpus.config["sources"]}
     header = ["source", "kind", "documents", "characters", "tokens", "share of train characters", "requested share"]
     rows = []
     for name, mix in corpus["mixture"].items():
@@ -311,18 +312,18 @@ def corpus_rows(run: Run) -> tuple[list[str], list[list[str]]]:
 
 
 def corpus_lines(run: Run) -> list[str]:
-    corpus = run.corpus
-    out = corpus["documents_out"]
+    corpus, counts = run.corpus.details, run.corpus.counts
     lines = [
-        f"Built by this run (`medfoundry corpus build`, `corpus/report.md`): {corpus['documents_in']:,} documents "
-        f"read, {out['train']:,} train and {out['val']:,} validation documents kept, mixed by source weight.",
+        f"Built by this run (`medfoundry corpus build`, `corpus/report.md`): {counts['documents_in']:,} documents "
+        f"read, {counts['documents_train']:,} train and {counts['documents_val']:,} validation documents kept, "
+        "mixed by source weight.",
         "",
     ]
     header, rows = corpus_rows(run)
     counted = (
         "this run's tokenizer (`tokens/manifest.json`)"
         if run.tokens is not None
-        else f"the report tokenizer {code(corpus['config'].get('report_tokenizer'))}"
+        else f"the report tokenizer {code(run.corpus.config.get('report_tokenizer'))}"
     )
     lines += [*table(header, rows), "", f"Tokens are counted with {counted}."]
     replay = {name: mix for name, mix in corpus["mixture"].items() if "replay" in name}
@@ -344,12 +345,14 @@ def corpus_lines(run: Run) -> list[str]:
 
 
 def tokens_lines(run: Run) -> list[str]:
+    counts = run.tokens.counts
     splits = ", ".join(
-        f"{s['tokens']:,} {name} tokens ({s['docs']:,} documents)" for name, s in run.tokens["splits"].items()
+        f"{counts[f'{name}_tokens']:,} {name} tokens ({counts[f'{name}_documents']:,} documents)"
+        for name in run.tokens.outputs
     )
-    corpus = run.tokens.get("corpus", {}).get("path")
+    corpus = run.tokens.config["corpus_dir"]
     where = "" if run.corpus is not None else f", from a corpus built outside this run ({code(corpus)})"
-    return [f"Token shards (`tokens/manifest.json`){where}: {splits}, stored as {run.tokens['dtype']}."]
+    return [f"Token shards (`tokens/manifest.json`){where}: {splits}, stored as {run.tokens.details['dtype']}."]
 
 
 def pretraining_data(run: Run) -> list[str]:
@@ -373,8 +376,8 @@ def finetuning_data(run: Run) -> list[str]:
     lines = ["### Fine-tuning data", ""]
     if run.finetune is None:
         return lines + ["This model was not fine-tuned by this run."]
-    data = run.finetune.data
-    config = {s["name"]: s for s in data["config"]["sources"]}
+    data = run.finetune.data.details
+    config = {s["name"]: s for s in run.finetune.data.config["sources"]}
     stats = data["source_stats"]
     rows = []
     for name, mix in data["mixture"]["sources"].items():
@@ -398,10 +401,11 @@ def finetuning_data(run: Run) -> list[str]:
         )
     template = data["tokenizer"]["template"]
     train = data["splits"]["train"]
+    packed = ", packed" if data["packing"] else ""
     return lines + [
         f"Prepared by `medfoundry finetune` (`{run.relative(run.finetune.data_dir / 'report.md')}`): "
-        f"{train['examples']:,} training examples, {train['response_tokens']:,} response tokens, {code(template)} chat "
-        f"template, sequences of up to {data['max_length']:,} tokens{', packed' if data['packing'] else ''}. The mixture is by "
+        f"{train['examples']:,} training examples, {train['response_tokens']:,} response tokens, {code(template)} "
+        f"chat template, sequences of up to {data['max_length']:,} tokens{packed}. The mixture is by "
         f"{data['mixture']['by'].replace('_', ' ')}.",
         "",
         *table(
@@ -511,7 +515,10 @@ def result_lines(training: Training, run: Run) -> list[str]:
         )
     if "val_loss" in s:
         on = " on response tokens" if training.stage == "finetune" else ""
-        line = f"Validation loss{on} {measured(s.get('initial_val_loss'))} before training, {measured(s['val_loss'])} after"
+        line = (
+            f"Validation loss{on} {measured(s.get('initial_val_loss'))} before training, "
+            f"{measured(s['val_loss'])} after"
+        )
         if "val_ppl" in s:
             line += f" (perplexity {measured(s.get('initial_val_ppl'), 2)} -> {measured(s['val_ppl'], 2)})"
         if "val_bpb" in s:
@@ -535,7 +542,7 @@ def objective(training: Training) -> str:
     return (
         "Supervised fine-tuning: next-token cross-entropy on the assistant's response tokens only (prompt tokens "
         "masked), examples packed without attention across them."
-        if training.data["packing"]
+        if training.data.details["packing"]
         else "Supervised fine-tuning: next-token cross-entropy on the assistant's response tokens only (prompt tokens "
         "masked)."
     )
@@ -772,13 +779,10 @@ def energy_rows(run: Run) -> list[list[str]]:
 
 
 def other_stage_hours(run: Run) -> list[str]:
-    seconds = {
-        "corpus": (run.corpus or {}).get("timings", {}).get("total_s"),
-        "tokenizer": (run.tokenizer or {}).get("timings", {}).get("total_s"),
-        "tokens": (run.tokens or {}).get("timings", {}).get("total_s"),
-        "eval": run.eval.manifest.get("seconds") if run.eval is not None else None,
-    }
-    return [f"{stage} {duration(s / 3600)}" for stage, s in seconds.items() if isinstance(s, (int, float))]
+    manifests = {"corpus": run.corpus, "tokenizer": run.tokenizer, "tokens": run.tokens}
+    manifests["eval"] = run.eval.manifest if run.eval is not None else None
+    seconds = {stage: m.timings["total_s"] for stage, m in manifests.items() if m is not None}
+    return [f"{stage} {duration(s / 3600)}" for stage, s in seconds.items()]
 
 
 def environmental_impact(run: Run) -> list[str]:
@@ -804,12 +808,12 @@ def environmental_impact(run: Run) -> list[str]:
     return lines
 
 
-# ---------------------------------------------------------------------------------------------- technical specifications
+# ------------------------------------------------------------------------------------------ technical specifications
 
 
 def software_rows(run: Run) -> list[list[str]]:
     rows = [["medfoundry (this card)", __version__]]
-    rows += [[f"medfoundry ({t.stage})", t.run["version"]] for t in run.trainings if t.run.get("version")]
+    rows += [[f"medfoundry ({t.stage})", t.manifest.medfoundry_version] for t in run.trainings]
     for package in ("torch", "transformers", "tokenizers", "huggingface_hub"):
         try:
             rows.append([package, metadata.version(package)])
@@ -845,8 +849,8 @@ def loading_snippet(run: Run) -> list[str]:
     return lines + [
         "```",
         "",
-        f"With medfoundry: `medfoundry generate --model {path}`, `medfoundry chat`, or the "
-        "OpenAI-compatible `medfoundry serve`.",
+        f"With medfoundry: `medfoundry generate {path} PROMPT`, `medfoundry chat {path}`, or the "
+        f"OpenAI-compatible `medfoundry serve {path}`.",
     ]
 
 
@@ -889,10 +893,10 @@ def seed_relevance(run: Run) -> dict[str, str]:
         notes["BioMed-LLaMA"] = "this run continued pretraining an existing model on biomedical text"
     elif run.eval is not None:
         notes["BioMed-LLaMA"] = "this run's benchmark scoring (log-likelihood of each choice) follows its evaluation"
-    if run.corpus is not None and any("replay" in name for name in run.corpus["mixture"]):
+    if run.corpus is not None and any("replay" in name for name in run.corpus.details["mixture"]):
         notes["Meditron"] = "this run's corpus mixes general-domain replay into biomedical text (GAP-Replay)"
-    elif run.finetune is not None and any(s.get("converter") for s in run.finetune.data["config"]["sources"]):
-        converters = sorted({s["converter"] for s in run.finetune.data["config"]["sources"] if s.get("converter")})
+    elif run.finetune is not None and any(s.get("converter") for s in run.finetune.data.config["sources"]):
+        converters = sorted({s["converter"] for s in run.finetune.data.config["sources"] if s.get("converter")})
         notes["Meditron"] = (
             f"this run fine-tuned on the training data of {', '.join(converters)}, as Meditron "
             "fine-tuned on its benchmarks' training sets"

@@ -54,9 +54,9 @@ SEEDS = {
         "scratch on PubMed abstracts and papers.",
         "@article{bolton2024biomedlm,\n"
         "  title = {BioMedLM: A 2.7B Parameter Language Model Trained On Biomedical Text},\n"
-        "  author = {Bolton, Elliot and Venigalla, Abhinav and Yasunaga, Michihiro and Hall, David and Xiong, Betty and "
-        "Lee, Tony and Daneshjou, Roxana and Frankle, Jonathan and Liang, Percy and Carbin, Michael and "
-        "Manning, Christopher D.},\n"
+        "  author = {Bolton, Elliot and Venigalla, Abhinav and Yasunaga, Michihiro and Hall, David and "
+        "Xiong, Betty and Lee, Tony and Daneshjou, Roxana and Frankle, Jonathan and Liang, Percy and "
+        "Carbin, Michael and Manning, Christopher D.},\n"
         "  journal = {arXiv preprint arXiv:2403.18421},\n"
         "  year = {2024}\n"
         "}",

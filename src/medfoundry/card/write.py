@@ -1,14 +1,16 @@
-"""``medfoundry card RUN_DIR``: the card file, its copy in the model directory, and the subcommand."""
+"""``medfoundry card RUN_DIR``: the card file, its copy in the model directory, and the card stage."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from medfoundry.card.artifacts import Run, load_run
-from medfoundry.card.config import CardConfig
+from medfoundry.card.artifacts import STAGE_DIRS, Run, load_run
+from medfoundry.card.config import CardConfig, CardRunConfig
 from medfoundry.config import apply_overrides, load_yaml, validate
 from medfoundry.errors import InputError
 from medfoundry.io import write_text
+from medfoundry.manifest import MANIFEST, Manifest, output_fingerprint
 
 CARD_NAME = "MODEL_CARD.md"
 
@@ -50,18 +52,20 @@ def write_card(run_dir: Path, overrides: list[str] | None = None) -> Path:
     return path
 
 
-def add_subcommand(commands, func) -> None:
-    """Register ``medfoundry card`` with ``func`` as its handler."""
-    card = commands.add_parser(
-        "card", help="write MODEL_CARD.md (Hugging Face front matter and model-index) from a run directory's manifests"
+def card_stage(cfg: CardRunConfig) -> Manifest:
+    """The card stage: write the card, and its manifest in ``run_dir/card`` (the manifests it was made from are
+    its inputs)."""
+    start = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    path = write_card(run_dir, cfg.overrides)
+    sources = [run_dir, *(run_dir / name for name in STAGE_DIRS)]
+    manifest = Manifest(
+        stage="card",
+        config=cfg.model_dump(mode="json"),
+        inputs={str(d): output_fingerprint(d) for d in sources if (d / MANIFEST).is_file()},
+        outputs={"card": f"../{CARD_NAME}"},
+        timings={"total_s": time.perf_counter() - start},
+        details={"card": str(path)},
     )
-    card.add_argument("run_dir", help="a run directory (medfoundry run), or a pretrain / finetune output directory")
-    card.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set a card field on top of recipe.yaml's card section, e.g. --set license=apache-2.0 (repeatable)",
-    )
-    card.set_defaults(func=func)
+    manifest.write(run_dir / "card")
+    return manifest

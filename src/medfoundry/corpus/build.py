@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from medfoundry import __version__
 from medfoundry.corpus.config import CorpusConfig
 from medfoundry.corpus.dedup import DocTable, Removal, resolve
 from medfoundry.corpus.mix import copies_for, in_validation, plan_factors
-from medfoundry.corpus.plan import HashCache, WorkUnit, fingerprint, hash_inputs, hash_tree, plan_units
+from medfoundry.corpus.plan import WorkUnit, plan_units
 from medfoundry.corpus.report import write_report
 from medfoundry.corpus.steps import (
     INDEX_KEYS,
@@ -43,8 +44,9 @@ from medfoundry.corpus.steps import (
 )
 from medfoundry.errors import Pending
 from medfoundry.io import atomic_open, iter_jsonl, naming_full_disk, write_json
+from medfoundry.manifest import HashCache, Manifest, content_key, inputs_fingerprint
+from medfoundry.model.load import load_backend_tokenizer
 from medfoundry.runtime import cpu_count
-from medfoundry.tokenizer.files import load_fast_tokenizer
 
 
 def extract_pipeline(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) -> list:
@@ -57,13 +59,25 @@ def extract_pipeline(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) ->
     return steps
 
 
-def _extract_key(cfg: CorpusConfig, units: list[WorkUnit], inputs: dict, benchmarks: dict) -> str:
+def _extract_key(cfg: CorpusConfig, units: list[WorkUnit], inputs: dict[str, str]) -> str:
     """Everything the extract tasks' output depends on, and nothing else (weights, paths already
-    resolved into ``units``, and dedup thresholds only matter later)."""
+    resolved into ``units``, and dedup thresholds only matter later). ``inputs`` holds the fingerprints
+    of the source files and of the benchmarks decontamination reads."""
     sources = [s.model_dump(exclude={"weight", "paths"}) for s in cfg.sources]
     near = cfg.dedup.near.model_dump(include={"enabled", "shingle_words", "num_perm", "seed"})
     sections = cfg.model_dump(include={"clean", "decontam", "strict"})
-    return fingerprint(__version__, units, inputs, sources, near, sections, benchmarks)
+    return content_key(__version__, [asdict(u) for u in units], inputs, sources, near, sections)
+
+
+def _inputs(cfg: CorpusConfig, units: list[WorkUnit]) -> dict[str, str]:
+    """Fingerprints of every source file and (decontaminating) of the benchmarks folder, by content: the
+    digests are kept in the work folder, so unchanged inputs are read once."""
+    benchmarks = cfg.decontam.benchmarks_dir if cfg.decontam.enabled else None
+    with HashCache(cfg.work_path / "input_digests.json") as hashes:
+        inputs = {path: inputs_fingerprint(path, hashes=hashes) for path in dict.fromkeys(u.path for u in units)}
+        if benchmarks is not None and Path(benchmarks).is_dir():  # a missing one is reported by the decontam index
+            inputs[benchmarks] = inputs_fingerprint(benchmarks, hashes=hashes)
+    return inputs
 
 
 def make_executor(cfg: CorpusConfig, pipeline: list, tasks: int, logging_dir: Path):
@@ -138,7 +152,8 @@ def run_extract(cfg: CorpusConfig, units: list[WorkUnit], out_dir: Path) -> list
     active = _active_slurm_job(logs) if cfg.executor.kind == "slurm" else None
     if active and executor.get_incomplete_ranks():
         raise Pending(
-            f"slurm job {active} is still running the extract tasks (logs in {logs}); run this command again when it is done"
+            f"slurm job {active} is still running the extract tasks (logs in {logs}); "
+            "run this command again when it is done"
         )
     with _progress(logs, len(units)):
         executor.run()
@@ -251,7 +266,7 @@ def write_splits(
     reordered by a seeded hash of its lines: shards mix all sources in a deterministic order, and
     memory holds one shard at a time."""
     sizes = {"train": int(copies[alive & ~val].sum()), "val": int(copies[alive & val].sum())}
-    tally = _Tally(load_fast_tokenizer(cfg.report_tokenizer) if cfg.report_tokenizer else None)
+    tally = _Tally(load_backend_tokenizer(cfg.report_tokenizer) if cfg.report_tokenizer else None)
     unsorted = staging / "unsorted"
     unsorted.mkdir(parents=True)
     names = {
@@ -310,21 +325,22 @@ def _install(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(staging)
 
 
-def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
+def build_corpus(cfg: CorpusConfig, force: bool = False) -> Manifest:
+    """Build the corpus into ``cfg.output_dir``; returns its manifest. Nothing is redone when the output's
+    manifest records the same key (inputs, extract settings and the rest of the config but the executor,
+    workers and folders), unless ``force``."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     units = plan_units(cfg)
-    with HashCache(cfg.work_path / "input_hashes.json") as hashes:
-        inputs = hash_inputs(units, hashes)
-        benchmarks = hash_tree(Path(cfg.decontam.benchmarks_dir), hashes) if cfg.decontam.enabled else {}
-    extract_dir = cfg.work_path / f"extract-{_extract_key(cfg, units, inputs, benchmarks)}"
-    build_key = fingerprint(extract_dir.name, cfg.model_dump(exclude={"workers", "work_dir", "output_dir", "executor"}))
-    manifest_path = out_dir / "manifest.json"
-    if not force and manifest_path.is_file() and json.loads(manifest_path.read_text()).get("build_key") == build_key:
+    inputs = _inputs(cfg, units)
+    extract_dir = cfg.work_path / f"extract-{_extract_key(cfg, units, inputs)}"
+    build_key = content_key(extract_dir.name, cfg.model_dump(exclude={"workers", "work_dir", "output_dir", "executor"}))
+    done = None if force else Manifest.current(out_dir, build_key)
+    if done is not None:
         _prune_other_extracts(cfg.work_path, extract_dir)  # a run killed just after its manifest skipped this
-        return json.loads(manifest_path.read_text())
-    manifest_path.unlink(missing_ok=True)
+        return done
+    (out_dir / "manifest.json").unlink(missing_ok=True)
     _remove_leftovers(out_dir, cfg.work_path, extract_dir)
     timings["plan_s"] = time.perf_counter() - start
 
@@ -369,12 +385,12 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     _install(staging, out_dir)
     timings["write_s"] = time.perf_counter() - t
 
-    manifest = _manifest(cfg, build_key, extract_dir, inputs, units, table, all_drops, plans, counts, step_stats)
-    manifest["decontamination"] = decontam
     timings["total_s"] = time.perf_counter() - start
-    manifest["timings"] = timings
+    manifest = _manifest(cfg, build_key, extract_dir, inputs, units, table, all_drops, plans, counts, step_stats)
+    manifest.details["decontamination"] = decontam
+    manifest.timings = timings
     write_report(out_dir, manifest, all_drops)
-    write_json(manifest_path, manifest)
+    manifest.write(out_dir)
     _prune_other_extracts(cfg.work_path, extract_dir)
     return manifest
 
@@ -427,7 +443,7 @@ def _removal_entry(table: DocTable, row: int, stage: str, removal: Removal) -> d
     }
 
 
-def _manifest(cfg, build_key, extract_dir, inputs, units, table, drops, plans, counts, step_stats) -> dict:
+def _manifest(cfg, build_key, extract_dir, inputs, units, table, drops, plans, counts, step_stats) -> Manifest:
     by_reason: dict[str, dict[str, int]] = {}
     for entry in drops:
         key = f"{entry['stage']}/{entry['reason']}"
@@ -436,16 +452,26 @@ def _manifest(cfg, build_key, extract_dir, inputs, units, table, drops, plans, c
     read = Counter(table.sources) + Counter(
         e["source"] for e in drops if e["stage"] in ("filter", "decontaminate", "read")
     )
-    return {
-        **_header(cfg, build_key, extract_dir, inputs, units),
-        "documents_in": sum(read.values()),
-        "documents_out": {split: sum(c["docs"] for c in counts[split].values()) for split in counts},
-        "per_source": {"read": dict(read), "train": counts["train"], "val": counts["val"]},
-        "dropped": by_reason,
-        "mixture": _achieved_mixture(plans, counts["train"]),
-        "seeds": {"mix": cfg.mix.seed, "split": cfg.split.seed, "minhash": cfg.dedup.near.seed},
-        "extract_steps": step_stats,
-    }
+    return Manifest(
+        stage="corpus",
+        key=build_key,
+        config=cfg.model_dump(mode="json"),
+        inputs=inputs,
+        outputs={"train": "train", "val": "val", "dropped": "dropped.jsonl.gz", "report": "report.md"},
+        counts={
+            "documents_in": sum(read.values()),
+            **{f"documents_{split}": sum(c["docs"] for c in counts[split].values()) for split in counts},
+            "extract_tasks": len(units),
+        },
+        details={
+            "extract_dir": str(extract_dir),
+            "per_source": {"read": dict(read), "train": counts["train"], "val": counts["val"]},
+            "dropped": by_reason,
+            "mixture": _achieved_mixture(plans, counts["train"]),
+            "seeds": {"mix": cfg.mix.seed, "split": cfg.split.seed, "minhash": cfg.dedup.near.seed},
+            "extract_steps": step_stats,
+        },
+    )
 
 
 def _achieved_mixture(plans: dict, train: dict) -> dict:
@@ -467,15 +493,3 @@ def _achieved_mixture(plans: dict, train: dict) -> dict:
             entry.update(achieved_tokens=got["tokens"], achieved_token_share=got["tokens"] / totals["tokens"])
         mixture[name] = entry
     return mixture
-
-
-def _header(cfg, build_key, extract_dir, inputs, units) -> dict:
-    return {
-        "stage": "corpus",
-        "version": __version__,
-        "build_key": build_key,
-        "extract_dir": str(extract_dir),
-        "config": cfg.model_dump(),
-        "inputs": inputs,
-        "tasks": len(units),
-    }

@@ -90,7 +90,8 @@ class DedupConfig(StrictModel):
     )
     precedence: list[str] = Field(
         default_factory=list,
-        description="source names, best first; a duplicate is kept in the earliest. Unlisted sources come last, in config order",
+        description="source names, best first; a duplicate is kept in the earliest. Unlisted sources come last, "
+        "in config order",
     )
 
 
@@ -169,7 +170,8 @@ class CorpusConfig(StrictModel):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     report_tokenizer: str | None = Field(
         None,
-        description="tokenizer directory (tokenizer.json, or vocab.json + merges.txt): report the mixture in tokens too",
+        description="tokenizer directory (tokenizer.json, or vocab.json + merges.txt) or .gguf file: report the "
+        "mixture in tokens too",
     )
 
     @model_validator(mode="after")

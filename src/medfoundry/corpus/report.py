@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medfoundry.io import atomic_path, write_text
+from medfoundry.manifest import Manifest
 
 
 def composition_chart(path: Path, mixture: dict) -> None:
@@ -81,16 +82,17 @@ def _mixture_table(mixture: dict) -> str:
     return _table(header, rows)
 
 
-def write_report(out_dir: Path, manifest: dict, drops: list[dict]) -> None:
-    composition_chart(out_dir / "composition.png", manifest["mixture"])
-    per = manifest["per_source"]
-    sources = list(manifest["mixture"])
+def write_report(out_dir: Path, manifest: Manifest, drops: list[dict]) -> None:
+    details, counts = manifest.details, manifest.counts
+    composition_chart(out_dir / "composition.png", details["mixture"])
+    per = details["per_source"]
+    sources = list(details["mixture"])
     parts = [
         "# Corpus report",
-        f"medfoundry {manifest['version']} · build `{manifest['build_key']}` · {manifest['tasks']} extract tasks · "
-        f"{manifest['timings']['total_s']:.1f} s",
-        f"Documents read: **{manifest['documents_in']:,}** · train: **{manifest['documents_out']['train']:,}** · "
-        f"val: **{manifest['documents_out']['val']:,}**",
+        f"medfoundry {manifest.medfoundry_version} · build `{manifest.key}` · {counts['extract_tasks']} extract "
+        f"tasks · {manifest.timings['total_s']:.1f} s",
+        f"Documents read: **{counts['documents_in']:,}** · train: **{counts['documents_train']:,}** · "
+        f"val: **{counts['documents_val']:,}**",
         "## Sources",
         _table(
             ["source", "read", "train docs", "train chars", "val docs"],
@@ -107,23 +109,23 @@ def write_report(out_dir: Path, manifest: dict, drops: list[dict]) -> None:
         ),
         "## Mixture (train split)",
         "![composition](composition.png)",
-        _mixture_table(manifest["mixture"]),
+        _mixture_table(details["mixture"]),
         *[
             f"**Short of its weight:** `{name}` would need more than `mix.max_repeat` copies of its documents "
             f"to reach {100 * m['requested_share']:.2f}%; it got {100 * m['achieved_share']:.2f}%."
-            for name, m in manifest["mixture"].items()
+            for name, m in details["mixture"].items()
             if m["capped_by_max_repeat"]
         ],
         "## Dropped documents by reason",
         _table(
             ["stage/reason", *sources],
-            [[k, *[v.get(s, 0) for s in sources]] for k, v in sorted(manifest["dropped"].items())],
+            [[k, *[v.get(s, 0) for s in sources]] for k, v in sorted(details["dropped"].items())],
         )
-        if manifest["dropped"]
+        if details["dropped"]
         else "Nothing was dropped.",
         "Every dropped document is listed with its reason in `dropped.jsonl.gz`.",
     ]
-    decontam = manifest.get("decontamination")
+    decontam = details["decontamination"]
     if not decontam:
         parts.append("## Decontamination")
         parts.append(
@@ -154,11 +156,11 @@ def write_report(out_dir: Path, manifest: dict, drops: list[dict]) -> None:
             else "None."
         )
     parts.append("## Timings")
-    parts.append(_table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in manifest["timings"].items()]))
+    parts.append(_table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in manifest.timings.items()]))
     parts.append(
         _table(
             ["extract step", "CPU seconds (all tasks)"],
-            [[s["name"], f"{s['time_s'] or 0:.2f}"] for s in manifest["extract_steps"]],
+            [[s["name"], f"{s['time_s'] or 0:.2f}"] for s in details["extract_steps"]],
         )
     )
     write_text(out_dir / "report.md", "\n\n".join(parts) + "\n")

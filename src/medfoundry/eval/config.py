@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from medfoundry.config import StrictModel
+from medfoundry.generation.config import SamplingConfig
 
 
 def default_benchmarks_dir() -> Path:
@@ -15,18 +16,15 @@ def default_benchmarks_dir() -> Path:
     return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "benchmarks"
 
 
-class GenerationConfig(StrictModel):
-    """Chain-of-thought generation; ``samples > 1`` is self-consistency (majority vote)."""
+class ChainOfThoughtConfig(SamplingConfig):
+    """Chain-of-thought generation (the engine's sampling fields; ``stop`` defaults to each task's, ``seed`` to the
+    run's ``seed``); ``samples > 1`` is self-consistency (majority vote)."""
 
-    max_new_tokens: int = Field(256, gt=0)
-    temperature: float = Field(0.0, ge=0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
     samples: int = Field(1, ge=1, description="completions per question; the answer is their majority vote")
-    stop: list[str] | None = Field(None, description="stop sequences; default each task's")
 
     @model_validator(mode="after")
-    def _sampling_for_votes(self) -> GenerationConfig:
-        if self.samples > 1 and self.temperature == 0:
+    def _sampling_for_votes(self) -> ChainOfThoughtConfig:
+        if self.samples > 1 and self.greedy:
             raise ValueError("samples > 1 (self-consistency) needs temperature > 0: greedy samples are all the same")
         return self
 
@@ -56,7 +54,7 @@ class EvalConfig(StrictModel):
     chat_template: Literal["auto", "none"] = Field(
         "auto", description="chain-of-thought prompts go through the tokenizer's chat template when it has one"
     )
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    generation: ChainOfThoughtConfig = Field(default_factory=ChainOfThoughtConfig)
     limit: int | None = Field(None, gt=0, description="only the first N questions (documents) of each task")
     batch_size: int | None = Field(None, gt=0, description="default: automatic; never changes the results")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 where the hardware computes it")

@@ -41,14 +41,11 @@ import torch.nn.functional as F
 from medfoundry.errors import ConfigError
 
 # Activations per forward pass when batch_size is None (padded tokens x hidden size): batches grow until
-# their activations would leave the CPU caches. Measured on Zen 5 (bf16, CPU time per MedQA / PubMedQA
-# question): SmolLM2-135M (d=576) costs the same from 1 to 512 tokens, 5-8% more at 1,024, ~45% more at
-# 4,096; the quickstart GPT-2 (d=128, where per-call overhead dominates) is 27-33% faster at 2,048 tokens
-# than at 512, and slower again at 8,192. Both optima are ~300k activations.
+# their activations would leave the CPU caches, where small models stop paying per-call overhead and large
+# ones start paying for memory traffic (measurements: docs/evaluation-speed.md).
 ACTIVATION_BUDGET = 512 * 576
-# On CPU, eager attention (two dense bf16 matmuls and a softmax) beats SDPA's flash kernel while the keys
-# are few: SmolLM2-135M scores MedQA / PubMedQA questions (200-600 keys) 11-13% faster with it; the
-# training measurements (medfoundry.train) put the crossing between 512 and 1,024 keys.
+# On CPU, eager attention (two dense bf16 matmuls and a softmax) beats SDPA's flash kernel while the keys are
+# few, since the flash kernel's tiling only pays on long rows (docs/evaluation-speed.md).
 EAGER_MAX_KEYS_CPU = 768
 # Tokens of KV cache a batch may hold (the shared prefix and the context, expanded over continuation rows)
 CACHE_BUDGET = 8192

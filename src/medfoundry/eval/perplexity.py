@@ -4,8 +4,8 @@ What is scored, exactly (the same as lm-evaluation-harness ``loglikelihood_rolli
 
 * Each document is scored on its own: the sequence is ``[prefix] + tokens``, where the prefix is the
   tokenizer's BOS token, or its EOS token when it has no BOS (lm-eval's ``prefix_token_id``), so the
-  first token too has something to condition on (token shards: their EOS id, see shard_perplexity). Every token of the document is scored exactly once;
-  the prefix is not scored and no end-of-document token is appended.
+  first token too has something to condition on (token shards: their EOS id, see shard_perplexity). Every
+  token of the document is scored exactly once; the prefix is not scored and no end-of-document token is appended.
 * Windows hold at most ``max_length`` input tokens. The first scores all of its tokens; each later
   window ends ``stride`` tokens further on, scores only those last ``stride`` tokens (fewer at the
   end of the document) and sees the ``max_length - stride`` or more tokens before them as context.

@@ -33,6 +33,7 @@ from medfoundry.eval.fewshot import fewshot_pool
 from medfoundry.eval.prompts import PromptBuilder, chat_prompt
 from medfoundry.eval.tasks import BUILTIN_DIR, PerplexityTask, Plan, Task, TaskRegistry
 from medfoundry.io import write_json
+from medfoundry.manifest import Manifest, content_key, inputs_fingerprint
 
 
 @dataclass
@@ -63,18 +64,14 @@ class Prepared:
         h = xxhash.xxh3_128()
         if isinstance(self.task, PerplexityTask):
             h.update(
-                json.dumps([self.task.perplexity.model_dump(), _path_stats(Path(self.task.perplexity.path))]).encode()
+                json.dumps(
+                    [self.task.perplexity.model_dump(), inputs_fingerprint(self.task.perplexity.path, by="stat")]
+                ).encode()
             )
         for context, continuations in zip(self.contexts, self.continuations):
             h.update(json.dumps([context, continuations]).encode())
         h.update(json.dumps([self.kind, self.stop]).encode())
         return h.hexdigest()
-
-
-def _path_stats(path: Path) -> list:
-    """Names, sizes and modification times of the files under ``path``: cheap change detection for corpora."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
 def prepare(task: Task, cfg: EvalConfig, registry: TaskRegistry, hub_loader: HubLoader | None = None) -> Prepared:
@@ -148,51 +145,42 @@ def evaluate(cfg: EvalConfig, *, progress: bool = False, hub_loader: HubLoader |
     header, rows = result_files.comparison_rows(plan, evaluated)
     report = out / "results.md"
     result_files.write_comparison(report, header, rows, [m["name"] for m in evaluated])
-    write_json(
-        out / "manifest.json",
-        {
-            "stage": "eval",
-            "medfoundry_version": __version__,
-            "config": cfg.model_dump(mode="json"),
+    Manifest(
+        stage="eval",
+        config=cfg.model_dump(mode="json"),
+        inputs={m["path"]: m["results"]["config"]["model_files_hash"] for m in evaluated},
+        outputs={"report": "results.md", **{m["name"]: m["name"] for m in evaluated}},
+        counts={"models": len(evaluated), "tasks": len(plan.tasks)},
+        timings={"total_s": round(time.perf_counter() - start, 2)},
+        details={
             "tasks": plan.requested,
             "models": {
                 m["name"]: {"path": m["path"], "model_files_hash": m["results"]["config"]["model_files_hash"]}
                 for m in evaluated
             },
-            "seconds": round(time.perf_counter() - start, 2),
+            "table": {"header": header, "rows": rows},
         },
-    )
+    ).write(out)
     return {"models": evaluated, "report": str(report), "table": {"header": header, "rows": rows}}
 
 
 def _model_names(models: list[str]) -> list[tuple[str, Path]]:
     """A short unique name per model (its folder or GGUF file name, numbered on clashes)."""
     named, seen = [], {}
+    from medfoundry.model.load import check_reference, model_name
+
     for model in models:
-        path = Path(model)
-        gguf = path.suffix == ".gguf" and path.is_file()
-        if not gguf and not (path / "config.json").is_file():
-            raise ConfigError(f"model {model}: not a Hugging Face model directory (no config.json) nor a .gguf file")
-        base = path.stem if gguf else path.resolve().name
+        path = check_reference(model, "model")
+        base = model_name(path)
         seen[base] = seen.get(base, 0) + 1
         named.append((base if seen[base] == 1 else f"{base}-{seen[base]}", path))
     return named
 
 
 def model_files_hash(path: Path) -> str:
-    """Content hash of a model: every file of its directory (hidden ones and the README.md model card
+    """Content fingerprint of a model: every file of its directory (hidden ones and the README.md model card
     skipped: they change no output), or its GGUF file."""
-    h = xxhash.xxh3_128()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        rel = file.relative_to(path) if file != path else Path(file.name)
-        if any(part.startswith(".") for part in rel.parts) or rel == Path("README.md"):  # the model card
-            continue
-        h.update(f"{rel}\0".encode())
-        with open(file, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
+    return inputs_fingerprint(path, skip=lambda name: name == "README.md")
 
 
 def _evaluate_model(
@@ -208,7 +196,7 @@ def _evaluate_model(
     try:
         for p in prepared:
             cache = out / "cache" / f"{p.name}.json"
-            key = xxhash.xxh3_128_hexdigest(json.dumps([identity, p.requests_digest(), _settings(cfg, p)]).encode())
+            key = content_key(identity, p.requests_digest(), _settings(cfg, p))
             outputs = _cached(cache, key)
             _log(progress, f"eval: {name}: {p.name} ({_describe(p)}){': cached' if outputs is not None else ''}")
             if outputs is None:
@@ -335,14 +323,12 @@ class _Runner:
         completions = generate(
             self.lm,
             prompts,
-            max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
+            gen.model_copy(update={"stop": p.stop}),
             n=gen.samples,
             seed=self.cfg.seed,
-            stop=p.stop,
             batch_size=self.cfg.batch_size,
             add_special_tokens=not templated,
+            progress=self.progress,
         )
         return [{"prompt": prompt, "completions": texts} for prompt, texts in zip(prompts, completions)]
 

@@ -48,12 +48,12 @@ def load_gguf(gguf_path: Path):
 
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path:
     """Write ``out_dir`` (config.json, model.safetensors, generation_config.json, tokenizer) from a GGUF file."""
-    from medfoundry.tokenizer.files import load_gguf_tokenizer
+    from medfoundry.model.load import load_tokenizer
 
     gguf_path = Path(gguf_path)
     model = load_gguf(gguf_path)
     with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as tokenizer_dir:
-        load_gguf_tokenizer(gguf_path).save_pretrained(tokenizer_dir)
+        load_tokenizer(gguf_path).save_pretrained(tokenizer_dir)
         _portable_tokenizer_class(Path(tokenizer_dir) / "tokenizer_config.json")
         return export_hf(model, Path(tokenizer_dir), out_dir, dtype=dtype)
 

@@ -77,16 +77,16 @@ def copy_tokenizer(src: Path, dst: Path) -> dict:
     """Copy the tokenizer files (``tokenizer.json`` made from GPT-2's ``vocab.json`` + ``merges.txt`` when
     absent, GPT-2's special-token conventions when there is no ``tokenizer_config.json``) and return its
     special-token ids as loaded by ``AutoTokenizer``."""
-    from medfoundry.tokenizer.files import load_fast_tokenizer, load_hf_tokenizer
+    from medfoundry.model.load import load_backend_tokenizer, load_tokenizer
 
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy(src / name, dst / name)
     if not (dst / "tokenizer.json").is_file():
-        load_fast_tokenizer(src).save(str(dst / "tokenizer.json"))
+        load_backend_tokenizer(src).save(str(dst / "tokenizer.json"))
     if not (dst / "tokenizer_config.json").is_file():
         _write_gpt2_conventions(dst)
-    tokenizer = load_hf_tokenizer(dst)
+    tokenizer = load_tokenizer(dst)
     return {name: getattr(tokenizer, name) for name in _ID_NAMES if getattr(tokenizer, name) is not None}
 
 

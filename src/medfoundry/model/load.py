@@ -1,4 +1,8 @@
-"""Load a causal LM for evaluation: a Hugging Face checkpoint directory or a GGUF file.
+"""The one place that turns a model or tokenizer reference into something loaded: a Hugging Face checkpoint
+directory or a GGUF file resolved to a directory (:func:`hf_directory`, one cache for every stage), models
+(:func:`load_model` for inference, :func:`load_causal_lm` with :func:`weights_policy` for training) and
+tokenizers (:func:`load_tokenizer`, :func:`load_backend_tokenizer`) under the same safety rules, and the cache
+root (:func:`cache_root`). Every stage loads through here.
 
 A GGUF file is dequantized once into a regular checkpoint in a cache directory (keyed on the file's
 path, size and modification time), because transformers cannot run a GGUF model without first
@@ -25,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from medfoundry.errors import ConfigError, InputError
+from medfoundry.io import file_lock
 from medfoundry.runtime import configure, resolve_device_precision
 
 if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
 SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -47,8 +52,8 @@ _UNSET_TOKENIZER_LENGTH = int(1e30)  # transformers' VERY_LARGE_INTEGER: "no lim
 @dataclass
 class LoadedModel:
     """A model ready for scoring, its weights in ``precision`` (bf16: bfloat16 weights, as lm-eval's
-    ``dtype="bfloat16"``; measured faster on CPU than float32 weights under autocast, which casts every
-    weight at every forward pass)."""
+    ``dtype="bfloat16"``, rather than float32 weights under autocast, which casts every weight at every
+    forward pass)."""
 
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerFast
@@ -61,6 +66,8 @@ class LoadedModel:
     def autocast(self):
         """bfloat16 autocast for bf16 runs (a no-op for fp32), for callers that feed float32 tensors
         (e.g. embeddings) to a bf16 model."""
+        import torch
+
         return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
@@ -90,18 +97,20 @@ def load_model(
         raise ConfigError(f"precision {precision!r}: evaluation runs in 'bf16' or 'fp32' (or 'auto')")
     precision = resolved
     path = Path(path)
-    directory = gguf_checkpoint(path, cache_dir) if path.suffix == ".gguf" else path
+    directory = gguf_checkpoint(path, cache_dir) if is_gguf(path) else path
     policy = check_checkpoint(
         directory, need_tokenizer=tokenizer is None, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
     tok = load_tokenizer(directory if tokenizer is None else tokenizer, trust_remote_code=trust_remote_code)
+    import torch
+
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = load_causal_lm(directory, policy, dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(
         model=model,
         tokenizer=tok,
-        name=path.stem if path.suffix == ".gguf" else path.resolve().name,
+        name=model_name(path),
         path=path,
         precision=precision,
         device=device,
@@ -257,26 +266,70 @@ def load_causal_lm(directory: Path, policy: dict, **kwargs):
 
 
 def load_tokenizer(source, *, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
-    """A fast tokenizer from a directory, a ``.gguf`` file, or one already loaded.
+    """The one loader of ``transformers`` tokenizers: a directory, a ``.gguf`` file (its embedded tokenizer), or a
+    tokenizer already loaded, which passes through.
 
-    Scoring tokenizes whole batches in one call of the Rust tokenizer, so slow (Python)
-    tokenizers are refused.
-    """
-    from medfoundry.tokenizer.files import load_gguf_tokenizer, load_hf_tokenizer
+    Offline only (``local_files_only``). A ``tokenizer_config.json`` asking to run the tokenizer's own Python code
+    (``auto_map``) is an :class:`InputError` naming the file unless ``trust_remote_code``. Slow (Python) tokenizers
+    are refused: every stage tokenizes whole batches in one call of the Rust tokenizer."""
+    from transformers import AutoTokenizer
 
     if isinstance(source, (str, os.PathLike)):
         source = Path(source)
-        if source.suffix == ".gguf":
-            tokenizer = load_gguf_tokenizer(source)
+        if is_gguf(source):
+            if not source.is_file():
+                raise InputError(str(source), "GGUF file not found")
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(source.parent), gguf_file=source.name, local_files_only=True, trust_remote_code=False
+            )
         elif not source.is_dir():
             raise InputError(str(source), "tokenizer not found: expected a directory or a .gguf file")
         else:
-            tokenizer = load_hf_tokenizer(source, trust_remote_code=trust_remote_code)
+            _refuse_tokenizer_code(source / "tokenizer_config.json", trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(source), local_files_only=True, trust_remote_code=trust_remote_code
+            )
     else:
         tokenizer = source
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"tokenizer {type(tokenizer).__name__}: a fast (Rust) tokenizer is required")
     return tokenizer
+
+
+def _refuse_tokenizer_code(config: Path, trust_remote_code: bool) -> None:
+    if trust_remote_code or not config.is_file():
+        return
+    try:
+        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError) as exc:
+        raise InputError(str(config), f"not a readable JSON object ({exc})") from None
+    if auto_map:
+        raise InputError(
+            str(config),
+            f"refused: 'auto_map' asks to run Python code shipped with the tokenizer ({auto_map!r:.200}), and "
+            "medfoundry never runs a checkpoint's code unless told to trust it (trust_remote_code=True)",
+        )
+
+
+def load_backend_tokenizer(source: str | Path) -> Tokenizer:
+    """The Rust ``tokenizers.Tokenizer`` of a tokenizer directory (``tokenizer.json``, or GPT-2's ``vocab.json`` +
+    ``merges.txt``) or a ``.gguf`` file: what training, tokenizing and counting use, with no ``transformers``
+    wrapper around it."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    source = Path(source)
+    if is_gguf(source):
+        return load_tokenizer(source).backend_tokenizer
+    if (source / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(source / "tokenizer.json"))
+    vocab, merges = source / "vocab.json", source / "merges.txt"
+    if vocab.is_file() and merges.is_file():
+        tokenizer = Tokenizer(BPE.from_file(str(vocab), str(merges)))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        return tokenizer
+    raise InputError(str(source), "not a tokenizer directory: expected tokenizer.json, or vocab.json and merges.txt")
 
 
 def context_window(config, tokenizer) -> int:
@@ -291,22 +344,45 @@ def context_window(config, tokenizer) -> int:
     return int(recorded) if recorded is not None and recorded < _UNSET_TOKENIZER_LENGTH else DEFAULT_MAX_LENGTH
 
 
+def is_gguf(path: str | Path) -> bool:
+    """Whether a model or tokenizer reference names a GGUF file (the one place that decides it)."""
+    return Path(path).suffix == ".gguf"
+
+
+def model_name(path: str | Path) -> str:
+    """The name a model goes by in reports and the API: its GGUF file's stem, or its folder's name."""
+    path = Path(path)
+    return path.stem if is_gguf(path) else path.resolve().name
+
+
+def check_reference(reference: str | Path, field: str) -> Path:
+    """``reference`` as a path that names a model: a ``.gguf`` file or a Hugging Face directory (``config.json``),
+    else a :class:`ConfigError` naming the config ``field`` that gave it."""
+    path = Path(reference)
+    if (is_gguf(path) and path.is_file()) or (path / "config.json").is_file():
+        return path
+    raise ConfigError(f"{field} {reference}: not a Hugging Face model directory (no config.json) nor a .gguf file")
+
+
 def hf_directory(path: str | Path) -> Path:
     """A Hugging Face directory for a model or tokenizer path: the path itself, or for a ``.gguf`` file its
     dequantized checkpoint in the cache (so a GGUF works wherever a tokenizer or model directory does)."""
     path = Path(path)
-    return gguf_checkpoint(path) if path.suffix == ".gguf" else path
+    return gguf_checkpoint(path) if is_gguf(path) else path
 
 
 def gguf_checkpoint(gguf_path: Path, cache_dir: str | Path | None = None) -> Path:
     """The dequantized checkpoint of a GGUF file, converted on first use.
 
-    The key covers the file's resolved path, size and modification time, so a replaced file is
-    converted again; ``convert_gguf`` writes the directory atomically, so an interrupted conversion
-    never leaves a half-written checkpoint behind.
+    This is the one GGUF cache: every stage (training's ``init_from``, evaluation, serving, tokenizing) reads
+    the same conversion. The key covers the file's resolved path, size and modification time, so a replaced
+    file is converted again; ``convert_gguf`` writes the directory atomically, so an interrupted conversion
+    never leaves a half-written checkpoint behind, and a lock makes concurrent processes (torchrun ranks)
+    convert it once.
     """
     from medfoundry.model.convert import convert_gguf
 
+    gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise InputError(str(gguf_path), "GGUF file not found")
     stat = gguf_path.stat()
@@ -314,12 +390,15 @@ def gguf_checkpoint(gguf_path: Path, cache_dir: str | Path | None = None) -> Pat
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     out = root / "gguf" / f"{gguf_path.stem}-{key}"
     if not (out / "config.json").is_file():
-        convert_gguf(gguf_path, out)
+        with file_lock(out.with_name(f".{out.name}.lock")):
+            if not (out / "config.json").is_file():  # another process may have converted it meanwhile
+                convert_gguf(gguf_path, out)
     return out
 
 
 def cache_root() -> Path:
-    """medfoundry's cache folder: ``$MEDFOUNDRY_CACHE``, else ``$XDG_CACHE_HOME/medfoundry`` or ``~/.cache/medfoundry``."""
+    """medfoundry's cache folder (GGUF conversions, measured peak FLOP/s): ``$MEDFOUNDRY_CACHE``, else
+    ``$XDG_CACHE_HOME/medfoundry`` or ``~/.cache/medfoundry``."""
     if os.environ.get("MEDFOUNDRY_CACHE"):
         return Path(os.environ["MEDFOUNDRY_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medfoundry"

@@ -61,7 +61,8 @@ def resize_for_tokenizer(model, tokenizer_dir, *, grow: bool = False) -> dict:
         source = "tokenizer"
         if target > model_size and not grow:
             raise ConfigError(
-                f"the tokenizer in {tokenizer_dir} has a {target:,}-token vocabulary but the model only {model_size:,} embeddings, "
+                f"the tokenizer in {tokenizer_dir} has a {target:,}-token vocabulary but the model only "
+                f"{model_size:,} embeddings, "
                 f"and it is not an extension of the model's tokenizer (no vocab_extension.json): train from scratch "
                 f"with this tokenizer, extend the model's own with `medfoundry tokenizer extend`, or request growth"
             )
@@ -70,7 +71,8 @@ def resize_for_tokenizer(model, tokenizer_dir, *, grow: bool = False) -> dict:
 
 
 def _extended_size(path: Path, model_size: int) -> int:
-    """The extended vocabulary size, after checking the model is the base (or already grown) and the new ids are appended."""
+    """The extended vocabulary size, after checking the model is the base (or already grown) and the new ids
+    are appended."""
     try:
         extension = json.loads(path.read_text(encoding="utf-8"))
         base, size, added = extension["base_vocab_size"], extension["vocab_size"], extension["added_ids"]
@@ -87,6 +89,6 @@ def _extended_size(path: Path, model_size: int) -> int:
 
 
 def _tokenizer_size(tokenizer_dir: Path) -> int:
-    from medfoundry.tokenizer.files import load_fast_tokenizer
+    from medfoundry.model.load import load_backend_tokenizer
 
-    return load_fast_tokenizer(tokenizer_dir).get_vocab_size(with_added_tokens=True)
+    return load_backend_tokenizer(tokenizer_dir).get_vocab_size(with_added_tokens=True)

@@ -11,7 +11,7 @@
       pretrain:  {...}   # medfoundry pretrain, minus output_dir and data
       finetune:  {...}   # medfoundry finetune, minus output_dir (and model.init_from after a pretrain stage)
       eval:      {...}   # medfoundry eval, minus output_dir; `models` lists baselines besides the run's model
-      generate:  {...}   # prompts for a sample of the run's model
+      generate:  {...}   # medfoundry generate, minus model and output: prompts answered by the run's model
     card: {...}          # medfoundry card: license, language, intended uses...
 
 Every stage is optional, but those present run in the order above, each writing ``run_dir/<stage>``;
@@ -33,23 +33,10 @@ from pydantic import Field, field_validator
 from medfoundry.card.config import CardConfig
 from medfoundry.config import StrictModel, validate
 from medfoundry.errors import ConfigError
+from medfoundry.generation.config import GenerateConfig
 
 STAGES = ("corpus", "tokenizer", "tokens", "pretrain", "finetune", "eval", "generate", "card")
 TRAINED = ("finetune", "pretrain")  # the run's model comes from the last of these that the recipe has
-
-
-class GenerateConfig(StrictModel):
-    """A sample of the run's model: prompts answered with the serving engine, written as JSONL."""
-
-    prompts: list[str] = Field(min_length=1)
-    chat: bool | None = Field(
-        None, description="send prompts through the chat template; default: when the model has one"
-    )
-    max_tokens: int = Field(64, gt=0)
-    temperature: float = Field(0.0, ge=0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeating prompt or output tokens")
-    seed: int = 0
 
 
 class StagesConfig(StrictModel):
@@ -182,7 +169,7 @@ def wire(recipe: RecipeConfig) -> dict[str, StrictModel]:
     if s.eval is not None:
         sections["eval"] = EvalConfig, _eval_section(s.eval, recipe, out["eval"])
     if s.generate is not None:
-        sections["generate"] = GenerateConfig, dict(s.generate)
+        sections["generate"] = GenerateConfig, _generate_section(s.generate, recipe, out["generate"])
     return {name: validate(model, tree, f"{recipe.name}: stages.{name}") for name, (model, tree) in sections.items()}
 
 
@@ -225,4 +212,19 @@ def _eval_section(given: dict, recipe: RecipeConfig, output_dir: str) -> dict:
         raise ConfigError(
             f"{recipe.name}: stages.eval.models: the recipe trains no model, so eval needs the models to evaluate"
         )
+    return section
+
+
+def _generate_section(given: dict, recipe: RecipeConfig, output_dir: str) -> dict:
+    output = str(Path(output_dir) / "samples.jsonl")
+    _refuse(given, "output", "generate", f"the stage writes {output}")
+    _refuse(given, "model", "generate", "the run's model, the last trained one or the eval's first")
+    section = _section(given, "generate", {"output": output})
+    model = final_model(recipe)
+    if model is None:
+        raise ConfigError(
+            f"{recipe.name}: stages.generate: the recipe has no model to generate with (no pretrain, finetune or "
+            "eval models)"
+        )
+    section["model"] = model
     return section

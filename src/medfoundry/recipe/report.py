@@ -1,4 +1,5 @@
-"""``run_dir/report.md``: one page for a run, linking every stage's manifest, report and plots."""
+"""``run_dir/report.md``: one page for a run, linking every stage's manifest, report and plots; each stage's
+section is read from its typed manifest."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from medfoundry import __version__
 from medfoundry.io import write_text
+from medfoundry.manifest import Manifest
 from medfoundry.recipe.config import RecipeConfig
 
 # what each stage leaves that a reader wants to open, relative to its directory
@@ -15,10 +17,10 @@ LINKS = {
     "corpus": ("report.md", "manifest.json", "composition.png"),
     "tokenizer": ("fertility.md", "manifest.json", "tokenizer.json"),
     "tokens": ("manifest.json",),
-    "pretrain": ("run.json", "summary.json", "metrics.jsonl", "plots/loss.png", "model"),
-    "finetune": ("run.json", "summary.json", "metrics.jsonl", "data/report.md", "plots/loss.png", "model"),
+    "pretrain": ("manifest.json", "run.json", "metrics.jsonl", "plots/loss.png", "model"),
+    "finetune": ("manifest.json", "run.json", "metrics.jsonl", "data/report.md", "plots/loss.png", "model"),
     "eval": ("results.md", "manifest.json"),
-    "generate": ("samples.jsonl",),
+    "generate": ("samples.jsonl", "manifest.json"),
 }
 
 
@@ -42,7 +44,7 @@ def write_report(recipe: RecipeConfig, run: Path, state: dict) -> Path:
         )
     for stage in recipe.present():
         if state.get(stage, {}).get("status") == "done":
-            lines += ["", *SECTIONS[stage](run / stage, state[stage].get("result") or {})]
+            lines += ["", *SECTIONS[stage](run / stage, Manifest.read(run / stage, stage))]
     path = run / "report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path
@@ -55,41 +57,39 @@ def _links(run: Path, stage: str) -> list[str]:
     return [f"{stage}/{name}" for name in LINKS.get(stage, ()) if (run / stage / name).exists()]
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _corpus(out: Path, result: dict) -> list[str]:
-    docs = result.get("documents_out", {})
+def _corpus(out: Path, manifest: Manifest) -> list[str]:
+    counts = manifest.counts
     lines = [
         "## Corpus",
         "",
-        f"{result.get('documents_in', 0):,} documents read; {docs.get('train', 0):,} train and "
-        f"{docs.get('val', 0):,} validation documents kept. Details: [report](corpus/report.md).",
+        f"{counts['documents_in']:,} documents read; {counts['documents_train']:,} train and "
+        f"{counts['documents_val']:,} validation documents kept. Details: [report](corpus/report.md).",
     ]
     if (out / "composition.png").is_file():
         lines += ["", "![composition](corpus/composition.png)"]
     return lines
 
 
-def _tokenizer(out: Path, result: dict) -> list[str]:
-    fertility = _json(out / "manifest.json").get("fertility", {})
+def _tokenizer(out: Path, manifest: Manifest) -> list[str]:
+    fertility = manifest.details["fertility"]
+    ours = fertility["medfoundry"]["tokens_per_word"]
     others = ", ".join(f"{name} {f['tokens_per_word']:.3f}" for name, f in fertility.items() if name != "medfoundry")
     return [
         "## Tokenizer",
         "",
-        f"{result.get('vocab_size', 0):,} tokens; {result.get('tokens_per_word', 0):.3f} tokens "
-        f"per held-out word{f' (vs {others})' if others else ''}. Details: [fertility](tokenizer/fertility.md).",
+        f"{manifest.counts['vocab_size']:,} tokens; {ours:.3f} tokens per held-out word"
+        f"{f' (vs {others})' if others else ''}. Details: [fertility](tokenizer/fertility.md).",
     ]
 
 
-def _tokens(out: Path, result: dict) -> list[str]:
-    counts = ", ".join(f"{split} {n:,}" for split, n in result.items())
+def _tokens(out: Path, manifest: Manifest) -> list[str]:
+    counts = ", ".join(f"{split} {manifest.counts[f'{split}_tokens']:,}" for split in manifest.outputs)
     return ["## Tokens", "", f"Token shards: {counts} tokens."]
 
 
 def _training(title: str, stage: str):
-    def section(out: Path, summary: dict) -> list[str]:
+    def section(out: Path, manifest: Manifest) -> list[str]:
+        summary = manifest.details
         lines = [
             f"## {title}",
             "",
@@ -110,23 +110,21 @@ def _training(title: str, stage: str):
     return section
 
 
-def _eval(out: Path, result: dict) -> list[str]:
-    if not (out / "results.md").is_file():
-        return ["## Evaluation", "", "No results."]
-    table = (out / "results.md").read_text(encoding="utf-8").strip().lstrip("# ")
+def _eval(out: Path, manifest: Manifest) -> list[str]:
+    table = (out / manifest.outputs["report"]).read_text(encoding="utf-8").strip().lstrip("# ")
     return ["## Evaluation", "", re.sub(r"\]\((?![a-z]+:|/)", "](eval/", table)]  # its links, from the run directory
 
 
-def _generate(out: Path, result: dict) -> list[str]:
+def _generate(out: Path, manifest: Manifest) -> list[str]:
     lines = ["## Samples", ""]
-    path = out / "samples.jsonl"
-    for line in path.read_text(encoding="utf-8").splitlines()[:3] if path.is_file() else []:
+    samples = (out / manifest.outputs["samples"]).read_text(encoding="utf-8").splitlines()
+    for line in samples[:3]:
         record = json.loads(line)
         lines += [f"**Prompt:** {record['prompt']}", "", "```text", record["completion"].strip(), "```", ""]
     return lines
 
 
-def _card(out: Path, result: dict) -> list[str]:
+def _card(out: Path, manifest: Manifest) -> list[str]:
     return ["## Model card", "", "[MODEL_CARD.md](MODEL_CARD.md), also the README.md of the model directory."]
 
 

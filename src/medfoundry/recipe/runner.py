@@ -1,10 +1,12 @@
 """``medfoundry run RECIPE``: every stage of a recipe in order, each skipped when already done.
 
-A stage's key hashes its wired config, the keys of the stages before it, the package version and a
-fingerprint (path, size, modification time) of every file outside the run directory that its config
-names (corpus sources, a model to continue, benchmark files). ``run_dir/stages.json`` records each
-stage's key and status; a stage whose recorded key matches and which finished is skipped, so
-re-running a recipe does nothing, and changing a stage reruns it and every stage after it. A stage
+Stages are run through the stage registry (:mod:`medfoundry.stages`), exactly as their own commands run
+them. A stage's key hashes its wired config, the keys of the stages before it, the package version and
+the :func:`~medfoundry.manifest.inputs_fingerprint` (by name, size and modification time: no file is
+read) of every file outside the run directory that its config names (corpus sources, a model to
+continue, benchmark files). ``run_dir/stages.json`` records each stage's key and status; a stage whose
+recorded key matches, which finished and whose ``manifest.json`` is there is skipped, so re-running a
+recipe does nothing, and changing a stage reruns it and every stage after it. A stage
 that was interrupted with the same key is run again into the same directory, where the stage's own
 resumption applies (training continues from its last checkpoint); every stage after a stage that ran
 runs again too, since it read the old output. A stage whose key changed starts
@@ -25,14 +27,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import xxhash
 import yaml
 
 from medfoundry import __version__
+from medfoundry.card.config import CardRunConfig
 from medfoundry.config import StrictModel, apply_overrides, load_yaml, validate
-from medfoundry.errors import ConfigError
+from medfoundry.errors import ConfigError, InputError
 from medfoundry.io import write_json, write_text
-from medfoundry.recipe.config import RecipeConfig, final_model, wire
+from medfoundry.manifest import Manifest, content_key, inputs_fingerprint
+from medfoundry.recipe.config import RecipeConfig, wire
+from medfoundry.stages import STAGES
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
@@ -53,6 +57,8 @@ def run_recipe(
     ``start`` reruns that stage and every later one even when done; ``until`` stops after that stage.
     """
     configs = wire(recipe)  # every stage validated before any work
+    if recipe.card is not None:  # the card section itself is read from recipe.yaml by the card stage
+        configs["card"] = CardRunConfig(run_dir=recipe.run_dir)
     present = recipe.present()
     for name, option in ((start, "--from"), (until, "--until")):
         if name is not None and name not in present:
@@ -62,7 +68,7 @@ def run_recipe(
     keys = _keys(recipe, configs, present)
     chosen = present[: present.index(until) + 1] if until else present
     forced = set(present[present.index(start) :]) if start else set()
-    summary = {"recipe": recipe.name, "version": __version__, "run_dir": str(run), "stages": {}}
+    summary = {"recipe": recipe.name, "medfoundry_version": __version__, "run_dir": str(run), "stages": {}}
     if not dry_run:
         run.mkdir(parents=True, exist_ok=True)
         write_text(
@@ -70,7 +76,12 @@ def run_recipe(
         )
     for stage in chosen:
         done = state.get(stage, {})
-        cached = done.get("key") == keys[stage] and done.get("status") == "done" and stage not in forced
+        cached = (
+            done.get("key") == keys[stage]
+            and done.get("status") == "done"
+            and stage not in forced
+            and _finished(run, stage)
+        )
         if cached:
             log(f"run: {stage}: done earlier (key {keys[stage][:12]}), skipped")
             summary["stages"][stage] = {**done, "this_run": "cached"}
@@ -93,7 +104,7 @@ def run_recipe(
 
 def _run_stage(recipe: RecipeConfig, configs: dict, stage: str, key: str, state: dict, log) -> dict:
     run = Path(recipe.run_dir)
-    if stage in configs:
+    if stage != "card":  # the card's is its section of recipe.yaml
         write_text(
             run / "configs" / f"{stage}.yaml", yaml.safe_dump(configs[stage].model_dump(mode="json"), sort_keys=False)
         )
@@ -101,14 +112,8 @@ def _run_stage(recipe: RecipeConfig, configs: dict, stage: str, key: str, state:
     started = time.time()
     state[stage] = {"key": key, "status": "running", "started": started}
     _write_state(run, state)
-    result = STAGE_RUNNERS[stage](recipe, configs.get(stage))
-    state[stage] = {
-        "key": key,
-        "status": "done",
-        "started": started,
-        "seconds": round(time.time() - started, 1),
-        "result": result,
-    }
+    STAGES[stage].run(configs[stage])
+    state[stage] = {"key": key, "status": "done", "started": started, "seconds": round(time.time() - started, 1)}
     _write_state(run, state)
     log(f"run: {stage}: done in {state[stage]['seconds']:,.0f} s")
     return state[stage]
@@ -123,19 +128,14 @@ def _keys(recipe: RecipeConfig, configs: dict[str, StrictModel], present: list[s
     run = Path(recipe.run_dir).resolve()
     for stage in present:
         payload = (recipe.card if stage == "card" else configs[stage]).model_dump(mode="json")
-        digest = xxhash.xxh3_128(
-            json.dumps([stage, payload, previous, __version__], sort_keys=True, default=str).encode()
-        )
-        for fingerprint in _external_files(payload, run):
-            digest.update(fingerprint.encode())
-        keys[stage] = previous = digest.hexdigest()
+        keys[stage] = previous = content_key(stage, payload, previous, __version__, _external_inputs(payload, run))
     return keys
 
 
-def _external_files(payload, run: Path) -> list[str]:
-    """``path size mtime`` of every existing file a config string names (a file, a folder's files, or a glob)
-    outside the run directory: changed inputs change the key."""
-    found = []
+def _external_inputs(payload, run: Path) -> dict[str, str]:
+    """The fingerprint, by name, size and modification time, of every existing file or folder a config string
+    names (directly or as a glob) outside the run directory: changed inputs change the key."""
+    found = {}
     for value in _strings(payload):
         if len(value) > 4096 or "\n" in value:
             continue
@@ -147,8 +147,7 @@ def _external_files(payload, run: Path) -> list[str]:
                     continue
             except OSError:
                 continue
-            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-            found += [f"{f} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files]
+            found[str(path)] = inputs_fingerprint(path, by="stat")
     return found
 
 
@@ -180,6 +179,15 @@ def _write_state(run: Path, state: dict) -> None:
     write_json(run / "stages.json", state)
 
 
+def _finished(run: Path, stage: str) -> bool:
+    """Whether the stage's output carries its manifest (written last: the output is whole)."""
+    try:
+        Manifest.read(run / stage, stage)
+    except InputError:
+        return False
+    return True
+
+
 def _supersede(run: Path, stage: str) -> None:
     """Move the stage's old output aside (``.previous/<stage>``, replacing an older one) before it is rebuilt."""
     out = run / stage
@@ -190,80 +198,3 @@ def _supersede(run: Path, stage: str) -> None:
         shutil.rmtree(keep)
     keep.parent.mkdir(parents=True, exist_ok=True)
     out.rename(keep)
-
-
-# ---------------------------------------------------------------------------------------------- stages
-
-
-def _corpus(recipe, cfg) -> dict:
-    from medfoundry.corpus.build import build_corpus
-
-    manifest = build_corpus(cfg)
-    return {"documents_in": manifest["documents_in"], "documents_out": manifest["documents_out"]}
-
-
-def _tokenizer(recipe, cfg) -> dict:
-    from medfoundry.tokenizer.train import train_tokenizer
-
-    manifest = train_tokenizer(cfg)
-    return {
-        "vocab_size": manifest["vocab_size"],
-        "tokens_per_word": manifest["fertility"]["medfoundry"]["tokens_per_word"],
-    }
-
-
-def _tokens(recipe, cfg) -> dict:
-    from medfoundry.tokenizer.shards import tokenize_corpus
-
-    manifest = tokenize_corpus(
-        Path(cfg.corpus_dir),
-        Path(cfg.tokenizer_dir),
-        Path(cfg.output_dir),
-        eos_token=cfg.eos_token,
-        dtype=cfg.dtype,
-        workers=cfg.workers,
-    )
-    return {name: split["tokens"] for name, split in manifest["splits"].items()}
-
-
-def _pretrain(recipe, cfg) -> dict:
-    from medfoundry.train.loop import pretrain
-
-    return pretrain(cfg)
-
-
-def _finetune(recipe, cfg) -> dict:
-    from medfoundry.sft.finetune import finetune
-
-    return finetune(cfg)
-
-
-def _eval(recipe, cfg) -> dict:
-    from medfoundry.eval.run import evaluate
-
-    result = evaluate(cfg, progress=True)
-    return {"report": result["report"], "table": result["table"]}
-
-
-def _generate(recipe, cfg) -> dict:
-    from medfoundry.recipe.sample import generate_samples
-
-    return generate_samples(final_model(recipe), cfg, Path(recipe.run_dir) / "generate" / "samples.jsonl")
-
-
-def _card(recipe, cfg) -> dict:
-    from medfoundry.card import write_card
-
-    return {"card": str(write_card(Path(recipe.run_dir)))}
-
-
-STAGE_RUNNERS: dict[str, Callable[[RecipeConfig, StrictModel | None], dict]] = {
-    "corpus": _corpus,
-    "tokenizer": _tokenizer,
-    "tokens": _tokens,
-    "pretrain": _pretrain,
-    "finetune": _finetune,
-    "eval": _eval,
-    "generate": _generate,
-    "card": _card,
-}

@@ -33,9 +33,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from medfoundry.generation.engine import Output
 from medfoundry.serve import openapi, protocol
-from medfoundry.serve.engine import Output
-from medfoundry.serve.guard import DEFAULT_MAX_BODY_BYTES, ApiKeyGuard, BodyLimit
+from medfoundry.serve.config import DEFAULT_MAX_BODY_BYTES
+from medfoundry.serve.guard import ApiKeyGuard, BodyLimit
 from medfoundry.serve.protocol import ChatCompletionRequest, CompletionRequest
 from medfoundry.serve.worker import EngineWorker, QueueFull
 

@@ -21,7 +21,6 @@ from medfoundry.serve import protocol
 
 PUBLIC_PATHS = frozenset({"/", "/health"})  # the page's shell and the liveness probe: {"status": "ok"}, nothing more
 PUBLIC_PREFIX = "/static/"  # the page's script and style sheet
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a full 2,048-token prompt is ~10 KB of text, or ~14 KB of token ids
 UNAUTHORIZED = "invalid or missing API key: send the header 'Authorization: Bearer <key>'"
 
 

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medfoundry.serve.sampling import SamplingParams
+from medfoundry.generation.config import SamplingConfig
 
 MAX_STOP_SEQUENCES = 16
 MAX_CHOICES = 16
@@ -72,10 +72,11 @@ class _GenerationRequest(BaseModel):
             raise ValueError("stream_options is only allowed with stream=true")
         return self
 
-    def sampling(self, max_tokens: int, choice: int) -> SamplingParams:
-        """The engine's parameters for choice number ``choice`` (choices of a seeded request get seeds seed, seed+1, ...)."""
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(
+    def sampling(self, max_tokens: int, choice: int) -> SamplingConfig:
+        """The sampling of choice number ``choice`` (choices of a seeded request get seeds seed, seed+1, ...); unset
+        fields take the OpenAI API's defaults (temperature 1)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        return SamplingConfig(
             max_tokens=max_tokens,
             temperature=_default(self.temperature, 1.0),
             top_k=_default(self.top_k, 0),

@@ -14,9 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from medfoundry.serve.engine import Engine, Output, Request
+from medfoundry.generation.config import SamplingConfig
+from medfoundry.generation.engine import Engine, Output, Request
 from medfoundry.serve.metrics import ServerMetrics
-from medfoundry.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 Sink = Callable[[Output], None]
@@ -58,7 +58,7 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, jobs: list[tuple[list[int], SamplingParams, Sink]]) -> list[Request]:
+    def submit(self, jobs: list[tuple[list[int], SamplingConfig, Sink]]) -> list[Request]:
         """Queue several generations (the choices of one HTTP request) together, or none: ``QueueFull``."""
         with self._wake:
             in_flight = len(self.engine.running) + len(self.engine.waiting)

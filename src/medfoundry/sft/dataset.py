@@ -9,9 +9,9 @@ folder it writes appears whole or not at all::
     tokenizer/             the base tokenizer + chat template (+ vocab_extension.json when tokens were added)
     train/, val/           tokens.npy, loss.npy (per token), offsets.npy (per example),
                            row_offsets.npy + row_examples.npy (examples of each sequence), row_source.npy
-    manifest.json          config, input hashes, counts, mixture report; report.md for people
+    manifest.json          config, input fingerprints, counts, mixture report; report.md for people
 
-A folder whose manifest fingerprint (config + input file hashes + version) matches is reused.
+A folder whose manifest key (config + input fingerprints + version) matches is reused.
 
 :class:`SFTReader` is to this folder what :class:`~medfoundry.tokenizer.reader.WindowReader` is to
 token shards: the global order is a seeded permutation of the sequences per epoch, rank r of W reads
@@ -36,7 +36,9 @@ from tqdm import tqdm
 
 from medfoundry import __version__
 from medfoundry.errors import InputError, MedfoundryError
-from medfoundry.io import atomic_dir, write_json, write_text
+from medfoundry.io import atomic_dir, write_text
+from medfoundry.manifest import Manifest, content_key, inputs_fingerprint
+from medfoundry.model.load import is_gguf
 from medfoundry.sft.batch import collate
 from medfoundry.sft.config import SFTDataConfig, SFTSourceConfig
 from medfoundry.sft.converters import convert
@@ -90,29 +92,19 @@ def read_source(source: SFTSourceConfig) -> list[Conversation]:
     return [c for path in source_files(source) for c in read_conversations(path, source.format)]
 
 
-def _hash_files(paths: list[Path]) -> dict[str, str]:
-    hashes = {}
-    for path in paths:
-        if not path.is_file():
-            raise InputError(str(path), "file not found")
-        digest = xxhash.xxh64()
-        with path.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                digest.update(chunk)
-        hashes[str(path)] = digest.hexdigest()
-    return hashes
-
-
-def input_hashes(cfg: SFTDataConfig) -> dict[str, str]:
-    """Content hashes of everything :func:`prepare` reads: sources, tokenizer files, evaluation sets."""
+def input_fingerprints(cfg: SFTDataConfig) -> dict[str, str]:
+    """Fingerprints (by content) of everything :func:`prepare` reads: the tokenizer's files, every source
+    file, the evaluation sets checked for overlap."""
     spec = Path(cfg.tokenizer)
-    paths = [spec] if spec.suffix == ".gguf" else [spec / n for n in TOKENIZER_INPUTS if (spec / n).is_file()]
+    inputs = {str(spec): inputs_fingerprint(spec, names=None if is_gguf(spec) else TOKENIZER_INPUTS)}
     for source in cfg.sources:
-        paths += source_files(source)
+        inputs.update((str(path), inputs_fingerprint(path)) for path in source_files(source))
     if cfg.overlap.benchmarks_dir:
         root = Path(cfg.overlap.benchmarks_dir)
-        paths += sorted(p for name in cfg.overlap.sets for p in (root / name).rglob("*") if p.is_file())
-    return _hash_files(paths)
+        for name in cfg.overlap.sets:
+            if (root / name).is_dir():
+                inputs[str(root / name)] = inputs_fingerprint(root / name)
+    return inputs
 
 
 def val_side(conversation: Conversation, fraction: float, seed: int) -> bool:
@@ -315,18 +307,18 @@ def _render_sources(
     return rendered
 
 
-def prepare(cfg: SFTDataConfig, out_dir: str | Path, *, force: bool = False) -> dict:
+def prepare(cfg: SFTDataConfig, out_dir: str | Path, *, force: bool = False) -> Manifest:
     """Tokenize, mask, mix and pack the fine-tuning data into ``out_dir``; returns the manifest.
 
     Nothing is recomputed when ``out_dir`` already holds data prepared from the same config and inputs
     (unless ``force``).
     """
     out_dir, started = Path(out_dir), time.perf_counter()
-    inputs = input_hashes(cfg)
-    fingerprint = xxhash.xxh64(json.dumps([cfg.model_dump(), inputs, __version__], sort_keys=True).encode()).hexdigest()
-    previous = out_dir / "manifest.json"
-    if not force and previous.is_file() and json.loads(previous.read_text()).get("fingerprint") == fingerprint:
-        return json.loads(previous.read_text())
+    inputs = input_fingerprints(cfg)
+    key = content_key("sft_data", cfg.model_dump(mode="json"), inputs, __version__)
+    done = None if force else Manifest.current(out_dir, key)
+    if done is not None:
+        return done
     with atomic_dir(out_dir) as tmp:
         tokenizer, added = prepare_tokenizer(cfg.tokenizer, cfg.template, tmp / "tokenizer")
         renderer = Renderer(tokenizer, cfg.template)
@@ -337,62 +329,70 @@ def prepare(cfg: SFTDataConfig, out_dir: str | Path, *, force: bool = False) -> 
         train_counts, mixture = _train_split(tmp / "train", cfg, rendered["train"])
         val_counts = _val_split(tmp / "val", cfg, rendered["val"])
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        manifest = {
-            "stage": "sft_prepare",
-            "version": __version__,
-            "config": cfg.model_dump(),
-            "inputs": inputs,
-            "fingerprint": fingerprint,
-            "sources": [s.name for s in cfg.sources],
-            "tokenizer": {
-                "template": cfg.template.name,
-                "added_ids": added,
-                "vocab_size": len(tokenizer),
-                "eos_token": tokenizer.eos_token,
-                "pad_id": pad_id,
+        splits = {"train": train_counts, "val": val_counts}
+        manifest = Manifest(
+            stage="sft_data",
+            key=key,
+            config=cfg.model_dump(mode="json"),
+            inputs=inputs,
+            outputs={"train": "train", "val": "val", "tokenizer": "tokenizer", "report": "report.md"},
+            counts={
+                "records": sum(len(r) for r in records.values()),
+                **{f"{split}_{n}": c[n] for split, c in splits.items() for n in ("examples", "rows", "tokens")},
             },
-            "packing": cfg.packing,
-            "max_length": cfg.max_length,
-            "truncation": cfg.truncation,
-            "source_stats": {name: vars(s) for name, s in stats.items()},
-            "overlap": overlap,
-            "mixture": mixture,
-            "splits": {"train": train_counts, "val": val_counts},
-            "timings": {"total_s": time.perf_counter() - started},
-        }
-        write_json(tmp / "manifest.json", manifest)
-        write_text(tmp / "report.md", _report(manifest, rendered["train"]))
+            timings={"total_s": time.perf_counter() - started},
+            details={
+                "sources": [s.name for s in cfg.sources],
+                "tokenizer": {
+                    "template": cfg.template.name,
+                    "added_ids": added,
+                    "vocab_size": len(tokenizer),
+                    "eos_token": tokenizer.eos_token,
+                    "pad_id": pad_id,
+                },
+                "packing": cfg.packing,
+                "max_length": cfg.max_length,
+                "truncation": cfg.truncation,
+                "source_stats": {name: vars(s) for name, s in stats.items()},
+                "overlap": overlap,
+                "mixture": mixture,
+                "splits": splits,
+            },
+        )
+        write_text(tmp / "report.md", _report(manifest.details, rendered["train"]))
+        manifest.write(tmp)
     return manifest
 
 
-def _report(manifest: dict, train: dict[str, Examples]) -> str:
+def _report(details: dict, train: dict[str, Examples]) -> str:
     lines = [
         "# Fine-tuning data",
         "",
-        f"Template `{manifest['tokenizer']['template']}`, max_length "
-        f"{manifest['max_length']}, packing {'on' if manifest['packing'] else 'off'}, truncation "
-        f"`{manifest['truncation']}`.",
+        f"Template `{details['tokenizer']['template']}`, max_length "
+        f"{details['max_length']}, packing {'on' if details['packing'] else 'off'}, truncation "
+        f"`{details['truncation']}`.",
         "",
         "## Mixture (train)",
         "",
-        mixture_markdown(manifest["mixture"]),
+        mixture_markdown(details["mixture"]),
         "## Sources",
         "",
         "| source | records | test overlap | train | val | truncated | dropped (too long) | "
         "tokens merged across a prompt/response boundary |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, s in manifest["source_stats"].items():
+    for name, s in details["source_stats"].items():
         lines.append(
             f"| {name} | {s['records']:,} | {s['test_overlap']:,} | {s['train_records']:,} | "
             f"{s['val_records']:,} | {s['truncated']:,} | {s['dropped_too_long']:,} | {s['boundary_tokens']:,} |"
         )
-    overlap = manifest["overlap"]
+    overlap = details["overlap"]
     lines += [
         "",
         "## Evaluation test overlap",
         "",
-        f"{overlap['overlapping']:,} of {overlap['records']:,} records overlap a test item; action: {overlap['action']}."
+        f"{overlap['overlapping']:,} of {overlap['records']:,} records overlap a test item; "
+        f"action: {overlap['action']}."
         if overlap["checked"]
         else "Not checked (no overlap.benchmarks_dir; allow_test_overlap is set).",
         "",
@@ -401,7 +401,7 @@ def _report(manifest: dict, train: dict[str, Examples]) -> str:
         "| split | examples | sequences | tokens | response tokens | fill |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for split, c in manifest["splits"].items():
+    for split, c in details["splits"].items():
         lines.append(
             f"| {split} | {c['examples']:,} | {c['rows']:,} | {c['tokens']:,} | {c['response_tokens']:,} | "
             f"{c['fill']:.1%} |"
@@ -468,12 +468,12 @@ class SFTData:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        path = self.directory / "manifest.json"
-        if not path.is_file():
+        if not (self.directory / "manifest.json").is_file():
             raise InputError(str(self.directory), "not prepared fine-tuning data (no manifest.json): run prepare first")
-        self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = Manifest.read(self.directory, "sft_data")
+        self.manifest = manifest.details  # what the data is: max_length, packing, tokenizer, sources, ...
         self.tokenizer_dir = self.directory / "tokenizer"
-        self.fingerprint = self.manifest["fingerprint"]
+        self.fingerprint = manifest.key
 
     def split(self, name: str) -> PackedSplit:
         if name not in SPLITS:

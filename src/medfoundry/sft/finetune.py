@@ -6,7 +6,7 @@ GGUF file and its embeddings grown for tokens the template added; then :func:`me
 train` runs exactly as for pretraining (precision, DDP/FSDP2, accumulation normalized by the global
 number of response tokens, checkpoints, exact resume, metrics), with the batches of
 :class:`~medfoundry.sft.dataset.SFTReader` and a loss over response tokens only. With ``lora`` only
-low-rank adapters train (:mod:`medfoundry.sft.lora`); the export merges them into a plain checkpoint.
+low-rank adapters train (:mod:`medfoundry.train.lora`); the export merges them into a plain checkpoint.
 
 The exported ``model/`` carries the tokenizer with its chat template, so ``medfoundry eval`` (prompt
 style ``instruct``), ``generate``, ``chat`` and ``serve`` talk to the model in the format it learned.
@@ -23,10 +23,10 @@ from medfoundry.errors import ConfigError
 from medfoundry.sft.batch import IGNORE, masked_token_loss, model_inputs, target_count
 from medfoundry.sft.config import FinetuneConfig
 from medfoundry.sft.dataset import PackedSplit, SFTData, prepare, validation_passes
-from medfoundry.train import distributed
-from medfoundry.train.accel import fuse_output_layer, native_gelu, set_attention
-from medfoundry.train.loop import Job, run_distributed, to_device
+from medfoundry.train import distributed, lora
+from medfoundry.train.loop import Job, Loss, StepFlops, run_distributed, to_device
 from medfoundry.train.losses import NextTokenLoss, linear_cross_entropy
+from medfoundry.train.model_setup import check_context, load_pretrained, prepare_for_training
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -37,19 +37,20 @@ def finetune(cfg: FinetuneConfig) -> dict:
 class MaskedTokenLoss(NextTokenLoss):
     """Summed cross-entropy over the response tokens of a fine-tuning batch, and their number.
 
-    With the fused output layer, only the hidden states of positions that predict a response token go
-    through the output layer: with short answers after long prompts (PubMedQA: ~3 of ~400 tokens)
-    that is most of the output layer's work saved.
+    With the fused output layer (the model called returns the final hidden states), only the hidden
+    states of positions that predict a response token go through the output layer: with short answers
+    after long prompts (PubMedQA: ~3 of ~400 tokens) that is most of the output layer's work saved.
     """
 
-    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         targets = batch["labels"][:, 1:]
         with self._autocast():
-            out = model(**model_inputs(batch)).logits
             if self.head is not None:
+                hidden = model(**model_inputs(batch))
                 keep = targets != IGNORE
-                return linear_cross_entropy(out[:, :-1][keep], self.head.weight, targets[keep]), int(keep.sum())
-        return masked_token_loss(out, batch["labels"])
+                return linear_cross_entropy(hidden[:, :-1][keep], self.head.weight, targets[keep]), int(keep.sum())
+            logits = model(**model_inputs(batch)).logits
+        return masked_token_loss(logits, batch["labels"])
 
 
 class SFTValidation:
@@ -66,7 +67,7 @@ class SFTValidation:
                 self.plan[source] = (passes, mine)
 
     @torch.no_grad()
-    def run(self, model, loss_fn: MaskedTokenLoss, device: str, d: distributed.Dist) -> dict:
+    def run(self, model: torch.nn.Module, loss_fn: Loss, device: str, d: distributed.Dist) -> dict[str, float]:
         model.eval()
         totals = {}
         for source, (passes, rows) in self.plan.items():
@@ -94,7 +95,7 @@ def _prepared(cfg: FinetuneConfig, d: distributed.Dist) -> SFTData:
     path = cfg.prepared_path()
     if d.is_main:
         manifest = prepare(cfg.data_config(), path)
-        counts = manifest["splits"]
+        counts = manifest.details["splits"]
         print(
             f"finetune: data: {counts['train']['examples']:,} train examples in {counts['train']['rows']:,} sequences "
             f"({counts['train']['response_tokens']:,} response tokens), {counts['val']['rows']:,} validation "
@@ -114,64 +115,57 @@ def _resolve_steps(cfg: FinetuneConfig, data: SFTData) -> FinetuneConfig:
     return cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": steps})})
 
 
-def _load_base(cfg: FinetuneConfig, tokenizer_dir: Path, max_length: int):
+def _load_base(cfg: FinetuneConfig, tokenizer_dir: Path, max_length: int) -> torch.nn.Module:
     from medfoundry.model.resize import resize_for_tokenizer
-    from medfoundry.train.model_setup import check_context, load_pretrained
 
-    model = load_pretrained(cfg.model.init_from, Path(cfg.output_dir) / "base", allow_pickle=cfg.model.allow_pickle)
+    model = load_pretrained(cfg.model.init_from, allow_pickle=cfg.model.allow_pickle)
     resize_for_tokenizer(model, tokenizer_dir)
     check_context(model.config, max_length, "data.max_length")
     return model
 
 
 def _finetune_job(cfg: FinetuneConfig, d: distributed.Dist, device: str, precision: str) -> Job:
-    from medfoundry.sft import lora
-
     data = _prepared(cfg, d)
     cfg = _resolve_steps(cfg, data)
     max_length = data.manifest["max_length"]
-    model = _load_base(cfg, data.tokenizer_dir, max_length)
-    attention = set_attention(model, cfg.training.attention, device, max_length)
+    prepared = prepare_for_training(
+        _load_base(cfg, data.tokenizer_dir, max_length),
+        cfg.training,
+        device=device,
+        context=max_length,
+        lora=cfg.lora,
+        added_ids=data.manifest["tokenizer"]["added_ids"],
+    )
+    attention = prepared.kernels["attention"]
     if data.manifest["packing"] and attention not in ("eager", "sdpa"):
         raise ConfigError(
-            f"{type(model).__name__} uses its own {attention!r} attention, which ignores the block-causal "
+            f"{type(prepared.lm).__name__} uses its own {attention!r} attention, which ignores the block-causal "
             "masks of packed sequences: set data.packing: false"
         )
-    native_gelu(model)
-    added = data.manifest["tokenizer"]["added_ids"]
-    head = fuse_output_layer(model, _loss_choice(cfg, added))
-    if cfg.lora is not None:
-        model = lora.add_adapters(model, cfg.lora, added)
-    model.to(device)
-    if cfg.training.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-        if cfg.lora is not None:
-            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need input grads
-    model = distributed.wrap_model(model, cfg.distributed.strategy, device, d)
+    model = distributed.wrap_model(prepared.model, cfg.distributed.strategy, device, d)
     reader = data.reader(cfg.training.micro_batch_size, rank=d.rank, world_size=d.world_size, seed=cfg.training.seed)
     val = data.split("val")
     validation = SFTValidation(val, cfg.training.micro_batch_size, cfg.eval.batches, d) if val.n_rows else None
-    kernels = {"attention": attention, "loss": "plain" if head is None else "chunked"}
     info = {
-        "kernels": kernels,
+        "kernels": prepared.kernels,
         "data": {"dir": str(data.directory), "fingerprint": data.fingerprint},
         "steps": cfg.training.steps,
-        **({"lora": lora.describe(distributed.unwrap(model))} if cfg.lora is not None else {}),
+        **({"lora": lora.describe(prepared.lm)} if cfg.lora is not None else {}),
     }
     return Job(
         cfg=cfg,
         model=model,
-        loss=MaskedTokenLoss(head, precision, device),
+        loss=MaskedTokenLoss(prepared.head, precision, device),
         reader=reader,
         counts=_counts,
         validation=validation,
         export=lambda m, out: _export(m, out, cfg, data),
-        step_flops=_step_flops(distributed.unwrap(model), max_length, fused=head is not None),
+        step_flops=_step_flops(prepared.lm, max_length, fused=prepared.head is not None),
         info=info,
     )
 
 
-def _step_flops(model, context: int, fused: bool):
+def _step_flops(model: torch.nn.Module, context: int, fused: bool) -> StepFlops:
     """Model FLOPs of a step: with the fused loss the output layer runs only at positions that predict a
     response token (``targets``), not at every token."""
     from medfoundry.model.presets import flops_per_token
@@ -181,27 +175,13 @@ def _step_flops(model, context: int, fused: bool):
     return lambda tokens, targets: tokens * (per_token - head) + targets * head
 
 
-def _loss_choice(cfg: FinetuneConfig, added_ids: list[int]) -> str:
-    """LoRA with added tokens trains their rows through peft's wrappers of the embedding and output
-    layers, which the fused loss (reading the output weight directly) would bypass: the plain loss."""
-    if cfg.lora is None or not added_ids:
-        return cfg.training.loss
-    if cfg.training.loss == "chunked":
-        raise ConfigError(
-            "training.loss: chunked cannot train the tokens the template added under LoRA "
-            "(they train through peft's wrappers): use auto or plain"
-        )
-    return "plain"
-
-
 def _counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(response tokens that carry loss, tokens of the examples: padding excluded)."""
     return target_count(batch), int(batch["tokens"])
 
 
-def _export(model, out: Path, cfg: FinetuneConfig, data: SFTData) -> None:
+def _export(model: torch.nn.Module, out: Path, cfg: FinetuneConfig, data: SFTData) -> None:
     from medfoundry.model.export import export_hf
-    from medfoundry.sft import lora
 
     if cfg.lora is not None:
         lora.save_adapter(model, out.parent / "adapter", data.tokenizer_dir)

@@ -71,16 +71,16 @@ def load_base_tokenizer(spec: str | Path):
     ``save_pretrained`` writes (a stale ``special_tokens_map.json`` would override the new EOS token).
     """
     from medfoundry.model.export import copy_tokenizer
-    from medfoundry.tokenizer.files import load_gguf_tokenizer, load_hf_tokenizer
+    from medfoundry.model.load import is_gguf, load_tokenizer
 
     spec = Path(spec)
-    if spec.suffix == ".gguf":
-        return load_gguf_tokenizer(spec)
+    if is_gguf(spec):
+        return load_tokenizer(spec)
     if not spec.is_dir():
         raise ConfigError(f"tokenizer: {spec} is neither a tokenizer/model folder nor a .gguf file")
     with tempfile.TemporaryDirectory() as staging:
         copy_tokenizer(spec, Path(staging))
-        return load_hf_tokenizer(staging)
+        return load_tokenizer(staging)
 
 
 def install_template(tokenizer, cfg: TemplateConfig) -> list[int]:
@@ -167,8 +167,8 @@ class Renderer:
             if not prompt.startswith(text) or not full.startswith(prompt):
                 raise conversation.error(
                     f"template {self.cfg.name!r} does not render this conversation incrementally (turn {i + 1}: the "
-                    "prompt is not a prefix of prompt + response), so the response cannot be located for the loss mask; "
-                    "use template chatml or biomed_llama"
+                    "prompt is not a prefix of prompt + response), so the response cannot be located for the loss "
+                    "mask; use template chatml or biomed_llama"
                 )
             if i in targets:
                 spans.append((len(prompt), self._response_end(full, len(prompt), conversation)))

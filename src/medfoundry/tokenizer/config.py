@@ -42,7 +42,8 @@ class TokenizerTrainConfig(StrictModel):
     min_frequency: int = Field(2, ge=1)
     pretokenizer: Literal["biomedical", "gpt2"] = Field(
         "biomedical",
-        description="biomedical keeps compounds such as IL-6, COVID-19, mg/kg, 5-fluorouracil and decimals in one piece",
+        description="biomedical keeps compounds such as IL-6, COVID-19, mg/kg, 5-fluorouracil and decimals "
+        "in one piece",
     )
     sources: list[str] | None = Field(None, description="train only on these corpus sources (e.g. [abstracts, papers])")
     max_chars: int | None = Field(None, gt=0, description="stop reading training text after this many characters")
@@ -55,7 +56,8 @@ class ExtendConfig(StrictModel):
     """Add domain tokens to an existing tokenizer for continued pretraining; every existing id is kept."""
 
     base_dir: str = Field(
-        description="tokenizer to extend: a directory (tokenizer.json, or vocab.json + merges.txt) or a .gguf model file"
+        description="tokenizer to extend: a directory (tokenizer.json, or vocab.json + merges.txt) "
+        "or a .gguf model file"
     )
     corpus_dir: str
     output_dir: str

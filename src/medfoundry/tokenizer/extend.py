@@ -17,15 +17,17 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models
 
-from medfoundry import __version__
 from medfoundry.corpus.documents import iter_documents
 from medfoundry.errors import InputError
 from medfoundry.io import atomic_dir, write_json, write_text
+from medfoundry.manifest import Manifest, inputs_fingerprint, output_fingerprint
+from medfoundry.model.load import is_gguf, load_backend_tokenizer, load_tokenizer
 from medfoundry.tokenizer.config import ExtendConfig
 from medfoundry.tokenizer.fertility import domain_words, fertility_markdown, fertility_report
-from medfoundry.tokenizer.files import load_fast_tokenizer, load_gguf_tokenizer
 
 _FIX_ROUNDS = 4
+# what is read of a base tokenizer directory (its encoding and the configs copied beside the extension)
+_BASE_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def piece_counts(tokenizer: Tokenizer, texts) -> Counter:
@@ -160,10 +162,10 @@ def _copy_configs(base_dir: Path, out: Path, tokenizer: Tokenizer, gguf_tokenize
         write_json(out / "special_tokens_map.json", special)
 
 
-def extend_tokenizer(cfg: ExtendConfig) -> dict:
+def extend_tokenizer(cfg: ExtendConfig) -> Manifest:
     start = time.perf_counter()
-    gguf = load_gguf_tokenizer(cfg.base_dir) if cfg.base_dir.endswith(".gguf") else None
-    base = gguf.backend_tokenizer if gguf is not None else load_fast_tokenizer(cfg.base_dir)
+    gguf = load_tokenizer(cfg.base_dir) if is_gguf(cfg.base_dir) else None
+    base = gguf.backend_tokenizer if gguf is not None else load_backend_tokenizer(cfg.base_dir)
     counts = piece_counts(base, _texts(cfg, "train"))
     data, words = extend_bpe(base, counts, cfg.add_tokens, cfg.min_frequency)
     extended = Tokenizer.from_str(json.dumps(data))
@@ -182,22 +184,24 @@ def extend_tokenizer(cfg: ExtendConfig) -> dict:
         }
         write_json(tmp / "vocab_extension.json", extension)
         texts = list(_texts(cfg, "val"))[: cfg.fertility.max_docs]
-        references = {"base": base, **{n: load_fast_tokenizer(p) for n, p in cfg.fertility.references.items()}}
+        references = {"base": base, **{n: load_backend_tokenizer(p) for n, p in cfg.fertility.references.items()}}
         terms = cfg.fertility.terms + domain_words(
             texts, cfg.fertility.top_domain_words, cfg.fertility.min_word_chars, base
         )
         report = fertility_report(texts, {"extended": extended, **references}, list(dict.fromkeys(terms)))
         write_json(tmp / "fertility.json", report)
         write_text(tmp / "fertility.md", fertility_markdown(report, "base"))
-        manifest = {
-            "stage": "tokenizer_extend",
-            "version": __version__,
-            "config": cfg.model_dump(),
-            "base_vocab_size": base_size,
-            "vocab_size": new_size,
-            "words_added": len(words),
-            "fertility": report["tokenizers"],
-            "timings": {"total_s": time.perf_counter() - start},
-        }
-        write_json(tmp / "manifest.json", manifest)
+        manifest = Manifest(
+            stage="tokenizer_extend",
+            config=cfg.model_dump(mode="json"),
+            inputs={
+                cfg.base_dir: inputs_fingerprint(cfg.base_dir, names=None if gguf is not None else _BASE_FILES),
+                cfg.corpus_dir: output_fingerprint(cfg.corpus_dir),
+            },
+            outputs={"tokenizer": "tokenizer.json", "extension": "vocab_extension.json", "fertility": "fertility.md"},
+            counts={"base_vocab_size": base_size, "vocab_size": new_size, "words_added": len(words)},
+            timings={"total_s": time.perf_counter() - start},
+            details={"fertility": report["tokenizers"]},
+        )
+        manifest.write(tmp)
     return manifest

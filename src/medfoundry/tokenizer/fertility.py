@@ -69,7 +69,8 @@ def fertility_markdown(report: dict, baseline: str | None = None) -> str:
     names = list(report["tokenizers"])
     lines = [
         "# Tokenizer fertility",
-        f"{report['documents']:,} validation documents, {report['words']:,} words, {report['characters']:,} characters.",
+        f"{report['documents']:,} validation documents, {report['words']:,} words, "
+        f"{report['characters']:,} characters.",
         "",
         "| tokenizer | tokens/word | chars/token | words split | tokens/doc |"
         + (f" vs {baseline} |" if baseline else ""),
@@ -77,7 +78,10 @@ def fertility_markdown(report: dict, baseline: str | None = None) -> str:
     ]
     base = report["tokenizers"].get(baseline) if baseline else None
     for name, m in report["tokenizers"].items():
-        row = f"| {name} | {m['tokens_per_word']:.4f} | {m['chars_per_token']:.3f} | {100 * m['split_word_share']:.1f}% | {m['tokens_per_doc']:.1f} |"
+        row = (
+            f"| {name} | {m['tokens_per_word']:.4f} | {m['chars_per_token']:.3f} | "
+            f"{100 * m['split_word_share']:.1f}% | {m['tokens_per_doc']:.1f} |"
+        )
         if base:
             row += f" {100 * (m['tokens_per_word'] / base['tokens_per_word'] - 1):+.1f}% |"
         lines.append(row)

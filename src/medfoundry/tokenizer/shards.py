@@ -14,7 +14,6 @@ at fault. A run killed at any point leaves only hidden ``.*.tmp`` files, removed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -28,12 +27,11 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from medfoundry import __version__
-from medfoundry.corpus.plan import file_sha256
 from medfoundry.errors import InputError, MedfoundryError
 from medfoundry.io import atomic_open, open_binary, write_json
+from medfoundry.manifest import Manifest, file_digest, inputs_fingerprint, output_fingerprint
+from medfoundry.model.load import load_backend_tokenizer
 from medfoundry.runtime import cpu_count
-from medfoundry.tokenizer.files import load_fast_tokenizer
 
 DTYPES = ("uint16", "uint32")
 CHECKSUM = "xxh3_128"
@@ -50,12 +48,20 @@ def tokenize_corpus(
     dtype: str = "auto",
     workers: int = 0,
     splits=("train", "val"),
-) -> dict:
+) -> Manifest:
     """Tokenize every corpus part into ``out_dir/{split}``; returns (and writes) ``out_dir/manifest.json``.
     ``tokenizer_dir`` may be a ``.gguf`` model file (its tokenizer, from the dequantized checkpoint)."""
     from medfoundry.model.load import hf_directory
 
     start = time.perf_counter()
+    config = {
+        "corpus_dir": str(corpus_dir),
+        "tokenizer_dir": str(tokenizer_dir),
+        "output_dir": str(out_dir),
+        "eos_token": eos_token,
+        "dtype": dtype,
+        "workers": workers,
+    }
     corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), hf_directory(tokenizer_dir), Path(out_dir)
     header, eos_token = _header(tokenizer_dir, eos_token, dtype)
     shards: dict[str, dict[str, dict]] = {split: {} for split in splits}
@@ -75,8 +81,8 @@ def tokenize_corpus(
     for split in splits:
         _write_index(out_dir / split, header, shards[split], complete=True)
         _remove_stale(out_dir / split, shards[split])
-    manifest = _manifest(corpus_dir, header, eos_token, shards, built_tokens, tokenize_s, time.perf_counter() - start)
-    write_json(out_dir / "manifest.json", manifest)
+    manifest = _manifest(config, header, eos_token, shards, built_tokens, tokenize_s, time.perf_counter() - start)
+    manifest.write(out_dir)
     return manifest
 
 
@@ -85,7 +91,7 @@ def tokenize_corpus(
 
 def _header(tokenizer_dir: Path, eos_token: str | None, dtype: str) -> tuple[dict, str]:
     """The fields every index.json starts with; they decide whether earlier shards can be reused."""
-    tokenizer = load_fast_tokenizer(tokenizer_dir)
+    tokenizer = load_backend_tokenizer(tokenizer_dir)
     vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
     eos_token = eos_token or _configured_eos(tokenizer_dir)
     if eos_token is None and tokenizer.token_to_id("<|endoftext|>") is not None:
@@ -102,7 +108,7 @@ def _header(tokenizer_dir: Path, eos_token: str | None, dtype: str) -> tuple[dic
         "dtype": _choose_dtype(dtype, vocab_size),
         "eos_id": eos_id,
         "vocab_size": vocab_size,
-        "tokenizer": {"path": str(tokenizer_dir.resolve()), "sha256": _tokenizer_sha256(tokenizer_dir)},
+        "tokenizer": {"path": str(tokenizer_dir.resolve()), "fingerprint": _tokenizer_fingerprint(tokenizer_dir)},
     }
     return header, eos_token
 
@@ -127,13 +133,10 @@ def _choose_dtype(dtype: str, vocab_size: int) -> str:
     return dtype
 
 
-def _tokenizer_sha256(tokenizer_dir: Path) -> str:
-    """Hash of the files load_fast_tokenizer reads (so it changes exactly when the encoding can)."""
+def _tokenizer_fingerprint(tokenizer_dir: Path) -> str:
+    """Fingerprint of the files load_backend_tokenizer reads (so it changes exactly when the encoding can)."""
     names = ["tokenizer.json"] if (tokenizer_dir / "tokenizer.json").is_file() else ["vocab.json", "merges.txt"]
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(f"{name}:{file_sha256(tokenizer_dir / name, {})}\n".encode())
-    return digest.hexdigest()
+    return inputs_fingerprint(tokenizer_dir, names=names)
 
 
 # -- planning and resuming ---------------------------------------------------------------------
@@ -158,7 +161,7 @@ def _reusable_entries(split_dir: Path, header: dict) -> dict[str, dict]:
     except (OSError, ValueError):
         return {}
     same = [index.get(key) == header[key] for key in ("dtype", "eos_id", "vocab_size")]
-    if not all(same) or index.get("tokenizer", {}).get("sha256") != header["tokenizer"]["sha256"]:
+    if not all(same) or index.get("tokenizer", {}).get("fingerprint") != header["tokenizer"]["fingerprint"]:
         return {}
     return {entry["bin"]: entry for entry in index.get("shards", [])}
 
@@ -177,10 +180,10 @@ def file_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _reusable(entry: dict | None, split_dir: Path, source_sha256: str, itemsize: int) -> dict | None:
-    """The entry of an earlier run when its files are intact and were made from this very input (its
-    checksums added when an older version wrote it without), else None: the part is rebuilt."""
-    if entry is None or entry.get("source_sha256") != source_sha256:
+def _reusable(entry: dict | None, split_dir: Path, source_digest: str, itemsize: int) -> dict | None:
+    """The entry of an earlier run when its files are intact and were made from this very input, else None:
+    the part is rebuilt."""
+    if entry is None or entry.get("source_digest") != source_digest:
         return None
     bin_path, idx_path = split_dir / entry["bin"], split_dir / entry["idx"]
     if not (bin_path.is_file() and idx_path.is_file()) or bin_path.stat().st_size != entry["tokens"] * itemsize:
@@ -191,9 +194,7 @@ def _reusable(entry: dict | None, split_dir: Path, source_sha256: str, itemsize:
     except (OSError, ValueError, EOFError):
         return None
     found = {"bin": file_checksum(bin_path), "idx": file_checksum(idx_path)}
-    if "checksums" in entry and entry["checksums"] != found:
-        return None
-    return {**entry, "checksums": found}
+    return entry if entry.get("checksums") == found else None
 
 
 # -- workers -----------------------------------------------------------------------------------
@@ -215,16 +216,16 @@ _TOKENIZER = None
 def _init_worker(tokenizer_dir: str) -> None:
     global _TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _TOKENIZER = load_fast_tokenizer(tokenizer_dir)
+    _TOKENIZER = load_backend_tokenizer(tokenizer_dir)
     _TOKENIZER.encode_special_tokens = True  # a literal "<|endoftext|>" in a text must not fake a document end
 
 
 def _tokenize_part(task: tuple) -> tuple[str, dict, bool]:
     split, part, split_dir, header, previous = task
     part, split_dir = Path(part), Path(split_dir)
-    source_sha256 = file_sha256(part, {})
+    source_digest = file_digest(part)
     dtype = np.dtype(header["dtype"]).newbyteorder("<")
-    reused = _reusable(previous, split_dir, source_sha256, dtype.itemsize)
+    reused = _reusable(previous, split_dir, source_digest, dtype.itemsize)
     if reused is not None:
         return split, reused, False
     name = _shard_name(part)
@@ -249,7 +250,7 @@ def _tokenize_part(task: tuple) -> tuple[str, dict, bool]:
         "idx": f"{name}.idx.npy",
         "tokens": total,
         "docs": len(offsets),
-        "source_sha256": source_sha256,
+        "source_digest": source_digest,
         "sources": dict(sorted(sources.items())),
         "checksums": {"bin": bin_digest.hexdigest(), "idx": file_checksum(split_dir / f"{name}.idx.npy")},
     }
@@ -307,33 +308,35 @@ def _remove_stale(split_dir: Path, shards: dict[str, dict]) -> None:
             path.unlink()
 
 
-def _manifest(corpus_dir, header, eos_token, shards, built_tokens, tokenize_s, total_s) -> dict:
-    corpus_manifest = corpus_dir / "manifest.json"
-    build_key = json.loads(corpus_manifest.read_text()).get("build_key") if corpus_manifest.is_file() else None
-    splits, sources = {}, {}
+def _manifest(config: dict, header: dict, eos_token, shards, built_tokens, tokenize_s, total_s) -> Manifest:
+    counts, sources = {}, {}
     for split, entries in shards.items():
-        splits[split] = {
-            "tokens": sum(e["tokens"] for e in entries.values()),
-            "docs": sum(e["docs"] for e in entries.values()),
-            "shards": len(entries),
-        }
+        counts[f"{split}_tokens"] = sum(e["tokens"] for e in entries.values())
+        counts[f"{split}_documents"] = sum(e["docs"] for e in entries.values())
+        counts[f"{split}_shards"] = len(entries)
         sources[split] = dict(sorted(sum((Counter(e["sources"]) for e in entries.values()), Counter()).items()))
-    return {
-        "package_version": __version__,
-        "corpus": {"path": str(corpus_dir.resolve()), "build_key": build_key},
-        "tokenizer": {
-            **header["tokenizer"],
-            "vocab_size": header["vocab_size"],
-            "eos_token": eos_token,
-            "eos_id": header["eos_id"],
+    return Manifest(
+        stage="tokens",
+        config=config,
+        inputs={
+            config["corpus_dir"]: output_fingerprint(config["corpus_dir"]),
+            config["tokenizer_dir"]: header["tokenizer"]["fingerprint"],
         },
-        "dtype": header["dtype"],
-        "splits": splits,
-        "source_tokens": sources,
-        "timings": {"tokenize_s": round(tokenize_s, 3), "total_s": round(total_s, 3)},
-        "tokens_tokenized": built_tokens,
-        "tokens_per_s": round(built_tokens / tokenize_s) if tokenize_s > 0 else 0,
-    }
+        outputs={split: split for split in shards},
+        counts={**counts, "tokens_tokenized": built_tokens},
+        timings={"tokenize_s": round(tokenize_s, 3), "total_s": round(total_s, 3)},
+        details={
+            "tokenizer": {
+                "path": header["tokenizer"]["path"],
+                "vocab_size": header["vocab_size"],
+                "eos_token": eos_token,
+                "eos_id": header["eos_id"],
+            },
+            "dtype": header["dtype"],
+            "source_tokens": sources,
+            "tokens_per_s": round(built_tokens / tokenize_s) if tokenize_s > 0 else 0,
+        },
+    )
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -373,14 +376,11 @@ class TokenShards:
 
     def verify(self) -> int:
         """Check every shard file against the checksum index.json records; raise :class:`InputError`
-        naming the first corrupted one. Returns the number of files checked (entries written by
-        versions without checksums are only size-checked)."""
+        naming the first corrupted one. Returns the number of files checked."""
         checked = 0
         for entry in self._entries:
             for kind in ("bin", "idx"):
-                expected = entry.get("checksums", {}).get(kind)
-                if expected is None:
-                    continue
+                expected = entry["checksums"][kind]
                 path = self.split_dir / entry[kind]
                 found = file_checksum(path)
                 if found != expected:

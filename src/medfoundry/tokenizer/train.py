@@ -1,8 +1,8 @@
 """``medfoundry tokenizer train``: a byte-level BPE on a corpus's train split, saved in Hugging Face format.
 
 The directory holds ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
-(``AutoTokenizer.from_pretrained`` loads it offline with no medfoundry code), plus ``fertility.{json,md}`` measured on the corpus's validation split beside the
-reference tokenizers, and ``manifest.json``.
+(``AutoTokenizer.from_pretrained`` loads it offline with no medfoundry code), plus ``fertility.{json,md}``
+measured on the corpus's validation split beside the reference tokenizers, and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from medfoundry import __version__
 from medfoundry.corpus.documents import iter_documents
 from medfoundry.io import atomic_dir, write_json, write_text
+from medfoundry.manifest import Manifest, output_fingerprint
+from medfoundry.model.load import load_backend_tokenizer
 from medfoundry.tokenizer.config import TokenizerTrainConfig
 from medfoundry.tokenizer.fertility import domain_words, fertility_markdown, fertility_report
-from medfoundry.tokenizer.files import load_fast_tokenizer
 from medfoundry.tokenizer.pretokenize import byte_level_pretokenizer
 
 
@@ -94,7 +94,7 @@ def save_hf(tokenizer: Tokenizer, directory: Path, cfg: TokenizerTrainConfig) ->
 
 def fertility(cfg: TokenizerTrainConfig, tokenizer: Tokenizer, directory: Path) -> dict:
     texts = [d["text"] for d in iter_documents(cfg.corpus_dir, "val", cfg.sources)][: cfg.fertility.max_docs]
-    references = {name: load_fast_tokenizer(path) for name, path in cfg.fertility.references.items()}
+    references = {name: load_backend_tokenizer(path) for name, path in cfg.fertility.references.items()}
     baseline = next(iter(references), None)
     frequent = domain_words(
         texts, cfg.fertility.top_domain_words, cfg.fertility.min_word_chars, references.get(baseline)
@@ -107,7 +107,7 @@ def fertility(cfg: TokenizerTrainConfig, tokenizer: Tokenizer, directory: Path) 
     return report
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
+def train_tokenizer(cfg: TokenizerTrainConfig) -> Manifest:
     start = time.perf_counter()
     used: dict = {}
     tokenizer = train_bpe(cfg, training_texts(cfg, used))
@@ -115,16 +115,21 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     with atomic_dir(cfg.output_dir) as tmp:
         save_hf(tokenizer, tmp, cfg)
         report = fertility(cfg, tokenizer, tmp)
-        manifest = {
-            "stage": "tokenizer",
-            "version": __version__,
-            "config": cfg.model_dump(),
-            "corpus_dir": cfg.corpus_dir,
-            "training_text": used,
-            "vocab_size": tokenizer.get_vocab_size(),
-            "special_token_ids": {t: tokenizer.token_to_id(t) for t in cfg.special_tokens.all()},
-            "fertility": report["tokenizers"],
-            "timings": {"train_s": train_s, "total_s": time.perf_counter() - start},
-        }
-        write_json(tmp / "manifest.json", manifest)
+        manifest = Manifest(
+            stage="tokenizer",
+            config=cfg.model_dump(mode="json"),
+            inputs={cfg.corpus_dir: output_fingerprint(cfg.corpus_dir)},
+            outputs={"tokenizer": "tokenizer.json", "fertility": "fertility.md"},
+            counts={
+                "vocab_size": tokenizer.get_vocab_size(),
+                "training_documents": used["documents"],
+                "training_characters": used["characters"],
+            },
+            timings={"train_s": train_s, "total_s": time.perf_counter() - start},
+            details={
+                "special_token_ids": {t: tokenizer.token_to_id(t) for t in cfg.special_tokens.all()},
+                "fertility": report["tokenizers"],
+            },
+        )
+        manifest.write(tmp)
     return manifest

@@ -4,10 +4,11 @@
   (``config._attn_implementation`` is not serialized: the exported config.json has no trace of it).
 - :func:`native_gelu`: transformers' Python tanh-GELU modules (``gelu_new`` of GPT-2, ``gelu_fast``,
   BLOOM's) replaced by one ``F.gelu(approximate="tanh")`` kernel computing the same function (the
-  Python formula is five elementwise kernels forward and more backward, 8% of a gpt2-52m step on CPU;
-  the native kernel takes about half as long).
-- :func:`fuse_output_layer`: the output layer made to return its input, for the fused loss of
-  :mod:`medfoundry.train.losses` (``training.loss``).
+  Python formula is five elementwise kernels forward and more backward).
+- :func:`fused_head` and :class:`HiddenStatesLM`: the model run without its output layer, which the
+  fused loss of :mod:`medfoundry.train.losses` applies itself (``training.loss``).
+
+Measured timings behind these choices: docs/training-speed.md.
 """
 
 from __future__ import annotations
@@ -18,10 +19,7 @@ from torch import nn
 
 from medfoundry.errors import ConfigError
 
-# eager / sdpa time of a forward + backward pass through GPT-2 layers of gpt2-52m's width (bf16 autocast,
-# Zen 5, the variants alternated): 2 threads, wall time, 4,096 tokens a pass: 0.86 at context 256, 0.91
-# at 512, 1.03 at 1,024, 1.12 at 2,048; 1 thread, CPU time, ~2,048 tokens a pass: 0.88 at 256, 1.03 at
-# 512, 1.28 at 768, 1.88 at 1,024.
+# from this context on, SDPA beats eager attention on CPU (docs/training-speed.md)
 SDPA_MIN_CONTEXT_CPU = 512
 
 
@@ -29,10 +27,9 @@ def attention_for(choice: str, device: str, context: int) -> str:
     """The kernel ``training.attention: auto`` stands for.
 
     On CPU, eager attention (two batched bf16 matmuls and a softmax) beats SDPA's flash kernel, which
-    runs at ~150 GFLOP/s there, at short contexts: by 12-14% at 256. Eager computes and stores the
-    full T x T scores, so its cost grows faster: at 512 the two are even, from 768 on SDPA wins (and
-    uses less memory). So: eager below 512 on CPU, SDPA otherwise; on GPUs SDPA (flash /
-    memory-efficient kernels) always.
+    is slow there, at short contexts. Eager computes and stores the full T x T scores, so its cost
+    grows faster: from :data:`SDPA_MIN_CONTEXT_CPU` on SDPA wins (and uses less memory). So: eager
+    below it on CPU, SDPA otherwise; on GPUs SDPA (flash / memory-efficient kernels) always.
     """
     if choice != "auto":
         return choice
@@ -86,15 +83,6 @@ def native_gelu(model: nn.Module) -> int:
 FUSED_LOSS_MODEL_TYPES = ("gpt2", "llama", "bloom")
 
 
-class PassThroughLinear(nn.Linear):
-    """An output layer that returns its input: the model's "logits" are then the final hidden states,
-    and the loss applies the layer's weight itself. The module keeps its weight (same name, same
-    tensor, tied or not), so the state dict, the optimizer groups, DDP and FSDP see no difference."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
-
-
 def _fused_loss_blocker(model: nn.Module) -> str | None:
     """None when the fused loss fits the model, else why not."""
     head = model.get_output_embeddings()
@@ -107,14 +95,29 @@ def _fused_loss_blocker(model: nn.Module) -> str | None:
     return None
 
 
-def fuse_output_layer(model: nn.Module, choice: str) -> nn.Linear | None:
-    """For ``training.loss`` chunked (or auto, where it fits): turn the output layer into a
-    :class:`PassThroughLinear`, in place, and return it; None for the plain loss."""
+def fused_head(model: nn.Module, choice: str) -> nn.Linear | None:
+    """The output layer the fused loss applies, for ``training.loss`` chunked (or auto, where it fits);
+    None for the plain loss. The model is not changed: :class:`HiddenStatesLM` runs it without that layer."""
     blocker = _fused_loss_blocker(model)
     if choice == "plain" or (choice == "auto" and blocker):
         return None
     if blocker:
         raise ConfigError(f"training.loss: chunked does not fit this model: {blocker}; use auto or plain")
-    head = model.get_output_embeddings()
-    head.__class__ = PassThroughLinear
-    return head
+    return model.get_output_embeddings()
+
+
+class HiddenStatesLM(nn.Module):
+    """A causal LM (a transformers model, or a peft one around it) run without its output layer, for a
+    loss that applies the layer itself: ``forward`` returns the final hidden states [batch, positions,
+    hidden size], never logits. The LM inside is untouched (its own ``forward`` returns logits): DDP,
+    FSDP2 and torch.compile wrap this module, and :func:`medfoundry.train.distributed.unwrap` gives the
+    LM back for checkpoints and the export. The output layer keeps its weight (same name, same tensor,
+    tied or not), so the state dict and the optimizer groups do not change."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        hf_model = self.lm.get_base_model() if hasattr(self.lm, "peft_config") else self.lm
+        return hf_model.base_model(**inputs).last_hidden_state  # the decoder stack, final norm included

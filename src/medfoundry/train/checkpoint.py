@@ -1,4 +1,11 @@
-"""Training checkpoints that resume bit-identically, even after SIGKILL.
+"""Training checkpoints that resume bit-identically, even after SIGKILL, and the :class:`Checkpointer`
+that owns them.
+
+The loop sees only the :class:`Checkpointer`: built with the run's stateful objects (model, optimizer,
+scheduler, data reader) and its checkpoint folder, it saves a :class:`~medfoundry.train.state.TrainState`
+(``checkpointer.save(state)``) and restores the newest intact checkpoint (``checkpointer.restore()``).
+How and where the state is written (the files below, one writer or one shard per process) is its
+business alone.
 
 A checkpoint is a folder ``step-{step:08d}/`` holding
 
@@ -6,7 +13,7 @@ A checkpoint is a folder ``step-{step:08d}/`` holding
   output head, is stored once; the other names are listed in the file's ``aliases`` metadata),
 - ``optim.pt``: optimizer and scheduler state dicts (``torch.save``; loaded with ``weights_only=True``),
 - ``rng.pt``: Python ``random``, NumPy global, torch CPU and (when present) CUDA generator states,
-- ``trainer_state.json``: ``{"step", "reader_state", "extra"}``,
+- ``trainer_state.json``: ``{"step", "reader_state", "extra"}`` (``extra``: the loop's counters),
 - ``manifest.json``: the size and xxh3-128 checksum of each of those four files (written last).
 
 The folder is built under a hidden temporary name beside its final place, every file is fsynced
@@ -15,28 +22,21 @@ and the folder is renamed into place, so a ``step-*`` folder either is complete 
 
 Faults. A save that cannot write (disk full, file size limit, quota) raises :class:`CheckpointWriteError`
 naming the file, the cause and the previous checkpoint, which stays intact (the unfinished folder is
-removed). A checkpoint whose files no longer match their manifest (truncated, corrupted, missing) is
-reported by :func:`checkpoint_problem` / :func:`verify_checkpoint` with the file at fault;
-:func:`latest_checkpoint` skips it, says so on stderr and returns the newest intact one, and
-:func:`read_checkpoint` refuses it. Checkpoints written before manifests existed load unverified.
+removed). A checkpoint whose files no longer match their manifest (truncated, corrupted, missing), or
+that has no manifest, is reported by :func:`checkpoint_problem` / :func:`verify_checkpoint` with the
+file at fault; :func:`latest_checkpoint` skips it, says so on stderr and returns the newest intact one,
+and :func:`read_checkpoint` refuses it.
 
-Distributed use: only rank 0 writes (other ranks return at once). With FSDP2, gather full state
-dicts on every rank first (a collective; see :mod:`medfoundry.train.distributed`) and pass them in::
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=opts)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
-    save_checkpoint(..., model_state=model_state, optim_state=optim_state)  # rank 0 writes
-
-``optim.pt`` always holds the optimizer state in ``optimizer.state_dict()``'s form (state keyed by
-the parameter's position over the param groups): a name-keyed state dict from
-``get_optimizer_state_dict`` is converted (:func:`optim_state_by_index`). :func:`load_checkpoint`
-takes a plain, DDP-unwrapped or FSDP2-sharded model alike: for a sharded one every rank reads the
-folder and applies it with ``set_model_state_dict`` / ``set_optimizer_state_dict`` (full state dicts,
-a collective: call it on every rank). A checkpoint written by one process, DDP or FSDP therefore
-loads in any of them (the data reader's state still needs the same number of processes).
-The RNG states saved are rank 0's: that is exact for every rank as long as all ranks are seeded
-alike and draw the same random numbers (as under DDP and FSDP).
+Distributed use: every process calls :meth:`Checkpointer.save` (under FSDP2 the full state dicts are
+gathered first, a collective); process 0 writes, and all processes then agree on whether it could, so
+that they stop together. ``optim.pt`` always holds the optimizer state in ``optimizer.state_dict()``'s
+form (state keyed by the parameter's position over the param groups): the name-keyed state dict
+gathered under FSDP2 is converted (:func:`optim_state_by_index`). :meth:`Checkpointer.load` takes a
+plain, DDP-wrapped or FSDP2-sharded model alike: for a sharded one every process reads the folder
+and applies it with ``set_model_state_dict`` / ``set_optimizer_state_dict``. A checkpoint written by
+one process, DDP or FSDP therefore loads in any of them (the data reader's state still needs the same
+number of processes). The RNG states saved are process 0's: that is exact for every process as long as
+all are seeded alike and draw the same random numbers (as under DDP and FSDP).
 """
 
 from __future__ import annotations
@@ -45,14 +45,13 @@ import contextlib
 import errno
 import json
 import os
-import random
 import re
 import resource
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import xxhash
 from safetensors import safe_open
@@ -60,6 +59,8 @@ from safetensors.torch import load_file, save_file
 
 from medfoundry.errors import MedfoundryError
 from medfoundry.io import DISK_FULL, atomic_dir, fsync_dir
+from medfoundry.train import distributed
+from medfoundry.train.state import Stateful, TrainState, get_rng_state, set_rng_state
 
 FILES = ("model.safetensors", "optim.pt", "rng.pt", "trainer_state.json")
 MANIFEST = "manifest.json"
@@ -73,26 +74,6 @@ class CheckpointWriteError(MedfoundryError):
 
 class DamagedCheckpoint(MedfoundryError):
     """A checkpoint's files are missing, truncated or do not match the checksums of its manifest."""
-
-
-def get_rng_state() -> dict:
-    name, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (name, key.tolist(), pos, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():
-        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def _cpu_tensors(state: dict[str, torch.Tensor], copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -163,84 +144,58 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def save_checkpoint(
-    directory: str | os.PathLike,
-    step: int,
-    *,
-    model,
-    optimizer,
-    scheduler,
-    reader_state: dict,
-    extra: dict,
-    keep_last: int,
-    model_state: dict | None = None,
-    optim_state: dict | None = None,
-) -> Path:
-    """Write ``directory/step-{step:08d}/`` atomically, then keep only the ``keep_last`` newest step folders
-    up to this step (0 keeps all; the new one is never removed, later ones are left alone).
-    ``model_state``/``optim_state`` replace ``model.state_dict()``/``optimizer.state_dict()`` when given (e.g. full state dicts gathered under
-    FSDP2; ``model``/``optimizer`` may then be None; a name-keyed ``optim_state`` is stored position-keyed).
-    ``reader_state`` and ``extra`` must be JSON-serializable.
-    Returns the folder's path (on ranks other than 0 without writing anything).
-
-    A write that fails (disk full, file size limit, quota...) raises :class:`CheckpointWriteError`
+def _write(final: Path, writers: dict[str, Callable[[Path], object]]) -> None:
+    """Write the folder ``final`` atomically: each file by its writer, fsynced and checksummed, then
+    the manifest of their sizes and checksums. A failed write raises :class:`CheckpointWriteError`
     naming the file and the cause; nothing is left behind and older checkpoints are untouched."""
-    directory = Path(directory)
-    final = directory / f"step-{step:08d}"
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return final
-    # a given (gathered) state dict is already a copy: no second one of every tensor in memory
-    state = model.state_dict() if model_state is None else model_state
-    tensors, aliases = _cpu_tensors(state, copy=model_state is None)
-    trainer_state = {"step": step, "reader_state": reader_state, "extra": extra}
-    writers = {
-        "model.safetensors": lambda p: save_file(tensors, p, metadata={"aliases": json.dumps(aliases)}),
-        "optim.pt": lambda p: torch.save(
-            {
-                "optimizer": optimizer.state_dict() if optim_state is None else optim_state_by_index(optim_state),
-                "scheduler": scheduler.state_dict(),
-            },
-            p,
-        ),
-        "rng.pt": lambda p: torch.save(get_rng_state(), p),
-        "trainer_state.json": lambda p: p.write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8"),
-    }
+    step = int(final.name[5:])
 
     def failed(what: str, exc: BaseException, path: Path | None) -> CheckpointWriteError:
         return CheckpointWriteError(
             f"{final}: checkpoint for step {step} not saved: writing {what} failed: {_write_failure(exc, path)}. "
-            f"The unfinished folder was removed and {_previous(directory, final)}; free some space (or raise the "
-            "limit) and run again to resume from it."
+            f"The unfinished folder was removed and {_previous(final.parent, final)}; free some space (or raise "
+            "the limit) and run again to resume from it."
         )
 
+    files: dict[str, dict] = {}
     try:
         with atomic_dir(final) as tmp:
-            files = {}
-            writers[MANIFEST] = lambda p: p.write_text(
-                json.dumps({"step": step, "checksum": CHECKSUM, "files": files}, indent=2) + "\n", encoding="utf-8"
-            )
             for name, write in writers.items():
-                try:  # torch and safetensors raise RuntimeError / SafetensorError for I/O errors
-                    write(tmp / name)
-                    digest = _digest(tmp / name, fsync=True)
-                except Exception as exc:
-                    raise failed(name, exc, tmp / name) from exc
-                if name != MANIFEST:
-                    files[name] = {"bytes": (tmp / name).stat().st_size, CHECKSUM: digest}
+                files[name] = _written(tmp / name, write, failed)
+            manifest = {"step": step, "checksum": CHECKSUM, "files": files}
+            _written(tmp / MANIFEST, lambda p: _write_json(p, manifest), failed)
             fsync_dir(tmp)
     except CheckpointWriteError:
         raise
     except OSError as exc:  # making the temporary folder, or renaming it into place
         _restore_replaced(final)  # failed between atomic_dir's two renames: put the replaced folder back
         raise failed("the checkpoint folder", exc, None) from exc
-    if keep_last > 0:
-        # folders of later steps (damaged ones resumed before) are left alone: training replaces them in turn
-        older = [p for p in _step_dirs(directory) if int(p.name[5:]) < step]
-        for path in older[: max(0, len(older) - (keep_last - 1))]:
-            trash = path.with_name(f".{path.name}.deleting")  # renamed first: never a half-deleted step-* folder
-            path.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
-    return final
+
+
+def _written(path: Path, write: Callable[[Path], object], failed: Callable) -> dict:
+    """Write one file of a checkpoint and flush it to disk; its manifest entry."""
+    try:  # torch and safetensors raise RuntimeError / SafetensorError for I/O errors
+        write(path)
+        digest = _digest(path, fsync=True)
+    except Exception as exc:
+        raise failed(path.name, exc, path) from exc
+    return {"bytes": path.stat().st_size, CHECKSUM: digest}
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
+def _prune(directory: Path, step: int, keep_last: int) -> None:
+    """Keep the ``keep_last`` newest step folders up to ``step`` (0 keeps all). Folders of later steps
+    (damaged ones resumed before) are left alone: training replaces them in turn."""
+    if keep_last <= 0:
+        return
+    older = [p for p in _step_dirs(directory) if int(p.name[5:]) < step]
+    for path in older[: max(0, len(older) - (keep_last - 1))]:
+        trash = path.with_name(f".{path.name}.deleting")  # renamed first: never a half-deleted step-* folder
+        path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _step_dirs(directory: Path) -> list[Path]:
@@ -250,7 +205,18 @@ def _step_dirs(directory: Path) -> list[Path]:
 
 
 def is_complete(path: str | os.PathLike) -> bool:
-    return all((Path(path) / name).is_file() for name in FILES)
+    return _missing(Path(path)) is None
+
+
+def _missing(path: Path) -> str | None:
+    """What a checkpoint folder lacks, or None. A folder without a manifest (written before checkpoints
+    had one) cannot be verified: it is refused."""
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        return f"{path}: incomplete checkpoint, missing {', '.join(missing)}"
+    if not (path / MANIFEST).is_file():
+        return f"{path}: no {MANIFEST}, so its files cannot be verified: not loaded (move the folder away)"
+    return None
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
@@ -258,15 +224,13 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     there and matches the size and checksum its manifest records. Hashes every file (a read of the
     whole checkpoint)."""
     path = Path(path)
-    missing = [name for name in FILES if not (path / name).is_file()]
+    missing = _missing(path)
     if missing:
-        return f"{path}: incomplete checkpoint, missing {', '.join(missing)}"
-    if not (path / MANIFEST).is_file():
-        return None  # written before checkpoints had manifests: nothing to check against
+        return missing
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
-        algorithm = manifest.get("checksum", CHECKSUM)
+        algorithm = manifest["checksum"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"{path / MANIFEST}: unreadable checkpoint manifest ({exc})"
     if algorithm != CHECKSUM:
@@ -350,9 +314,9 @@ def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
     state dicts and ``trainer_state``. With ``verify`` (see :func:`verify_checkpoint`) a damaged
     checkpoint raises :class:`DamagedCheckpoint` naming the file; an unreadable file always does."""
     path = Path(path)
-    missing = [name for name in FILES if not (path / name).is_file()]
+    missing = _missing(path)
     if missing:
-        raise DamagedCheckpoint(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+        raise DamagedCheckpoint(missing)
     if verify:
         verify_checkpoint(path)
     name = "model.safetensors"
@@ -464,32 +428,122 @@ def _load_sharded(path, ckpt: dict, model, optimizer) -> None:
     set_model_state_dict(model, ckpt["model"], options=options)
 
 
-def _is_sharded(model) -> bool:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    from torch.distributed.tensor import DTensor
+def _load_plain(path, ckpt: dict, model, optimizer) -> None:
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as exc:
+        raise MedfoundryError(f"{path}: the checkpoint does not fit this model: {exc}") from None
+    optimizer.load_state_dict(optim_state_by_index(ckpt["optimizer"]))
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+
+class Checkpointer:
+    """A run's checkpoints: the folder ``directory`` (``step-*`` folders, the ``keep_last`` newest kept;
+    0 keeps all) and the stateful objects they save and restore.
+
+    ``model`` is the model as trained: plain, compiled, DDP-wrapped or FSDP2-sharded, with or without
+    the hidden-states wrapper of the fused loss (the plain Hugging Face model's state dict is saved).
+    ``reader``, the data reader, is optional: without one the :class:`TrainState`'s ``reader_state``
+    is saved as it is. Under torchrun pass the run's ``dist`` and ``device``: :meth:`save` and
+    :meth:`restore` are then collectives (every process calls them)."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Stateful,
+        reader: Stateful | None = None,
+        keep_last: int = 0,
+        dist: distributed.Dist | None = None,
+        device: str = "cpu",
+    ):
+        self.directory = Path(directory)
+        self.model, self.optimizer, self.scheduler, self.reader = model, optimizer, scheduler, reader
+        self.keep_last, self.dist, self.device = keep_last, dist or distributed.Dist(), device
+
+    def save(self, state: TrainState) -> Path:
+        """Write ``step-{state.step:08d}/`` (the reader's position and the RNG states are recorded in
+        ``state`` first), then prune older folders; returns the folder. When process 0 cannot write
+        (disk full...) every process raises :class:`CheckpointWriteError`; the previous checkpoint is intact."""
+        if self.reader is not None:
+            state.reader_state = self.reader.state_dict()
+        state.rng = get_rng_state()
+        final = self.directory / f"step-{state.step:08d}"
+        writers = self._writers(state)  # under FSDP2 a collective: every process gathers
+        error = None
+        if self.dist.is_main:
+            try:
+                _write(final, writers)
+                _prune(self.directory, state.step, self.keep_last)
+            except CheckpointWriteError as exc:
+                error = exc
+        if distributed.any_failed(self.dist, error is not None, self.device):
+            raise error or CheckpointWriteError(
+                f"step {state.step}: process 0 could not write the checkpoint (see its error)"
+            )
+        return final
+
+    def _writers(self, state: TrainState) -> dict[str, Callable[[Path], object]]:
+        """How to write each file (on process 0), from the states gathered now (on every process under FSDP2)."""
+        model = distributed.unwrap(self.model)
+        sharded = distributed.is_sharded(model)
+        if sharded:  # a collective: process 0 gets whole tensors (copies already)
+            model_state = distributed.full_model_state(model)
+            optim_state = distributed.full_optim_state(model, self.optimizer)
+        else:
+            model_state, optim_state = model.state_dict(), self.optimizer.state_dict()
+        if not self.dist.is_main:
+            return {}
+        tensors, aliases = _cpu_tensors(model_state, copy=not sharded)
+        optim = {"optimizer": optim_state_by_index(optim_state), "scheduler": self.scheduler.state_dict()}
+        saved = state.state_dict()
+        rng = saved.pop("rng")
+        trainer_state = {"step": saved.pop("step"), "reader_state": saved.pop("reader_state"), "extra": saved}
+        return {
+            "model.safetensors": lambda p: save_file(tensors, p, metadata={"aliases": json.dumps(aliases)}),
+            "optim.pt": lambda p: torch.save(optim, p),
+            "rng.pt": lambda p: torch.save(rng, p),
+            "trainer_state.json": lambda p: _write_json(p, trainer_state),
+        }
+
+    def latest(self, clean: bool = False) -> Path | None:
+        """The newest intact checkpoint (see :func:`latest_checkpoint`)."""
+        return latest_checkpoint(self.directory, clean=clean)
+
+    def restore(self) -> TrainState:
+        """Load the newest intact checkpoint (a damaged one is reported and the one before it used) and
+        return its state; a fresh :class:`TrainState` when there is none. Call it after building the
+        model, optimizer, scheduler and reader, and draw no random numbers between it and the first step."""
+        latest = self.latest(clean=True)
+        # every process reads it; under FSDP2 the tensors are scattered to the shards (a collective)
+        return TrainState() if latest is None else self.load(latest, verify=False)  # latest has just checked it
+
+    def load(self, path: str | os.PathLike, verify: bool = True) -> TrainState:
+        """Load the checkpoint at ``path`` into the objects (model weights strictly) and the RNGs; returns
+        its state. ``verify=False`` skips the checksums, for a folder just verified."""
+        ckpt = read_checkpoint(path, verify=verify)
+        model = distributed.unwrap(self.model)
+        if distributed.is_sharded(model):
+            _load_sharded(path, ckpt, model, self.optimizer)
+        else:
+            _load_plain(path, ckpt, model, self.optimizer)
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        state = _train_state(path, ckpt)
+        if self.reader is not None:
+            self.reader.load_state_dict(state.reader_state)
+        return state
 
 
-def load_checkpoint(path: str | os.PathLike, *, model, optimizer, scheduler, verify: bool = True) -> dict:
-    """Restore model weights (strictly), optimizer, scheduler and RNG states from ``path``; return the
-    trainer state ``{"step", "reader_state", "extra"}``. Call it after building the model, optimizer
-    and scheduler, and draw no random numbers between this call and the first training step.
-
-    ``model`` is a plain module (unwrap DDP first) or an FSDP2-sharded one; then every rank must call this
-    (it reads the folder on every rank and scatters the tensors). ``verify=False`` skips the checksums, for a
-    folder :func:`latest_checkpoint` has just verified."""
-    ckpt = read_checkpoint(path, verify=verify)
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    if _is_sharded(model):
-        _load_sharded(path, ckpt, model, optimizer)
-    else:
-        try:
-            model.load_state_dict(ckpt["model"], strict=True)
-        except RuntimeError as exc:
-            raise MedfoundryError(f"{path}: the checkpoint does not fit this model: {exc}") from None
-        optimizer.load_state_dict(optim_state_by_index(ckpt["optimizer"]))
-    scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"])
-    return ckpt["trainer_state"]
+def _train_state(path, ckpt: dict) -> TrainState:
+    """The :class:`TrainState` of a checkpoint read: ``trainer_state.json`` (its ``extra``: the counters)
+    and the RNG states."""
+    saved, state = ckpt["trainer_state"], TrainState()
+    try:
+        state.load_state_dict(
+            {"step": saved["step"], "reader_state": saved["reader_state"], "rng": ckpt["rng"], **saved["extra"]}
+        )
+    except (MedfoundryError, KeyError, TypeError) as exc:
+        raise DamagedCheckpoint(f"{Path(path) / 'trainer_state.json'}: not a training state ({exc})") from None
+    return state

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medfoundry.model.export import unwrap
+from medfoundry.model import export
+from medfoundry.train.accel import HiddenStatesLM
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,13 @@ def init_distributed(backend: str, device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model a run trains, as transformers (or peft) made it: without the torch.compile, DDP and
+    :class:`~medfoundry.train.accel.HiddenStatesLM` wrappers around it (FSDP2 wraps in place)."""
+    model = export.unwrap(model)
+    return model.lm if isinstance(model, HiddenStatesLM) else model
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

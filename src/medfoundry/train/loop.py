@@ -4,9 +4,10 @@ Each optimizer step reads ``accum`` micro-batches on every process, counts their
 all processes, and backpropagates ``sum of token losses / that count``: the loss is normalized over
 the whole accumulated global batch, whatever the split into micro-batches and processes. A step
 whose loss or gradients are not finite is skipped (weights untouched) and logged; too many in a row
-stop the run with the last good checkpoint intact. Checkpoints carry everything the next step
-depends on (weights, optimizer, schedule, data position, RNG states), so a killed run resumes
-bit-identically.
+stop the run with the last good checkpoint intact. Checkpoints (:class:`~medfoundry.train.checkpoint.
+Checkpointer`) carry everything the next step depends on (weights, optimizer, schedule, and the
+:class:`~medfoundry.train.state.TrainState`: counters, data position, RNG states), so a killed run
+resumes bit-identically. What differs between pretraining and fine-tuning is a :class:`Job`.
 
 Speed (:mod:`medfoundry.train.accel`, :mod:`medfoundry.train.losses`): the attention kernel chosen for
 the device and context, a native GELU kernel, the output layer fused with the loss, fused AdamW, and
@@ -21,12 +22,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
-from medfoundry import __version__
 from medfoundry.errors import ConfigError, MedfoundryError
 from medfoundry.io import write_json
 from medfoundry.model.presets import flops_per_token
@@ -34,17 +35,57 @@ from medfoundry.runtime import configure, resolve_device_precision
 from medfoundry.tokenizer.reader import WindowReader
 from medfoundry.tokenizer.shards import TokenShards
 from medfoundry.train import distributed
-from medfoundry.train.accel import fuse_output_layer, native_gelu, set_attention
-from medfoundry.train.checkpoint import CheckpointWriteError, latest_checkpoint, load_checkpoint, save_checkpoint
-from medfoundry.train.config import PretrainConfig
+from medfoundry.train.checkpoint import Checkpointer
+from medfoundry.train.config import PretrainConfig, RunConfig
 from medfoundry.train.losses import NextTokenLoss
 from medfoundry.train.metrics import MetricsLog, peak_flops, plot_losses, require_tensorboard
-from medfoundry.train.model_setup import build_model, check_vocab
+from medfoundry.train.model_setup import build_model, check_vocab, prepare_for_training
 from medfoundry.train.optim import build_optimizer, clip_grads, grad_norm, kernel_of
 from medfoundry.train.schedules import build_scheduler
+from medfoundry.train.state import Stateful, TrainState
+
+Batch = torch.Tensor | dict[str, torch.Tensor]  # a batch of windows, or of fine-tuning sequences and their labels
 
 
-class Validation:
+class Loss(Protocol):
+    """The summed loss of a batch through the model as called (wrapped), and its number of targets."""
+
+    precision: str
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]: ...
+
+
+class BatchReader(Stateful, Protocol):
+    """The next CPU batch of this process; its position is saved in checkpoints."""
+
+    def __next__(self) -> Batch: ...
+
+
+class BatchCounts(Protocol):
+    """(targets carrying loss, tokens processed) of a batch, before the forward pass."""
+
+    def __call__(self, batch: Batch) -> tuple[int, int]: ...
+
+
+class Validation(Protocol):
+    """Metrics on the held-out data (a collective: every process runs it)."""
+
+    def run(self, model: nn.Module, loss: Loss, device: str, d: distributed.Dist) -> dict[str, float]: ...
+
+
+class Exporter(Protocol):
+    """Write the Hugging Face checkpoint of the trained (plain, unwrapped) model into ``directory``."""
+
+    def __call__(self, model: nn.Module, directory: Path) -> None: ...
+
+
+class StepFlops(Protocol):
+    """The model FLOPs of a step that processed ``tokens`` and had ``targets`` (for MFU)."""
+
+    def __call__(self, tokens: float, targets: float) -> float: ...
+
+
+class WindowValidation:
     """Fixed validation windows (the same every time), spread over processes; loss, perplexity, bits per byte."""
 
     def __init__(self, shards: TokenShards, context: int, batches: int, micro: int, tokenizer, d: distributed.Dist):
@@ -59,7 +100,7 @@ class Validation:
         self.bytes = sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in self.windows)
 
     @torch.no_grad()
-    def run(self, model, token_losses: NextTokenLoss, device: str, d: distributed.Dist) -> dict:
+    def run(self, model: nn.Module, token_losses: Loss, device: str, d: distributed.Dist) -> dict[str, float]:
         model.eval()
         loss_sum, count = 0.0, 0
         for start in range(0, self.passes * self.micro, self.micro):
@@ -83,17 +124,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_tokenizer(tokenizer_dir: str):
-    from medfoundry.tokenizer.files import load_hf_tokenizer
-
-    return load_hf_tokenizer(tokenizer_dir)
-
-
 def pretrain(cfg: PretrainConfig) -> dict:
     return run_distributed(cfg, _pretrain_job)
 
 
-def run_distributed(cfg, make_job: Callable) -> dict:
+def run_distributed(cfg: RunConfig, make_job: Callable[..., Job]) -> dict:
     """Set up the device and the process group, build the run's :class:`Job` and :func:`train` it."""
     device, precision = resolve_device_precision("auto", cfg.training.precision)
     configure()
@@ -116,26 +151,26 @@ class Job:
     fine-tuning. :func:`train` does the rest (optimizer, schedule, accumulation, skipping, validation,
     checkpoints, exact resume, logging)."""
 
-    cfg: Any  # the run's config, resolved (a PretrainConfig or FinetuneConfig)
-    model: torch.nn.Module  # wrapped for the distributed strategy
-    loss: Callable  # (model as called, batch) -> (summed loss tensor, its number of targets)
-    reader: Any  # next(reader) -> a CPU batch; state_dict() / load_state_dict()
-    counts: Callable  # batch -> (targets carrying loss, tokens processed), before the forward pass
-    validation: Any  # .run(model as called, loss, device, d) -> metrics; None: no validation split
-    export: Callable  # (plain model, directory) -> None: the Hugging Face checkpoint
-    step_flops: Callable  # (tokens, targets) -> the model FLOPs of a step that processed them (for MFU)
+    cfg: RunConfig  # the run's config, resolved (a PretrainConfig or FinetuneConfig)
+    model: nn.Module  # as the loss calls it, wrapped for the distributed strategy
+    loss: Loss
+    reader: BatchReader
+    counts: BatchCounts
+    validation: Validation | None  # None: no validation split
+    export: Exporter
+    step_flops: StepFlops
     info: dict = field(default_factory=dict)  # for run.json: kernels, data...
 
 
 def _pretrain_job(cfg: PretrainConfig, d: distributed.Dist, device: str, precision: str) -> Job:
     from medfoundry.model.export import export_hf
-    from medfoundry.model.load import hf_directory
+    from medfoundry.model.load import hf_directory, load_tokenizer
 
     tokens = Path(cfg.data.tokens_dir)
     verify = cfg.data.verify_shards
     train_shards, val_shards = TokenShards(tokens / "train", verify=verify), TokenShards(tokens / "val", verify=verify)
     tokenizer_dir = hf_directory(cfg.data.tokenizer_dir)  # a .gguf: its dequantized checkpoint's tokenizer
-    tokenizer = _load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     model, token_losses, kernels = _build(cfg, len(tokenizer), train_shards.vocab_size, d, device, precision)
     reader = WindowReader(
         train_shards,
@@ -145,7 +180,7 @@ def _pretrain_job(cfg: PretrainConfig, d: distributed.Dist, device: str, precisi
         world_size=d.world_size,
         seed=cfg.training.seed,
     )
-    validation = Validation(
+    validation = WindowValidation(
         val_shards, cfg.model.context, cfg.eval.batches, cfg.training.micro_batch_size, tokenizer, d
     )
     return Job(
@@ -177,7 +212,7 @@ class _Tensors:
         self.reader.load_state_dict(state)
 
 
-def _per_token(flops: float) -> Callable:
+def _per_token(flops: float) -> StepFlops:
     return lambda tokens, targets: tokens * flops
 
 
@@ -186,11 +221,26 @@ def _window_counts(batch: torch.Tensor) -> tuple[int, int]:
     return n, n
 
 
-def to_device(batch, device: str):
+def to_device(batch: Batch, device: str) -> Batch:
     """A batch (a tensor or a dict of tensors) on ``device``."""
     if isinstance(batch, dict):
         return {k: v.to(device) for k, v in batch.items()}
     return batch.to(device)
+
+
+@dataclass
+class _Run:
+    """What the steps of a run share."""
+
+    job: Job
+    trained: nn.Module  # the job's model, compiled when asked
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    checkpointer: Checkpointer
+    log: MetricsLog
+    peak: float  # FLOP/s of all processes together: the MFU denominator
+    d: distributed.Dist
+    device: str
 
 
 def train(job: Job, d: distributed.Dist, device: str) -> dict:
@@ -198,110 +248,116 @@ def train(job: Job, d: distributed.Dist, device: str) -> dict:
     ``training``, ``optim``, ``schedule``, ``checkpoint``, ``eval`` and ``log`` sections)."""
     cfg = job.cfg
     out = Path(cfg.output_dir)
-    accum = cfg.grad_accumulation(d.world_size)
-    model, loss_fn = job.model, job.loss
-    trained = torch.compile(model) if cfg.training.compile else model
-    optimizer = build_optimizer(distributed.unwrap(model), cfg.optim)
-    kernels = {**job.info.get("kernels", {}), "optimizer": kernel_of(optimizer)}
+    optimizer = build_optimizer(distributed.unwrap(job.model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.training.steps, cfg.schedule)
-
-    ckpt_dir = out / "checkpoints"
-    state = {"step": 0, "extra": {"tokens": 0, "targets": 0, "skipped_in_a_row": 0, "skipped": 0}}
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        # every process reads it; under FSDP2 the tensors are scattered to the shards (a collective)
-        state = load_checkpoint(
-            latest, model=distributed.unwrap(model), optimizer=optimizer, scheduler=scheduler, verify=False
-        )  # latest_checkpoint has just checked it
-        job.reader.load_state_dict(state["reader_state"])
+    checkpointer = Checkpointer(
+        out / "checkpoints",
+        model=job.model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        reader=job.reader,
+        keep_last=cfg.checkpoint.keep_last,
+        dist=d,
+        device=device,
+    )
+    state = checkpointer.restore()
     log = MetricsLog(
         out / "metrics.jsonl",
         enabled=d.is_main,
-        resume_step=state["step"],
+        resume_step=state.step,
         tensorboard=out / "tensorboard" if cfg.log.tensorboard else None,
     )
-    peak = peak_flops(device, job.loss.precision) * d.world_size
+    run = _Run(
+        job=job,
+        trained=torch.compile(job.model) if cfg.training.compile else job.model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        checkpointer=checkpointer,
+        log=log,
+        peak=peak_flops(device, job.loss.precision) * d.world_size,
+        d=d,
+        device=device,
+    )
     if d.is_main:
-        write_json(
-            out / "run.json",
-            {
-                "version": __version__,
-                "config": cfg.model_dump(),
-                "world_size": d.world_size,
-                "device": device,
-                "precision": job.loss.precision,
-                "grad_accumulation": accum,
-                **job.info,
-                "kernels": kernels,
-            },
-        )
-
-    step, extra = state["step"], state["extra"]
+        _write_run_json(job, out, d, device, kernel_of(optimizer))
     try:
-        if step == 0 and job.validation is not None:  # the starting point: for continued training, the number to beat
-            log.eval(0, job.validation.run(trained, loss_fn, device, d))
-        with log.progress(cfg.training.steps, initial=step) as bar:
-            while step < cfg.training.steps:
-                started = time.perf_counter()
-                batches = [to_device(next(job.reader), device) for _ in range(accum)]
-                loss_value, norm, n_targets, n_tokens = _train_step(job, trained, batches, optimizer, cfg, d, device)
-                finite = math.isfinite(loss_value) and math.isfinite(norm)
-                extra["skipped"] += not finite
-                extra["skipped_in_a_row"] = 0 if finite else extra["skipped_in_a_row"] + 1
-                scheduler.step()
-                step += 1
-                extra["tokens"] += int(n_tokens)
-                extra["targets"] = extra.get("targets", 0) + int(n_targets)
-                elapsed = time.perf_counter() - started
-                tok_s = n_tokens / elapsed
-                log.step(
-                    step,
-                    bar,
-                    loss=loss_value,
-                    lr=scheduler.get_last_lr()[0],
-                    grad_norm=norm,
-                    tok_s=tok_s,
-                    mfu=job.step_flops(n_tokens, n_targets) / elapsed / peak,
-                    tokens=extra["tokens"],
-                    targets=extra["targets"],
-                    skipped=not finite,
-                    every=cfg.log.every,
-                )
-                if extra["skipped_in_a_row"] >= cfg.training.max_consecutive_skips:
-                    last = latest_checkpoint(ckpt_dir)
-                    raise MedfoundryError(
-                        f"{extra['skipped_in_a_row']} steps in a row had a non-finite loss or gradient "
-                        f"(step {step}); stopping. Last good checkpoint: {last or 'none'}. "
-                        "Lower optim.lr, raise schedule.warmup_steps or check the data."
-                    )
-                if job.validation is not None and (step % cfg.eval.every == 0 or step == cfg.training.steps):
-                    log.eval(step, job.validation.run(trained, loss_fn, device, d))
-                if step % cfg.checkpoint.every == 0 or step == cfg.training.steps:
-                    _save(ckpt_dir, step, model, optimizer, scheduler, job.reader, extra, cfg, d, device)
+        if state.step == 0 and job.validation is not None:  # the starting point: continued training's number to beat
+            log.eval(0, job.validation.run(run.trained, job.loss, device, d))
+        with log.progress(cfg.training.steps, initial=state.step) as bar:
+            while state.step < cfg.training.steps:
+                _step(run, state, bar)
+                _after_step(run, state)
     finally:
         log.close()
-    return _finish(job, model, log, out, d)
+    return _finish(job, job.model, log, out, d)
+
+
+def _write_run_json(job: Job, out: Path, d: distributed.Dist, device: str, optimizer_kernel: str) -> None:
+    write_json(
+        out / "run.json",
+        {
+            "config": job.cfg.model_dump(),
+            "world_size": d.world_size,
+            "device": device,
+            "precision": job.loss.precision,
+            "grad_accumulation": job.cfg.grad_accumulation(d.world_size),
+            **job.info,
+            "kernels": {**job.info.get("kernels", {}), "optimizer": optimizer_kernel},
+        },
+    )
+
+
+def _step(run: _Run, state: TrainState, bar) -> None:
+    """One optimizer step (or a skipped one), counted in ``state`` and logged."""
+    job, d, device = run.job, run.d, run.device
+    started = time.perf_counter()
+    batches = [to_device(next(job.reader), device) for _ in range(job.cfg.grad_accumulation(d.world_size))]
+    loss_value, norm, n_targets, n_tokens = _train_step(job, run.trained, batches, run.optimizer, job.cfg, d, device)
+    finite = math.isfinite(loss_value) and math.isfinite(norm)
+    run.scheduler.step()
+    state.record_step(n_tokens, n_targets, finite)
+    elapsed = time.perf_counter() - started
+    run.log.step(
+        state.step,
+        bar,
+        loss=loss_value,
+        lr=run.scheduler.get_last_lr()[0],
+        grad_norm=norm,
+        tok_s=n_tokens / elapsed,
+        mfu=job.step_flops(n_tokens, n_targets) / elapsed / run.peak,
+        tokens=state.tokens,
+        targets=state.targets,
+        skipped=not finite,
+        every=job.cfg.log.every,
+    )
+
+
+def _after_step(run: _Run, state: TrainState) -> None:
+    """Stop after too many skipped steps in a row; validate and checkpoint when due."""
+    cfg, step = run.job.cfg, state.step
+    if state.skipped_in_a_row >= cfg.training.max_consecutive_skips:
+        raise MedfoundryError(
+            f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+            f"(step {step}); stopping. Last good checkpoint: {run.checkpointer.latest() or 'none'}. "
+            "Lower optim.lr, raise schedule.warmup_steps or check the data."
+        )
+    last = step == cfg.training.steps
+    if run.job.validation is not None and (step % cfg.eval.every == 0 or last):
+        run.log.eval(step, run.job.validation.run(run.trained, run.job.loss, run.device, run.d))
+    if step % cfg.checkpoint.every == 0 or last:
+        run.checkpointer.save(state)
 
 
 def _build(
     cfg: PretrainConfig, tokenizer_size: int, shard_vocab: int, d: distributed.Dist, device: str, precision: str
-) -> tuple[torch.nn.Module, NextTokenLoss, dict]:
-    """The model, with the speed-ups of :mod:`medfoundry.train.accel` and wrapped for the strategy; its
-    loss; and the kernels chosen (recorded in run.json)."""
-    model = build_model(cfg, tokenizer_size, Path(cfg.output_dir) / "base")
+) -> tuple[nn.Module, NextTokenLoss, dict]:
+    """The model prepared (:func:`medfoundry.train.model_setup.prepare_for_training`) and wrapped for the
+    strategy; its loss; and the kernels chosen (recorded in run.json)."""
+    model = build_model(cfg, tokenizer_size)
     check_vocab(model, shard_vocab, cfg.data.tokenizer_dir)
-    attention = set_attention(model, cfg.training.attention, device, cfg.model.context)
-    native_gelu(model)
-    head = fuse_output_layer(model, cfg.training.loss)
-    model.to(device)
-    if cfg.training.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-    model = distributed.wrap_model(model, cfg.distributed.strategy, device, d)
-    return (
-        model,
-        NextTokenLoss(head, precision, device),
-        {"attention": attention, "loss": "plain" if head is None else "chunked"},
-    )
+    prepared = prepare_for_training(model, cfg.training, device=device, context=cfg.model.context)
+    wrapped = distributed.wrap_model(prepared.model, cfg.distributed.strategy, device, d)
+    return wrapped, NextTokenLoss(prepared.head, precision, device), prepared.kernels
 
 
 def _train_step(
@@ -332,32 +388,7 @@ def _train_step(
     return loss_value, norm_value, n_global, tokens_global
 
 
-def _save(ckpt_dir, step, model, optimizer, scheduler, reader, extra, cfg, d: distributed.Dist, device: str) -> None:
-    model_state = optim_state = None
-    if distributed.is_sharded(model):  # FSDP2: every process takes part in gathering whole tensors; process 0 gets them
-        model_state, optim_state = distributed.full_model_state(model), distributed.full_optim_state(model, optimizer)
-    error = None
-    if d.is_main:
-        try:
-            save_checkpoint(
-                ckpt_dir,
-                step,
-                model=distributed.unwrap(model),
-                optimizer=optimizer,
-                scheduler=scheduler,
-                reader_state=reader.state_dict(),
-                extra=dict(extra),
-                keep_last=cfg.checkpoint.keep_last,
-                model_state=model_state,
-                optim_state=optim_state,
-            )
-        except CheckpointWriteError as exc:
-            error = exc
-    if distributed.any_failed(d, error is not None, device):
-        raise error or CheckpointWriteError(f"step {step}: process 0 could not write the checkpoint (see its error)")
-
-
-def _finish(job: Job, model, log: MetricsLog, out: Path, d: distributed.Dist) -> dict:
+def _finish(job: Job, model: nn.Module, log: MetricsLog, out: Path, d: distributed.Dist) -> dict:
     summary = log.summary()
     # FSDP2: every process gathers the weights into a plain model on process 0
     exported = distributed.unsharded_copy(model) if distributed.is_sharded(model) else distributed.unwrap(model)

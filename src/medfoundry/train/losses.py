@@ -5,20 +5,18 @@
 for backward, a dense fp32 gradient of the loss and the fp32 gradient of the logits: several full
 [tokens x vocabulary] tensors (237 MB each in fp32) and as many trips through main memory.
 
-``chunked``: the model's output layer is made to pass its input through (:func:`medfoundry.train.accel.
-fuse_output_layer`), and :class:`LinearCrossEntropy` does layer and loss together, computing the
+``chunked``: the model runs without its output layer (:class:`medfoundry.train.accel.HiddenStatesLM`
+returns the final hidden states), and :class:`LinearCrossEntropy` does layer and loss together, computing the
 gradients during the forward pass (as Liger-Kernel does). The logits of a group of tokens (the whole
 batch unless it exceeds :data:`GROUP_ELEMENTS`) come from one matmul into one buffer in the compute
 dtype (bf16 under autocast); then, a few hundred tokens at a time (:data:`CHUNK_ELEMENTS`: fp32
 temporaries that stay in the CPU's last-level cache), one softmax kernel and one cast turn them, in
 place, into the gradient of the logits (the plain path's log-softmax forward and backward compute
 every exp twice), which two more whole-group matmuls turn into the gradients of the hidden states
-and of the weight. These are the three products of autocast's ``lm_head`` at the same sizes: on
-CPU, products split into 256-token chunks ran 15-35% slower. That buffer is the only
-[tokens x vocabulary] tensor; the losses and gradients equal the plain path's (in fp32 to rounding;
-under bf16 autocast the matmuls run in bf16, as ``lm_head``'s do, and the softmax in fp32). Measured
-on gpt2-52m (bf16, 8 x 256 tokens, Zen 5): the output layer and loss take ~8% less CPU time than the
-plain path's (one thread), and a run's peak RSS is 2.1 GB instead of 2.7 GB.
+and of the weight. These are the three products of autocast's ``lm_head`` at the same sizes: products
+split into small chunks run slower on CPU. That buffer is the only [tokens x vocabulary] tensor; the
+losses and gradients equal the plain path's (in fp32 to rounding; under bf16 autocast the matmuls run
+in bf16, as ``lm_head``'s do, and the softmax in fp32). Measured time and memory: docs/training-speed.md.
 """
 
 from __future__ import annotations
@@ -123,25 +121,26 @@ class NextTokenLoss:
     """Summed next-token cross-entropy of a batch of windows through the (possibly DDP/FSDP/compile-wrapped)
     model, and the number of targets.
 
-    With ``head`` (the model's output layer, made a pass-through by :func:`medfoundry.train.accel.
-    fuse_output_layer`) the wrapped model returns the final hidden states and the loss is
-    :func:`linear_cross_entropy` on ``head.weight``. The weight is looked up at every call: under
-    FSDP2 it is the all-gathered parameter the root module's forward has just put in place (the root
-    keeps its parameters gathered until backward, whose final callback reduce-scatters their gradients).
-    Without ``head``, the plain fp32 cross-entropy of the logits.
+    With ``head`` (the output layer of the LM inside a :class:`medfoundry.train.accel.HiddenStatesLM`)
+    the model called returns the final hidden states and the loss is :func:`linear_cross_entropy` on
+    ``head.weight``. The weight is looked up at every call: under FSDP2 it is the all-gathered parameter
+    the root module's forward has just put in place (the root keeps its parameters gathered until
+    backward, whose final callback reduce-scatters their gradients). Without ``head``, the model called
+    is the LM itself and the loss the plain fp32 cross-entropy of its logits.
     """
 
-    def __init__(self, head, precision: str, device: str):
+    def __init__(self, head: torch.nn.Linear | None, precision: str, device: str):
         self.head, self.precision, self.device = head, precision, device
 
     def _autocast(self):
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
-    def __call__(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def __call__(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with self._autocast():
-            out = model(input_ids=inputs).logits
             if self.head is not None:
-                return linear_cross_entropy(out.flatten(0, 1), self.head.weight, targets.flatten()), targets.numel()
-        return plain_cross_entropy(out, targets), targets.numel()
+                hidden = model(input_ids=inputs)
+                return linear_cross_entropy(hidden.flatten(0, 1), self.head.weight, targets.flatten()), targets.numel()
+            logits = model(input_ids=inputs).logits
+        return plain_cross_entropy(logits, targets), targets.numel()

@@ -1,16 +1,21 @@
-"""Build the model a run trains: a preset or config from scratch, or an HF / GGUF checkpoint to continue."""
+"""The model a run trains: built (a preset or config from scratch, or an HF / GGUF checkpoint to continue)
+and prepared for training the same way by pretraining, fine-tuning and the planner."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from medfoundry.errors import ConfigError
-from medfoundry.train.config import PretrainConfig
+from medfoundry.train.accel import HiddenStatesLM, fused_head, native_gelu, set_attention
+from medfoundry.train.config import PretrainConfig, TrainingConfig
+from medfoundry.train.lora import LoraSettings, add_adapters
 
 
-def build_model(cfg: PretrainConfig, tokenizer_size: int, base_dir: Path):
+def build_model(cfg: PretrainConfig, tokenizer_size: int) -> nn.Module:
     """From scratch the vocabulary is the tokenizer's; continued, the checkpoint's (grown for an extended tokenizer)."""
     from transformers import AutoModelForCausalLM
 
@@ -19,7 +24,7 @@ def build_model(cfg: PretrainConfig, tokenizer_size: int, base_dir: Path):
     from medfoundry.model.resize import resize_for_tokenizer
 
     if cfg.model.init_from:
-        model = load_pretrained(cfg.model.init_from, base_dir, allow_pickle=cfg.model.allow_pickle)
+        model = load_pretrained(cfg.model.init_from, allow_pickle=cfg.model.allow_pickle)
     else:
         config = model_config(
             cfg.model.preset, vocab_size=tokenizer_size, context=cfg.model.context, overrides=cfg.model.overrides
@@ -30,17 +35,16 @@ def build_model(cfg: PretrainConfig, tokenizer_size: int, base_dir: Path):
     return model
 
 
-def load_pretrained(init_from: str, base_dir: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False):
-    """An HF checkpoint directory, or a GGUF file dequantized into ``base_dir``, as an fp32 model.
+def load_pretrained(init_from: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> nn.Module:
+    """An HF checkpoint directory, or a GGUF file (dequantized once into the shared cache of
+    :func:`medfoundry.model.load.hf_directory`, keyed on the file), as an fp32 model.
 
     The checkpoint is untrusted input: safetensors weights, pickled ones only with ``allow_pickle`` (and then
     through ``torch.load(weights_only=True)``), no code of its own unless ``trust_remote_code``
     (:func:`medfoundry.model.load.weights_policy`)."""
-    from medfoundry.model.load import load_causal_lm, weights_policy
+    from medfoundry.model.load import hf_directory, load_causal_lm, weights_policy
 
-    source = Path(init_from)
-    if source.suffix == ".gguf":
-        source = _converted(source, base_dir)
+    source = hf_directory(init_from)
     if not (source / "config.json").is_file():
         raise ConfigError(
             f"model.init_from: {source} is not a Hugging Face checkpoint directory (no config.json) or a .gguf file"
@@ -49,22 +53,13 @@ def load_pretrained(init_from: str, base_dir: Path, *, allow_pickle: bool = Fals
     return load_causal_lm(source, policy, dtype=torch.float32)
 
 
-def _converted(gguf: Path, base_dir: Path) -> Path:
-    """A GGUF model dequantized once into a normal HF directory beside the run (reused on resume)."""
-    from medfoundry.model.convert import convert_gguf
-
-    if not (base_dir / "model.safetensors").is_file():
-        convert_gguf(gguf, base_dir)
-    return base_dir
-
-
 def check_context(config, context: int, field: str) -> None:
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if limit is not None and context > limit:
         raise ConfigError(f"{field} ({context}) exceeds the model's {limit} positions: lower {field}")
 
 
-def check_vocab(model, shard_vocab: int, tokenizer_dir: str) -> None:
+def check_vocab(model: nn.Module, shard_vocab: int, tokenizer_dir: str) -> None:
     size = model.get_input_embeddings().weight.shape[0]
     if shard_vocab > size:
         raise ConfigError(
@@ -72,3 +67,60 @@ def check_vocab(model, shard_vocab: int, tokenizer_dir: str) -> None:
             f"train from scratch with this tokenizer, or extend the model's tokenizer with "
             f"`medfoundry tokenizer extend` (data.tokenizer_dir is {tokenizer_dir})"
         )
+
+
+@dataclass
+class TrainingModel:
+    """A model prepared for training."""
+
+    lm: nn.Module  # the causal LM (peft's under LoRA): its forward returns logits; checkpoints and the export see it
+    model: nn.Module  # what the loss calls, to wrap for the distributed strategy: the LM or a HiddenStatesLM around it
+    head: nn.Linear | None  # the output layer the fused loss applies; None: the plain loss on the logits
+    kernels: dict[str, str]  # for run.json: the attention kernel and the loss
+
+
+def prepare_for_training(
+    model: nn.Module,
+    training: TrainingConfig,
+    *,
+    device: str,
+    context: int,
+    lora: LoraSettings | None = None,
+    added_ids: Sequence[int] = (),
+    place: bool = True,
+) -> TrainingModel:
+    """Prepare a freshly built model for training: the attention kernel for ``device`` and ``context``, the
+    native GELU, the output layer fused with the loss (``training.loss``), LoRA adapters (and trainable
+    rows for the tokens of ``added_ids``) under ``lora``, the model moved to ``device`` (unless not
+    ``place``: the planner's meta model), and activation checkpointing. Distributed wrapping comes after
+    (:func:`medfoundry.train.distributed.wrap_model`, on ``.model``)."""
+    attention = set_attention(model, training.attention, device, context)
+    native_gelu(model)
+    head = fused_head(model, _loss_choice(training.loss, lora, added_ids))
+    if lora is not None:
+        model = add_adapters(model, lora, added_ids)
+    if place:
+        model.to(device)
+    if training.activation_checkpointing:
+        model.activation_checkpointing_enable()
+        if lora is not None:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need input grads
+    return TrainingModel(
+        lm=model,
+        model=model if head is None else HiddenStatesLM(model),
+        head=head,
+        kernels={"attention": attention, "loss": "plain" if head is None else "chunked"},
+    )
+
+
+def _loss_choice(choice: str, lora: LoraSettings | None, added_ids: Sequence[int]) -> str:
+    """LoRA with added tokens trains their rows through peft's wrappers of the embedding and output
+    layers, which the fused loss (reading the output weight directly) would bypass: the plain loss."""
+    if lora is None or not added_ids:
+        return choice
+    if choice == "chunked":
+        raise ConfigError(
+            "training.loss: chunked cannot train the tokens the template added under LoRA "
+            "(they train through peft's wrappers): use auto or plain"
+        )
+    return "plain"

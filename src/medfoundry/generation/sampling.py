@@ -1,72 +1,32 @@
 """Choosing the next token from the last logits: penalties, temperature, top-k, top-p, seeded draws.
 
-Each request carries its own :class:`TokenSampler` (its parameters, a seeded ``torch.Generator`` and
-the token counts its penalties need) and every row is transformed on its own, so a seeded request
-draws the same tokens whether it runs alone or next to others. A batch in which every row is greedy
-without penalties (the common case of benchmarks and evaluation) is one ``argmax``.
+Each request carries its own :class:`TokenSampler` (its :class:`~medfoundry.generation.config.SamplingConfig`,
+a seeded ``torch.Generator`` and the token counts its penalties need) and every row is transformed on its own,
+so a seeded request draws the same tokens whether it runs alone or next to others. A batch in which every row
+is greedy without penalties (the common case of benchmarks and evaluation) is one ``argmax``.
 
-Conventions follow the OpenAI API and vLLM: ``temperature`` 0 (or below 1e-5) is greedy; ``frequency_penalty`` and
-``presence_penalty`` (-2..2) subtract from the logits of tokens already *generated*;
-``repetition_penalty`` (Keskar et al., as in ``transformers``: divide positive logits, multiply
-negative ones) covers the prompt's tokens too; ``top_k`` 0 (or -1) and ``top_p`` 1 disable those filters.
+The repetition penalty is Keskar et al.'s, as in ``transformers``: divide positive logits, multiply negative
+ones; the frequency and presence penalties subtract from the logits of tokens already *generated*.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
 
+from medfoundry.generation.config import SamplingConfig
+
 FLOAT32_MAX = torch.finfo(torch.float32).max
-GREEDY_BELOW = 1e-5  # a smaller temperature is greedy (as in vLLM): dividing logits by it overflows to inf, then NaN
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request generates; invalid values raise ``ValueError`` naming the field (the server's 400)."""
-
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
-        object.__setattr__(self, "top_k", max(self.top_k, 0))  # vLLM's -1 means "off", like 0
-        checks = [
-            (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
-            (self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 = off)"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
-        ]
-        for ok, field, rule in checks:
-            if not ok:
-                raise ValueError(f"{field}={getattr(self, field)!r}: {rule}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW or self.top_k == 1
-
-    @property
-    def penalized(self) -> bool:
-        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
 
 
 class TokenSampler:
     """One request's sampling state. Without a seed, a random one is drawn (and kept in ``seed``). The
     penalties' vocabulary-sized tensors are built when first needed, not while the request waits."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int):
+    def __init__(self, params: SamplingConfig, prompt_ids: list[int], vocab_size: int):
         self.params = params
+        self.greedy, self.penalized = params.greedy, params.penalized  # read at every step
         self.seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.prompt_ids, self.vocab_size = prompt_ids, vocab_size
@@ -116,10 +76,10 @@ class TokenSampler:
 def sample(logits: torch.Tensor, samplers: list[TokenSampler]) -> list[int]:
     """The next token of each row of ``logits`` (rows, vocab), row ``i`` chosen by ``samplers[i]``."""
     logits = logits.float()
-    if not any(s.params.penalized or not s.params.greedy for s in samplers):
+    if not any(s.penalized or not s.greedy for s in samplers):
         return logits.argmax(dim=-1).tolist()
     tokens = []
     for row, sampler in zip(logits, samplers):
         sampler.penalize(row)
-        tokens.append(int(row.argmax()) if sampler.params.greedy else sampler.draw(row))
+        tokens.append(int(row.argmax()) if sampler.greedy else sampler.draw(row))
     return tokens

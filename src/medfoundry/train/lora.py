@@ -10,13 +10,23 @@ adapters into the weights, so ``model/`` loads in transformers, lm-eval and vLLM
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from torch import nn
 
 from medfoundry.errors import ConfigError
 from medfoundry.io import atomic_dir
-from medfoundry.sft.config import LoraConfig
+
+
+class LoraSettings(Protocol):
+    """The adapters' shape (fine-tuning's ``lora`` section, :class:`medfoundry.sft.config.LoraConfig`)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: str | list[str]
 
 
 def _peft():
@@ -27,7 +37,7 @@ def _peft():
     return peft
 
 
-def add_adapters(model: nn.Module, cfg: LoraConfig, added_ids: list[int]) -> nn.Module:
+def add_adapters(model: nn.Module, cfg: LoraSettings, added_ids: Sequence[int]) -> nn.Module:
     """``model`` wrapped with LoRA adapters; everything else frozen (but the rows of ``added_ids``)."""
     peft = _peft()
     config = peft.LoraConfig(
@@ -44,7 +54,7 @@ def add_adapters(model: nn.Module, cfg: LoraConfig, added_ids: list[int]) -> nn.
         raise ConfigError(f"lora: {exc}") from None
 
 
-def _token_rows(model: nn.Module, added_ids: list[int]) -> dict | None:
+def _token_rows(model: nn.Module, added_ids: Sequence[int]) -> dict | None:
     """peft's ``trainable_token_indices``: the added rows of the embeddings, and of an untied output
     layer (a tied one follows the embeddings)."""
     if not added_ids:

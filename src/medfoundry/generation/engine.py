@@ -3,7 +3,7 @@
 Requests wait in a queue; at every step boundary the engine admits as many as there are free slots
 (one batched prefill, prompts right-padded, logits computed only at each prompt's last position), then
 runs one decode step for every running request (one token each, at its own position, see
-:mod:`medfoundry.serve.cache`). A request that finishes leaves at once and its slot goes to the next
+:mod:`medfoundry.generation.cache`). A request that finishes leaves at once and its slot goes to the next
 one waiting. Each step returns, per request, the new text (whole characters, stop sequences cut out),
 the new token and, at the end, why it finished, so callers can stream.
 
@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 from medfoundry.errors import ConfigError
-from medfoundry.serve.cache import SlotCache
-from medfoundry.serve.sampling import SamplingParams, TokenSampler, sample
-from medfoundry.serve.text import Detokenizer, StopMatcher
+from medfoundry.generation.cache import SlotCache
+from medfoundry.generation.config import SamplingConfig
+from medfoundry.generation.sampling import TokenSampler, sample
+from medfoundry.generation.text import Detokenizer, StopMatcher
 
 DEFAULT_MAX_SEQ_LEN = 2048  # per-slot cache length unless asked otherwise (SmolLM2's 8,192 would cost 4x the memory)
 PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens per prefill: a long prompt joining is not held back, many are split
@@ -69,7 +70,7 @@ class Request:
 
     id: str
     prompt_ids: list[int]
-    params: SamplingParams
+    params: SamplingConfig
     sampler: TokenSampler
     detokenizer: Detokenizer
     stopper: StopMatcher
@@ -100,14 +101,12 @@ class Engine:
         name: str = "model",
         precision: str = "fp32",
     ):
-        from medfoundry.model.load import context_window
-
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch}: must be at least 1")
         self.model, self.tokenizer, self.name, self.precision = model, tokenizer, name, precision
         config = getattr(model.config, "text_config", None) or model.config
         _check_attention(config)
-        limit = min(context_window(config, tokenizer), _sliding_window(config) or 1 << 62)
+        limit = sequence_limit(model, tokenizer)
         if max_seq_len is not None and not 1 < max_seq_len <= limit:
             raise ConfigError(
                 f"max_seq_len={max_seq_len}: must be in [2, {limit}] (the model's context"
@@ -192,19 +191,20 @@ class Engine:
         return self.encode(text, add_special_tokens=False)
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingConfig | None = None, request_id: str | None = None
     ) -> Request:
-        """Queue a generation; a text prompt is tokenized with the tokenizer's special tokens (e.g. BOS)."""
+        """Queue a generation (default: :class:`SamplingConfig`'s defaults, greedy); a text prompt is tokenized with
+        the tokenizer's special tokens (e.g. BOS)."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(ids)
-        params = params or SamplingParams()
+        params = params or SamplingConfig()
         request = Request(
             id=request_id or f"req-{next(self._ids)}",
             prompt_ids=ids,
             params=params,
             sampler=TokenSampler(params, ids, self.vocab_size),
             detokenizer=_LockedDetokenizer(self, ids),
-            stopper=StopMatcher(params.stop),
+            stopper=StopMatcher(params.stops),
         )
         with self._lock:
             self.waiting.append(request)
@@ -255,7 +255,7 @@ class Engine:
     def generate(
         self,
         prompts: list[str | list[int]],
-        params: SamplingParams | list[SamplingParams] | None = None,
+        params: SamplingConfig | list[SamplingConfig] | None = None,
         *,
         progress: bool = False,
     ) -> list[Completion]:
@@ -272,7 +272,7 @@ class Engine:
                     bar.update(out.finish_reason is not None)
         return [Completion("".join(texts[r.id]), r.output_ids, r.finish_reason, len(r.prompt_ids)) for r in requests]
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Output]:
+    def stream(self, prompt: str | list[int], params: SamplingConfig | None = None) -> Iterator[Output]:
         """Generate for one prompt, yielding each step's output (closing the iterator cancels it)."""
         request = self.add_request(prompt, params)
         try:
@@ -417,6 +417,15 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     return frozenset(ids)
+
+
+def sequence_limit(model, tokenizer) -> int:
+    """The most tokens (prompt + generated) one request may hold: the model's context, capped at its sliding
+    window so that attention stays exact."""
+    from medfoundry.model.load import context_window
+
+    config = getattr(model.config, "text_config", None) or model.config
+    return min(context_window(config, tokenizer), _sliding_window(config) or 1 << 62)
 
 
 def _sliding_window(config) -> int | None:

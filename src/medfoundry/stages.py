@@ -1,0 +1,348 @@
+"""The stage registry: every config-driven stage once, with its name, config model, ``run(cfg) -> Manifest``
+and the line the CLI prints. ``medfoundry <stage> CONFIG`` (:mod:`medfoundry.cli`) and ``medfoundry run``
+(:mod:`medfoundry.recipe.runner`) both look stages up here, so a stage is wired in one place.
+
+A stage's ``run`` takes its typed config (plus keyword options a command line may set, e.g. ``force``) and
+returns the :class:`~medfoundry.manifest.Manifest` it wrote in its output directory. Training under
+``torchrun`` runs on every process; only the first writes the manifest, and the others get ``None``.
+Heavy modules are imported inside the run functions: looking a stage up costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from medfoundry.manifest import MANIFEST, Manifest, inputs_fingerprint, output_fingerprint
+
+if TYPE_CHECKING:
+    from medfoundry.card.config import CardRunConfig
+    from medfoundry.corpus.config import CorpusConfig
+    from medfoundry.eval.config import EvalConfig
+    from medfoundry.generation.config import GenerateConfig
+    from medfoundry.sft.config import FinetuneConfig
+    from medfoundry.tokenizer.config import ExtendConfig, TokenizeConfig, TokenizerTrainConfig
+    from medfoundry.train.config import PretrainConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the manifest's stage and the recipe's section
+    config_class: str  # "module.Class" of its config model, imported when asked for (some import torch)
+    run: Callable[..., Manifest | None]
+    summary: Callable[[Manifest], str]  # what the command prints when the stage is done
+    command: tuple[str, ...]  # the CLI words: ("corpus", "build"), ("tokenize",), ...
+    help: str
+    example: str  # a config to start from, named in the command's help
+
+    @property
+    def config(self) -> type[BaseModel]:
+        module, _, name = self.config_class.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+
+def input_fingerprints(*specs: str | None) -> dict[str, str]:
+    """Fingerprints of a stage's inputs: an earlier stage's output by its manifest, another local file or folder
+    by content; a name that is not a local path (a Hub id) has none."""
+    found = {}
+    for spec in specs:
+        if spec is None or spec in found:
+            continue
+        path = Path(spec)
+        if (path / MANIFEST).is_file():
+            found[spec] = output_fingerprint(path)
+        elif path.exists():
+            found[spec] = inputs_fingerprint(path, skip=lambda name: name == "README.md")  # the card a model gets
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- run functions
+
+
+def _corpus(cfg: CorpusConfig, *, force: bool = False) -> Manifest:
+    from medfoundry.corpus.build import build_corpus
+
+    return build_corpus(cfg, force=force)
+
+
+def _tokenizer(cfg: TokenizerTrainConfig) -> Manifest:
+    from medfoundry.tokenizer.train import train_tokenizer
+
+    return train_tokenizer(cfg)
+
+
+def _tokenizer_extend(cfg: ExtendConfig) -> Manifest:
+    from medfoundry.tokenizer.extend import extend_tokenizer
+
+    return extend_tokenizer(cfg)
+
+
+def _tokens(cfg: TokenizeConfig) -> Manifest:
+    from medfoundry.tokenizer.shards import tokenize_corpus
+
+    return tokenize_corpus(
+        cfg.corpus_dir,
+        cfg.tokenizer_dir,
+        cfg.output_dir,
+        eos_token=cfg.eos_token,
+        dtype=cfg.dtype,
+        workers=cfg.workers,
+    )
+
+
+def _training_manifest(stage: str, cfg: PretrainConfig | FinetuneConfig, summary: dict, inputs, seconds) -> Manifest:
+    model = "model" if stage == "pretrain" or cfg.lora is None or cfg.lora.merge else "adapter"
+    manifest = Manifest(
+        stage=stage,
+        config=cfg.model_dump(mode="json"),
+        inputs=inputs,
+        outputs={
+            model: model,
+            "checkpoints": "checkpoints",
+            "metrics": "metrics.jsonl",
+            "summary": "summary.json",
+            "run": "run.json",
+        },
+        counts={"steps": summary["steps"], **({"tokens": summary["tokens"]} if summary.get("tokens") else {})},
+        timings={"total_s": seconds},
+        details=summary,
+    )
+    manifest.write(cfg.output_dir)
+    return manifest
+
+
+def _pretrain(cfg: PretrainConfig) -> Manifest | None:
+    from medfoundry.train.loop import pretrain
+
+    start = time.perf_counter()
+    summary = pretrain(cfg)
+    if not summary:  # not the first process
+        return None
+    inputs = input_fingerprints(cfg.data.tokens_dir, cfg.data.tokenizer_dir, cfg.model.init_from)
+    return _training_manifest("pretrain", cfg, summary, inputs, time.perf_counter() - start)
+
+
+def _finetune(cfg: FinetuneConfig) -> Manifest | None:
+    from medfoundry.sft.finetune import finetune
+
+    start = time.perf_counter()
+    summary = finetune(cfg)
+    if not summary:  # not the first process
+        return None
+    inputs = input_fingerprints(str(cfg.prepared_path()), cfg.model.init_from)
+    return _training_manifest("finetune", cfg, summary, inputs, time.perf_counter() - start)
+
+
+def _eval(cfg: EvalConfig, *, progress: bool = True) -> Manifest:
+    from medfoundry.eval.run import evaluate
+
+    evaluate(cfg, progress=progress)
+    return Manifest.read(cfg.output_dir, "eval")
+
+
+def _generate(cfg: GenerateConfig, *, progress: bool = False) -> Manifest | None:
+    """Records to ``cfg.output`` with a manifest beside it; with no output (``medfoundry generate`` on a terminal),
+    to standard output, and no manifest: nothing was written."""
+    from medfoundry.generation.run import generate
+
+    if not cfg.output:
+        generate(cfg, progress=progress)
+        return None
+    start = time.perf_counter()
+    result = generate(cfg, progress=progress)
+    output = Path(cfg.output)
+    manifest = Manifest(
+        stage="generate",
+        config=cfg.model_dump(mode="json"),
+        inputs=input_fingerprints(cfg.model, cfg.prompts_file, cfg.chat_template),
+        outputs={"samples": output.name},
+        counts={"prompts": result["prompts"], "completion_tokens": result["completion_tokens"]},
+        timings={"total_s": time.perf_counter() - start},
+        details={"chat": result["chat"]},
+    )
+    manifest.write(output.parent)
+    return manifest
+
+
+def _card(cfg: CardRunConfig) -> Manifest:
+    from medfoundry.card.write import card_stage
+
+    return card_stage(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+
+
+def _corpus_summary(m: Manifest) -> str:
+    c = m.counts
+    return (
+        f"corpus: {c['documents_in']:,} documents in, {c['documents_train']:,} train / {c['documents_val']:,} val "
+        f"out -> {m.config['output_dir']} (report: {Path(m.config['output_dir']) / m.outputs['report']})"
+    )
+
+
+def _tokenizer_summary(m: Manifest) -> str:
+    fertility = m.details["fertility"]
+    ours = fertility["medfoundry"]["tokens_per_word"]
+    others = ", ".join(f"{n} {f['tokens_per_word']:.3f}" for n, f in fertility.items() if n != "medfoundry")
+    return (
+        f"tokenizer: {m.counts['vocab_size']:,} tokens -> {m.config['output_dir']}; tokens/word on val {ours:.3f}"
+        + (f" (vs {others})" if others else "")
+        + f"; report: {Path(m.config['output_dir']) / m.outputs['fertility']}"
+    )
+
+
+def _extend_summary(m: Manifest) -> str:
+    c, fertility = m.counts, m.details["fertility"]
+    return (
+        f"tokenizer: {c['base_vocab_size']:,} -> {c['vocab_size']:,} tokens ({c['words_added']:,} words) -> "
+        f"{m.config['output_dir']}; tokens/word on val {fertility['base']['tokens_per_word']:.3f} -> "
+        f"{fertility['extended']['tokens_per_word']:.3f}"
+    )
+
+
+def _tokens_summary(m: Manifest) -> str:
+    c = m.counts
+    splits = ", ".join(
+        f"{split} {c[f'{split}_tokens']:,} tokens in {c[f'{split}_shards']} shard(s)" for split in m.outputs
+    )
+    return (
+        f"tokens: {splits} ({m.details['dtype']}, {m.details['tokens_per_s']:,} tokens/s) -> {m.config['output_dir']}"
+    )
+
+
+def _pretrain_summary(m: Manifest) -> str:
+    s = m.details
+    val = (
+        f", validation loss {s['val_loss']:.3f} (ppl {s['val_ppl']:.1f}, {s['val_bpb']:.3f} bits/byte)"
+        if "val_loss" in s
+        else ""
+    )
+    model = Path(m.config["output_dir"]) / "model"
+    return f"pretrain: {s['steps']} steps{val}, {s.get('median_tok_s', 0):,.0f} tokens/s -> {model}"
+
+
+def _finetune_summary(m: Manifest) -> str:
+    s = m.details
+    val = f", validation loss {s['val_loss']:.3f} on response tokens" if "val_loss" in s else ""
+    model = next(name for name in ("model", "adapter") if name in m.outputs)
+    return (
+        f"finetune: {s['steps']} steps{val}, {s.get('median_tok_s', 0):,.0f} tokens/s -> "
+        f"{Path(m.config['output_dir']) / model}"
+    )
+
+
+def _eval_summary(m: Manifest) -> str:
+    table = m.details["table"]
+    rows = [table["header"], *table["rows"]]
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    out = Path(m.config["output_dir"])
+    lines += [
+        f"{name}: {out / name / 'results.json'} (questions: samples.jsonl, report: results.md)"
+        for name in m.details["models"]
+    ]
+    return "\n".join([*lines, f"eval: comparison -> {out / m.outputs['report']}"])
+
+
+def _generate_summary(m: Manifest) -> str:
+    return f"generate: {m.counts['prompts']} completions -> {m.config['output']}"
+
+
+def _card_summary(m: Manifest) -> str:
+    return f"card: {m.details['card']}"
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            "corpus",
+            "medfoundry.corpus.config.CorpusConfig",
+            _corpus,
+            _corpus_summary,
+            ("corpus", "build"),
+            "build a corpus from a YAML config",
+            "recipes/quickstart_corpus.yaml",
+        ),
+        Stage(
+            "tokenizer",
+            "medfoundry.tokenizer.config.TokenizerTrainConfig",
+            _tokenizer,
+            _tokenizer_summary,
+            ("tokenizer", "train"),
+            "train a byte-level BPE on a corpus's train split",
+            "recipes/quickstart_tokenizer.yaml",
+        ),
+        Stage(
+            "tokenizer_extend",
+            "medfoundry.tokenizer.config.ExtendConfig",
+            _tokenizer_extend,
+            _extend_summary,
+            ("tokenizer", "extend"),
+            "add domain tokens to an existing tokenizer, keeping its ids",
+            "recipes/quickstart_tokenizer_extend.yaml",
+        ),
+        Stage(
+            "tokens",
+            "medfoundry.tokenizer.config.TokenizeConfig",
+            _tokens,
+            _tokens_summary,
+            ("tokenize",),
+            "pack a corpus into memory-mappable token shards",
+            "recipes/quickstart_tokens.yaml",
+        ),
+        Stage(
+            "pretrain",
+            "medfoundry.train.config.PretrainConfig",
+            _pretrain,
+            _pretrain_summary,
+            ("pretrain",),
+            "pretrain or continue pretraining a GPT-2, LLaMA or BLOOM model (torchrun for many processes)",
+            "recipes/quickstart_pretrain.yaml",
+        ),
+        Stage(
+            "finetune",
+            "medfoundry.sft.config.FinetuneConfig",
+            _finetune,
+            _finetune_summary,
+            ("finetune",),
+            "supervised fine-tuning: chat templates, prompt-loss masking, packing, mixtures, LoRA "
+            "(torchrun for many processes)",
+            "recipes/pubmedqa_finetune.yaml",
+        ),
+        Stage(
+            "eval",
+            "medfoundry.eval.config.EvalConfig",
+            _eval,
+            _eval_summary,
+            ("eval",),
+            "evaluate models: perplexity, multiple choice (log-likelihood) and chain-of-thought",
+            "recipes/quickstart_eval.yaml",
+        ),
+        Stage(
+            "generate",
+            "medfoundry.generation.config.GenerateConfig",
+            _generate,
+            _generate_summary,
+            ("generate",),
+            "generate completions for prompts; JSONL out",
+            "recipes/quickstart.yaml's generate section",
+        ),
+        Stage(
+            "card",
+            "medfoundry.card.config.CardRunConfig",
+            _card,
+            _card_summary,
+            ("card",),
+            "write MODEL_CARD.md (Hugging Face front matter and model-index) from a run directory's manifests",
+            "a run directory",
+        ),
+    )
+}
