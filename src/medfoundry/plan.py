@@ -236,8 +236,10 @@ def _checkpoint_config(init_from: str):
     """The config of an HF checkpoint directory or a .gguf file, or None when it is not here (yet)."""
     from transformers import AutoConfig
 
+    from medfoundry.model.load import is_gguf
+
     path = Path(init_from)
-    if path.suffix == ".gguf" and path.is_file():
+    if is_gguf(path) and path.is_file():
         return AutoConfig.from_pretrained(
             str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
         )
