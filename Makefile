@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 # ruff's formatter and linter, configured in pyproject.toml; part of make test, so CI runs it
 lint: setup
-	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 test: setup lint
 	$(BIN)/pytest -q
