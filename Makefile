@@ -7,7 +7,7 @@ SHARED := ../shared/data
 STAMP := $(VENV)/.setup-stamp
 DEB_PACKAGES := libtcmalloc-minimal4 chromium chromium-driver
 
-.PHONY: setup lint test test-long quickstart bench clean
+.PHONY: setup lint test test-long test-gpu quickstart bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ test: setup lint
 # many random-point SIGKILLs, full disks and corrupted files over corpus build, tokenization and training
 test-long: setup
 	$(BIN)/pytest -q -m long
+
+# the CUDA tests (a training step, 2-GPU FSDP2 over NCCL with resume, sampling in the serve engine, evaluation);
+# without a GPU they skip themselves, and make test collects them too
+test-gpu: setup
+	$(BIN)/pytest -q -m gpu tests/gpu
 
 quickstart: setup
 	@if [ -d $(SHARED) ]; then \

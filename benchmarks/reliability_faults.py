@@ -8,7 +8,7 @@ dropout, 40 steps, a checkpoint every 2 steps, keep 2). Then each try, in a fres
   run's working time), then the resumed run is killed zero to two more times at random points, then run
   to completion. Survived: it finished, its outputs equal the reference (every document, once; shards
   byte-identical; final weights bit-identical, each step logged once) and no temporary file is left.
-- *SIGKILL during checkpoint saving*: killed 0-20 ms after a save starts (its hidden ``.step-*.tmp``
+- *SIGKILL during checkpoint saving*: killed 0-20 ms after a save starts (its hidden ``.step-*.saving``
   folder appears), one to three times. Survived as above, and every ``step-*`` folder left verifies.
 - *full disk during checkpoint save*: ``RLIMIT_FSIZE`` (1 MB) set on the running trainer with ``prlimit``
   after its first checkpoints, and, where a tmpfs can be mounted (root), ``checkpoints/`` on a tmpfs with
@@ -418,7 +418,7 @@ def checkpoint_save_sigkill(ctx: Context, tries: int) -> Row:
                 names = {
                     p.name.split(".")[1]
                     for p in ckpt.iterdir()
-                    if p.name.startswith(".step-") and p.name.endswith(".tmp")
+                    if p.name.startswith(".step-") and p.name.endswith(".saving")
                 }
             except OSError:
                 return False
@@ -550,7 +550,7 @@ def _damage(path: Path, rng: random.Random) -> str:
 
 
 def checkpoint_corrupted(ctx: Context, tries: int) -> Row:
-    from medfoundry.train.checkpoint import FILES, MANIFEST
+    from medfoundry.train.checkpoint import MANIFEST
 
     row = Row("faults", "corrupted or truncated checkpoint")
 
@@ -561,7 +561,8 @@ def checkpoint_corrupted(ctx: Context, tries: int) -> Row:
         if not kill_during(argv, log, lambda: (ckpt / f"step-{stop:08d}").is_dir()):
             return False, 0, "the run ended before it could be stopped"
         newest = sorted(ckpt.glob("step-*"))[-1]
-        victim = newest / ctx.rng.choice((*FILES, MANIFEST))
+        files = sorted(json.loads((newest / MANIFEST).read_text())["files"])  # shards, index, states, description
+        victim = newest / ctx.rng.choice((*files, MANIFEST))
         how = _damage(victim, ctx.rng)
         row.injected += 1
         ok, note = check_training(ctx, run, _rerun(argv, log), log)

@@ -61,6 +61,20 @@ def run_torchrun(stage: str, config: Path, env: dict, processes: int = 2):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+def descendants(pid: int) -> list[int]:
+    """Children, grandchildren, ... of a process (Linux /proc): a torchrun job's workers."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
 
 
 def smollm2_gguf() -> Path:

@@ -143,3 +143,46 @@ def test_tokenizer_train_then_tokenize(tmp_path):
         texts = [json.loads(line)["text"] for line in fh]
     assert shards.num_docs == 100 and shards.eos_id == tok.token_to_id("<|endoftext|>")
     assert [tok.decode(shards.document(i).tolist()) for i in range(100)] == texts
+
+
+@pytest.mark.parametrize(
+    "raised, code, stream, text",
+    [
+        ("pending", 75, "out", "pending: slurm job 7 is still pending (exit code 75)"),
+        ("launch", 3, "err", "error: pretrain: torchrun exited with code 3"),
+        ("config", 2, "err", "error: stages.x: bad"),
+    ],
+)
+def test_exit_codes(monkeypatch, capsys, tmp_path, raised, code, stream, text):
+    """0 done, 2 a usage or input error, 75 (EX_TEMPFAIL) work handed to Slurm not finished yet (the same
+    command again continues), and a failed torchrun's own exit code."""
+    from medfoundry import cli
+    from medfoundry.errors import ConfigError, Pending
+    from medfoundry.recipe import runner
+    from medfoundry.train.launch import LaunchFailed
+
+    errors = {
+        "pending": Pending("slurm job 7 is still pending"),
+        "launch": LaunchFailed("pretrain: torchrun exited with code 3", 3),
+        "config": ConfigError("stages.x: bad"),
+    }
+
+    def run_recipe(*args, **kwargs):
+        raise errors[raised]
+
+    monkeypatch.setattr(runner, "run_recipe", run_recipe)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nrun_dir: {tmp_path / 'run'}\nstages: {{tokens: {{}}}}\n")
+    assert cli.main(["run", str(recipe)]) == code
+    assert text in getattr(capsys.readouterr(), stream)
+
+
+def test_training_commands_take_the_launch_flags():
+    from medfoundry.cli import build_parser
+
+    for stage in ("pretrain", "finetune"):
+        args = build_parser().parse_args(
+            [stage, "c.yaml", "--nproc-per-node", "8", "--nnodes", "2", "--rdzv-endpoint", "node1:29500"]
+        )
+        assert (args.nproc_per_node, args.nnodes, args.rdzv_endpoint) == (8, 2, "node1:29500")
+    assert build_parser().parse_args(["pretrain", "c.yaml"]).nproc_per_node == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -25,7 +26,6 @@ from torch import nn
 from conftest import REPO
 from medfoundry.errors import InputError
 from medfoundry.train.checkpoint import (
-    FILES,
     MANIFEST,
     Checkpointer,
     CheckpointWriteError,
@@ -44,6 +44,9 @@ ENV = {**os.environ, "MEDFOUNDRY_NO_TCMALLOC": "1", "HF_HUB_OFFLINE": "1", "OMP_
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+
+SHARD = "__0_0.distcp"  # DCP's file of process 0: its shards of the weights and the optimizer state
+FILES = (".metadata", SHARD, "rng-00000.pt", "trainer_state.json")
 
 
 def _trained(seed: int = 0):
@@ -85,23 +88,24 @@ def test_damaged_checkpoints_are_named_and_the_previous_intact_one_is_used(tmp_p
     parts = _trained()
     paths = [_save(tmp_path, step, parts) for step in (1, 2, 3)]
     manifest = json.loads((paths[2] / MANIFEST).read_text())
-    assert manifest["checksum"] == "xxh3_128" and sorted(manifest["files"]) == sorted(FILES)
+    assert manifest["checksum"] == "xxh3_128" and manifest["world_size"] == 1
+    assert sorted(manifest["files"]) == sorted(FILES)
     assert all(entry["bytes"] == (paths[2] / name).stat().st_size for name, entry in manifest["files"].items())
     assert latest_checkpoint(tmp_path) == paths[2] and checkpoint_problem(paths[2]) is None
 
-    _flip_byte(paths[2] / "model.safetensors")  # bit rot: same size
-    assert f"{paths[2] / 'model.safetensors'}: corrupted: its xxh3_128 checksum is" in checkpoint_problem(paths[2])
+    _flip_byte(paths[2] / SHARD)  # bit rot: same size
+    assert f"{paths[2] / SHARD}: corrupted: its xxh3_128 checksum is" in checkpoint_problem(paths[2])
     assert latest_checkpoint(tmp_path) == paths[1]
     err = capsys.readouterr().err
-    assert f"checkpoint: damaged, skipped: {paths[2] / 'model.safetensors'}: corrupted" in err
+    assert f"checkpoint: damaged, skipped: {paths[2] / SHARD}: corrupted" in err
     assert f"checkpoint: using {paths[1]}, the newest intact checkpoint" in err
     other = _trained(1)
-    with pytest.raises(DamagedCheckpoint, match=r"step-00000003/model\.safetensors: corrupted"):
+    with pytest.raises(DamagedCheckpoint, match=r"step-00000003/__0_0\.distcp: corrupted"):
         _checkpointer(tmp_path, other).load(paths[2])
 
-    _truncate(paths[1] / "optim.pt")  # a torn write
+    _truncate(paths[1] / ".metadata")  # a torn write
     assert latest_checkpoint(tmp_path) == paths[0]
-    assert f"{paths[1] / 'optim.pt'}: truncated or damaged" in capsys.readouterr().err
+    assert f"{paths[1] / '.metadata'}: truncated or damaged" in capsys.readouterr().err
     state = _checkpointer(tmp_path, other).restore()
     assert state.step == 1 and torch.equal(other[0].weight, parts[0].weight)
 
@@ -111,11 +115,11 @@ def test_damaged_checkpoints_are_named_and_the_previous_intact_one_is_used(tmp_p
     verify_checkpoint(paths[1])
     assert latest_checkpoint(tmp_path) == paths[1]
 
-    (paths[1] / "rng.pt").unlink()
+    (paths[1] / "rng-00000.pt").unlink()
     with pytest.raises(
         DamagedCheckpoint,
-        match=r"no intact checkpoint: .*step-00000003/model\.safetensors: corrupted.*; "
-        r".*step-00000002: incomplete checkpoint, missing rng\.pt",
+        match=r"no intact checkpoint: .*step-00000003/__0_0\.distcp: corrupted.*; "
+        r".*step-00000002: incomplete checkpoint, missing rng-00000\.pt",
     ):
         latest_checkpoint(tmp_path)
 
@@ -131,7 +135,7 @@ def test_checkpoint_manifest_damage_and_checkpoints_without_one(tmp_path):
     )
 
     (path / MANIFEST).unlink()  # no manifest: its files cannot be verified, so it is refused
-    refusal = f"{path}: no {MANIFEST}, so its files cannot be verified: not loaded (move the folder away)"
+    refusal = f"{path}: incomplete checkpoint: no {MANIFEST}, so its files cannot be verified (move the folder away)"
     assert checkpoint_problem(path) == refusal
     for verify in (True, False):
         with pytest.raises(DamagedCheckpoint, match=re.escape(refusal)):
@@ -140,9 +144,12 @@ def test_checkpoint_manifest_damage_and_checkpoints_without_one(tmp_path):
         _checkpointer(tmp_path, parts).restore()
 
     (path / MANIFEST).write_text(manifest)
-    _truncate(path / "model.safetensors")  # unverified, still refused by the reader, naming the file
-    with pytest.raises(DamagedCheckpoint, match=r"step-00000001/model\.safetensors: unreadable checkpoint file"):
+    _truncate(path / ".metadata")  # unverified, still refused by the reader, naming the file
+    with pytest.raises(DamagedCheckpoint, match=r"step-00000001/\.metadata: unreadable checkpoint index"):
         read_checkpoint(path, verify=False)
+    (path / ".metadata").write_bytes(pickle.dumps(os.system))  # a planted pickle is refused, never run
+    with pytest.raises(DamagedCheckpoint, match=r"unreadable checkpoint index .*posix\.system has no place"):
+        _checkpointer(tmp_path, parts).load(path, verify=False)
 
 
 def test_a_replacement_killed_between_its_two_renames_is_undone(tmp_path):
@@ -163,7 +170,7 @@ from medfoundry.train.checkpoint import Checkpointer, CheckpointWriteError
 from medfoundry.train.schedules import ScheduleConfig, build_scheduler
 from medfoundry.train.state import TrainState
 
-out, limits = sys.argv[1], [int(v) for v in sys.argv[2:]]
+out = sys.argv[1]
 torch.manual_seed(0)
 model = nn.Linear(64, 64)
 optimizer = torch.optim.AdamW(model.parameters())
@@ -176,7 +183,9 @@ checkpointer = Checkpointer(out, model=model, optimizer=optimizer, scheduler=sch
 def save(step):
     return checkpointer.save(TrainState(step=step))
 
-save(1)
+first = save(1)
+rng, shard = (first / "rng-00000.pt").stat().st_size, (first / "__0_0.distcp").stat().st_size
+limits = [rng // 2, rng + shard // 2]  # below the RNG file (written first), then inside the shard
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG instead of killing us
 hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
 errors = []
@@ -193,20 +202,18 @@ print(json.dumps(errors))
 
 
 def test_file_size_limit_during_a_save_keeps_the_previous_checkpoint(tmp_path):
-    """RLIMIT_FSIZE below the weights file, then between it and the optimizer file (written by
-    safetensors' Rust and torch's C++ writers): each save fails naming the file, the cause and the
-    previous checkpoint, which is intact, and leaves nothing behind."""
+    """RLIMIT_FSIZE below the RNG file, then inside DCP's shard of weights and optimizer state (written
+    by torch's C++ writer and by DCP's): each save fails naming the file, the cause and the previous
+    checkpoint, which is intact, and leaves nothing behind."""
     script = tmp_path / "full_disk.py"
     script.write_text(FULL_DISK)
     out = tmp_path / "checkpoints"
-    run = subprocess.run(
-        [sys.executable, str(script), str(out), "4096", "24576"], env=ENV, capture_output=True, text=True, timeout=120
-    )
+    run = subprocess.run([sys.executable, str(script), str(out)], env=ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     previous = out / "step-00000001"
     assert sizes_ok(previous)
     errors = json.loads(run.stdout.splitlines()[-1])
-    for error, name in zip(errors, ("model.safetensors", "optim.pt")):
+    for error, name in zip(errors, ("rng-00000.pt", SHARD)):
         assert error is not None, f"a save with {name} over the file size limit succeeded"
         assert error.startswith(f"{out / 'step-00000002'}: checkpoint for step 2 not saved: writing {name} failed: ")
         assert "file size limit" in error and f"the previous checkpoint {previous} is intact" in error

@@ -141,7 +141,7 @@ def test_masked_loss_matches_the_plain_loss(inputs, trained):
     """The fused output layer over response positions only == the model's logits + masked cross-entropy."""
     from transformers import AutoModelForCausalLM
 
-    from medfoundry.sft.batch import masked_token_loss, model_inputs
+    from medfoundry.sft.batch import masked_token_loss, model_inputs, target_count
     from medfoundry.sft.dataset import SFTData
     from medfoundry.sft.finetune import MaskedTokenLoss
     from medfoundry.train.accel import HiddenStatesLM, fused_head
@@ -149,7 +149,7 @@ def test_masked_loss_matches_the_plain_loss(inputs, trained):
     batch = next(SFTData(trained.parent / "data-gpt2").reader(4, seed=3))
     model = AutoModelForCausalLM.from_pretrained(str(trained / "model"))
     with torch.no_grad():
-        plain, n_plain = masked_token_loss(model(**model_inputs(batch)).logits, batch["labels"])
+        plain, n_plain = masked_token_loss(model(**model_inputs(batch)).logits, batch["labels"]), target_count(batch)
         head = fused_head(model, "chunked")
         fused, n_fused = MaskedTokenLoss(head, "fp32", "cpu")(HiddenStatesLM(model), batch)
     assert n_plain == n_fused > 0

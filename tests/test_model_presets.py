@@ -16,6 +16,7 @@ EXPECTED_PARAMETERS = {
     "llama-7b": 6_738_415_616,  # LLaMA-7B as published
     "llama2-7b": 6_738_415_616,
     "smollm2-135m": 134_515_008,
+    "llama-600m": 601_683_456,
     "llama-tiny": 1_417_856,
     "bloom-560m": 559_214_592,  # bigscience/bloom-560m
     "bloom-tiny": 921_344,

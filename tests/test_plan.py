@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -18,8 +19,11 @@ from medfoundry.plan import (
     PlanSection,
     activation_bytes,
     build_meta_model,
+    engine_for,
+    launched_processes,
     layer_activation_bytes,
     load_target,
+    loss_bytes,
     make_plan,
     state_bytes,
     with_flags,
@@ -27,6 +31,14 @@ from medfoundry.plan import (
 from medfoundry.recipe.config import RecipeConfig, wire
 
 FULL_SCALE = ["biomedlm-2.7b", "biomed-llama-7b", "meditron-7b", "bloom-560m"]
+
+# LLaMA-7B (the llama-7b preset), counted by hand
+P_7B = 6_738_415_616
+ATTENTION_7B, MLP_7B, NORMS_7B = 4 * 4096 * 4096, 3 * 4096 * 11_008, 2 * 4096
+LAYER_7B = ATTENTION_7B + MLP_7B + NORMS_7B  # 202,383,360
+ROOT_7B = 32_000 * 4096 * 2 + 4096  # embeddings, untied head, final norm
+MATMUL_7B = 32 * (ATTENTION_7B + MLP_7B)  # the Linear weights of the blocks (the fused loss casts the head itself)
+assert 32 * LAYER_7B + ROOT_7B == P_7B
 
 
 @pytest.fixture(autouse=True)
@@ -118,20 +130,140 @@ def test_6nd_and_attention_flops():
 def test_state_bytes_by_sharding():
     p, n = 1_000_000, 8
     assert state_bytes(p, p, "ddp", n) == 16 * p
-    assert state_bytes(p, p, "zero1", n) == 8 * p + 8 * p / n
-    assert state_bytes(p, p, "zero2", n) == 4 * p + 12 * p / n
     assert state_bytes(p, p, "fsdp", n) == 16 * p / n
     assert state_bytes(p, 1000, "ddp", n) == 4 * p + 12 * 1000  # frozen weights: no gradients, no moments
+    assert state_bytes(p, 1000, "fsdp", n) == (4 * p + 12 * 1000) / n
+
+
+def test_only_the_engine_s_strategies():
+    """The engine runs DDP and FSDP2: no ZeRO-1 / ZeRO-2 to plan."""
+    for strategy in ("zero1", "zero2"):
+        with pytest.raises(ConfigError, match="sharding"):
+            plan_of("biomedlm-2.7b", sharding=strategy)
+        with pytest.raises(SystemExit):
+            main(["plan", recipe("biomedlm-2.7b"), "--sharding", strategy])
 
 
 def test_activations_korthikanti():
     model = plan_of("biomedlm-2.7b").model
     s, b, h, a, layers = 1024, 8, 2560, 20, 32
+    fsdp_bf16, ddp_bf16 = engine_for("fsdp", 8, "bf16"), engine_for("ddp", 8, "bf16")
     assert layer_activation_bytes(model, b) == 34 * s * b * h  # SDPA: the scores are not stored
+    assert layer_activation_bytes(model, b, "fp32") == 2 * 34 * s * b * h
     eager = dataclasses.replace(model, attention="eager")
     assert layer_activation_bytes(eager, b) == 34 * s * b * h + 5 * a * s * s * b
-    assert activation_bytes(model, b, False) == layers * 34 * s * b * h
-    assert activation_bytes(model, b, True) == layers * 2 * s * b * h + 34 * s * b * h
+    assert activation_bytes(model, b, False, fsdp_bf16) == layers * 34 * s * b * h
+    # checkpointing keeps each block's input: bf16 under FSDP2's policy, fp32 under autocast over fp32 weights
+    assert activation_bytes(model, b, True, fsdp_bf16) == layers * 2 * s * b * h + 34 * s * b * h
+    assert activation_bytes(model, b, True, ddp_bf16) == layers * 4 * s * b * h + 34 * s * b * h
+
+
+def test_one_process_wraps_nothing():
+    assert engine_for("fsdp", 1, "bf16").layout == "single"
+    plan = plan_of("biomed-llama-7b", gpus=1)
+    mem, st = plan.memory, plan.storage
+    assert mem.sharding == "single" and mem.states_gib == pytest.approx(16 * P_7B / GIB)
+    assert mem.fsdp_gathered_gib == mem.ddp_buckets_gib == 0
+    assert mem.weight_copies_gib == pytest.approx(2 * MATMUL_7B / GIB)  # bf16 autocast over fp32 weights
+    assert st.checkpoint_bytes_per_rank == st.checkpoint_bytes_total == 12 * P_7B
+    assert st.host_init_bytes_per_rank == 4 * P_7B
+
+
+def test_llama_7b_on_8_a100_fsdp_bf16():
+    """FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), activation checkpointing."""
+    plan = plan_of("biomed-llama-7b", gpus=8)
+    mem, st, m = plan.memory, plan.storage, plan.model
+    assert (m.parameters, m.layer_parameters, m.root_parameters) == (P_7B, LAYER_7B, ROOT_7B)
+    assert m.matmul_parameters == m.trainable_matmul_parameters == MATMUL_7B
+    assert mem.sharding == "fsdp" and "param_dtype=bf16, reduce_dtype=fp32" in mem.mixed_precision
+    assert mem.states_gib == pytest.approx(16 * P_7B / 8 / GIB)
+    assert mem.ddp_buckets_gib == 0 and mem.weight_copies_gib == 0  # the weights are bf16 already
+    assert mem.fsdp_gathered_gib == pytest.approx(2 * (2 * LAYER_7B + ROOT_7B) / GIB)  # 2 blocks + root, bf16
+    assert mem.fsdp_reduce_gib == pytest.approx((2 + 4) * LAYER_7B / GIB)  # bf16 gradients -> fp32 reduce input
+    s, b, h = 2048, 4, 4096
+    assert mem.activations_checkpointed_gib == pytest.approx((32 * 2 * s * b * h + 34 * s * b * h) / GIB)
+    v, tokens = 32_000, s * b  # chunked loss: groups of 4,096 tokens, softmax chunks of 128
+    loss = 2 * 4096 * v + 4 * 128 * v + 2 * tokens * h + 4 * v * h + 2 * v * h + 4 * v * h
+    assert mem.loss_gib == pytest.approx(loss / GIB)
+    parts = 16 * P_7B / 8 + mem.activations_checkpointed_gib * GIB + 2 * (2 * LAYER_7B + ROOT_7B) + 6 * LAYER_7B + loss
+    assert mem.total_gib == pytest.approx(parts / GIB)
+    # checkpoints: each rank writes its shard of the fp32 weights and AdamW's two moments
+    assert st.checkpoint_bytes_per_rank == 12 * P_7B / 8 and st.checkpoint_bytes_total == 12 * P_7B
+    assert st.host_init_bytes_per_rank == 4 * P_7B / 8  # meta-device init: only the rank's fp32 shard
+    assert st.host_save_bytes_per_rank == 12 * P_7B / 8  # nothing gathered
+    assert (st.export_dtype, st.export_bytes) == ("bf16", 2 * P_7B)
+    # activation checkpointing runs every block's forward again: 2 FLOPs per block parameter and token,
+    # and the forward third of the attention term
+    recompute = 2 * 32 * LAYER_7B + 4 * 32 * 4096 * 2048
+    assert plan.flops_executed == pytest.approx(plan.flops + recompute * plan.tokens)
+    assert (plan.flops_6nd + 2 * 32 * LAYER_7B * plan.tokens) / plan.tokens / P_7B == pytest.approx(8, rel=0.03)
+    assert plan.hfu == pytest.approx(plan.mfu * plan.flops_executed / plan.flops)
+    without = plan_of("biomed-llama-7b", gpus=8, overrides=["plan.activation_checkpointing=false"])
+    assert without.flops_executed == without.flops and without.hfu == without.mfu
+
+
+def test_llama_7b_on_8_a100_ddp_bf16():
+    """DDP: everything replicated, fp32 all-reduce buckets, autocast's bf16 copies; checkpoints deduplicated."""
+    plan = plan_of("biomed-llama-7b", gpus=8, sharding="ddp")
+    mem, st = plan.memory, plan.storage
+    assert mem.states_gib == pytest.approx(16 * P_7B / GIB)
+    assert mem.ddp_buckets_gib == pytest.approx(4 * P_7B / GIB)
+    assert mem.fsdp_gathered_gib == mem.fsdp_reduce_gib == 0
+    # autocast caches the bf16 copies of trainable weights until its context closes after the loss:
+    # checkpointing does not drop them
+    assert mem.activation_checkpointing and mem.weight_copies_gib == pytest.approx(2 * MATMUL_7B / GIB)
+    s, b, h = 2048, 4, 4096
+    assert mem.activations_checkpointed_gib == pytest.approx((32 * 4 * s * b * h + 34 * s * b * h) / GIB)
+    v, tokens = 32_000, s * b  # ... and the loss casts the fp32 hidden states and output weight to bf16
+    loss = 2 * 4096 * v + 4 * 128 * v + 2 * tokens * h + 4 * v * h + 2 * v * h + 4 * v * h + 2 * tokens * h + 2 * v * h
+    assert mem.loss_gib == pytest.approx(loss / GIB)
+    assert st.checkpoint_bytes_per_rank == 12 * P_7B / 8  # DCP spreads the replicated tensors over the ranks
+    assert st.host_init_bytes_per_rank == 4 * P_7B  # every rank builds the whole fp32 model
+    assert st.host_save_bytes_per_rank == 12 * P_7B / 8
+    staged = plan_of(
+        "biomed-llama-7b", gpus=8, sharding="ddp", overrides=["stages.pretrain.checkpoint.async_save=true"]
+    )
+    assert staged.storage.host_save_bytes_per_rank == 12 * P_7B  # async_save stages the rank's whole state
+
+
+def test_fp32_run():
+    plan = plan_of("biomed-llama-7b", gpus=8, overrides=["stages.pretrain.training.precision=fp32"])
+    mem, st = plan.memory, plan.storage
+    assert mem.precision == "fp32" and mem.weight_copies_gib == 0
+    assert mem.fsdp_gathered_gib == pytest.approx(4 * (2 * LAYER_7B + ROOT_7B) / GIB)
+    assert mem.fsdp_reduce_gib == pytest.approx(8 * LAYER_7B / GIB)
+    s, b, h = 2048, 4, 4096
+    assert mem.activations_gib == pytest.approx(32 * 2 * 34 * s * b * h / GIB)
+    assert mem.activations_checkpointed_gib == pytest.approx((32 * 4 * s * b * h + 2 * 34 * s * b * h) / GIB)
+    assert (st.export_dtype, st.export_bytes) == ("fp32", 4 * P_7B)
+    assert st.checkpoint_bytes_per_rank == 12 * P_7B / 8
+
+
+def test_loss_buffers():
+    model = plan_of("biomedlm-2.7b").model  # tied head: the fused loss reads the embedding matrix
+    v, h, tokens = 28_896, 2560, 8 * 1024
+    fsdp = engine_for("fsdp", 128, "bf16")
+    rows, group = 128, 4608  # 2^22 // 28,896 -> 128; 2^27 // 28,896 // 128 * 128
+    expected = 2 * group * v + 4 * rows * v + 2 * tokens * h + 4 * v * h + 2 * v * h + 4 * v * h
+    assert loss_bytes(model, 8, fsdp) == expected
+    assert loss_bytes(dataclasses.replace(model, loss="plain"), 8, fsdp) == 16 * tokens * v
+
+
+def test_the_recipe_s_launch_sets_the_gpu_count():
+    """Without plan.gpus, the processes `medfoundry run` starts: distributed.nnodes x nproc_per_node."""
+    assert launched_processes({"launcher": "slurm", "nnodes": 4, "nproc_per_node": 8}) == 32
+    assert launched_processes(SimpleNamespace(nproc_per_node=8, nnodes=1)) == 8
+    assert launched_processes({"nproc_per_node": "gpu"}) is None and launched_processes(None) is None
+    two = plan_of("quickstart_distributed")  # distributed: {nproc_per_node: 2}, FSDP2, fp32
+    assert two.gpus == 2 and two.memory.sharding == "fsdp" and two.memory.precision == "fp32"
+    assert two.storage.checkpoint_bytes_per_rank == 12 * two.model.parameters / 2
+    launch = [
+        "distributed.nnodes=4",
+        "distributed.rdzv_endpoint=n0:29500",
+        "stages.pretrain.training.micro_batch_size=2",
+    ]
+    assert plan_of("quickstart_distributed", overrides=launch).gpus == 8
+    assert plan_of("quickstart_distributed", gpus=1).memory.sharding == "single"  # --gpus wins
 
 
 def test_memory_follows_sharding_and_checkpointing():
@@ -144,12 +276,17 @@ def test_memory_follows_sharding_and_checkpointing():
 
 
 def test_bf16_weight_copies_are_kept_for_backward():
-    plan = plan_of("biomedlm-2.7b")
+    """DDP in bf16: autocast's copies of the matmul weights and biases (GPT-2's Conv1D; not the tied
+    embedding the fused loss reads)."""
+    plan = plan_of("biomedlm-2.7b", sharding="ddp")
+    h, layers = 2560, 32
+    matmul = layers * (h * 3 * h + 3 * h + h * h + h + 2 * (h * 4 * h) + 4 * h + h)
+    assert plan.model.matmul_parameters == matmul
     assert plan.memory.precision == "bf16" and not plan.memory.activation_checkpointing
-    assert plan.memory.weight_copies_gib == pytest.approx(2 * plan.model.non_embedding_parameters / GIB)
-    one_layer = plan_of("biomedlm-2.7b", overrides=["plan.activation_checkpointing=true"]).memory.weight_copies_gib
-    assert one_layer == pytest.approx(plan.memory.weight_copies_gib / 32)
-    assert plan_of("biomedlm-2.7b", overrides=["stages.pretrain.training.precision=fp32"]).memory.weight_copies_gib == 0
+    assert plan.memory.weight_copies_gib == pytest.approx(2 * matmul / GIB)
+    fp32 = plan_of("biomedlm-2.7b", sharding="ddp", overrides=["stages.pretrain.training.precision=fp32"])
+    assert fp32.memory.weight_copies_gib == 0
+    assert plan_of("biomedlm-2.7b").memory.weight_copies_gib == 0  # FSDP2 gathers bf16 weights instead
 
 
 def test_bloom_eager_attention_needs_checkpointing():
@@ -201,6 +338,17 @@ def test_lora_trains_only_the_adapters():
     assert plan.model.trainable_parameters < 0.01 * plan.model.parameters
     full = plan_of("meditron-7b", stage="finetune").memory
     assert plan.memory.states_gib < full.states_gib / 3
+    st, m = plan.storage, plan.model
+    assert st.checkpoint_bytes_total == 4 * m.parameters + 8 * m.trainable_parameters  # frozen weights: no moments
+    assert st.export_parameters == m.parameters - m.trainable_parameters  # the adapters merged
+    ddp = plan_of(
+        "meditron-7b",
+        stage="finetune",
+        sharding="ddp",
+        overrides=["stages.finetune.lora={r: 16}", "stages.finetune.training.activation_checkpointing=true"],
+    )
+    # checkpointing drops the frozen weights' copies; one block's exist while it is recomputed
+    assert ddp.memory.weight_copies_gib == pytest.approx(2 * ddp.model.layer_matmul_parameters / GIB)
 
 
 def _finetune_config(tmp_path, init_from: str) -> str:
@@ -236,6 +384,9 @@ def test_plain_pretrain_config_on_this_cpu(capsys):
     assert main(["plan", str(REPO / "recipes" / "quickstart_pretrain.yaml"), "--gpu", "cpu", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["gpu"] == "cpu" and plan["peak_tflops"] > 0 and plan["energy_kwh"] is None
+    assert plan["memory"]["sharding"] == "single"
+    total = plan["storage"]["checkpoint_bytes_total"]
+    assert total == plan["storage"]["checkpoint_bytes_per_rank"] == 12 * plan["model"]["parameters"]
     assert plan["tokens"] == 200 * 16 * 256 and plan["model"]["attention"] == "eager"
 
 
@@ -276,7 +427,10 @@ def test_cli_table_and_implied_mfu(capsys):
         "parameters",
         "300.00B = 286,103 steps",
         "4+4+8 = 16 B/param",
+        "MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)",
         "fits",
+        "per rank x 128",
+        "host/rank",
         "GPU-hours",
         "kWh",
         "23.0% (6·N·D alone: 21.7%)",

@@ -97,13 +97,14 @@ def test_loss_falls_and_validation_is_reported(trained):
 
 
 def test_export_loads_in_transformers_with_the_same_logits(trained):
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medfoundry.train.checkpoint import read_checkpoint
 
     out, _ = trained
     exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     reference = AutoModelForCausalLM.from_config(exported.config).eval()
-    state = load_file(out / "checkpoints" / "step-00000030" / "model.safetensors")
+    state = read_checkpoint(out / "checkpoints" / "step-00000030")["model"]
     reference.load_state_dict(state, strict=False)
     reference.tie_weights()
     ids = AutoTokenizer.from_pretrained(out / "model")("Immunohistochemistry of the tumour", return_tensors="pt")[
@@ -112,6 +113,45 @@ def test_export_loads_in_transformers_with_the_same_logits(trained):
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, reference(ids).logits)
     assert (out / "model" / "generation_config.json").is_file()
+
+
+def test_export_command_writes_any_saved_step(trained, tmp_path):
+    """`medfoundry export` turns a checkpoint into the Hugging Face folder the run exported (the last
+    step: the same files' tensors), in bf16 on request, streaming one tensor at a time into shards."""
+    from safetensors.torch import load_file
+
+    from medfoundry.model.export import export_hf
+    from medfoundry.train.export_checkpoint import checkpoint_weights
+
+    def export(checkpoint: Path, out_dir: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "medfoundry", "export", str(checkpoint), str(out_dir)]
+        return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+
+    out, _ = trained
+    step = out / "checkpoints" / "step-00000030"
+    done = export(step, tmp_path / "fp32")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_file(tmp_path / "fp32" / "model.safetensors").keys() == _weights(out).keys()
+    assert all(torch.equal(v, _weights(out)[k]) for k, v in load_file(tmp_path / "fp32" / "model.safetensors").items())
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"  # the run's (fp32)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "fp32" / name).read_bytes() == (out / "model" / name).read_bytes()
+
+    export_hf(checkpoint_weights(step), step / "hf", tmp_path / "bf16", dtype="bfloat16", max_shard_bytes=100_000)
+    index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    from transformers import AutoModelForCausalLM
+
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(bf16[k], v.to(torch.bfloat16)) for k, v in _weights(out).items())
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(step, damaged)
+    (damaged / "__0_0.distcp").write_bytes(b"")
+    done = export(damaged, tmp_path / "never")
+    assert done.returncode != 0 and "__0_0.distcp: truncated or damaged" in done.stderr
+    assert not (tmp_path / "never").exists()
 
 
 def _cli(cfg_path: Path) -> list[str]:
@@ -193,8 +233,8 @@ def test_a_failed_save_stops_every_process(tokens, tmp_path):
         preexec_fn=limit,
     )
     assert run.returncode != 0
-    assert run.stderr.count("checkpoint for step 10 not saved: writing model.safetensors failed") == 1
-    assert "process 0 could not write the checkpoint" in run.stderr  # process 1 stopped too, saying why
+    assert "checkpoint for step 10 not saved: writing __" in run.stderr  # a process's shard
+    assert "file size limit" in run.stderr and "there is no earlier checkpoint" in run.stderr
     assert not any((tmp_path / "ddp" / "checkpoints").iterdir())
 
 

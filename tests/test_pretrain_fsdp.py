@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, descendants, run_torchrun
 from medfoundry.config import validate
 from medfoundry.train.checkpoint import Checkpointer, latest_checkpoint, read_checkpoint
 from medfoundry.train.config import PretrainConfig
@@ -48,22 +49,9 @@ def _config(tree: dict, path: Path) -> Path:
     return path
 
 
-def _descendants(pid: int) -> list[int]:
-    """Children, grandchildren, ... of a process (Linux /proc)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for child in children:
-            found += [child, *_descendants(child)]
-    return found
-
-
 def _kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL a torchrun job: the launcher and its workers (torchrun starts each worker in its own session)."""
-    pids = [proc.pid, *_descendants(proc.pid)]
+    pids = [proc.pid, *descendants(proc.pid)]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -83,19 +71,37 @@ def _optim_equal(a: dict, b: dict) -> bool:
     )
 
 
+def _base_model(tokens: dict, directory: Path) -> Path:
+    """A from-scratch gpt2-tiny as a Hugging Face folder: both runs continue from it (FSDP2 initializes
+    from scratch per shard, so only a loaded start is the same for 1 and 2 processes)."""
+    from transformers import AutoTokenizer
+
+    from medfoundry.train.model_setup import build_model
+
+    torch.manual_seed(0)
+    cfg = validate(PretrainConfig, _tree(tokens, directory, steps=1))
+    build_model(cfg, len(AutoTokenizer.from_pretrained(tokens["tokenizer_dir"]))).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def runs(tokens, tmp_path_factory) -> dict[str, Path]:
-    """The same 6 steps by 1 process (in this one) and by 2 FSDP processes (torchrun), without dropout."""
+    """The same 6 steps by 1 process (in this one) and by 2 FSDP processes (torchrun), without dropout,
+    from the same checkpoint (loaded shard by shard under FSDP2)."""
     root = tmp_path_factory.mktemp("fsdp")
+    base = _base_model(tokens, root / "base")
+    trees = {name: _fsdp_tree(tokens, root / name, 6, 3) for name in ("fsdp", "single")}
+    for tree in trees.values():
+        tree["model"]["init_from"] = str(base)
     proc = subprocess.Popen(
-        TORCHRUN + [str(_config(_fsdp_tree(tokens, root / "fsdp", 6, 3), root / "fsdp.yaml"))],
+        TORCHRUN + [str(_config(trees["fsdp"], root / "fsdp.yaml"))],
         cwd=REPO,
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    pretrain(validate(PretrainConfig, _fsdp_tree(tokens, root / "single", 6, 3)))  # strategy ignored: 1 process
+    pretrain(validate(PretrainConfig, trees["single"]))  # strategy ignored: 1 process
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     return {"single": root / "single", "fsdp": root / "fsdp"}
@@ -117,7 +123,8 @@ def test_fsdp_matches_one_process_and_exports(runs):
     exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     assert exported.config.architectures == ["GPT2LMHeadModel"]  # not the FSDP wrapper class
     reference = AutoModelForCausalLM.from_config(exported.config).eval()
-    reference.load_state_dict(read_checkpoint(out / "checkpoints" / "step-00000006")["model"], strict=True)
+    loaded = reference.load_state_dict(read_checkpoint(out / "checkpoints" / "step-00000006")["model"], strict=False)
+    assert loaded.missing_keys == ["lm_head.weight"] and not loaded.unexpected_keys  # tied: stored once
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     ids = tokenizer("Immunohistochemistry of the tumour", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -126,10 +133,21 @@ def test_fsdp_matches_one_process_and_exports(runs):
     assert all(torch.allclose(v, single[k], atol=1e-4) for k, v in exported.state_dict().items())
 
 
+def _optim_by_name(model, optimizer) -> dict:
+    """``optimizer.state_dict()`` keyed by parameter names, the form checkpoints hold."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    state = optimizer.state_dict()
+    return {
+        "state": {params[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [params[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
 def test_checkpoints_have_one_format(runs):
-    """An FSDP checkpoint has the layout of a 1-process one (position-keyed optimizer state, tied head
-    stored once), loads into a plain model, and a 1-process checkpoint loaded into an FSDP2 model (a
-    1-process group here) and saved again comes out identical."""
+    """An FSDP checkpoint (2 processes) has the tensors of a 1-process one (optimizer state by parameter
+    name, tied head stored once), loads into a plain model (resharded 2 -> 1), and a 1-process
+    checkpoint loaded into an FSDP2 model (a 1-process group here) and saved again comes out identical."""
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
@@ -138,13 +156,17 @@ def test_checkpoints_have_one_format(runs):
     from medfoundry.train.optim import OptimConfig, build_optimizer
     from medfoundry.train.schedules import ScheduleConfig, build_scheduler
 
-    fsdp = read_checkpoint(runs["fsdp"] / "checkpoints" / "step-00000006")
+    fsdp_path = runs["fsdp"] / "checkpoints" / "step-00000006"
+    fsdp = read_checkpoint(fsdp_path)
+    assert json.loads((fsdp_path / "manifest.json").read_text())["world_size"] == 2
+    assert {"__0_0.distcp", "__1_0.distcp", "rng-00000.pt", "rng-00001.pt"} <= {p.name for p in fsdp_path.iterdir()}
     single_path = runs["single"] / "checkpoints" / "step-00000006"
     single = read_checkpoint(single_path)
     assert fsdp["optimizer"]["param_groups"] == single["optimizer"]["param_groups"]
-    assert all(isinstance(i, int) for i in fsdp["optimizer"]["state"])
+    assert fsdp["optimizer"]["state"].keys() == single["optimizer"]["state"].keys()
+    assert "transformer.wte.weight" in fsdp["optimizer"]["state"]
     assert fsdp["model"].keys() == single["model"].keys() and fsdp["trainer_state"]["step"] == 6
-    assert fsdp["model"]["lm_head.weight"].data_ptr() == fsdp["model"]["transformer.wte.weight"].data_ptr()
+    assert "lm_head.weight" not in fsdp["model"]
 
     def build(model, directory):
         optimizer = build_optimizer(distributed.unwrap(model), OptimConfig(lr=3e-3))  # as the training loop does
@@ -158,8 +180,9 @@ def test_checkpoints_have_one_format(runs):
     model, optimizer, checkpointer = build(
         AutoModelForCausalLM.from_pretrained(runs["single"] / "model"), runs["single"].parent / "unused"
     )
-    checkpointer.load(runs["fsdp"] / "checkpoints" / "step-00000006")  # FSDP -> 1 process
-    assert _tensors_equal(model.state_dict(), fsdp["model"]) and _optim_equal(optimizer.state_dict(), fsdp["optimizer"])
+    checkpointer.load(fsdp_path)  # FSDP on 2 processes -> 1 process
+    plain = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert _tensors_equal(plain, fsdp["model"]) and _optim_equal(_optim_by_name(model, optimizer), fsdp["optimizer"])
 
     store = dist.FileStore(str(runs["single"].parent / "store"), 1)  # 1 process -> FSDP2 and back
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
@@ -216,7 +239,8 @@ def test_fsdp_sigkill_then_resume_is_bit_identical(tokens, tmp_path):
     final = f"checkpoints/step-{steps:08d}"
     a, b = read_checkpoint(tmp_path / "straight" / final), read_checkpoint(tmp_path / "killed" / final)
     assert _tensors_equal(a["model"], b["model"]) and _optim_equal(a["optimizer"], b["optimizer"])
-    assert a["rng"]["torch"].equal(b["rng"]["torch"]) and a["trainer_state"] == b["trainer_state"]
+    assert len(a["rng"]) == len(b["rng"]) == 2 and a["trainer_state"] == b["trainer_state"]
+    assert all(ra["torch"].equal(rb["torch"]) for ra, rb in zip(a["rng"], b["rng"]))
     from safetensors.torch import load_file
 
     assert _tensors_equal(
@@ -227,3 +251,41 @@ def test_fsdp_sigkill_then_resume_is_bit_identical(tokens, tmp_path):
     assert [r["step"] for r in records] == [r["step"] for r in _records(tmp_path / "straight")]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))  # one run's log
     assert all(r["time"] < started for r in records if "loss" in r and r["step"] <= reached)  # it did resume
+
+
+def test_a_damaged_shard_of_one_process_makes_every_process_resume_from_the_previous_checkpoint(runs, tmp_path):
+    """Process 1's shard file of the newest FSDP checkpoint flipped: process 0 (which verifies the
+    checkpoint for all) names it, every process resumes from the one before, and the run ends with the
+    weights of the undamaged run."""
+    copy = tmp_path / "fsdp"
+    shutil.copytree(runs["fsdp"], copy)
+    shutil.rmtree(copy / "model")
+    newest = copy / "checkpoints" / "step-00000006"
+    with open(newest / "__1_0.distcp", "r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    tree = yaml.safe_load((runs["fsdp"].parent / "fsdp.yaml").read_text())
+    tree["output_dir"] = str(copy)
+    resumed = run_torchrun("pretrain", _config(tree, tmp_path / "again.yaml"), ENV)
+    assert f"checkpoint: damaged, skipped: {newest / '__1_0.distcp'}: corrupted" in resumed.stderr
+    assert resumed.stderr.count("damaged, skipped") == 1  # said once, by process 0
+    a = read_checkpoint(runs["fsdp"] / "checkpoints" / "step-00000006")
+    b = read_checkpoint(newest)
+    assert _tensors_equal(a["model"], b["model"]) and _optim_equal(a["optimizer"], b["optimizer"])
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path):
+    """Resharding 2 -> 1: the FSDP run's step-3 checkpoint continued by one process reads on at the global
+    data position and gives the FSDP run's losses at steps 4..6 (the same windows, summed in another order)."""
+    one = tmp_path / "one"
+    (one / "checkpoints").mkdir(parents=True)
+    shutil.copytree(runs["fsdp"] / "checkpoints" / "step-00000003", one / "checkpoints" / "step-00000003")
+    tree = yaml.safe_load((runs["fsdp"].parent / "fsdp.yaml").read_text())
+    tree["output_dir"] = str(one)
+    pretrain(validate(PretrainConfig, tree))
+    resumed = {r["step"]: r["loss"] for r in _records(one) if "loss" in r}
+    fsdp = {r["step"]: r["loss"] for r in _records(runs["fsdp"]) if "loss" in r}
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([fsdp[s] for s in (4, 5, 6)], rel=1e-5)

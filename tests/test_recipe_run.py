@@ -1,24 +1,29 @@
 """`medfoundry run`: a tiny recipe end to end on real abstracts, then the cache: a rerun does nothing, a
 changed stage reruns with everything after it (the old output kept aside), a changed input file reruns
-its stage, --from / --until, an interrupted stage resumes in place, and recipe errors name their field."""
+its stage, --from / --until, an interrupted stage resumes in place, and recipe errors name their field.
+With a `distributed:` section: pretraining on 2 processes that the runner starts under torchrun, and a
+Slurm job submitted, waited for (exit code 75) and continued from, with stand-ins for Slurm's commands."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import shared
+from conftest import REPO, shared
 from medfoundry import __version__
-from medfoundry.config import validate
-from medfoundry.errors import ConfigError
+from medfoundry.config import load_yaml, validate
+from medfoundry.errors import ConfigError, Pending
 from medfoundry.manifest import Manifest, output_fingerprint
 from medfoundry.recipe.config import RecipeConfig, wire
 from medfoundry.recipe.runner import load_recipe, run_recipe
+from test_launch import fake_slurm, free_port  # noqa: F401  (fake_slurm: Slurm's commands, stand-ins)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -244,3 +249,143 @@ def test_generate_is_wired_to_the_run_model(tmp_path):
                 RecipeConfig, {**tree, "stages": {**tree["stages"], "generate": {"prompts": ["x"], "max_tokens": 3}}}
             )
         )
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+FAST_PRETRAIN = {
+    "model": {"preset": "gpt2-tiny", "context": 64},
+    "training": {"steps": 4, "micro_batch_size": 4, "global_batch_size": 8, "precision": "fp32"},
+    "schedule": {"kind": "cosine", "warmup_steps": 1},
+    "checkpoint": {"every": 2},
+    "eval": {"every": 2, "batches": 2},
+    "distributed": {"strategy": "fsdp", "backend": "gloo"},
+}
+
+
+def _command(recipe: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "medfoundry", "run", str(recipe)],
+        cwd=REPO,
+        env={**os.environ, "MEDFOUNDRY_NO_TCMALLOC": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _world_size(run: Path) -> int:
+    return json.loads((run / "pretrain" / "run.json").read_text())["world_size"]
+
+
+def test_the_distributed_quickstart_pretrains_on_two_processes(abstracts, tmp_path):
+    """recipes/quickstart_distributed.yaml, shortened, through `medfoundry run`: the runner starts pretraining
+    under torchrun on 2 processes (FSDP2, gloo), the first writes the manifest, the recipe goes on to eval."""
+    tree = load_yaml(REPO / "recipes" / "quickstart_distributed.yaml")
+    assert tree["distributed"] == {"launcher": "torchrun", "nproc_per_node": 2}
+    run, stages = tmp_path / "run", tree["stages"]
+    tree["run_dir"] = str(run)
+    stages["corpus"]["sources"][0]["paths"] = [str(abstracts)]
+    stages["tokenizer"]["vocab_size"] = 1000
+    stages["pretrain"] = {**stages["pretrain"], **FAST_PRETRAIN}
+    stages["eval"]["limit"] = 10
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    planned = []
+    run_recipe(load_recipe(recipe), dry_run=True, log=planned.append)
+    assert any(m.startswith("run: pretrain: would run on 2 processes under torchrun") for m in planned)
+
+    done = _command(recipe)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "run: pretrain: on 2 processes: " in done.stdout and "--standalone --nproc-per-node 2" in done.stdout
+    assert done.stdout.count("pretrain: 4 steps") == 1  # the stage's summary, from the first process
+    state = json.loads((run / "stages.json").read_text())
+    assert [s for s, v in state.items() if v["status"] == "done"] == [
+        "corpus",
+        "tokenizer",
+        "tokens",
+        "pretrain",
+        "eval",
+    ]
+    assert _world_size(run) == 2 and Manifest.read(run / "pretrain", "pretrain").counts["steps"] == 4
+    assert json.loads((run / "eval" / "model" / "results.json").read_text())["results"]["heldout_ppl"]
+    assert _ran(run_recipe(load_recipe(recipe), log=lambda message: None)) == []  # all cached
+
+
+def test_a_slurm_recipe_is_submitted_waited_for_and_continued(abstracts, tmp_path, fake_slurm, monkeypatch):
+    """launcher: slurm. The first run submits pretraining as a batch job and stops, pending (exit code 75);
+    a rerun while the job is queued says so and submits nothing; once the job has ended without the stage's
+    manifest (cancelled), a rerun submits it again, and this time the stand-in cluster runs it: 2 nodes of 1
+    process, meeting at the first node (all on this machine); the next rerun finds the manifest and goes on."""
+    run = tmp_path / "run"
+    tree = recipe_tree(abstracts, run, pretrain=FAST_PRETRAIN)
+    del tree["stages"]["generate"]
+    tree["distributed"] = {
+        "launcher": "slurm",
+        "nnodes": 2,
+        "nproc_per_node": 1,
+        "slurm": {"partition": "cpu", "time": "00:30:00", "rdzv_port": free_port()},
+    }
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+
+    with pytest.raises(Pending, match="slurm job 1000 submitted"):
+        run_recipe(load_recipe(recipe), log=lambda message: None)  # the cluster is busy: not run yet
+    script = (run / "slurm" / "pretrain.sbatch").read_text()
+    assert (
+        script == (fake_slurm / "job-1000.sh").read_text()
+        and (fake_slurm / "job-1000.args").read_text() == "--parsable"
+    )
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --partition=cpu",
+        "#SBATCH --time=00:30:00",
+    ):
+        assert line in script.splitlines()
+    assert f"#SBATCH --output={run.resolve()}/slurm/pretrain-%j.out" in script
+    assert script.rstrip().endswith(
+        f"--nproc-per-node 1 -m medfoundry pretrain {(run / 'configs' / 'pretrain.yaml').resolve()}"
+    )
+    assert json.loads((run / "slurm" / "pretrain.json").read_text())["job_id"] == "1000"
+    state = json.loads((run / "stages.json").read_text())
+    assert {s: v["status"] for s, v in state.items()} == {
+        "corpus": "done",
+        "tokenizer": "done",
+        "tokens": "done",
+        "pretrain": "pending",
+    }
+    assert state["pretrain"]["job_id"] == "1000" and "| pretrain | pending |" in (run / "report.md").read_text()
+
+    monkeypatch.setenv("FAKE_SLURM_ACTIVE", "1")  # queued
+    waiting = _command(recipe)
+    assert waiting.returncode == 75, waiting.stdout[-2000:] + waiting.stderr[-2000:]
+    assert (
+        "pending: run: pretrain: slurm job 1000 is still pending" in waiting.stdout and "exit code 75" in waiting.stdout
+    )
+    changed = json.loads(json.dumps(tree))
+    changed["stages"]["pretrain"]["training"]["steps"] = 6
+    recipe.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ConfigError, match="slurm job 1000, submitted for the stage's previous config, is still"):
+        run_recipe(load_recipe(recipe), log=lambda message: None)
+    recipe.write_text(yaml.safe_dump(tree))
+    assert not (fake_slurm / "job-1001.sh").exists()
+
+    monkeypatch.setenv("FAKE_SLURM_ACTIVE", "0")  # the job is gone without the manifest
+    monkeypatch.setenv("FAKE_SLURM_RUN", "1")  # the cluster runs the next job at once
+    logs = []
+    with pytest.raises(Pending, match="slurm job 1001 submitted"):
+        run_recipe(load_recipe(recipe), log=logs.append)
+    assert any("slurm job 1000 ended (CANCELLED) without writing" in m and "submitting it again" in m for m in logs)
+    job_log = (run / "slurm" / "pretrain-1001.out").read_text()
+    assert (fake_slurm / "job-1001.rc").read_text() == "0", job_log[-3000:]
+    assert job_log.count("pretrain: 4 steps") == 1
+
+    monkeypatch.setenv("FAKE_SLURM_RUN", "0")
+    summary = run_recipe(load_recipe(recipe), log=logs.append)
+    assert _ran(summary) == ["pretrain", "eval"] and "run: pretrain: done by slurm job 1001" in "\n".join(logs)
+    state = json.loads((run / "stages.json").read_text())
+    assert state["pretrain"]["status"] == "done" and state["pretrain"]["job_id"] == "1001"
+    assert _world_size(run) == 2 and (run / "eval" / "model" / "results.json").is_file()
+    assert len(list(fake_slurm.glob("job-*.sh"))) == 2
+    assert _ran(run_recipe(load_recipe(recipe), log=lambda message: None)) == []

@@ -51,3 +51,16 @@ def test_pipeline_recipe_wires_every_stage(recipe):
 def test_there_are_configs_for_each_stage():
     assert {_stage(r) for r in SINGLE} == set(STAGES)
     assert any(r.stem == "quickstart" for r in PIPELINES)
+
+
+def test_the_launch_matches_the_planned_gpus():
+    """A recipe's `distributed:` section starts as many processes as its `plan:` section counts GPUs; the seeds
+    that trained on a cluster have one."""
+    launched = {}
+    for recipe in PIPELINES:
+        loaded = load_recipe(recipe)
+        if loaded.distributed is not None:
+            launched[recipe.name] = loaded.distributed.launcher, loaded.distributed.processes
+            assert loaded.distributed.processes == (loaded.plan or {}).get("gpus", loaded.distributed.processes)
+    assert launched["biomed-llama-7b.yaml"] == ("slurm", 32) and launched["biomedlm-2.7b.yaml"] == ("slurm", 128)
+    assert launched["quickstart_distributed.yaml"] == ("torchrun", 2)

@@ -1,13 +1,17 @@
 """The serving engine on tiny GPT-2, LLaMA and BLOOM models with the real GPT-2 tokenizer: greedy tokens equal
 to ``model.generate``'s under continuous batching, seeded sampling independent of the batch, penalties,
-stop sequences spanning tokens, multi-byte characters, end-of-sequence, length limits and cancellation."""
+stop sequences spanning tokens, multi-byte characters, end-of-sequence, length limits and cancellation; the
+sampler's state and the engine's inputs on the model's device (the meta device standing in for a GPU)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from conftest import shared
@@ -112,6 +116,112 @@ def test_sampling_filters_and_penalties():
     for field, value in [("temperature", -1.0), ("top_p", 0.0), ("max_tokens", 0), ("presence_penalty", 3.0)]:
         with pytest.raises(ValueError, match=field):
             SamplingConfig(**{field: value})
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every ATen operation run inside it, with the devices of the tensors it produced."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, set[torch.device]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        devices = {t.device for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+        self.ops.append((str(func), devices))
+        return out
+
+    @property
+    def devices(self) -> set[torch.device]:
+        return set().union(*(devices for _, devices in self.ops))
+
+    @property
+    def host_reads(self) -> int:
+        """``.item()``, ``int(tensor)``, ``bool(tensor)``: on a GPU each one waits for the device."""
+        return sum(name.startswith("aten._local_scalar_dense") for name, _ in self.ops)
+
+
+META = torch.device("meta")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 0.8, "seed": 3},
+        {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "seed": 3, "repetition_penalty": 1.2},
+        {"temperature": 1.0, "frequency_penalty": 0.5, "presence_penalty": 0.5},
+        {"temperature": 0, "repetition_penalty": 1.3, "frequency_penalty": 1.0},
+    ],
+)
+def test_sampler_state_and_draws_live_on_the_logits_device(params, monkeypatch):
+    """On a GPU the engine passes CUDA logits: a sampler whose generator or penalty counts sit on the CPU fails
+    every sampled request there (and the whole batch with it). The meta device stands in for the GPU: every
+    tensor the sampler makes must be on it, every generator it asks for too, and nothing is read back to the
+    host (``.item()`` on meta raises)."""
+    requested = []
+
+    class RecordingGenerator(torch.Generator):  # meta has no generators: a CPU one stands in, meta ops ignore it
+        def __new__(cls, device=None):
+            requested.append(torch.device(device) if device is not None else torch.device("cpu"))
+            return super().__new__(cls)
+
+        def __init__(self, device=None):
+            super().__init__()
+
+    monkeypatch.setattr(torch, "Generator", RecordingGenerator)
+    sampler = TokenSampler(SamplingConfig(**params), [0, 2], 16)
+    logits = torch.randn(16, device=META)
+    with OpRecorder() as recorder:
+        for token in (3, 5):
+            sampler.penalize(logits)
+            chosen = logits.argmax(dim=-1, keepdim=True) if sampler.greedy else sampler.draw(logits)
+            sampler.observe(token)
+    assert recorder.devices == {META}
+    assert chosen.device == META and chosen.shape == (1,)
+    assert set(requested) <= {META} and bool(requested) == (not sampler.greedy)
+    assert {t.device for t in (sampler.seen, sampler.counts) if t is not None} <= {META}
+    assert recorder.host_reads == 0
+
+
+def test_sample_reads_the_batch_back_once():
+    """A batch of greedy, penalized and sampled rows: the tokens are chosen on the device and read together, not
+    one ``int()`` (one wait for the GPU) per row."""
+    samplers = [
+        TokenSampler(SamplingConfig(temperature=0), [1], 50),
+        TokenSampler(SamplingConfig(temperature=0, repetition_penalty=1.5), [1, 2], 50),
+        TokenSampler(SamplingConfig(temperature=0.9, top_k=10, top_p=0.8, seed=1), [3], 50),
+        TokenSampler(SamplingConfig(temperature=1.1, seed=2, frequency_penalty=0.3), [4], 50),
+    ]
+    logits = torch.randn(4, 50)
+    expected = sample(logits.clone(), [TokenSampler(s.params, s.prompt_ids, 50) for s in samplers])
+    with OpRecorder() as recorder:
+        tokens = sample(logits.clone(), samplers)
+    assert tokens == expected and all(isinstance(t, int) for t in tokens)
+    assert recorder.host_reads == 0
+
+
+def test_engine_makes_the_model_inputs_on_its_device(engine, monkeypatch):
+    """Ids, mask, positions, the kept positions and the cache's write positions are made on the model's device
+    (meta here: a model stand-in records what it is given and answers with CPU logits)."""
+    given = []
+
+    def model(**kwargs):
+        given.append({k: v.device for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        given[-1]["write_pos"] = engine.cache.write_pos.device if engine.cache.write_pos is not None else META
+        rows = kwargs["input_ids"].shape[0]
+        return SimpleNamespace(logits=torch.randn(rows, 1, engine.vocab_size))
+
+    monkeypatch.setattr(engine, "model", model)
+    monkeypatch.setattr(engine, "device", META)
+    params = [
+        SamplingConfig(max_tokens=3, temperature=0, ignore_eos=True),
+        SamplingConfig(max_tokens=4, temperature=0.7, seed=5, ignore_eos=True, repetition_penalty=1.1),
+    ]
+    done = engine.generate([[10, 11, 12], [13, 14]], params)
+    assert [len(c.token_ids) for c in done] == [3, 4]
+    assert len(given) == 4  # one prefill, three decode steps
+    assert all(set(call.values()) == {META} for call in given)
+    assert {"input_ids", "attention_mask", "position_ids", "logits_to_keep"} <= set(given[0])
 
 
 def test_penalties_change_greedy_output(engine):

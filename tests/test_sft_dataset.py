@@ -15,7 +15,7 @@ import torch
 from conftest import shared
 from medfoundry.config import validate
 from medfoundry.errors import ConfigError, InputError, MedfoundryError
-from medfoundry.sft.batch import IGNORE, masked_token_loss, model_inputs
+from medfoundry.sft.batch import IGNORE, masked_token_loss, model_inputs, target_count
 from medfoundry.sft.config import SFTDataConfig
 from medfoundry.sft.dataset import SFTData, prepare, validation_passes
 from test_sft_templates import make_tokenizer
@@ -353,7 +353,7 @@ def test_a_few_training_steps_through_the_loop_contract(prepared):
     reader, losses = data.reader(8, seed=0), []
     for _ in range(25):
         batch = next(reader)
-        loss_sum, count = masked_token_loss(model(**model_inputs(batch)).logits, batch["labels"])
+        loss_sum, count = masked_token_loss(model(**model_inputs(batch)).logits, batch["labels"]), target_count(batch)
         (loss_sum / count).backward()
         optimizer.step()
         optimizer.zero_grad()

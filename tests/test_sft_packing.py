@@ -89,16 +89,11 @@ def test_packed_logits_equal_each_example_alone(rendered, kind, attention):
                 torch.testing.assert_close(packed[r, start : start + len(ids)], alone, atol=1e-5, rtol=0)
                 start += len(ids)
     # and the summed loss of the packed batch is the sum of the examples' losses
-    loss, count = masked_token_loss(packed, batch["labels"])
-    singles = [
-        masked_token_loss(
-            model(**model_inputs(collate([[e]], 0, packed=False))).logits, collate([[e]], 0, packed=False)["labels"]
-        )
-        for row in rows
-        for e in row
-    ]
-    assert count == sum(n for _, n in singles) == target_count(batch)
-    assert loss.item() == pytest.approx(sum(single.item() for single, _ in singles), rel=1e-5)
+    loss = masked_token_loss(packed, batch["labels"])
+    alone = [collate([[e]], 0, packed=False) for row in rows for e in row]
+    singles = [masked_token_loss(model(**model_inputs(b)).logits, b["labels"]) for b in alone]
+    assert target_count(batch) == sum(target_count(b) for b in alone) == batch["target_index"].numel()
+    assert loss.item() == pytest.approx(sum(single.item() for single in singles), rel=1e-5)
 
 
 def test_without_the_block_mask_packing_would_leak_across_examples(rendered):
@@ -137,7 +132,7 @@ def test_loss_depends_only_on_response_predictions(rendered):
     row = [examples[4], examples[6]]
     batch = collate([row], 0, packed=True)
     logits = model(**model_inputs(batch)).logits.detach().requires_grad_()
-    loss, _ = masked_token_loss(logits, batch["labels"])
+    loss = masked_token_loss(logits, batch["labels"])
     loss.backward()
     predicts_response = (batch["labels"][0, 1:] != IGNORE).numpy()
     touched = (logits.grad[0, :-1].abs().sum(-1) > 0).numpy()
@@ -150,7 +145,7 @@ def test_loss_depends_only_on_response_predictions(rendered):
         position = int(np.flatnonzero(mask == want_loss)[1])
         ids[position] = (ids[position] + 1) % len(tokenizer)
         with torch.no_grad():
-            return masked_token_loss(logits, collate([changed], 0, packed=True)["labels"])[0].item()
+            return masked_token_loss(logits, collate([changed], 0, packed=True)["labels"]).item()
 
     for example_index in (0, 1):
         assert relabelled(example_index, want_loss=False) == loss.item()  # a prompt token: masked

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -12,11 +13,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from medfoundry.errors import MedfoundryError
-from medfoundry.train.checkpoint import Checkpointer, is_complete, latest_checkpoint, read_checkpoint
+from medfoundry.train.checkpoint import Checkpointer, is_complete, latest_checkpoint, read_checkpoint, saved_tensors
 from medfoundry.train.optim import OptimConfig, build_optimizer, clip_grads, grad_norm
 from medfoundry.train.schedules import ScheduleConfig, build_scheduler
 from medfoundry.train.state import TrainState
@@ -102,10 +102,10 @@ def test_resume_is_bit_identical(tmp_path):
 def test_tied_weights_stored_once_and_loaded_strictly(tmp_path):
     model, optimizer, scheduler = setup(0)
     path = save(tmp_path, 1, model, optimizer, scheduler)
-    with safe_open(path / "model.safetensors", framework="pt") as fh:
-        keys = set(fh.keys())
+    keys = set(saved_tensors(path))
     assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
-    assert_same(read_checkpoint(path)["model"], model.state_dict())
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert_same(read_checkpoint(path)["model"], expected)
     other = nn.Linear(2, 2)
     with pytest.raises(MedfoundryError, match="does not fit this model"):
         checkpointer(tmp_path, other, torch.optim.AdamW(other.parameters()), scheduler).load(path)
@@ -135,11 +135,11 @@ def test_latest_ignores_incomplete_and_temporary_folders(tmp_path):
     shutil.copytree(good, temp)
     broken = tmp_path / "step-00000007"
     shutil.copytree(good, broken)
-    (broken / "rng.pt").unlink()
+    (broken / "rng-00000.pt").unlink()
     assert is_complete(good) and not is_complete(broken)
     assert latest_checkpoint(tmp_path) == good
     assert not temp.exists() and broken.exists()
-    with pytest.raises(MedfoundryError, match="missing rng.pt"):
+    with pytest.raises(MedfoundryError, match="missing rng-00000.pt"):
         read_checkpoint(broken)
 
 
@@ -231,3 +231,81 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         assert_same(sa, sb)
     assert a["trainer_state"] == b["trainer_state"]
     assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == [f"step-{s:08d}" for s in (total - 1, total)]
+
+
+def test_an_asynchronous_save_is_the_synchronous_one_once_finished(tmp_path):
+    """``async_save``: the shards are written in the background; the folder appears (verified, with its
+    manifest) when the save is finished by :meth:`Checkpointer.wait` or the next save, and holds what a
+    synchronous save of the same state holds."""
+    seed_all(0)
+    model, optimizer, scheduler = setup(0)
+    train(model, optimizer, scheduler, 0, 3)
+    sync = save(tmp_path / "sync", 3, model, optimizer, scheduler)
+    background = Checkpointer(
+        tmp_path / "async", model=model, optimizer=optimizer, scheduler=scheduler, keep_last=1, async_save=True
+    )
+    background.save(TrainState(step=3, reader_state={"position": 6}))
+    background.wait()
+    path = tmp_path / "async" / "step-00000003"
+    assert latest_checkpoint(tmp_path / "async") == path
+    a, b = read_checkpoint(sync), read_checkpoint(path)
+    assert_same(a["model"], b["model"]) and a["trainer_state"] == b["trainer_state"]
+    for name, state in a["optimizer"]["state"].items():
+        assert_same(state, b["optimizer"]["state"][name])
+    train(model, optimizer, scheduler, 3, 4)
+    background.save(TrainState(step=4))  # finishes step 3's first (already done), then prunes it once 4 is in
+    background.wait()
+    assert [p.name for p in (tmp_path / "async").iterdir()] == ["step-00000004"]
+
+
+AGREEMENT = r"""
+import sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from medfoundry.train import checkpoint, distributed
+from medfoundry.train.checkpoint import Checkpointer, DamagedCheckpoint
+from medfoundry.train.schedules import ScheduleConfig, build_scheduler
+from medfoundry.train.state import TrainState
+
+d = distributed.init_distributed("gloo", "cpu")
+torch.manual_seed(d.rank)  # different weights on each process: DDP-style replicas need not agree to be saved
+model = nn.Linear(8, 8)
+optimizer = torch.optim.AdamW(model.parameters())
+scheduler = build_scheduler(optimizer, 10, ScheduleConfig())
+model(torch.randn(2, 8)).sum().backward()
+optimizer.step()
+ckpt = Checkpointer(sys.argv[1], model=model, optimizer=optimizer, scheduler=scheduler, dist=d)
+ckpt.save(TrainState(step=3))
+assert ckpt.restore().step == 3
+if d.rank == 1:  # this process's file system does not show the folder (no shared file system)
+    def unreadable(path):
+        raise DamagedCheckpoint(f"{path}/.metadata: No such file or directory")
+    checkpoint.read_index = unreadable
+try:
+    ckpt.restore()
+except DamagedCheckpoint as exc:
+    print(f"rank {d.rank}: {exc}", flush=True)
+    sys.exit(3)
+"""
+
+
+def test_every_process_agrees_on_the_checkpoint_or_all_stop(tmp_path):
+    """Two processes: process 0 chooses and verifies the checkpoint, both load it; when one process cannot
+    read it, both stop with the same error naming that process (none resumes alone from step 0)."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREEMENT)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+        + [str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: process 1 cannot read the checkpoint: " in run.stdout, run.stdout + run.stderr[-2000:]
+    assert "(every process must see the checkpoint folder: a shared file system)" in run.stdout
+    manifest = (tmp_path / "ckpt" / "step-00000003" / "manifest.json").read_text()
+    assert '"world_size": 2' in manifest and "rng-00001.pt" in manifest

@@ -66,3 +66,57 @@ def test_prepared_model_keeps_returning_logits(loss):
         if loss == "chunked":
             hidden = prepared.model(input_ids=ids)
             torch.testing.assert_close(hidden @ prepared.head.weight.T, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_a_meta_model_filled_from_safetensors_equals_the_loaded_and_grown_model(tmp_path, preset):
+    """The FSDP2 path, in one process: a model built on the meta device, materialized and filled from a
+    checkpoint's safetensors (rows read by slices), equals the checkpoint loaded whole; rows of a grown
+    vocabulary are the mean of the checkpoint's rows, as grow_embeddings makes them; non-persistent
+    buffers (LLaMA's rotary frequencies) are computed, not left empty."""
+    from transformers import AutoModelForCausalLM
+
+    from medfoundry.model.resize import grow_embeddings
+    from medfoundry.train import distributed
+    from medfoundry.train.materialize import materialize, meta_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(model_config(preset, vocab_size=96, context=32))
+    base.save_pretrained(tmp_path / "base")
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    grow_embeddings(expected, 100)
+
+    model = meta_model(expected.config.__class__.from_pretrained(tmp_path / "base"))
+    grow_embeddings(model, 100)  # on the meta device: shapes only
+    materialize(model, "cpu", source=tmp_path / "base", seed=0, d=distributed.Dist())
+    got, want = model.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert dict(model.named_buffers()).keys() == dict(expected.named_buffers()).keys()
+    for name, buffer in expected.named_buffers():
+        assert torch.equal(dict(model.named_buffers())[name], buffer), name
+    ids = torch.tensor([[1, 5, 99, 7]])
+    with torch.no_grad():
+        got, want = model.eval()(input_ids=ids).logits, expected.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_meta_model_from_scratch_is_initialized_per_process(tmp_path):
+    """From scratch, each process's shards are initialized with the architecture's own rules from a
+    seed of its own (different processes, different values; the global RNG state untouched)."""
+    from medfoundry.train import distributed
+    from medfoundry.train.materialize import materialize, meta_model
+
+    config = model_config("llama-tiny", vocab_size=96, context=32)
+    made = []
+    for rank in (0, 1):
+        model = meta_model(config)
+        state = torch.get_rng_state()
+        materialize(model, "cpu", source=None, seed=3, d=distributed.Dist(rank=rank, world_size=2))
+        assert torch.equal(torch.get_rng_state(), state)
+        made.append(model.state_dict())
+    weight = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(made[0][weight], made[1][weight])
+    assert 0.015 < made[0][weight].std() < 0.025  # the config's initializer_range (0.02)
+    assert torch.equal(made[0]["model.norm.weight"], torch.ones(128))

@@ -287,22 +287,36 @@ def test_every_command_that_loads_a_checkpoint_has_the_flag(argv, field):
     assert getattr(build_parser().parse_args(argv[:-1]), field) is False
 
 
-def test_training_checkpoints_load_optimizer_state_with_weights_only(tmp_path):
-    """Resuming reads optim.pt and rng.pt with torch.load(weights_only=True): a tampered one cannot run code."""
+def test_training_checkpoints_never_unpickle_code(tmp_path):
+    """A training checkpoint is read without running code from it: each process's RNG state with
+    torch.load(weights_only=True), DCP's pickled index with an unpickler that accepts only DCP's own
+    metadata classes, and a pickled object saved where a tensor belongs is refused, never unpickled."""
+    import torch.distributed.checkpoint as dcp
+
     from medfoundry.train.checkpoint import Checkpointer, read_checkpoint
     from medfoundry.train.state import TrainState
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    checkpointer = Checkpointer(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler)
+    checkpointer = Checkpointer(tmp_path / "run", model=model, optimizer=optimizer, scheduler=scheduler)
     step = checkpointer.save(TrainState(step=1))
     marker = tmp_path / "PWNED"
-    for name in ("optim.pt", "rng.pt"):
+    for name, plant in (("rng-00000.pt", _malicious_torch_file), (".metadata", _malicious_raw_pickle)):
         original = (step / name).read_bytes()
-        _malicious_torch_file(step / name, {}, marker)
+        plant(step / name, {}, marker)
         with pytest.raises((pickle.UnpicklingError, MedfoundryError)):
-            read_checkpoint(step)
+            read_checkpoint(step, verify=False)
+        with pytest.raises((pickle.UnpicklingError, MedfoundryError)):
+            checkpointer.load(step, verify=False)
         (step / name).write_bytes(original)
     assert not marker.exists()
     assert read_checkpoint(step)["trainer_state"]["step"] == 1
+
+    planted = tmp_path / "planted"  # DCP pickles non-tensors: a weight saved as an object
+    dcp.save({"model": {"weight": Exploit(marker), "bias": model.bias.detach()}}, checkpoint_id=planted, no_dist=True)
+    from medfoundry.train.checkpoint import _load
+
+    with pytest.raises(MedfoundryError, match="a pickled object where the checkpoint holds tensors"):
+        _load(planted, {"model": {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}}, no_dist=True)
+    assert not marker.exists()

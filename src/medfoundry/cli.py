@@ -1,11 +1,12 @@
 """The ``medfoundry`` command: one subcommand per pipeline stage. Thin: parse, load the stage's config, run it
 from the stage registry (:mod:`medfoundry.stages`), print its summary. Commands that are not config-driven
-stages (corpus download, run, plan, convert, chat and serve) are here too."""
+stages (corpus download, run, plan, convert, export, chat and serve) are here too."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from medfoundry import __version__
 from medfoundry.config import add_allow_pickle
 from medfoundry.errors import MedfoundryError, Pending
 from medfoundry.io import DISK_FULL
+
+PENDING_EXIT = 75  # EX_TEMPFAIL: work handed to a scheduler is not finished; the same command again continues
 
 # ---------------------------------------------------------------------------------------------- registry stages
 
@@ -22,10 +25,42 @@ def _run_stage(args: argparse.Namespace) -> int:
     from medfoundry.stages import STAGES
 
     stage = STAGES[args.stage_name]
+    launch = _launch(args) if stage.multi_process else None
+    if launch is not None:
+        return _relaunch(args, stage, launch)
     cfg = _LOAD.get(stage.name, _load_config)(args, stage)
     manifest = stage.run(cfg, **_OPTIONS.get(stage.name, _no_options)(args))
     if manifest is not None:  # None: a process other than the first under torchrun, or generate to stdout
         print(stage.summary(manifest))
+    return 0
+
+
+def _launch(args: argparse.Namespace):
+    """The launch the flags ask for, or None: one process, or already one of torchrun's workers."""
+    from medfoundry.config import validate
+    from medfoundry.errors import ConfigError
+    from medfoundry.train.launch import LaunchConfig, under_torchrun
+
+    if args.nnodes > 1 and args.rdzv_endpoint is None:
+        raise ConfigError(
+            f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT, the first node's address, the same on every node"
+        )
+    flags = {"nproc_per_node": args.nproc_per_node, "nnodes": args.nnodes, "rdzv_endpoint": args.rdzv_endpoint}
+    launch = validate(LaunchConfig, flags, "--nproc-per-node / --nnodes / --rdzv-endpoint")
+    return None if launch.in_process or under_torchrun() else launch
+
+
+def _relaunch(args: argparse.Namespace, stage, launch) -> int:
+    """The same command, without the launch flags, under torch.distributed.run: its first process prints the
+    summary."""
+    from medfoundry.config import load_config
+    from medfoundry.train.launch import launch_torchrun, run_torchrun
+
+    load_config(stage.config, args.config, args.overrides + _pickle_override(args))  # errors before any launch
+    words = [*stage.command, args.config, *(w for o in args.overrides for w in ("--set", o))]
+    command = launch_torchrun(words + (["--allow-pickle"] if args.allow_pickle else []), launch)
+    print(f"{stage.name}: {launch.describe()}: {shlex.join(command)}", file=sys.stderr, flush=True)
+    run_torchrun(command, what=f"{stage.name} on {launch.describe()}")
     return 0
 
 
@@ -96,6 +131,18 @@ def _corpus_arguments(command: argparse.ArgumentParser, stage) -> None:
 def _training_arguments(command: argparse.ArgumentParser, stage) -> None:
     _config_arguments(command, stage)
     add_allow_pickle(command, "model.init_from (same as --set model.allow_pickle=true)")
+    launch = command.add_argument_group(
+        "several processes", "start the command again under torch.distributed.run (torchrun) with these settings"
+    )
+    launch.add_argument(
+        "--nproc-per-node", type=int, default=1, metavar="N", help="training processes on this node (one per GPU)"
+    )
+    launch.add_argument(
+        "--nnodes", type=int, default=1, metavar="M", help="nodes; start the same command on each of them"
+    )
+    launch.add_argument(
+        "--rdzv-endpoint", metavar="HOST:PORT", help="the rendezvous on the first node (needed with --nnodes > 1)"
+    )
 
 
 def _eval_arguments(command: argparse.ArgumentParser, stage) -> None:
@@ -210,6 +257,14 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from medfoundry.train.export_checkpoint import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.output), dtype=args.dtype)
+    print(f"export: {args.checkpoint} -> {out} (Hugging Face checkpoint)")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from medfoundry.model.convert import convert_gguf
 
@@ -283,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="directory to write (config.json, model.safetensors, tokenizer)")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     convert.set_defaults(func=_convert)
+
+    export = commands.add_parser(
+        "export", help="write a saved training step (RUN/checkpoints/step-N) as a Hugging Face checkpoint directory"
+    )
+    export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/x/pretrain/checkpoints/step-00001000")
+    export.add_argument("output", help="directory to write (config.json, safetensors weights, tokenizer)")
+    export.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default=None, help="default: the run's export dtype (bf16 for bf16 runs)"
+    )
+    export.set_defaults(func=_export)
     add_serve_commands(commands)
     return parser
 
@@ -293,13 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a real command line: safe to replace the process (never when called from Python)
         argv = sys.argv[1:]
         maybe_reexec_with_tcmalloc(argv)
+    from medfoundry.train.launch import LaunchFailed
+
     configure()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except Pending as exc:
-        print(f"pending: {exc}")
-        return 0
+        print(f"pending: {exc} (exit code {PENDING_EXIT})")
+        return PENDING_EXIT
+    except LaunchFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except MedfoundryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

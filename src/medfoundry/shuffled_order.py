@@ -4,7 +4,8 @@ The global order is an endless concatenation of per-epoch permutations of ``n_it
 reads global positions r, r+W, r+2W, ... . Every rank therefore advances by the same number of
 global positions per batch, and the whole state is one counter (``position``: global positions
 consumed by all ranks together), the same on every rank. Rank 0's state resumes any rank, and the
-batch size may change between runs.
+batch size and the number of ranks may change between runs (a checkpoint resharded from N to M
+processes reads on from the same global position).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class ShuffledOrder:
     item indices of :meth:`next_items` into a batch.
     """
 
-    must_match: tuple[str, ...] = ("seed", "world_size", "n_items")
+    must_match: tuple[str, ...] = ("seed", "n_items")
     mismatch_hint = ""  # appended to the error when a saved state does not fit
 
     def __init__(self, n_items: int, batch_size: int, *, rank: int, world_size: int, seed: int):
@@ -66,10 +67,16 @@ class ShuffledOrder:
 
     def state_dict(self) -> dict:
         state = {name: getattr(self, name) for name in self.must_match}
-        return {**state, "position": self.position, "batch_size": self.batch_size, "rank": self.rank}
+        return {
+            **state,
+            "position": self.position,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (rank and batch size may differ: ``position`` is the same on every rank)."""
+        """Continue from ``state`` (rank, batch size and number of ranks may differ: ``position`` is global)."""
         for name in self.must_match:
             if state.get(name) != getattr(self, name):
                 raise MedfoundryError(
@@ -77,9 +84,6 @@ class ShuffledOrder:
                     f"in the state but {getattr(self, name)!r} here{self.mismatch_hint}"
                 )
         position = state.get("position")
-        if not isinstance(position, int) or position < 0 or position % self.world_size:
-            raise MedfoundryError(
-                f"reader state: position must be a non-negative multiple of world_size "
-                f"{self.world_size}, not {position!r}"
-            )
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise MedfoundryError(f"reader state: position must be a non-negative integer, not {position!r}")
         self.position = position

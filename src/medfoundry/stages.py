@@ -4,7 +4,10 @@ and the line the CLI prints. ``medfoundry <stage> CONFIG`` (:mod:`medfoundry.cli
 
 A stage's ``run`` takes its typed config (plus keyword options a command line may set, e.g. ``force``) and
 returns the :class:`~medfoundry.manifest.Manifest` it wrote in its output directory. Training under
-``torchrun`` runs on every process; only the first writes the manifest, and the others get ``None``.
+``torchrun`` runs on every process; only the first writes the manifest, and the others get ``None``. The
+``multi_process`` stages (pretrain, finetune) are those that ``--nproc-per-node`` and a recipe's
+``distributed:`` section start on several processes (:mod:`medfoundry.train.launch`), each running the
+stage's own command.
 Heavy modules are imported inside the run functions: looking a stage up costs nothing.
 """
 
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from medfoundry.manifest import MANIFEST, Manifest, inputs_fingerprint, output_fingerprint
+from medfoundry.manifest import MANIFEST, HashCache, Manifest, inputs_fingerprint, output_fingerprint
 
 if TYPE_CHECKING:
     from medfoundry.card.config import CardRunConfig
@@ -40,6 +43,7 @@ class Stage:
     command: tuple[str, ...]  # the CLI words: ("corpus", "build"), ("tokenize",), ...
     help: str
     example: str  # a config to start from, named in the command's help
+    multi_process: bool = False  # runs on several processes or nodes (torchrun, Slurm): medfoundry.train.launch
 
     @property
     def config(self) -> type[BaseModel]:
@@ -49,16 +53,20 @@ class Stage:
 
 def input_fingerprints(*specs: str | None) -> dict[str, str]:
     """Fingerprints of a stage's inputs: an earlier stage's output by its manifest, another local file or folder
-    by content; a name that is not a local path (a Hub id) has none."""
+    by content (each file read once per size and modification time: a 7B base model's 14 GB are not hashed
+    again by every run that continues it); a name that is not a local path (a Hub id) has none."""
+    from medfoundry.model.load import cache_root
+
     found = {}
-    for spec in specs:
-        if spec is None or spec in found:
-            continue
-        path = Path(spec)
-        if (path / MANIFEST).is_file():
-            found[spec] = output_fingerprint(path)
-        elif path.exists():
-            found[spec] = inputs_fingerprint(path, skip=lambda name: name == "README.md")  # the card a model gets
+    with HashCache(cache_root() / "input_digests.json") as hashes:
+        for spec in specs:
+            if spec is None or spec in found:
+                continue
+            path = Path(spec)
+            if (path / MANIFEST).is_file():
+                found[spec] = output_fingerprint(path)
+            elif path.exists():  # README.md: the card a model gets
+                found[spec] = inputs_fingerprint(path, skip=lambda name: name == "README.md", hashes=hashes)
     return found
 
 
@@ -304,8 +312,9 @@ STAGES: dict[str, Stage] = {
             run=_pretrain,
             summary=_pretrain_summary,
             command=("pretrain",),
-            help="pretrain or continue pretraining a GPT-2, LLaMA or BLOOM model (torchrun for many processes)",
+            help="pretrain or continue pretraining a GPT-2, LLaMA or BLOOM model (--nproc-per-node N: N processes)",
             example="recipes/quickstart_pretrain.yaml",
+            multi_process=True,
         ),
         Stage(
             name="finetune",
@@ -314,8 +323,9 @@ STAGES: dict[str, Stage] = {
             summary=_finetune_summary,
             command=("finetune",),
             help="supervised fine-tuning: chat templates, prompt-loss masking, packing, mixtures, LoRA "
-            "(torchrun for many processes)",
+            "(--nproc-per-node N: N processes)",
             example="recipes/pubmedqa_finetune.yaml",
+            multi_process=True,
         ),
         Stage(
             name="eval",

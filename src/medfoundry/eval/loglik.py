@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from medfoundry.errors import ConfigError
+from medfoundry.eval.device import upload
 
 # Activations per forward pass when batch_size is None (padded tokens x hidden size): batches grow until
 # their activations would leave the CPU caches, where small models stop paying per-call overhead and large
@@ -298,18 +299,23 @@ class _Scorer:
         multi = [(i, c) for i, u in enumerate(batch) for c in u.continuations if len(c) > 1]
         keys = max(len(u.prefix) for u in batch) + max((len(c) for _, c in multi), default=0)
         self._set_attention("eager" if keys <= EAGER_MAX_KEYS_CPU else "sdpa")
+        choices = [(i, c) for i, u in enumerate(batch) for c in u.continuations]
+        picked = upload([[i for i, _ in choices], [c[0] for _, c in choices]], self.device)
         last, cache, mask = self._contexts(batch, shared, keep_cache=bool(multi))
         first = self._log_probs(last)  # the first continuation token of every choice, [contexts, vocab]
-        argmax = first.argmax(-1).tolist()
-        first = first.cpu()
-        rest = self._rest(cache, mask, multi) if multi else {}
+        # only the scored numbers leave the device, all of the batch's in one transfer (one wait for a GPU)
+        parts = [first[picked[0], picked[1]].double(), (first.argmax(-1)[picked[0]] == picked[1]).double()]
+        if multi:
+            parts += self._rest(cache, mask, multi)
+        host = torch.cat(parts).cpu()
+        first_logp, first_greedy = host[: len(choices)].tolist(), host[len(choices) : 2 * len(choices)].tolist()
+        rest = self._rest_scores(host[2 * len(choices) :], multi) if multi else {}
         scores = {}
-        for i, unit in enumerate(batch):
-            for c in unit.continuations:
-                loglik, greedy = rest.get((i, c), (0.0, True))
-                scores[(unit.prefix, c)] = ChoiceScore(
-                    loglik=float(first[i, c[0]]) + loglik, is_greedy=greedy and argmax[i] == c[0], tokens=len(c)
-                )
+        for (i, c), logp, greedy_first in zip(choices, first_logp, first_greedy):
+            loglik, greedy = rest.get((i, c), (0.0, True))
+            scores[(batch[i].prefix, c)] = ChoiceScore(
+                loglik=logp + loglik, is_greedy=greedy and bool(greedy_first), tokens=len(c)
+            )
         return scores
 
     def _contexts(self, batch: list[_Unit], shared: Tokens, keep_cache: bool):
@@ -327,23 +333,34 @@ class _Scorer:
         last = out.last_hidden_state[torch.arange(len(batch), device=self.device), mask.sum(1) - offset - 1]
         return last, out.past_key_values, mask
 
-    def _rest(
-        self, cache, mask: torch.Tensor, multi: list[tuple[int, Tokens]]
-    ) -> dict[tuple[int, Tokens], tuple[float, bool]]:
-        """Log-probability and greediness of continuation tokens 2..n, one row per multi-token continuation,
-        each row reading its context from the cache (expanded over the rows)."""
-        rows = torch.tensor([i for i, _ in multi], device=self.device)
+    def _rest(self, cache, mask: torch.Tensor, multi: list[tuple[int, Tokens]]) -> list[torch.Tensor]:
+        """Log-probabilities (float64) and greediness (1.0 or 0.0) of continuation tokens 2..n, on the device, one
+        row per multi-token continuation, each row reading its context from the cache (expanded over the rows)."""
+        rows = upload([i for i, _ in multi], self.device)
+        tails = [c[:-1] for _, c in multi]
+        width = max(map(len, tails))
+        # the positions of the tails' tokens, row-major (what boolean indexing with the mask yields, without
+        # waiting for the device to count them)
+        kept = upload([r * width + j for r, tail in enumerate(tails) for j in range(len(tail))], self.device)
+        targets = upload([t for _, c in multi for t in c[1:]], self.device)
         cache.reorder_cache(rows)
-        ids, cont_mask = self._pad([c[:-1] for _, c in multi])
+        ids, cont_mask = self._pad(tails)
         kwargs = {"attention_mask": torch.cat([mask[rows], cont_mask], dim=1), "past_key_values": cache}
         if self.takes_positions:  # padding gets position 0: a real position could lie beyond the table
             start = mask.sum(1)[rows, None]
             kwargs["position_ids"] = (start + torch.arange(ids.shape[1], device=self.device)) * cont_mask
-        hidden = self.base(input_ids=ids, **kwargs).last_hidden_state[cont_mask.bool()]
-        targets = torch.tensor([t for _, c in multi for t in c[1:]], device=self.device)
+        hidden = self.base(input_ids=ids, **kwargs).last_hidden_state.flatten(0, 1)[kept]
         logp = self._log_probs(hidden)
-        token_logp = logp.gather(1, targets[:, None])[:, 0].double().cpu()  # summed without float32 rounding
-        hits = (logp.argmax(-1) == targets).cpu()
+        token_logp = logp.gather(1, targets[:, None])[:, 0].double()  # summed without float32 rounding
+        return [token_logp, (logp.argmax(-1) == targets).double()]
+
+    @staticmethod
+    def _rest_scores(
+        host: torch.Tensor, multi: list[tuple[int, Tokens]]
+    ) -> dict[tuple[int, Tokens], tuple[float, bool]]:
+        """Per multi-token continuation, the summed log-probability and greediness of its tokens 2..n, from
+        :meth:`_rest`'s tensors read back to the host."""
+        token_logp, hits = host.chunk(2)
         result, start = {}, 0
         for key in multi:
             end = start + len(key[1]) - 1
@@ -365,7 +382,7 @@ class _Scorer:
     def _shared_cache(self, shared: Tokens, rows: int):
         """The KV cache of ``shared``, computed once per group, copied and expanded to ``rows``."""
         if self.shared_tokens != shared:
-            ids = torch.tensor([shared], device=self.device)
+            ids = upload([shared], self.device)
             self.shared_tokens, self.shared_kv = shared, self.base(input_ids=ids, use_cache=True).past_key_values
         cache = copy.deepcopy(self.shared_kv)
         cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=self.device))
@@ -374,12 +391,9 @@ class _Scorer:
     def _pad(self, sequences: list[Tokens]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids (padding id 0: never attended to) and the attention mask."""
         width = max(len(s) for s in sequences)
-        ids = torch.zeros((len(sequences), width), dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        return ids.to(self.device), mask.to(self.device)
+        ids = [[*seq, *[0] * (width - len(seq))] for seq in sequences]
+        mask = [[1] * len(seq) + [0] * (width - len(seq)) for seq in sequences]
+        return upload(ids, self.device), upload(mask, self.device)
 
 
 def _check_head(model, base, head, device: torch.device) -> None:

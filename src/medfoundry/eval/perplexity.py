@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from medfoundry.errors import ConfigError, InputError, MedfoundryError
+from medfoundry.eval.device import upload
 from medfoundry.io import iter_json_lines, iter_lines
 
 PRECISIONS = ("fp32", "bf16")
@@ -361,28 +362,31 @@ class _Scorer:
                 "hidden states (logit soft-capping or scaling?): perplexity does not support it"
             )
 
+    @torch.inference_mode()
     def score_pool(self, pool: list, batch_size: int, bar) -> float:
-        """Total NLL of the pool's windows; sorting by length first keeps padding (wasted compute) small."""
+        """Total NLL of the pool's windows; sorting by length first keeps padding (wasted compute) small. The
+        batches' sums add up on the device, read once per pool: no batch waits for the one before."""
         pool = sorted(pool, key=lambda w: w[2] - w[1], reverse=True)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(0, len(pool), batch_size):
             batch = pool[i : i + batch_size]
             total += self.score_batch(batch)
             bar.update(sum(w[3] for w in batch))
-        return total
+        return total.item()
 
     @torch.inference_mode()
-    def score_batch(self, windows: list[tuple[np.ndarray, int, int, int]]) -> float:
-        ids, mask, scored, targets = (torch.from_numpy(a).to(self.device) for a in _batch_arrays(windows))
+    def score_batch(self, windows: list[tuple[np.ndarray, int, int, int]]) -> torch.Tensor:
+        """The summed NLL (float64, on the device) of the windows' scored tokens."""
+        ids, mask, scored, targets = (upload(a, self.device) for a in _batch_arrays(windows))
         with self._autocast():
-            hidden = self.base(input_ids=ids, attention_mask=mask).last_hidden_state[scored]
+            hidden = self.base(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[scored]
         nll = torch.cat(
             [
                 self._token_nll(hidden[i : i + self.rows], targets[i : i + self.rows])
                 for i in range(0, len(targets), self.rows)
             ]
         )
-        return nll.double().sum().item()
+        return nll.double().sum()
 
     def _token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self._autocast():
@@ -391,8 +395,8 @@ class _Scorer:
 
 
 def _batch_arrays(windows: list[tuple[np.ndarray, int, int, int]]):
-    """Right-padded input ids, attention mask, mask of the scored positions and the scored targets (in the
-    row-major order that boolean indexing of the hidden states yields)."""
+    """Right-padded input ids, attention mask, the scored positions (indices into the flattened rows, row-major:
+    boolean indexing would wait for the device to count them) and the scored targets, in the same order."""
     width = max(end - start for _, start, end, _ in windows)
     ids = np.zeros((len(windows), width), np.int64)
     mask = np.zeros((len(windows), width), np.int64)
@@ -404,4 +408,4 @@ def _batch_arrays(windows: list[tuple[np.ndarray, int, int, int]]):
         mask[row, :length] = 1
         scored[row, length - count : length] = True
         targets.append(seq[end - count + 1 : end + 1])
-    return ids, mask, scored, np.concatenate(targets)
+    return ids, mask, np.flatnonzero(scored), np.concatenate(targets)

@@ -312,13 +312,13 @@ class Engine:
         return joiners
 
     def _prefill(self, joiners: list[Request]) -> list[Output]:
-        lengths = torch.tensor([len(r.prompt_ids) for r in joiners])
-        width = int(lengths.max())
-        ids = torch.zeros(len(joiners), width, dtype=torch.long)
-        for i, request in enumerate(joiners):
-            ids[i, : len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
-        mask = torch.arange(width)[None, :] < lengths[:, None]
-        positions = torch.arange(width).expand(len(joiners), width)
+        device = self.device  # every input is made on the model's device: one copy of the ids, one of the lengths
+        width = max(len(r.prompt_ids) for r in joiners)
+        ids = torch.tensor([r.prompt_ids + [0] * (width - len(r.prompt_ids)) for r in joiners], device=device)
+        lengths = torch.tensor([len(r.prompt_ids) for r in joiners], device=device)
+        columns = torch.arange(width, device=device)
+        mask = columns[None, :] < lengths[:, None]
+        positions = columns.expand(len(joiners), width)
         self.cache.bind_prefill(len(self.running), len(joiners), width)
         logits = self._forward(ids, mask, positions, keep=(lengths - 1)[:, None])
         for request in joiners:
@@ -328,23 +328,23 @@ class Engine:
 
     def _decode(self) -> list[Output]:
         rows = list(self.running)
-        positions = torch.tensor([r.pos for r in rows])
-        kv_len = int(positions.max()) + 1
-        mask = torch.arange(kv_len)[None, :] <= positions[:, None]
-        self.cache.bind_decode(positions.to(self.device), kv_len)
-        logits = self._forward(torch.tensor([[r.last] for r in rows]), mask, positions[:, None], keep=1)
+        kv_len = max(r.pos for r in rows) + 1
+        fed = torch.tensor([[r.pos for r in rows], [r.last for r in rows]], device=self.device)  # one copy
+        positions, ids = fed[0], fed[1][:, None]
+        mask = torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None]
+        self.cache.bind_decode(positions, kv_len)
+        logits = self._forward(ids, mask, positions[:, None], keep=1)
         for request in rows:
             request.pos += 1
         return self._advance(rows, logits)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep) -> torch.Tensor:
-        """The model's own forward on our cache; logits (rows, vocab) at the kept position of each row."""
-        device = self.device
-        keep = keep.to(device) if isinstance(keep, torch.Tensor) else keep
+        """The model's own forward on our cache (inputs on the model's device); logits (rows, vocab) at the kept
+        position of each row."""
         out = self.model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device, torch.long),
-            position_ids=positions.to(device),
+            input_ids=ids,
+            attention_mask=mask.long(),
+            position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=keep,

@@ -79,6 +79,23 @@ PRESETS: dict[str, tuple[str, dict]] = {
             "pad_token_id": 2,
         },
     ),
+    # a LLaMA-shaped 0.6B model (head dim 128, grouped-query attention) for scale tests on one machine:
+    # big enough that sharding, not the Python runtime, decides each process's memory
+    "llama-600m": (
+        "llama",
+        {
+            "vocab_size": 32_000,
+            "hidden_size": 1536,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 20,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+            **_NO_IDS,
+        },
+    ),
     "llama-tiny": (
         "llama",
         {

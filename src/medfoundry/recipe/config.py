@@ -13,6 +13,7 @@
       eval:      {...}   # medfoundry eval, minus output_dir; `models` lists baselines besides the run's model
       generate:  {...}   # medfoundry generate, minus model and output: prompts answered by the run's model
     card: {...}          # medfoundry card: license, language, intended uses...
+    distributed: {...}   # how pretrain and finetune start: processes per node, nodes, torchrun or slurm
 
 Every stage is optional, but those present run in the order above, each writing ``run_dir/<stage>``;
 ``${run_dir}`` in any string of a stage section stands for the run directory.
@@ -21,6 +22,11 @@ trains on the corpus, the tokens use both, pretraining reads the tokens with the
 continuing a model without a tokenizer stage, the model's own), fine-tuning starts from the pretrained
 model, evaluation and generation use the last trained model (or, with neither, the eval's first
 model). :func:`wire` returns each stage's typed config, exactly what its own command would take.
+
+``distributed`` (:class:`~medfoundry.train.launch.LaunchConfig`) applies to the training stages only: the
+runner starts them under torchrun on ``nproc_per_node`` processes (of ``nnodes`` nodes), or submits a Slurm
+job for them; the other stages run in the runner's process. It is not part of any stage's key: the same
+training on more processes is the same stage (a rerun with a different launch resumes it).
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from medfoundry.card.config import CardConfig
 from medfoundry.config import StrictModel, validate
 from medfoundry.errors import ConfigError
 from medfoundry.generation.config import GenerateConfig
+from medfoundry.train.launch import LaunchConfig
 
 STAGES = ("corpus", "tokenizer", "tokens", "pretrain", "finetune", "eval", "generate", "card")
 TRAINED = ("finetune", "pretrain")  # the run's model comes from the last of these that the recipe has
@@ -59,6 +66,9 @@ class RecipeConfig(StrictModel):
     card: CardConfig | None = Field(
         None, description="model card metadata (medfoundry card); a card is written when set"
     )
+    distributed: LaunchConfig | None = Field(
+        None, description="how the training stages (pretrain, finetune) start: torchrun or a Slurm job"
+    )
     plan: dict | None = Field(None, description="the hardware the recipe targets (medfoundry plan)")
 
     @field_validator("stages")
@@ -67,6 +77,17 @@ class RecipeConfig(StrictModel):
         if not any(getattr(stages, s) is not None for s in StagesConfig.model_fields):
             raise ValueError(f"a recipe needs at least one stage of {', '.join(STAGES[:-1])}")
         return stages
+
+    @field_validator("distributed")
+    @classmethod
+    def _something_to_launch(cls, launch: LaunchConfig | None, info: ValidationInfo) -> LaunchConfig | None:
+        stages = info.data.get("stages")
+        if launch is not None and stages is not None and not any(getattr(stages, s) is not None for s in TRAINED):
+            raise ValueError(
+                "the recipe has no training stage (pretrain, finetune) to launch; the other stages run in "
+                "medfoundry run's process. Remove the section"
+            )
+        return launch
 
     def present(self) -> list[str]:
         """The recipe's stages, in run order."""

@@ -16,27 +16,38 @@ never deleted outright.
 Each stage's wired config is written to ``run_dir/configs/<stage>.yaml``, so any stage can be rerun
 alone with its own command (``medfoundry pretrain runs/x/configs/pretrain.yaml``, or under torchrun).
 The run ends with ``run_dir/report.md`` (:mod:`medfoundry.recipe.report`) and ``run_dir/run.json``.
+
+With a ``distributed:`` section, the training stages run that same command on several processes
+(:mod:`medfoundry.train.launch`): under torchrun, started and waited for here (its first process writes
+the manifest); or in a Slurm job: the runner writes ``run_dir/slurm/<stage>.sbatch``, submits it, records
+the job id in ``stages.json`` (status ``pending``) and ``run_dir/slurm/<stage>.json``, and stops with
+:class:`~medfoundry.errors.Pending` (exit code 75). Run again, the recipe says the job is still queued or
+running (still pending), continues once the job has written the stage's manifest, or, when the job ended
+without it, submits the stage again (training resumes from its last checkpoint).
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import shlex
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
 from medfoundry import __version__
 from medfoundry.card.config import CardRunConfig
 from medfoundry.config import StrictModel, apply_overrides, load_yaml, validate
-from medfoundry.errors import ConfigError, InputError
+from medfoundry.errors import ConfigError, InputError, MedfoundryError, Pending
 from medfoundry.io import write_json, write_text
 from medfoundry.manifest import Manifest, content_key, inputs_fingerprint
 from medfoundry.recipe.config import RecipeConfig, wire
 from medfoundry.stages import STAGES
+from medfoundry.train.launch import LaunchConfig, job_state, launch_torchrun, run_torchrun, sbatch_script, submit
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
@@ -74,32 +85,53 @@ def run_recipe(
         write_text(
             run / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
         )
-    for stage in chosen:
-        done = state.get(stage, {})
-        cached = (
-            done.get("key") == keys[stage]
-            and done.get("status") == "done"
-            and stage not in forced
-            and _finished(run, stage)
-        )
-        if cached:
-            log(f"run: {stage}: done earlier (key {keys[stage][:12]}), skipped")
-            summary["stages"][stage] = {**done, "this_run": "cached"}
-            continue
-        if dry_run:
-            log(f"run: {stage}: would run (key {keys[stage][:12]})")
-            summary["stages"][stage] = {"key": keys[stage], "this_run": "would run"}
-            continue
-        if done.get("key") != keys[stage] or stage in forced:
-            _supersede(run, stage)
-        summary["stages"][stage] = {**_run_stage(recipe, configs, stage, keys[stage], state, log), "this_run": "ran"}
-        forced |= set(present[present.index(stage) + 1 :])  # what follows read this stage's new output
+    try:
+        for stage in chosen:
+            done = state.get(stage, {})
+            if done.get("status") == "pending" and not dry_run:  # a Slurm job submitted by an earlier run
+                ended = _pending_job(run, stage, done, keys[stage], stage in forced, log)
+                if ended is not None:  # it wrote the stage's manifest: done
+                    state[stage] = ended
+                    _write_state(run, state)
+                    summary["stages"][stage] = {**ended, "this_run": "ran"}
+                    forced |= set(present[present.index(stage) + 1 :])
+                    continue
+            cached = (
+                done.get("key") == keys[stage]
+                and done.get("status") == "done"
+                and stage not in forced
+                and _finished(run, stage)
+            )
+            if cached:
+                log(f"run: {stage}: done earlier (key {keys[stage][:12]}), skipped")
+                summary["stages"][stage] = {**done, "this_run": "cached"}
+                continue
+            if dry_run:
+                job = f"; slurm job {done['job_id']} was submitted for it" if done.get("status") == "pending" else ""
+                log(f"run: {stage}: would run{_how(recipe, stage)} (key {keys[stage][:12]}{job})")
+                summary["stages"][stage] = {"key": keys[stage], "this_run": "would run"}
+                continue
+            if done.get("key") != keys[stage] or stage in forced:
+                _supersede(run, stage)
+            summary["stages"][stage] = {
+                **_run_stage(recipe, configs, stage, keys[stage], state, log),
+                "this_run": "ran",
+            }
+            forced |= set(present[present.index(stage) + 1 :])  # what follows read this stage's new output
+    except Pending:
+        summary["stages"][stage] = {**state.get(stage, {}), "this_run": "pending"}
+        _finish(recipe, run, summary)
+        raise
     if not dry_run:
-        from medfoundry.recipe.report import write_report
-
-        summary["report"] = str(write_report(recipe, run, _read_state(run)))
-        write_json(run / "run.json", summary)
+        _finish(recipe, run, summary)
     return summary
+
+
+def _finish(recipe: RecipeConfig, run: Path, summary: dict) -> None:
+    from medfoundry.recipe.report import write_report
+
+    summary["report"] = str(write_report(recipe, run, _read_state(run)))
+    write_json(run / "run.json", summary)
 
 
 def _run_stage(recipe: RecipeConfig, configs: dict, stage: str, key: str, state: dict, log) -> dict:
@@ -108,15 +140,128 @@ def _run_stage(recipe: RecipeConfig, configs: dict, stage: str, key: str, state:
         write_text(
             run / "configs" / f"{stage}.yaml", yaml.safe_dump(configs[stage].model_dump(mode="json"), sort_keys=False)
         )
+    launch = recipe.distributed if STAGES[stage].multi_process else None
+    if launch is not None and launch.launcher == "slurm":
+        return _submit(recipe, stage, key, state, launch, log)
     log(f"run: {stage}: running (key {key[:12]})")
     started = time.time()
     state[stage] = {"key": key, "status": "running", "started": started}
     _write_state(run, state)
-    STAGES[stage].run(configs[stage])
+    if launch is None or launch.in_process:
+        STAGES[stage].run(configs[stage])
+    else:
+        _torchrun(run, stage, launch, log)
     state[stage] = {"key": key, "status": "done", "started": started, "seconds": round(time.time() - started, 1)}
     _write_state(run, state)
     log(f"run: {stage}: done in {state[stage]['seconds']:,.0f} s")
     return state[stage]
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+
+def _how(recipe: RecipeConfig, stage: str) -> str:
+    launch = recipe.distributed if STAGES[stage].multi_process else None
+    if launch is None or launch.in_process:
+        return ""
+    return f" on {launch.describe()}" + (" as a slurm job" if launch.launcher == "slurm" else " under torchrun")
+
+
+def _stage_words(run: Path, stage: str) -> list[str]:
+    """``medfoundry`` arguments that run the stage from the config the runner wrote."""
+    return [*STAGES[stage].command, str(run / "configs" / f"{stage}.yaml")]
+
+
+def _torchrun(run: Path, stage: str, launch: LaunchConfig, log) -> None:
+    """The stage under torchrun on this node; its first process writes the manifest."""
+    words = _stage_words(run, stage)
+    command = launch_torchrun(words, launch)
+    log(f"run: {stage}: on {launch.describe()}: {shlex.join(command)}")
+    if launch.nnodes > 1:
+        log(
+            f"run: {stage}: start the same on each of the other {launch.nnodes - 1} node(s), from this directory: "
+            f"medfoundry {shlex.join(words)} --nproc-per-node {launch.nproc_per_node} --nnodes {launch.nnodes} "
+            f"--rdzv-endpoint {launch.rdzv_endpoint}"
+        )
+    run_torchrun(command, what=f"run: {stage}")
+    if not _finished(run, stage):
+        raise MedfoundryError(
+            f"run: {stage}: torchrun ended without error but {run / stage / 'manifest.json'} is not there"
+        )
+
+
+def _submit(recipe: RecipeConfig, stage: str, key: str, state: dict, launch: LaunchConfig, log) -> NoReturn:
+    """Write the stage's batch script (``run_dir/slurm/<stage>.sbatch``), submit it, record the job in
+    ``stages.json`` (status ``pending``) and stop the run: :class:`Pending`."""
+    run = Path(recipe.run_dir)
+    slurm_dir = run / "slurm"
+    script = slurm_dir / f"{stage}.sbatch"
+    log_pattern = slurm_dir / f"{stage}-%j.out"
+    write_text(
+        script,
+        sbatch_script(
+            [*STAGES[stage].command, str((run / "configs" / f"{stage}.yaml").resolve())],
+            launch,
+            job_name=f"medfoundry-{recipe.name}-{stage}",
+            output=log_pattern.resolve(),
+            workdir=Path.cwd(),
+            title=f"medfoundry run: recipe {recipe.name}, stage {stage}, on {launch.describe()}",
+        ),
+    )
+    job = submit(script)
+    log_path = slurm_dir / f"{stage}-{job}.out"
+    state[stage] = {"key": key, "status": "pending", "job_id": job, "submitted": time.time(), "log": str(log_path)}
+    _write_state(run, state)
+    write_json(slurm_dir / f"{stage}.json", {"job_id": job, "script": str(script), "log": str(log_path)})
+    log(f"run: {stage}: submitted as slurm job {job} ({launch.describe()}; script {script}, log {log_path})")
+    raise Pending(
+        f"run: {stage}: slurm job {job} submitted ({launch.describe()}; log {log_path}). Run the same command "
+        "again once it has ended: the recipe continues from there"
+    )
+
+
+def _pending_job(run: Path, stage: str, done: dict, key: str, forced: bool, log) -> dict | None:
+    """The Slurm job an earlier run submitted for the stage: still queued or running, :class:`Pending`; ended
+    with the manifest written, the stage's done entry; ended without it (failed, cancelled, out of time), None:
+    the stage is submitted again and training resumes from its last checkpoint."""
+    job = str(done["job_id"])
+    active, slurm_state = job_state(job)
+    if active:
+        if done.get("key") != key or forced:
+            raise ConfigError(
+                f"run: {stage}: slurm job {job}, submitted for the stage's previous config, is still "
+                f"{slurm_state.lower()}: wait for it to end, or cancel it (scancel {job}), before changing or "
+                "rerunning the stage"
+            )
+        raise Pending(
+            f"run: {stage}: slurm job {job} is still {slurm_state.lower()} (log {done.get('log')}). Run the same "
+            "command again once it has ended"
+        )
+    if done.get("key") == key and not forced and _finished(run, stage):
+        seconds = Manifest.read(run / stage, stage).timings.get("total_s")
+        log(f"run: {stage}: done by slurm job {job}" + (f" in {seconds:,.0f} s" if seconds is not None else ""))
+        return {
+            "key": key,
+            "status": "done",
+            "started": done.get("submitted"),
+            "job_id": job,
+            **({"seconds": round(seconds, 1)} if seconds is not None else {}),
+        }
+    if done.get("key") == key and not forced:
+        how = f"ended ({slurm_state})" if slurm_state else "ended"
+        log(
+            f"run: {stage}: slurm job {job} {how} without writing {run / stage / 'manifest.json'}; submitting it "
+            f"again (training resumes from its last checkpoint). The job's log: {done.get('log')}"
+            + _tail(done.get("log"))
+        )
+    return None
+
+
+def _tail(path: str | None, lines: int = 15) -> str:
+    if not path or not Path(path).is_file():
+        return ""
+    text = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    return "".join(f"\n  | {line}" for line in text)
 
 
 # ---------------------------------------------------------------------------------------------- keys

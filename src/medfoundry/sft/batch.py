@@ -47,7 +47,7 @@ def collate(
     mask_dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """A batch from rows of ``(ids, loss)`` examples, right-padded to the longest row; ``tokens`` counts
-    the examples' tokens (padding excluded).
+    the examples' tokens (padding excluded), ``target_index`` locates the predictions that carry loss.
 
     ``packed``: a 4D block-causal ``attention_mask``; otherwise (one example per row) the usual 2D
     padding mask.
@@ -74,6 +74,9 @@ def collate(
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(positions),
         "tokens": (segment_ids > 0).sum(),
+        # flat indices of the predictions that carry loss (into labels[:, 1:]): computed here, on the host,
+        # so the loss selects them on the device without a host sync (a boolean mask would need one)
+        "target_index": torch.from_numpy(np.flatnonzero(labels[:, 1:] != IGNORE)),
     }
     batch["attention_mask"] = block_causal_mask(segment_ids, mask_dtype) if packed else (segment_ids > 0).long()
     return batch
@@ -87,18 +90,18 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in MODEL_INPUTS}
 
 
-def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of the next-token cross-entropies over labelled positions (in fp32), and their number.
+def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the next-token cross-entropies over labelled positions (in fp32).
 
     Summed rather than averaged so the loop can normalize over all targets of an accumulated global
-    batch, whose micro-batches hold different numbers of response tokens.
+    batch, whose micro-batches hold different numbers of response tokens (:func:`target_count`,
+    counted on the host before the batch goes to the device).
     """
     targets = labels[:, 1:]
     scores = logits[:, :-1].float()
-    loss = F.cross_entropy(
+    return F.cross_entropy(
         scores.reshape(-1, scores.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
-    return loss, int((targets != IGNORE).sum())
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> int:

@@ -513,7 +513,7 @@ class SFTReader(ShuffledOrder):
     state resumes any rank, and batch size may change between runs.
     """
 
-    must_match = ("seed", "world_size", "n_rows", "fingerprint")
+    must_match = ("seed", "n_rows", "fingerprint")
     mismatch_hint = " (was the data prepared again?)"
 
     def __init__(

@@ -20,13 +20,20 @@ from pathlib import Path
 import torch
 
 from medfoundry.errors import ConfigError
-from medfoundry.sft.batch import IGNORE, masked_token_loss, model_inputs, target_count
+from medfoundry.sft.batch import masked_token_loss, model_inputs, target_count
 from medfoundry.sft.config import FinetuneConfig
 from medfoundry.sft.dataset import PackedSplit, SFTData, prepare, validation_passes
 from medfoundry.train import distributed, lora
 from medfoundry.train.loop import Job, Loss, StepFlops, run_distributed, to_device
 from medfoundry.train.losses import NextTokenLoss, linear_cross_entropy
-from medfoundry.train.model_setup import check_context, load_pretrained, prepare_for_training
+from medfoundry.train.materialize import materialize, meta_model
+from medfoundry.train.model_setup import (
+    check_context,
+    load_pretrained,
+    prepare_for_training,
+    pretrained_config,
+    pretrained_source,
+)
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -43,14 +50,14 @@ class MaskedTokenLoss(NextTokenLoss):
     """
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        targets = batch["labels"][:, 1:]
+        index = batch["target_index"]  # selected by index on the device: no host sync
         with self._autocast():
             if self.head is not None:
-                hidden = model(**model_inputs(batch))
-                keep = targets != IGNORE
-                return linear_cross_entropy(hidden[:, :-1][keep], self.head.weight, targets[keep]), int(keep.sum())
+                hidden = model(**model_inputs(batch))[:, :-1].flatten(0, 1).index_select(0, index)
+                targets = batch["labels"][:, 1:].flatten().index_select(0, index)
+                return linear_cross_entropy(hidden, self.head.weight, targets), index.numel()
             logits = model(**model_inputs(batch)).logits
-        return masked_token_loss(logits, batch["labels"])
+        return masked_token_loss(logits, batch["labels"]), index.numel()
 
 
 class SFTValidation:
@@ -115,10 +122,14 @@ def _resolve_steps(cfg: FinetuneConfig, data: SFTData) -> FinetuneConfig:
     return cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": steps})})
 
 
-def _load_base(cfg: FinetuneConfig, tokenizer_dir: Path, max_length: int) -> torch.nn.Module:
+def _load_base(cfg: FinetuneConfig, tokenizer_dir: Path, max_length: int, meta: bool) -> torch.nn.Module:
+    """The model to fine-tune; with ``meta``, without storage (each process loads its shards after sharding)."""
     from medfoundry.model.resize import resize_for_tokenizer
 
-    model = load_pretrained(cfg.model.init_from, allow_pickle=cfg.model.allow_pickle)
+    if meta:
+        model = meta_model(pretrained_config(cfg.model.init_from, allow_pickle=cfg.model.allow_pickle))
+    else:
+        model = load_pretrained(cfg.model.init_from, allow_pickle=cfg.model.allow_pickle)
     resize_for_tokenizer(model, tokenizer_dir)
     check_context(model.config, max_length, "data.max_length")
     return model
@@ -128,21 +139,30 @@ def _finetune_job(cfg: FinetuneConfig, d: distributed.Dist, device: str, precisi
     data = _prepared(cfg, d)
     cfg = _resolve_steps(cfg, data)
     max_length = data.manifest["max_length"]
+    # FSDP2 builds on the meta device and loads each process's shards; LoRA's adapters are initialized
+    # by peft on a model in memory, so LoRA runs build the model whole (the base is frozen and small
+    # next to the optimizer state a full fine-tune shards)
+    meta = distributed.shards_on_meta(cfg.distributed.strategy, d) and cfg.lora is None
     prepared = prepare_for_training(
-        _load_base(cfg, data.tokenizer_dir, max_length),
+        _load_base(cfg, data.tokenizer_dir, max_length, meta),
         cfg.training,
         device=device,
         context=max_length,
         lora=cfg.lora,
         added_ids=data.manifest["tokenizer"]["added_ids"],
+        place=not meta,
     )
     attention = prepared.kernels["attention"]
+    dtype = cfg.export.torch_name(precision)
     if data.manifest["packing"] and attention not in ("eager", "sdpa"):
         raise ConfigError(
             f"{type(prepared.lm).__name__} uses its own {attention!r} attention, which ignores the block-causal "
             "masks of packed sequences: set data.packing: false"
         )
-    model = distributed.wrap_model(prepared.model, cfg.distributed.strategy, device, d)
+    model = distributed.wrap_model(prepared.model, cfg.distributed.strategy, device, d, precision)
+    if meta:
+        source = pretrained_source(cfg.model.init_from, allow_pickle=cfg.model.allow_pickle)[0]
+        materialize(model, device, source=source, seed=cfg.training.seed, d=d)
     reader = data.reader(cfg.training.micro_batch_size, rank=d.rank, world_size=d.world_size, seed=cfg.training.seed)
     val = data.split("val")
     validation = SFTValidation(val, cfg.training.micro_batch_size, cfg.eval.batches, d) if val.n_rows else None
@@ -159,7 +179,8 @@ def _finetune_job(cfg: FinetuneConfig, d: distributed.Dist, device: str, precisi
         reader=reader,
         counts=_counts,
         validation=validation,
-        export=lambda m, out: _export(m, out, cfg, data),
+        export=lambda m, out: _export(m, out, cfg, data, d, device, dtype),
+        describe=None if cfg.lora is not None else lambda out: _describe(prepared.lm, out, data, dtype),
         step_flops=_step_flops(prepared.lm, max_length, fused=prepared.head is not None),
         info=info,
     )
@@ -180,12 +201,27 @@ def _counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     return target_count(batch), int(batch["tokens"])
 
 
-def _export(model: torch.nn.Module, out: Path, cfg: FinetuneConfig, data: SFTData) -> None:
+def _export(
+    model: torch.nn.Module, out: Path, cfg: FinetuneConfig, data: SFTData, d: distributed.Dist, device: str, dtype: str
+) -> None:
+    """The fine-tuned model (every process calls it): under LoRA the adapter, and the merged model unless
+    ``lora.merge`` is off; otherwise the model, gathered a tensor at a time when sharded."""
     from medfoundry.model.export import export_hf
 
-    if cfg.lora is not None:
-        lora.save_adapter(model, out.parent / "adapter", data.tokenizer_dir)
-        if not cfg.lora.merge:
-            return
-        model = lora.merged(model)
-    export_hf(model, data.tokenizer_dir, out)
+    if cfg.lora is None:
+        distributed.export_on_main(
+            model, d, device, lambda weights: export_hf(weights, data.tokenizer_dir, out, dtype=dtype)
+        )
+        return
+    plain = distributed.unsharded_copy(model) if distributed.is_sharded(model) else distributed.unwrap(model)
+    if not d.is_main:
+        return
+    lora.save_adapter(plain, out.parent / "adapter", data.tokenizer_dir)
+    if cfg.lora.merge:
+        export_hf(lora.merged(plain), data.tokenizer_dir, out, dtype=dtype)
+
+
+def _describe(lm: torch.nn.Module, out: Path, data: SFTData, dtype: str) -> None:
+    from medfoundry.model.export import Weights, export_hf
+
+    export_hf(Weights.describing(lm), data.tokenizer_dir, out, dtype=dtype)

@@ -17,7 +17,7 @@ from medfoundry.tokenizer.shards import TokenShards
 class WindowReader(ShuffledOrder):
     """Iterate over batches of windows: each batch is an int64 array of shape (batch_size, seq_len + 1)."""
 
-    must_match = ("seq_len", "world_size", "n_windows", "seed")
+    must_match = ("seq_len", "n_windows", "seed")
 
     def __init__(
         self, shards: TokenShards, seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0

@@ -1,42 +1,44 @@
-"""Training checkpoints that resume bit-identically, even after SIGKILL, and the :class:`Checkpointer`
-that owns them.
+"""Training checkpoints in ``torch.distributed.checkpoint`` (DCP) format: every process writes its own
+shards in parallel, a run resumes exactly, on the same or another number of processes, even after SIGKILL.
 
 The loop sees only the :class:`Checkpointer`: built with the run's stateful objects (model, optimizer,
 scheduler, data reader) and its checkpoint folder, it saves a :class:`~medfoundry.train.state.TrainState`
 (``checkpointer.save(state)``) and restores the newest intact checkpoint (``checkpointer.restore()``).
-How and where the state is written (the files below, one writer or one shard per process) is its
-business alone.
+A single process, DDP and FSDP2 write the same format.
 
 A checkpoint is a folder ``step-{step:08d}/`` holding
 
-- ``model.safetensors``: the model weights on CPU (a tensor shared by several names, such as a tied
-  output head, is stored once; the other names are listed in the file's ``aliases`` metadata),
-- ``optim.pt``: optimizer and scheduler state dicts (``torch.save``; loaded with ``weights_only=True``),
-- ``rng.pt``: Python ``random``, NumPy global, torch CPU and (when present) CUDA generator states,
-- ``trainer_state.json``: ``{"step", "reader_state", "extra"}`` (``extra``: the loop's counters),
-- ``manifest.json``: the size and xxh3-128 checksum of each of those four files (written last).
+- ``.metadata`` and ``__{rank}_0.distcp``: DCP's index and each process's shards of the model weights
+  (``model.NAME``, a tied output head once, under its first name) and of the optimizer state
+  (``optim.NAME.exp_avg``...). Under FSDP2 each process writes its own shard; under DDP, DCP spreads
+  the replicated tensors over the processes. Nothing is gathered: no process ever holds the whole
+  optimizer state.
+- ``trainer_state.json``: the step, the counters, the data reader's position (a global position, the
+  same on every process), the scheduler's state, the optimizer's param groups, and the world size.
+- ``rng-{rank:05d}.pt``: each process's own Python, NumPy, torch CPU and device generator states
+  (loaded with ``torch.load(weights_only=True)``).
+- ``hf/``: the model's ``config.json``, ``generation_config.json`` and tokenizer (no weights), so that
+  ``medfoundry export`` turns any saved step into a Hugging Face folder by itself.
+- ``manifest.json``: the size and xxh3-128 checksum of every other file (written last).
 
-The folder is built under a hidden temporary name beside its final place, every file is fsynced
-and the folder is renamed into place, so a ``step-*`` folder either is complete or does not exist.
-:func:`latest_checkpoint` ignores (and removes) the hidden leftovers of an interrupted save.
+Writing. Process 0 makes a hidden temporary folder beside the final one; every process writes its
+shards and RNG state into it and checksums what it wrote; process 0 gathers the checksums, writes the
+trainer state and the manifest, fsyncs and renames the folder into place, so a ``step-*`` folder is
+complete or does not exist. A write that fails on any process (disk full, file size limit, quota)
+fails the save on every process with :class:`CheckpointWriteError` naming the file and the cause; the
+previous checkpoint stays intact. With ``async_save`` the shards are written in the background
+(``dcp.async_save``) while training goes on; the save is finished (checksums, manifest, rename) at the
+next save or at the end of the run.
 
-Faults. A save that cannot write (disk full, file size limit, quota) raises :class:`CheckpointWriteError`
-naming the file, the cause and the previous checkpoint, which stays intact (the unfinished folder is
-removed). A checkpoint whose files no longer match their manifest (truncated, corrupted, missing), or
-that has no manifest, is reported by :func:`checkpoint_problem` / :func:`verify_checkpoint` with the
-file at fault; :func:`latest_checkpoint` skips it, says so on stderr and returns the newest intact one,
-and :func:`read_checkpoint` refuses it.
+Reading. Process 0 chooses the checkpoint: the newest whose files all match their manifest (a damaged
+one is reported, naming the file, and the one before it used), and broadcasts its choice; every
+process checks it can read it, and all fail together otherwise. DCP reads each process's slices of
+the saved tensors, whatever the number of processes that wrote them (resharding); the data reader
+continues at the global position. RNG states are restored per process when the number of processes
+is the same (dropout masks continue exactly on every process), else every process takes process 0's.
 
-Distributed use: every process calls :meth:`Checkpointer.save` (under FSDP2 the full state dicts are
-gathered first, a collective); process 0 writes, and all processes then agree on whether it could, so
-that they stop together. ``optim.pt`` always holds the optimizer state in ``optimizer.state_dict()``'s
-form (state keyed by the parameter's position over the param groups): the name-keyed state dict
-gathered under FSDP2 is converted (:func:`optim_state_by_index`). :meth:`Checkpointer.load` takes a
-plain, DDP-wrapped or FSDP2-sharded model alike: for a sharded one every process reads the folder
-and applies it with ``set_model_state_dict`` / ``set_optimizer_state_dict``. A checkpoint written by
-one process, DDP or FSDP therefore loads in any of them (the data reader's state still needs the same
-number of processes). The RNG states saved are process 0's: that is exact for every process as long as
-all are seeded alike and draw the same random numbers (as under DDP and FSDP).
+DCP's index and its non-tensor items are pickles: the index is read with an unpickler that accepts
+only DCP's own metadata classes, and checkpoints hold tensors only (no pickled objects are loaded).
 """
 
 from __future__ import annotations
@@ -45,25 +47,32 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import re
 import resource
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 import xxhash
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from medfoundry.errors import MedfoundryError
-from medfoundry.io import DISK_FULL, atomic_dir, fsync_dir
+from medfoundry.io import DISK_FULL, fsync_dir, replace_dir
 from medfoundry.train import distributed
 from medfoundry.train.state import Stateful, TrainState, get_rng_state, set_rng_state
 
-FILES = ("model.safetensors", "optim.pt", "rng.pt", "trainer_state.json")
+METADATA = ".metadata"
+TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
+DESCRIPTION = "hf"  # the model's config, generation config and tokenizer: `medfoundry export` needs no run folder
 CHECKSUM = "xxh3_128"
 _STEP_DIR = re.compile(r"step-(\d{8})")
 
@@ -76,48 +85,125 @@ class DamagedCheckpoint(MedfoundryError):
     """A checkpoint's files are missing, truncated or do not match the checksums of its manifest."""
 
 
-def _cpu_tensors(state: dict[str, torch.Tensor], copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """CPU copies of the tensors (``copy=False``: CPU tensors as they are), each storage once, and
-    ``{alias name: stored name}`` for the repeats."""
-    tensors, aliases, seen = {}, {}, {}
-    for name, tensor in state.items():
-        if hasattr(tensor, "full_tensor"):
-            raise MedfoundryError(
-                f"checkpoint: {name} is a sharded DTensor; gather a full state dict first "
-                "(get_model_state_dict with StateDictOptions(full_state_dict=True))"
-            )
-        identity = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-        if identity in seen:
-            aliases[name] = seen[identity]
-            continue
-        seen[identity] = name
-        tensors[name] = tensor.detach().to("cpu", copy=copy).contiguous()
-    return tensors, aliases
+def rng_file(rank: int) -> str:
+    return f"rng-{rank:05d}.pt"
 
 
-def _digest(path: Path, fsync: bool = False) -> str:
-    """xxh3-128 of a file (hex), read in blocks; with ``fsync`` the file is also flushed to disk."""
+# --- DCP's index, read without running code -------------------------------------------------------------
+
+_INDEX_CLASSES = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a pickle: accept its own metadata classes and torch's dtypes and layouts only."""
+
+    def find_class(self, module: str, name: str):
+        allowed = module == "torch.distributed.checkpoint.metadata" or (module, name) in _INDEX_CLASSES
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), torch.dtype | torch.layout | torch.memory_format
+        ):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint index")
+        return super().find_class(module, name)
+
+
+class _Reader(dcp.FileSystemReader):
+    """DCP's file reader with the index read by :class:`_IndexUnpickler`."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as fh:
+            metadata = _IndexUnpickler(fh).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"not a checkpoint index but a {type(metadata).__name__}")
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _TensorsOnly(DefaultLoadPlanner):
+    """Loads tensors; a pickled object where a tensor belongs is refused, never unpickled."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise DamagedCheckpoint(f"{read_item.dest_index.fqn}: a pickled object where the checkpoint holds tensors")
+
+
+def read_index(path: str | os.PathLike) -> Metadata:
+    """DCP's index of the checkpoint at ``path`` (:class:`DamagedCheckpoint` when unreadable)."""
+    try:
+        return _Reader(path).read_metadata()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
+        raise DamagedCheckpoint(f"{Path(path) / METADATA}: unreadable checkpoint index ({exc})") from None
+
+
+def _load(path: Path, target: dict, *, no_dist: bool = False) -> None:
+    """Fill the tensors of ``target`` (nested dicts of tensors or DTensors) from the checkpoint, in place."""
+    try:
+        with _single_process_quiet():
+            dcp.load(target, storage_reader=_Reader(path), planner=_TensorsOnly(), no_dist=no_dist)
+    except MedfoundryError:
+        raise
+    except (Exception, CheckpointException) as exc:  # DCP wraps every rank's failure in a CheckpointException
+        _, cause = _dcp_failure(exc, path)
+        if isinstance(cause, MedfoundryError):
+            raise cause from None
+        raise DamagedCheckpoint(f"{path}: unreadable checkpoint shards ({_first_line(cause)})") from None
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it saves "in a single process" when no process group is up: it is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:500]}"
+
+
+# --- files, checksums and failures ----------------------------------------------------------------------
+
+
+def _digest(path: Path) -> str:
+    """xxh3-128 of a file (hex), read in blocks."""
     digest = xxhash.xxh3_128()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             digest.update(block)
-        if fsync:
-            os.fsync(fh.fileno())
     return digest.hexdigest()
+
+
+def _entry(path: Path) -> dict:
+    """A file's manifest entry, after flushing it to disk."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+    return {"bytes": path.stat().st_size, CHECKSUM: _digest(path)}
 
 
 def _write_failure(exc: BaseException, path: Path | None) -> str:
     """Why writing ``path`` failed, in words: a full disk, quota or file size limit when the error says
-    so or, for the C++ writer of torch.save (which drops errno), when the half-written file (still there)
-    and the state of the machine do."""
+    so or, for writers that drop errno (torch.save's C++ writer), when the half-written file (still
+    there) and the state of the machine do."""
     code = getattr(exc, "errno", None)
     if code in DISK_FULL:
         return DISK_FULL[code]
     text = " ".join(str(exc).split())
     for code, reason in DISK_FULL.items():
-        if os.strerror(code) in text or f"os error {code})" in text:
+        if os.strerror(code) in text or f"os error {code})" in text or f"Errno {code}]" in text:
             return reason
-    detail = f"{type(exc).__name__}: {text}"
+    detail = f"{type(exc).__name__}: {text[:300]}"
     if path is None:
         return detail
     with contextlib.suppress(OSError):
@@ -132,9 +218,19 @@ def _write_failure(exc: BaseException, path: Path | None) -> str:
     return detail
 
 
-def _previous(directory: Path, final: Path) -> str:
-    complete = [p for p in _step_dirs(directory) if p != final and is_complete(p)]
-    return f"the previous checkpoint {complete[-1]} is intact" if complete else "there is no earlier checkpoint"
+def _dcp_failure(exc: BaseException, directory: Path) -> tuple[Path, BaseException]:
+    """The file and the error of the first process whose shard could not be written, from DCP's exception."""
+    failures = getattr(exc, "failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        inner = getattr(failure, "exc", failure)
+        return directory / f"__{rank}_0.distcp", inner
+    return directory / METADATA, exc
+
+
+def _shard_failure(exc: BaseException, directory: Path) -> tuple[str, str]:
+    """(file, cause) of a failed DCP save, for :class:`CheckpointWriteError`."""
+    file, cause = _dcp_failure(exc, directory)
+    return file.name, _write_failure(cause, file)
 
 
 def _say(message: str) -> None:
@@ -144,46 +240,19 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _write(final: Path, writers: dict[str, Callable[[Path], object]]) -> None:
-    """Write the folder ``final`` atomically: each file by its writer, fsynced and checksummed, then
-    the manifest of their sizes and checksums. A failed write raises :class:`CheckpointWriteError`
-    naming the file and the cause; nothing is left behind and older checkpoints are untouched."""
-    step = int(final.name[5:])
-
-    def failed(what: str, exc: BaseException, path: Path | None) -> CheckpointWriteError:
-        return CheckpointWriteError(
-            f"{final}: checkpoint for step {step} not saved: writing {what} failed: {_write_failure(exc, path)}. "
-            f"The unfinished folder was removed and {_previous(final.parent, final)}; free some space (or raise "
-            "the limit) and run again to resume from it."
-        )
-
-    files: dict[str, dict] = {}
-    try:
-        with atomic_dir(final) as tmp:
-            for name, write in writers.items():
-                files[name] = _written(tmp / name, write, failed)
-            manifest = {"step": step, "checksum": CHECKSUM, "files": files}
-            _written(tmp / MANIFEST, lambda p: _write_json(p, manifest), failed)
-            fsync_dir(tmp)
-    except CheckpointWriteError:
-        raise
-    except OSError as exc:  # making the temporary folder, or renaming it into place
-        _restore_replaced(final)  # failed between atomic_dir's two renames: put the replaced folder back
-        raise failed("the checkpoint folder", exc, None) from exc
-
-
-def _written(path: Path, write: Callable[[Path], object], failed: Callable) -> dict:
-    """Write one file of a checkpoint and flush it to disk; its manifest entry."""
-    try:  # torch and safetensors raise RuntimeError / SafetensorError for I/O errors
-        write(path)
-        digest = _digest(path, fsync=True)
-    except Exception as exc:
-        raise failed(path.name, exc, path) from exc
-    return {"bytes": path.stat().st_size, CHECKSUM: digest}
-
-
 def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
+def _step_dirs(directory: Path) -> list[Path]:
+    """``step-*`` folders, oldest first."""
+    found = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)] if directory.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _previous(directory: Path, final: Path) -> str:
+    complete = [p for p in _step_dirs(directory) if p != final and is_complete(p)]
+    return f"the previous checkpoint {complete[-1]} is intact" if complete else "there is no earlier checkpoint"
 
 
 def _prune(directory: Path, step: int, keep_last: int) -> None:
@@ -198,25 +267,38 @@ def _prune(directory: Path, step: int, keep_last: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _step_dirs(directory: Path) -> list[Path]:
-    """``step-*`` folders, oldest first."""
-    found = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)] if directory.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]))
+def _restore_replaced(final: Path) -> None:
+    """Undo a replacement interrupted between :func:`medfoundry.io.replace_dir`'s two renames."""
+    old = final.with_name(f".{final.name}.old")
+    if old.is_dir() and not final.exists():
+        with contextlib.suppress(OSError):  # another process may have done it already
+            old.rename(final)
+
+
+# --- verification -----------------------------------------------------------------------------------------
+
+
+def _manifest(path: Path) -> dict:
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValueError("no file list")
+    return manifest
+
+
+def _missing(path: Path) -> str | None:
+    """What a checkpoint folder lacks, or None: its manifest, or a file the manifest lists."""
+    if not (path / MANIFEST).is_file():
+        return f"{path}: incomplete checkpoint: no {MANIFEST}, so its files cannot be verified (move the folder away)"
+    try:
+        files = _manifest(path)["files"]
+    except (OSError, ValueError) as exc:
+        return f"{path / MANIFEST}: unreadable checkpoint manifest ({exc})"
+    missing = [name for name in files if not (path / name).is_file()]
+    return f"{path}: incomplete checkpoint, missing {', '.join(missing)}" if missing else None
 
 
 def is_complete(path: str | os.PathLike) -> bool:
     return _missing(Path(path)) is None
-
-
-def _missing(path: Path) -> str | None:
-    """What a checkpoint folder lacks, or None. A folder without a manifest (written before checkpoints
-    had one) cannot be verified: it is refused."""
-    missing = [name for name in FILES if not (path / name).is_file()]
-    if missing:
-        return f"{path}: incomplete checkpoint, missing {', '.join(missing)}"
-    if not (path / MANIFEST).is_file():
-        return f"{path}: no {MANIFEST}, so its files cannot be verified: not loaded (move the folder away)"
-    return None
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
@@ -227,20 +309,26 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     missing = _missing(path)
     if missing:
         return missing
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
-        algorithm = manifest["checksum"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return f"{path / MANIFEST}: unreadable checkpoint manifest ({exc})"
-    if algorithm != CHECKSUM:
-        return f"{path / MANIFEST}: unknown checksum {algorithm!r} (this version checks {CHECKSUM})"
+    manifest = _manifest(path)
+    if manifest.get("checksum") != CHECKSUM:
+        return f"{path / MANIFEST}: unknown checksum {manifest.get('checksum')!r} (this version checks {CHECKSUM})"
     if _STEP_DIR.fullmatch(path.name) and manifest.get("step") != int(path.name[5:]):
         return f"{path / MANIFEST}: the manifest is for step {manifest.get('step')!r}, not {int(path.name[5:])}"
-    for name in FILES:
-        expected = files.get(name) if isinstance(files, dict) else None
-        if not isinstance(expected, dict):
-            return f"{path / MANIFEST}: no checksum recorded for {name}"
+    files = manifest["files"]
+    world = manifest.get("world_size")
+    required = [METADATA, TRAINER_STATE] + ([rng_file(r) for r in range(world)] if isinstance(world, int) else [])
+    unlisted = [name for name in required if name not in files]
+    if unlisted or not isinstance(world, int):
+        return f"{path / MANIFEST}: no checksum recorded for {', '.join(unlisted) or 'the world size'}"
+    for name, expected in files.items():
+        parts = name.split("/")
+        if (
+            not isinstance(expected, dict)
+            or len(parts) > 2
+            or ".." in parts
+            or (len(parts) == 2 and parts[0] != DESCRIPTION)
+        ):
+            return f"{path / MANIFEST}: malformed entry for {name}"
         size = (path / name).stat().st_size
         if size != expected.get("bytes"):
             recorded = expected.get("bytes")
@@ -263,15 +351,6 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     problem = checkpoint_problem(path)
     if problem is not None:
         raise DamagedCheckpoint(problem)
-
-
-def _restore_replaced(final: Path) -> None:
-    """Undo a replacement interrupted between :func:`medfoundry.io.atomic_dir`'s two renames: the folder
-    moved aside to ``.NAME.old`` goes back when nothing took its place."""
-    old = final.with_name(f".{final.name}.old")
-    if old.is_dir() and not final.exists():
-        with contextlib.suppress(OSError):  # another process may have done it already
-            old.rename(final)
 
 
 def latest_checkpoint(directory: str | os.PathLike, clean: bool = True, verify: bool = True) -> Path | None:
@@ -309,131 +388,140 @@ def latest_checkpoint(directory: str | os.PathLike, clean: bool = True, verify: 
     return None
 
 
-def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
-    """The raw contents of a checkpoint folder (all on CPU): ``model``, ``optimizer``, ``scheduler``, ``rng``
-    state dicts and ``trainer_state``. With ``verify`` (see :func:`verify_checkpoint`) a damaged
-    checkpoint raises :class:`DamagedCheckpoint` naming the file; an unreadable file always does."""
-    path = Path(path)
-    missing = _missing(path)
-    if missing:
-        raise DamagedCheckpoint(missing)
-    if verify:
-        verify_checkpoint(path)
-    name = "model.safetensors"
+# --- reading whole tensors (tests, the export) -------------------------------------------------------------
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """``trainer_state.json`` of a checkpoint: step, counters, reader position, scheduler, param groups."""
+    file = Path(path) / TRAINER_STATE
     try:
-        with safe_open(path / "model.safetensors", framework="pt") as fh:
-            aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
-        model_state = load_file(path / "model.safetensors")
-        for alias, stored in aliases.items():
-            model_state[alias] = model_state[stored]
-        name = "optim.pt"
-        optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
-        name = "rng.pt"
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        name = "trainer_state.json"
-        trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        name = "optim.pt"
-        optimizer, scheduler = optim["optimizer"], optim["scheduler"]
-    except MedfoundryError:
-        raise
-    except Exception as exc:  # safetensors, torch.load (zip, unpickler) and json errors alike
-        raise DamagedCheckpoint(f"{path / name}: unreadable checkpoint file ({type(exc).__name__}: {exc})") from None
+        state = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not {"step", "reader_state", "extra", "scheduler", "param_groups"} <= set(
+            state
+        ):
+            raise ValueError("not a training state")
+    except (OSError, ValueError) as exc:
+        raise DamagedCheckpoint(f"{file}: unreadable training state ({exc})") from None
+    return state
+
+
+def saved_tensors(path: str | os.PathLike, section: str = "model") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{name: (shape, dtype)}`` of the tensors a checkpoint saved in ``section`` (``model``: by parameter
+    name; ``optim``: ``NAME/exp_avg``...), in the order they were saved."""
+    index = read_index(path)
+    found = {}
+    for key, meta in index.state_dict_metadata.items():
+        where = (index.planner_data or {}).get(key, tuple(key.split(".", 1)))
+        if where[0] == section and isinstance(meta, TensorStorageMetadata):
+            found["/".join(where[1:])] = (tuple(meta.size), meta.properties.dtype)
+    return found
+
+
+def _nested(section: str, name: str, tensor: torch.Tensor) -> dict:
+    keys = [section, *name.split("/")] if section == "optim" else [section, name]
+    target: dict = {}
+    inner = target
+    for key in keys[:-1]:
+        inner = inner.setdefault(key, {})
+    inner[keys[-1]] = tensor
+    return target
+
+
+def read_tensor(path: str | os.PathLike, name: str, section: str = "model") -> torch.Tensor:
+    """One whole tensor of a checkpoint, on CPU, read without a process group (whatever wrote it)."""
+    shape, dtype = saved_tensors(path, section)[name]
+    tensor = torch.empty(shape, dtype=dtype)
+    _load(Path(path), _nested(section, name, tensor), no_dist=True)
+    return tensor
+
+
+def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
+    """Everything a checkpoint holds, whole and on CPU (for tests and inspection; the export reads one
+    tensor at a time): ``model`` ``{name: tensor}``, ``optimizer`` (``state`` by parameter name and
+    ``param_groups``), ``scheduler``, ``rng`` (a list, by process) and ``trainer_state``."""
+    path = Path(path)
+    problem = checkpoint_problem(path) if verify else _missing(path)
+    if problem is not None:
+        raise DamagedCheckpoint(problem)
+    trainer = read_trainer_state(path)
+    model = {name: read_tensor(path, name) for name in saved_tensors(path, "model")}
+    optim: dict = {}
+    for name in saved_tensors(path, "optim"):
+        param, key = name.rsplit("/", 1)
+        optim.setdefault(param, {})[key] = read_tensor(path, name, "optim")
+    rng = [_read_rng(path, rank) for rank in range(trainer["world_size"])]
     return {
-        "model": model_state,
-        "optimizer": optimizer,
-        "scheduler": scheduler,
+        "model": model,
+        "optimizer": {"state": optim, "param_groups": trainer["param_groups"]},
+        "scheduler": trainer["scheduler"],
         "rng": rng,
-        "trainer_state": trainer_state,
+        "trainer_state": {k: trainer[k] for k in ("step", "reader_state", "extra")},
     }
 
 
-def optim_state_by_index(state: dict) -> dict:
-    """An optimizer state dict in ``optimizer.state_dict()``'s form: parameters numbered by their position
-    over all param groups. The name-keyed form of ``get_optimizer_state_dict`` (state and ``params``
-    keyed by parameter names) is converted; a position-keyed one is returned as it is."""
-    groups = state["param_groups"]
-    if all(isinstance(p, int) for group in groups for p in group["params"]):
-        return state
-    index: dict[str, int] = {}
-    for group in groups:
-        for name in group["params"]:
-            index.setdefault(name, len(index))
-    unknown = [name for name in state["state"] if name not in index]
-    if unknown:
-        raise MedfoundryError(f"optimizer state for parameters in no param group: {', '.join(map(str, unknown[:5]))}")
-    return {
-        "state": {index[name]: value for name, value in state["state"].items()},
-        "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in groups],
-    }
+def _read_rng(path: Path, rank: int) -> dict:
+    file = path / rng_file(rank)
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as exc:  # torch.load's zip and unpickler errors alike
+        raise DamagedCheckpoint(f"{file}: unreadable RNG state ({_first_line(exc)})") from None
 
 
-def optim_state_by_name(state: dict, model, optimizer) -> dict:
-    """``state`` (either form) keyed by the names ``model`` gives the parameters of ``optimizer``, the form
-    ``set_optimizer_state_dict`` takes. Parameters are matched by position within each param group;
-    the groups' ``param_names``, when saved, must be the model's."""
-    state = optim_state_by_index(state)
-    names = {id(p): n for n, p in model.named_parameters()}  # a tied weight under its first name, as torch does
-    current = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-    saved = state["param_groups"]
-    sizes = [len(group["params"]) for group in saved]
-    if sizes != [len(group) for group in current]:
-        raise MedfoundryError(
-            f"the optimizer state does not fit this model: param groups of {sizes} parameters "
-            f"saved, {[len(group) for group in current]} here"
-        )
-    for group, here in zip(saved, current):
-        if "param_names" in group and list(group["param_names"]) != here:
-            wrong = next((a, b) for a, b in zip(group["param_names"], here) if a != b)
-            raise MedfoundryError(
-                f"the optimizer state does not fit this model: parameter {wrong[0]!r} "
-                f"saved where this model has {wrong[1]!r}"
-            )
-    position = {i: k for k, i in enumerate(i for group in saved for i in group["params"])}
-    flat = [name for group in current for name in group]
-    return {
-        "state": {flat[position[i]]: value for i, value in state["state"].items()},
-        "param_groups": [{**group, "params": here} for group, here in zip(saved, current)],
-    }
+# --- the checkpointer --------------------------------------------------------------------------------------
 
 
-def _check_fits(path, saved: dict, model) -> None:
-    """Same names and (global) shapes as ``model.state_dict()``: the FSDP2 loader would silently keep
-    the current values of missing tensors."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in saved.items()}
-    if expected == got:
+def _live_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, list]:
+    """This process's view of the model and optimizer states (shards under FSDP2, no copies): the DCP
+    state ``{"model": ..., "optim": ...}`` (a tied weight under its first name only), the model state
+    dict with every name (for ``set_state_dict``) and the optimizer's param groups."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    lm = distributed.unwrap(model)
+    model_state, optim_state = get_state_dict(lm, optimizer)
+    aliases = distributed.tied_names(lm)
+    for name, values in optim_state["state"].items():
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                raise MedfoundryError(f"optimizer state {name}.{key} is a {type(value).__name__}, not a tensor")
+    tensors = {"model": {k: v for k, v in model_state.items() if k not in aliases}, "optim": optim_state["state"]}
+    return tensors, model_state, optim_state["param_groups"]
+
+
+def _check_fits(path: Path, tensors: dict) -> None:
+    """Same names and (global) shapes as the model: DCP would load a partial checkpoint silently."""
+    saved = {name: shape for name, (shape, _) in saved_tensors(path, "model").items()}
+    expected = {name: tuple(t.shape) for name, t in tensors["model"].items()}
+    if saved == expected:
         return
-    problems = [f"missing {k}" for k in expected if k not in got]
-    problems += [f"unexpected {k}" for k in got if k not in expected]
-    problems += [f"{k}: {got[k]} saved, {shape} here" for k, shape in expected.items() if k in got and got[k] != shape]
+    problems = [f"missing {k}" for k in expected if k not in saved]
+    problems += [f"unexpected {k}" for k in saved if k not in expected]
+    problems += [f"{k}: {saved[k]} saved, {s} here" for k, s in expected.items() if k in saved and saved[k] != s]
     raise MedfoundryError(
         f"{path}: the checkpoint does not fit this model: {'; '.join(problems[:5])}"
         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
     )
 
 
-def _load_sharded(path, ckpt: dict, model, optimizer) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    _check_fits(path, ckpt["model"], model)
-    options = StateDictOptions(full_state_dict=True, strict=True)
-    optim_state = optim_state_by_index(ckpt["optimizer"])
-    if optim_state["state"]:
-        # first: torch takes a zero step (lr 0) to create the optimizer state before filling it in
-        set_optimizer_state_dict(model, optimizer, optim_state_by_name(optim_state, model, optimizer), options=options)
-        for group, saved in zip(optimizer.param_groups, optim_state["param_groups"]):  # torch's round trip
-            group.update({k: v for k, v in saved.items() if k != "params"})  # turns tuples (betas) into lists
-    else:  # saved before any step: no tensors to shard
-        optimizer.load_state_dict(optim_state)
-    set_model_state_dict(model, ckpt["model"], options=options)
+def _param_groups(path: Path, saved: list, current: list) -> list:
+    """The saved param groups, checked against the optimizer's (same parameters, in the same groups)."""
+    names = [list(group["params"]) for group in current]
+    if [list(group["params"]) for group in saved] != names:
+        raise MedfoundryError(
+            f"{path}: the optimizer state does not fit this model: param groups of "
+            f"{[len(g['params']) for g in saved]} parameters saved, {[len(g) for g in names]} here, or other names"
+        )
+    return saved
 
 
-def _load_plain(path, ckpt: dict, model, optimizer) -> None:
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as exc:
-        raise MedfoundryError(f"{path}: the checkpoint does not fit this model: {exc}") from None
-    optimizer.load_state_dict(optim_state_by_index(ckpt["optimizer"]))
+@dataclass
+class _Save:
+    """A save under way: its folder, its staging folder and what process 0 writes when the shards are in."""
+
+    final: Path
+    tmp: Path
+    trainer_state: dict
+    future: object | None = None  # dcp.async_save's future
+    error: tuple[str, str] | None = None  # (file, cause) of this process's failed write
 
 
 class Checkpointer:
@@ -443,8 +531,9 @@ class Checkpointer:
     ``model`` is the model as trained: plain, compiled, DDP-wrapped or FSDP2-sharded, with or without
     the hidden-states wrapper of the fused loss (the plain Hugging Face model's state dict is saved).
     ``reader``, the data reader, is optional: without one the :class:`TrainState`'s ``reader_state``
-    is saved as it is. Under torchrun pass the run's ``dist`` and ``device``: :meth:`save` and
-    :meth:`restore` are then collectives (every process calls them)."""
+    is saved as it is. Under torchrun pass the run's ``dist`` and ``device``: :meth:`save`,
+    :meth:`restore` and :meth:`wait` are collectives (every process calls them). With ``async_save``
+    the shards are written in the background; :meth:`wait` (called by the next save) finishes them."""
 
     def __init__(
         self,
@@ -457,93 +546,245 @@ class Checkpointer:
         keep_last: int = 0,
         dist: distributed.Dist | None = None,
         device: str = "cpu",
+        async_save: bool = False,
+        describe: Callable[[Path], None] | None = None,
     ):
         self.directory = Path(directory)
         self.model, self.optimizer, self.scheduler, self.reader = model, optimizer, scheduler, reader
         self.keep_last, self.dist, self.device = keep_last, dist or distributed.Dist(), device
+        self.async_save, self.describe = async_save, describe
+        self._pending: _Save | None = None
+        self._async_group = distributed.new_group(self.dist) if async_save else None
+
+    # saving
 
     def save(self, state: TrainState) -> Path:
         """Write ``step-{state.step:08d}/`` (the reader's position and the RNG states are recorded in
-        ``state`` first), then prune older folders; returns the folder. When process 0 cannot write
-        (disk full...) every process raises :class:`CheckpointWriteError`; the previous checkpoint is intact."""
+        ``state`` first), then prune older folders; returns the folder. When any process cannot write
+        (disk full...) every process raises :class:`CheckpointWriteError`; the previous checkpoint is
+        intact. With ``async_save`` it returns once the shards are staged; the folder appears at the
+        next :meth:`wait`."""
+        self.wait()
         if self.reader is not None:
             state.reader_state = self.reader.state_dict()
         state.rng = get_rng_state()
         final = self.directory / f"step-{state.step:08d}"
-        writers = self._writers(state)  # under FSDP2 a collective: every process gathers
-        error = None
-        if self.dist.is_main:
-            try:
-                _write(final, writers)
-                _prune(self.directory, state.step, self.keep_last)
-            except CheckpointWriteError as exc:
-                error = exc
-        if distributed.any_failed(self.dist, error is not None, self.device):
-            raise error or CheckpointWriteError(
-                f"step {state.step}: process 0 could not write the checkpoint (see its error)"
-            )
-        return final
-
-    def _writers(self, state: TrainState) -> dict[str, Callable[[Path], object]]:
-        """How to write each file (on process 0), from the states gathered now (on every process under FSDP2)."""
-        model = distributed.unwrap(self.model)
-        sharded = distributed.is_sharded(model)
-        if sharded:  # a collective: process 0 gets whole tensors (copies already)
-            model_state = distributed.full_model_state(model)
-            optim_state = distributed.full_optim_state(model, self.optimizer)
-        else:
-            model_state, optim_state = model.state_dict(), self.optimizer.state_dict()
-        if not self.dist.is_main:
-            return {}
-        tensors, aliases = _cpu_tensors(model_state, copy=not sharded)
-        optim = {"optimizer": optim_state_by_index(optim_state), "scheduler": self.scheduler.state_dict()}
+        tmp = self._staging(final)
+        tensors, _, groups = _live_state(self.model, self.optimizer)
         saved = state.state_dict()
         rng = saved.pop("rng")
-        trainer_state = {"step": saved.pop("step"), "reader_state": saved.pop("reader_state"), "extra": saved}
-        return {
-            "model.safetensors": lambda p: save_file(tensors, p, metadata={"aliases": json.dumps(aliases)}),
-            "optim.pt": lambda p: torch.save(optim, p),
-            "rng.pt": lambda p: torch.save(rng, p),
-            "trainer_state.json": lambda p: _write_json(p, trainer_state),
+        trainer_state = {
+            "step": saved.pop("step"),
+            "reader_state": saved.pop("reader_state"),
+            "extra": saved,
+            "scheduler": self.scheduler.state_dict(),
+            "param_groups": groups,
+            "world_size": self.dist.world_size,
         }
+        pending = _Save(final, tmp, json.loads(json.dumps(trainer_state)))  # tuples as lists, as loaded
+        pending.error = self._write_rng(tmp, rng)
+        try:  # every process takes part in DCP's collectives, even one whose RNG file failed
+            writer = dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1)
+            with _single_process_quiet():
+                if self.async_save:
+                    pending.future = dcp.async_save(
+                        tensors, storage_writer=writer, process_group=self._async_group, no_dist=not self.dist.enabled
+                    )
+                    self._pending = pending
+                    return final
+                dcp.save(tensors, storage_writer=writer, no_dist=not self.dist.enabled)
+        except (Exception, CheckpointException) as exc:  # DCP's (a BaseException) names the failed ranks
+            pending.error = pending.error or _shard_failure(exc, tmp)
+        self._finish(pending)
+        return final
 
-    def latest(self, clean: bool = False) -> Path | None:
-        """The newest intact checkpoint (see :func:`latest_checkpoint`)."""
-        return latest_checkpoint(self.directory, clean=clean)
+    def wait(self) -> None:
+        """Finish a background save (a collective): checksums, manifest, the folder in place."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.future.result()
+        except (Exception, CheckpointException) as exc:
+            pending.error = pending.error or _shard_failure(exc, pending.tmp)
+        self._finish(pending)
+
+    def _staging(self, final: Path) -> Path:
+        """The hidden folder the processes write into, made empty by process 0 (a collective)."""
+        tmp = final.with_name(f".{final.name}.saving")
+        problem = None
+        if self.dist.is_main:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as exc:
+                problem = self._failed(final, "the checkpoint folder", _write_failure(exc, None))
+        problem = distributed.broadcast_object(problem, self.dist)
+        if problem is not None:
+            raise CheckpointWriteError(problem)
+        return tmp
+
+    def _write_rng(self, tmp: Path, rng: dict) -> tuple[str, str] | None:
+        path = tmp / rng_file(self.dist.rank)
+        try:
+            torch.save(rng, path)
+        except Exception as exc:
+            return path.name, _write_failure(exc, path)
+        return None
+
+    def _own_files(self, tmp: Path) -> list[Path]:
+        rank = self.dist.rank
+        files = [tmp / rng_file(rank), *tmp.glob(f"__{rank}_*.distcp")]
+        return files + ([tmp / METADATA] if self.dist.is_main else [])
+
+    def _finish(self, pending: _Save) -> None:
+        """Checksum each process's files, then on process 0 the trainer state, the manifest and the
+        rename; every process raises the first failure (a collective)."""
+        entries: dict = {}
+        error = pending.error
+        if error is None:
+            try:
+                entries = {p.name: _entry(p) for p in self._own_files(pending.tmp)}
+            except OSError as exc:
+                error = ("its files", _write_failure(exc, None))
+        reports = distributed.gather_objects((error, entries), self.dist)
+        problem = None
+        if self.dist.is_main:
+            failed = [(rank, e) for rank, (e, _) in enumerate(reports) if e is not None]
+            if failed:
+                rank, (file, cause) = failed[0]
+                where = f" on process {rank}" if self.dist.enabled else ""
+                problem = self._failed(pending.final, f"{file}{where}", cause)
+            else:
+                problem = self._publish(pending, {k: v for _, files in reports for k, v in files.items()})
+            if problem is not None:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+        problem = distributed.broadcast_object(problem, self.dist)
+        if problem is not None:
+            raise CheckpointWriteError(problem)
+
+    def _publish(self, pending: _Save, files: dict) -> str | None:
+        """Process 0: the trainer state and the manifest (last), the folder renamed into place, older
+        folders pruned; the failure in words, or None."""
+        path = pending.tmp / DESCRIPTION
+        try:
+            if self.describe is not None:
+                self.describe(path)
+                files.update({f"{DESCRIPTION}/{p.name}": _entry(p) for p in sorted(path.iterdir())})
+            path = pending.tmp / TRAINER_STATE
+            _write_json(path, pending.trainer_state)
+            files[TRAINER_STATE] = _entry(path)
+            step = pending.trainer_state["step"]
+            manifest = {"step": step, "checksum": CHECKSUM, "world_size": self.dist.world_size, "files": files}
+            path = pending.tmp / MANIFEST
+            _write_json(path, manifest)
+            _entry(path)
+            fsync_dir(pending.tmp)
+            path = None
+            replace_dir(pending.tmp, pending.final)
+            _prune(self.directory, step, self.keep_last)
+        except Exception as exc:  # OSError, or the tokenizer's and transformers' writers' own errors
+            _restore_replaced(pending.final)
+            return self._failed(
+                pending.final, path.name if path else "the checkpoint folder", _write_failure(exc, path)
+            )
+        return None
+
+    def _failed(self, final: Path, what: str, cause: str) -> str:
+        return (
+            f"{final}: checkpoint for step {int(final.name[5:])} not saved: writing {what} failed: {cause}. "
+            f"The unfinished folder was removed and {_previous(final.parent, final)}; free some space (or raise "
+            "the limit) and run again to resume from it."
+        )
+
+    # reading
+
+    def latest(self, clean: bool = False, verify: bool = True) -> Path | None:
+        """The newest intact checkpoint (see :func:`latest_checkpoint`; ``verify=False``: the newest complete
+        one, without reading every file)."""
+        return latest_checkpoint(self.directory, clean=clean, verify=verify)
 
     def restore(self) -> TrainState:
         """Load the newest intact checkpoint (a damaged one is reported and the one before it used) and
-        return its state; a fresh :class:`TrainState` when there is none. Call it after building the
-        model, optimizer, scheduler and reader, and draw no random numbers between it and the first step."""
-        latest = self.latest(clean=True)
-        # every process reads it; under FSDP2 the tensors are scattered to the shards (a collective)
-        return TrainState() if latest is None else self.load(latest, verify=False)  # latest has just checked it
+        return its state; a fresh :class:`TrainState` when there is none. Process 0 chooses and verifies
+        it, every process loads it. Call it after building the model, optimizer, scheduler and reader,
+        and draw no random numbers between it and the first step."""
+        choice = None
+        if self.dist.is_main:
+            try:
+                choice = self.latest(clean=True)
+            except DamagedCheckpoint as exc:
+                choice = exc
+        choice = distributed.broadcast_object(choice, self.dist)
+        if isinstance(choice, DamagedCheckpoint):
+            raise choice
+        return TrainState() if choice is None else self.load(choice, verify=False)  # latest has just checked it
 
     def load(self, path: str | os.PathLike, verify: bool = True) -> TrainState:
-        """Load the checkpoint at ``path`` into the objects (model weights strictly) and the RNGs; returns
-        its state. ``verify=False`` skips the checksums, for a folder just verified."""
-        ckpt = read_checkpoint(path, verify=verify)
-        model = distributed.unwrap(self.model)
-        if distributed.is_sharded(model):
-            _load_sharded(path, ckpt, model, self.optimizer)
-        else:
-            _load_plain(path, ckpt, model, self.optimizer)
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        state = _train_state(path, ckpt)
+        """Load the checkpoint at ``path`` into the objects (model weights strictly) and the RNGs, on
+        every process; returns its state. ``verify=False`` skips the checksums, for a folder just
+        verified. Every process must be able to read the folder; all fail together otherwise."""
+        path = Path(path)
+        problem = None
+        if verify and self.dist.is_main:
+            problem = checkpoint_problem(path)
+        problem = distributed.broadcast_object(problem, self.dist)
+        if problem is not None:
+            raise DamagedCheckpoint(problem)
+        trainer, rng = self._readable(path)
+        tensors, model_state, groups = _live_state(self.model, self.optimizer)
+        _check_fits(path, tensors)
+        saved_groups = _param_groups(path, trainer["param_groups"], groups)
+        _load(path, tensors, no_dist=not self.dist.enabled)
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(
+            distributed.unwrap(self.model),
+            self.optimizer,
+            model_state_dict=model_state,
+            optim_state_dict={"state": tensors["optim"], "param_groups": saved_groups},
+        )
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        set_rng_state(rng)
+        state = _train_state(path, trainer, rng)
         if self.reader is not None:
             self.reader.load_state_dict(state.reader_state)
         return state
 
+    def _readable(self, path: Path) -> tuple[dict, dict]:
+        """This process's view of the checkpoint (its trainer state and RNG state), checked on every
+        process; all raise when any cannot read it (no shared file system, permissions...)."""
+        result = problem = None
+        try:
+            read_index(path)
+            trainer = read_trainer_state(path)
+            same_world = trainer.get("world_size") == self.dist.world_size
+            result = trainer, _read_rng(path, self.dist.rank if same_world else 0)
+        except DamagedCheckpoint as exc:
+            problem = str(exc)
+        problems = distributed.gather_objects(problem, self.dist, to_all=True)
+        failed = [(rank, p) for rank, p in enumerate(problems) if p is not None]
+        if failed:
+            rank, text = failed[0]
+            hint = " (every process must see the checkpoint folder: a shared file system)" if self.dist.enabled else ""
+            raise DamagedCheckpoint(f"process {rank} cannot read the checkpoint: {text}{hint}")
+        trainer, rng = result
+        if trainer["world_size"] != self.dist.world_size:
+            _say(
+                f"checkpoint: {path} was written by {trainer['world_size']} processes, resumed on "
+                f"{self.dist.world_size}: every process continues from process 0's random state"
+            )
+        return trainer, rng
 
-def _train_state(path, ckpt: dict) -> TrainState:
+
+def _train_state(path: Path, trainer: dict, rng: dict) -> TrainState:
     """The :class:`TrainState` of a checkpoint read: ``trainer_state.json`` (its ``extra``: the counters)
-    and the RNG states."""
-    saved, state = ckpt["trainer_state"], TrainState()
+    and this process's RNG states."""
+    state = TrainState()
     try:
         state.load_state_dict(
-            {"step": saved["step"], "reader_state": saved["reader_state"], "rng": ckpt["rng"], **saved["extra"]}
+            {"step": trainer["step"], "reader_state": trainer["reader_state"], "rng": rng, **trainer["extra"]}
         )
     except (MedfoundryError, KeyError, TypeError) as exc:
-        raise DamagedCheckpoint(f"{Path(path) / 'trainer_state.json'}: not a training state ({exc})") from None
+        raise DamagedCheckpoint(f"{path / TRAINER_STATE}: not a training state ({exc})") from None
     return state

@@ -66,6 +66,11 @@ class TrainingConfig(StrictModel):
 class CheckpointConfig(StrictModel):
     every: int = Field(100, gt=0, description="steps between checkpoints")
     keep_last: int = Field(2, ge=1)
+    async_save: bool = Field(
+        False,
+        description="write the shards in the background (torch.distributed.checkpoint.async_save) while "
+        "training goes on; costs a host copy of this process's shard of the state while it is written",
+    )
 
 
 class EvalConfig(StrictModel):
@@ -87,6 +92,19 @@ class DistributedConfig(StrictModel):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on GPU, gloo on CPU")
 
 
+class ExportConfig(StrictModel):
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="dtype of the exported model/ (and of `medfoundry export` by default): auto = bf16 for "
+        "bf16 training, as the seeds' releases are, fp32 for fp32 training",
+    )
+
+    def torch_name(self, precision: str) -> str:
+        """The transformers dtype name of the export of a run trained in ``precision``."""
+        choice = ("bf16" if precision == "bf16" else "fp32") if self.dtype == "auto" else self.dtype
+        return {"bf16": "bfloat16", "fp32": "float32"}[choice]
+
+
 class RunConfig(StrictModel):
     """The sections every training run has (``medfoundry pretrain`` and ``medfoundry finetune``)."""
 
@@ -98,6 +116,7 @@ class RunConfig(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> RunConfig:

@@ -4,10 +4,9 @@ torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (and the rendezvous for multi-node); th
 process group (NCCL on GPU, gloo on CPU), wraps the model with DDP or FSDP2 (``fully_shard`` on every
 transformer block, then the root), and gives the loop the few collectives it needs.
 
-Under FSDP2 every parameter is a DTensor holding this process's shard. Checkpoints and the export
-need whole tensors: :func:`full_model_state` / :func:`full_optim_state` gather them (collectives:
-every process calls them, process 0 receives CPU tensors), and :func:`unsharded_copy` rebuilds a
-plain model from them for the export.
+Under FSDP2 every parameter is a DTensor holding this process's shard. Checkpoints keep the shards
+(:mod:`medfoundry.train.checkpoint`); the export gathers one tensor at a time
+(:func:`gathered_weights`, :func:`export_on_main`).
 """
 
 from __future__ import annotations
@@ -70,18 +69,31 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
 
 
-def wrap_model(model: nn.Module, strategy: str, device: str, d: Dist) -> nn.Module:
+def shards_on_meta(strategy: str, d: Dist) -> bool:
+    """Whether the run builds its model on the meta device and materializes only each process's shards
+    (:mod:`medfoundry.train.materialize`): under FSDP2 with several processes."""
+    return d.enabled and strategy == "fsdp"
+
+
+def wrap_model(model: nn.Module, strategy: str, device: str, d: Dist, precision: str = "fp32") -> nn.Module:
+    """DDP, or FSDP2's ``fully_shard`` on every transformer block then the root. Under FSDP2 in bf16 the
+    all-gathered parameters are bf16 copies of the fp32 shards and gradients are reduce-scattered in
+    fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``): half the all-gather traffic,
+    fp32 master weights and optimizer."""
     if not d.enabled:
         return model
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # with the fused loss the model returns its final hidden states, a view: FSDP2 warns that an
         # in-place op on it would bypass its pre-backward hook; the loss only reads it
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if precision == "bf16" else None, reduce_dtype=torch.float32
+        )
         for block in transformer_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     device_ids = [d.local_rank] if device.startswith("cuda") else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -105,6 +117,21 @@ def all_reduce_sum(value: float | int, d: Dist, device: str) -> float:
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return float(tensor.item())
+
+
+def all_reduce_sums(values: list[float], d: Dist, device: str) -> list[float]:
+    """Sums over processes of a few numbers, in one collective (float64)."""
+    if not d.enabled:
+        return values
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_reduce_(tensor: torch.Tensor, d: Dist) -> None:
+    """Sum ``tensor`` over processes, in place (no host sync)."""
+    if d.enabled:
+        dist.all_reduce(tensor)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -133,8 +160,8 @@ def _full_options():
 
 def full_model_state(model: nn.Module) -> dict:
     """The whole state dict of an FSDP2-sharded model, on CPU. A collective: every process calls it;
-    process 0 gets the tensors, the others an empty dict. Names of one shared parameter (a tied output
-    head) share one tensor, as in ``model.state_dict()``, so a checkpoint stores it once."""
+    process 0 gets the tensors, the others an empty dict. Only for small models (a LoRA run's merge):
+    the export of a full model streams one tensor at a time (:func:`gathered_weights`)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(unwrap(model), options=_full_options())
@@ -145,20 +172,10 @@ def full_model_state(model: nn.Module) -> dict:
     return state
 
 
-def full_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The whole optimizer state dict of an FSDP2-sharded model, on CPU, keyed by parameter names (the
-    form of ``get_optimizer_state_dict``; :func:`medfoundry.train.checkpoint.optim_state_by_index` turns it
-    into ``optimizer.state_dict()``'s). A collective, like :func:`full_model_state`."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    if not optimizer.state:  # no step taken yet: nothing to gather (and torch would take a zero step to make some)
-        return optimizer.state_dict() if dist.get_rank() == 0 else {}
-    return get_optimizer_state_dict(unwrap(model), optimizer, options=_full_options())
-
-
 def unsharded_copy(model: nn.Module) -> nn.Module | None:
     """A plain CPU copy of an FSDP2-sharded transformers model, built from its config and the gathered
-    weights, on process 0 (None on the others). A collective, like :func:`full_model_state`."""
+    weights, on process 0 (None on the others). A collective, like :func:`full_model_state`; for the
+    LoRA merge only."""
     from transformers import AutoModelForCausalLM
 
     state = full_model_state(model)
@@ -172,6 +189,71 @@ def unsharded_copy(model: nn.Module) -> nn.Module | None:
     if getattr(source, "generation_config", None) is not None:
         plain.generation_config = copy.deepcopy(source.generation_config)
     return plain.eval()
+
+
+def gathered_weights(model: nn.Module) -> export.Weights:
+    """The :class:`~medfoundry.model.export.Weights` of a sharded model, each tensor gathered whole in
+    turn (``full_tensor``: a collective per tensor, so every process must consume ``tensors`` to the
+    end) and moved to the CPU: no process holds more than one whole parameter beyond its shards."""
+    from torch.distributed.tensor import DTensor
+
+    lm = unwrap(model)
+    aliases = tied_names(lm)
+    state = {name: t for name, t in lm.state_dict().items() if name not in aliases}
+
+    def tensors():
+        for name, tensor in state.items():
+            yield name, (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
+
+    spec = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+    return export.Weights(lm.config, getattr(lm, "generation_config", None), type(lm).__name__, spec, tensors())
+
+
+def export_on_main(model: nn.Module, d: Dist, device: str, write) -> None:
+    """``write(weights)`` on process 0 with the trained model's weights: a plain model's, or a sharded
+    one's gathered a tensor at a time (every process takes part; a failure on process 0 stops all)."""
+    if not is_sharded(model):
+        if d.is_main:
+            write(export.Weights.of(unwrap(model)))
+        return
+    weights = gathered_weights(model)
+    error = None
+    if d.is_main:
+        try:
+            write(weights)
+        except Exception as exc:  # keep taking part in the gathers, then fail together
+            error = exc
+    for _ in weights.tensors:
+        pass
+    if any_failed(d, error is not None, device):
+        raise error or RuntimeError("process 0 could not export the model (see its error)")
+
+
+def broadcast_object(value, d: Dist):
+    """Process 0's ``value`` on every process (a collective; picklable values)."""
+    if not d.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value, d: Dist, to_all: bool = False) -> list:
+    """Every process's ``value``, by rank: on process 0 (on all with ``to_all``; others get ``[]``)."""
+    if not d.enabled:
+        return [value]
+    values = [None] * d.world_size
+    if to_all:
+        dist.all_gather_object(values, value)
+        return values
+    dist.gather_object(value, values if d.is_main else None, dst=0)
+    return values if d.is_main else []
+
+
+def new_group(d: Dist):
+    """A gloo process group of its own, for collectives in a background thread (asynchronous
+    checkpoints), so that they never interleave with the training's; None in a single process."""
+    return dist.new_group(backend="gloo") if d.enabled else None
 
 
 def barrier(d: Dist) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,8 +39,10 @@ from medfoundry.train import distributed
 from medfoundry.train.checkpoint import Checkpointer
 from medfoundry.train.config import PretrainConfig, RunConfig
 from medfoundry.train.losses import NextTokenLoss
-from medfoundry.train.metrics import MetricsLog, peak_flops, plot_losses, require_tensorboard
-from medfoundry.train.model_setup import build_model, check_vocab, prepare_for_training
+from medfoundry.train.materialize import materialize
+from medfoundry.train.memory import PhaseMemory
+from medfoundry.train.metrics import MetricsLog, Peak, device_peak, plot_losses, require_tensorboard
+from medfoundry.train.model_setup import build_model, check_vocab, prepare_for_training, pretrained_source
 from medfoundry.train.optim import build_optimizer, clip_grads, grad_norm, kernel_of
 from medfoundry.train.schedules import build_scheduler
 from medfoundry.train.state import Stateful, TrainState
@@ -74,7 +77,8 @@ class Validation(Protocol):
 
 
 class Exporter(Protocol):
-    """Write the Hugging Face checkpoint of the trained (plain, unwrapped) model into ``directory``."""
+    """Write the Hugging Face checkpoint of the trained model (as trained: wrapped, maybe sharded) into
+    ``directory``. Called on every process (a sharded model is gathered a tensor at a time)."""
 
     def __call__(self, model: nn.Module, directory: Path) -> None: ...
 
@@ -160,10 +164,13 @@ class Job:
     export: Exporter
     step_flops: StepFlops
     info: dict = field(default_factory=dict)  # for run.json: kernels, data...
+    # writes the model's description (config, generation config, tokenizer; no weights) into a folder:
+    # every checkpoint carries it, so that any saved step exports alone (`medfoundry export`); None: not
+    describe: Callable[[Path], None] | None = None
 
 
 def _pretrain_job(cfg: PretrainConfig, d: distributed.Dist, device: str, precision: str) -> Job:
-    from medfoundry.model.export import export_hf
+    from medfoundry.model.export import Weights, export_hf
     from medfoundry.model.load import hf_directory, load_tokenizer
 
     tokens = Path(cfg.data.tokens_dir)
@@ -172,6 +179,7 @@ def _pretrain_job(cfg: PretrainConfig, d: distributed.Dist, device: str, precisi
     tokenizer_dir = hf_directory(cfg.data.tokenizer_dir)  # a .gguf: its dequantized checkpoint's tokenizer
     tokenizer = load_tokenizer(tokenizer_dir)
     model, token_losses, kernels = _build(cfg, len(tokenizer), train_shards.vocab_size, d, device, precision)
+    lm, dtype = distributed.unwrap(model), cfg.export.torch_name(precision)
     reader = WindowReader(
         train_shards,
         cfg.model.context,
@@ -190,7 +198,10 @@ def _pretrain_job(cfg: PretrainConfig, d: distributed.Dist, device: str, precisi
         reader=_Tensors(reader),
         counts=_window_counts,
         validation=validation,
-        export=lambda m, out: export_hf(m, tokenizer_dir, out),
+        export=lambda m, out: distributed.export_on_main(
+            m, d, device, lambda weights: export_hf(weights, tokenizer_dir, out, dtype=dtype)
+        ),
+        describe=lambda out: export_hf(Weights.describing(lm), tokenizer_dir, out, dtype=dtype),
         step_flops=_per_token(flops_per_token(distributed.unwrap(model).config, cfg.model.context)),
         info={"kernels": kernels},
     )
@@ -222,9 +233,12 @@ def _window_counts(batch: torch.Tensor) -> tuple[int, int]:
 
 
 def to_device(batch: Batch, device: str) -> Batch:
-    """A batch (a tensor or a dict of tensors) on ``device``."""
+    """A batch (a tensor or a dict of tensors) on ``device``: on a GPU copied from pinned host memory
+    without waiting (the copy overlaps the work already queued)."""
     if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if device.startswith("cuda"):
+        return batch.pin_memory().to(device, non_blocking=True)
     return batch.to(device)
 
 
@@ -241,6 +255,7 @@ class _Run:
     peak: float  # FLOP/s of all processes together: the MFU denominator
     d: distributed.Dist
     device: str
+    memory: PhaseMemory
 
 
 def train(job: Job, d: distributed.Dist, device: str) -> dict:
@@ -248,6 +263,8 @@ def train(job: Job, d: distributed.Dist, device: str) -> dict:
     ``training``, ``optim``, ``schedule``, ``checkpoint``, ``eval`` and ``log`` sections)."""
     cfg = job.cfg
     out = Path(cfg.output_dir)
+    memory = PhaseMemory(device)
+    memory.close("init")  # the process so far: imports, the model built and sharded
     optimizer = build_optimizer(distributed.unwrap(job.model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.training.steps, cfg.schedule)
     checkpointer = Checkpointer(
@@ -259,14 +276,18 @@ def train(job: Job, d: distributed.Dist, device: str) -> dict:
         keep_last=cfg.checkpoint.keep_last,
         dist=d,
         device=device,
+        async_save=cfg.checkpoint.async_save,
+        describe=job.describe,
     )
-    state = checkpointer.restore()
+    with memory.phase("resume"):
+        state = checkpointer.restore()
     log = MetricsLog(
         out / "metrics.jsonl",
         enabled=d.is_main,
         resume_step=state.step,
         tensorboard=out / "tensorboard" if cfg.log.tensorboard else None,
     )
+    peak = device_peak(device, job.loss.precision)  # published for known accelerators, else measured
     run = _Run(
         job=job,
         trained=torch.compile(job.model) if cfg.training.compile else job.model,
@@ -274,25 +295,31 @@ def train(job: Job, d: distributed.Dist, device: str) -> dict:
         scheduler=scheduler,
         checkpointer=checkpointer,
         log=log,
-        peak=peak_flops(device, job.loss.precision) * d.world_size,
+        peak=peak.flops * d.world_size,
         d=d,
         device=device,
+        memory=memory,
     )
     if d.is_main:
-        _write_run_json(job, out, d, device, kernel_of(optimizer))
+        _write_run_json(job, out, d, device, kernel_of(optimizer), peak)
+        print(f"MFU against {_peak_text(peak)}", file=sys.stderr, flush=True)
     try:
         if state.step == 0 and job.validation is not None:  # the starting point: continued training's number to beat
             log.eval(0, job.validation.run(run.trained, job.loss, device, d))
         with log.progress(cfg.training.steps, initial=state.step) as bar:
             while state.step < cfg.training.steps:
-                _step(run, state, bar)
+                with memory.phase("train"):
+                    _step(run, state, bar)
                 _after_step(run, state)
+        if cfg.checkpoint.async_save:  # the last background save, finished
+            with memory.phase("save"):
+                checkpointer.wait()
     finally:
         log.close()
-    return _finish(job, job.model, log, out, d)
+    return _finish(job, job.model, log, out, d, memory)
 
 
-def _write_run_json(job: Job, out: Path, d: distributed.Dist, device: str, optimizer_kernel: str) -> None:
+def _write_run_json(job: Job, out: Path, d: distributed.Dist, device: str, optimizer_kernel: str, peak: Peak) -> None:
     write_json(
         out / "run.json",
         {
@@ -303,7 +330,20 @@ def _write_run_json(job: Job, out: Path, d: distributed.Dist, device: str, optim
             "grad_accumulation": job.cfg.grad_accumulation(d.world_size),
             **job.info,
             "kernels": {**job.info.get("kernels", {}), "optimizer": optimizer_kernel},
+            "peak_flops": {**peak.to_dict(), "processes": d.world_size, "total": peak.flops * d.world_size},
         },
+    )
+
+
+def _peak_text(peak: Peak) -> str:
+    """Both peaks of the MFU denominator, per device, and which one is used."""
+
+    def tflops(value: float | None) -> str:
+        return "n/a" if value is None else f"{value / 1e12:,.1f}"
+
+    return (
+        f"{peak.name} ({peak.precision}): published {tflops(peak.published)}, measured {tflops(peak.measured)} "
+        f"TFLOP/s per device ({peak.source} used)"
     )
 
 
@@ -311,8 +351,10 @@ def _step(run: _Run, state: TrainState, bar) -> None:
     """One optimizer step (or a skipped one), counted in ``state`` and logged."""
     job, d, device = run.job, run.d, run.device
     started = time.perf_counter()
-    batches = [to_device(next(job.reader), device) for _ in range(job.cfg.grad_accumulation(d.world_size))]
-    loss_value, norm, n_targets, n_tokens = _train_step(job, run.trained, batches, run.optimizer, job.cfg, d, device)
+    host = [next(job.reader) for _ in range(job.cfg.grad_accumulation(d.world_size))]
+    counts = [job.counts(b) for b in host]  # on the host copies: no device sync
+    batches = [to_device(b, device) for b in host]
+    loss_value, norm, n_targets, n_tokens = _train_step(job, run.trained, batches, counts, run.optimizer, d, device)
     finite = math.isfinite(loss_value) and math.isfinite(norm)
     run.scheduler.step()
     state.record_step(n_tokens, n_targets, finite)
@@ -338,14 +380,16 @@ def _after_step(run: _Run, state: TrainState) -> None:
     if state.skipped_in_a_row >= cfg.training.max_consecutive_skips:
         raise MedfoundryError(
             f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-            f"(step {step}); stopping. Last good checkpoint: {run.checkpointer.latest() or 'none'}. "
+            f"(step {step}); stopping. Last good checkpoint: {run.checkpointer.latest(verify=False) or 'none'}. "
             "Lower optim.lr, raise schedule.warmup_steps or check the data."
         )
     last = step == cfg.training.steps
     if run.job.validation is not None and (step % cfg.eval.every == 0 or last):
-        run.log.eval(step, run.job.validation.run(run.trained, run.job.loss, run.device, run.d))
+        with run.memory.phase("train"):
+            run.log.eval(step, run.job.validation.run(run.trained, run.job.loss, run.device, run.d))
     if step % cfg.checkpoint.every == 0 or last:
-        run.checkpointer.save(state)
+        with run.memory.phase("save"):
+            run.checkpointer.save(state)
 
 
 def _build(
@@ -353,47 +397,56 @@ def _build(
 ) -> tuple[nn.Module, NextTokenLoss, dict]:
     """The model prepared (:func:`medfoundry.train.model_setup.prepare_for_training`) and wrapped for the
     strategy; its loss; and the kernels chosen (recorded in run.json)."""
-    model = build_model(cfg, tokenizer_size)
+    meta = distributed.shards_on_meta(cfg.distributed.strategy, d)  # FSDP2: no process builds the whole model
+    model = build_model(cfg, tokenizer_size, meta=meta)
     check_vocab(model, shard_vocab, cfg.data.tokenizer_dir)
-    prepared = prepare_for_training(model, cfg.training, device=device, context=cfg.model.context)
-    wrapped = distributed.wrap_model(prepared.model, cfg.distributed.strategy, device, d)
+    prepared = prepare_for_training(model, cfg.training, device=device, context=cfg.model.context, place=not meta)
+    wrapped = distributed.wrap_model(prepared.model, cfg.distributed.strategy, device, d, precision)
+    if meta:
+        source = (
+            pretrained_source(cfg.model.init_from, allow_pickle=cfg.model.allow_pickle)[0]
+            if cfg.model.init_from
+            else None
+        )
+        materialize(wrapped, device, source=source, seed=cfg.training.seed, d=d)
     return wrapped, NextTokenLoss(prepared.head, precision, device), prepared.kernels
 
 
 def _train_step(
-    job: Job, trained, batches: list, optimizer, cfg, d: distributed.Dist, device: str
+    job: Job, trained, batches: list, counts: list, optimizer, d: distributed.Dist, device: str
 ) -> tuple[float, float, float, float]:
     """Forward and backward over the step's micro-batches, then the update unless the loss or the
     gradient norm is not finite. Returns (mean loss over the global batch's targets, gradient norm,
     global targets, global tokens). Both values are the same on every process (an all-reduced loss;
     the norm of all-reduced or, under FSDP2, globally reduced gradients), so all processes skip or
-    step together without another collective."""
-    counts = [job.counts(b) for b in batches]
-    n_global = distributed.all_reduce_sum(sum(c[0] for c in counts), d, device)
-    tokens_global = distributed.all_reduce_sum(sum(c[1] for c in counts), d, device)
+    step together without another collective. The host waits for the device once per step (the loss
+    and the norm read together, for the skip decision), never per micro-batch."""
+    n_global, tokens_global = distributed.all_reduce_sums(
+        [sum(c[0] for c in counts), sum(c[1] for c in counts)], d, device
+    )
     scale = d.world_size / max(n_global, 1)  # DDP/FSDP average over processes
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         with distributed.gradient_sync(job.model, sync=i == len(batches) - 1):
             loss, _ = job.loss(trained, batch)
             (loss * scale).backward()
-        loss_sum += loss.item()
-    loss_value = distributed.all_reduce_sum(loss_sum, d, device) / max(n_global, 1)
+        loss_sum += loss.detach().double()
+    distributed.all_reduce_(loss_sum, d)
     norm = grad_norm(job.model.parameters())
-    norm_value = norm.item()
+    loss_value, norm_value = torch.stack([loss_sum / max(n_global, 1), norm.detach().double()]).tolist()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
-        clip_grads(job.model.parameters(), cfg.optim.grad_clip, norm)
+        clip_grads(job.model.parameters(), job.cfg.optim.grad_clip, norm)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_value, norm_value, n_global, tokens_global
 
 
-def _finish(job: Job, model: nn.Module, log: MetricsLog, out: Path, d: distributed.Dist) -> dict:
+def _finish(job: Job, model: nn.Module, log: MetricsLog, out: Path, d: distributed.Dist, memory: PhaseMemory) -> dict:
     summary = log.summary()
-    # FSDP2: every process gathers the weights into a plain model on process 0
-    exported = distributed.unsharded_copy(model) if distributed.is_sharded(model) else distributed.unwrap(model)
+    with memory.phase("export"):
+        job.export(model, out / "model")  # every process: a sharded model is gathered a tensor at a time
+    memory.write(out / "memory.json", d)
     if d.is_main:
-        job.export(exported, out / "model")
         plot_losses(out / "metrics.jsonl", out / "plots" / "loss.png")
         write_json(out / "summary.json", summary)
     distributed.barrier(d)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import re
 import statistics
 import time
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,19 +41,94 @@ def require_tensorboard() -> None:
         )
 
 
-@lru_cache(maxsize=4)
-def peak_flops(device: str, precision: str) -> float:
-    """Dense matmul throughput (FLOP/s) of this device in the training precision: the MFU denominator.
+def _tflops(bf16: float, tf32: float, fp32: float) -> dict[str, float]:
+    """FLOP/s per precision from a datasheet's dense TFLOP/s (fp16 runs at the bf16 rate on all of these)."""
+    return {"bf16": bf16 * 1e12, "fp16": bf16 * 1e12, "tf32": tf32 * 1e12, "fp32": fp32 * 1e12}
 
-    The highest ever measured here for the same device, dtype and thread count (kept in
+
+# Published dense (no 2:4 sparsity) tensor-core peaks, FLOP/s, from the vendors' datasheets. ``tf32`` is what fp32
+# matmuls reach when torch lets them run in TF32 (``torch.set_float32_matmul_precision("high")``), ``fp32`` the
+# plain one. First match of the pattern in ``torch.cuda.get_device_name()`` wins: variants with other clocks or
+# power limits (H100 NVL, H200 NVL, A10G, L40, MI300A, ...) are left out on purpose and get the measured peak.
+PUBLISHED_PEAKS: tuple[tuple[str, str, dict[str, float]], ...] = (
+    # (accelerator, pattern of its torch.cuda.get_device_name(), dense peaks)
+    ("NVIDIA A100 (SXM4, PCIe)", r"\bA100\b", _tflops(312, 156, 19.5)),
+    ("NVIDIA H100 PCIe", r"\bH100\b.*\bPCIe\b", _tflops(756, 378, 51.2)),
+    ("NVIDIA H100 SXM", r"\bH100\b(?!.*\b(PCIe|NVL)\b)", _tflops(989.4, 494.7, 66.9)),
+    ("NVIDIA H200 SXM", r"\bH200\b(?!.*\bNVL\b)", _tflops(989.4, 494.7, 66.9)),
+    ("AMD Instinct MI300X", r"\bMI300X\b", _tflops(1307.4, 653.7, 163.4)),
+    ("NVIDIA L4", r"\bL4\b", _tflops(121, 60, 30.3)),
+    ("NVIDIA A10", r"\bA10\b", _tflops(125, 62.5, 31.2)),
+    ("NVIDIA L40S", r"\bL40S\b", _tflops(362.05, 183, 91.6)),
+)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The MFU denominator of one device in one precision: the ``published`` dense peak when the device is in
+    :data:`PUBLISHED_PEAKS` (comparable with the MFU papers report), else the ``measured`` one (a timed matmul;
+    on a CPU, the best ever measured here). ``flops`` is the one MFU divides by."""
+
+    name: str  # the device's name (``torch.cuda.get_device_name``, or the CPU's)
+    precision: str  # bf16, fp16, fp32 or tf32 (fp32 matmuls allowed to run in TF32)
+    published: float | None
+    measured: float | None
+
+    @property
+    def flops(self) -> float:
+        return self.published if self.published is not None else self.measured
+
+    @property
+    def source(self) -> str:
+        return "published" if self.published is not None else "measured"
+
+    def to_dict(self) -> dict:
+        """For ``run.json``: both peaks, and which one MFU uses."""
+        return {**asdict(self), "flops": self.flops, "source": self.source}
+
+
+def peak_flops(device: str, precision: str) -> float:
+    """Dense matmul throughput (FLOP/s) of this device in the training precision: the MFU denominator
+    (:attr:`Peak.flops` of :func:`device_peak`)."""
+    return device_peak(device, precision).flops
+
+
+@lru_cache(maxsize=4)
+def device_peak(device: str, precision: str) -> Peak:
+    """The published and measured peaks of ``device`` in ``precision`` (bf16, fp16 or fp32). Once per process.
+
+    A GPU of :data:`PUBLISHED_PEAKS` is not measured. Elsewhere (a CPU, another GPU) the peak is timed, and the
+    highest ever measured here for the same device, dtype and thread count is kept (in
     ``$MEDFOUNDRY_CACHE/peak_flops.json``, default ``~/.cache/medfoundry``): a measurement taken while other
     processes share the cores comes out several times too low and would report an MFU above 100%.
-    Measured once per process.
     """
+    gpu = device.startswith("cuda")
+    name = _device_name(device)
+    matmul_precision = "tf32" if precision == "fp32" and gpu and _tf32_allowed() else precision
+    published = published_peak(name, matmul_precision) if gpu else None
+    measured = None if published is not None else _best_measured(device, name, precision)
+    return Peak(name=name, precision=matmul_precision, published=published, measured=measured)
+
+
+def published_peak(name: str, precision: str) -> float | None:
+    """The datasheet's dense peak (FLOP/s) of the accelerator called ``name`` in ``precision``, or None."""
+    for _, pattern, peaks in PUBLISHED_PEAKS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return peaks.get(precision)
+    return None
+
+
+def _tf32_allowed() -> bool:
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _best_measured(device: str, name: str, precision: str) -> float:
     from medfoundry.model.load import cache_root
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    key = f"{device}|{_device_name(device)}|{dtype}|{torch.get_num_threads()}"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    key = f"{device}|{name}|{dtype}|{torch.get_num_threads()}"
+    if device.startswith("cuda"):  # entries of the old, unsynchronized GPU timing (too high) must not count
+        key += f"|synchronized|{torch.get_float32_matmul_precision()}"
     measured = _measure_matmul(device, dtype)
     path = cache_root() / "peak_flops.json"
     try:
@@ -67,19 +144,32 @@ def peak_flops(device: str, precision: str) -> float:
     return best
 
 
-def _measure_matmul(device: str, dtype: torch.dtype) -> float:
-    n = 2048
+def _measure_matmul(device: str, dtype: torch.dtype, trials: int = 3) -> float:
+    """Best of ``trials`` timings of square matmuls (FLOP/s), each one started after, and stopped after, the
+    device has finished all earlier work (CUDA runs asynchronously: without that the clock would stop while
+    the GPU still computes)."""
+    gpu = device.startswith("cuda")
+    n, reps = (4096, 10) if gpu else (2048, 2)  # one 2048-matmul takes ~20 us on an H100: too short to time
     generator = torch.Generator(device=device).manual_seed(0)  # never touch the training RNG streams
     a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
-    for _ in range(2):
-        a @ b
-    reps, start = 5, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if gpu:
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):  # warm-up: kernel selection, allocation, clocks
+        torch.matmul(a, b, out=out)
+    best = 0.0
+    for _ in range(trials):
+        sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b, out=out)
+        sync()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
 
 
 def _device_name(device: str) -> str:

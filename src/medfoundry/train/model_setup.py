@@ -13,26 +13,53 @@ from medfoundry.errors import ConfigError
 from medfoundry.train.accel import HiddenStatesLM, fused_head, native_gelu, set_attention
 from medfoundry.train.config import PretrainConfig, TrainingConfig
 from medfoundry.train.lora import LoraSettings, add_adapters
+from medfoundry.train.materialize import meta_model
 
 
-def build_model(cfg: PretrainConfig, tokenizer_size: int) -> nn.Module:
-    """From scratch the vocabulary is the tokenizer's; continued, the checkpoint's (grown for an extended tokenizer)."""
+def build_model(cfg: PretrainConfig, tokenizer_size: int, *, meta: bool = False) -> nn.Module:
+    """From scratch the vocabulary is the tokenizer's; continued, the checkpoint's (grown for an extended
+    tokenizer). With ``meta`` the model has no storage yet (:mod:`medfoundry.train.materialize` fills
+    each process's shards after sharding)."""
     from transformers import AutoModelForCausalLM
 
     from medfoundry.model.load import hf_directory
     from medfoundry.model.presets import model_config
     from medfoundry.model.resize import resize_for_tokenizer
 
-    if cfg.model.init_from:
+    if cfg.model.init_from and meta:
+        model = meta_model(pretrained_config(cfg.model.init_from, allow_pickle=cfg.model.allow_pickle))
+    elif cfg.model.init_from:
         model = load_pretrained(cfg.model.init_from, allow_pickle=cfg.model.allow_pickle)
     else:
         config = model_config(
             cfg.model.preset, vocab_size=tokenizer_size, context=cfg.model.context, overrides=cfg.model.overrides
         )
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)  # a user's config.json may name code
+        # a user's config.json may name code: trust_remote_code=False
+        model = meta_model(config) if meta else AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     resize_for_tokenizer(model, hf_directory(cfg.data.tokenizer_dir))
     check_context(model.config, cfg.model.context, "model.context")
     return model
+
+
+def pretrained_source(init_from: str, *, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """The Hugging Face folder of ``init_from`` (a GGUF file's conversion) and the keyword arguments its
+    weights load with (:func:`medfoundry.model.load.weights_policy`)."""
+    from medfoundry.model.load import hf_directory, weights_policy
+
+    source = hf_directory(init_from)
+    if not (source / "config.json").is_file():
+        raise ConfigError(
+            f"model.init_from: {source} is not a Hugging Face checkpoint directory (no config.json) or a .gguf file"
+        )
+    return source, weights_policy(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def pretrained_config(init_from: str, *, allow_pickle: bool = False):
+    """The model config of ``init_from``, checked as :func:`load_pretrained` checks the checkpoint."""
+    from transformers import AutoConfig
+
+    source, _ = pretrained_source(init_from, allow_pickle=allow_pickle)
+    return AutoConfig.from_pretrained(str(source), trust_remote_code=False)
 
 
 def load_pretrained(init_from: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> nn.Module:
@@ -42,14 +69,9 @@ def load_pretrained(init_from: str, *, allow_pickle: bool = False, trust_remote_
     The checkpoint is untrusted input: safetensors weights, pickled ones only with ``allow_pickle`` (and then
     through ``torch.load(weights_only=True)``), no code of its own unless ``trust_remote_code``
     (:func:`medfoundry.model.load.weights_policy`)."""
-    from medfoundry.model.load import hf_directory, load_causal_lm, weights_policy
+    from medfoundry.model.load import load_causal_lm
 
-    source = hf_directory(init_from)
-    if not (source / "config.json").is_file():
-        raise ConfigError(
-            f"model.init_from: {source} is not a Hugging Face checkpoint directory (no config.json) or a .gguf file"
-        )
-    policy = weights_policy(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    source, policy = pretrained_source(init_from, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return load_causal_lm(source, policy, dtype=torch.float32)
 
 

@@ -109,9 +109,9 @@ def grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor) -> torch.Tensor
     all-reduced gradients, hence the same norm. Under FSDP2 the gradients are DTensor shards: the
     norm is reduced over all processes (every process must call this), as in torchtitan.
     """
-    _, grads = _grads(parameters)
+    params, grads = _grads(parameters)
     if not grads:
-        return torch.tensor(0.0)
+        return torch.zeros((), device=params[0].device if params else "cpu")
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if hasattr(total, "full_tensor"):  # DTensor with a pending (partial) reduction
         total = total.full_tensor()
