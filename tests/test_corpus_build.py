@@ -247,9 +247,10 @@ def _cli(cfg_path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "medfoundry", "corpus", "build", str(cfg_path), *extra]
 
 
-@pytest.mark.parametrize("kill_when", ["extract", "finalize"])
+@pytest.mark.parametrize("kill_when", ["extract", "scatter", "finalize"])
 def test_build_killed_resumes_without_loss_or_duplication(planted, tmp_path, kill_when):
-    """SIGKILL the build mid-extract (some tasks done) or mid-finalize, re-run: same output as a clean build."""
+    """SIGKILL the build mid-extract (some tasks done), mid-scatter (some of the write stage's tasks done)
+    or while shards are gathered, re-run: same output as a clean build."""
     many = tmp_path / "many"
     many.mkdir()
     docs = planted["docs"]
@@ -267,8 +268,13 @@ def test_build_killed_resumes_without_loss_or_duplication(planted, tmp_path, kil
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         done = list(work.glob("extract-*/logs/completions/*"))
+        scattered = list(work.glob("extract-*/write-*/logs-scatter/completions/*"))
         staging = list((tmp_path / "out").glob(".staging-*/train/.part-*"))
-        if (kill_when == "extract" and 3 <= len(done) < 31) or (kill_when == "finalize" and staging):
+        if (
+            (kill_when == "extract" and 3 <= len(done) < 31)
+            or (kill_when == "scatter" and 3 <= len(scattered) < 31)
+            or (kill_when == "finalize" and staging)
+        ):
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.005)
@@ -362,3 +368,14 @@ def test_finalize_only_changes_reuse_the_extract(built, planted, tmp_path):
     assert abs(again.details["mixture"]["replay"]["achieved_share"] - 0.02) < abs(
         again.details["mixture"]["replay"]["achieved_share"] - 0.05
     )
+
+
+def test_every_stage_reports_its_time_tasks_and_peak_memory(built):
+    out, manifest = built
+    stages = manifest.details["stages"]
+    assert list(stages) == ["extract", "dedup", "finalize", "mix", "write"]
+    for entry in stages.values():
+        assert entry["seconds"] > 0 and 30 < entry["peak_rss_mb"] < 4000
+    assert stages["extract"]["tasks"] == manifest.counts["extract_tasks"]
+    assert stages["dedup"]["tasks"] >= 2  # two rounds of at least one key range
+    assert "## Stages" in (out / "report.md").read_text()

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+from datatrove.data import Document
 
 from medfoundry.config import validate
 from medfoundry.corpus.config import CorpusConfig, DedupConfig
-from medfoundry.corpus.dedup import DocTable, resolve
+from medfoundry.corpus.dedup import DedupRange, Layout
 from medfoundry.corpus.fingerprint import MinHasher, exact_key
-from medfoundry.corpus.mix import copies_for, plan_factors
+from medfoundry.corpus.mix import BINS, Selection, cut_bin, hash_bins, plan_factors, take_in_bin, unit_hash
 from medfoundry.corpus.ngrams import word_hashes
+from medfoundry.corpus.resolve import resolve_round_one, resolve_round_two, write_entries
+from medfoundry.corpus.steps import WriteTaskOutput
 from medfoundry.errors import ConfigError, MedfoundryError
+from medfoundry.io import iter_jsonl
 
 BASE = (
     "Aspirin reduced the incidence of myocardial infarction in a randomized trial of 2,000 adults "
@@ -20,25 +30,59 @@ BASE = (
 )
 
 
-def _table(docs: list[tuple], ranks: dict[str, int], abstracts: dict[int, str] | None = None) -> DocTable:
-    """docs: (id, source, pmid, text[, extra paper keys]); abstracts: row -> a full-text row's own abstract."""
-    hasher = MinHasher(128, 5, 1)
+@dataclass
+class _Docs:
+    """docs: (id, source, pmid, text[, extra paper keys]); abstracts: row -> a full-text row's own abstract;
+    orders: (file, line) of each row."""
+
+    docs: list[tuple]
+    ranks: dict[str, int]
+    abstracts: dict[int, str]
+    orders: list[tuple[int, int]]
+
+
+def _table(docs: list[tuple], ranks: dict[str, int], abstracts: dict[int, str] | None = None) -> _Docs:
+    return _Docs(docs, ranks, abstracts or {}, [(0, i) for i in range(len(docs))])
+
+
+def resolve(table: _Docs, deletes, pubmed_sources: set[str], cfg: DedupConfig, ranges: int = 3) -> dict:
+    """The dedup stage end to end on these documents: each one is an extract task's output (written by
+    the extract writer), then both rounds' range tasks and resolutions run here. Returns
+    ``{row: entry}`` with the entry's ``reason`` and ``detail`` as ``dropped.jsonl.gz`` has them."""
+    hasher = MinHasher(cfg.near.num_perm, cfg.near.shingle_words, cfg.near.seed)
     signature = lambda text: hasher.signature(word_hashes(text))  # noqa: E731
-    abstracts = abstracts or {}
-    table = DocTable(
-        ids=[d[0] for d in docs],
-        sources=[d[1] for d in docs],
-        paper_keys=[([f"pmid:{d[2]}"] if d[2] else []) + list(d[4] if len(d) > 4 else []) for d in docs],
-        pmids=[d[2] for d in docs],
-        exact=[exact_key(d[3]) for d in docs],
-        orders=[(0, i) for i in range(len(docs))],
-        chars=np.array([len(d[3]) for d in docs]),
-        signatures=np.stack([signature(d[3]) for d in docs]),
-        abstract_rows=np.array(list(abstracts), dtype=np.int64),
-        abstract_signatures=np.stack([signature(t) for t in abstracts.values()]) if abstracts else None,
-    )
-    table.rank_sources(ranks)
-    return table
+    with tempfile.TemporaryDirectory() as tmp:
+        extract, work = Path(tmp) / "extract", Path(tmp) / "dedup"
+        extract.mkdir()
+        writer = WriteTaskOutput(str(extract), cfg.near)
+        for task, (doc, order) in enumerate(zip(table.docs, table.orders)):
+            keys = ([f"pmid:{doc[2]}"] if doc[2] else []) + list(doc[4] if len(doc) > 4 else [])
+            meta = {"source": doc[1], "meta": {}, "pmid": doc[2], "paper_keys": keys, "order": list(order)}
+            meta.update(exact=exact_key(doc[3]), minhash=signature(doc[3]))
+            if task in table.abstracts:
+                meta["abstract_minhash"] = signature(table.abstracts[task])
+            list(writer.run([Document(doc[3], doc[0], metadata=meta)], rank=task))
+        events = [
+            Document("", f"pubmed/delete:{pmid}", metadata={"event": "delete", "pmid": pmid, "order": list(order)})
+            for pmid, order in deletes
+        ]
+        list(writer.run(events, rank=len(table.docs)))
+        sources = [d[1] for d in table.docs] + ["pubmed"]
+        layout = Layout(
+            np.array([1] * len(table.docs) + [0]),
+            np.array([table.ranks.get(s, 0) for s in sources]),
+            np.array([s in pubmed_sources for s in sources]),
+        )
+        for round_ in (1, 2) if cfg.near.enabled else (1,):
+            for r in range(ranges):
+                list(DedupRange(str(extract), str(work), round_, ranges, layout.to_json(), cfg).run(None, r, ranges))
+            if round_ == 1:
+                removed = resolve_round_one(work, ranges, layout, cfg)
+            else:
+                resolve_round_two(work, ranges, layout, removed)
+        write_entries(work / "entries.jsonl.gz", extract, layout, sources, removed)
+        entries = list(iter_jsonl(work / "entries.jsonl.gz"))
+    return {row: SimpleNamespace(**entry) for row, entry in zip(sorted(removed), entries)}
 
 
 def test_exact_and_near_duplicates_keep_the_highest_precedence_source():
@@ -57,6 +101,32 @@ def test_exact_and_near_duplicates_keep_the_highest_precedence_source():
     assert removed[0].reason == "exact_duplicate" and "papers/A" in removed[0].detail
     assert removed[2].reason == "near_duplicate" and "papers/A" in removed[2].detail
     assert 1 not in removed and 3 not in removed
+
+
+def test_result_does_not_depend_on_the_number_of_key_ranges():
+    near = BASE.replace("five years", "six years")
+    table = _table(
+        [
+            ("pubmed/1", "pubmed", "1", "old version " + BASE),
+            ("papers/A", "papers", "1", BASE.upper()),
+            ("abstracts/x", "abstracts", None, near, ["doi:10.1/x"]),
+            ("replay/y", "replay", None, BASE + " extra words at the end of it"),
+            ("abstracts/x", "abstracts", None, "a different text with the same id " * 9),
+            ("abstracts/z", "abstracts", None, "unrelated text about bone density in older women " * 5, ["doi:10.1/x"]),
+            ("replay/e", "replay", None, BASE.lower()),
+            ("pubmed/9", "pubmed", "9", "citation nine " * 20),
+        ],
+        {"papers": 0, "pubmed": 1, "abstracts": 2, "replay": 3},
+    )
+    results = [resolve(table, [("9", (9, 0))], {"pubmed"}, DedupConfig(), ranges=n) for n in (1, 2, 5, 16)]
+    assert all(r == results[0] for r in results[1:])
+    assert {row: r.reason for row, r in results[0].items()} == {
+        0: "same_paper",
+        2: "same_paper",
+        3: "near_duplicate",
+        6: "exact_duplicate",
+        7: "deleted_citation",
+    }
 
 
 def test_near_dedup_threshold_is_respected():
@@ -150,6 +220,46 @@ def test_weights_are_validated():
         _cfg(a=None, b=0.6, c=0.5)
     with pytest.raises(ConfigError, match="sum to 1"):
         _cfg(a=0.3, b=0.3)
+
+
+def copies_for(rows, ids, chars, factor, seed):
+    """The streamed selection of mix.py on one group held in memory."""
+    hashes = np.array([unit_hash(seed, ids[r]) for r in rows])
+    histogram = np.bincount(hash_bins(hashes), weights=chars[rows], minlength=BINS)
+    b, taken, budget = cut_bin(factor, histogram)
+    selection = Selection(math.floor(factor))
+    if b >= 0:
+        hit = hash_bins(hashes) == b
+        selection = Selection(
+            math.floor(factor), b, take_in_bin(taken, budget, hashes[hit], rows[hit], chars[rows][hit])
+        )
+    return selection.copies(hashes, rows)
+
+
+def _sorted_reference(rows, ids, chars, factor, seed):
+    """The definition: whole copies, then documents in hash order until one would overshoot."""
+    whole = math.floor(factor)
+    copies = np.full(len(rows), whole, dtype=np.int64)
+    budget, taken = (factor - whole) * chars[rows].sum(), 0.0
+    for i in sorted(range(len(rows)), key=lambda i: unit_hash(seed, ids[rows[i]])) if budget > 0 else []:
+        if taken + chars[rows[i]] / 2 > budget:
+            break
+        copies[i] += 1
+        taken += chars[rows[i]]
+    return copies
+
+
+def test_streamed_selection_equals_the_sorted_definition():
+    rng = np.random.default_rng(1)
+    for n, factor, seed in ((3000, 0.37, 1), (50, 2.5, 2), (20000, 0.001, 3), (7, 0.99, 4), (400, 3.0, 5)):
+        chars = rng.integers(1, 5000, size=n)
+        rows = np.sort(rng.choice(n * 2, size=n, replace=False))
+        ids = {int(r): f"doc-{r}" for r in rows}
+        full = np.zeros(n * 2, dtype=np.int64)
+        full[rows] = chars
+        assert np.array_equal(
+            copies_for(rows, ids, full, factor, seed), _sorted_reference(rows, ids, full, factor, seed)
+        )
 
 
 def test_copies_hit_the_character_budget_deterministically():

@@ -361,11 +361,8 @@ def test_tokenization_killed_midway_resumes_to_identical_shards(tmp_path):
     )
     argv = [sys.executable, "-m", "medfoundry", "tokenize", str(config)]
 
-    def three_parts_done() -> bool:
-        try:
-            return len(json.loads((out / "train" / "index.json").read_text())["shards"]) >= 3
-        except (OSError, ValueError, KeyError):
-            return False
+    def three_parts_done() -> bool:  # each task leaves its index entry once its files are in place
+        return len(list(out.glob(".work/parts/*.json"))) >= 3
 
     _kill_when(
         subprocess.Popen(
@@ -375,12 +372,14 @@ def test_tokenization_killed_midway_resumes_to_identical_shards(tmp_path):
     )
     assert not json.loads((out / "train" / "index.json").read_text())["complete"]
     assert not (out / "manifest.json").exists()
+    assert list(out.glob(".work/logs-*/completions/*"))  # the executor's marks of the finished tasks
     subprocess.run(argv, cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
     manifest = json.loads((out / "manifest.json").read_text())
     total = reference.counts["train_tokens"] + reference.counts["val_tokens"]
     assert 0 < manifest["counts"]["tokens_tokenized"] < total  # finished parts were kept, not redone
     for split in ("train", "val"):
         assert _shard_files(out / split) == _shard_files(tmp_path / "reference" / split)  # no .tmp leftovers either
+    assert [p.name for p in (out / ".work").iterdir()] == ["digests.json"]  # the tasks' logs and entries are gone
     per_split = [name for name in reference.counts if name.startswith(("train_", "val_"))]  # tokens, documents, shards
     assert {n: manifest["counts"][n] for n in per_split} == {n: reference.counts[n] for n in per_split}
 

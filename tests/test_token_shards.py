@@ -272,3 +272,106 @@ def test_a_gguf_model_file_serves_as_the_tokenizer(tmp_path, monkeypatch):
         "<|im_end|>"
     )
     assert shards.document(0).tolist() == tokenizer.encode(texts[0], add_special_tokens=False).ids
+
+
+def test_manifest_reports_the_tokenize_stage_and_the_tasks_leave_nothing(tokenized):
+    out, manifest = tokenized
+    stage = manifest.details["stages"]["tokenize"]
+    assert stage["tasks"] == 4  # one per corpus part, both splits
+    assert stage["seconds"] > 0 and 30 < stage["peak_rss_mb"] < 4000
+    assert manifest.config["executor"]["kind"] == "local"
+    assert [p.name for p in (out / ".work").iterdir()] == ["digests.json"]  # no task logs or entries left
+
+
+def _interrupt_at(monkeypatch, victim: str):
+    """Make the task of corpus part ``victim`` (``split/part-XXXXX``) fail, as a kill would stop it."""
+    import medfoundry.tokenizer.shards as shards
+
+    real = shards._tokenize_part
+
+    def failing(tokenizer, part, split_dir, header, digest):
+        if f"{split_dir.name}/{shards._shard_name(part)}" == victim:
+            raise RuntimeError("interrupted")
+        return real(tokenizer, part, split_dir, header, digest)
+
+    monkeypatch.setattr(shards, "_tokenize_part", failing)
+
+
+def test_a_rerun_skips_the_finished_tasks_of_its_inputs_only(tokenized, corpus, gpt2, tmp_path, monkeypatch):
+    """The tasks' completion marks count for a rerun with the same inputs; after a corpus part changed
+    they are another build's, and every part is tokenized again."""
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus[0], root)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, "train/part-00002")
+        with pytest.raises(RuntimeError, match="interrupted"):
+            tokenize_corpus(root, gpt2, tmp_path / "a", workers=1)
+    assert not json.loads((tmp_path / "a" / "train" / "index.json").read_text())["complete"]
+    assert len(list((tmp_path / "a").glob(".work/logs-*/completions/*"))) == 2
+    manifest = tokenize_corpus(root, gpt2, tmp_path / "a", workers=1)
+    reference = json.loads((tokenized[0] / "train" / "index.json").read_text())["shards"]
+    assert manifest.counts["tokens_tokenized"] == reference[2]["tokens"] + tokenized[1].counts["val_tokens"]
+    for split in ("train", "val"):
+        assert shard_files(tmp_path / "a" / split) == shard_files(tokenized[0] / split)
+
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, "train/part-00002")
+        with pytest.raises(RuntimeError, match="interrupted"):
+            tokenize_corpus(root, gpt2, tmp_path / "b", workers=1)
+    texts = read_abstracts(850)[800:]  # part-00000 gets other documents
+    with gzip.open(root / "train" / "part-00000.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.writelines(
+            json.dumps({"id": f"n{i}", "text": t, "source": "pubmed", "meta": {}}) + "\n" for i, t in enumerate(texts)
+        )
+    manifest = tokenize_corpus(root, gpt2, tmp_path / "b", workers=1)
+    assert manifest.counts["tokens_tokenized"] == manifest.counts["train_tokens"] + manifest.counts["val_tokens"]
+    fresh = tokenize_corpus(root, gpt2, tmp_path / "fresh", workers=2)
+    assert fresh.counts == {**manifest.counts}
+    for split in ("train", "val"):
+        assert shard_files(tmp_path / "b" / split) == shard_files(tmp_path / "fresh" / split)
+
+
+FAKE_SLURM = Path(__file__).parent / "fixtures" / "fake_slurm"
+
+
+def test_slurm_executor_submits_then_assembles_on_rerun(tokenized, corpus, gpt2, tmp_path, monkeypatch):
+    """On a cluster: the first run submits one array task per part and returns (Pending); a rerun while
+    squeue lists the job submits nothing; once the tasks ran, a rerun writes the same shards as locally."""
+    import sys
+
+    from medfoundry.errors import Pending
+    from medfoundry.executor import ExecutorConfig
+
+    state = tmp_path / "slurm_state"
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}:{Path(sys.executable).parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(state))
+    monkeypatch.setenv("MEDFOUNDRY_NO_TCMALLOC", "1")
+    executor = ExecutorConfig(kind="slurm", slurm={"partition": "bio", "time": "00:30:00"})
+    out = tmp_path / "cluster"
+
+    monkeypatch.setenv("FAKE_SLURM_RUN", "0")
+    with pytest.raises(Pending, match="4 of 4 tokenize tasks are not finished"):
+        tokenize_corpus(corpus[0], gpt2, out, workers=1, executor=executor)
+    array_script = sorted(state.glob("job-*.slurm"))[0].read_text()
+    assert "#SBATCH --array=0-3" in array_script and "#SBATCH --partition=bio" in array_script
+    assert not json.loads((out / "train" / "index.json").read_text())["complete"]
+    assert not (out / "manifest.json").exists()
+
+    monkeypatch.setenv("FAKE_SLURM_ACTIVE", "1")
+    writing = out / "train" / ".part-00001.bin.x1y2.tmp"  # a running task's atomic write: left alone
+    writing.write_bytes(b"partial")
+    with pytest.raises(Pending, match="slurm job 1000 is still running the tokenize tasks"):
+        tokenize_corpus(corpus[0], gpt2, out, workers=1, executor=executor)
+    assert writing.exists()
+    submitted = len(list(state.glob("job-*.slurm")))
+
+    monkeypatch.setenv("FAKE_SLURM_ACTIVE", "0")
+    monkeypatch.setenv("FAKE_SLURM_RUN", "1")  # the resubmitted job's tasks run (as the cluster would)
+    manifest = tokenize_corpus(corpus[0], gpt2, out, workers=1, executor=executor)
+    assert len(list(state.glob("job-*.slurm"))) > submitted
+    for split in ("train", "val"):
+        assert shard_files(out / split) == shard_files(tokenized[0] / split)
+    assert manifest.counts == tokenized[1].counts
+    assert manifest.details["stages"]["tokenize"]["tasks"] == 4
+    assert manifest.config["executor"]["kind"] == "slurm"
+    assert not list(out.rglob("*.tmp")) and [p.name for p in (out / ".work").iterdir()] == ["digests.json"]

@@ -7,10 +7,13 @@ itself once with ``LD_PRELOAD`` set (glibc malloc costs 30-55% of CPU training t
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import glob
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 _TCMALLOC_GLOBS = (
     "/usr/lib/*/libtcmalloc_minimal.so.4",
@@ -19,6 +22,35 @@ _TCMALLOC_GLOBS = (
     "/usr/lib64/libtcmalloc_minimal.so.4",
 )
 _REEXEC_FLAG = "MEDFOUNDRY_ALLOCATOR_CHECKED"
+
+
+def peak_rss() -> int | None:
+    """Peak resident memory of this process since the last :func:`reset_peak_rss` (or its start), in
+    bytes: Linux's ``VmHWM`` (None elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak (writing ``5`` to ``/proc/self/clear_refs``); a no-op where that is unavailable."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by Python back to the operating system (tcmalloc and glibc keep it for reuse), so
+    that a stage run after a bigger one in the same process starts small and its peak is its own."""
+    for name, symbol in ((None, "MallocExtension_ReleaseFreeMemory"), ("libc.so.6", "malloc_trim")):
+        try:
+            function = getattr(ctypes.CDLL(name), symbol)
+        except (OSError, AttributeError):
+            continue
+        function(*(() if symbol.startswith("Malloc") else (0,)))
 
 
 def cpu_count() -> int:

@@ -101,6 +101,7 @@ def _tokens(cfg: TokenizeConfig) -> Manifest:
         eos_token=cfg.eos_token,
         dtype=cfg.dtype,
         workers=cfg.workers,
+        executor=cfg.executor,
     )
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from medfoundry.config import StrictModel
+from medfoundry.executor import ExecutorConfig
 
 SourceKind = Literal["pubmed_xml", "jats", "guidelines", "jsonl", "text"]
 
@@ -93,6 +94,11 @@ class DedupConfig(StrictModel):
         description="source names, best first; a duplicate is kept in the earliest. Unlisted sources come last, "
         "in config order",
     )
+    task_memory_mb: int = Field(
+        512,
+        ge=16,
+        description="memory budget of one dedup task: the key records are split into as many ranges as it takes",
+    )
 
 
 class DecontamConfig(StrictModel):
@@ -122,36 +128,6 @@ class SplitConfig(StrictModel):
 class OutputConfig(StrictModel):
     shard_docs: int = Field(20_000, gt=0)
     compresslevel: int = Field(6, ge=1, le=9)
-
-
-class SlurmConfig(StrictModel):
-    partition: str
-    time: str = Field("04:00:00", description="per-task wall-clock limit, HH:MM:SS")
-    cpus_per_task: int = Field(1, ge=1)
-    mem_per_cpu_gb: float = Field(2.0, gt=0)
-    job_name: str = "medfoundry-corpus"
-    max_array_launch_parallel: bool = False
-    sbatch_args: dict[str, str] = Field(
-        default_factory=dict, description="extra #SBATCH directives, e.g. {account: bio}"
-    )
-    env_command: str | None = Field(
-        None, description="shell line run before each task, e.g. 'source .venv/bin/activate'"
-    )
-
-
-class ExecutorConfig(StrictModel):
-    """Where the extract stage's tasks run. ``local``: a process pool on this machine. ``slurm``: one
-    array job through datatrove's SlurmPipelineExecutor; ``corpus build`` submits it and returns, and
-    the same command run again once the tasks are done (or to resume failed ones) finalizes the corpus."""
-
-    kind: Literal["local", "slurm"] = "local"
-    slurm: SlurmConfig | None = None
-
-    @model_validator(mode="after")
-    def _slurm_needs_settings(self) -> ExecutorConfig:
-        if self.kind == "slurm" and self.slurm is None:
-            raise ValueError("executor.slurm (at least its partition) is required when executor.kind is slurm")
-        return self
 
 
 class CorpusConfig(StrictModel):

@@ -1,6 +1,6 @@
-"""Corpus-wide duplicate resolution with source precedence.
+"""Corpus-wide duplicate resolution with source precedence, as parallel tasks over key ranges.
 
-Runs once over the dedup keys of every kept document (never their text), in this order:
+The rules, applied in this order to the documents the previous ones left:
 
 1. PubMed ``DeleteCitation``: a deleted PMID leaves every source, except PubMed XML records that
    come later in read order (an update file re-adding a revised citation, as NCBI specifies).
@@ -17,216 +17,230 @@ Runs once over the dedup keys of every kept document (never their text), in this
 
 "Read order" is (file in the plan, line in the file): it does not depend on how files are split
 into tasks.
+
+How it runs, with memory bounded whatever the corpus size: the extract tasks write sorted key records
+(``keys.py``). Round 1 is ``ranges`` parallel tasks, each owning a range of key values: it joins
+deletions to PMIDs, finds the groups of two or more documents sharing an id, a paper id or a text, and
+the documents whose band keys meet a full-text paper's abstract's (verified by Jaccard). One process
+then applies rules 1-4 to those candidates only, in order, and writes which documents are still alive
+(one byte per document). Round 2 finds near-duplicate pairs among the living, bucket by bucket, and
+one process applies rule 5 to the verified pairs. datatrove's MinHash stages bucket and cluster in one
+pass and keep the first document of a cluster; they know neither source precedence nor the rules
+before near dedup, and their union-find chains clusters (rule 5 forbids that), so only the idea of
+sorted per-task band files read by hash-range tasks is borrowed from them.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from datatrove.pipeline.base import PipelineStep
 
+from medfoundry.corpus import keys
 from medfoundry.corpus.config import DedupConfig
-from medfoundry.corpus.fingerprint import band_keys
+from medfoundry.io import atomic_path
 
 _ALL_PAIRS_MAX = 32  # buckets up to this size are verified pair by pair; larger ones against their best member
+_RECORD_SHARE = 3  # a task's records take at most 1/this of its memory budget (gathering and sorting copy them)
+
+# removal reasons, as stored between the stages (see ``Removals``)
+DELETED, SAME_PAPER, ABSTRACT, DUPLICATE_ID, EXACT, NEAR = range(6)
+REASONS = {
+    DELETED: "deleted_citation",
+    SAME_PAPER: "same_paper",
+    ABSTRACT: "same_paper",
+    DUPLICATE_ID: "duplicate_id",
+    EXACT: "exact_duplicate",
+    NEAR: "near_duplicate",
+}
 
 
 @dataclass
-class DocTable:
-    """Dedup keys of all kept documents (row = position in the extract output)."""
+class Layout:
+    """The extract tasks as the dedup stage sees them: rows per task, each task's source precedence rank
+    and whether its source is PubMed XML (whose later records may re-add a deleted PMID)."""
 
-    ids: list[str]
-    sources: list[str]
-    paper_keys: list[list[str]]  # "pmid:...", "doi:...", "pmcid:..."
-    pmids: list[str | None]
-    exact: list[str]
-    orders: list[tuple[int, int]]
-    chars: np.ndarray
-    signatures: np.ndarray
-    abstract_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # full-text rows ...
-    abstract_signatures: np.ndarray | None = None  # ... and the MinHash of their own abstract
-    source_rank: np.ndarray = field(init=False)
+    rows: np.ndarray
+    rank: np.ndarray
+    pubmed: np.ndarray
 
-    def rank_sources(self, ranks: dict[str, int]) -> None:
-        self.source_rank = np.array([ranks[s] for s in self.sources], dtype=np.int64)
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.r_[0, np.cumsum(self.rows)].astype(np.int64)
 
-    def preference(self, row: int, latest_first: bool = False) -> tuple:
-        """Sort key: best source first, then read order (or reversed read order)."""
-        order = self.orders[row]
-        return (self.source_rank[row], tuple(-o for o in order) if latest_first else order)
+    def index(self, refs: np.ndarray) -> np.ndarray:
+        """Global row (extract order) of each ref."""
+        return self.offsets[keys.ref_task(refs)] + keys.ref_row(refs)
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    def ranks(self, refs: np.ndarray) -> np.ndarray:
+        return self.rank[keys.ref_task(refs)]
 
+    def to_json(self) -> dict:
+        return {"rows": self.rows.tolist(), "rank": self.rank.tolist(), "pubmed": self.pubmed.tolist()}
 
-@dataclass
-class Removal:
-    reason: str
-    detail: str
+    @classmethod
+    def from_json(cls, data: dict) -> Layout:
+        return cls(*(np.array(data[k], dtype=t) for k, t in (("rows", np.int64), ("rank", np.int64), ("pubmed", bool))))
 
 
-def resolve(
-    table: DocTable, deletes: list[tuple[str, tuple[int, int]]], pubmed_sources: set[str], cfg: DedupConfig
-) -> dict[int, Removal]:
-    removed: dict[int, Removal] = {}
-    _apply_deletes(table, deletes, pubmed_sources, removed)
-    if cfg.same_paper:
-        _same_paper(table, removed)
-        if cfg.near.enabled and table.abstract_signatures is not None and len(table.abstract_rows):
-            _abstracts_of_papers(table, cfg.near, removed)
-    _duplicate_ids(table, removed)
-    if cfg.exact:
-        _exact(table, removed)
-    if cfg.near.enabled and len(table):
-        _near(table, cfg, removed)
-    return removed
+def plan_ranges(extract_dir: Path, tasks: int, budget_mb: int) -> int:
+    """Number of key ranges so that one dedup task's records fit its share of the memory budget."""
+    sizes = [keys.key_file(extract_dir, t, kind).stat().st_size for t in range(tasks) for kind in keys.KINDS]
+    return max(1, -(-sum(sizes) // (budget_mb * 2**20 // _RECORD_SHARE)))
 
 
-def _apply_deletes(table: DocTable, deletes, pubmed_sources: set[str], removed: dict[int, Removal]) -> None:
-    last_delete: dict[str, tuple[int, int]] = {}
-    for pmid, order in deletes:
-        last_delete[pmid] = max(tuple(order), last_delete.get(pmid, tuple(order)))
-    for row, pmid in enumerate(table.pmids):
-        when = last_delete.get(pmid) if pmid else None
-        if when is None:
-            continue
-        readded = table.sources[row] in pubmed_sources and tuple(table.orders[row]) > when
-        if not readded:
-            removed[row] = Removal("deleted_citation", f"PMID {pmid} is in a DeleteCitation list")
+class DedupRange(PipelineStep):
+    """One key range of a dedup round (task ``rank`` of ``ranges``); writes ``{rank}.npz`` atomically."""
 
+    name = "dedup"
+    type = "🫂 - DEDUP"
 
-def _duplicate_ids(table: DocTable, removed: dict[int, Removal]) -> None:
-    first: dict[str, int] = {}
-    for row in sorted(range(len(table)), key=lambda r: table.orders[r]):
-        if row in removed:
-            continue
-        doc_id = table.ids[row]
-        if doc_id in first:
-            removed[row] = Removal(
-                "duplicate_id", f"id already used by an earlier record (order {table.orders[first[doc_id]]})"
-            )
-        else:
-            first[doc_id] = row
+    def __init__(self, extract_dir: str, work_dir: str, round_: int, ranges: int, layout: dict, cfg: DedupConfig):
+        super().__init__()
+        self.extract_dir, self.work_dir = Path(extract_dir), Path(work_dir)
+        self.round, self.ranges, self.layout, self.cfg = round_, ranges, layout, cfg
 
-
-def _keep_best(groups, table: DocTable, removed: dict[int, Removal], reason: str, latest_first: bool) -> None:
-    for rows in groups:
-        if len(rows) < 2:
-            continue
-        best = min(rows, key=lambda r: table.preference(r, latest_first))
-        for row in rows:
-            if row != best:
-                removed[row] = Removal(reason, f"kept {table.ids[best]}")
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, x: int) -> int:
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def _same_paper(table: DocTable, removed: dict[int, Removal]) -> None:
-    """Documents linked by any shared PMID, DOI or PMCID form one paper."""
-    uf = _UnionFind(len(table))
-    owner: dict[str, int] = {}
-    for row, keys in enumerate(table.paper_keys):
-        if row in removed:
-            continue
-        for key in keys:
-            if key in owner:
-                uf.union(owner[key], row)
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        bounds = keys.key_bounds(self.ranges)
+        lo, hi = int(bounds[rank]), int(bounds[rank + 1])
+        layout = Layout.from_json(self.layout)
+        with self.track_time():
+            if self.round == 1:
+                out = _round_one(self.extract_dir, layout, self.cfg, lo, hi)
             else:
-                owner[key] = row
-    groups: dict[int, list[int]] = defaultdict(list)
-    for row, keys in enumerate(table.paper_keys):
-        if keys and row not in removed:
-            groups[uf.find(row)].append(row)
-    _keep_best(groups.values(), table, removed, "same_paper", latest_first=True)
-
-
-def _abstracts_of_papers(table: DocTable, near, removed: dict[int, Removal]) -> None:
-    """Drop lower-precedence documents that match a full-text paper's own abstract."""
-    alive = np.array([r for r in range(len(table)) if r not in removed], dtype=np.int64)
-    papers = np.array([r for r in table.abstract_rows if r not in removed], dtype=np.int64)
-    keep = np.isin(table.abstract_rows, papers)
-    if not len(papers) or not len(alive):
+                alive = np.load(self.work_dir / "alive.npy")
+                out = _near_edges(self.extract_dir, layout, self.cfg, lo, hi, alive)
+            path = self.work_dir / f"round{self.round}" / f"{rank:05d}.npz"
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, **out)
+        for name, value in out.items():
+            self.stat_update(name, value=len(value))
         return
-    paper_sigs = table.abstract_signatures[keep]
-    doc_keys = band_keys(table.signatures[alive], near.bands)
-    paper_keys = band_keys(paper_sigs, near.bands)
-    for band in range(doc_keys.shape[1]):
-        index: dict[int, list[int]] = defaultdict(list)
-        for i, key in enumerate(doc_keys[:, band].tolist()):
-            index[key].append(i)
-        for p, key in enumerate(paper_keys[:, band].tolist()):
-            paper = int(papers[p])
-            for i in index.get(key, ()):
-                row = int(alive[i])
-                if row == paper or row in removed or table.source_rank[row] <= table.source_rank[paper]:
-                    continue
-                jaccard = float(np.mean(table.signatures[row] == paper_sigs[p]))
-                if jaccard >= near.threshold:
-                    removed[row] = Removal(
-                        "same_paper", f"the abstract of {table.ids[paper]} (estimated Jaccard {jaccard:.2f})"
-                    )
+        yield  # a generator: datatrove drains every step
 
 
-def _exact(table: DocTable, removed: dict[int, Removal]) -> None:
-    groups: dict[str, list[int]] = defaultdict(list)
-    for row, key in enumerate(table.exact):
-        if row not in removed:
-            groups[key].append(row)
-    _keep_best(groups.values(), table, removed, "exact_duplicate", latest_first=False)
+def _round_one(extract_dir: Path, layout: Layout, cfg: DedupConfig, lo: int, hi: int) -> dict[str, np.ndarray]:
+    tasks = len(layout.rows)
+    out = {
+        "deleted": _deleted(keys.gather(extract_dir, tasks, keys.PMID, lo, hi), extract_dir, layout, lo, hi),
+        "ids": keys.in_groups(keys.gather_repeated(extract_dir, tasks, keys.ID, lo, hi)),
+    }
+    papers = keys.gather_repeated(extract_dir, tasks, keys.PAPER, lo, hi) if cfg.same_paper else _none()
+    out["papers"] = keys.in_groups(papers)
+    out["exact"] = (
+        keys.in_groups(keys.gather_repeated(extract_dir, tasks, keys.EXACT, lo, hi)) if cfg.exact else _none()
+    )
+    pairs = _abstract_pairs(extract_dir, layout, cfg, lo, hi) if cfg.same_paper and cfg.near.enabled else _no_pairs()
+    out.update(zip(("abstract_doc", "abstract_paper", "abstract_jaccard"), pairs))
+    return out
 
 
-def _near(table: DocTable, cfg: DedupConfig, removed: dict[int, Removal]) -> None:
-    alive = [r for r in range(len(table)) if r not in removed]
-    if len(alive) < 2:
-        return
-    alive = np.array(sorted(alive, key=table.preference), dtype=np.int64)  # best first
-    sigs, threshold = table.signatures, cfg.near.threshold
-    similar: dict[int, list[tuple[int, float]]] = defaultdict(list)  # row -> better rows it matches
-    keys = band_keys(sigs[alive], cfg.near.bands)
-    for band in range(keys.shape[1]):
-        for bucket in _buckets(keys[:, band]):
-            rows = alive[bucket]
-            for i, j in _pairs(len(rows)):
-                better, worse = int(rows[i]), int(rows[j])
-                jaccard = float(np.mean(sigs[better] == sigs[worse]))
-                if jaccard >= threshold:
-                    similar[worse].append((better, jaccard))
-    kept: set[int] = set()
-    for row in alive.tolist():
-        match = next(((b, j) for b, j in similar.get(row, ()) if b in kept), None)
-        if match is None:
-            kept.add(row)
+def _no_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.float64)
+
+
+def _none() -> np.ndarray:
+    return np.zeros(0, dtype=keys.RECORD)
+
+
+def _deleted(pmids: np.ndarray, extract_dir: Path, layout: Layout, lo: int, hi: int) -> np.ndarray:
+    """Refs of the documents a ``DeleteCitation`` removes (rule 1)."""
+    deletes = keys.gather(extract_dir, len(layout.rows), keys.DELETE, lo, hi)
+    last: dict[tuple[int, int], int] = {}
+    for key, band, order in zip(deletes["key"].tolist(), deletes["band"].tolist(), deletes["order"].tolist()):
+        last[key, band] = max(order, last.get((key, band), order))
+    if not last:
+        return np.zeros(0, dtype=np.uint64)
+    when = np.array([last.get(kb, -1) for kb in zip(pmids["key"].tolist(), pmids["band"].tolist())], dtype=np.int64)
+    hit = when >= 0
+    readded = layout.pubmed[keys.ref_task(pmids["ref"])] & (pmids["order"].astype(np.int64) > when)
+    return np.sort(pmids["ref"][hit & ~readded])
+
+
+def _abstract_pairs(extract_dir: Path, layout: Layout, cfg: DedupConfig, lo: int, hi: int):
+    """``(doc refs, paper refs, Jaccards)``: documents of a lower-precedence source whose signature
+    reaches the threshold against a full-text paper's own abstract, found through shared band keys."""
+    tasks = len(layout.rows)
+    papers = keys.gather(extract_dir, tasks, keys.ABSTRACT_BAND, lo, hi)
+    if not len(papers):
+        return _no_pairs()
+    paper_keys = np.unique(papers["key"])
+    docs = keys.gather(extract_dir, tasks, keys.BAND, lo, hi, lambda r: keys.member(r["key"], paper_keys))
+    both = np.concatenate([papers, docs])
+    is_paper = np.r_[np.ones(len(papers), bool), np.zeros(len(docs), bool)]
+    order = np.lexsort((both["band"], both["key"]))
+    both, is_paper = both[order], is_paper[order]
+    candidates = set()
+    for start, stop in keys.groups(both):
+        members, paper_mask = both[start:stop], is_paper[start:stop]
+        for p in members[paper_mask]:
+            for d in members[~paper_mask]:
+                if d["ref"] != p["ref"] and layout.rank[keys.ref_task(d["ref"])] > layout.rank[keys.ref_task(p["ref"])]:
+                    candidates.add((int(d["ref"]), int(p["ref"]), int(p["aux"])))
+    if not candidates:
+        return _no_pairs()
+    doc_ref, paper_ref, aux = (np.array(c, dtype=np.uint64) for c in zip(*sorted(candidates)))
+    doc_sigs = Signatures(extract_dir, "minhash").read(doc_ref)
+    paper_sigs = Signatures(extract_dir, "abstract_minhash").read(keys.make_ref(keys.ref_task(paper_ref), aux))
+    jaccard = (doc_sigs == paper_sigs).mean(axis=1)
+    hit = jaccard >= cfg.near.threshold
+    return doc_ref[hit], paper_ref[hit], jaccard[hit]
+
+
+class Signatures:
+    """Rows of the extract tasks' signature files, read with ``pread``: a memory map would keep every
+    page touched resident, and candidate rows are scattered over the whole corpus."""
+
+    def __init__(self, extract_dir: Path, name: str):
+        self.extract_dir, self.name = extract_dir, name
+
+    def read(self, refs: np.ndarray) -> np.ndarray:
+        tasks, rows = keys.ref_task(refs), keys.ref_row(refs)
+        out = None
+        for task in np.unique(tasks).tolist():
+            path = self.extract_dir / f"{task:05d}.{self.name}.npy"
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(fh)
+                start = fh.tell()
+                if out is None:
+                    out = np.empty((len(refs), shape[1]), dtype=dtype)
+                width = shape[1] * dtype.itemsize
+                for i in np.flatnonzero(tasks == task).tolist():
+                    data = os.pread(fh.fileno(), width, start + int(rows[i]) * width)
+                    out[i] = np.frombuffer(data, dtype=dtype)
+        return out if out is not None else np.zeros((0, 0), dtype=np.uint32)
+
+
+def _near_edges(extract_dir: Path, layout: Layout, cfg: DedupConfig, lo: int, hi: int, alive: np.ndarray) -> dict:
+    """Verified near-duplicate pairs among living documents sharing a band key (``better``, ``worse``
+    refs, their orders, ``jaccard``): every pair in a bucket of up to ``_ALL_PAIRS_MAX``, else each member
+    against the bucket's best (source precedence, then read order)."""
+    living = lambda r: alive[layout.index(r["ref"])]  # noqa: E731
+    recs = keys.in_groups(keys.gather_repeated(extract_dir, len(layout.rows), keys.BAND, lo, hi, living))
+    recs = recs[np.lexsort((recs["order"], layout.ranks(recs["ref"]), recs["band"], recs["key"]))]
+    pairs, orders = set(), {}
+    for start, stop in keys.groups(recs):
+        refs = recs["ref"][start:stop].tolist()
+        orders.update(zip(refs, recs["order"][start:stop].tolist()))
+        n = len(refs)
+        if n <= _ALL_PAIRS_MAX:
+            pairs.update((refs[i], refs[j]) for i in range(n) for j in range(i + 1, n))
         else:
-            removed[row] = Removal("near_duplicate", f"kept {table.ids[match[0]]} (estimated Jaccard {match[1]:.2f})")
-
-
-def _buckets(keys: np.ndarray):
-    """Index arrays of positions sharing a key (only groups of two or more), in ascending order."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    ends = np.r_[starts[1:], len(keys)]
-    for start, end in zip(starts, ends):
-        if end - start > 1:
-            yield np.sort(order[start:end])
-
-
-def _pairs(n: int):
-    if n <= _ALL_PAIRS_MAX:
-        return [(i, j) for i in range(n) for j in range(i + 1, n)]
-    return [(0, j) for j in range(1, n)]
+            pairs.update((refs[0], refs[j]) for j in range(1, n))
+    names = ("better", "worse", "jaccard", "better_order", "worse_order")
+    if not pairs:
+        return dict(zip(names, (*_no_pairs(), np.zeros(0, np.uint64), np.zeros(0, np.uint64))))
+    better, worse = (np.array(c, dtype=np.uint64) for c in zip(*sorted(pairs)))
+    signatures = Signatures(extract_dir, "minhash")
+    jaccard = (signatures.read(better) == signatures.read(worse)).mean(axis=1)
+    hit = jaccard >= cfg.near.threshold
+    better, worse = better[hit], worse[hit]
+    order_of = np.vectorize(orders.__getitem__, otypes=[np.uint64])
+    return dict(zip(names, (better, worse, jaccard[hit], order_of(better), order_of(worse))))

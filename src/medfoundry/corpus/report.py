@@ -155,8 +155,14 @@ def write_report(out_dir: Path, manifest: Manifest, drops: list[dict]) -> None:
             if listed
             else "None."
         )
-    parts.append("## Timings")
-    parts.append(_table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in manifest.timings.items()]))
+    parts.append("## Stages")
+    parts.append(
+        _table(
+            ["stage", "seconds", "tasks", "peak memory of a process (MB)"],
+            [[k, f"{v['seconds']:.2f}", v["tasks"], f"{v['peak_rss_mb']:,.0f}"] for k, v in details["stages"].items()],
+        )
+    )
+    parts.append(f"Total: {manifest.timings['total_s']:.2f} s.")
     parts.append(
         _table(
             ["extract step", "CPU seconds (all tasks)"],

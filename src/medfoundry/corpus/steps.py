@@ -18,10 +18,11 @@ import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
+from medfoundry.corpus import keys
 from medfoundry.corpus.clean import QualityFilter, TextCleaner
 from medfoundry.corpus.config import CleanConfig, DecontamConfig, NearDedupConfig, SourceConfig
 from medfoundry.corpus.decontam import BenchmarkIndex
-from medfoundry.corpus.fingerprint import MinHasher, exact_key
+from medfoundry.corpus.fingerprint import MinHasher, band_keys, exact_key
 from medfoundry.corpus.ngrams import word_hashes
 from medfoundry.corpus.plan import WorkUnit
 from medfoundry.corpus.readers.base import Deletion, ReadContext
@@ -197,58 +198,118 @@ class Fingerprint(_LiveDocStep):
             doc.metadata["abstract_minhash"] = self.hasher.signature(word_hashes(doc.text.split("\n## ", 1)[0]))
 
 
-INDEX_KEYS = ("id", "source", "pmid", "paper_keys", "exact", "order")
-
-
 class WriteTaskOutput(PipelineStep):
-    """Writes ``{rank}.docs.jsonl.gz`` (kept documents), ``{rank}.index.json`` (their dedup keys),
-    ``{rank}.minhash.npy`` (+ ``abstract_minhash.npy`` of full-text papers' own abstracts) and
-    ``{rank}.ledger.jsonl.gz`` (drops, skips, deletions)."""
+    """Writes the task's kept documents (``{rank}.docs.jsonl.gz``), their columns for the later stages
+    (``{rank}.index.json``: id, pmid, line, chars, and which rows are full-text papers), MinHash
+    signatures (``{rank}.minhash.npy``, ``{rank}.abstract_minhash.npy`` for full-text papers' own
+    abstracts), sorted dedup key records of every kind (``{rank}.{kind}.keys.npy``, see ``keys.py``) and
+    the ledger of drops, skips and deletions (``{rank}.ledger.jsonl.gz``)."""
 
     name = "write task output"
     type = "💽 - WRITER"
 
-    def __init__(self, out_dir: str, num_perm: int):
+    def __init__(self, out_dir: str, near: NearDedupConfig):
         super().__init__()
         self.out_dir = Path(out_dir)
-        self.num_perm = num_perm
+        self.near = near
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         stem = self.out_dir / f"{rank:05d}"
-        index = {key: [] for key in INDEX_KEYS + ("chars", "abstract_rows")}
-        signatures: dict[str, list] = {"minhash": [], "abstract_minhash": []}
+        task = _TaskColumns()
         with (
             atomic_open(f"{stem}.docs.jsonl.gz", compresslevel=1) as docs,
             atomic_open(f"{stem}.ledger.jsonl.gz") as ledger,
         ):
             for doc in data:
                 with self.track_time():
-                    self._write(doc, docs, ledger, index, signatures)
-        for name, rows in signatures.items():
-            with atomic_path(f"{stem}.{name}.npy") as tmp, open(tmp, "wb") as fh:
-                np.save(fh, np.stack(rows) if rows else np.zeros((0, self.num_perm), np.uint32))
-        with atomic_open(f"{stem}.index.json") as fh:
-            json.dump(index, fh)
+                    self._write(doc, docs, ledger, task)
+        with self.track_time():
+            for kind, recs in task.key_records(rank, self.near).items():
+                keys.write_sorted(keys.key_file(self.out_dir, rank, kind), recs)
+            for name, rows in (("minhash", task.signatures), ("abstract_minhash", task.abstract_signatures)):
+                with atomic_path(f"{stem}.{name}.npy") as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, np.stack(rows) if rows else np.zeros((0, self.near.num_perm), np.uint32))
+            with atomic_open(f"{stem}.index.json") as fh:
+                json.dump(task.index, fh)
         return
         yield  # a generator: datatrove drains every step
 
-    def _write(self, doc: Document, docs, ledger, index: dict, signatures: dict) -> None:
+    def _write(self, doc: Document, docs, ledger, task: _TaskColumns) -> None:
         md = doc.metadata
         if "drop" in md or "event" in md:
             entry = {"id": doc.id, "source": md.get("source"), "pmid": md.get("pmid"), "order": md.get("order")}
             entry.update(md.get("drop") or {"event": md["event"]})
             ledger.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            if md.get("event") == "delete":
+                task.deletes.append((md["pmid"], md["order"]))
             return
         docs.write(
             json.dumps({"id": doc.id, "text": doc.text, "source": md["source"], "meta": md["meta"]}, ensure_ascii=False)
             + "\n"
         )
-        if "abstract_minhash" in md:
-            index["abstract_rows"].append(len(index["id"]))
-            signatures["abstract_minhash"].append(md["abstract_minhash"])
-        for key in INDEX_KEYS:
-            index[key].append(doc.id if key == "id" else md.get(key))
-        index["chars"].append(len(doc.text))
-        if "minhash" in md:
-            signatures["minhash"].append(md["minhash"])
+        task.add(doc.id, md, len(doc.text))
         self.stat_update("kept")
+
+
+class _TaskColumns:
+    """What one extract task collects of its kept documents for the index and the key records."""
+
+    def __init__(self):
+        self.index: dict[str, list] = {"id": [], "pmid": [], "line": [], "chars": [], "abstract_rows": []}
+        self.file_index = 0
+        self.paper_keys: list[tuple[int, str]] = []
+        self.exact: list[str] = []
+        self.signatures: list[np.ndarray] = []
+        self.abstract_signatures: list[np.ndarray] = []
+        self.deletes: list[tuple[str, list[int]]] = []
+
+    def add(self, doc_id: str, md: dict, chars: int) -> None:
+        row = len(self.index["id"])
+        self.file_index = md["order"][0]
+        for name, value in (("id", doc_id), ("pmid", md.get("pmid")), ("line", md["order"][1]), ("chars", chars)):
+            self.index[name].append(value)
+        self.paper_keys += [(row, key) for key in md.get("paper_keys", ())]
+        self.exact.append(md["exact"])
+        if "minhash" in md:
+            self.signatures.append(md["minhash"])
+        if "abstract_minhash" in md:
+            self.index["abstract_rows"].append(row)
+            self.abstract_signatures.append(md["abstract_minhash"])
+
+    def key_records(self, task: int, near: NearDedupConfig) -> dict[str, np.ndarray]:
+        rows = np.arange(len(self.index["id"]))
+        refs = keys.make_ref(task, rows)
+        orders = keys.make_order(self.file_index, np.array(self.index["line"], dtype=np.uint64))
+        out = {keys.ID: keys.records(*keys.text_keys(self.index["id"]), refs, orders)}
+        out[keys.EXACT] = keys.records(*keys.text_keys(self.exact), refs, orders)
+        paper_rows = np.array([r for r, _ in self.paper_keys], dtype=np.int64)
+        out[keys.PAPER] = keys.records(
+            *keys.text_keys([k for _, k in self.paper_keys]), refs[paper_rows], orders[paper_rows]
+        )
+        with_pmid = np.array([r for r, p in enumerate(self.index["pmid"]) if p], dtype=np.int64)
+        pmids = [self.index["pmid"][r] for r in with_pmid.tolist()]
+        out[keys.PMID] = keys.records(*keys.text_keys(pmids), refs[with_pmid], orders[with_pmid])
+        delete_orders = np.array([keys.make_order(*o) for _, o in self.deletes], dtype=np.uint64)
+        out[keys.DELETE] = keys.records(*keys.text_keys([p for p, _ in self.deletes]), 0, delete_orders)
+        out[keys.BAND] = _band_records(self.signatures, near, refs, orders)
+        papers = np.array(self.index["abstract_rows"], dtype=np.int64)
+        out[keys.ABSTRACT_BAND] = _band_records(
+            self.abstract_signatures, near, refs[papers], orders[papers], aux=np.arange(len(papers))
+        )
+        return out
+
+
+def _band_records(signatures: list, near: NearDedupConfig, refs, orders, aux=None) -> np.ndarray:
+    """One record per (document, band) with the band's key (which mixes in the band's number, so the
+    records' band field stays 0); none when near dedup is off."""
+    if not signatures:
+        return keys.records(np.zeros(0, np.uint64), 0, 0, 0)
+    band_key = band_keys(np.stack(signatures), near.bands)  # (docs, bands)
+    bands = band_key.shape[1]
+    return keys.records(
+        band_key.reshape(-1),
+        0,
+        np.repeat(refs, bands),
+        np.repeat(orders, bands),
+        aux=0 if aux is None else np.repeat(aux, bands),
+    )

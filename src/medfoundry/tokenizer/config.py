@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from medfoundry.config import StrictModel
+from medfoundry.executor import ExecutorConfig
 
 BIOMEDLM_TERMS = ["chromatography", "cytotoxicity", "Immunohistochemistry", "photosynthesis", "probiotic"]
 
@@ -74,7 +75,10 @@ class TokenizeConfig(StrictModel):
     output_dir: str
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
     eos_token: str | None = Field(None, description="default: the tokenizer's eos_token")
-    workers: int = Field(0, ge=0, description="0 = one per CPU core")
+    workers: int = Field(0, ge=0, description="local executor: processes, 0 = one per CPU core")
+    executor: ExecutorConfig = Field(
+        default_factory=ExecutorConfig, description="where the parts are tokenized: local processes or a Slurm job"
+    )
 
     @model_validator(mode="after")
     def _distinct_dirs(self) -> TokenizeConfig:

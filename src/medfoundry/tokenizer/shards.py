@@ -3,40 +3,64 @@
 ``CORPUS/{split}/part-XXXXX.jsonl.gz`` -> ``OUT/{split}/part-XXXXX.bin`` (each document's ids followed
 by the EOS id, raw little-endian) + ``part-XXXXX.idx.npy`` (int64 start of each document). A part's
 output depends only on that part and the tokenizer, so the shards are byte-identical whatever the
-worker count, and a re-run skips every part whose input and tokenizer hashes match its index entry.
-``index.json`` is rewritten after each finished part and says ``"complete": true`` only at the end.
+worker count or executor, and a re-run skips every part whose input and tokenizer hashes match its index
+entry.
+
+Each part to build is one datatrove task (:class:`TokenizePart`) run by :func:`medfoundry.executor.run_tasks`
+on the configured executor (a local process pool or a Slurm array job; a command that submitted one raises
+:class:`~medfoundry.errors.Pending` and, run again once the job is done, goes on). A task writes its two
+files, then its index entry to ``OUT/.work/parts/{split}-{name}.json``, each atomically; this process
+then assembles ``index.json`` from those entries and the ones reused. While parts are being rebuilt
+``index.json`` says ``"complete": false`` (and the old ``manifest.json`` is gone); ``true`` only at the end.
 
 Every entry of ``index.json`` records the xxh3-128 checksums of its two files. A re-run checks them
 and rebuilds a part whose files are missing, truncated or corrupted; :class:`TokenShards` checks
 sizes when it opens a split and the checksums on demand (:meth:`TokenShards.verify`), naming the file
-at fault. A run killed at any point leaves only hidden ``.*.tmp`` files, removed by the next run.
+at fault. A run killed at any point leaves only hidden ``.*.tmp`` files, removed by the next run (with
+Slurm, once the job's tasks are done: one may be writing), and the tasks' logs in ``OUT/.work/logs-<key>``
+(the key hashes the tokenizer and the parts to build): the same command run again skips the tasks that
+finished, and uses their entries once their files check out. A finished build removes the logs and entries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import multiprocessing as mp
 import os
-import sys
+import shutil
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import xxhash
+from datatrove.pipeline.base import PipelineStep
 
 from medfoundry.errors import InputError, MedfoundryError
+from medfoundry.executor import ExecutorConfig, StageRun, run_tasks
 from medfoundry.io import atomic_open, open_binary, write_json
-from medfoundry.manifest import Manifest, file_digest, inputs_fingerprint, output_fingerprint
+from medfoundry.manifest import (
+    MANIFEST,
+    HashCache,
+    Manifest,
+    content_key,
+    file_digest,
+    inputs_fingerprint,
+    output_fingerprint,
+)
 from medfoundry.model.load import load_backend_tokenizer
-from medfoundry.runtime import cpu_count
+from medfoundry.runtime import cpu_count, peak_rss, reset_peak_rss
 
 DTYPES = ("uint16", "uint32")
 CHECKSUM = "xxh3_128"
 ENCODE_BATCH = 1000  # documents per encode_batch call
 _PART_SUFFIX = ".jsonl.gz"
+WORK = ".work"  # OUT/.work: the tasks' logs and index entries, and the corpus parts' digests
 
 
 def tokenize_corpus(
@@ -48,12 +72,16 @@ def tokenize_corpus(
     dtype: str = "auto",
     workers: int = 0,
     splits=("train", "val"),
+    executor: ExecutorConfig | None = None,
 ) -> Manifest:
     """Tokenize every corpus part into ``out_dir/{split}``; returns (and writes) ``out_dir/manifest.json``.
-    ``tokenizer_dir`` may be a ``.gguf`` model file (its tokenizer, from the dequantized checkpoint)."""
+    ``tokenizer_dir`` may be a ``.gguf`` model file (its tokenizer, from the dequantized checkpoint).
+    The parts run as tasks on ``executor`` (default: local, ``workers`` processes, 0 = one per core)."""
     from medfoundry.model.load import hf_directory
 
+    executor = executor or ExecutorConfig()
     start = time.perf_counter()
+    reset_peak_rss()
     config = {
         "corpus_dir": str(corpus_dir),
         "tokenizer_dir": str(tokenizer_dir),
@@ -61,28 +89,39 @@ def tokenize_corpus(
         "eos_token": eos_token,
         "dtype": dtype,
         "workers": workers,
+        "executor": executor.model_dump(mode="json"),
     }
     corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), hf_directory(tokenizer_dir), Path(out_dir)
     header, eos_token = _header(tokenizer_dir, eos_token, dtype)
-    shards: dict[str, dict[str, dict]] = {split: {} for split in splits}
-    tasks = []
-    _remove_temporary(out_dir)
-    for split in splits:
-        _remove_temporary(out_dir / split)
-        previous = _reusable_entries(out_dir / split, header)
-        for part in _corpus_parts(corpus_dir, split):
-            tasks.append((split, str(part), str(out_dir / split), header, previous.get(_shard_name(part) + ".bin")))
-    built_tokens, tokenize_start = 0, time.perf_counter()
-    for split, entry, built in _run(tasks, str(tokenizer_dir), workers):
-        shards[split][entry["bin"]] = entry
-        built_tokens += entry["tokens"] if built else 0
-        _write_index(out_dir / split, header, shards[split], complete=False)
-    tokenize_s = time.perf_counter() - tokenize_start
+    work = out_dir / WORK
+    if executor.kind == "local":  # a Slurm job of this build may be writing its temporaries right now
+        _remove_temporaries(out_dir, splits)
+    with HashCache(work / "digests.json") as hashes:
+        shards, todo = _plan(corpus_dir, out_dir, header, splits, hashes)
+    run, built_tokens, tokenize_s = None, 0, 0.0
+    if todo:
+        (out_dir / MANIFEST).unlink(missing_ok=True)  # a readable manifest marks a finished output
+        for split in splits:
+            _write_index(out_dir / split, header, shards[split], complete=False)
+        tokenize_start = time.perf_counter()
+        run, built = _build(executor, workers, str(tokenizer_dir), header, todo, out_dir, shards)
+        tokenize_s = time.perf_counter() - tokenize_start
+        built_tokens = sum(entry["tokens"] for entry in built)
     for split in splits:
         _write_index(out_dir / split, header, shards[split], complete=True)
         _remove_stale(out_dir / split, shards[split])
     manifest = _manifest(config, header, eos_token, shards, built_tokens, tokenize_s, time.perf_counter() - start)
+    peaks = [(peak_rss() or 0) / 2**20, run.peak_rss_mb if run else 0.0]
+    manifest.details["stages"] = {
+        "tokenize": {
+            "seconds": round(time.perf_counter() - start, 3),
+            "peak_rss_mb": round(max(peaks), 1),
+            "tasks": len(todo),
+        }
+    }
     manifest.write(out_dir)
+    _clean_work(work)
+    _remove_temporaries(out_dir, splits)
     return manifest
 
 
@@ -142,6 +181,19 @@ def _tokenizer_fingerprint(tokenizer_dir: Path) -> str:
 # -- planning and resuming ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Part:
+    """A corpus part to tokenize: its split, path and content digest (when it was planned)."""
+
+    split: str
+    path: str
+    digest: str
+
+    @property
+    def name(self) -> str:
+        return _shard_name(Path(self.path))
+
+
 def _corpus_parts(corpus_dir: Path, split: str) -> list[Path]:
     split_dir = corpus_dir / split
     if not split_dir.is_dir():
@@ -151,6 +203,34 @@ def _corpus_parts(corpus_dir: Path, split: str) -> list[Path]:
 
 def _shard_name(part: Path) -> str:
     return part.name.removesuffix(_PART_SUFFIX)
+
+
+def _plan(
+    corpus_dir: Path, out_dir: Path, header: dict, splits, hashes: HashCache
+) -> tuple[dict[str, dict[str, dict]], list[_Part]]:
+    """Per split, the earlier index's entries kept (by .bin name: same input, files intact), and the parts
+    to tokenize, in split then part order. The files are read by a few threads (hashing releases the GIL)."""
+    itemsize = np.dtype(header["dtype"]).itemsize
+    candidates = []
+    for split in splits:
+        previous = _reusable_entries(out_dir / split, header)
+        candidates += [(split, p, previous.get(_shard_name(p) + ".bin")) for p in _corpus_parts(corpus_dir, split)]
+
+    def check(candidate: tuple) -> tuple[_Part, dict | None]:
+        split, part, entry = candidate
+        digest = file_digest(part, hashes)
+        return _Part(split, str(part), digest), _reusable(entry, out_dir / split, digest, itemsize)
+
+    with ThreadPoolExecutor(max(1, min(cpu_count(), 8))) as pool:
+        checked = list(pool.map(check, candidates))
+    shards: dict[str, dict[str, dict]] = {split: {} for split in splits}
+    todo = []
+    for part, entry in checked:
+        if entry is None:
+            todo.append(part)
+        else:
+            shards[part.split][entry["bin"]] = entry
+    return shards, todo
 
 
 def _reusable_entries(split_dir: Path, header: dict) -> dict[str, dict]:
@@ -166,10 +246,11 @@ def _reusable_entries(split_dir: Path, header: dict) -> dict[str, dict]:
     return {entry["bin"]: entry for entry in index.get("shards", [])}
 
 
-def _remove_temporary(directory: Path) -> None:
+def _remove_temporaries(out_dir: Path, splits) -> None:
     """The hidden temporary files of an interrupted run (an atomic write killed midway)."""
-    for tmp in directory.glob(".*.tmp") if directory.is_dir() else ():
-        tmp.unlink(missing_ok=True)
+    for directory in (out_dir, out_dir / WORK, out_dir / WORK / "parts", *(out_dir / split for split in splits)):
+        for tmp in directory.glob(".*.tmp") if directory.is_dir() else ():
+            tmp.unlink(missing_ok=True)
 
 
 def file_checksum(path: Path) -> str:
@@ -197,43 +278,149 @@ def _reusable(entry: dict | None, split_dir: Path, source_digest: str, itemsize:
     return entry if entry.get("checksums") == found else None
 
 
-# -- workers -----------------------------------------------------------------------------------
+# -- tasks -------------------------------------------------------------------------------------
 
 
-def _run(tasks: list, tokenizer_dir: str, workers: int):
-    """Yield (split, entry, built) per task as workers finish them (in no particular order)."""
-    if not tasks:
+def _build(
+    executor: ExecutorConfig,
+    workers: int,
+    tokenizer_dir: str,
+    header: dict,
+    todo: list[_Part],
+    out_dir: Path,
+    shards: dict[str, dict[str, dict]],
+) -> tuple[StageRun, list[dict]]:
+    """One task per part of ``todo`` on the executor; adds their entries to ``shards``. Returns the stage's
+    run and the entries this command tokenized (not those an earlier, interrupted run of it finished)."""
+    work = out_dir / WORK
+    key = content_key("tokenize", header, [[p.split, p.name, p.digest] for p in todo])
+    logs = work / f"logs-{key}"
+    for other in work.glob("logs-*"):  # the tasks of other inputs: their completion marks mean nothing here
+        if other != logs:
+            shutil.rmtree(other, ignore_errors=True)
+    itemsize = np.dtype(header["dtype"]).itemsize
+    results = [_result_path(work, part) for part in todo]
+    finished = set()
+    for rank, (part, path) in enumerate(zip(todo, results)):
+        if _finished_entry(path, key, part, out_dir, itemsize) is None:
+            path.unlink(missing_ok=True)  # run_tasks then runs the task again despite its completion mark
+        elif (logs / "completions" / f"{rank:05d}").is_file():
+            finished.add(rank)
+    threads = executor.slurm.cpus_per_task if executor.kind == "slurm" else 1  # local: processes
+    step = TokenizePart(todo, tokenizer_dir, header, str(out_dir), key, threads)
+    run = run_tasks(executor, [step], len(todo), workers, logs, "tokenize", unit="part", outputs=results)
+    built = []
+    for rank, (part, path) in enumerate(zip(todo, results)):
+        entry = _read_result(path, key)
+        shards[part.split][entry["bin"]] = entry
+        if rank not in finished or executor.kind == "slurm":  # a Slurm job's tasks all worked for this build
+            built.append(entry)
+    return run, built
+
+
+def _result_path(work: Path, part: _Part) -> Path:
+    return work / "parts" / f"{part.split}-{part.name}.json"
+
+
+def _finished_entry(path: Path, key: str, part: _Part, out_dir: Path, itemsize: int) -> dict | None:
+    """The entry a task of this very build left in ``path`` when its files are intact, else None."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(result, dict) or result.get("key") != key or not isinstance(result.get("entry"), dict):
+        return None
+    try:
+        return _reusable(result["entry"], out_dir / part.split, part.digest, itemsize)
+    except (KeyError, TypeError):
+        return None
+
+
+def _read_result(path: Path, key: str) -> dict:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(str(path), f"a finished task's index entry is unreadable ({exc}); run again") from None
+    if result.get("key") != key:
+        raise InputError(str(path), "written by the task of another tokenization; run again")
+    return result["entry"]
+
+
+def _clean_work(work: Path) -> None:
+    """After a finished build: the tasks' logs and entries (index.json has the entries now; a rerun that
+    has parts to rebuild starts new tasks)."""
+    for logs in work.glob("logs-*"):
+        shutil.rmtree(logs, ignore_errors=True)
+    shutil.rmtree(work / "parts", ignore_errors=True)
+
+
+class TokenizePart(PipelineStep):
+    """Task ``rank`` tokenizes corpus part ``parts[rank]`` into ``OUT/{split}/{name}.bin`` and ``.idx.npy``,
+    then writes its index entry (counts, checksums) to ``OUT/.work/parts/{split}-{name}.json``, each file
+    atomically and the entry last: an entry stands for finished files."""
+
+    name = "tokenize"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(self, parts: list[_Part], tokenizer_dir: str, header: dict, out_dir: str, key: str, threads: int):
+        super().__init__()
+        self.parts = parts
+        self.tokenizer_dir = tokenizer_dir
+        self.header = header
+        self.out_dir = out_dir
+        self.key = key
+        self.threads = threads
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        part, out_dir = self.parts[rank], Path(self.out_dir)
+        with self.track_time(), _tokenizer_threads(self.threads):
+            tokenizer = _tokenizer(self.tokenizer_dir, self.header["tokenizer"]["fingerprint"])
+            if file_digest(Path(part.path)) != part.digest:
+                raise InputError(part.path, "changed since this tokenization was planned; run it again")
+            entry = _tokenize_part(tokenizer, Path(part.path), out_dir / part.split, self.header, part.digest)
+            write_json(_result_path(out_dir / WORK, part), {"key": self.key, "entry": entry})
+        self.stat_update("documents", value=entry["docs"])
+        self.stat_update("tokens", value=entry["tokens"])
         return
-    processes = min(workers or cpu_count(), len(tasks))
-    context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(processes, initializer=_init_worker, initargs=(tokenizer_dir,)) as pool:
-        yield from pool.imap_unordered(_tokenize_part, tasks)
+        yield  # a generator: datatrove drains every step
 
 
-_TOKENIZER = None
+@lru_cache(maxsize=2)
+def _tokenizer(tokenizer_dir: str, fingerprint: str):
+    """Loaded once per worker process (and checked to be the tokenizer the build was planned with)."""
+    if _tokenizer_fingerprint(Path(tokenizer_dir)) != fingerprint:
+        raise InputError(tokenizer_dir, "the tokenizer changed since this tokenization was planned; run it again")
+    tokenizer = load_backend_tokenizer(tokenizer_dir)
+    tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in a text must not fake a document end
+    return tokenizer
 
 
-def _init_worker(tokenizer_dir: str) -> None:
-    global _TOKENIZER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _TOKENIZER = load_backend_tokenizer(tokenizer_dir)
-    _TOKENIZER.encode_special_tokens = True  # a literal "<|endoftext|>" in a text must not fake a document end
+@contextlib.contextmanager
+def _tokenizer_threads(threads: int):
+    """The tokenizer's own threads: none where the processes are the parallelism (local), else the task's CPUs."""
+    saved = {name: os.environ.get(name) for name in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    if threads > 1:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
-def _tokenize_part(task: tuple) -> tuple[str, dict, bool]:
-    split, part, split_dir, header, previous = task
-    part, split_dir = Path(part), Path(split_dir)
-    source_digest = file_digest(part)
-    dtype = np.dtype(header["dtype"]).newbyteorder("<")
-    reused = _reusable(previous, split_dir, source_digest, dtype.itemsize)
-    if reused is not None:
-        return split, reused, False
+def _tokenize_part(tokenizer, part: Path, split_dir: Path, header: dict, source_digest: str) -> dict:
+    """Write ``{name}.bin`` and ``{name}.idx.npy`` of one corpus part; returns its index entry."""
     name = _shard_name(part)
+    dtype = np.dtype(header["dtype"]).newbyteorder("<")
     offsets, sources, total = [], Counter(), 0
     bin_digest = xxhash.xxh3_128()
     with atomic_open(split_dir / f"{name}.bin", "wb") as out:
         for texts, names in _document_batches(part):
-            ids = [encoding.ids for encoding in _TOKENIZER.encode_batch(texts, add_special_tokens=False)]
+            ids = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
             batch_start = total
             for doc_ids, source in zip(ids, names):
                 doc_ids.append(header["eos_id"])
@@ -245,7 +432,7 @@ def _tokenize_part(task: tuple) -> tuple[str, dict, bool]:
             out.write(data)
     with atomic_open(split_dir / f"{name}.idx.npy", "wb") as out:
         np.save(out, np.asarray(offsets, dtype=np.int64))
-    entry = {
+    return {
         "bin": f"{name}.bin",
         "idx": f"{name}.idx.npy",
         "tokens": total,
@@ -254,7 +441,6 @@ def _tokenize_part(task: tuple) -> tuple[str, dict, bool]:
         "sources": dict(sorted(sources.items())),
         "checksums": {"bin": bin_digest.hexdigest(), "idx": file_checksum(split_dir / f"{name}.idx.npy")},
     }
-    return split, entry, True
 
 
 def _document_batches(part: Path):

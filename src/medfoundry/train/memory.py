@@ -16,23 +16,8 @@ from pathlib import Path
 import torch
 
 from medfoundry.io import write_json
+from medfoundry.runtime import peak_rss, reset_peak_rss
 from medfoundry.train import distributed
-
-
-def _high_water_mark() -> int | None:
-    """Peak resident memory of this process since the last reset, in bytes (None off Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_high_water_mark() -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
 
 
 class PhaseMemory:
@@ -47,18 +32,18 @@ class PhaseMemory:
 
     def close(self, name: str) -> None:
         """Record the peak since the last reset as phase ``name`` (``init``: since the process started)."""
-        peak = _high_water_mark()
+        peak = peak_rss()
         if peak is not None:
             self.peak_rss[name] = max(self.peak_rss.get(name, 0), peak)
         if self.device.startswith("cuda"):
             self.peak_device[name] = max(self.peak_device.get(name, 0), torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
-        _reset_high_water_mark()
+        reset_peak_rss()
 
     @contextlib.contextmanager
     def phase(self, name: str):
         """Measure the body as (part of) phase ``name``."""
-        _reset_high_water_mark()
+        reset_peak_rss()
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
