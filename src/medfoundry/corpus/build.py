@@ -106,8 +106,9 @@ def _layout(cfg: CorpusConfig, units: list[WorkUnit], extract_dir: Path) -> Layo
     )
 
 
-def deduplicate(cfg: CorpusConfig, units: list[WorkUnit], extract_dir: Path, stages: _Stages) -> tuple[Path, Removed]:
-    """The two dedup rounds on the executor, each followed by its resolution in this process."""
+def deduplicate(cfg: CorpusConfig, units: list[WorkUnit], extract_dir: Path, stages: _Stages) -> tuple[Path, Layout]:
+    """The two dedup rounds on the executor, each followed by its resolution in this process; returns the
+    folder holding ``kept.npy`` and the removals' part of ``dropped.jsonl.gz``, and the tasks' layout."""
     layout = _layout(cfg, units, extract_dir)
     ranges = plan_ranges(extract_dir, len(units), cfg.dedup.task_memory_mb)
     work = extract_dir / f"dedup-{content_key(cfg.dedup.model_dump(), cfg.source_rank(), ranges)}"
@@ -126,7 +127,7 @@ def deduplicate(cfg: CorpusConfig, units: list[WorkUnit], extract_dir: Path, sta
     with stages.stage("finalize"):
         write_alive(work / "kept.npy", layout, removed)
         write_entries(work / "dedup_drops.jsonl.gz", extract_dir, layout, [u.source for u in units], removed)
-    return work, removed
+    return work, layout
 
 
 def _run(cfg: CorpusConfig, pipeline: list, tasks: int, logs: Path, name: str, unit="task", outputs=None) -> StageRun:
@@ -221,10 +222,9 @@ def build_corpus(cfg: CorpusConfig, force: bool = False) -> Manifest:
         decontam = benchmark_index(cfg.decontam).summary() if cfg.decontam.enabled else None
         runs.append(_run(cfg, extract_pipeline(cfg, units, extract_dir), len(units), extract_dir / "logs", "extract"))
     step_stats = runs[0].steps
-    dedup_dir, _ = deduplicate(cfg, units, extract_dir, stages)
+    dedup_dir, layout = deduplicate(cfg, units, extract_dir, stages)
 
     with stages.stage("mix"):
-        layout = _layout(cfg, units, extract_dir)
         alive = np.load(dedup_dir / "kept.npy")
         mix_dir = dedup_dir / f"mix-{build_key}"
         plans, sizes = assign_copies(cfg, [u.source for u in units], extract_dir, layout.offsets, alive, mix_dir)

@@ -95,7 +95,7 @@ class DedupConfig(StrictModel):
         "in config order",
     )
     task_memory_mb: int = Field(
-        512,
+        128,
         ge=16,
         description="memory budget of one dedup task: the key records are split into as many ranges as it takes",
     )

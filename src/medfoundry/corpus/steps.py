@@ -2,7 +2,7 @@
 
 Task ``rank`` processes work unit ``units[rank]`` (see ``plan.py``). Documents are never dropped
 silently inside a task: filters mark ``metadata["drop"]`` and the writer records every marked
-document, reader skip and PubMed deletion in the task's ledger, which the finalize stage and the
+document, reader skip and PubMed deletion in the task's ledger, which the later stages and the
 report read. Each task's outputs are written atomically, so a killed task leaves nothing that
 looks finished and datatrove simply re-runs it.
 """
