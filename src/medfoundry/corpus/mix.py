@@ -136,13 +136,13 @@ def assign_copies(
         ids, chars = _task_columns(extract_dir, task)
         hashes = np.array([unit_hash(cfg.mix.seed, i) for i in ids], dtype=np.float64)
         val = np.array([in_validation(i, cfg) for i in ids], dtype=bool)
-        _save(mix_dir / f"{task:05d}.npz", hashes=hashes, val=val)
+        _save(mix_dir / f"{task:05d}.npz", hashes=hashes, val=val, chars=chars)
         for split, mask in _splits(alive[offsets[task] : offsets[task + 1]], val):
             histogram = histograms.setdefault((source, split), np.zeros(BINS))
             histogram += np.bincount(hash_bins(hashes[mask]), weights=chars[mask], minlength=BINS)
     available = {s.name: int(histograms.get((s.name, "train"), np.zeros(1)).sum()) for s in cfg.sources}
     plans = plan_factors(cfg, available)
-    selections = _selections(cfg, plans, histograms, sources, extract_dir, offsets, alive, mix_dir)
+    selections = _selections(cfg, plans, histograms, sources, offsets, alive, mix_dir)
     sizes = {"train": 0, "val": 0}
     with atomic_open(mix_dir / "dropped.jsonl.gz", compresslevel=1) as dropped:
         for task, source in enumerate(sources):
@@ -163,7 +163,7 @@ def _splits(live: np.ndarray, val: np.ndarray):
     return (("train", live & ~val), ("val", live & val))
 
 
-def _selections(cfg, plans, histograms, sources, extract_dir, offsets, alive, mix_dir) -> dict:
+def _selections(cfg, plans, histograms, sources, offsets, alive, mix_dir) -> dict:
     """A :class:`Selection` per (source, split); a second pass reads the documents of each cut bin."""
     cuts, selections = {}, {}
     for (source, split), histogram in histograms.items():
@@ -173,9 +173,8 @@ def _selections(cfg, plans, histograms, sources, extract_dir, offsets, alive, mi
     for task, source in enumerate(sources):
         if (source, "train") not in candidates and (source, "val") not in candidates:
             continue
-        _, chars = _task_columns(extract_dir, task)
         with np.load(mix_dir / f"{task:05d}.npz") as data:
-            hashes, val = data["hashes"], data["val"]
+            hashes, val, chars = data["hashes"], data["val"], data["chars"]
         for split, mask in _splits(alive[offsets[task] : offsets[task + 1]], val):
             if (source, split) in candidates:
                 hit = np.flatnonzero(mask & (hash_bins(hashes) == cuts[source, split][0]))

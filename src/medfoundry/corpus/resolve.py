@@ -98,8 +98,9 @@ def _same_paper(recs: np.ndarray, layout: Layout, removed: Removed) -> None:
     best = np.lexsort((~order, layout.ranks(nodes), component))  # latest first within a source
     first = np.r_[True, component[best][1:] != component[best][:-1]]
     winner = best[np.flatnonzero(first)[np.cumsum(first) - 1]]
-    for loser, win in zip(best[~first].tolist(), winner[~first].tolist()):
-        removed[int(layout.index(nodes[loser : loser + 1])[0])] = (SAME_PAPER, int(nodes[win]), 0.0)
+    losers = best[~first]
+    for row, win in zip(layout.index(nodes[losers]).tolist(), nodes[winner[~first]].tolist()):
+        removed[row] = (SAME_PAPER, win, 0.0)
 
 
 def _abstracts(doc: np.ndarray, paper: np.ndarray, jaccard: np.ndarray, layout: Layout, removed: Removed) -> None:
