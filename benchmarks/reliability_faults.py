@@ -21,6 +21,20 @@ dropout, 40 steps, a checkpoint every 2 steps, keep 2). Then each try, in a fres
 - *corrupted token shard*: a byte of a random shard file flipped, or the file truncated. Survived: opening
   the split (size) or ``TokenShards.verify()`` (checksum) names that file, and re-running ``tokenize``
   rebuilds it to the reference bytes.
+- *recipe: stale stages and kill windows*: a finished recipe (corpus -> tokenizer -> tokens -> pretrain ->
+  eval -> generate) has its corpus changed; the changed recipe is run (half the time first ``--until`` an
+  early stage) and ``medfoundry run`` SIGKILLed one to three times: at a random time, just after a stage is
+  recorded starting (its old output being moved aside) or just after one is recorded done (between
+  stages). Survived: no kill left a stage recorded done without its output, and the last run rebuilt every
+  stage (none of the old recipe's outputs reused) to the same outputs as an uninterrupted run.
+- *second run on a folder in use*: a ``medfoundry run``, ``corpus build`` or ``pretrain`` is frozen (SIGSTOP)
+  at a random point of its work and the same command started again. Survived: the second fails at once
+  (exit code 2) naming the first's pid; the first is SIGKILLed and a third run takes the folder over and
+  ends with the reference output.
+- *power cut while writing a folder*: ``benchmarks/power_loss.py`` records fsyncs, cuts the power just
+  after a tokenizer, model export or GGUF conversion returned (each one's first try), or at a random fsync
+  of it, then loses what was not flushed. Survived: the folder is absent or identical to an uncut writer's,
+  and the GGUF cache, asked again, gives a complete conversion.
 
 Documents lost (``data_lost``) count reference documents missing, duplicated or changed in the output
 (corpus), and the documents of shards that differ from the reference or whose damage went unnoticed
@@ -39,6 +53,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -614,6 +629,372 @@ def token_shard_corrupted(ctx: Context, tries: int) -> Row:
     return attempt(ctx, row, tries, one)
 
 
+# -- the recipe's stage state: stale later stages and the kill window ----------------------------------------
+
+RECIPE_STAGES = ("corpus", "tokenizer", "tokens", "pretrain", "eval", "generate")
+
+
+def recipe_tree(inputs: Path, run: Path, split_seed: int) -> dict:
+    """A small whole recipe on the fault group's inputs; ``split_seed`` changes the corpus, so every later stage
+    (tokenizer, shards, weights, scores, samples) changes with it."""
+    corpus = {k: v for k, v in corpus_config(inputs, run / "corpus").items() if k != "output_dir"}
+    corpus.update(decontam={"enabled": False}, split={"val_fraction": 0.08, "seed": split_seed})
+    return {
+        "name": "kill_window",
+        "run_dir": str(run),
+        "stages": {
+            "corpus": corpus,
+            "tokenizer": {"vocab_size": 1000, "fertility": {"top_domain_words": 0}},
+            "tokens": {"workers": 2},
+            "pretrain": {
+                "model": {"preset": "gpt2-tiny", "context": 64},
+                "training": {"steps": 8, "micro_batch_size": 4, "global_batch_size": 8, "precision": "fp32"},
+                "checkpoint": {"every": 2, "keep_last": 2},
+                "eval": {"every": 4, "batches": 2},
+            },
+            "eval": {
+                "tasks": [{"task": "heldout", "perplexity": {"path": "${run_dir}/corpus", "split": "val"}}],
+                "limit": 10,
+                "bootstrap_iters": 0,
+            },
+            "generate": {"prompts": ["The patient was treated with"], "sampling": {"max_tokens": 5}},
+        },
+    }
+
+
+def recipe_outputs(run: Path) -> dict:
+    """What each stage of the recipe made, by content (no path, no time)."""
+    samples = (run / "generate" / "samples.jsonl").read_text().splitlines()
+    return {
+        "corpus": read_corpus(run / "corpus"),
+        "tokenizer": (run / "tokenizer" / "tokenizer.json").read_bytes(),
+        "tokens": {split: shard_files(run / "tokens" / split) for split in ("train", "val")},
+        "pretrain": final_weights(run / "pretrain"),
+        "eval": json.loads((run / "eval" / "model" / "results.json").read_text())["results"],
+        "generate": [json.loads(line)["completion"] for line in samples],
+    }
+
+
+def differing_stages(a: dict, b: dict) -> list[str]:
+    return [
+        stage
+        for stage in RECIPE_STAGES
+        if not (same_weights(a[stage], b[stage]) if stage == "pretrain" else a[stage] == b[stage])
+    ]
+
+
+def prepare_recipe(ctx: Context) -> dict:
+    """The recipe as first run (split seed 0), snapshotted, then changed (seed 1) and run again uninterrupted on
+    top of it: the reference. Every try restores the snapshot in the same folder (stage keys cover the wired
+    paths) and runs the changed recipe with kills."""
+    if "recipe" in ctx.cache:
+        return ctx.cache["recipe"]
+    inputs = prepare_faults(ctx)["inputs"]
+    root = ctx.work / "recipe_state"
+    run, log = root / "run", root / "reference.log"
+    root.mkdir(parents=True, exist_ok=True)
+    before = write_config(root / "before.yaml", recipe_tree(inputs, run, split_seed=0))
+    after = write_config(root / "after.yaml", recipe_tree(inputs, run, split_seed=1))
+    ctx.log("reference: recipe before the change")
+    if _rerun(medfoundry("run", str(before)), log) != 0:
+        raise RuntimeError(f"the recipe failed: {tail(log, 2000)}")
+    old = recipe_outputs(run)
+    shutil.copytree(run, root / "snapshot")
+    ctx.log("reference: recipe after the change")
+    started = time.monotonic()
+    if _rerun(medfoundry("run", str(after)), log) != 0:
+        raise RuntimeError(f"the changed recipe failed: {tail(log, 2000)}")
+    seconds = time.monotonic() - started
+    reference = recipe_outputs(run)
+    same = [s for s in RECIPE_STAGES if s not in differing_stages(old, reference)]
+    if same:  # a stale output could not be told from a new one
+        raise RuntimeError(f"the change leaves the output of {same} as it was")
+    ctx.log(f"reference: the changed recipe ran in {seconds:.1f} s")
+    ctx.cache["recipe"] = {
+        "run": run,
+        "snapshot": root / "snapshot",
+        "after": after,
+        "seconds": seconds,
+        "ref": reference,
+    }
+    return ctx.cache["recipe"]
+
+
+def _stage_entries(run: Path) -> dict[str, tuple]:
+    try:
+        state = json.loads((run / "stages.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {stage: (entry.get("key"), entry.get("status")) for stage, entry in state.items()}
+
+
+def newly(run: Path, status: str) -> Callable[[], bool]:
+    """A moment for :func:`kill_during`: a stage newly recorded with ``status`` in ``stages.json``."""
+    seen = _stage_entries(run)
+
+    def moment() -> bool:
+        now = _stage_entries(run)
+        hit = any(entry[1] == status and seen.get(stage) != entry for stage, entry in now.items())
+        seen.update(now)
+        return hit
+
+    return moment
+
+
+def done_without_output(run: Path) -> list[str]:
+    return [
+        s
+        for s, (_, status) in _stage_entries(run).items()
+        if status == "done" and not (run / s / "manifest.json").is_file()
+    ]
+
+
+def recipe_stale_and_kill_window(ctx: Context, tries: int) -> Row:
+    """The corpus of a finished recipe changes. Half the tries first run the changed recipe ``--until`` an early
+    stage; then ``medfoundry run`` is SIGKILLed one to three times: at a random time, just after a stage is
+    recorded starting (its old output being moved aside), or just after a stage is recorded done (between
+    stages). After each kill no stage may be recorded done without its output; the last run, uninterrupted,
+    must end with every stage rebuilt (no output of the old recipe reused) and equal to the reference."""
+    rec = prepare_recipe(ctx)
+    row = Row("faults", "recipe: stale stages and kill windows")
+    run, argv = rec["run"], medfoundry("run", str(rec["after"]))
+
+    def one(i: int):
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(rec["snapshot"], run)
+        log, started, notes = run.parent / f"try_{i}.log", time.time_ns(), []
+        if ctx.rng.random() < 0.5:
+            until = ctx.rng.choice(RECIPE_STAGES[:3])
+            if _rerun([*argv, "--until", until], log) != 0:
+                return False, 0, f"--until {until} failed: {tail(log)}"
+            notes.append(f"--until {until}")
+        for k in range(ctx.rng.randint(1, 3)):  # the first kill is at a moment that comes: every try injects one
+            how = ctx.rng.choice(["at random", "after starting", "between stages"][k == 0 :])
+            if how == "at random":  # within the first half of an uninterrupted run: a resumed one has less to do
+                moment, delay = (lambda: True), ctx.rng.uniform(0, rec["seconds"] / 2)
+            else:
+                moment, delay = newly(run, "starting" if how == "after starting" else "done"), ctx.rng.uniform(0, 0.01)
+            if not kill_during(argv, log, moment, delay, poll=0.001):
+                notes.append(f"{how}: the run ended first")
+                break
+            row.injected += 1
+            notes.append(f"killed {how}" + (f" ({delay:.1f} s in)" if how == "at random" else ""))
+            lost = done_without_output(run)
+            if lost:
+                return False, 0, f"{'; '.join(notes)}: recorded done without their output: {lost}"
+        code = _rerun(argv, log)
+        if code != 0:
+            return False, 0, f"{'; '.join(notes)}: the last run failed (exit {code}): {tail(log)}"
+        statuses = {s: status for s, (_, status) in _stage_entries(run).items()}
+        stale = [s for s in RECIPE_STAGES if (run / s / "manifest.json").stat().st_mtime_ns < started]
+        got = recipe_outputs(run)
+        wrong = differing_stages(rec["ref"], got)
+        left = [p for p in leftovers(run) if not p.startswith(".previous")]
+        lost = docs_lost(rec["ref"]["corpus"], got["corpus"])
+        problems = (
+            ([f"not done: {statuses}"] if set(statuses.values()) != {"done"} else [])
+            + ([f"outputs of the old recipe kept: {stale}"] if stale else [])
+            + ([f"outputs differ from the uninterrupted run: {wrong}"] if wrong else [])
+            + ([f"left behind: {left[:5]}"] if left else [])
+        )
+        return not problems, lost, "; ".join(notes + problems)
+
+    return attempt(ctx, row, tries, one)
+
+
+# -- two runs on one folder; a power cut while a folder is written (issue 18) -------------------------------
+
+
+def _locked_command(ctx: Context, kind: str, root: Path) -> tuple[list[str], Path, Path]:
+    """A ``medfoundry run`` (a recipe of the reference corpus build), ``corpus build`` or ``pretrain`` writing
+    into ``root``: its argv, the folder it locks, and the file whose appearance says it holds the lock and
+    is at work."""
+    if kind == "pretrain":
+        argv, run = _training_run(ctx, root)
+        return argv, run, run / MARKERS["pretrain"]
+    inputs = prepare_faults(ctx)["inputs"]
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    if kind == "corpus build":
+        config = write_config(root / "corpus.yaml", corpus_config(inputs, root / "corpus"))
+        return medfoundry("corpus", "build", str(config)), root / "corpus", root / "corpus" / MARKERS["corpus"]
+    corpus = {k: v for k, v in corpus_config(inputs, root / "run" / "corpus").items() if k != "output_dir"}
+    recipe = {"name": "locked", "run_dir": str(root / "run"), "stages": {"corpus": corpus}}
+    config = write_config(root / "recipe.yaml", recipe)
+    return medfoundry("run", str(config)), root / "run", root / "run" / "corpus" / MARKERS["corpus"]
+
+
+def _locked_output(ctx: Context, kind: str, folder: Path, code: int, log: Path) -> tuple[bool, int, str]:
+    """Whether the run that took the folder over ended with the reference output and nothing left behind."""
+    if kind == "pretrain":
+        ok, note = check_training(ctx, folder, code, log)
+        return ok, 0, note
+    if code != 0:
+        return False, 0, f"exit {code}: {tail(log)}"
+    lost = docs_lost(prepare_faults(ctx)["corpus_docs"], read_corpus(folder / "corpus" if kind == "run" else folder))
+    left = leftovers(folder)
+    problems = ([f"{lost} documents lost or duplicated"] if lost else []) + ([f"left {left[:5]}"] if left else [])
+    return not problems, lost, "; ".join(problems)
+
+
+def concurrent_runs_locked(ctx: Context, tries: int) -> Row:
+    """A second ``medfoundry run``, ``corpus build`` or ``pretrain`` on the folder a first one is working in
+    (frozen with SIGSTOP at a random point of its work, so that it holds the folder however slowly the second
+    starts). Survived: the second fails (exit code 2) naming the first's pid instead of waiting or writing;
+    the first is then SIGKILLed, and a third run takes the folder over (the lock died with its holder) and
+    ends with the reference output, nothing left behind."""
+    from reliability_frame import kill_group
+
+    ref = prepare_faults(ctx)
+    row = Row("faults", "second run on a folder in use")
+    kinds = {"run": "corpus", "corpus build": "corpus", "pretrain": "pretrain"}  # -> the reference stage
+
+    def one(i: int):
+        kind = list(kinds)[i % len(kinds)]
+        argv, folder, marker = _locked_command(ctx, kind, ctx.work / f"locked_{i}")
+        log = folder.parent / "stderr.log"
+        first = start(argv, log)
+        while first.poll() is None and not marker.exists():
+            time.sleep(0.005)
+        stage = kinds[kind]
+        time.sleep(ctx.rng.uniform(0, 0.5 * (ref["timings"][stage] - ref["startups"][stage])))
+        if first.poll() is not None:
+            return False, 0, f"{kind}: the first run ended before the second started (exit {first.returncode})"
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            second = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+            seconds = time.monotonic() - started
+        finally:
+            kill_group(first)
+        row.injected += 1
+        if second.returncode != 2 or f"pid {first.pid} " not in second.stderr:
+            return False, 0, f"{kind}: the second run: exit {second.returncode}: {second.stderr[-600:]}"
+        ok, lost, note = _locked_output(ctx, kind, folder, _rerun(argv, log), log)
+        return (
+            ok,
+            lost,
+            f"{kind}: the second failed in {seconds:.1f} s naming pid {first.pid}" + (f"; {note}" if note else ""),
+        )
+
+    return attempt(ctx, row, tries, one)
+
+
+def _folder_writers(ctx: Context, model) -> dict[str, tuple[Callable[[Path], Path], Callable[[Path], Path | None]]]:
+    """Writers of whole folders: name -> (write into a root and return the folder, where that folder is in a
+    root if it is there). A tokenizer (``tokenizer train``), an export of ``model`` and the GGUF cache (a
+    conversion: see :func:`_converting`)."""
+    from medfoundry.config import validate
+    from medfoundry.model.export import export_hf
+    from medfoundry.model.load import gguf_checkpoint
+    from medfoundry.tokenizer.config import TokenizerTrainConfig
+    from medfoundry.tokenizer.train import train_tokenizer
+
+    ref = prepare_faults(ctx)["ref"]
+    stand_in = ctx.work / "model.gguf"  # only its path, size and time count (the conversion is patched): kept
+    stand_in.write_bytes(b"GGUF")  # outside the tries' folders, which lose their unsynced files
+
+    def tokenizer(root: Path) -> Path:
+        cfg = {"corpus_dir": str(ref / "corpus"), "output_dir": str(root / "tokenizer"), "vocab_size": 2000}
+        train_tokenizer(validate(TokenizerTrainConfig, {**cfg, "fertility": {"top_domain_words": 0}}))
+        return root / "tokenizer"
+
+    return {
+        "tokenizer": (tokenizer, lambda root: root / "tokenizer"),
+        "model export": (lambda root: export_hf(model, ref / "tokenizer", root / "model"), lambda root: root / "model"),
+        "GGUF cache": (
+            lambda root: gguf_checkpoint(stand_in, root / "cache"),
+            lambda root: next((root / "cache" / "gguf").glob("model-*"), None),
+        ),
+    }
+
+
+def _converting(model, tokenizer: Path):
+    """``convert_gguf`` patched into an export of ``model`` (what it does with the model it dequantized from a
+    GGUF file): a conversion in a second instead of a minute."""
+    from unittest import mock
+
+    from medfoundry.model.export import export_hf
+
+    def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path:
+        return export_hf(model, tokenizer, out_dir, dtype=dtype)
+
+    return mock.patch("medfoundry.model.convert.convert_gguf", convert_gguf)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file of a folder by relative path; a manifest's config and timings left out (its output folder and
+    times differ run to run)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == "manifest.json":
+            data = json.dumps({**json.loads(data), "config": None, "timings": None}).encode()
+        files[str(path.relative_to(folder))] = data
+    return files
+
+
+def _differs(folder: Path, reference: dict[str, bytes]) -> str | None:
+    """What makes ``folder`` differ from the reference writer's, or None."""
+    try:
+        got = _files(folder)
+    except ValueError as exc:  # a manifest cut short
+        return f"{folder}: {exc}"
+    changed = sorted(name for name in reference.keys() | got.keys() if got.get(name) != reference.get(name))
+    sizes = [f"{name} ({len(got.get(name, b'')):,} bytes, not {len(reference.get(name, b'')):,})" for name in changed]
+    return f"{folder}: {', '.join(sizes[:4])}" if changed else None
+
+
+def power_loss_folders(ctx: Context, tries: int) -> Row:
+    """A power cut (``benchmarks/power_loss.py``: fsyncs recorded, then what was not flushed lost) just after a
+    folder writer returned (each writer's first try), or at a random fsync of it: a tokenizer, a model export,
+    a GGUF conversion into the cache. Survived: the folder is absent or identical to the one an uncut writer
+    made, never there with empty or truncated files; and the GGUF cache, asked again (a later run), gives a
+    complete conversion."""
+    from transformers import AutoModelForCausalLM
+
+    from power_loss import PowerCut, PowerLoss
+
+    row = Row("faults", "power cut while writing a folder")
+    ref = prepare_faults(ctx)["ref"]
+    model = AutoModelForCausalLM.from_pretrained(ref / "pretrain" / "model")
+    with _converting(model, ref / "tokenizer"):
+        writers = _folder_writers(ctx, model)
+        references = {}
+        for name, (write, _) in writers.items():  # each writer uncut, its fsyncs counted
+            root = ctx.work / "power_reference" / name.replace(" ", "_")
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            with PowerLoss(root) as counted:
+                folder = write(root)
+            references[name] = (_files(folder), counted.calls)
+
+        def one(i: int):
+            name = list(writers)[i % len(writers)]
+            (write, locate), (reference, fsyncs) = writers[name], references[name]
+            root = ctx.work / f"power_{i}"
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            # fsyncs + 1: the power goes just after the writer returned (a stage would be recorded done): the
+            # first try of each writer, then a random fsync
+            cut_at = fsyncs + 1 if i < len(writers) else ctx.rng.randint(1, fsyncs + 1)
+            with PowerLoss(root, cut_at) as cut:
+                try:
+                    write(root)
+                except PowerCut:
+                    pass
+            folder = locate(root)
+            lost = cut.lose([folder] if folder is not None else [])
+            row.injected += 1
+            problem = _differs(folder, reference) if folder is not None and folder.exists() else None
+            if name == "GGUF cache":  # a cut conversion is redone, never trusted
+                problem = _differs(write(root), reference)
+            note = f"{name}: cut at fsync {cut_at} of {fsyncs}, {len(lost)} file(s) or rename(s) lost"
+            return problem is None, 0, note + (f"; {problem}" if problem else "")
+
+        return attempt(ctx, row, tries, one)
+
+
 FAULT_SCENARIOS = {  # name: (function, tries with --quick, tries without)
     "corpus_build_sigkill": (corpus_build_sigkill, 1, 10),
     "tokenize_sigkill": (tokenize_sigkill, 2, 12),
@@ -622,6 +1003,9 @@ FAULT_SCENARIOS = {  # name: (function, tries with --quick, tries without)
     "checkpoint_full_disk": (checkpoint_full_disk, 2, 4),
     "checkpoint_corrupted": (checkpoint_corrupted, 1, 8),
     "token_shard_corrupted": (token_shard_corrupted, 2, 12),
+    "concurrent_runs_locked": (concurrent_runs_locked, 3, 6),
+    "power_loss_folders": (power_loss_folders, 3, 12),
+    "recipe_stale_and_kill_window": (recipe_stale_and_kill_window, 1, 6),
 }
 
 

@@ -16,13 +16,22 @@ goes on with the remaining examples.
 subprocess on the PubMed and JATS readers and on JSON parsing, for a bounded time. A try is one
 execution; an input that fails a check, runs past the time limit or exceeds the memory limit is a failure,
 saved under the report's work folder (``--keep DIR`` keeps it) and named in ``Row.problems``.
+
+*Input-limit scenarios* (``node_bomb_pubmed``, ``node_bomb_jats``, ``huge_line_jsonl``, ``wrong_root_xml``) run a
+lenient ``corpus build`` over good files and inputs made by ``tests/input_bombs.py``: PubMed and JATS files with
+10⁸ empty elements (in one entry, and between good entries), a 2 GB line, an HTML page saved as a PubMed and as a
+JATS file. A try is one build. It survived when its peak resident memory (its processes') stayed under
+:data:`PEAK_MB`, each bad file is a skip in ``dropped.jsonl.gz`` and in the report, and every good document
+(those of the bad files too) is in the corpus; the good documents missing are data lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import importlib
 import importlib.util
+import json
 import re
 import signal
 import subprocess
@@ -33,7 +42,9 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-from reliability_frame import REPO, Context, Row, kill_group, run_scenarios, start
+import yaml
+
+from reliability_frame import ENV, REPO, Context, Row, attempt, kill_group, medfoundry, run_scenarios, start
 
 TESTS = REPO / "tests"
 HARNESS = Path(__file__).resolve().parent / "fuzz_atheris.py"
@@ -308,6 +319,124 @@ def _atheris_scenario(target: str):
     return scenario
 
 
+# -- input limits (issue 18): node bombs, a 2 GB line, files that are not what their source says ---------------
+
+BOMB_ELEMENTS = 10**8  # ~400 MB of XML in a ~400 KB .gz: 17 GB of parsed tree for a reader that keeps it all
+HUGE_LINE = 2 << 30
+PEAK_MB = 1024
+# runs argv and prints [exit status, peak resident MB of it and its descendants]
+_PEAK = (
+    "import json, resource, subprocess, sys; code = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL); "
+    "print(json.dumps([code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))"
+)
+
+
+def _bomb_inputs(kind: str):
+    """A good file, a bomb of one entry holding 10⁸ elements and a bomb of 10⁸ siblings between good entries."""
+
+    def write(root: Path, bombs) -> tuple[dict[str, str], int]:
+        folder, suffix = ("pubmed", "xml") if kind == "pubmed" else ("pmc", "nxml")
+        prefix = "PMC" if kind == "jats" else ""
+        ids = {name: tuple(f"{prefix}{n}{k}" for k in range(3)) for n, name in enumerate(("good", "entry", "siblings"))}
+        bombs.node_bomb(root / folder / f"good.{suffix}.gz", kind, "siblings", 0, ids["good"])
+        for shape in ("entry", "siblings"):
+            bombs.node_bomb(root / folder / f"{shape}.{suffix}.gz", kind, shape, BOMB_ELEMENTS, ids[shape])
+        reason = {"entry": "MAX_ENTRY_MARKUP", "siblings": "unexpected <a>"}
+        return {f"{shape}.{suffix}.gz": reason[shape] for shape in ("entry", "siblings")}, 6
+
+    return write
+
+
+def _huge_line_inputs(root: Path, bombs) -> tuple[dict[str, str], int]:
+    """A 2 GB line between two good lines."""
+    bombs.huge_jsonl(root / "jsonl" / "huge.jsonl", HUGE_LINE)
+    return {"huge.jsonl": "MAX_LINE_BYTES"}, 2
+
+
+def _wrong_root_inputs(root: Path, bombs) -> tuple[dict[str, str], int]:
+    """An HTML page saved as a PubMed file and as a JATS file, beside good ones."""
+    bombs.html_page(root / "pubmed" / "page.xml")
+    bombs.html_page(root / "pmc" / "page.nxml")
+    bombs.node_bomb(root / "pubmed" / "good.xml", "pubmed", "siblings", 0)
+    bombs.node_bomb(root / "pmc" / "good.nxml", "jats", "siblings", 0)
+    return {"page.xml": "not a PubMed file", "page.nxml": "not a JATS file"}, 4
+
+
+def _limits_config(root: Path, out: Path) -> Path:
+    """A lenient build of whatever is under ``root``: pubmed/, pmc/, jsonl/, two files at a time. Near-duplicate
+    detection and the language filter are off (the good documents are short and alike: all must come out);
+    ``split_mb`` is raised, as every task of a split file reads all of it, and a 2 GB file would be 128 tasks."""
+    sources = [
+        {"name": name, "kind": kind, "paths": [str(root / name / "*")]}
+        for name, kind in (("pubmed", "pubmed_xml"), ("pmc", "jats"), ("jsonl", "jsonl"))
+        if any((root / name).glob("*"))
+    ]
+    config = {
+        "output_dir": str(out),
+        "workers": 2,
+        "strict": False,
+        "split_mb": 1e6,
+        "sources": sources,
+        "clean": {"min_chars": 5, "min_words": 2, "language": None},
+        "dedup": {"near": {"enabled": False}},
+        "decontam": {"enabled": False},
+        "split": {"val_fraction": 0.0},
+    }
+    path = out.parent / "corpus.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _skipped_in_report(out: Path) -> dict[str, str]:
+    """File name -> reason of each skipped file that both ``dropped.jsonl.gz`` and the report's "Skipped input"
+    name."""
+    with gzip.open(out / "dropped.jsonl.gz", "rt", encoding="utf-8") as fh:
+        details = [d["detail"] for d in map(json.loads, fh) if d["stage"] == "read"]
+    section = (out / "report.md").read_text().split("## Skipped input (lenient mode)")[1].split("\n## ")[0]
+    named = {Path(detail.split(":")[0]).name: detail for detail in details}
+    return {name: detail for name, detail in named.items() if name in section}
+
+
+def _limits_scenario(name: str, description: str, write):
+    """A lenient ``corpus build`` over the inputs ``write(root, input_bombs)`` makes, which returns the files to be
+    skipped (name -> a word of the reason) and how many good documents they and the others hold. Survived: the
+    build ran with a peak resident memory under :data:`PEAK_MB`, each of those files is a skip in
+    ``dropped.jsonl.gz`` and in the report, and every good document is in the corpus (those missing are data lost)."""
+
+    def scenario(ctx: Context, tries: int) -> Row:
+        bombs = importlib.import_module("input_bombs")
+        folder = ctx.work / "limits" / name
+        root = folder / "in"
+        for sub in ("pubmed", "pmc", "jsonl"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        expected, good = write(root, bombs)
+        peaks: list[float] = []
+
+        def one(i: int) -> tuple[bool, int, str]:
+            out = folder / f"try{i}" / "corpus"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            argv = [sys.executable, "-c", _PEAK, *medfoundry("corpus", "build", str(_limits_config(root, out)))]
+            run = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1800)
+            code, peak = json.loads(run.stdout.splitlines()[-1])
+            peaks.append(peak)
+            if code != 0:
+                return False, good, f"corpus build exited with {code}: {' '.join(run.stderr[-600:].split())}"
+            kept = json.loads((out / "manifest.json").read_text())["counts"]["documents_train"]
+            skipped = _skipped_in_report(out)
+            unreported = [f for f, word in expected.items() if word not in skipped.get(f, "")]
+            note = f"peak {peak:.0f} MB, {kept} of {good} good documents, skipped: {sorted(skipped)}"
+            if unreported:
+                note += f"; not reported as skipped: {unreported}"
+            return peak < PEAK_MB and not unreported and kept == good, max(0, good - kept), note
+
+        row = attempt(ctx, Row("fuzz", description), tries, one)
+        if peaks:
+            row.detail = (row.detail + "; " if row.detail else "") + f"peak RSS {max(peaks):.0f} MB (limit {PEAK_MB})"
+        return row
+
+    return scenario
+
+
 FUZZ_SCENARIOS = {  # name: (function, tries with --quick, tries without): examples, or atheris executions
     "fuzz_pubmed_xml": (_hypothesis_scenario("fuzz_pubmed_xml", "hypothesis: PubMed XML", "pubmed_xml"), 500, 4000),
     "fuzz_jats": (_hypothesis_scenario("fuzz_jats", "hypothesis: JATS", "jats"), 600, 5000),
@@ -337,6 +466,18 @@ FUZZ_SCENARIOS = {  # name: (function, tries with --quick, tries without): examp
     "atheris_pubmed_xml": (_atheris_scenario("pubmed_xml"), 1_000_000, 100_000_000),
     "atheris_jats": (_atheris_scenario("jats"), 1_000_000, 100_000_000),
     "atheris_jsonl": (_atheris_scenario("jsonl"), 1_000_000, 100_000_000),
+    "node_bomb_pubmed": (
+        _limits_scenario("node_bomb_pubmed", "PubMed: 10^8-element node bombs", _bomb_inputs("pubmed")),
+        1,
+        2,
+    ),
+    "node_bomb_jats": (_limits_scenario("node_bomb_jats", "JATS: 10^8-element node bombs", _bomb_inputs("jats")), 1, 2),
+    "huge_line_jsonl": (_limits_scenario("huge_line_jsonl", "JSONL: a 2 GB line", _huge_line_inputs), 1, 2),
+    "wrong_root_xml": (
+        _limits_scenario("wrong_root_xml", "PubMed/JATS: an HTML page as the file", _wrong_root_inputs),
+        1,
+        3,
+    ),
 }
 
 

@@ -1,6 +1,6 @@
 """Server scenarios (group ``server``): ``medfoundry serve`` in a subprocess on a free loopback port, with an
-API key, serving a tiny random GPT-2 built here (a byte-level BPE trained on generated clinical sentences:
-no ``../shared/data`` needed). Each try starts a fresh server.
+API key (in a file) unless said otherwise, serving a tiny random GPT-2 built here (a byte-level BPE trained
+on generated clinical sentences: no ``../shared/data`` needed). Each try starts a fresh server.
 
 - *schemathesis*: schemathesis (in-process, its engine as its CLI runs it) generates requests from the
   server's own OpenAPI description, boundary cases first (coverage phase), then random ones (fuzzing),
@@ -22,6 +22,20 @@ no ``../shared/data`` needed). Each try starts a fresh server.
 - *disconnects*: clients that drop streams after a few events and plain requests whose connection closes
   while they wait, with long generations. Survived: within :data:`RELEASE_S` the server reports no
   running and no queued request (/metrics) and still answers.
+- *forward raises*: the server's model fails as it would when out of memory (:data:`FAULTY_FORWARD`): on
+  a long prompt's prefill or once a generation grows long, requests the scenario sends while streaming
+  clients run. Survived: each of those got the error event of a failed step, every other stream either
+  completed or got that error (none hung or broke off), no 5xx, and the server is idle and generates.
+- *disconnect before stream*: bursts of streamed requests, as many as the slots and waiting places,
+  whose clients close the connection at once. Survived: after each burst the server is idle within
+  :data:`IDLE_S` and serves the next client (no 429), and it generated almost none of the tokens asked.
+- *long prompt stall*: 1 MiB prompts (completions and chat) sent one after another while 8 clients
+  stream. Survived: each got its 400, every stream completed, and none paused longer than
+  :data:`STALL_LIMIT_S` between two events.
+- *no-key guard*: a server without a key gets POSTs that a web page could send (bodies as forms, plain
+  text or untyped: 415) and requests naming foreign Hosts (DNS rebinding: 421), between requests for
+  local and allowed names (200); ``medfoundry serve`` must refuse to start without a key on another
+  address than loopback, and with ``--api-key``. Survived: every answer as expected, no 5xx.
 
 ``server_errors`` are 5xx answers (the server's own count), failed checks, and failed or incomplete streams.
 """
@@ -35,11 +49,13 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medfoundry.serve.config import API_KEY_ENV
 from reliability_frame import ENV, REPO, Context, Row, attempt, kill_group, medfoundry, run_scenarios
 
 KEY = "reliability-key-2f1c"
@@ -50,6 +66,11 @@ MAX_BODY = 64 * 1024  # the server's --max-body-bytes
 FUZZ_LIMITS = {"context": 64, "max_tokens": 16}  # short generations: schemathesis sends hundreds of requests
 RSS_GROWTH_LIMIT = 0.10  # resident memory may grow by at most 10% after the warm-up (about 50 MB here)
 RELEASE_S = 5.0  # time for the slots of dropped requests to be freed
+IDLE_S = 1.0  # time for the slots of streams closed before they started to be freed
+STALL_LIMIT_S = 0.5  # the longest pause a stream may see while 1 MiB prompts arrive (tokenizing one takes ~1 s)
+MIB = 1 << 20
+OOM_LIMITS = "256,128"  # FAULTY_FORWARD's: prefills over 256 padded tokens, sequences over 128 tokens fail
+STEP_FAILED = "error event: generation failed"  # how a stream caught in a failed step ends
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -147,35 +168,69 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def key_file(path: Path, key: str) -> Path:
+    """``key`` in a file only its owner reads (the way to give ``medfoundry serve`` a key)."""
+    path.unlink(missing_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return path
+
+
+def serve_args(model: Path, port: int, *options: str) -> list[str]:
+    """``medfoundry serve``'s arguments for ``model`` on a loopback ``port``, on one CPU thread, in fp32."""
+    return ["serve", str(model), "--port", str(port), "--precision", "fp32", "--threads", "1", *options]
+
+
+SERVER_ENV = {name: value for name, value in ENV.items() if name != API_KEY_ENV}  # no key unless given
+# ``medfoundry serve`` whose forward fails as it would when out of memory: a prefill of more than P padded tokens,
+# or a decode step once a sequence holds more than D tokens (argv[1] is "P,D"). The requests of the load stay
+# far below both; the scenario sends the ones that go above.
+FAULTY_FORWARD = """
+import sys
+import torch
+from medfoundry.cli import main
+from medfoundry.generation.engine import Engine
+
+prefill_limit, decode_limit = map(int, sys.argv.pop(1).split(","))
+forward = Engine._forward
+
+def faulty(self, ids, mask, positions, keep):
+    prefill = ids.shape[1] > 1
+    if (ids.numel() > prefill_limit) if prefill else (mask.shape[1] > decode_limit):
+        raise torch.OutOfMemoryError("injected: out of memory in " + ("prefill" if prefill else "decode"))
+    return forward(self, ids, mask, positions, keep)
+
+Engine._forward = faulty
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 class Server:
-    """``medfoundry serve`` on a free loopback port (stdout and stderr to ``log``); stop it with :meth:`stop`."""
+    """``medfoundry serve`` on a free loopback port (stdout and stderr to ``log``); stop it with :meth:`stop`. The
+    key (None: no key) is passed in a file beside the log; ``options`` are more flags; ``faults`` (see
+    :data:`FAULTY_FORWARD`) runs the server with a forward that fails on large inputs."""
 
     def __init__(
         self,
         model: Path,
         log: Path,
         *,
-        key: str = KEY,
+        key: str | None = KEY,
         max_batch: int = 8,
         max_queue: int = 64,
         context: int = CONTEXT,
         max_tokens: int = MAX_TOKENS,
+        max_body: int = MAX_BODY,
         log_level: str = "info",
+        options: tuple[str, ...] = (),
+        faults: str | None = None,
     ):
         self.key, self.log, self.port = key, log, free_port()
-        argv = medfoundry(
-            "serve",
-            str(model),
-            "--port",
-            str(self.port),
-            "--api-key",
-            key,
+        args = serve_args(
+            model,
+            self.port,
             "--served-model-name",
             MODEL,
-            "--precision",
-            "fp32",
-            "--threads",
-            "1",
             "--max-batch",
             str(max_batch),
             "--max-queue",
@@ -185,13 +240,16 @@ class Server:
             "--max-tokens",
             str(max_tokens),
             "--max-body-bytes",
-            str(MAX_BODY),
+            str(max_body),
             "--log-level",
             log_level,
+            *(("--api-key-file", str(key_file(log.with_suffix(".key"), key))) if key is not None else ()),
+            *options,
         )
+        argv = [sys.executable, "-c", FAULTY_FORWARD, faults, *args] if faults else medfoundry(*args)
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                argv, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv, cwd=REPO, env=SERVER_ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         self._wait_ready()
 
@@ -283,6 +341,7 @@ class Stream:
     tokens: int = 0
     seconds: float = 0.0
     dropped: bool = False
+    gap: float = 0.0  # the longest pause between two events
 
 
 def stream(port: int, key: str, body: dict, *, drop_after: int | None = None, timeout: float = 120) -> Stream:
@@ -302,15 +361,17 @@ def stream(port: int, key: str, body: dict, *, drop_after: int | None = None, ti
         response = conn.getresponse()
         if response.status != 200 or not response.getheader("content-type", "").startswith("text/event-stream"):
             return Stream(f"HTTP {response.status}: {response.read()[:200]!r}")
-        usage, events = None, 0
+        usage, events, last, gap = None, 0, None, 0.0
         for line in response:
             if not line.strip():
                 continue
+            now = time.monotonic()
+            last, gap = now, max(gap, now - (last or now))
             if line.strip() == b"data: [DONE]":
-                return _finished(body, usage, time.monotonic() - started)
+                return _finished(body, usage, now - started, gap)
             payload = json.loads(line.removeprefix(b"data: "))
             if "error" in payload:
-                return Stream(f"error event: {payload['error']['message']}")
+                return Stream(f"error event: {payload['error']['message']}", gap=gap)
             usage = payload.get("usage") or usage
             events += 1
             if drop_after is not None and events >= drop_after:
@@ -322,12 +383,12 @@ def stream(port: int, key: str, body: dict, *, drop_after: int | None = None, ti
         conn.close()
 
 
-def _finished(body: dict, usage: dict | None, seconds: float) -> Stream:
+def _finished(body: dict, usage: dict | None, seconds: float, gap: float) -> Stream:
     if usage is None:
         return Stream("no usage chunk before [DONE]")
     if body.get("ignore_eos") and usage["completion_tokens"] != body["max_tokens"]:
         return Stream(f"{usage['completion_tokens']} tokens streamed, {body['max_tokens']} asked")
-    return Stream(tokens=usage["completion_tokens"], seconds=seconds)
+    return Stream(tokens=usage["completion_tokens"], seconds=seconds, gap=gap)
 
 
 def random_request(rng: random.Random, max_tokens: tuple[int, int]) -> dict:
@@ -356,6 +417,7 @@ class Load:
     dropped: int = 0
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # each complete stream's longest pause between events
     errors: list[str] = field(default_factory=list)
     rss: list[tuple[float, float]] = field(default_factory=list)
 
@@ -405,6 +467,7 @@ def run_load(
                 elif not outcome.dropped:
                     result.tokens += outcome.tokens
                     result.latencies.append(outcome.seconds)
+                    result.gaps.append(outcome.gap)
 
     def sample_rss() -> None:
         while not done.wait(0.5):
@@ -565,12 +628,12 @@ def hostile_probes(key: str = KEY) -> list[Probe]:
         ),
         Probe(
             "Content-Type text/plain",
-            400,
+            415,
             raw("POST", "/v1/completions", b'{"model":"tiny","prompt":"hi"}', headers={"Content-Type": "text/plain"}),
         ),
         Probe(
             "form-encoded body",
-            400,
+            415,
             raw(
                 "POST",
                 "/v1/completions",
@@ -669,7 +732,7 @@ def probe_problem(port: int, probe: Probe) -> str | None:
     status, body = send_raw(port, probe.raw)
     if status != probe.expected:
         return f"{probe.name}: got {status}, expected {probe.expected}: {body[:160]!r}"
-    if probe.app:
+    if probe.app and status >= 400:
         try:
             message = json.loads(body)["error"]["message"]
         except (ValueError, KeyError, TypeError):
@@ -767,7 +830,7 @@ def scenario_hostile(ctx: Context, tries: int) -> Row:
         row.server_errors += errors
         if errors:
             problems.append(f"{errors} answers were 5xx")
-        row.detail = f"{len(probes)} hostile requests per try (401, 413, 400, 404, 405, not HTTP), in random order"
+        row.detail = f"{len(probes)} hostile requests per try (401, 413, 415, 400, 404, 405, not HTTP), in random order"
         return not problems, 0, "; ".join(problems[:5]) or f"{len(probes)} refused as expected"
 
     return attempt(ctx, row, tries, one)
@@ -833,11 +896,239 @@ def scenario_disconnects(ctx: Context, tries: int) -> Row:
     return attempt(ctx, row, tries, one)
 
 
+def load_while(server: Server, clients: int, seconds: float, seed: int, action) -> tuple[Load, list]:
+    """:func:`run_load` in a thread while ``action(rng)`` runs in this one, again and again until the load ends:
+    (the load, what each action returned)."""
+    loads, rng = [], random.Random(seed)
+    loader = threading.Thread(target=lambda: loads.append(run_load(server, clients, seconds, seed=seed)), daemon=True)
+    loader.start()
+    results = []
+    while loader.is_alive():
+        results.append(action(rng))
+    loader.join()
+    return loads[0], results
+
+
+def oom_request(server: Server, rng: random.Random) -> tuple[str, str | None]:
+    """A streamed request that makes :data:`FAULTY_FORWARD`'s model fail: a long prompt (in its prefill) or a long
+    generation (in a decode step). Returns (which, None when it ended with the error event of a failed step, else
+    what it got)."""
+    if rng.random() < 0.5:
+        kind, body = "prefill", {"model": MODEL, "prompt": " ".join(["sepsis"] * 400), "max_tokens": 4}
+    else:
+        kind, body = "decode", {"model": MODEL, "prompt": rng.choice(PROMPTS), "max_tokens": 300, "ignore_eos": True}
+    outcome = stream(server.port, server.key, body, timeout=60)
+    time.sleep(rng.uniform(0.2, 0.6))  # the load runs undisturbed in between
+    return kind, None if (outcome.error or "").startswith(STEP_FAILED) else outcome.error or "it completed"
+
+
+def scenario_forward_raises(ctx: Context, tries: int) -> Row:
+    row = Row("server", "server_forward_raises")
+    clients, seconds = 8, (12 if ctx.quick else 40)
+
+    def one(i: int) -> tuple[bool, int, str]:
+        with _server(ctx, f"forward-raises-{i}", max_batch=8, faults=OOM_LIMITS) as server:
+            load, outcomes = load_while(server, clients, seconds, ctx.seed + i, lambda rng: oom_request(server, rng))
+            errors = server.server_errors()
+            problems = _healthy(server)
+        unexpected = [e for e in load.errors if not e.startswith(STEP_FAILED)]
+        missed = [problem for _, problem in outcomes if problem is not None]
+        casualties = len(load.errors) - len(unexpected)
+        row.injected += len(outcomes)
+        row.server_errors += errors + len(unexpected) + len(missed)
+        if unexpected:
+            problems.append(f"{len(unexpected)} streams ended otherwise than with an error, e.g. {unexpected[0]}")
+        if missed:
+            problems.append(f"{len(missed)} requests that made the model fail did not get its error: {missed[0]}")
+        if errors:
+            problems.append(f"{errors} answers were 5xx")
+        if load.requests - len(load.errors) < load.requests / 4:
+            problems.append(f"only {load.requests - len(load.errors)} of {load.requests} streams completed")
+        kinds = [kind for kind, _ in outcomes]
+        note = (
+            f"{kinds.count('prefill')} prefills and {kinds.count('decode')} decode steps failed; {clients} clients "
+            f"streamed {load.requests} requests, {casualties} ended by a failed step with its error event, the "
+            "others complete"
+        )
+        row.detail = f"{clients} clients for {seconds} s with a model that fails on large inputs: {note} (last try)"
+        return not problems, 0, "; ".join(problems[:5]) or note
+
+    return attempt(ctx, row, tries, one)
+
+
+def close_at_once(port: int, key: str, body: dict) -> None:
+    """Send a streamed request and close the connection at once."""
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(raw_request("POST", path, json.dumps({**body, "stream": True}).encode(), key=key))
+
+
+def scenario_disconnect_before_stream(ctx: Context, tries: int) -> Row:
+    row = Row("server", "server_disconnect_before_stream")
+    slots, queue, bursts = 4, 8, (3 if ctx.quick else 10)
+
+    def one(i: int) -> tuple[bool, int, str]:
+        rng = random.Random(ctx.seed + i)
+        problems, longest = [], 0.0
+        with _server(ctx, f"disconnect-before-stream-{i}", max_batch=slots, max_queue=queue) as server:
+            server.generates()  # warm: the first requests of a fresh server are slower to get through
+            before = server.metrics()["medfoundry_generation_tokens_total"]
+            for burst in range(bursts):
+                bodies = [random_request(rng, (MAX_TOKENS - 24,) * 2) for _ in range(slots + queue)]
+                threads = [threading.Thread(target=close_at_once, args=(server.port, server.key, b)) for b in bodies]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                time.sleep(0.2)  # the server has read them all
+                waited = time.monotonic()
+                if not server.wait_idle(IDLE_S):
+                    problems.append(f"burst {burst + 1}: requests still running or queued {IDLE_S:.0f} s after")
+                longest = max(longest, time.monotonic() - waited)
+                if not server.generates():  # a 429 while the slots of the clients that left are busy
+                    problems.append(f"burst {burst + 1}: the next client was not served")
+            generated = int(server.metrics()["medfoundry_generation_tokens_total"] - before)
+            errors = server.server_errors()
+            problems += _healthy(server)
+        asked = bursts * (slots + queue) * (MAX_TOKENS - 24)
+        row.injected += bursts * (slots + queue)
+        row.server_errors += errors
+        if errors:
+            problems.append(f"{errors} answers were 5xx")
+        note = (
+            f"{bursts} bursts of {slots + queue} streams closed at once: {generated} of {asked} tokens generated, "
+            f"idle {longest + 0.2:.1f} s after a burst at most"
+        )
+        row.detail = f"{slots} slots, {queue} waiting places; {note} (last try)"
+        return not problems, 0, "; ".join(problems[:5]) or note
+
+    return attempt(ctx, row, tries, one)
+
+
+def huge_request(server: Server, rng: random.Random) -> tuple[int, float]:
+    """A completion or chat request with a 1 MiB prompt: (status, seconds to the answer)."""
+    text = ("The patient presented with sepsis after 3 days. " * (MIB // 48))[: MIB - 200]
+    body = (
+        {"model": MODEL, "messages": [{"role": "user", "content": text}]}
+        if rng.random() < 0.5
+        else {"model": MODEL, "prompt": text}
+    )
+    started = time.monotonic()
+    status, _ = server.request("POST", "/v1/chat/completions" if "messages" in body else "/v1/completions", body)
+    return status, time.monotonic() - started
+
+
+def scenario_long_prompt_stall(ctx: Context, tries: int) -> Row:
+    row = Row("server", "server_long_prompt_stall")
+    clients, seconds = 8, (10 if ctx.quick else 30)
+
+    def one(i: int) -> tuple[bool, int, str]:
+        with _server(ctx, f"long-prompt-{i}", max_batch=8, max_body=2 * MIB) as server:
+            load, answers = load_while(server, clients, seconds, ctx.seed + i, lambda rng: huge_request(server, rng))
+            errors = server.server_errors()
+            problems = _healthy(server)
+        stall = max(load.gaps, default=0.0)
+        wrong = [status for status, _ in answers if status != 400]
+        row.injected += len(answers)
+        row.server_errors += errors + len(load.errors)
+        if load.errors:
+            problems.append(f"{len(load.errors)} failed streams, e.g. {load.errors[0]}")
+        if wrong:
+            problems.append(f"1 MiB prompts answered {sorted(set(wrong))}, not 400")
+        if stall > STALL_LIMIT_S:
+            problems.append(f"a stream paused {stall:.2f} s (limit {STALL_LIMIT_S} s)")
+        if errors:
+            problems.append(f"{errors} answers were 5xx")
+        slowest = max((s for _, s in answers), default=0.0)
+        note = (
+            f"{len(answers)} prompts of 1 MiB refused (slowest answer {slowest:.2f} s) while {clients} clients "
+            f"streamed {load.requests} requests; longest pause in a stream {stall:.2f} s"
+        )
+        row.detail = note + " (last try)"
+        return not problems, 0, "; ".join(problems[:5]) or note
+
+    return attempt(ctx, row, tries, one)
+
+
+def guard_probes(allowed: str) -> list[Probe]:
+    """What a server without a key must refuse from web pages (415, 421) and still answer (200); ``allowed`` is
+    its --allowed-host."""
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
+
+    def post(headers: dict | None = None) -> bytes:
+        return raw_request("POST", "/v1/completions", body, headers)
+
+    foreign = ["evil.example", "evil.example:8000", "127.0.0.1.nip.io", "localhost.evil.example", "[::2]"]
+    local = ["localhost", "localhost:8000", "127.0.0.1", "[::1]:8000", allowed, allowed.upper() + ":443"]
+    return [
+        *[
+            Probe(f"POST as {kind}", 415, post({"Content-Type": kind}))
+            for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x")
+        ],
+        Probe("POST without a Content-Type", 415, post().replace(b"Content-Type: application/json\r\n", b"")),
+        *[Probe(f"POST for Host {host}", 421, post({"Host": host})) for host in foreign],
+        *[
+            Probe(f"GET for Host {host}", 421, raw_request("GET", "/v1/models", headers={"Host": host}))
+            for host in foreign
+        ],
+        *[Probe(f"POST for Host {host}", 200, post({"Host": host})) for host in local],
+    ]
+
+
+def refused_start(ctx: Context, *args: str) -> str | None:
+    """Why ``medfoundry serve`` with ``args`` did not refuse to start as it must (None: it refused)."""
+    run = subprocess.run(
+        medfoundry(*serve_args(_model(ctx), free_port(), *args)),
+        cwd=REPO,
+        env=SERVER_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if run.returncode == 0:
+        return f"{' '.join(args)}: it started"
+    expected = "unrecognized arguments: --api-key" if "--api-key" in args else "--insecure-no-key"
+    return None if expected in run.stderr else f"{' '.join(args)}: {run.stderr.strip()[-200:]}"
+
+
+def scenario_no_key_guard(ctx: Context, tries: int) -> Row:
+    row = Row("server", "server_no_key_guard")
+    allowed = "medfoundry.lab.internal"
+
+    def one(i: int) -> tuple[bool, int, str]:
+        probes = guard_probes(allowed)
+        random.Random(ctx.seed + i).shuffle(probes)
+        with _server(
+            ctx, f"no-key-{i}", key=None, max_batch=2, max_queue=4, options=("--allowed-host", allowed)
+        ) as server:
+            problems = [p for p in (probe_problem(server.port, probe) for probe in probes) if p]
+            errors = server.server_errors()
+            problems += _healthy(server)
+        starts = [("--host", "0.0.0.0"), ("--host", "192.0.2.10"), ("--api-key", KEY)]
+        problems += [p for p in (refused_start(ctx, *args) for args in starts) if p]
+        row.injected += len(probes) + len(starts)
+        row.server_errors += errors
+        if errors:
+            problems.append(f"{errors} answers were 5xx")
+        note = (
+            f"{len(probes)} requests (non-JSON bodies 415, foreign Hosts 421, local and allowed ones 200); "
+            f"no key beyond loopback and --api-key refused at start"
+        )
+        row.detail = note
+        return not problems, 0, "; ".join(problems[:5]) or note
+
+    return attempt(ctx, row, tries, one)
+
+
 SERVER_SCENARIOS = {  # name -> (scenario, tries with --quick, tries without)
     "server_schemathesis": (scenario_schemathesis, 1, 3),
     "server_load": (scenario_load, 1, 1),
     "server_hostile": (scenario_hostile, 1, 3),
     "server_disconnects": (scenario_disconnects, 1, 3),
+    "server_forward_raises": (scenario_forward_raises, 1, 3),
+    "server_disconnect_before_stream": (scenario_disconnect_before_stream, 1, 3),
+    "server_long_prompt_stall": (scenario_long_prompt_stall, 1, 3),
+    "server_no_key_guard": (scenario_no_key_guard, 1, 3),
 }
 
 

@@ -344,6 +344,28 @@ def test_user_task_folder_with_cloze_choices(tmp_path, registry):
     assert p.continuations == [[" COX", " ACE"], [" HMG-CoA reductase", " COX"]] and p.targets == [0, 0]
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ stem.__class__.__mro__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ cycler.__init__.__globals__.os.system('true') }}",
+    ],
+)
+def test_templates_cannot_reach_python_objects(tmp_path, template):
+    """A task file may come from anyone: its templates render in Jinja's sandbox, so reaching Python's objects (the
+    way to run code from a template) is refused with an error naming the task file, not executed."""
+    folder = write_user_task(tmp_path / "evil", prompts={"lm_eval": {"text": template}})
+    cfg = config(tasks=["drug_targets"], task_dirs=[str(folder)])
+    reg = registry_for(cfg)
+    with pytest.raises(
+        ConfigError,
+        match=rf"{folder}/drug_targets.yaml: prompts.lm_eval.text: refused by the template sandbox: access to "
+        r"attribute '__\w+__' of '\w+' object is unsafe",
+    ):
+        prepare(reg.get("drug_targets"), cfg, reg)
+
+
 def test_clear_errors(tmp_path, registry):
     with pytest.raises(ConfigError, match="unknown task 'pubmedq'; did you mean 'pubmedqa'?"):
         registry.get("pubmedq")

@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch import nn
 
+from ci_skips import skip_machine
 from conftest import REPO
 from medfoundry.errors import InputError
 from medfoundry.train.checkpoint import (
@@ -232,12 +233,12 @@ def small_tmpfs(tmp_path):
     mount = tmp_path / "tmpfs"
     mount.mkdir()
     if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
+        skip_machine("mounting a tmpfs needs root and mount(8)")
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        skip_machine(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
         yield mount
     finally:

@@ -156,10 +156,10 @@ def test_text_the_layout_could_spend_quadratic_time_on_reads_in_linear_time(kind
 
 
 def test_a_gzip_bomb_is_refused_without_reading_it_all(tmp_path, monkeypatch):
-    monkeypatch.setattr("medfoundry.corpus.readers.jats.MAX_FILE_BYTES", 1 << 20)
+    monkeypatch.setattr("medfoundry.limits.MAX_ENTRY_BYTES", 1 << 20)
     path = tmp_path / "bomb.nxml.gz"
     path.write_bytes(gzip.compress(jats(body="A" * (8 << 20))))
-    with pytest.raises(InputError, match=r"bomb\.nxml\.gz: more than 1 MiB of XML"):
+    with pytest.raises(InputError, match=r"bomb\.nxml\.gz:3: <article> entry with more than 1 MiB of XML"):
         _read(read_jats, path, strict=True)
 
 

@@ -486,7 +486,7 @@ def test_empty_file(tmp_path, content):
 @pytest.mark.parametrize(
     "xml, line",
     [
-        ("<pmc-articleset><note>no article here</note></pmc-articleset>", None),
+        ("<pmc-articleset>\n</pmc-articleset>", None),
         (ARTICLE.format(body="", abstract="", ids="", extra=""), 5),  # the <article> line
     ],
     ids=["no-article-root", "no-body-no-abstract"],

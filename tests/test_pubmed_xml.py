@@ -275,14 +275,13 @@ def test_streams_large_file_with_flat_tree(tmp_path, monkeypatch):
     n = 20_000
     path = write(tmp_path / "big.xml.gz", article_set(*(article(str(i)) for i in range(n))))
     siblings_left = []
-    release = pubmed_xml._release
+    entry = pubmed_xml._entry
 
-    def spy(elem):
-        parent = elem.getparent()
-        release(elem)
-        siblings_left.append(len(parent))
+    def spy(elem, ctx):
+        siblings_left.append(len(elem.getparent()))
+        return entry(elem, ctx)
 
-    monkeypatch.setattr(pubmed_xml, "_release", spy)
+    monkeypatch.setattr(pubmed_xml, "_entry", spy)
     records, _, _ = read(path)
     assert len(records) == n and records[-1].native_id == str(n - 1) and records[-1].line == n + 2
     # entries the parser has read ahead of the current one (one input chunk's worth), not all 20,000

@@ -158,6 +158,16 @@ def test_a_changed_stage_reruns_with_what_follows_and_keeps_the_old_output(first
     _run(tree, root)  # back to the recipe the other tests expect
 
 
+def test_logging_and_checkpoint_retention_rerun_nothing(first_run):
+    """Settings that change no output are not part of a stage's key: a real run stays cached."""
+    tree, _, root = first_run
+    changed = json.loads(json.dumps(tree))
+    changed["stages"]["pretrain"]["log"] = {"every": 1}
+    changed["stages"]["pretrain"]["checkpoint"]["keep_last"] = 5
+    changed["stages"]["tokens"]["workers"] = 2
+    assert _ran(_run(changed, root)) == []
+
+
 def test_from_and_until(first_run):
     tree, _, root = first_run
     assert _ran(_run(tree, root, start="eval")) == ["eval", "generate"]

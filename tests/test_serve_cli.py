@@ -1,6 +1,6 @@
 """``generate``, ``chat`` and ``serve`` on the main command line (``generate`` through the stage registry):
-prompts from arguments and files, JSONL out, a chat session on piped standard input, and a served model
-answering."""
+prompts from arguments and files, JSONL out, a chat session on piped standard input, a served model
+answering, and where ``serve`` takes its key from (never the command line) and when it refuses to start."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,6 +22,7 @@ from medfoundry.errors import ConfigError, InputError
 from medfoundry.generation.config import SamplingConfig
 from medfoundry.generation.engine import Engine
 from medfoundry.manifest import Manifest
+from medfoundry.serve.config import ServeConfig
 from test_serve_engine import gpt2_dir  # noqa: F401  (session fixture: the tiny GPT-2 checkpoint)
 
 COMMON = ["--precision", "fp32", "--threads", "1"]
@@ -194,3 +196,53 @@ def test_serve_command_answers_on_loopback(gpt2_dir):
         proc.terminate()
         stderr = proc.communicate(timeout=20)[1]
     assert "API key required" in stderr and "127.0.0.1" in stderr
+
+
+def served(monkeypatch, argv: list[str]) -> dict:
+    """What ``medfoundry serve ARGV`` would serve: the worker, the app's config, host and port (a stand-in for the
+    model's engine, and for the server itself, which would run until interrupted)."""
+    engine = SimpleNamespace(name="tiny", precision="fp32", max_batch=2, max_seq_len=64, waiting=[], running=[])
+    monkeypatch.setattr(ServeConfig, "load_engine", lambda self: engine)
+    captured = {}
+    monkeypatch.setattr(
+        "medfoundry.serve.app.serve",
+        lambda worker, config, **kwargs: captured.update(worker=worker, config=config, **kwargs),
+    )
+    assert run(["serve", "model-dir", *argv]) == 0
+    return captured
+
+
+def test_serve_reads_its_key_from_a_file_or_the_environment_never_the_command_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEDFOUNDRY_API_KEY", "key-from-env")
+    assert served(monkeypatch, [])["config"].api_key == "key-from-env"
+    key_file = tmp_path / "api-key"
+    key_file.write_text("key-from-file\n")
+    assert served(monkeypatch, ["--api-key-file", str(key_file)])["config"].api_key == "key-from-file"
+    err = capsys.readouterr().err
+    assert err.count("(API key required)") == 2 and "key-from" not in err
+    for bad in ("", "two words\n", "one\nper line\n"):
+        key_file.write_text(bad)
+        with pytest.raises(ConfigError, match="alone, on one line"):
+            served(monkeypatch, ["--api-key-file", str(key_file)])
+    with pytest.raises(ConfigError, match="cannot read"):
+        served(monkeypatch, ["--api-key-file", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit):  # no such flag (nor an abbreviation of --api-key-file): the key would show in ps
+        build_parser().parse_args(["serve", "model-dir", "--api-key", "secret"])
+    assert "unrecognized arguments: --api-key" in capsys.readouterr().err
+
+
+def test_serve_without_a_key_stays_on_loopback_unless_told(monkeypatch, capsys):
+    monkeypatch.delenv("MEDFOUNDRY_API_KEY", raising=False)
+    for host in ("0.0.0.0", "::", "192.168.1.20", "gpu-node-3"):
+        with pytest.raises(ConfigError, match="without an API key.*--insecure-no-key"):
+            served(monkeypatch, ["--host", host])
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert served(monkeypatch, ["--host", host])["config"].api_key is None
+    assert "warning" not in capsys.readouterr().err
+    open_one = served(
+        monkeypatch,
+        ["--host", "0.0.0.0", "--insecure-no-key", "--allowed-host", "lab.example.org", "--request-timeout", "30"],
+    )
+    assert open_one["host"] == "0.0.0.0" and set(open_one["config"].allowed_hosts) == {"lab.example.org", "0.0.0.0"}
+    assert open_one["worker"].request_timeout == 30
+    assert "warning: serving on 0.0.0.0 without an API key" in capsys.readouterr().err

@@ -345,3 +345,21 @@ def test_sliding_window_caps_the_sequence_length(gpt2_dir):
         assert done.token_ids == hf_greedy(model, [prompt], 8)[0]
     with pytest.raises(ConfigError, match="sliding window"):
         Engine(model, engine.tokenizer, max_seq_len=64)
+
+
+def test_abort_all_ends_the_requests_of_a_failed_prefill(engine, monkeypatch):
+    """A prefill that raises (out of memory) has taken its requests out of the waiting queue: they must still be
+    the engine's, for ``abort_all`` to end them, or they would never finish."""
+    running = engine.add_request(PROMPTS[0], SamplingConfig(max_tokens=20, ignore_eos=True))
+    engine.step()
+    joining = [engine.add_request(p, SamplingConfig(max_tokens=3)) for p in PROMPTS[1:3]]
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(engine, "_forward", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.step()
+    ended = engine.abort_all("error")
+    assert {o.request_id for o in ended} == {r.id for r in [running, *joining]}
+    assert all(o.finish_reason == "error" for o in ended) and not engine.has_work

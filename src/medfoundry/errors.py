@@ -27,3 +27,8 @@ class InputError(MedfoundryError):
 
 class Pending(MedfoundryError):
     """Work was handed to a scheduler and is not finished yet; running the same command again continues."""
+
+
+class FolderBusy(MedfoundryError):
+    """Another live process holds the lock of a folder this one would write (a second run on the same run or
+    output folder): the message names it (pid, host, command line, since when)."""

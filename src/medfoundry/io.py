@@ -1,26 +1,35 @@
-"""Atomic file writes and gzip-aware reads.
+"""Atomic file and folder writes, folder locks, and gzip-aware reads.
 
 Every artifact is written under a temporary name in its final directory, flushed, fsynced and
-renamed, so an interrupted run never leaves a half-written file under a name that looks done.
+renamed, so an interrupted run never leaves a half-written file under a name that looks done. A run
+holds its folder's lock (:func:`folder_lock`) and a writer claims its temporary folder (:func:`claimed_dir`),
+so that a second process neither writes the same folder nor removes a folder still being written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gzip
 import io
 import json
 import os
 import re
+import secrets
+import shlex
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from medfoundry.errors import InputError
+from medfoundry import limits
+from medfoundry.errors import FolderBusy, InputError
 
 
 def _read_umask() -> int:
@@ -128,13 +137,53 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
                 yield json.loads(line)
 
 
+def read_lines(fh: IO[bytes]) -> Iterator[bytes | None]:
+    """Each line of a binary file (with its newline), or None for a line of more than
+    :data:`~medfoundry.limits.MAX_LINE_BYTES` (the newline not counted), as soon as it is over: the rest of it
+    is read through when the next line is asked for, and never held, so a 2 GB line costs no more memory than
+    the limit. Lines are cut from blocks read here (``readline`` took seconds to get through a gigabyte), each
+    from one read of the file or gzip stream (``read1``), so that a truncated gzip stream loses no line before
+    the fault."""
+    limit = limits.MAX_LINE_BYTES
+    parts: list[bytes] = []  # the start of a line that runs past the block
+    size, over = 0, False  # the length of that start; whether it is over the limit (then reported, not kept)
+    while block := fh.read1(1 << 20):  # type: ignore[attr-defined]
+        start = 0
+        while end := block.find(b"\n", start) + 1:
+            piece, start = block[start:end], end
+            if not over:
+                yield None if size + len(piece) - 1 > limit else b"".join([*parts, piece])
+            parts, size, over = [], 0, False
+        size += len(block) - start
+        if over or start == len(block):
+            continue
+        if size > limit:
+            parts, over = [], True
+            yield None
+        else:
+            parts.append(block[start:])
+    if size and not over:
+        yield b"".join(parts)
+
+
+def line_too_long() -> str:
+    """The reason given for a line :func:`read_lines` did not read."""
+    return (
+        f"a line of more than {limits.mib(limits.MAX_LINE_BYTES)} (medfoundry.limits.MAX_LINE_BYTES): "
+        "refused without reading it whole"
+    )
+
+
 def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 text file, gzipped or not, from a user: an undecodable line or a
-    truncated / corrupt gzip stream is an :class:`InputError` naming the file and line."""
+    """(line number, text) of a UTF-8 text file, gzipped or not, from a user: an undecodable line, a line over
+    :data:`~medfoundry.limits.MAX_LINE_BYTES` or a truncated / corrupt gzip stream is an :class:`InputError`
+    naming the file and line."""
     line_no = 0
     with open_binary(path) as fh:
         try:
-            for line_no, raw in enumerate(fh, 1):
+            for line_no, raw in enumerate(read_lines(fh), 1):
+                if raw is None:
+                    raise InputError(str(path), line_too_long(), line_no)
                 try:
                     yield line_no, raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
@@ -208,39 +257,151 @@ def lone_surrogate(value: Any) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if missing) for the block: processes that would write the
-    same artifact at the same time (torchrun ranks converting one GGUF file) take turns. The operating system
-    releases it when the process dies, so a killed holder never blocks the next run."""
-    import fcntl
+# ---------------------------------------------------------------------------------------------- locks
 
+
+def _lock(path: Path, wait: bool = False) -> IO[str] | None:
+    """``path`` (created if missing) open and exclusively locked (``flock``): the handle to keep open while the
+    lock is held, or None when another process holds it (unless ``wait``). The lock belongs to the open file,
+    so the operating system releases it when its holder dies: a killed run never blocks the next. A lock file
+    that its last holder removed meanwhile (a claim's) is not the one at ``path`` any more: locked again."""
+    while True:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open by the caller: it is the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        handle.close()
+
+
+def lock_file(folder: str | os.PathLike) -> Path:
+    """The lock file of a folder, hidden beside it: it needs no folder yet and stays when the folder is
+    replaced whole."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}.lock")
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike, what: str, *, wait: bool = False) -> Iterator[None]:
+    """Hold the lock of the folder ``path`` for the block: two processes writing one folder (two runs on the
+    same run or output folder) would delete and overwrite each other's files. A process that finds it held
+    gets :class:`FolderBusy` at once, naming the holder (``what`` it does, its pid, host, command line and
+    start time, which the holder writes into the lock file). With ``wait`` it waits for its turn instead:
+    processes of one job that share a folder (torchrun ranks converting one GGUF file into the cache)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    lock = lock_file(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = _lock(lock, wait)
+    if handle is None:
+        raise FolderBusy(_busy(path, lock))
+    with handle:
+        handle.truncate(0)
+        handle.write(json.dumps(_holder(what)) + "\n")
+        handle.flush()
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.truncate(0)  # no stale holder named to a process that finds the lock taken by the next one
+
+
+def _holder(what: str) -> dict:
+    return {
+        "what": what,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": shlex.join(sys.orig_argv).replace("\n", "\\n"),  # one line, for a one-line error
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _busy(path: Path, lock: Path) -> str:
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+        who = f"{holder['what']}: pid {holder['pid']} on {holder['host']} since {holder['since']}: {holder['command']}"
+    except (OSError, ValueError, KeyError, TypeError):  # taken this instant, not written yet
+        who = "which has not recorded itself yet"
+    return (
+        f"{path} is in use by another process ({who}); two runs on one folder would overwrite each other's "
+        f"files: wait for it to end or stop it (its lock, {lock}, is released when it exits)"
+    )
+
+
+@contextlib.contextmanager
+def claim(folder: str | os.PathLike) -> Iterator[bool]:
+    """Whether the temporary folder ``folder`` is this process's to write or remove (no live process claims
+    it: its writer, if any, died), holding the claim for the block when it is: the lock of ``FOLDER.claim``
+    beside it, removed at the end, when the folder is gone (renamed into place or removed)."""
+    path = Path(folder).with_name(f"{Path(folder).name}.claim")
+    handle = _lock(path)
+    if handle is None:
+        yield False
+        return
+    with handle:
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def claimed_dir(folder: str | os.PathLike) -> Iterator[Path]:
+    """Make the temporary folder ``folder`` afresh (removing an abandoned one of that name) and claim it while
+    the block writes it, so that cleaners in other processes (:func:`remove_abandoned`) leave it alone. The
+    block renames it into place or removes it."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with claim(folder) as mine:
+        if not mine:
+            raise FolderBusy(f"{folder}: another process is writing this folder")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        yield folder
+
+
+def remove_abandoned(folder: str | os.PathLike) -> None:
+    """Remove the temporary folder ``folder``, left by a killed writer, unless a live process claims it."""
+    with claim(folder) as abandoned:
+        if abandoned:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root``, and ``root``. A rename publishes a folder's new name at
+    once, but the contents of its files reach the disk later: without this, a power cut could leave the
+    folder under its final name with empty files."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(Path(folder))
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole. Temporary
-    directories that earlier, killed attempts at ``path`` left behind are removed first."""
+    """Yield a temporary folder beside ``path``; on success everything in it is fsynced and it replaces
+    ``path`` whole, so that even after a power cut ``path`` is the old folder or the complete new one.
+    Temporary folders of earlier attempts at ``path`` are removed first, unless their writer is alive: each
+    is claimed (:func:`claimed_dir`) while written."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    stale = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp")  # the names mkdtemp gives below
-    for leftover in final.parent.iterdir():
-        if stale.fullmatch(leftover.name) and leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        yield tmp
-        replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    temporary = re.compile(rf"(\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp)(\.claim)?")  # and their claims
+    for name in {m.group(1) for p in final.parent.iterdir() if (m := temporary.fullmatch(p.name))}:
+        remove_abandoned(final.parent / name)
+    tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+    with claimed_dir(tmp):
+        try:
+            yield tmp
+            sync_tree(tmp)
+            replace_dir(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -9,6 +9,11 @@ returns the :class:`~medfoundry.manifest.Manifest` it wrote in its output direct
 ``distributed:`` section start on several processes (:mod:`medfoundry.train.launch`), each running the
 stage's own command.
 Heavy modules are imported inside the run functions: looking a stage up costs nothing.
+
+The registry also says what decides a stage's output, for the key ``medfoundry run`` compares to skip it
+(:meth:`Stage.key_config`, :meth:`Stage.versions`): its config minus :data:`RUNTIME_ONLY` (settings of how
+it runs, never of what it writes), with the defaults it resolves at run time filled in (:data:`RESOLVED`),
+and the versions of the packages that compute its output (``libraries``).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -44,11 +50,73 @@ class Stage:
     help: str
     example: str  # a config to start from, named in the command's help
     multi_process: bool = False  # runs on several processes or nodes (torchrun, Slurm): medfoundry.train.launch
+    libraries: tuple[str, ...] = ()  # the packages whose version can change what the stage writes
 
     @property
     def config(self) -> type[BaseModel]:
         module, _, name = self.config_class.rpartition(".")
         return getattr(importlib.import_module(module), name)
+
+    def key_config(self, cfg: BaseModel) -> dict[str, Any]:
+        """The config as far as it decides the output: without the :data:`RUNTIME_ONLY` fields, with the
+        :data:`RESOLVED` defaults as this run resolves them."""
+        tree = cfg.model_dump(mode="json")
+        for dotted in RUNTIME_ONLY.get(self.name, ()):
+            node, name = _parent(tree, dotted)
+            del node[name]
+        for dotted, resolve in RESOLVED.get(self.name, {}).items():
+            node, name = _parent(tree, dotted)
+            node[name] = resolve(cfg)
+        return tree
+
+    def versions(self) -> dict[str, str | None]:
+        """The installed version of each of the stage's ``libraries`` (None: not installed)."""
+        found: dict[str, str | None] = {}
+        for package in self.libraries:
+            try:
+                found[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                found[package] = None
+        return found
+
+
+def _parent(tree: dict[str, Any], dotted: str) -> tuple[dict[str, Any], str]:
+    """The mapping of ``tree`` that holds the field ``dotted`` (``log.every``), and the field's name in it."""
+    *parents, name = dotted.split(".")
+    for part in parents:
+        tree = tree[part]
+    return tree, name
+
+
+# Per stage, the config fields (dotted) that change how it runs but never what it writes: the same data,
+# tokenizer, shards, weights, scores and samples come out whatever they are. They are left out of the stage's
+# key, so changing them reruns nothing (a stage killed midway resumes under the new value). Where the
+# intermediate files go (work_dir, prepared_dir) is here too: a folder outside the run directory is not an
+# input, although a config string naming an existing path outside it otherwise counts as one.
+_TRAINING_RUNTIME = (
+    "log.every",  # which steps metrics.jsonl records
+    "log.tensorboard",  # also write the metrics as TensorBoard scalars
+    "checkpoint.keep_last",  # how many checkpoints are kept: the final model is the same
+    "checkpoint.async_save",  # the same checkpoint, written in the background
+)
+RUNTIME_ONLY: dict[str, tuple[str, ...]] = {
+    "corpus": ("workers", "work_dir", "executor"),  # corpus build's own key leaves the same out
+    "tokens": ("workers", "executor"),
+    "pretrain": (*_TRAINING_RUNTIME, "data.verify_shards"),
+    "finetune": (*_TRAINING_RUNTIME, "data.prepared_dir"),
+    "eval": ("batch_size", "threads"),  # batch_size: "never changes the results" (EvalConfig)
+    "generate": ("threads",),
+}
+
+
+def _benchmarks_dir(cfg: EvalConfig) -> str:
+    return str(cfg.benchmarks_path().resolve())
+
+
+# Per stage, the config fields (dotted) whose default the stage resolves when it runs, each as resolved here:
+# an eval that names no benchmarks folder reads the one beside the package, so another checkout (or changed
+# files in it, which the runner fingerprints like any input it names) is another input.
+RESOLVED: dict[str, dict[str, Callable[[Any], Any]]] = {"eval": {"benchmarks_dir": _benchmarks_dir}}
 
 
 def input_fingerprints(*specs: str | None) -> dict[str, str]:
@@ -279,6 +347,7 @@ STAGES: dict[str, Stage] = {
             command=("corpus", "build"),
             help="build a corpus from a YAML config",
             example="recipes/quickstart_corpus.yaml",
+            libraries=("lxml", "py3langid"),
         ),
         Stage(
             name="tokenizer",
@@ -288,6 +357,7 @@ STAGES: dict[str, Stage] = {
             command=("tokenizer", "train"),
             help="train a byte-level BPE on a corpus's train split",
             example="recipes/quickstart_tokenizer.yaml",
+            libraries=("tokenizers",),
         ),
         Stage(
             name="tokenizer_extend",
@@ -297,6 +367,7 @@ STAGES: dict[str, Stage] = {
             command=("tokenizer", "extend"),
             help="add domain tokens to an existing tokenizer, keeping its ids",
             example="recipes/quickstart_tokenizer_extend.yaml",
+            libraries=("tokenizers",),
         ),
         Stage(
             name="tokens",
@@ -306,6 +377,7 @@ STAGES: dict[str, Stage] = {
             command=("tokenize",),
             help="pack a corpus into memory-mappable token shards",
             example="recipes/quickstart_tokens.yaml",
+            libraries=("tokenizers",),
         ),
         Stage(
             name="pretrain",
@@ -316,6 +388,7 @@ STAGES: dict[str, Stage] = {
             help="pretrain or continue pretraining a GPT-2, LLaMA or BLOOM model (--nproc-per-node N: N processes)",
             example="recipes/quickstart_pretrain.yaml",
             multi_process=True,
+            libraries=("torch", "transformers"),
         ),
         Stage(
             name="finetune",
@@ -327,6 +400,7 @@ STAGES: dict[str, Stage] = {
             "(--nproc-per-node N: N processes)",
             example="recipes/pubmedqa_finetune.yaml",
             multi_process=True,
+            libraries=("torch", "transformers", "tokenizers"),
         ),
         Stage(
             name="eval",
@@ -336,6 +410,7 @@ STAGES: dict[str, Stage] = {
             command=("eval",),
             help="evaluate models: perplexity, multiple choice (log-likelihood) and chain-of-thought",
             example="recipes/quickstart_eval.yaml",
+            libraries=("torch", "transformers", "tokenizers"),
         ),
         Stage(
             name="generate",
@@ -345,6 +420,7 @@ STAGES: dict[str, Stage] = {
             command=("generate",),
             help="generate completions for prompts; JSONL out",
             example="recipes/quickstart.yaml's generate section",
+            libraries=("torch", "transformers", "tokenizers"),
         ),
         Stage(
             name="card",
@@ -354,6 +430,7 @@ STAGES: dict[str, Stage] = {
             command=("card",),
             help="write MODEL_CARD.md (Hugging Face front matter and model-index) from a run directory's manifests",
             example="a run directory",
+            libraries=("torch", "transformers", "tokenizers", "huggingface_hub"),  # the card lists their versions
         ),
     )
 }

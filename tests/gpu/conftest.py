@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ci_skips import MACHINE
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -19,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
     """Skip before any fixture runs: the module fixtures (corpora, tokenizers, tiny models) cost minutes on CPU."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    skip = pytest.mark.skip(reason=f"{MACHINE}needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:
         if HERE in Path(item.path).resolve().parents:
             item.add_marker(skip)
@@ -28,4 +30,6 @@ def pytest_collection_modifyitems(config, items):
 def needs_gpus(count: int):
     """Skip a test unless this machine has at least ``count`` CUDA devices."""
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return pytest.mark.skipif(available < count, reason=f"needs {count} CUDA GPUs, this machine has {available}")
+    return pytest.mark.skipif(
+        available < count, reason=f"{MACHINE}needs {count} CUDA GPUs, this machine has {available}"
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ci_skips import MACHINE
 from medfoundry.eval.run import evaluate
 from test_eval_run import config, models, samples  # noqa: F401  (models: the shared tiny-model fixture)
 
@@ -52,7 +53,9 @@ def test_evaluation_on_cuda_matches_the_cpu(models, heldout, tmp_path):
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(), reason="needs bf16")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(), reason=MACHINE + "needs a GPU with bf16"
+)
 def test_bf16_evaluation_on_cuda(models, heldout, tmp_path):
     summary = evaluate(
         config(tmp_path / "bf16", models[:1], tasks=_tasks(heldout), limit=4, device="cuda", precision="bf16")

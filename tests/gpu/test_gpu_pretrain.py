@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from ci_skips import MACHINE
 from conftest import REPO, run_torchrun
 from medfoundry.config import validate
 from medfoundry.train.config import PretrainConfig
@@ -85,7 +86,9 @@ def test_a_pretraining_step_on_cuda_matches_the_cpu(tokens, base, tmp_path):
     assert (gpu / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(), reason="needs bf16")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(), reason=MACHINE + "needs a GPU with bf16"
+)
 def test_a_bf16_step_on_cuda_with_mfu_against_the_published_peak(tokens, base, tmp_path):
     out = tmp_path / "bf16"
     summary = pretrain(validate(PretrainConfig, _one_step_tree(tokens, out, base, "auto")))

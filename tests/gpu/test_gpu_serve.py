@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ci_skips import skip_machine
 from medfoundry.generation.config import SamplingConfig
 from medfoundry.generation.engine import Engine
 from test_serve_engine import PROMPTS, tiny_checkpoint
@@ -27,7 +28,7 @@ def gpt2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
 def engine(request, gpt2_dir) -> Engine:
     if request.param == "bf16" and not torch.cuda.is_bf16_supported():
-        pytest.skip("this GPU has no bf16")
+        skip_machine("this GPU has no bf16")
     engine = Engine.load(gpt2_dir, precision=request.param, device="cuda", max_batch=4)
     assert engine.device.type == "cuda"
     return engine

@@ -38,7 +38,7 @@ from medfoundry.corpus.steps import (
 )
 from medfoundry.corpus.write import GatherShard, ScatterDocuments, merge_tallies, shard_names
 from medfoundry.executor import StageRun, run_tasks
-from medfoundry.io import atomic_open, iter_jsonl, naming_full_disk
+from medfoundry.io import atomic_open, folder_lock, iter_jsonl, naming_full_disk
 from medfoundry.manifest import HashCache, Manifest, content_key, inputs_fingerprint
 from medfoundry.runtime import peak_rss, release_free_memory, reset_peak_rss
 
@@ -196,11 +196,23 @@ def _write_dropped(path: Path, extract_dir: Path, tasks: int, parts: list[Path])
 def build_corpus(cfg: CorpusConfig, force: bool = False) -> Manifest:
     """Build the corpus into ``cfg.output_dir``; returns its manifest. Nothing is redone when the output's
     manifest records the same key (inputs, extract settings and the rest of the config but the executor,
-    workers and folders), unless ``force``."""
-    timings: dict[str, float] = {}
+    workers and folders), unless ``force``.
+
+    The build holds the lock of its output folder, and of its work folder when that is elsewhere,
+    throughout: a second build on either fails at once, so what this one removes as leftovers (other
+    builds' staging, temporary files, older extracts) is never a live build's."""
     start = time.perf_counter()
+    units = plan_units(cfg)  # inputs that match no file fail here, before anything is locked or written
+    out_dir, work = Path(cfg.output_dir), cfg.work_path
+    with contextlib.ExitStack() as locks:
+        for folder in (out_dir, work) if not work.resolve().is_relative_to(out_dir.resolve()) else (out_dir,):
+            locks.enter_context(folder_lock(folder, "corpus build"))
+        return _build(cfg, units, force, start)
+
+
+def _build(cfg: CorpusConfig, units: list[WorkUnit], force: bool, start: float) -> Manifest:
+    timings: dict[str, float] = {}
     out_dir = Path(cfg.output_dir)
-    units = plan_units(cfg)
     inputs = _inputs(cfg, units)
     extract_dir = cfg.work_path / f"extract-{_extract_key(cfg, units, inputs)}"
     build_key = content_key(extract_dir.name, cfg.model_dump(exclude={"workers", "work_dir", "output_dir", "executor"}))

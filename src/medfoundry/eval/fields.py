@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+import jinja2.sandbox
 
 from medfoundry.errors import ConfigError
 
@@ -29,7 +30,12 @@ def _regex_replace(string: str, pattern: str, repl: str, count: int = 0) -> str:
     return re.sub(pattern, repl, string, count=count)
 
 
-_ENV = jinja2.Environment(loader=jinja2.BaseLoader(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+# Sandboxed: a task file may come from anyone, and a plain Environment lets a template reach any Python object
+# (``''.__class__.__mro__[1].__subclasses__()``) and run code. The immutable sandbox allows what prompts use
+# (fields, indexing, filters, string methods) and refuses underscore attributes and methods that modify a value.
+_ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    loader=jinja2.BaseLoader(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+)
 _ENV.filters["regex_replace"] = _regex_replace
 
 
@@ -45,6 +51,8 @@ def render(template: str, fields: dict, where: str) -> str:
     """Render ``template`` over a document's fields; ``where`` (file: field) names the template in errors."""
     try:
         return _compile(template, where).render(**fields)
+    except jinja2.sandbox.SecurityError as exc:
+        raise ConfigError(f"{where}: refused by the template sandbox: {exc}") from None
     except jinja2.UndefinedError as exc:
         raise ConfigError(
             f"{where}: {exc.message} (the documents have the fields {', '.join(sorted(fields))})"

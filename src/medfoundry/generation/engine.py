@@ -15,8 +15,9 @@ bf16 weights where the hardware computes in bf16. Greedy output is token for tok
 positions, only the cache bookkeeping differs.
 
 The engine is single-threaded by design: one thread calls :meth:`Engine.step` (the server's worker,
-or :meth:`Engine.generate` / :meth:`Engine.stream` for direct use); :meth:`Engine.add_request` and
-:meth:`Engine.cancel` may be called from any thread.
+or :meth:`Engine.generate` / :meth:`Engine.stream` for direct use); :meth:`Engine.add_request`,
+:meth:`Engine.cancel` and the tokenizing methods may be called from any thread. Tokenizing a prompt never
+waits for a step, nor a step for it: a long prompt tokenized on another thread does not pause generation.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Output:
     request_id: str
     text: str  # new text since the previous output of this request
     token_ids: list[int]  # new tokens (an end-of-sequence token counts, but adds no text)
-    finish_reason: str | None  # None while running; then "stop", "length" or "abort"
+    finish_reason: str | None  # None while running; then "stop", "length", "abort" (or the reason given to cancel)
     prompt_tokens: int
     completion_tokens: int
 
@@ -79,7 +80,7 @@ class Request:
     pos: int = 0  # tokens in the cache
     last: int = 0  # the latest token, fed at the next decode step
     finish_reason: str | None = None
-    cancelled: bool = False
+    cancelled: str | None = None  # the finish reason it ends with at the next step ("abort", "timeout"...)
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -120,7 +121,12 @@ class Engine:
         self.device = next(model.parameters()).device
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # index = cache row
-        self._lock = threading.Lock()  # the waiting queue, and the tokenizer (not safe across threads)
+        self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)  # see longer_than
+        # Encoding and decoding only read the fast tokenizer's backend, so each has its own lock: a prompt
+        # tokenized on a server thread never holds up the step's decoding, nor the waiting queue.
+        self._lock = threading.Lock()  # the waiting queue, and decoding (the detokenizers)
+        self._encode_lock = threading.Lock()
+        self.encode("x")  # transformers switches off any truncation the tokenizer file sets at the first encode
         self._ids = itertools.count()
 
     @classmethod
@@ -165,8 +171,13 @@ class Engine:
     # ---- requests, from any thread
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        with self._lock:
+        with self._encode_lock:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def longer_than(self, text: str, tokens: int) -> bool:
+        """Whether ``text`` surely has more than ``tokens`` tokens, known without tokenizing it: no token stands
+        for more characters than the longest one in the vocabulary."""
+        return len(text) > tokens * self.max_token_chars
 
     def decode(self, ids: list[int]) -> str:
         with self._lock:
@@ -175,6 +186,10 @@ class Engine:
     def chat_prompt(self, messages: list[dict], template: str | None = None) -> list[int]:
         """Token ids of a conversation rendered by ``template`` (Jinja; default the tokenizer's own), ending
         with the assistant's turn. The template writes the special tokens (BOS included) itself."""
+        return self.encode(self.chat_text(messages, template), add_special_tokens=False)
+
+    def chat_text(self, messages: list[dict], template: str | None = None) -> str:
+        """The text of :meth:`chat_prompt`, before tokenizing (encode it without special tokens)."""
         from jinja2 import TemplateError
 
         template = template or self.tokenizer.chat_template
@@ -183,12 +198,11 @@ class Engine:
                 "this model has no chat template: give one with --chat-template FILE (or use plain completions)"
             )
         try:
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 messages, chat_template=template, tokenize=False, add_generation_prompt=True
             )
         except TemplateError as exc:
             raise ValueError(f"messages: the chat template refused them: {exc}") from None
-        return self.encode(text, add_special_tokens=False)
 
     def add_request(
         self, prompt: str | list[int], params: SamplingConfig | None = None, request_id: str | None = None
@@ -222,9 +236,9 @@ class Engine:
         if max(ids) >= self.vocab_size or min(ids) < 0:
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
 
-    def cancel(self, request: Request) -> None:
-        """Stop a request at the next step boundary; its slot is freed then."""
-        request.cancelled = True
+    def cancel(self, request: Request, reason: str = "abort") -> None:
+        """Stop a request at the next step boundary, ending it with ``reason``; its slot is freed then."""
+        request.cancelled = reason
 
     def abort_all(self, reason: str = "abort") -> list[Output]:
         """Finish every request at once: the worker's way out of a failed step, whose state it cannot trust."""
@@ -292,7 +306,7 @@ class Engine:
             for request in dropped:
                 self.waiting.remove(request)
         for request in dropped + [r for r in self.running if r.cancelled]:
-            request.finish_reason = "abort"
+            request.finish_reason = request.cancelled
             if request.row >= 0:
                 self._release(request)
             outputs.append(self._output(request, "", []))
@@ -320,10 +334,10 @@ class Engine:
         mask = columns[None, :] < lengths[:, None]
         positions = columns.expand(len(joiners), width)
         self.cache.bind_prefill(len(self.running), len(joiners), width)
-        logits = self._forward(ids, mask, positions, keep=(lengths - 1)[:, None])
-        for request in joiners:
+        for request in joiners:  # running before the forward: should it raise, abort_all still finds them
             request.row, request.pos = len(self.running), len(request.prompt_ids)
             self.running.append(request)
+        logits = self._forward(ids, mask, positions, keep=(lengths - 1)[:, None])
         return self._advance(joiners, logits)
 
     def _decode(self) -> list[Output]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medfoundry.errors import ConfigError, InputError
-from medfoundry.io import file_lock
+from medfoundry.io import folder_lock, write_json
 from medfoundry.runtime import configure, resolve_device_precision
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 CONTEXT_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")  # lm-eval's order
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when neither config nor tokenizer gives a length
 _UNSET_TOKENIZER_LENGTH = int(1e30)  # transformers' VERY_LARGE_INTEGER: "no limit recorded"
+CONVERTED = ".converted.json"  # a GGUF cache folder's completion record: its files and their sizes, written last
 
 
 @dataclass
@@ -376,9 +377,10 @@ def gguf_checkpoint(gguf_path: Path, cache_dir: str | Path | None = None) -> Pat
 
     This is the one GGUF cache: every stage (training's ``init_from``, evaluation, serving, tokenizing) reads
     the same conversion. The key covers the file's resolved path, size and modification time, so a replaced
-    file is converted again; ``convert_gguf`` writes the directory atomically, so an interrupted conversion
-    never leaves a half-written checkpoint behind, and a lock makes concurrent processes (torchrun ranks)
-    convert it once.
+    file is converted again; ``convert_gguf`` writes the directory atomically, its files fsynced, so an
+    interrupted conversion never leaves a half-written checkpoint behind, and the lock makes concurrent
+    processes (torchrun ranks) take turns: one converts, the others find it done. The directory is trusted
+    only with its completion record (:func:`_converted`).
     """
     from medfoundry.model.convert import convert_gguf
 
@@ -389,11 +391,31 @@ def gguf_checkpoint(gguf_path: Path, cache_dir: str | Path | None = None) -> Pat
     key = hashlib.sha256(f"{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     out = root / "gguf" / f"{gguf_path.stem}-{key}"
-    if not (out / "config.json").is_file():
-        with file_lock(out.with_name(f".{out.name}.lock")):
-            if not (out / "config.json").is_file():  # another process may have converted it meanwhile
+    if not _converted(out):
+        with folder_lock(out, "GGUF conversion", wait=True):
+            if not _converted(out):  # another process may have converted it meanwhile
                 convert_gguf(gguf_path, out)
+                write_json(out / CONVERTED, _file_sizes(out))  # last, once the files are on disk
     return out
+
+
+def _converted(out: Path) -> bool:
+    """Whether a GGUF cache folder holds a finished conversion: its completion record is there and every file
+    it lists has its size. A folder without it (a conversion by a version that did not fsync its files, which
+    a power cut may have left with ``config.json`` and empty weights) or with a truncated file is converted
+    again."""
+    try:
+        recorded = json.loads((out / CONVERTED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    sizes = _file_sizes(out)
+    return (
+        isinstance(recorded, dict) and "config.json" in recorded and all(sizes.get(n) == b for n, b in recorded.items())
+    )
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
 
 
 def cache_root() -> Path:

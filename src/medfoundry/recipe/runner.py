@@ -1,17 +1,27 @@
 """``medfoundry run RECIPE``: every stage of a recipe in order, each skipped when already done.
 
 Stages are run through the stage registry (:mod:`medfoundry.stages`), exactly as their own commands run
-them. A stage's key hashes its wired config, the keys of the stages before it, the package version and
-the :func:`~medfoundry.manifest.inputs_fingerprint` (by name, size and modification time: no file is
-read) of every file outside the run directory that its config names (corpus sources, a model to
-continue, benchmark files). ``run_dir/stages.json`` records each stage's key and status; a stage whose
-recorded key matches, which finished and whose ``manifest.json`` is there is skipped, so re-running a
-recipe does nothing, and changing a stage reruns it and every stage after it. A stage
-that was interrupted with the same key is run again into the same directory, where the stage's own
-resumption applies (training continues from its last checkpoint); every stage after a stage that ran
-runs again too, since it read the old output. A stage whose key changed starts
-from an empty directory: the old one is kept as ``run_dir/.previous/<stage>`` until the next change,
-never deleted outright.
+them. A stage's key (:func:`_key`) hashes what decides its output: its wired config as far as it changes
+the output (:meth:`~medfoundry.stages.Stage.key_config`: without settings such as ``log.every`` or
+``workers``, with run-time defaults such as eval's benchmarks folder resolved), the medfoundry version and
+those of the libraries computing it, the :func:`~medfoundry.manifest.inputs_fingerprint` (by name, size
+and modification time: no file is read) of every file outside the run directory that its config names
+(corpus sources, a model to continue, benchmark files), and the stage before it: that stage's key and the
+fingerprint of its output's ``manifest.json``. Keys are computed as the run goes, each once the stage
+before has run, so a stage rebuilt by a run that then stopped (``--until``, a kill) gives every later
+stage a new key.
+
+``run_dir/stages.json`` records each stage's key and status. A stage recorded ``done`` under the key
+computed now, whose ``manifest.json`` is there, is skipped: re-running a recipe does nothing, and changing
+a stage (or rebuilding it) reruns it and every stage after it. A stage recorded ``running`` (or
+``pending``) under the same key was interrupted: it runs again into the same directory, where the stage's
+own resumption applies (training continues from its last checkpoint). Any other stage starts afresh, in
+this order, so that a kill between any two steps leaves it ``starting`` or ``running``, never ``done``
+without its output: it is recorded ``starting`` under the new key (stages.json is written atomically and
+fsynced), its old output is moved to ``run_dir/.previous/<stage>`` (kept until the next change, never
+deleted outright; a stage found ``starting`` has its old output moved aside again, never resumed), it is
+recorded ``running``, it runs, it is recorded ``done``. Entries of a ``stages.json`` this version cannot
+read are ignored: those stages run again.
 
 Each stage's wired config is written to ``run_dir/configs/<stage>.yaml``, so any stage can be rerun
 alone with its own command (``medfoundry pretrain runs/x/configs/pretrain.yaml``, or under torchrun).
@@ -28,6 +38,7 @@ without it, submits the stage again (training resumes from its last checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import shlex
@@ -43,8 +54,8 @@ from medfoundry import __version__
 from medfoundry.card.config import CardRunConfig
 from medfoundry.config import StrictModel, apply_overrides, load_yaml, validate
 from medfoundry.errors import ConfigError, InputError, MedfoundryError, Pending
-from medfoundry.io import write_json, write_text
-from medfoundry.manifest import Manifest, content_key, inputs_fingerprint
+from medfoundry.io import folder_lock, fsync_dir, write_json, write_text
+from medfoundry.manifest import MANIFEST, Manifest, content_key, inputs_fingerprint, output_fingerprint
 from medfoundry.recipe.config import RecipeConfig, wire
 from medfoundry.stages import STAGES
 from medfoundry.train.launch import LaunchConfig, job_state, launch_torchrun, run_torchrun, sbatch_script, submit
@@ -65,8 +76,16 @@ def run_recipe(
 ) -> dict:
     """Run (or, with ``dry_run``, plan) the recipe's stages; returns the run summary written to run.json.
 
-    ``start`` reruns that stage and every later one even when done; ``until`` stops after that stage.
+    ``start`` reruns that stage and every later one even when done; ``until`` stops after that stage. A run
+    holds the run folder's lock throughout (``stages.json`` has one writer): a second one fails at once.
     """
+    with contextlib.nullcontext() if dry_run else folder_lock(recipe.run_dir, "medfoundry run"):
+        return _run_recipe(recipe, start=start, until=until, dry_run=dry_run, log=log)
+
+
+def _run_recipe(
+    recipe: RecipeConfig, *, start: str | None, until: str | None, dry_run: bool, log: Callable[[str], None]
+) -> dict:
     configs = wire(recipe)  # every stage validated before any work
     if recipe.card is not None:  # the card section itself is read from recipe.yaml by the card stage
         configs["card"] = CardRunConfig(run_dir=recipe.run_dir)
@@ -76,48 +95,27 @@ def run_recipe(
             raise ConfigError(f"{option} {name}: not a stage of this recipe (its stages: {', '.join(present)})")
     run = Path(recipe.run_dir)
     state = _read_state(run)
-    keys = _keys(recipe, configs, present)
     chosen = present[: present.index(until) + 1] if until else present
-    forced = set(present[present.index(start) :]) if start else set()
     summary = {"recipe": recipe.name, "medfoundry_version": __version__, "run_dir": str(run), "stages": {}}
     if not dry_run:
         run.mkdir(parents=True, exist_ok=True)
+        _remove_temporaries(run)
         write_text(
             run / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
         )
+    upstream: dict | None = None  # the stage before: its key and its output's fingerprint
+    rerun_from: str | None = None  # dry run: the first stage that would run (those after it read its output)
     try:
         for stage in chosen:
-            done = state.get(stage, {})
-            if done.get("status") == "pending" and not dry_run:  # a Slurm job submitted by an earlier run
-                ended = _pending_job(run, stage, done, keys[stage], stage in forced, log)
-                if ended is not None:  # it wrote the stage's manifest: done
-                    state[stage] = ended
-                    _write_state(run, state)
-                    summary["stages"][stage] = {**ended, "this_run": "ran"}
-                    forced |= set(present[present.index(stage) + 1 :])
-                    continue
-            cached = (
-                done.get("key") == keys[stage]
-                and done.get("status") == "done"
-                and stage not in forced
-                and _finished(run, stage)
-            )
-            if cached:
-                log(f"run: {stage}: done earlier (key {keys[stage][:12]}), skipped")
-                summary["stages"][stage] = {**done, "this_run": "cached"}
-                continue
+            key = _key(recipe, configs, stage, upstream)
             if dry_run:
-                job = f"; slurm job {done['job_id']} was submitted for it" if done.get("status") == "pending" else ""
-                log(f"run: {stage}: would run{_how(recipe, stage)} (key {keys[stage][:12]}{job})")
-                summary["stages"][stage] = {"key": keys[stage], "this_run": "would run"}
-                continue
-            if done.get("key") != keys[stage] or stage in forced:
-                _supersede(run, stage)
-            summary["stages"][stage] = {
-                **_run_stage(recipe, configs, stage, keys[stage], state, log),
-                "this_run": "ran",
-            }
-            forced |= set(present[present.index(stage) + 1 :])  # what follows read this stage's new output
+                planned = _plan(recipe, run, stage, key, state.get(stage, {}), stage == start, rerun_from, log)
+                summary["stages"][stage] = planned
+                if planned["this_run"] == "would run":
+                    rerun_from = rerun_from or stage
+            else:
+                summary["stages"][stage] = _advance(recipe, configs, stage, key, state, stage == start, log)
+            upstream = {"key": key, "output": _output_fingerprint(run, stage)}
     except Pending:
         summary["stages"][stage] = {**state.get(stage, {}), "this_run": "pending"}
         _finish(recipe, run, summary)
@@ -125,6 +123,48 @@ def run_recipe(
     if not dry_run:
         _finish(recipe, run, summary)
     return summary
+
+
+def _advance(
+    recipe: RecipeConfig, configs: dict, stage: str, key: str, state: dict, forced: bool, log: Callable[[str], None]
+) -> dict:
+    """The stage skipped (done under ``key``), continued (interrupted under ``key``: same directory) or run
+    afresh; its entry of the run summary."""
+    run = Path(recipe.run_dir)
+    done = state.get(stage, {})
+    if done.get("status") == "pending":  # a Slurm job submitted by an earlier run
+        ended = _pending_job(run, stage, done, key, forced, log)
+        if ended is not None:  # it wrote the stage's manifest: done
+            state[stage] = ended
+            _write_state(run, state)
+            return {**ended, "this_run": "ran"}
+    if not forced and _done(run, stage, key, done):
+        log(f"run: {stage}: done earlier (key {key[:12]}), skipped")
+        return {**done, "this_run": "cached"}
+    if forced or done.get("key") != key or done.get("status") not in ("running", "pending"):
+        _start_afresh(run, stage, key, state)
+    return {**_run_stage(recipe, configs, stage, key, state, log), "this_run": "ran"}
+
+
+def _plan(
+    recipe: RecipeConfig,
+    run: Path,
+    stage: str,
+    key: str,
+    done: dict,
+    forced: bool,
+    rerun_from: str | None,
+    log: Callable[[str], None],
+) -> dict:
+    """What :func:`_advance` would do, logged, with nothing written; a stage after one that would run would run
+    too (its key depends on that stage's new output)."""
+    if not forced and rerun_from is None and _done(run, stage, key, done):
+        log(f"run: {stage}: done earlier (key {key[:12]}), skipped")
+        return {**done, "this_run": "cached"}
+    why = f"after {rerun_from}" if rerun_from else f"key {key[:12]}"
+    job = f"; slurm job {done['job_id']} was submitted for it" if done.get("status") == "pending" else ""
+    log(f"run: {stage}: would run{_how(recipe, stage)} ({why}{job})")
+    return {"this_run": "would run"} if rerun_from else {"key": key, "this_run": "would run"}
 
 
 def _finish(recipe: RecipeConfig, run: Path, summary: dict) -> None:
@@ -267,14 +307,19 @@ def _tail(path: str | None, lines: int = 15) -> str:
 # ---------------------------------------------------------------------------------------------- keys
 
 
-def _keys(recipe: RecipeConfig, configs: dict[str, StrictModel], present: list[str]) -> dict[str, str]:
-    """Chained keys: each stage's hash covers every earlier stage's key."""
-    keys, previous = {}, ""
+def _key(recipe: RecipeConfig, configs: dict[str, StrictModel], stage: str, upstream: dict | None) -> str:
+    """The hash of what decides the stage's output (see the module's docstring). ``upstream`` is the stage
+    before it, as it is now: its key and its output's fingerprint; so a stage is done only while it was
+    built from the current output of the stages before it."""
+    entry = STAGES[stage]
+    payload = entry.key_config(recipe.card if stage == "card" else configs[stage])
     run = Path(recipe.run_dir).resolve()
-    for stage in present:
-        payload = (recipe.card if stage == "card" else configs[stage]).model_dump(mode="json")
-        keys[stage] = previous = content_key(stage, payload, previous, __version__, _external_inputs(payload, run))
-    return keys
+    return content_key(stage, payload, upstream, __version__, entry.versions(), _external_inputs(payload, run))
+
+
+def _output_fingerprint(run: Path, stage: str) -> str | None:
+    """The fingerprint of the stage's ``manifest.json`` (changed by every rebuild), None without one."""
+    return output_fingerprint(run / stage) if (run / stage / MANIFEST).is_file() else None
 
 
 def _external_inputs(payload, run: Path) -> dict[str, str]:
@@ -310,18 +355,38 @@ def _strings(value):
 # ---------------------------------------------------------------------------------------------- state
 
 
-def _read_state(run: Path) -> dict:
+def _read_state(run: Path) -> dict[str, dict]:
+    """``stages.json``: stage -> its entry (key, status, times). Entries this version did not write (no key)
+    are left out: those stages run again."""
     path = run / "stages.json"
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc.msg}); remove it to rerun every stage") from None
+    if not isinstance(state, dict):
+        return {}
+    return {stage: entry for stage, entry in state.items() if isinstance(entry, dict) and "key" in entry}
 
 
 def _write_state(run: Path, state: dict) -> None:
     write_json(run / "stages.json", state)
+
+
+def _remove_temporaries(run: Path) -> None:
+    """Remove the hidden temporary files (``.stages.json.XXXX.tmp``...) of the runner's atomic writes that a
+    killed run left: in the run folder, ``configs/`` and ``slurm/``. The run folder's lock is held: no live
+    process is writing them."""
+    for folder in (run, run / "configs", run / "slurm"):
+        for tmp in folder.glob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+
+
+def _done(run: Path, stage: str, key: str, entry: dict) -> bool:
+    """Whether the stage is recorded done under ``key`` and its output is whole."""
+    return entry.get("key") == key and entry.get("status") == "done" and _finished(run, stage)
 
 
 def _finished(run: Path, stage: str) -> bool:
@@ -331,6 +396,14 @@ def _finished(run: Path, stage: str) -> bool:
     except InputError:
         return False
     return True
+
+
+def _start_afresh(run: Path, stage: str, key: str, state: dict) -> None:
+    """Record the stage as starting under ``key``, durably, then move its old output aside: killed in between,
+    the next run finds it starting (not done, not resumable) and moves the old output aside then."""
+    state[stage] = {"key": key, "status": "starting"}
+    _write_state(run, state)
+    _supersede(run, stage)
 
 
 def _supersede(run: Path, stage: str) -> None:
@@ -343,3 +416,5 @@ def _supersede(run: Path, stage: str) -> None:
         shutil.rmtree(keep)
     keep.parent.mkdir(parents=True, exist_ok=True)
     out.rename(keep)
+    fsync_dir(keep.parent)
+    fsync_dir(run)

@@ -3,15 +3,18 @@
 One :class:`~medfoundry.serve.worker.EngineWorker` thread runs the model; each HTTP request becomes one
 engine request per choice, and its outputs come back through an asyncio queue, either gathered into one
 JSON answer or streamed as server-sent events in OpenAI's chunk format (ending with ``data: [DONE]``).
-A client that goes away is noticed (the stream is cancelled, or polling for a non-streamed answer sees
-the disconnect) and its requests leave the batch at the next step.
+A client that goes away is noticed (the stream is cancelled, even before it started, or polling for a
+non-streamed answer sees the disconnect) and its requests leave the batch at the next step. Prompts are
+tokenized on a thread, so a long one does not pause the streams of others, and refused by their length
+in characters when that alone shows they are too long.
 
 Security (see :mod:`medfoundry.serve.guard`): the CLI binds 127.0.0.1; with an API key, every route
 needs it (/metrics and /openapi.json too) except the web page's shell (``/``, ``/static/``) and the bare
-liveness probe ``/health``, which reveal nothing; bodies over ``max_body_bytes`` are refused before
-they are read. Logs never hold prompts, outputs or keys: the access log (written here, not by
-uvicorn) has the method, path, status and client, never the query string or a header; validation
-errors name fields, never echo values. Every error is a JSON body in OpenAI's format.
+liveness probe ``/health``, which reveal nothing; without one, only local Host names (and those allowed)
+are answered; bodies must be JSON, and those over ``max_body_bytes`` are refused before they are read.
+Logs never hold prompts, outputs or keys: the access log (written here, not by uvicorn) has the method,
+path, status and client, never the query string or a header; validation errors name fields, never echo
+values. Every error is a JSON body in OpenAI's format.
 """
 
 from __future__ import annotations
@@ -36,23 +39,26 @@ from starlette.routing import Match
 from medfoundry.generation.engine import Output
 from medfoundry.serve import openapi, protocol
 from medfoundry.serve.config import DEFAULT_MAX_BODY_BYTES
-from medfoundry.serve.guard import ApiKeyGuard, BodyLimit
+from medfoundry.serve.guard import ApiKeyGuard, BodyLimit, JsonBodies, LocalHosts
 from medfoundry.serve.protocol import ChatCompletionRequest, CompletionRequest
 from medfoundry.serve.worker import EngineWorker, QueueFull
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 STATIC = Path(__file__).with_name("static")  # the web chat page
 ACCESS_LOG = "medfoundry.serve.access"
+UNFINISHED = ("error", "timeout")  # finish reasons that end a request with an error (see _Service._failure)
 
 
 @dataclass
 class ServerConfig:
     """What the server enforces. ``max_tokens`` (per request) defaults to the engine's sequence length and
     ``max_prompt_tokens`` to one less; ``chat_template`` (Jinja text) overrides the tokenizer's; larger
-    bodies than ``max_body_bytes`` get a 413."""
+    bodies than ``max_body_bytes`` get a 413. Without ``api_key``, requests naming another Host than
+    localhost or one of ``allowed_hosts`` get a 421. (The time a request may take is the worker's.)"""
 
     model_name: str
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
     max_tokens: int | None = None
     max_prompt_tokens: int | None = None
     chat_template: str | None = None
@@ -86,8 +92,11 @@ def create_app(worker: EngineWorker, config: ServerConfig) -> FastAPI:
         redoc_url=None,
     )
     _install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)  # the last added is the outermost
+    app.add_middleware(JsonBodies)
     app.add_middleware(ApiKeyGuard, api_key=config.api_key)
+    if not config.api_key:
+        app.add_middleware(LocalHosts, allowed=config.allowed_hosts)
     app.add_middleware(_Observe, metrics=worker.metrics, routes=app.routes)  # outermost: sees every answer
 
     app.add_api_route("/v1/models", service.models, methods=["GET"], responses={200: {"model": protocol.ModelList}})
@@ -198,13 +207,13 @@ class _Service:
         self._check_model(body.model)
         texts = body.prompts()
         self._check_capacity(len(texts) * body.n)
-        prompts = [self._encode(p) for p in texts]
+        prompts = await asyncio.to_thread(lambda: [self._encode(p) for p in texts])
         return await self._generate(http, body, prompts, body.max_tokens, chat=False)
 
     async def chat(self, body: ChatCompletionRequest, http: Request) -> Response:
         self._check_model(body.model)
         self._check_capacity(body.n)
-        prompt = self._chat_prompt(body)
+        prompt = await asyncio.to_thread(self._chat_prompt, body)
         return await self._generate(http, body, [prompt], body.requested_max_tokens, chat=True)
 
     def _check_model(self, name: str) -> None:
@@ -224,8 +233,19 @@ class _Service:
                 f"most {self.worker.capacity} at once",
             )
 
-    def _encode(self, prompt: str | list[int]) -> list[int]:
-        ids = self.engine.encode(prompt) if isinstance(prompt, str) else prompt
+    def _encode(self, prompt: str | list[int], *, special_tokens: bool = True) -> list[int]:
+        """A prompt's token ids, checked. Called on a thread (tokenizing up to a megabyte takes a second); a
+        text that is too long by its characters alone is refused without being tokenized."""
+        if isinstance(prompt, str):
+            if self.engine.longer_than(prompt, self.max_prompt_tokens):
+                raise APIError(
+                    400,
+                    f"prompt: {len(prompt)} characters, more than this server's limit of "
+                    f"{self.max_prompt_tokens} tokens can hold",
+                )
+            ids = self.engine.encode(prompt, add_special_tokens=special_tokens)
+        else:
+            ids = prompt
         try:
             self.engine.check_prompt(ids)
         except ValueError as exc:
@@ -236,10 +256,10 @@ class _Service:
 
     def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         try:
-            ids = self.engine.chat_prompt([m.as_template_input() for m in body.messages], self.config.chat_template)
+            text = self.engine.chat_text([m.as_template_input() for m in body.messages], self.config.chat_template)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
-        return self._encode(ids)
+        return self._encode(text, special_tokens=False)  # the template wrote the special tokens
 
     def _check_limit(self, body) -> None:
         """Both of chat's length fields are checked: the one that is used, and the one a client may rely on."""
@@ -287,11 +307,7 @@ class _Service:
         )
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         if body.stream:
-            return StreamingResponse(
-                self._stream(generation, reply, body.include_usage, endpoint),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
+            return _EventStream(self._stream(generation, reply, body.include_usage, endpoint), generation)
         return await self._collect(http, generation, reply, endpoint)
 
     async def _collect(self, http: Request, generation: _Generation, reply: _Reply, endpoint: str) -> Response:
@@ -309,29 +325,58 @@ class _Service:
                     next_check = time.monotonic() + DISCONNECT_POLL_S
         finally:
             generation.cancel()
+        failure = self._failure(reply.unfinished)
+        if failure:
+            raise failure
         self.worker.metrics.latency.observe(time.monotonic() - started, endpoint=endpoint)
-        if reply.failed:
-            raise APIError(500, "generation failed (see the server log)", "server_error")
         return JSONResponse(reply.body())
 
     async def _stream(self, generation: _Generation, reply: _Reply, include_usage: bool, endpoint: str):
+        """The events of a stream (:class:`_EventStream` cancels what is left of ``generation`` at its end)."""
         started = time.monotonic()
-        try:
-            for chunk in reply.opening_chunks():
+        for chunk in reply.opening_chunks():
+            yield _event(chunk)
+        while generation.remaining:
+            index, out = await generation.next()
+            failure = self._failure(out.finish_reason)
+            if failure:
+                yield _event(protocol.error_body(failure.message, failure.kind, code=failure.code))
+                return
+            for chunk in reply.chunks(index, out):
                 yield _event(chunk)
-            while generation.remaining:
-                index, out = await generation.next()
-                if out.finish_reason == "error":
-                    yield _event(protocol.error_body("generation failed (see the server log)", "server_error"))
-                    return
-                for chunk in reply.chunks(index, out):
-                    yield _event(chunk)
-            if include_usage:
-                yield _event(reply.usage_chunk())
-            yield "data: [DONE]\n\n"
-            self.worker.metrics.latency.observe(time.monotonic() - started, endpoint=endpoint)
+        if include_usage:
+            yield _event(reply.usage_chunk())
+        yield "data: [DONE]\n\n"
+        self.worker.metrics.latency.observe(time.monotonic() - started, endpoint=endpoint)
+
+    def _failure(self, finish_reason: str | None) -> APIError | None:
+        """The error of a generation that did not finish: its step failed, or it ran past the time limit."""
+        if finish_reason == "error":
+            return APIError(500, "generation failed (see the server log)", "server_error")
+        if finish_reason == "timeout":
+            return APIError(
+                504,
+                f"generation took longer than this server's limit of {self.worker.request_timeout:g} s",
+                "server_error",
+                code="timeout",
+            )
+        return None
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent event stream that cancels what is left of its generation however it ends: done, failed,
+    or never started. The generator of events may never run (a server of ASGI 2.4 raises from ``send`` when
+    the client has gone before the response starts), and then neither would a ``finally`` in it."""
+
+    def __init__(self, events, generation: _Generation):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.generation = generation
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
         finally:
-            generation.cancel()
+            self.generation.cancel()
 
 
 class _Generation:
@@ -376,8 +421,9 @@ class _Reply:
         self.completion_tokens = [0] * choices
 
     @property
-    def failed(self) -> bool:
-        return "error" in self.reasons
+    def unfinished(self) -> str | None:
+        """The finish reason of a choice that did not finish ("error", "timeout"), if any."""
+        return next((r for r in self.reasons if r in UNFINISHED), None)
 
     def add(self, index: int, out: Output) -> None:
         self.texts[index].append(out.text)

@@ -12,18 +12,20 @@ import sys
 from medfoundry.config import validate
 from medfoundry.generation.cli import add_engine_arguments, engine_fields
 from medfoundry.generation.cli import add_subcommands as add_generation_commands
-from medfoundry.serve.config import API_KEY_ENV, ServeConfig
+from medfoundry.serve.config import ServeConfig, is_loopback
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _SERVER_FIELDS = (
     "host",
     "port",
-    "api_key",
+    "api_key_file",
+    "insecure_no_key",
+    "allowed_hosts",
     "served_model_name",
     "max_queue",
     "max_tokens",
     "max_prompt_tokens",
     "max_body_bytes",
+    "request_timeout",
     "log_level",
 )
 
@@ -32,16 +34,34 @@ def add_subcommands(subparsers) -> None:
     """Register ``chat`` and ``serve`` (``subparsers`` is the main parser's ``add_subparsers()``)."""
     add_generation_commands(subparsers)
     fields = ServeConfig.model_fields
-    serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    serve = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
+        allow_abbrev=False,  # else "--api-key SECRET", a flag no more, would be read as --api-key-file SECRET
+    )
     add_engine_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help=fields["host"].description)
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help=fields["api_key"].description)
+    serve.add_argument("--api-key-file", metavar="FILE", help=fields["api_key_file"].description)
+    serve.add_argument("--insecure-no-key", action="store_true", help=fields["insecure_no_key"].description)
+    serve.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        metavar="HOST",
+        help=fields["allowed_hosts"].description + " (repeatable)",
+    )
     serve.add_argument("--served-model-name", help=fields["served_model_name"].description)
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s (default 64)")
     serve.add_argument("--max-tokens", type=int, help=fields["max_tokens"].description)
     serve.add_argument("--max-prompt-tokens", type=int, help=fields["max_prompt_tokens"].description)
     serve.add_argument("--max-body-bytes", type=int, help=fields["max_body_bytes"].description + " (default 1 MiB)")
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=fields["request_timeout"].description + " (default 600)",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)
 
@@ -56,16 +76,19 @@ def serve_model(cfg: ServeConfig) -> int:
     from medfoundry.serve.app import ServerConfig, serve
     from medfoundry.serve.worker import EngineWorker
 
-    if cfg.host not in LOOPBACK and not cfg.api_key:
+    key = cfg.key()
+    cfg.check_exposure(key)
+    if key is None and not is_loopback(cfg.host):
         print(
-            f"warning: serving on {cfg.host} without an API key: anyone who can reach this port can use the model "
-            f"(set --api-key or ${API_KEY_ENV})",
+            f"warning: serving on {cfg.host} without an API key (--insecure-no-key): anyone who can reach this port "
+            "can use the model (requests naming another Host than localhost, --host or --allowed-host are refused)",
             file=sys.stderr,
         )
     engine = cfg.load_engine()
     config = ServerConfig(
         model_name=cfg.served_model_name or engine.name,
-        api_key=cfg.api_key,
+        api_key=key,
+        allowed_hosts=(*cfg.allowed_hosts, cfg.host),
         max_tokens=cfg.max_tokens,
         max_prompt_tokens=cfg.max_prompt_tokens,
         chat_template=cfg.template(),
@@ -73,8 +96,9 @@ def serve_model(cfg: ServeConfig) -> int:
     )
     print(
         f"serve: {config.model_name} ({engine.precision}, {engine.max_batch} slots of {engine.max_seq_len} tokens) "
-        f"on http://{cfg.host}:{cfg.port}/v1" + (" (API key required)" if cfg.api_key else ""),
+        f"on http://{cfg.host}:{cfg.port}/v1" + (" (API key required)" if key else ""),
         file=sys.stderr,
     )
-    serve(EngineWorker(engine, max_queue=cfg.max_queue), config, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    worker = EngineWorker(engine, max_queue=cfg.max_queue, request_timeout=cfg.request_timeout)
+    serve(worker, config, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
     return 0

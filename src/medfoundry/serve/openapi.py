@@ -4,7 +4,8 @@ FastAPI derives the requests from the pydantic models; this module adds what it 
 answers each route gives (its errors in OpenAI's format, streams as ``text/event-stream`` whose events
 are JSON chunks and a final ``[DONE]``), the limits of this server (the one model name it serves, the
 largest ``max_tokens``) and, with an API key, the bearer scheme and its 401 on every route that is
-not public. FastAPI's default 422 is dropped: invalid requests are answered with 400s, as OpenAI does.
+not public (without one, the 421 of a foreign Host on every route). FastAPI's default 422 is dropped:
+invalid requests are answered with 400s, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ CAUSES = {
     401: "Missing or wrong API key (send 'Authorization: Bearer <key>').",
     404: "No such model: this server serves one, named in /v1/models.",
     413: "The request body is larger than the server's limit (--max-body-bytes).",
+    415: "The request body is not declared as JSON (send 'Content-Type: application/json').",
+    421: "The Host header names a host this server, which has no API key, does not answer for (--allowed-host).",
     429: "Every batch slot and waiting place is taken: retry later.",
     500: "The model failed while generating (the server log says why).",
+    504: "The generation took longer than the server's limit (--request-timeout).",
 }
 REF = "#/components/schemas/{model}"
 
@@ -69,7 +73,7 @@ def generation_responses(answer: type[BaseModel], chunk: type[BaseModel]) -> dic
             "description": 'The answer, or with "stream": true a stream of chunks',
             "content": stream,
         },
-        **errors(400, 404, 413, 429, 500),
+        **errors(400, 404, 413, 415, 429, 500, 504),
     }
 
 
@@ -84,6 +88,8 @@ def install(app: FastAPI, *, model: str, max_tokens: int, secured: bool, chunks:
             _limit_requests(schema, model, max_tokens)
             if secured:
                 _require_key(schema)
+            else:
+                _require_local_host(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -125,7 +131,16 @@ def _require_key(schema: dict) -> None:
     for path, operation in _operations(schema):
         if not is_public(path):
             operation["security"] = [{"bearer": []}]
-            operation["responses"]["401"] = {
-                "description": CAUSES[401],
-                "content": {"application/json": {"schema": {"$ref": REF.format(model=ErrorResponse.__name__)}}},
-            }
+            _add_error(operation, 401)
+
+
+def _require_local_host(schema: dict) -> None:
+    for _, operation in _operations(schema):
+        _add_error(operation, 421)
+
+
+def _add_error(operation: dict, status: int) -> None:
+    operation["responses"][str(status)] = {
+        "description": CAUSES[status],
+        "content": {"application/json": {"schema": {"$ref": REF.format(model=ErrorResponse.__name__)}}},
+    }

@@ -5,6 +5,10 @@ the asyncio loop stays free to accept connections and stream. Requests are admit
 against a bound on requests in flight (the batch slots plus ``max_queue`` waiting): a full server
 answers 429 at once instead of letting latency grow without limit. Every output is handed to the
 request's sink (for the server, a ``call_soon_threadsafe`` into the handler's queue).
+
+Every request submitted gets a final output, whatever happens: a request older than ``request_timeout``
+(queueing included) is cancelled with the finish reason "timeout", and a step that raises (out of memory
+on a large prefill, say) ends every request in flight with "error", each freeing its place.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Callable
 
 from medfoundry.generation.config import SamplingConfig
 from medfoundry.generation.engine import Engine, Output, Request
+from medfoundry.serve.config import DEFAULT_REQUEST_TIMEOUT
 from medfoundry.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -27,13 +32,14 @@ class QueueFull(Exception):
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, *, max_queue: int = 64):
+    def __init__(self, engine: Engine, *, max_queue: int = 64, request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
         self.engine = engine
         self.max_queue = max_queue
+        self.request_timeout = request_timeout
         self.metrics = ServerMetrics(
             queue_depth=lambda: len(engine.waiting), running=lambda: len(engine.running), slots=engine.max_batch
         )
-        self._inflight: dict[str, tuple[Request, Sink]] = {}
+        self._inflight: dict[str, tuple[Request, Sink]] = {}  # in submission order: the oldest first
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -88,12 +94,33 @@ class EngineWorker:
                     self._wake.wait()
                 if self._stopping:
                     return
+                self._expire()
             try:
                 outputs = self.engine.step()
             except Exception:  # a failed step leaves no trustworthy cache: end everything, keep serving
-                log.exception("engine step failed; aborting the requests in flight")
-                outputs = self.engine.abort_all("error")
+                log.exception("engine step failed; ending every request in flight with an error")
+                outputs = self._fail_all()
             self._dispatch(outputs)
+
+    def _expire(self) -> None:
+        """Cancel the requests older than ``request_timeout``: they end with "timeout" at the next step."""
+        cutoff = time.monotonic() - self.request_timeout
+        for request, _sink in self._inflight.values():
+            if request.arrived > cutoff:
+                break
+            if request.finish_reason is None:
+                self.engine.cancel(request, "timeout")
+
+    def _fail_all(self) -> list[Output]:
+        """The final "error" output of every request in flight, after a failed step. The engine's queues are
+        emptied; the requests that the step had already taken out of them (finished by their prefill, or
+        cancelled) are ended too, as their outputs were lost with the step."""
+        with self._wake:
+            self.engine.abort_all("error")
+            requests = [request for request, _sink in self._inflight.values()]
+        for request in requests:
+            request.finish_reason = "error"
+        return [Output(r.id, "", [], "error", len(r.prompt_ids), len(r.output_ids)) for r in requests]
 
     def _dispatch(self, outputs: list[Output]) -> None:
         now = time.monotonic()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medfoundry import limits
 from medfoundry.errors import InputError
 from medfoundry.io import iter_json_lines, lone_surrogate, may_hold_surrogates, open_binary
 
@@ -253,7 +254,8 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, str | None, Any]]
     """``(line, key, record)`` of a JSON or JSONL file, optionally gzipped (key: the id in an object of records).
 
     JSONL is streamed line by line, split on ``\\n`` only: ``str.splitlines`` would also split on
-    U+2028 and U+0085, which JSON strings may hold unescaped.
+    U+2028 and U+0085, which JSON strings may hold unescaped. A JSON file is parsed in memory, so one over
+    :data:`~medfoundry.limits.MAX_JSON_FILE_BYTES` is refused, having read no more than that.
     """
     path = Path(path)
     if not path.is_file():
@@ -263,10 +265,19 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, str | None, Any]]
         return
     try:
         with open_binary(path) as fh:
-            raw = fh.read()
+            raw = fh.read(limits.MAX_JSON_FILE_BYTES + 1)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise InputError(str(path), f"truncated or corrupt gzip ({exc})") from None
-    yield from _scan_json(_decode(raw, str(path), 1), str(path))
+    if len(raw) > limits.MAX_JSON_FILE_BYTES:
+        raise InputError(
+            str(path),
+            f"more than {limits.mib(limits.MAX_JSON_FILE_BYTES)} of JSON (decompressed; "
+            "medfoundry.limits.MAX_JSON_FILE_BYTES): a JSON file is parsed in memory, so a larger one is refused; "
+            "write it as JSONL (one record per line, read as a stream) instead",
+        )
+    text = _decode(raw, str(path), 1)
+    del raw  # the text is all that is needed: do not hold the file twice while it is scanned
+    yield from _scan_json(text, str(path))
 
 
 def _decode(raw: bytes, path: str, first_line: int) -> str:

@@ -21,7 +21,8 @@ A checkpoint is a folder ``step-{step:08d}/`` holding
   ``medfoundry export`` turns any saved step into a Hugging Face folder by itself.
 - ``manifest.json``: the size and xxh3-128 checksum of every other file (written last).
 
-Writing. Process 0 makes a hidden temporary folder beside the final one; every process writes its
+Writing. Process 0 makes a hidden temporary folder beside the final one, claimed while it is written
+(:func:`medfoundry.io.claimed_dir`: no other process cleans it away); every process writes its
 shards and RNG state into it and checksums what it wrote; process 0 gathers the checksums, writes the
 trainer state and the manifest, fsyncs and renames the folder into place, so a ``step-*`` folder is
 complete or does not exist. A write that fails on any process (disk full, file size limit, quota)
@@ -64,8 +65,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from medfoundry.errors import MedfoundryError
-from medfoundry.io import DISK_FULL, fsync_dir, replace_dir
+from medfoundry.errors import FolderBusy, MedfoundryError
+from medfoundry.io import DISK_FULL, claim, claimed_dir, fsync_dir, replace_dir
 from medfoundry.train import distributed
 from medfoundry.train.state import Stateful, TrainState, get_rng_state, set_rng_state
 
@@ -75,6 +76,7 @@ MANIFEST = "manifest.json"
 DESCRIPTION = "hf"  # the model's config, generation config and tokenizer: `medfoundry export` needs no run folder
 CHECKSUM = "xxh3_128"
 _STEP_DIR = re.compile(r"step-(\d{8})")
+_LEFTOVER = re.compile(r"\.(step-\d{8})\.")  # .step-N.saving, .step-N.old, .step-N.deleting
 
 
 class CheckpointWriteError(MedfoundryError):
@@ -267,6 +269,23 @@ def _prune(directory: Path, step: int, keep_last: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _remove_abandoned_saves(directory: Path) -> None:
+    """Remove the hidden leftovers (``.step-N.*``) of killed saves and deletions, step by step, after undoing a
+    replacement killed between its two renames; a step that a live process is saving (it claims
+    ``.step-N.saving``, :meth:`Checkpointer._staging`) is left alone."""
+    steps = {m.group(1) for p in directory.glob(".step-*") if (m := _LEFTOVER.match(p.name))}
+    for step in sorted(steps):
+        with claim(directory / f".{step}.saving") as abandoned:
+            if not abandoned:
+                continue
+            _restore_replaced(directory / step)
+            for leftover in directory.glob(f".{step}.*"):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                elif leftover.suffix != ".claim":  # the claim is this process's: removed as it lets go
+                    leftover.unlink(missing_ok=True)
+
+
 def _restore_replaced(final: Path) -> None:
     """Undo a replacement interrupted between :func:`medfoundry.io.replace_dir`'s two renames."""
     old = final.with_name(f".{final.name}.old")
@@ -355,19 +374,17 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
 
 def latest_checkpoint(directory: str | os.PathLike, clean: bool = True, verify: bool = True) -> Path | None:
     """The newest intact ``step-*`` folder, or None when there is none at all. With ``clean``, hidden
-    leftovers of interrupted saves and deletions (``.step-*``) are removed first: call it before
-    training starts. With ``verify`` every file is checked against the folder's manifest: a damaged
-    checkpoint (file missing, truncated, corrupted) is reported on stderr, naming the file, and the
-    previous intact one is returned instead; when every checkpoint is damaged, :class:`DamagedCheckpoint`
-    lists them (move them away to start over). Without it, the newest complete folder."""
+    leftovers of interrupted saves and deletions (``.step-*``) are removed first, except those of a save
+    that a live process is making (:func:`_remove_abandoned_saves`): call it before training starts. With
+    ``verify`` every file is checked against the folder's manifest: a damaged checkpoint (file missing,
+    truncated, corrupted) is reported on stderr, naming the file, and the previous intact one is returned
+    instead; when every checkpoint is damaged, :class:`DamagedCheckpoint` lists them (move them away to
+    start over). Without it, the newest complete folder."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
     if clean:
-        for old in directory.glob(".step-*.old"):
-            _restore_replaced(old.with_name(old.name[1:].removesuffix(".old")))
-        for leftover in directory.glob(".step-*"):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        _remove_abandoned_saves(directory)
     folders = _step_dirs(directory)
     if not verify:
         complete = [p for p in folders if is_complete(p)]
@@ -520,6 +537,7 @@ class _Save:
     final: Path
     tmp: Path
     trainer_state: dict
+    claim: contextlib.ExitStack  # process 0's claim on ``tmp``, released once it is in place or removed
     future: object | None = None  # dcp.async_save's future
     error: tuple[str, str] | None = None  # (file, cause) of this process's failed write
 
@@ -569,7 +587,7 @@ class Checkpointer:
             state.reader_state = self.reader.state_dict()
         state.rng = get_rng_state()
         final = self.directory / f"step-{state.step:08d}"
-        tmp = self._staging(final)
+        tmp, claimed = self._staging(final)
         tensors, _, groups = _live_state(self.model, self.optimizer)
         saved = state.state_dict()
         rng = saved.pop("rng")
@@ -581,7 +599,7 @@ class Checkpointer:
             "param_groups": groups,
             "world_size": self.dist.world_size,
         }
-        pending = _Save(final, tmp, json.loads(json.dumps(trainer_state)))  # tuples as lists, as loaded
+        pending = _Save(final, tmp, json.loads(json.dumps(trainer_state)), claimed)  # tuples as lists, as loaded
         pending.error = self._write_rng(tmp, rng)
         try:  # every process takes part in DCP's collectives, even one whose RNG file failed
             writer = dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1)
@@ -609,20 +627,23 @@ class Checkpointer:
             pending.error = pending.error or _shard_failure(exc, pending.tmp)
         self._finish(pending)
 
-    def _staging(self, final: Path) -> Path:
-        """The hidden folder the processes write into, made empty by process 0 (a collective)."""
+    def _staging(self, final: Path) -> tuple[Path, contextlib.ExitStack]:
+        """The hidden folder the processes write into, made empty and claimed by process 0 (a collective):
+        the claim keeps other processes' :func:`latest_checkpoint` cleaning off it until it is in place."""
         tmp = final.with_name(f".{final.name}.saving")
+        claimed = contextlib.ExitStack()
         problem = None
         if self.dist.is_main:
             try:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
+                claimed.enter_context(claimed_dir(tmp))
+            except FolderBusy as exc:
+                problem = str(exc)
             except OSError as exc:
                 problem = self._failed(final, "the checkpoint folder", _write_failure(exc, None))
         problem = distributed.broadcast_object(problem, self.dist)
         if problem is not None:
             raise CheckpointWriteError(problem)
-        return tmp
+        return tmp, claimed
 
     def _write_rng(self, tmp: Path, rng: dict) -> tuple[str, str] | None:
         path = tmp / rng_file(self.dist.rank)
@@ -659,6 +680,7 @@ class Checkpointer:
                 problem = self._publish(pending, {k: v for _, files in reports for k, v in files.items()})
             if problem is not None:
                 shutil.rmtree(pending.tmp, ignore_errors=True)
+            pending.claim.close()
         problem = distributed.broadcast_object(problem, self.dist)
         if problem is not None:
             raise CheckpointWriteError(problem)

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medfoundry.errors import FolderBusy
+from medfoundry.io import folder_lock
 from medfoundry.model import export
 from medfoundry.train.accel import HiddenStatesLM
 
@@ -236,6 +238,24 @@ def broadcast_object(value, d: Dist):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def folder_lock_of_job(folder, what: str, d: Dist):
+    """The folder's lock (:func:`medfoundry.io.folder_lock`) for one job, whatever its number of processes:
+    process 0 takes it and tells the others whether it got it, so the processes of a job never lock each
+    other out, and a second job on the folder fails at once on every process, naming the holder."""
+    with contextlib.ExitStack() as held:
+        busy = None
+        if d.is_main:
+            try:
+                held.enter_context(folder_lock(folder, what))
+            except FolderBusy as exc:
+                busy = exc
+        busy = broadcast_object(busy, d)
+        if busy is not None:
+            raise busy
+        yield
 
 
 def gather_objects(value, d: Dist, to_all: bool = False) -> list:

@@ -133,7 +133,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def run_distributed(cfg: RunConfig, make_job: Callable[..., Job]) -> dict:
-    """Set up the device and the process group, build the run's :class:`Job` and :func:`train` it."""
+    """Set up the device and the process group, build the run's :class:`Job` and :func:`train` it, holding the
+    output folder's lock throughout (once for the job: :func:`~medfoundry.train.distributed.folder_lock_of_job`).
+    So the run alone writes its folder, and what it removes there as leftovers of a killed run (hidden
+    checkpoint and export folders) is never another live run's."""
     device, precision = resolve_device_precision("auto", cfg.training.precision)
     configure()
     d = distributed.init_distributed(cfg.distributed.backend, device)
@@ -141,10 +144,11 @@ def run_distributed(cfg: RunConfig, make_job: Callable[..., Job]) -> dict:
         device = f"cuda:{d.local_rank}"
         torch.cuda.set_device(device)
     try:
-        if cfg.log.tensorboard:
-            require_tensorboard()
-        _seed_everything(cfg.training.seed)
-        return train(make_job(cfg, d, device, precision), d, device)
+        with distributed.folder_lock_of_job(cfg.output_dir, "training", d):
+            if cfg.log.tensorboard:
+                require_tensorboard()
+            _seed_everything(cfg.training.seed)
+            return train(make_job(cfg, d, device, precision), d, device)
     finally:
         distributed.shutdown(d)
 

@@ -87,47 +87,43 @@ _CC_NAME = re.compile(
 _CC_TERMS = {"NC": ("nc", "commercial"), "ND": ("nd", "deriv"), "SA": ("sa", "share")}
 
 
-MAX_FILE_BYTES = 512 << 20  # a file is parsed whole; one PMC article is a few MB at most
-
-
 def read_jats(path: Path, ctx: ReadContext, captions: bool = True) -> Iterator[Record]:
     """Yield the article of a JATS file, or each ``<article>`` of a ``<pmc-articleset>`` (a ``<sub-article>``
-    is part of its article); figure and table captions are kept when ``captions``."""
+    is part of its article); figure and table captions are kept when ``captions``.
+
+    The file is streamed article by article (see :class:`safe_xml.EntryStream`): an article over the size limits
+    is skipped and the next one read, and nothing else in the file is kept in memory."""
+    stem = Path(Path(path).name.removesuffix(".gz")).stem
     try:
         with open_binary(path) as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)  # never more: a small .gz can hold gigabytes (a gzip bomb)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-        ctx.skip(f"truncated or corrupt gzip: {err}")
-        return
-    if len(data) > MAX_FILE_BYTES:
-        ctx.skip(f"more than {MAX_FILE_BYTES >> 20} MiB of XML (decompressed): too large for one JATS file, refused")
-        return
-    if not data.strip():
-        ctx.skip("empty file")
-        return
-    try:  # entities stay unexpanded, no DTD or external entity is read: see safe_xml
-        root = etree.fromstring(data, safe_xml.parser())
+            stream = safe_xml.EntryStream(fh, "JATS", ("article",), ("pmc-articleset",))
+            for item in stream:
+                if isinstance(item, safe_xml.Problem):
+                    ctx.skip(item.reason, item.line)
+                    continue
+                record = _record(item, captions, stem if item.getparent() is None else f"{stem}#{stream.started}")
+                if record is None:
+                    ctx.skip("no article text", item.sourceline)
+                else:
+                    yield record
     except etree.XMLSyntaxError as err:
         ctx.skip(safe_xml.syntax_error_reason(err), err.lineno)
         return
-    entities = safe_xml.declared_entities(root)
-    if entities:
-        ctx.skip(safe_xml.entity_refusal(entities), 1)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        ctx.skip(f"truncated or corrupt gzip: {err}")
         return
-    articles = [root] if root.tag == "article" else root.findall(".//article")
-    if not articles:
+    if not stream.started and not stream.refused:
         ctx.skip("no article text")
-        return
-    stem = Path(Path(path).name.removesuffix(".gz")).stem
-    for n, article in enumerate(articles, 1):
-        laid_out = _article_text(article, captions)
-        if laid_out is None:
-            ctx.skip("no article text", article.sourceline)
-            continue
-        text, section_titles = laid_out
-        meta = {**_meta(article), "section_titles": section_titles}
-        native_id = meta["pmcid"] or meta["doi"] or (stem if len(articles) == 1 else f"{stem}#{n}")
-        yield Record(native_id=native_id, text=text, meta=meta, line=article.sourceline)
+
+
+def _record(article: etree._Element, captions: bool, fallback_id: str) -> Record | None:
+    """The record of one ``<article>``; ``fallback_id`` names it when it has neither PMCID nor DOI."""
+    laid_out = _article_text(article, captions)
+    if laid_out is None:
+        return None
+    text, section_titles = laid_out
+    meta = {**_meta(article), "section_titles": section_titles}
+    return Record(native_id=meta["pmcid"] or meta["doi"] or fallback_id, text=text, meta=meta, line=article.sourceline)
 
 
 # --- layout -----------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from medfoundry import limits
 from medfoundry.corpus.config import FieldMap
 from medfoundry.corpus.readers.base import ReadContext, Record
-from medfoundry.io import lone_surrogate, may_hold_surrogates, open_binary
+from medfoundry.io import line_too_long, lone_surrogate, may_hold_surrogates, open_binary, read_lines
 
 _GZIP_ERRORS = (EOFError, zlib.error, OSError)
 
@@ -17,20 +18,24 @@ _GZIP_ERRORS = (EOFError, zlib.error, OSError)
 def iter_lines(path: Path, ctx: ReadContext, part: int = 0, parts: int = 1) -> Iterator[tuple[int, bytes]]:
     """Yield ``(line_number, bytes)`` of non-blank lines; with ``parts`` > 1 only every parts-th line.
 
-    A file with no non-blank line is reported (by part 0) as empty.
-
     Several tasks can then share one big file (each decompresses it, which is cheap next to
-    parsing). Faults that end the file (truncated gzip) are reported by part 0 only.
+    parsing). Faults that end the file (truncated gzip) are reported by part 0 only, a line over
+    :data:`~medfoundry.limits.MAX_LINE_BYTES` by its part (without reading it whole), and a file with no
+    non-blank line by part 0, as empty.
     """
     seen_any = False
     number = 0
     try:
         with open_binary(path) as fh:
-            for number, raw in enumerate(fh, start=1):
-                if not raw.strip():
+            for number, raw in enumerate(read_lines(fh), start=1):
+                if raw is not None and not raw.strip():
                     continue
                 seen_any = True
-                if (number - 1) % parts == part:
+                if (number - 1) % parts != part:
+                    continue
+                if raw is None:
+                    ctx.skip(line_too_long(), number)
+                else:
                     yield number, raw
     except _GZIP_ERRORS as exc:
         if part == 0:
@@ -92,12 +97,19 @@ def read_jsonl(path: Path, ctx: ReadContext, fields: FieldMap, part: int = 0, pa
 
 
 def read_text(path: Path, ctx: ReadContext) -> Iterator[Record]:
-    """One document per plain-text file (``.txt`` or ``.txt.gz``), id = file name."""
+    """One document per plain-text file (``.txt`` or ``.txt.gz``), id = file name; a file over
+    :data:`~medfoundry.limits.MAX_TEXT_FILE_BYTES` is skipped, having read no more than that."""
     try:
         with open_binary(path) as fh:
-            data = fh.read()
+            data = fh.read(limits.MAX_TEXT_FILE_BYTES + 1)
     except _GZIP_ERRORS as exc:
         ctx.skip(f"truncated or corrupt file: {exc}")
+        return
+    if len(data) > limits.MAX_TEXT_FILE_BYTES:
+        ctx.skip(
+            f"more than {limits.mib(limits.MAX_TEXT_FILE_BYTES)} of text (decompressed; "
+            "medfoundry.limits.MAX_TEXT_FILE_BYTES): too large for one document, refused"
+        )
         return
     if not data.strip():
         ctx.skip("empty file")

@@ -4,10 +4,10 @@ Handles the current ``PubmedArticleSet`` format (baseline/update files and efetc
 legacy ``MedlineCitationSet`` DTD (MEDLINE files up to 2016, where ``MedlineCitation`` is a
 top-level element), ``PubmedBookArticle`` entries and ``DeleteCitation`` lists.
 
-Files are streamed with ``lxml.etree.iterparse``: every top-level entry is cleared, and its
-already-processed siblings deleted, as soon as it has been turned into a record, so memory stays
-flat whatever the file size. Parsing goes through :mod:`medfoundry.corpus.readers.safe_xml`: entities are never
-expanded, no DTD or external entity is loaded, and a file that declares entities is refused.
+Files are streamed entry by entry through :class:`medfoundry.corpus.readers.safe_xml.EntryStream`, which frees
+each entry once it has been turned into a record, and whatever else the parser has finished as it goes, so
+memory stays flat whatever the file holds. Entities are never expanded, no DTD or external entity is loaded, and
+a file that declares entities, or whose root is not a PubMed set, is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from medfoundry.corpus.readers.base import Deletion, ReadContext, Record
 from medfoundry.io import open_binary
 
 _ENTRY_TAGS = ("PubmedArticle", "MedlineCitation", "PubmedBookArticle", "DeleteCitation")
+_ROOTS = ("PubmedArticleSet", "MedlineCitationSet", "PubmedBookArticleSet")  # a lone entry may be the root too
 _YEAR = re.compile(r"\d{4}")
 # A superscript that is an exponent of the number just before it: 10<sup>5</sup>, 10<sup>−3</sup>,
 # 10<sup>(−1/slope)</sup>, 2<sup>−ΔΔCt</sup>. Not CD4<sup>+</sup>, p27<sup>Kip1</sup>, 21<sup>st</sup>,
@@ -40,49 +41,21 @@ def read_pubmed_xml(path: Path, ctx: ReadContext) -> Iterator[Record | Deletion]
 
     A citation without an abstract is emitted with its title as text and ``meta["has_abstract"]``
     False: whether to keep it is the caller's choice. One with neither title nor abstract, or without
-    a PMID, is skipped through ``ctx``. Malformed XML or a truncated/corrupt gzip stream ends the file
+    a PMID, is skipped through ``ctx``, as is an entry over the size limits (see :class:`safe_xml.EntryStream`).
+    A file that is not a PubMed set, malformed XML or a truncated/corrupt gzip stream ends the file
     with one ``ctx.skip``: records already yielded stand, nothing after the fault is trusted.
     """
     with open_binary(path) as fh:
         try:
-            if not fh.peek(1):  # type: ignore[attr-defined]
-                ctx.skip("empty file")
-                return
-            entries = safe_xml.iterparse(fh, events=("end",), tag=_ENTRY_TAGS)
-            checked = False
-            for _, elem in entries:
-                if not checked:  # the DOCTYPE is parsed before the first element: refuse before any record
-                    checked = True
-                    entities = safe_xml.declared_entities(elem)
-                    if entities:
-                        ctx.skip(safe_xml.entity_refusal(entities), 1)
-                        return
-                if elem.tag == "MedlineCitation" and _parent_tag(elem) == "PubmedArticle":
-                    continue  # handled with its PubmedArticle, which ends later
-                yield from _entry(elem, ctx)
-                _release(elem)
-            entities = [] if checked else safe_xml.declared_entities(entries.root)
-            if entities:
-                ctx.skip(safe_xml.entity_refusal(entities), 1)
+            for item in safe_xml.EntryStream(fh, "PubMed", _ENTRY_TAGS, _ROOTS):
+                if isinstance(item, safe_xml.Problem):
+                    ctx.skip(item.reason, item.line)
+                else:
+                    yield from _entry(item, ctx)
         except etree.XMLSyntaxError as exc:
             ctx.skip(safe_xml.syntax_error_reason(exc), exc.lineno or None)
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             ctx.skip(f"truncated or corrupt gzip: {exc}")
-
-
-def _parent_tag(elem: etree._Element) -> str | None:
-    parent = elem.getparent()
-    return None if parent is None else parent.tag
-
-
-def _release(elem: etree._Element) -> None:
-    """Free a processed entry and the siblings before it (iterparse keeps the whole tree otherwise)."""
-    elem.clear(keep_tail=False)
-    parent = elem.getparent()
-    if parent is None:  # the entry is the document's root: what precedes it are comments or processing instructions
-        return
-    while elem.getprevious() is not None:
-        del parent[0]
 
 
 def _entry(elem: etree._Element, ctx: ReadContext) -> Iterator[Record | Deletion]:
