@@ -92,6 +92,19 @@ def smollm2_gguf() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted once per test session from its GGUF into a float32 Hugging Face checkpoint
+    (about 540 MB; removed at the end of the session). Tests must not modify it."""
+    import shutil
+
+    from medfoundry.model.convert import convert_gguf
+
+    out = convert_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2-hf") / "SmolLM2-135M-Instruct")
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct's tokenizer (ChatML template with a default system prompt), read once from its GGUF."""

@@ -6,8 +6,6 @@ One conversion for the whole module (~20 s, ~540 MB of float32 weights in a temp
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -29,12 +27,8 @@ def gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def converted(gguf, tmp_path_factory):
-    start = time.perf_counter()
-    out = convert_gguf(gguf, tmp_path_factory.mktemp("smollm2") / "hf")
-    print(f"\nconverted {gguf.name} in {time.perf_counter() - start:.1f} s")
-    yield out
-    shutil.rmtree(out)  # 540 MB: not left in pytest's kept temporary directories
+def converted(smollm2_hf):
+    return smollm2_hf
 
 
 def reference_model(gguf: Path):
