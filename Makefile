@@ -20,8 +20,9 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
+# two workers (pytest-xdist), each test file on one worker so its module fixtures are built once
 test: setup lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # many random-point SIGKILLs, full disks and corrupted files over corpus build, tokenization and training
 test-long: setup

@@ -698,7 +698,7 @@ def hostile_probes(key: str = KEY) -> list[Probe]:
         Probe("more prompts than the server holds", 400, post({"prompt": [[1]] * 500})),
         Probe("17 stop sequences", 400, post({"stop": [str(i) for i in range(17)]})),
         Probe("logit_bias", 400, post({"logit_bias": {"1": 100}})),
-        Probe("logprobs", 400, post({"logprobs": 5})),
+        Probe("logprobs over --max-logprobs", 400, post({"logprobs": 21})),
         Probe("temperature 3", 400, post({"temperature": 3})),
         Probe("top_p 0", 400, post({"top_p": 0})),
         Probe("seed over 64 bits", 400, post({"seed": 2**64})),

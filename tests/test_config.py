@@ -132,7 +132,8 @@ def test_wrong_type_names_field_and_value(tmp_path):
     assert "  clean.min_chars: Input should be a valid integer" in msg and "(got 'lots')" in msg
 
     msg = error_of(path, ["sources.0.kind=xml"])
-    assert "  sources.0.kind: Input should be 'pubmed_xml', 'jats', 'guidelines', 'jsonl' or 'text' (got 'xml')" in msg
+    kinds = "'pubmed_xml', 'jats', 'guidelines', 'jsonl', 'parquet', 'arrow' or 'text'"
+    assert f"  sources.0.kind: Input should be {kinds} (got 'xml')" in msg
 
     msg = error_of(path, ["dedup.near.threshold=1.5"])
     assert "  dedup.near.threshold: Input should be less than or equal to 1 (got 1.5)" in msg

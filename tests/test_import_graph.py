@@ -14,7 +14,19 @@ SRC = REPO / "src" / "medfoundry"
 
 # lowest first; a package may import from its own layer only where that makes no cycle
 LAYERS = [
-    {"medfoundry", "errors", "io", "runtime", "config", "manifest", "shuffled_order", "executor", "limits", "extras"},
+    {
+        "medfoundry",
+        "errors",
+        "io",
+        "runtime",
+        "config",
+        "manifest",
+        "shuffled_order",
+        "executor",
+        "limits",
+        "extras",
+        "tables",
+    },
     {"model"},  # model and tokenizer files, loaded under the safety rules: every stage reads them
     {"corpus"},
     {"tokenizer"},

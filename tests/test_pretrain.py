@@ -325,16 +325,14 @@ def test_tensorboard_scalars_match_the_metrics_and_survive_a_resume(tokens, tmp_
 
 
 def test_tensorboard_missing_is_a_config_error(tokens, tmp_path, monkeypatch):
-    import importlib.util
+    from medfoundry.extras import MissingExtra
 
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a)
-    )
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # what an uninstalled package looks like to import
     tree = _tree(tokens, tmp_path / "no_tb")
     tree["log"] = {"tensorboard": True}
     with pytest.raises(
-        ConfigError, match=r"log.tensorboard: the tensorboard package is not installed: pip install tensorboard"
+        MissingExtra,
+        match=r"log.tensorboard needs tensorboard, which is not installed: pip install 'medfoundry\[tracking\]'",
     ):
         pretrain(validate(PretrainConfig, tree))
     assert not (tmp_path / "no_tb").exists()

@@ -178,7 +178,7 @@ def test_api_key_is_required(server):
         ({"max_tokens": 100, "prompt": "word " * 60}, "context of 128"),
         ({"prompt": "word " * 140}, "prompt"),
         ({"prompt": ""}, "empty"),
-        ({"logprobs": 2}, "logprobs is not supported"),
+        ({"logprobs": 21}, "logprobs: 21 is more than this server.s limit of 20"),
         ({"stop": [str(i) for i in range(17)]}, "at most 16"),
         ({"n": 5}, "at most 4 at once"),
     ],

@@ -255,9 +255,9 @@ def test_slice_spans_shard_boundaries(tokenized):
 
 
 def test_a_gguf_model_file_serves_as_the_tokenizer(tmp_path, monkeypatch):
-    """Continued pretraining of a GGUF model: its embedded tokenizer (through the dequantized checkpoint)
-    tokenizes the corpus, with the model's own end-of-sequence token."""
-    from medfoundry.model.load import hf_directory
+    """Continued pretraining of a GGUF model: its embedded tokenizer tokenizes the corpus, with the model's own
+    end-of-sequence token, and its weights are never dequantized for it (only the tokenizer is cached)."""
+    from medfoundry.model.load import tokenizer_directory
 
     monkeypatch.setenv("MEDFOUNDRY_CACHE", str(tmp_path / "cache"))
     gguf = smollm2_gguf()
@@ -265,7 +265,9 @@ def test_a_gguf_model_file_serves_as_the_tokenizer(tmp_path, monkeypatch):
     texts = read_abstracts(6)
     write_corpus(root, texts, {"train": 1, "val": 1})
     manifest = tokenize_corpus(root, gguf, tmp_path / "tokens", workers=1)
-    directory = hf_directory(gguf)
+    directory = tokenizer_directory(gguf)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["gguf-tokenizer"]
+    assert not any(p.suffix == ".safetensors" for p in directory.iterdir())
     tokenizer = load_backend_tokenizer(directory)
     shards = TokenShards(tmp_path / "tokens" / "train")
     assert manifest.details["tokenizer"]["eos_token"] == "<|im_end|>" and shards.eos_id == tokenizer.token_to_id(

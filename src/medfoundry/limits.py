@@ -17,6 +17,9 @@ MAX_ENTRY_BYTES = 32 << 20
 MAX_ENTRY_MARKUP = 1_000_000
 # One line of a JSONL or text file (a corpus document, an SFT or evaluation record): read in chunks, never whole.
 MAX_LINE_BYTES = 32 << 20
+# The text of one row of a Parquet file or Arrow dataset (its string columns read): the bound of a JSONL line, so
+# that a record refused in one format is refused in the other.
+MAX_ROW_BYTES = MAX_LINE_BYTES
 # A plain-text corpus document (.txt / .txt.gz), which is one file read whole.
 MAX_TEXT_FILE_BYTES = 32 << 20
 # A whole-file JSON array or object (SFT .json / .json.gz), which is parsed in memory: its text takes one to four

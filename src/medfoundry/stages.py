@@ -96,6 +96,7 @@ def _parent(tree: dict[str, Any], dotted: str) -> tuple[dict[str, Any], str]:
 _TRAINING_RUNTIME = (
     "log.every",  # which steps metrics.jsonl records
     "log.tensorboard",  # also write the metrics as TensorBoard scalars
+    "log.wandb",  # also log them to Weights & Biases
     "checkpoint.keep_last",  # how many checkpoints are kept: the final model is the same
     "checkpoint.async_save",  # the same checkpoint, written in the background
 )
@@ -113,16 +114,52 @@ def _benchmarks_dir(cfg: EvalConfig) -> str:
     return str(cfg.benchmarks_path().resolve())
 
 
+def _hub_pinned(reference: str | None) -> str | None:
+    """A Hub id as the commit it resolves to now (``org/name@<commit>``; downloaded into the Hugging Face cache,
+    as the stage would), so that a moved branch or tag is another input; any other reference as it is, and so is
+    a name the Hub does not resolve (a folder an earlier stage has not built yet, or a model the stage will
+    report missing when it runs)."""
+    from medfoundry.errors import InputError
+    from medfoundry.model import hub
+
+    if reference is None or not hub.is_hub_id(reference):
+        return reference
+    try:
+        return f"{hub.split(reference)[0]}@{hub.commit(reference)}"
+    except InputError:
+        return reference
+
+
+def _pinned(getter: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda cfg: _hub_pinned(getter(cfg))
+
+
 # Per stage, the config fields (dotted) whose default the stage resolves when it runs, each as resolved here:
 # an eval that names no benchmarks folder reads the one beside the package, so another checkout (or changed
-# files in it, which the runner fingerprints like any input it names) is another input.
-RESOLVED: dict[str, dict[str, Callable[[Any], Any]]] = {"eval": {"benchmarks_dir": _benchmarks_dir}}
+# files in it, which the runner fingerprints like any input it names) is another input; a model or tokenizer
+# named by a Hub id is the commit it resolves to (:func:`_hub_pinned`).
+RESOLVED: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "tokenizer_extend": {"base_dir": _pinned(lambda cfg: cfg.base_dir)},
+    "tokens": {"tokenizer_dir": _pinned(lambda cfg: cfg.tokenizer_dir)},
+    "pretrain": {
+        "model.init_from": _pinned(lambda cfg: cfg.model.init_from),
+        "data.tokenizer_dir": _pinned(lambda cfg: cfg.data.tokenizer_dir),
+    },
+    "finetune": {
+        "model.init_from": _pinned(lambda cfg: cfg.model.init_from),
+        "data.tokenizer": _pinned(lambda cfg: cfg.data.tokenizer),
+    },
+    "eval": {"benchmarks_dir": _benchmarks_dir, "models": lambda cfg: [_hub_pinned(m) for m in cfg.models]},
+    "generate": {"model": _pinned(lambda cfg: cfg.model)},
+}
 
 
 def input_fingerprints(*specs: str | None) -> dict[str, str]:
     """Fingerprints of a stage's inputs: an earlier stage's output by its manifest, another local file or folder
     by content (each file read once per size and modification time: a 7B base model's 14 GB are not hashed
-    again by every run that continues it); a name that is not a local path (a Hub id) has none."""
+    again by every run that continues it); a Hub id by the commit of its snapshot in the Hugging Face cache."""
+    from medfoundry.errors import InputError
+    from medfoundry.model import hub
     from medfoundry.model.load import cache_root
 
     found = {}
@@ -135,6 +172,11 @@ def input_fingerprints(*specs: str | None) -> dict[str, str]:
                 found[spec] = output_fingerprint(path)
             elif path.exists():  # README.md: the card a model gets
                 found[spec] = inputs_fingerprint(path, skip=lambda name: name == "README.md", hashes=hashes)
+            elif hub.is_hub_id(spec):
+                try:
+                    found[spec] = f"hub:{hub.commit(spec, cached=True)}"  # what the stage used: no network now
+                except InputError:
+                    pass
     return found
 
 

@@ -11,7 +11,6 @@ write (a task per extract task, then a task per shard): shards, see write.py; th
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import shutil
 import time
@@ -20,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from medfoundry import __version__
 from medfoundry.corpus.config import CorpusConfig
@@ -178,18 +178,16 @@ def _write_dropped(path: Path, extract_dir: Path, tasks: int, parts: list[Path])
     row order, streamed. Returns the counts by stage/reason and source, and the drops the report lists."""
     by_reason: dict[str, Counter] = {}
     listed = []
-    with atomic_open(path) as out:
-        ledgers = (
-            entry
-            for t in range(tasks)
-            for entry in iter_jsonl(extract_dir / f"{t:05d}.ledger.jsonl.gz")
-            if "event" not in entry
-        )
-        for entry in itertools.chain(ledgers, *(iter_jsonl(p) for p in parts)):
-            out.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            by_reason.setdefault(f"{entry['stage']}/{entry['reason']}", Counter())[entry["source"]] += 1
-            if entry["stage"] in ("decontaminate", "read") and entry["reason"] != "no_abstract":
-                listed.append(entry)
+    inputs = [extract_dir / f"{t:05d}.ledger.jsonl.gz" for t in range(tasks)] + parts
+    with atomic_open(path) as out, tqdm(inputs, desc="finalize", unit="part", disable=None) as bar:
+        for part in bar:
+            for entry in iter_jsonl(part):
+                if "event" in entry:  # a PubMed deletion, applied by dedup
+                    continue
+                out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                by_reason.setdefault(f"{entry['stage']}/{entry['reason']}", Counter())[entry["source"]] += 1
+                if entry["stage"] in ("decontaminate", "read") and entry["reason"] != "no_abstract":
+                    listed.append(entry)
     return {k: dict(v) for k, v in by_reason.items()}, listed
 
 

@@ -10,11 +10,12 @@ from pydantic import Field, field_validator, model_validator
 from medfoundry.config import StrictModel
 from medfoundry.executor import ExecutorConfig
 
-SourceKind = Literal["pubmed_xml", "jats", "guidelines", "jsonl", "text"]
+SourceKind = Literal["pubmed_xml", "jats", "guidelines", "jsonl", "parquet", "arrow", "text"]
+RECORD_KINDS = ("jsonl", "parquet", "arrow")  # records mapped onto documents by a FieldMap
 
 
 class FieldMap(StrictModel):
-    """How a generic JSONL record maps onto a document.
+    """How a generic JSONL record (or a Parquet or Arrow row) maps onto a document.
 
     ``text`` lists fields joined with a blank line (e.g. ``[title, abstract]``); missing or null
     fields are left out. ``meta`` lists fields copied into the document's metadata.
@@ -30,11 +31,16 @@ class FieldMap(StrictModel):
 class SourceConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     kind: SourceKind
-    paths: list[str] = Field(min_length=1, description="files or glob patterns")
+    paths: list[str] = Field(
+        min_length=1, description="files or glob patterns; arrow: folders written by datasets' save_to_disk"
+    )
     weight: float | None = Field(
         None, gt=0, le=1, description="target share of train characters; unset = take every document once"
     )
-    fields: FieldMap = Field(default_factory=FieldMap, description="jsonl only")
+    fields: FieldMap = Field(default_factory=FieldMap, description="jsonl, parquet and arrow sources")
+    split: str | None = Field(
+        None, description="arrow: the split to read of a DatasetDict folder (one with dataset_dict.json)"
+    )
     keep_without_abstract: bool = Field(False, description="pubmed_xml: keep records that have only a title")
     captions: bool = Field(True, description="jats: keep figure and table captions")
 
@@ -47,13 +53,18 @@ class SourceConfig(StrictModel):
 
     @model_validator(mode="after")
     def _options_fit_kind(self) -> SourceConfig:
-        for option, kind in _KIND_OPTIONS.items():
-            if option in self.model_fields_set and self.kind != kind:
-                raise ValueError(f"{option!r} applies to kind {kind!r} sources, not {self.kind!r}")
+        for option, kinds in _KIND_OPTIONS.items():
+            if option in self.model_fields_set and self.kind not in kinds:
+                raise ValueError(f"{option!r} applies to kind {' and '.join(kinds)} sources, not {self.kind!r}")
         return self
 
 
-_KIND_OPTIONS = {"fields": "jsonl", "keep_without_abstract": "pubmed_xml", "captions": "jats"}
+_KIND_OPTIONS = {
+    "fields": RECORD_KINDS,
+    "split": ("arrow",),
+    "keep_without_abstract": ("pubmed_xml",),
+    "captions": ("jats",),
+}
 
 
 class CleanConfig(StrictModel):
@@ -135,7 +146,11 @@ class CorpusConfig(StrictModel):
     work_dir: str | None = Field(None, description="intermediate files; default OUTPUT_DIR/.work")
     workers: int = Field(0, ge=0, description="parallel tasks; 0 = one per CPU core")
     strict: bool = Field(True, description="fail on the first bad input; false = skip and report it")
-    split_mb: float = Field(16.0, gt=0, description="line-based files larger than this are read by several tasks")
+    split_mb: float = Field(
+        16.0,
+        gt=0,
+        description="JSONL files (and Parquet files, by row group) larger than this are read by several tasks",
+    )
     sources: list[SourceConfig] = Field(min_length=1)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medfoundry.extras import pyplot
 from medfoundry.io import atomic_path, write_text
 from medfoundry.manifest import Manifest
 
 
-def composition_chart(path: Path, mixture: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def composition_chart(path: Path, mixture: dict) -> bool:
+    """Draw the chart; False when matplotlib is absent (the report then goes without it)."""
+    plt = pyplot("the corpus composition chart")
+    if plt is None:
+        return False
     names = list(mixture)
     available = [mixture[n]["available_chars"] / 1e6 for n in names]
     achieved = [mixture[n]["achieved_chars"] / 1e6 for n in names]
@@ -48,6 +48,7 @@ def composition_chart(path: Path, mixture: dict) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+    return True
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -84,7 +85,7 @@ def _mixture_table(mixture: dict) -> str:
 
 def write_report(out_dir: Path, manifest: Manifest, drops: list[dict]) -> None:
     details, counts = manifest.details, manifest.counts
-    composition_chart(out_dir / "composition.png", details["mixture"])
+    charted = composition_chart(out_dir / "composition.png", details["mixture"])
     per = details["per_source"]
     sources = list(details["mixture"])
     parts = [
@@ -108,7 +109,7 @@ def write_report(out_dir: Path, manifest: Manifest, drops: list[dict]) -> None:
             ],
         ),
         "## Mixture (train split)",
-        "![composition](composition.png)",
+        *(["![composition](composition.png)"] if charted else []),
         _mixture_table(details["mixture"]),
         *[
             f"**Short of its weight:** `{name}` would need more than `mix.max_repeat` copies of its documents "

@@ -26,6 +26,7 @@ from medfoundry.corpus.fingerprint import MinHasher, band_keys, exact_key
 from medfoundry.corpus.ngrams import word_hashes
 from medfoundry.corpus.plan import WorkUnit
 from medfoundry.corpus.readers.base import Deletion, ReadContext
+from medfoundry.corpus.readers.columnar import read_table
 from medfoundry.corpus.readers.guidelines import read_guidelines
 from medfoundry.corpus.readers.jats import read_jats
 from medfoundry.corpus.readers.jsonl import read_jsonl, read_text
@@ -44,6 +45,8 @@ def read_unit(unit: WorkUnit, source: SourceConfig, ctx: ReadContext):
         return read_guidelines(path, ctx)
     if source.kind == "text":
         return read_text(path, ctx)
+    if source.kind in ("parquet", "arrow"):
+        return read_table(path, ctx, source.fields, unit.part, unit.parts)
     return read_jsonl(path, ctx, source.fields, unit.part, unit.parts)
 
 

@@ -32,9 +32,22 @@ class ChainOfThoughtConfig(SamplingConfig):
 class EvalConfig(StrictModel):
     output_dir: str
     models: list[str] = Field(
-        min_length=1, description="Hugging Face model directories (or .gguf files), compared side by side"
+        min_length=1,
+        description="Hugging Face model directories, Hub ids (org/name[@revision]) or .gguf files, compared side "
+        "by side",
     )
-    tasks: list[str | dict] = Field(min_length=1, description="task or group names, or inline task definitions")
+    tasks: list[str | dict] = Field(
+        default_factory=list, description="task or group names, or inline task definitions (these or lm_eval_tasks)"
+    )
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness task or group names, run by lm-eval itself on medfoundry's scorer "
+        "(results in OUTPUT/<model>/lm_eval/)",
+    )
+    lm_eval_include: list[str] = Field(
+        default_factory=list, description="folders of lm-eval task YAML files (lm-eval's --include_path)"
+    )
+    lm_eval_log_samples: bool = Field(False, description="also write lm-eval's per-sample records")
     benchmarks_dir: str | None = Field(
         None, description="where task data files are; default ../shared/data/benchmarks next to the repository"
     )
@@ -67,6 +80,12 @@ class EvalConfig(StrictModel):
         description="allow pickled weights (pytorch_model.bin) in the models, loaded with "
         "torch.load(weights_only=True); default: safetensors only",
     )
+
+    @model_validator(mode="after")
+    def _some_tasks(self) -> EvalConfig:
+        if not self.tasks and not self.lm_eval_tasks:
+            raise ValueError("no tasks: name some in tasks (medfoundry's) or lm_eval_tasks (lm-evaluation-harness's)")
+        return self
 
     def benchmarks_path(self) -> Path:
         return Path(self.benchmarks_dir).expanduser() if self.benchmarks_dir else default_benchmarks_dir()

@@ -64,7 +64,9 @@ def _missing_message(task: ChoiceTask, split: str, local: Path | None) -> str:
     if task.hub is None or split not in task.hub.splits:
         return message + "; the task has no hub loader for this split"
     if not _datasets_installed():
-        return message + f", or `pip install datasets` and go online to use its hub loader ({task.hub.path})"
+        return (
+            message + f", or `pip install 'medfoundry[datasets]'` and go online to use its hub loader ({task.hub.path})"
+        )
     return message
 
 

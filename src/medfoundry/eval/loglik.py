@@ -86,11 +86,26 @@ def score_requests(
     ``lm`` is a :class:`medfoundry.model.load.LoadedModel`. ``batch_size`` is the number of contexts
     per forward pass; None sizes batches by a token budget. Results do not depend on it.
     """
+    return _score(lm, encode_requests(lm.tokenizer, requests, lm.max_length), batch_size, progress)
+
+
+def score_token_pairs(
+    lm, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int | None = None, progress: bool = False
+) -> list[ChoiceScore]:
+    """Score already tokenized (context, continuation) pairs, HFLM's ``_loglikelihood_tokens`` input, for callers
+    that tokenize with their own rules (the lm-eval backend's requests and rolling windows); inputs longer than the
+    context window are cut as in :func:`encode_requests`. Pairs sharing a context share its forward pass."""
+    windows = [[_window(list(c), list(t), lm.max_length, i)] for i, (c, t) in enumerate(pairs)]
+    return [scores[0] for scores in _score(lm, windows, batch_size, progress)]
+
+
+def _score(
+    lm, pairs: list[list[tuple[Tokens, Tokens]]], batch_size: int | None, progress: bool
+) -> list[list[ChoiceScore]]:
     from tqdm import tqdm
 
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
-    pairs = encode_requests(lm.tokenizer, requests, lm.max_length)
     budget = max(1, ACTIVATION_BUDGET // lm.model.config.hidden_size)
     plan = [
         (shared, batch)
@@ -325,13 +340,13 @@ class _Scorer:
         ids, mask = self._pad([u.prefix[offset:] for u in batch])
         kwargs = {}
         if offset:
-            kwargs["past_key_values"] = self._shared_cache(shared, len(batch))
+            kwargs["cache"] = self._shared_cache(shared, len(batch))
             if self.takes_positions:
                 kwargs["position_ids"] = offset + torch.arange(ids.shape[1], device=self.device).expand_as(ids)
             mask = torch.cat([mask.new_ones(len(batch), offset), mask], dim=1)
         out = self.base(input_ids=ids, attention_mask=mask, use_cache=keep_cache or bool(offset), **kwargs)
         last = out.last_hidden_state[torch.arange(len(batch), device=self.device), mask.sum(1) - offset - 1]
-        return last, out.past_key_values, mask
+        return last, out.cache, mask
 
     def _rest(self, cache, mask: torch.Tensor, multi: list[tuple[int, Tokens]]) -> list[torch.Tensor]:
         """Log-probabilities (float64) and greediness (1.0 or 0.0) of continuation tokens 2..n, on the device, one
@@ -345,7 +360,7 @@ class _Scorer:
         targets = upload([t for _, c in multi for t in c[1:]], self.device)
         cache.reorder_cache(rows)
         ids, cont_mask = self._pad(tails)
-        kwargs = {"attention_mask": torch.cat([mask[rows], cont_mask], dim=1), "past_key_values": cache}
+        kwargs = {"attention_mask": torch.cat([mask[rows], cont_mask], dim=1), "cache": cache}
         if self.takes_positions:  # padding gets position 0: a real position could lie beyond the table
             start = mask.sum(1)[rows, None]
             kwargs["position_ids"] = (start + torch.arange(ids.shape[1], device=self.device)) * cont_mask
@@ -383,7 +398,7 @@ class _Scorer:
         """The KV cache of ``shared``, computed once per group, copied and expanded to ``rows``."""
         if self.shared_tokens != shared:
             ids = upload([shared], self.device)
-            self.shared_tokens, self.shared_kv = shared, self.base(input_ids=ids, use_cache=True).past_key_values
+            self.shared_tokens, self.shared_kv = shared, self.base(input_ids=ids, use_cache=True).cache
         cache = copy.deepcopy(self.shared_kv)
         cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=self.device))
         return cache

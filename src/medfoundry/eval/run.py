@@ -35,6 +35,8 @@ from medfoundry.eval.tasks import BUILTIN_DIR, PerplexityTask, Plan, Task, TaskR
 from medfoundry.io import write_json
 from medfoundry.manifest import Manifest, content_key, inputs_fingerprint
 
+LM_EVAL_DIR = "lm_eval"  # lm-eval's own results for lm_eval_tasks, in each model's folder
+
 
 @dataclass
 class Prepared:
@@ -137,10 +139,11 @@ def evaluate(cfg: EvalConfig, *, progress: bool = False, hub_loader: HubLoader |
     registry = registry_for(cfg)
     plan = registry.plan(cfg.tasks)
     prepared = [prepare(task, cfg, registry, hub_loader) for task in plan.tasks]
+    lm_eval_tasks = _lm_eval_tasks(cfg)
     out = Path(cfg.output_dir)
     evaluated = []
-    for name, path in _model_names(cfg.models):
-        results = _evaluate_model(cfg, plan, prepared, name, path, out / name, progress)
+    for name, path in _model_names(cfg.models, allow_pickle=cfg.allow_pickle):
+        results = _evaluate_model(cfg, plan, prepared, lm_eval_tasks, name, path, out / name, progress)
         evaluated.append({"name": name, "path": str(path), "dir": str(out / name), "results": results})
     header, rows = result_files.comparison_rows(plan, evaluated)
     report = out / "results.md"
@@ -159,19 +162,25 @@ def evaluate(cfg: EvalConfig, *, progress: bool = False, hub_loader: HubLoader |
                 for m in evaluated
             },
             "table": {"header": header, "rows": rows},
+            **(
+                {"lm_eval": {m["name"]: m["results"]["lm_eval"]["results"] for m in evaluated}}
+                if cfg.lm_eval_tasks
+                else {}
+            ),
         },
     ).write(out)
     return {"models": evaluated, "report": str(report), "table": {"header": header, "rows": rows}}
 
 
-def _model_names(models: list[str]) -> list[tuple[str, Path]]:
-    """A short unique name per model (its folder or GGUF file name, numbered on clashes)."""
+def _model_names(models: list[str], *, allow_pickle: bool = False) -> list[tuple[str, Path]]:
+    """A short unique name per model (its folder, GGUF file or Hub repository name, numbered on clashes) and its
+    local path (a Hub id's snapshot, downloaded when needed)."""
     named, seen = [], {}
     from medfoundry.model.load import check_reference, model_name
 
     for model in models:
-        path = check_reference(model, "model")
-        base = model_name(path)
+        path = check_reference(model, "model", allow_pickle=allow_pickle)
+        base = model_name(model)
         seen[base] = seen.get(base, 0) + 1
         named.append((base if seen[base] == 1 else f"{base}-{seen[base]}", path))
     return named
@@ -184,7 +193,14 @@ def model_files_hash(path: Path) -> str:
 
 
 def _evaluate_model(
-    cfg: EvalConfig, plan: Plan, prepared: list[Prepared], name: str, path: Path, out: Path, progress: bool
+    cfg: EvalConfig,
+    plan: Plan,
+    prepared: list[Prepared],
+    lm_eval_tasks,
+    name: str,
+    path: Path,
+    out: Path,
+    progress: bool,
 ) -> dict:
     from medfoundry.runtime import resolve_device_precision
 
@@ -203,6 +219,7 @@ def _evaluate_model(
                 outputs = runner.run(p)
                 write_json(cache, {"key": key, "outputs": outputs})
             scored[p.name] = result_files.score(p, outputs, cfg)
+        lm_eval = _run_lm_eval(cfg, lm_eval_tasks, runner, out / LM_EVAL_DIR, name, progress) if lm_eval_tasks else None
     finally:
         runner.close()
     info = {
@@ -214,11 +231,46 @@ def _evaluate_model(
         "medfoundry_version": __version__,
     }
     results = result_files.results_json(plan, prepared, scored, info, cfg)
+    if lm_eval is not None:
+        results["lm_eval"] = lm_eval
     results["total_evaluation_time_seconds"] = str(
         round(time.perf_counter() - start, 2)
     )  # a string, as lm-eval writes it
     result_files.write_model_outputs(out, results, prepared, scored, name)
     return results
+
+
+def _lm_eval_tasks(cfg: EvalConfig):
+    """lm-eval's task index for ``lm_eval_tasks`` (None without them), built before any model loads so that an
+    unknown name is reported at once."""
+    if not cfg.lm_eval_tasks:
+        return None
+    from medfoundry.eval.lm_eval_backend import task_manager
+
+    return task_manager(cfg.lm_eval_tasks, cfg.lm_eval_include)
+
+
+def _run_lm_eval(cfg: EvalConfig, tasks, runner: _Runner, out: Path, name: str, progress: bool) -> dict:
+    """lm-eval's own tasks (``lm_eval_tasks``, indexed in ``tasks``) run by ``lm_eval.simple_evaluate`` on the
+    loaded model, through the lm-eval backend; lm-eval's ``results.json`` (and ``samples_<task>.jsonl``) in
+    ``out``. A ``num_fewshot`` of 0 leaves each lm-eval task its own default. Returns what the model's
+    results.json records of it."""
+    from medfoundry.eval.lm_eval_backend import run_tasks, write_results
+
+    _log(progress, f"eval: {name}: lm-eval tasks {', '.join(cfg.lm_eval_tasks)}")
+    results = run_tasks(
+        runner.lm,
+        cfg.lm_eval_tasks,
+        tasks,
+        batch_size=cfg.batch_size,
+        limit=cfg.limit,
+        num_fewshot=cfg.num_fewshot or None,
+        log_samples=cfg.lm_eval_log_samples,
+        bootstrap_iters=cfg.bootstrap_iters,
+        fewshot_seed=cfg.fewshot_seed,
+    )
+    files = write_results(out, results)
+    return {"tasks": cfg.lm_eval_tasks, "results": results["results"], "files": [f"{LM_EVAL_DIR}/{f}" for f in files]}
 
 
 def _describe(p: Prepared) -> str:

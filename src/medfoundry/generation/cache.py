@@ -33,11 +33,12 @@ class SlotCache(Cache):
         self.q_len = 0
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
-    def bind_prefill(self, first_row: int, count: int, length: int) -> None:
-        """The next forward writes ``length`` tokens from column 0 into rows ``first_row ..``."""
+    def bind_prefill(self, first_row: int, count: int, end: int, start: int = 0) -> None:
+        """The next forward writes the tokens of columns ``start .. end-1`` into rows ``first_row ..``, attending
+        over columns ``0 .. end-1`` (a prompt prefilled in pieces: the earlier pieces are in the cache)."""
         self.rows = slice(first_row, first_row + count)
         self.row_index, self.write_pos = None, None
-        self.kv_len = self.q_len = length
+        self.kv_len, self.q_len = end, end - start
 
     def bind_decode(self, positions: torch.Tensor, kv_len: int) -> None:
         """The next forward writes one token per row ``0 .. len(positions)-1``, at that row's position,
@@ -92,8 +93,9 @@ class SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         owner = self.owner
         if owner.write_pos is None:
-            self.keys[owner.rows, :, : key_states.shape[2]] = key_states
-            self.values[owner.rows, :, : value_states.shape[2]] = value_states
+            start = owner.kv_len - owner.q_len
+            self.keys[owner.rows, :, start : owner.kv_len] = key_states
+            self.values[owner.rows, :, start : owner.kv_len] = value_states
         else:
             self.keys[owner.row_index, :, owner.write_pos] = key_states[:, :, 0]
             self.values[owner.row_index, :, owner.write_pos] = value_states[:, :, 0]

@@ -57,7 +57,7 @@ class SamplingConfig(StrictModel):
 class EngineConfig(StrictModel):
     """A model loaded into the generation engine: what ``generate``, ``chat`` and ``serve`` share."""
 
-    model: str = Field(description="Hugging Face checkpoint directory or .gguf file")
+    model: str = Field(description="Hugging Face checkpoint directory, Hub id (org/name[@revision]) or .gguf file")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 where the hardware computes in bf16, else fp32"
     )

@@ -7,6 +7,11 @@ runs one decode step for every running request (one token each, at its own posit
 one waiting. Each step returns, per request, the new text (whole characters, stop sequences cut out),
 the new token and, at the end, why it finished, so callers can stream.
 
+A request may ask for log-probabilities (:mod:`medfoundry.generation.logprobs`): of each generated token, read
+back with the step's tokens in one transfer, and of its prompt (to score it, as ``echo`` does). A prompt to
+score is prefilled alone, in pieces of :data:`SCORED_CHUNK` tokens written into its row of the cache one after
+the other, so that only one piece's logits (piece x vocabulary) exist at a time, whatever the prompt's length.
+
 Where the speed over ``model.generate`` comes from: no generation-mixin machinery per step (logits
 processors, stopping criteria, input preparation), a cache written in place instead of grown by
 concatenation, the LM head applied to the last position only, sampling on those logits only, and
@@ -35,11 +40,13 @@ import torch
 from medfoundry.errors import ConfigError
 from medfoundry.generation.cache import SlotCache
 from medfoundry.generation.config import SamplingConfig
-from medfoundry.generation.sampling import TokenSampler, sample
+from medfoundry.generation.logprobs import LogprobOptions, TokenLogprob, pack, unpack
+from medfoundry.generation.sampling import TokenSampler, choose, sample
 from medfoundry.generation.text import Detokenizer, StopMatcher
 
 DEFAULT_MAX_SEQ_LEN = 2048  # per-slot cache length unless asked otherwise (SmolLM2's 8,192 would cost 4x the memory)
 PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens per prefill: a long prompt joining is not held back, many are split
+SCORED_CHUNK = 512  # prompt tokens per forward when the prompt's log-probabilities are asked: (512, vocab) logits
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
 
 
@@ -53,6 +60,8 @@ class Output:
     finish_reason: str | None  # None while running; then "stop", "length", "abort" (or the reason given to cancel)
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, in the first output, when asked
 
 
 @dataclass
@@ -75,6 +84,7 @@ class Request:
     sampler: TokenSampler
     detokenizer: Detokenizer
     stopper: StopMatcher
+    logprobs: LogprobOptions = field(default_factory=LogprobOptions)
     output_ids: list[int] = field(default_factory=list)
     row: int = -1  # slot while running
     pos: int = 0  # tokens in the cache
@@ -183,6 +193,13 @@ class Engine:
         with self._lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text, decoded alone with special tokens kept, as vLLM names the tokens of
+        log-probabilities (a piece of a multi-byte character is U+FFFD)."""
+        with self._lock:
+            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            return [self.tokenizer.convert_tokens_to_string([piece]) for piece in pieces]
+
     def chat_prompt(self, messages: list[dict], template: str | None = None) -> list[int]:
         """Token ids of a conversation rendered by ``template`` (Jinja; default the tokenizer's own), ending
         with the assistant's turn. The template writes the special tokens (BOS included) itself."""
@@ -205,10 +222,15 @@ class Engine:
             raise ValueError(f"messages: the chat template refused them: {exc}") from None
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingConfig | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingConfig | None = None,
+        request_id: str | None = None,
+        *,
+        logprobs: LogprobOptions | None = None,
     ) -> Request:
         """Queue a generation (default: :class:`SamplingConfig`'s defaults, greedy); a text prompt is tokenized with
-        the tokenizer's special tokens (e.g. BOS)."""
+        the tokenizer's special tokens (e.g. BOS). ``logprobs`` asks for log-probabilities in its outputs."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(ids)
         params = params or SamplingConfig()
@@ -219,6 +241,7 @@ class Engine:
             sampler=TokenSampler(params, ids, self.vocab_size),
             detokenizer=_LockedDetokenizer(self, ids),
             stopper=StopMatcher(params.stops),
+            logprobs=logprobs or LogprobOptions(),
         )
         with self._lock:
             self.waiting.append(request)
@@ -326,6 +349,15 @@ class Engine:
         return joiners
 
     def _prefill(self, joiners: list[Request]) -> list[Output]:
+        """One batched prefill for the joiners, but those whose prompt is scored, each prefilled alone."""
+        plain = [r for r in joiners if r.logprobs.prompt is None]
+        outputs = self._prefill_batch(plain) if plain else []
+        for request in joiners:
+            if request.logprobs.prompt is not None:
+                outputs += self._prefill_scored(request)
+        return outputs
+
+    def _prefill_batch(self, joiners: list[Request]) -> list[Output]:
         device = self.device  # every input is made on the model's device: one copy of the ids, one of the lengths
         width = max(len(r.prompt_ids) for r in joiners)
         ids = torch.tensor([r.prompt_ids + [0] * (width - len(r.prompt_ids)) for r in joiners], device=device)
@@ -338,7 +370,30 @@ class Engine:
             request.row, request.pos = len(self.running), len(request.prompt_ids)
             self.running.append(request)
         logits = self._forward(ids, mask, positions, keep=(lengths - 1)[:, None])
-        return self._advance(joiners, logits)
+        return self._advance(joiners, logits[:, -1])
+
+    def _prefill_scored(self, request: Request) -> list[Output]:
+        """Prefill one prompt in pieces of :data:`SCORED_CHUNK` tokens, keeping the log-probability of each
+        prompt token (and the ``k`` likeliest at its position): the logits of a piece at a time, never of the
+        whole prompt. The scores come back in one transfer; the last position's logits choose the first token."""
+        prompt, k = request.prompt_ids, request.logprobs.prompt
+        ids = torch.tensor(prompt, device=self.device)
+        request.row, request.pos = len(self.running), len(prompt)
+        self.running.append(request)
+        scores = []
+        for start in range(0, len(prompt), SCORED_CHUNK):
+            end = min(start + SCORED_CHUNK, len(prompt))
+            self.cache.bind_prefill(request.row, 1, end, start)
+            mask = torch.ones(1, end, dtype=torch.bool, device=self.device)
+            logits = self._forward(ids[None, start:end], mask, torch.arange(start, end, device=self.device)[None], 0)
+            targets = ids[start + 1 : end + 1]  # what each position predicts: the next prompt token
+            logprobs = torch.log_softmax(logits[0, : len(targets)].float(), dim=-1)
+            scores.append(pack(logprobs, targets, k))
+        rows = torch.cat(scores).tolist()
+        scored = [TokenLogprob(prompt[0], None)] + [unpack(row, t, k) for row, t in zip(rows, prompt[1:])]
+        outputs = self._advance([request], logits[:, -1])
+        outputs[0].prompt_logprobs = scored
+        return outputs
 
     def _decode(self) -> list[Output]:
         rows = list(self.running)
@@ -350,31 +405,50 @@ class Engine:
         logits = self._forward(ids, mask, positions[:, None], keep=1)
         for request in rows:
             request.pos += 1
-        return self._advance(rows, logits)
+        return self._advance(rows, logits[:, -1])
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep) -> torch.Tensor:
-        """The model's own forward on our cache (inputs on the model's device); logits (rows, vocab) at the kept
-        position of each row."""
+        """The model's own forward on our cache (inputs on the model's device); logits (rows, kept, vocab) at the
+        kept positions of each row (``keep``: a count of last positions, 0 for all, or their indices)."""
         out = self.model(
             input_ids=ids,
             attention_mask=mask.long(),
             position_ids=positions,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             logits_to_keep=keep,
         )
-        return out.logits[:, -1, :]
+        return out.logits
 
     def _advance(self, requests: list[Request], logits: torch.Tensor) -> list[Output]:
-        tokens = sample(logits, [r.sampler for r in requests])
-        outputs = [self._accept(request, token) for request, token in zip(requests, tokens)]
+        """Choose each request's next token from its row of ``logits`` (rows, vocab) and record it."""
+        if all(r.logprobs.generated is None for r in requests):
+            tokens, scores = sample(logits, [r.sampler for r in requests]), [None] * len(requests)
+        else:
+            tokens, scores = self._sample_scored(requests, logits)
+        outputs = [self._accept(*args) for args in zip(requests, tokens, scores)]
         for request in requests:
             if request.finish_reason is not None:
                 self._release(request)
         return outputs
 
-    def _accept(self, request: Request, token: int) -> Output:
-        """Record a sampled token: its text, and whether the request is finished."""
+    @staticmethod
+    def _sample_scored(requests: list[Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The tokens, with the log-probabilities of the rows that asked for them, read back in one transfer."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # first: choose() penalizes float32 logits in place
+        tokens = choose(logits, [r.sampler for r in requests])
+        k = max(r.logprobs.generated or 0 for r in requests)
+        rows = torch.cat([tokens[:, None].float(), pack(logprobs, tokens, k)], dim=1).tolist()
+        chosen = [int(row[0]) for row in rows]
+        scores = [
+            None if r.logprobs.generated is None else unpack(row[1:], token, r.logprobs.generated)
+            for r, row, token in zip(requests, rows, chosen)
+        ]
+        return chosen, scores
+
+    def _accept(self, request: Request, token: int, score: TokenLogprob | None = None) -> Output:
+        """Record a sampled token (with its log-probabilities, when asked): its text, and whether the request is
+        finished."""
         request.output_ids.append(token)
         request.sampler.observe(token)
         request.last = token
@@ -390,7 +464,9 @@ class Engine:
         if reason is not None and not stopped:
             text += self._flush(request)
         request.finish_reason = reason
-        return self._output(request, text, [token])
+        out = self._output(request, text, [token])
+        out.logprobs = None if score is None else [score]
+        return out
 
     @staticmethod
     def _flush(request: Request) -> str:

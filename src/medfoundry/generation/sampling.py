@@ -93,11 +93,17 @@ class TokenSampler:
 def sample(logits: torch.Tensor, samplers: list[TokenSampler]) -> list[int]:
     """The next token of each row of ``logits`` (rows, vocab), row ``i`` chosen by ``samplers[i]``. The rows are
     chosen on the logits' device and read back together: one host synchronization per call."""
+    return choose(logits, samplers).tolist()
+
+
+def choose(logits: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor:
+    """:func:`sample`'s tokens, left on the logits' device (rows,), for a caller that reads more back with them.
+    Penalties are applied to float32 logits in place: to ``logits`` themselves when they are float32."""
     logits = logits.float()
     if not any(s.penalized or not s.greedy for s in samplers):
-        return logits.argmax(dim=-1).tolist()
+        return logits.argmax(dim=-1)
     tokens = []
     for row, sampler in zip(logits, samplers):
         sampler.penalize(row)
         tokens.append(row.argmax(dim=-1, keepdim=True) if sampler.greedy else sampler.draw(row))
-    return torch.cat(tokens).tolist()
+    return torch.cat(tokens)

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from medfoundry.errors import InputError
+from medfoundry.extras import require
+from medfoundry.io import atomic_dir
 from medfoundry.model.export import export_hf
 
 
@@ -29,6 +31,7 @@ def load_gguf(gguf_path: Path):
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise InputError(str(gguf_path), "GGUF file not found")
+    require("gguf", f"reading {gguf_path.name}")
     config = AutoConfig.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True, trust_remote_code=False
     )
@@ -56,6 +59,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path
         load_tokenizer(gguf_path).save_pretrained(tokenizer_dir)
         _portable_tokenizer_class(Path(tokenizer_dir) / "tokenizer_config.json")
         return export_hf(model, Path(tokenizer_dir), out_dir, dtype=dtype)
+
+
+def convert_gguf_tokenizer(gguf_path: Path, out_dir: Path) -> Path:
+    """Write ``out_dir`` with only the tokenizer embedded in a GGUF file (the files :func:`convert_gguf` writes
+    beside the weights), atomically."""
+    from medfoundry.model.load import load_tokenizer
+
+    with atomic_dir(out_dir) as tmp:
+        load_tokenizer(Path(gguf_path)).save_pretrained(str(tmp))
+        _portable_tokenizer_class(tmp / "tokenizer_config.json")
+    return Path(out_dir)
 
 
 def _portable_tokenizer_class(config_path: Path) -> None:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfoundry.errors import ConfigError, InputError
+from medfoundry.extras import require
 from medfoundry.io import atomic_path
 
 # --type -> (general.file_type, the type of every weight that is not kept in F32)
@@ -64,10 +65,9 @@ _LLAMA3_SPLIT = (
 def export_gguf(model_dir: Path, out_path: Path, out_type: str = DEFAULT_TYPE) -> Path:
     """Write the LLaMA-family checkpoint ``model_dir`` (config.json, safetensors weights, a byte-level BPE
     tokenizer) as the GGUF file ``out_path``, weights in ``out_type`` (``f32``, ``f16``, ``bf16``, ``q8_0``)."""
-    import gguf
-
     from medfoundry.model.load import check_checkpoint, load_tokenizer
 
+    gguf = require("gguf", "GGUF export")
     if out_type not in OUT_TYPES:
         raise ConfigError(f"--type {out_type!r}: expected one of {', '.join(OUT_TYPES)}")
     model_dir, out_path = Path(model_dir), Path(out_path)

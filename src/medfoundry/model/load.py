@@ -1,5 +1,7 @@
 """The one place that turns a model or tokenizer reference into something loaded: a Hugging Face checkpoint
-directory or a GGUF file resolved to a directory (:func:`hf_directory`, one cache for every stage), models
+directory, a Hub id (``org/name[@revision]``, downloaded into the Hugging Face cache: :mod:`medfoundry.model.hub`,
+through :func:`resolve_reference`) or a GGUF file resolved to a directory (:func:`hf_directory`, one cache for
+every stage), models
 (:func:`load_model` for inference, :func:`load_causal_lm` with :func:`weights_policy` for training) and
 tokenizers (:func:`load_tokenizer`, :func:`load_backend_tokenizer`) under the same safety rules, and the cache
 root (:func:`cache_root`). Every stage loads through here.
@@ -30,7 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medfoundry.errors import ConfigError, InputError
+from medfoundry.extras import require
 from medfoundry.io import folder_lock, write_json
+from medfoundry.model import hub
 from medfoundry.runtime import configure, resolve_device_precision
 
 if TYPE_CHECKING:
@@ -83,9 +87,9 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load ``path`` (checkpoint directory or ``.gguf`` file) in eval mode.
+    """Load ``path`` (checkpoint directory, Hub id or ``.gguf`` file) in eval mode.
 
-    ``tokenizer`` overrides the checkpoint's own: a directory, a ``.gguf`` file or a loaded fast
+    ``tokenizer`` overrides the checkpoint's own: a directory, a Hub id, a ``.gguf`` file or a loaded fast
     tokenizer. ``cache_dir`` holds dequantized GGUF checkpoints (default ``$MEDFOUNDRY_CACHE`` or
     ``~/.cache/medfoundry``, subfolder ``gguf``). ``allow_pickle`` and ``trust_remote_code``: see
     :func:`weights_policy`.
@@ -97,7 +101,8 @@ def load_model(
     if resolved not in ("bf16", "fp32"):
         raise ConfigError(f"precision {precision!r}: evaluation runs in 'bf16' or 'fp32' (or 'auto')")
     precision = resolved
-    path = Path(path)
+    name = model_name(path)
+    path = resolve_reference(path, allow_pickle=allow_pickle)
     directory = gguf_checkpoint(path, cache_dir) if is_gguf(path) else path
     policy = check_checkpoint(
         directory, need_tokenizer=tokenizer is None, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
@@ -111,7 +116,7 @@ def load_model(
     return LoadedModel(
         model=model,
         tokenizer=tok,
-        name=model_name(path),
+        name=name,
         path=path,
         precision=precision,
         device=device,
@@ -267,19 +272,21 @@ def load_causal_lm(directory: Path, policy: dict, **kwargs):
 
 
 def load_tokenizer(source, *, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
-    """The one loader of ``transformers`` tokenizers: a directory, a ``.gguf`` file (its embedded tokenizer), or a
-    tokenizer already loaded, which passes through.
+    """The one loader of ``transformers`` tokenizers: a directory, a Hub id, a ``.gguf`` file (its embedded
+    tokenizer), or a tokenizer already loaded, which passes through.
 
-    Offline only (``local_files_only``). A ``tokenizer_config.json`` asking to run the tokenizer's own Python code
-    (``auto_map``) is an :class:`InputError` naming the file unless ``trust_remote_code``. Slow (Python) tokenizers
-    are refused: every stage tokenizes whole batches in one call of the Rust tokenizer."""
+    Local files only (``local_files_only``; a Hub id's snapshot is downloaded first, :func:`resolve_reference`).
+    A ``tokenizer_config.json`` asking to run the tokenizer's own Python code (``auto_map``) is an
+    :class:`InputError` naming the file unless ``trust_remote_code``. Slow (Python) tokenizers are refused: every
+    stage tokenizes whole batches in one call of the Rust tokenizer."""
     from transformers import AutoTokenizer
 
     if isinstance(source, (str, os.PathLike)):
-        source = Path(source)
+        source = resolve_reference(source)
         if is_gguf(source):
             if not source.is_file():
                 raise InputError(str(source), "GGUF file not found")
+            require("gguf", f"reading {source.name}")
             tokenizer = AutoTokenizer.from_pretrained(
                 str(source.parent), gguf_file=source.name, local_files_only=True, trust_remote_code=False
             )
@@ -314,12 +321,12 @@ def _refuse_tokenizer_code(config: Path, trust_remote_code: bool) -> None:
 
 def load_backend_tokenizer(source: str | Path) -> Tokenizer:
     """The Rust ``tokenizers.Tokenizer`` of a tokenizer directory (``tokenizer.json``, or GPT-2's ``vocab.json`` +
-    ``merges.txt``) or a ``.gguf`` file: what training, tokenizing and counting use, with no ``transformers``
-    wrapper around it."""
+    ``merges.txt``), a Hub id or a ``.gguf`` file: what training, tokenizing and counting use, with no
+    ``transformers`` wrapper around it."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
-    source = Path(source)
+    source = resolve_reference(source)
     if is_gguf(source):
         return load_tokenizer(source).backend_tokenizer
     if (source / "tokenizer.json").is_file():
@@ -351,24 +358,40 @@ def is_gguf(path: str | Path) -> bool:
 
 
 def model_name(path: str | Path) -> str:
-    """The name a model goes by in reports and the API: its GGUF file's stem, or its folder's name."""
+    """The name a model goes by in reports and the API: its GGUF file's stem, its folder's name, or its Hub
+    repository's name."""
+    if hub.is_hub_id(path):
+        return hub.repo_name(str(path))
     path = Path(path)
     return path.stem if is_gguf(path) else path.resolve().name
 
 
-def check_reference(reference: str | Path, field: str) -> Path:
-    """``reference`` as a path that names a model: a ``.gguf`` file or a Hugging Face directory (``config.json``),
-    else a :class:`ConfigError` naming the config ``field`` that gave it."""
-    path = Path(reference)
+def resolve_reference(reference: str | Path, *, allow_pickle: bool = False) -> Path:
+    """A model or tokenizer reference as a local path: a Hub id's snapshot folder in the Hugging Face cache
+    (downloaded when needed; pickled weights only with ``allow_pickle``, :func:`medfoundry.model.hub.resolve`),
+    any other reference as given (an existing local path always wins over a Hub id)."""
+    if hub.is_hub_id(reference):
+        return hub.resolve(str(reference), allow_pickle=allow_pickle)
+    return Path(reference)
+
+
+def check_reference(reference: str | Path, field: str, *, allow_pickle: bool = False) -> Path:
+    """``reference`` as a path that names a model: a ``.gguf`` file, a Hugging Face directory (``config.json``)
+    or a Hub id's snapshot of one, else a :class:`ConfigError` naming the config ``field`` that gave it."""
+    path = resolve_reference(reference, allow_pickle=allow_pickle)
     if (is_gguf(path) and path.is_file()) or (path / "config.json").is_file():
         return path
-    raise ConfigError(f"{field} {reference}: not a Hugging Face model directory (no config.json) nor a .gguf file")
+    raise ConfigError(
+        f"{field} {reference}: not a Hugging Face model directory (no config.json), a .gguf file nor a Hub id "
+        "(org/name[@revision])"
+    )
 
 
-def hf_directory(path: str | Path) -> Path:
-    """A Hugging Face directory for a model or tokenizer path: the path itself, or for a ``.gguf`` file its
-    dequantized checkpoint in the cache (so a GGUF works wherever a tokenizer or model directory does)."""
-    path = Path(path)
+def hf_directory(path: str | Path, *, allow_pickle: bool = False) -> Path:
+    """A Hugging Face directory for a model or tokenizer reference: the path itself, a Hub id's snapshot
+    (:func:`resolve_reference`), or for a ``.gguf`` file its dequantized checkpoint in the cache (so a GGUF works
+    wherever a tokenizer or model directory does)."""
+    path = resolve_reference(path, allow_pickle=allow_pickle)
     return gguf_checkpoint(path) if is_gguf(path) else path
 
 
@@ -384,17 +407,33 @@ def gguf_checkpoint(gguf_path: Path, cache_dir: str | Path | None = None) -> Pat
     """
     from medfoundry.model.convert import convert_gguf
 
-    gguf_path = Path(gguf_path)
+    return _gguf_cached(Path(gguf_path), "gguf", convert_gguf, cache_dir)
+
+
+def tokenizer_directory(reference: str | Path) -> Path:
+    """A Hugging Face tokenizer directory for a tokenizer reference: a folder or a Hub id's snapshot as
+    :func:`hf_directory` gives it, but for a ``.gguf`` file only its embedded tokenizer, written once into the
+    cache (``gguf-tokenizer``): tokenizing a corpus with a GGUF model's tokenizer never dequantizes its weights."""
+    from medfoundry.model.convert import convert_gguf_tokenizer
+
+    path = resolve_reference(reference)
+    return _gguf_cached(path, "gguf-tokenizer", convert_gguf_tokenizer) if is_gguf(path) else path
+
+
+def _gguf_cached(gguf_path: Path, kind: str, convert, cache_dir: str | Path | None = None) -> Path:
+    """``convert(gguf_path, out)`` once into the cache folder ``kind``, keyed on the file's resolved path, size and
+    modification time (a replaced file is converted again), under a lock that makes concurrent processes take
+    turns; trusted only with its completion record (:func:`_converted`)."""
     if not gguf_path.is_file():
         raise InputError(str(gguf_path), "GGUF file not found")
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    out = root / "gguf" / f"{gguf_path.stem}-{key}"
+    out = root / kind / f"{gguf_path.stem}-{key}"
     if not _converted(out):
         with folder_lock(out, "GGUF conversion", wait=True):
             if not _converted(out):  # another process may have converted it meanwhile
-                convert_gguf(gguf_path, out)
+                convert(gguf_path, out)
                 write_json(out / CONVERTED, _file_sizes(out))  # last, once the files are on disk
     return out
 

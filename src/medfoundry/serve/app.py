@@ -3,6 +3,8 @@
 One :class:`~medfoundry.serve.worker.EngineWorker` thread runs the model; each HTTP request becomes one
 engine request per choice, and its outputs come back through an asyncio queue, either gathered into one
 JSON answer or streamed as server-sent events in OpenAI's chunk format (ending with ``data: [DONE]``).
+Log-probabilities (``logprobs``, ``echo``; see :mod:`medfoundry.serve.protocol`) come from the engine with the
+tokens, and their token texts are decoded here, off the event loop for a whole answer.
 A client that goes away is noticed (the stream is cancelled, even before it started, or polling for a
 non-streamed answer sees the disconnect) and its requests leave the batch at the next step. Prompts are
 tokenized on a thread, so a long one does not pause the streams of others, and refused by their length
@@ -24,8 +26,9 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -37,8 +40,9 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from medfoundry.generation.engine import Output
+from medfoundry.generation.logprobs import LogprobOptions, TokenLogprob
 from medfoundry.serve import openapi, protocol
-from medfoundry.serve.config import DEFAULT_MAX_BODY_BYTES
+from medfoundry.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_LOGPROBS
 from medfoundry.serve.guard import ApiKeyGuard, BodyLimit, JsonBodies, LocalHosts
 from medfoundry.serve.protocol import ChatCompletionRequest, CompletionRequest
 from medfoundry.serve.worker import EngineWorker, QueueFull
@@ -54,7 +58,8 @@ class ServerConfig:
     """What the server enforces. ``max_tokens`` (per request) defaults to the engine's sequence length and
     ``max_prompt_tokens`` to one less; ``chat_template`` (Jinja text) overrides the tokenizer's; larger
     bodies than ``max_body_bytes`` get a 413. Without ``api_key``, requests naming another Host than
-    localhost or one of ``allowed_hosts`` get a 421. (The time a request may take is the worker's.)"""
+    localhost or one of ``allowed_hosts`` get a 421. ``max_logprobs`` bounds completions' ``logprobs`` and chat's
+    ``top_logprobs``. (The time a request may take is the worker's.)"""
 
     model_name: str
     api_key: str | None = None
@@ -63,6 +68,7 @@ class ServerConfig:
     max_prompt_tokens: int | None = None
     chat_template: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS
 
 
 class APIError(Exception):
@@ -205,16 +211,29 @@ class _Service:
 
     async def complete(self, body: CompletionRequest, http: Request) -> Response:
         self._check_model(body.model)
+        self._check_logprobs("logprobs", body.logprobs)
         texts = body.prompts()
         self._check_capacity(len(texts) * body.n)
         prompts = await asyncio.to_thread(lambda: [self._encode(p) for p in texts])
-        return await self._generate(http, body, prompts, body.max_tokens, chat=False)
+        echoes = [self._echo(text, ids) for text, ids in zip(texts, prompts)] if body.echo else None
+        return await self._generate(http, body, prompts, body.max_tokens, chat=False, echoes=echoes)
 
     async def chat(self, body: ChatCompletionRequest, http: Request) -> Response:
         self._check_model(body.model)
+        self._check_logprobs("top_logprobs", body.top_logprobs)
         self._check_capacity(body.n)
         prompt = await asyncio.to_thread(self._chat_prompt, body)
         return await self._generate(http, body, [prompt], body.requested_max_tokens, chat=True)
+
+    def _check_logprobs(self, name: str, k: int | None) -> None:
+        if k is not None and k > self.config.max_logprobs:
+            raise APIError(
+                400, f"{name}: {k} is more than this server's limit of {self.config.max_logprobs} (--max-logprobs)"
+            )
+
+    def _echo(self, prompt: str | list[int], ids: list[int]) -> str:
+        """The text an echo repeats: the prompt as sent, or the text of its token ids."""
+        return prompt if isinstance(prompt, str) else self.engine.decode(ids)
 
     def _check_model(self, name: str) -> None:
         if name != self.config.model_name:
@@ -283,9 +302,18 @@ class _Service:
         return requested
 
     async def _generate(
-        self, http: Request, body, prompts: list[list[int]], requested: int | None, *, chat: bool
+        self,
+        http: Request,
+        body,
+        prompts: list[list[int]],
+        requested: int | None,
+        *,
+        chat: bool,
+        echoes: list[str] | None = None,
     ) -> Response:
+        """Generate ``body.n`` choices per prompt; ``echoes`` (the prompts' texts) are repeated before them."""
         self._check_limit(body)
+        requested = requested if body.generates else 1  # a prompt scored alone still takes one step
         try:
             jobs = [
                 (ids, body.sampling(self._budget(ids, requested), choice))
@@ -295,7 +323,7 @@ class _Service:
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         try:
-            generation = _Generation(self.worker, jobs)
+            generation = _Generation(self.worker, jobs, body.logprob_options())
         except QueueFull as exc:
             raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from None
         reply = _Reply(
@@ -303,7 +331,10 @@ class _Service:
             self.config.model_name,
             chat,
             prompt_tokens=sum(map(len, prompts)),
-            choices=len(jobs),
+            echoes=[echo for echo in echoes or [None] * len(prompts) for _ in range(body.n)],
+            logprobs=body.logprob_options().generated is not None,
+            generates=body.generates,
+            token_texts=self.engine.token_texts,
         )
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         if body.stream:
@@ -329,7 +360,7 @@ class _Service:
         if failure:
             raise failure
         self.worker.metrics.latency.observe(time.monotonic() - started, endpoint=endpoint)
-        return JSONResponse(reply.body())
+        return JSONResponse(await asyncio.to_thread(reply.body))  # decoding an echoed prompt's tokens takes a while
 
     async def _stream(self, generation: _Generation, reply: _Reply, include_usage: bool, endpoint: str):
         """The events of a stream (:class:`_EventStream` cancels what is left of ``generation`` at its end)."""
@@ -342,7 +373,10 @@ class _Service:
             if failure:
                 yield _event(protocol.error_body(failure.message, failure.kind, code=failure.code))
                 return
-            for chunk in reply.chunks(index, out):
+            chunks = (
+                await asyncio.to_thread(reply.chunks, index, out) if out.prompt_logprobs else reply.chunks(index, out)
+            )
+            for chunk in chunks:
                 yield _event(chunk)
         if include_usage:
             yield _event(reply.usage_chunk())
@@ -382,7 +416,7 @@ class _EventStream(StreamingResponse):
 class _Generation:
     """The engine requests behind one HTTP request; their outputs arrive on an asyncio queue."""
 
-    def __init__(self, worker: EngineWorker, jobs: list):
+    def __init__(self, worker: EngineWorker, jobs: list, logprobs: LogprobOptions):
         self.worker = worker
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -396,7 +430,7 @@ class _Generation:
 
             return sink
 
-        self.requests = worker.submit([(ids, params, sink_for(i)) for i, (ids, params) in enumerate(jobs)])
+        self.requests = worker.submit([(ids, params, sink_for(i), logprobs) for i, (ids, params) in enumerate(jobs)])
         self.remaining = len(self.requests)
 
     async def next(self, timeout: float | None = None) -> tuple[int, Output]:
@@ -410,30 +444,69 @@ class _Generation:
         self.worker.cancel(self.requests)
 
 
-class _Reply:
-    """Accumulates one HTTP request's choices and renders them as an answer or as stream chunks."""
+@dataclass
+class _Choice:
+    """One choice's answer so far."""
 
-    def __init__(self, request_id: str, model: str, chat: bool, *, prompt_tokens: int, choices: int):
+    echo: str | None  # the prompt's text, still to be sent before the generated one
+    texts: list[str] = field(default_factory=list)
+    scores: list[TokenLogprob] = field(default_factory=list)
+    reason: str | None = None
+    completion_tokens: int = 0
+    offset: int = 0  # characters of the tokens whose log-probabilities were streamed: the next one's text_offset
+
+
+class _Reply:
+    """Accumulates one HTTP request's choices and renders them as an answer or as stream chunks. With ``echoes``,
+    each choice starts with its prompt's text (and log-probabilities); without ``generates``, that is all."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        chat: bool,
+        *,
+        prompt_tokens: int,
+        echoes: list[str | None],
+        logprobs: bool,
+        generates: bool,
+        token_texts: Callable[[list[int]], list[str]],
+    ):
         self.id, self.model, self.chat = request_id, model, chat
         self.prompt_tokens = prompt_tokens
-        self.texts: list[list[str]] = [[] for _ in range(choices)]
-        self.reasons: list[str | None] = [None] * choices
-        self.completion_tokens = [0] * choices
+        self.choices = [_Choice(echo) for echo in echoes]
+        self.logprobs, self.generates, self.token_texts = logprobs, generates, token_texts
 
     @property
     def unfinished(self) -> str | None:
         """The finish reason of a choice that did not finish ("error", "timeout"), if any."""
-        return next((r for r in self.reasons if r in UNFINISHED), None)
+        return next((c.reason for c in self.choices if c.reason in UNFINISHED), None)
 
-    def add(self, index: int, out: Output) -> None:
-        self.texts[index].append(out.text)
-        self.completion_tokens[index] = out.completion_tokens
-        self.reasons[index] = out.finish_reason
+    def add(self, index: int, out: Output) -> tuple[str, list[TokenLogprob]]:
+        """Record an output; return the text and log-probabilities it adds to the answer (the echoed prompt's
+        first, which come with the request's first output)."""
+        choice = self.choices[index]
+        text, scores = "", []
+        if choice.echo is not None:
+            text, choice.echo = choice.echo, None
+            scores = list(out.prompt_logprobs or ())
+        if self.generates:
+            text += out.text
+            scores += out.logprobs or ()
+            choice.completion_tokens = out.completion_tokens
+        choice.texts.append(text)
+        choice.scores += scores
+        choice.reason = out.finish_reason
+        return text, scores
 
     def body(self) -> dict:
-        choices = [{"text": "".join(t), "finish_reason": r} for t, r in zip(self.texts, self.reasons)]
+        texts = self._texts([s for c in self.choices for s in c.scores])
+        choices = [
+            {"text": "".join(c.texts), "finish_reason": c.reason, "logprobs": self._logprobs(c.scores, texts)}
+            for c in self.choices
+        ]
         build = protocol.chat_response if self.chat else protocol.completion_response
-        return build(self.id, self.model, choices, self.prompt_tokens, sum(self.completion_tokens))
+        return build(self.id, self.model, choices, self.prompt_tokens, self._completion_tokens)
 
     def opening_chunks(self) -> list[dict]:
         """Chat streams first announce the assistant role of every choice."""
@@ -441,25 +514,49 @@ class _Reply:
             return []
         return [
             protocol.chat_chunk(self.id, self.model, i, {"role": "assistant", "content": ""}, None)
-            for i in range(len(self.texts))
+            for i in range(len(self.choices))
         ]
 
     def chunks(self, index: int, out: Output) -> list[dict]:
-        """The chunks of one output: its text, then (at the end) one with the finish reason."""
-        self.add(index, out)
-        chunks = [self._chunk(index, out.text, None)] if out.text else []
+        """The chunks of one output: its text and log-probabilities, then (at the end) one with the finish reason."""
+        text, scores = self.add(index, out)
+        chunks = []
+        if text or (self.logprobs and scores):
+            texts = self._texts(scores)
+            logprobs = self._logprobs(scores, texts, self.choices[index].offset)
+            self.choices[index].offset += sum(len(texts[s.token]) for s in scores)
+            chunks.append(self._chunk(index, text, None, logprobs))
         if out.finish_reason is not None:
-            chunks.append(self._chunk(index, "", out.finish_reason))
+            chunks.append(self._chunk(index, "", out.finish_reason, None))
         return chunks
 
-    def _chunk(self, index: int, text: str, finish_reason: str | None) -> dict:
+    def _chunk(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
         if self.chat:
-            return protocol.chat_chunk(self.id, self.model, index, {"content": text} if text else {}, finish_reason)
-        return protocol.completion_chunk(self.id, self.model, index, text, finish_reason)
+            delta = {"content": text} if text or logprobs else {}
+            return protocol.chat_chunk(self.id, self.model, index, delta, finish_reason, logprobs)
+        return protocol.completion_chunk(self.id, self.model, index, text, finish_reason, logprobs)
+
+    def _texts(self, scores: list[TokenLogprob]) -> dict[int, str]:
+        """The texts of the tokens that ``scores`` name, each decoded once."""
+        if not self.logprobs:
+            return {}
+        ids = list(protocol.logprob_token_ids(scores))
+        return dict(zip(ids, self.token_texts(ids)))
+
+    def _logprobs(self, scores: list[TokenLogprob], texts: dict[int, str], offset: int = 0) -> dict | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return protocol.chat_logprobs(scores, texts)
+        return protocol.completion_logprobs(scores, texts, offset)
+
+    @property
+    def _completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
 
     def usage_chunk(self) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return protocol.usage_chunk(self.id, self.model, kind, self.prompt_tokens, sum(self.completion_tokens))
+        return protocol.usage_chunk(self.id, self.model, kind, self.prompt_tokens, self._completion_tokens)
 
 
 def _event(payload: dict) -> str:

@@ -10,9 +10,10 @@ import argparse
 import sys
 
 from medfoundry.config import validate
+from medfoundry.extras import require
 from medfoundry.generation.cli import add_engine_arguments, engine_fields
 from medfoundry.generation.cli import add_subcommands as add_generation_commands
-from medfoundry.serve.config import ServeConfig, is_loopback
+from medfoundry.serve.config import DEFAULT_MAX_LOGPROBS, ServeConfig, is_loopback
 
 _SERVER_FIELDS = (
     "host",
@@ -25,6 +26,7 @@ _SERVER_FIELDS = (
     "max_tokens",
     "max_prompt_tokens",
     "max_body_bytes",
+    "max_logprobs",
     "request_timeout",
     "log_level",
 )
@@ -57,6 +59,9 @@ def add_subcommands(subparsers) -> None:
     serve.add_argument("--max-prompt-tokens", type=int, help=fields["max_prompt_tokens"].description)
     serve.add_argument("--max-body-bytes", type=int, help=fields["max_body_bytes"].description + " (default 1 MiB)")
     serve.add_argument(
+        "--max-logprobs", type=int, help=fields["max_logprobs"].description + f" (default {DEFAULT_MAX_LOGPROBS})"
+    )
+    serve.add_argument(
         "--request-timeout",
         type=float,
         metavar="SECONDS",
@@ -73,6 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def serve_model(cfg: ServeConfig) -> int:
     """Load the model and serve it until interrupted."""
+    for module in ("fastapi", "uvicorn"):
+        require(module, "medfoundry serve")
     from medfoundry.serve.app import ServerConfig, serve
     from medfoundry.serve.worker import EngineWorker
 
@@ -93,6 +100,7 @@ def serve_model(cfg: ServeConfig) -> int:
         max_prompt_tokens=cfg.max_prompt_tokens,
         chat_template=cfg.template(),
         max_body_bytes=cfg.max_body_bytes,
+        max_logprobs=cfg.max_logprobs,
     )
     print(
         f"serve: {config.model_name} ({engine.precision}, {engine.max_batch} slots of {engine.max_seq_len} tokens) "

@@ -21,6 +21,7 @@ from medfoundry.generation.config import EngineConfig
 
 API_KEY_ENV = "MEDFOUNDRY_API_KEY"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a full 2,048-token prompt is ~10 KB of text, or ~14 KB of token ids
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's default --max-logprobs (OpenAI allows 5 for completions, 20 for chat)
 DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds: 2,048 tokens at 4 tokens/s, on a busy CPU
 
 
@@ -52,6 +53,11 @@ class ServeConfig(EngineConfig):
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted (default: max_seq_len - 1)")
     max_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES, ge=1, description="larger bodies get a 413 before they are read"
+    )
+    max_logprobs: int = Field(
+        DEFAULT_MAX_LOGPROBS,
+        ge=0,
+        description="largest logprobs (completions) or top_logprobs (chat) a request may ask",
     )
     request_timeout: float = Field(
         DEFAULT_REQUEST_TIMEOUT,

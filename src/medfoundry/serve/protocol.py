@@ -1,9 +1,12 @@
 """The OpenAI API's request bodies (validated) and response shapes, for completions and chat completions.
 
 Fields follow the OpenAI reference; vLLM's sampling extensions (``top_k``, ``repetition_penalty``,
-``ignore_eos``) are accepted too, since clients written for vLLM send them in ``extra_body``. Features the
-engine does not have (log-probabilities, tools, ``best_of``, ``logit_bias``, ``echo``, JSON mode) are
-refused with a 400 that names them rather than silently ignored; unknown fields are ignored, as vLLM
+``ignore_eos``) are accepted too, since clients written for vLLM send them in ``extra_body``. Log-probabilities
+follow vLLM: completions' ``logprobs`` (0 up to the server's ``--max-logprobs``) and ``echo`` (the prompt and its
+log-probabilities first; with ``max_tokens: 0``, the prompt alone, which is how scorers such as lm-eval's
+``local-completions`` ask for log-likelihoods), chat's ``logprobs`` and ``top_logprobs``. Features the engine
+does not have (tools, ``best_of``, ``logit_bias``, ``suffix``, JSON mode) are refused with a 400 that names
+them rather than silently ignored; unknown fields are ignored, as vLLM
 does (clients send other servers' extensions). Values are checked strictly: a JSON type other than the
 documented one (``"stream": "yes"``, ``"n": 2.0``), a non-finite number, a seed outside 64 bits or a
 string that is not valid Unicode (a lone surrogate escape) is a 400, not something coerced or
@@ -22,9 +25,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medfoundry.generation.config import SamplingConfig
+from medfoundry.generation.logprobs import LogprobOptions, TokenLogprob
 
 MAX_STOP_SEQUENCES = 16
 MAX_CHOICES = 16
+LOGPROB_FLOOR = -9999.0  # vLLM's floor for log-probabilities: JSON has no -inf
 SEED_RANGE = (-(2**63), 2**63 - 1)  # torch seeds are 64-bit
 STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
@@ -90,24 +95,28 @@ class _GenerationRequest(BaseModel):
         )
 
     @property
+    def generates(self) -> bool:
+        return True
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
-    logprobs: int | None = None
+    max_tokens: int | None = Field(16, ge=0)  # the OpenAI default for completions; 0 only with echo
+    logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _completion_supported(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is allowed only with echo (to score the prompt without generating)")
         for name, unsupported in [
-            ("logprobs", self.logprobs is not None),
-            ("echo", self.echo),
-            ("best_of", (self.best_of or 1) > 1),
+            ("best_of other than n", self.best_of is not None and self.best_of != self.n),
             ("suffix", bool(self.suffix)),
         ]:
             if unsupported:
@@ -115,6 +124,15 @@ class CompletionRequest(_GenerationRequest):
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt: must not be an empty list")
         return self
+
+    @property
+    def generates(self) -> bool:
+        """False for ``echo`` with ``max_tokens: 0``: the answer is the prompt alone (the engine still runs one
+        step, as vLLM does, whose token is dropped)."""
+        return self.max_tokens != 0
+
+    def logprob_options(self) -> LogprobOptions:
+        return LogprobOptions(generated=self.logprobs, prompt=self.logprobs if self.echo else None)
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string or a list of token ids."""
@@ -151,14 +169,16 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
     tools: list | None = None
     functions: list | None = None
     response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _chat_supported(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: allowed only with logprobs: true")
         for name, unsupported in [
-            ("logprobs", self.logprobs),
             ("tools", bool(self.tools)),
             ("functions", bool(self.functions)),
             ("response_format", self.response_format is not None and self.response_format.type != "text"),
@@ -170,6 +190,9 @@ class ChatCompletionRequest(_GenerationRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprob_options(self) -> LogprobOptions:
+        return LogprobOptions(generated=(self.top_logprobs or 0) if self.logprobs else None)
 
 
 def _default(value, default):
@@ -211,6 +234,58 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def completion_logprobs(scores: list[TokenLogprob], texts: dict[int, str], offset: int = 0) -> dict:
+    """The legacy completions' ``logprobs`` of some tokens, as OpenAI and vLLM write them: ``top_logprobs`` maps
+    token texts to log-probabilities, the chosen token's then the ``k`` likeliest (which win when two tokens have
+    the same text, as in vLLM); ``text_offset`` counts the characters of the tokens before, from ``offset``. The
+    first prompt token has ``null`` for both."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for score in scores:
+        text = texts[score.token]
+        tokens.append(text)
+        text_offset.append(offset)
+        offset += len(text)
+        if score.logprob is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(_floored(score.logprob))
+        top_logprobs.append({text: _floored(score.logprob), **{texts[t]: _floored(lp) for t, lp in score.top}})
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
+
+
+def chat_logprobs(scores: list[TokenLogprob], texts: dict[int, str]) -> dict:
+    """Chat's ``logprobs``: per token its text, log-probability, UTF-8 bytes and the ``top_logprobs`` likeliest."""
+    return {
+        "content": [
+            {
+                **_chat_token(texts[score.token], score.logprob),
+                "top_logprobs": [_chat_token(texts[t], lp) for t, lp in score.top],
+            }
+            for score in scores
+        ]
+    }
+
+
+def logprob_token_ids(scores: list[TokenLogprob]) -> set[int]:
+    """Every token whose text the ``logprobs`` of ``scores`` name."""
+    return {score.token for score in scores} | {t for score in scores for t, _ in score.top}
+
+
+def _chat_token(text: str, logprob: float) -> dict:
+    """A piece of a multi-byte character has the text U+FFFD, whose bytes stand in for its own (as in vLLM)."""
+    return {"token": text, "logprob": _floored(logprob), "bytes": list(text.encode("utf-8", errors="replace"))}
+
+
+def _floored(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
 def completion_response(
     request_id: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int
 ) -> dict:
@@ -220,7 +295,7 @@ def completion_response(
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": i, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
+            {"index": i, "text": c["text"], "logprobs": c["logprobs"], "finish_reason": c["finish_reason"]}
             for i, c in enumerate(choices)
         ],
         "usage": usage(prompt_tokens, completion_tokens),
@@ -237,7 +312,7 @@ def chat_response(request_id: str, model: str, choices: list[dict], prompt_token
             {
                 "index": i,
                 "message": {"role": "assistant", "content": c["text"]},
-                "logprobs": None,
+                "logprobs": c["logprobs"],
                 "finish_reason": c["finish_reason"],
             }
             for i, c in enumerate(choices)
@@ -246,23 +321,27 @@ def chat_response(request_id: str, model: str, choices: list[dict], prompt_token
     }
 
 
-def completion_chunk(request_id: str, model: str, index: int, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(
+    request_id: str, model: str, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None
+) -> dict:
     return {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
-def chat_chunk(request_id: str, model: str, index: int, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(
+    request_id: str, model: str, index: int, delta: dict, finish_reason: str | None, logprobs: dict | None = None
+) -> dict:
     return {
         "id": request_id,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
@@ -305,10 +384,20 @@ class _Answer(BaseModel):
     model: str
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token (the prompt's first when echoed): its text, log-probability (``null`` for the first prompt
+    token), the likeliest tokens' log-probabilities by text (the chosen one's included), its character offset."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
 
 
@@ -323,10 +412,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason
 
 
@@ -339,7 +442,7 @@ class ChatCompletion(_Answer):
 class CompletionChunkChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -360,7 +463,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
 
 

@@ -20,11 +20,13 @@ from collections.abc import Callable
 
 from medfoundry.generation.config import SamplingConfig
 from medfoundry.generation.engine import Engine, Output, Request
+from medfoundry.generation.logprobs import LogprobOptions
 from medfoundry.serve.config import DEFAULT_REQUEST_TIMEOUT
 from medfoundry.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 Sink = Callable[[Output], None]
+Job = tuple[list[int], SamplingConfig, Sink] | tuple[list[int], SamplingConfig, Sink, LogprobOptions | None]
 
 
 class QueueFull(Exception):
@@ -64,8 +66,9 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, jobs: list[tuple[list[int], SamplingConfig, Sink]]) -> list[Request]:
-        """Queue several generations (the choices of one HTTP request) together, or none: ``QueueFull``."""
+    def submit(self, jobs: list[Job]) -> list[Request]:
+        """Queue several generations (the choices of one HTTP request) together, or none: ``QueueFull``. A job is
+        (prompt ids, sampling, sink), with the log-probabilities asked as a fourth item if any."""
         with self._wake:
             in_flight = len(self.engine.running) + len(self.engine.waiting)
             if in_flight + len(jobs) > self.capacity:
@@ -74,8 +77,8 @@ class EngineWorker:
                     f"{self.capacity} ({self.engine.max_batch} running, {self.max_queue} waiting); retry later"
                 )
             requests = []
-            for ids, params, sink in jobs:
-                request = self.engine.add_request(ids, params)
+            for ids, params, sink, *logprobs in jobs:
+                request = self.engine.add_request(ids, params, logprobs=logprobs[0] if logprobs else None)
                 self._inflight[request.id] = (request, sink)
                 requests.append(request)
             self._wake.notify()

@@ -18,11 +18,13 @@ class SFTSourceConfig(StrictModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     path: str = Field(
-        description="a JSON/JSONL(.gz) file; for converters the benchmark file (mmlu: a CSV or a folder of CSVs)"
+        description="a JSON/JSONL(.gz) or Parquet file, or a folder written by datasets' save_to_disk (a glob "
+        "matches several); for converters the benchmark file (mmlu: a CSV or a folder of CSVs)"
     )
     format: Literal["auto", "alpaca", "messages", "sharegpt"] = Field(
         "auto", description="file sources: auto = from the keys of the first record"
     )
+    split: str | None = Field(None, description="a save_to_disk DatasetDict folder: the split to read")
     converter: Literal["pubmedqa", "medmcqa", "medqa", "mmlu"] | None = None
     reasoning: bool = Field(
         False, description="pubmedqa/medmcqa: LONG_ANSWER / exp as chain of thought before the answer"
@@ -38,8 +40,11 @@ class SFTSourceConfig(StrictModel):
     @model_validator(mode="after")
     def _options_fit(self) -> SFTSourceConfig:
         changed = {name for name, f in type(self).model_fields.items() if getattr(self, name) != f.default}
-        if self.converter and "format" in changed:
-            raise ValueError("format applies to file sources; a converter source reads its benchmark's own format")
+        for option in ("format", "split"):
+            if self.converter and option in changed:
+                raise ValueError(
+                    f"{option} applies to file sources; a converter source reads its benchmark's own format"
+                )
         takes = {"reasoning": ("pubmedqa", "medmcqa"), "cop_base": ("medmcqa",), "test_ids": ("pubmedqa",)}
         for option, converters in takes.items():
             if option in changed and self.converter not in converters:
@@ -141,7 +146,10 @@ class SFTDataConfig(StrictModel):
 
 
 class FinetuneModelConfig(StrictModel):
-    init_from: str = Field(description="the model to fine-tune: a Hugging Face checkpoint directory or a .gguf file")
+    init_from: str = Field(
+        description="the model to fine-tune: a Hugging Face checkpoint directory, a Hub id (org/name[@revision]) "
+        "or a .gguf file"
+    )
     allow_pickle: bool = Field(
         False,
         description="allow pickled weights (pytorch_model.bin) in init_from, loaded with "

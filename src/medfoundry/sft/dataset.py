@@ -38,7 +38,7 @@ from medfoundry import __version__
 from medfoundry.errors import InputError, MedfoundryError
 from medfoundry.io import atomic_dir, write_text
 from medfoundry.manifest import Manifest, content_key, inputs_fingerprint
-from medfoundry.model.load import is_gguf
+from medfoundry.model.load import is_gguf, resolve_reference
 from medfoundry.sft.batch import collate
 from medfoundry.sft.config import SFTDataConfig, SFTSourceConfig
 from medfoundry.sft.converters import convert
@@ -89,14 +89,14 @@ def read_source(source: SFTSourceConfig) -> list[Conversation]:
                 test_ids=source.test_ids,
             )
         )
-    return [c for path in source_files(source) for c in read_conversations(path, source.format)]
+    return [c for path in source_files(source) for c in read_conversations(path, source.format, source.split)]
 
 
 def input_fingerprints(cfg: SFTDataConfig) -> dict[str, str]:
     """Fingerprints (by content) of everything :func:`prepare` reads: the tokenizer's files, every source
     file, the evaluation sets checked for overlap."""
-    spec = Path(cfg.tokenizer)
-    inputs = {str(spec): inputs_fingerprint(spec, names=None if is_gguf(spec) else TOKENIZER_INPUTS)}
+    spec = resolve_reference(cfg.tokenizer)  # a Hub id: its snapshot's files
+    inputs = {str(cfg.tokenizer): inputs_fingerprint(spec, names=None if is_gguf(spec) else TOKENIZER_INPUTS)}
     for source in cfg.sources:
         inputs.update((str(path), inputs_fingerprint(path)) for path in source_files(source))
     if cfg.overlap.benchmarks_dir:

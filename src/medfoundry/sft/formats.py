@@ -1,11 +1,15 @@
-"""Instruction data readers: Alpaca, chat ``messages`` and ShareGPT records in JSON or JSONL(.gz) files.
+"""Instruction data readers: Alpaca, chat ``messages`` and ShareGPT records in JSON or JSONL(.gz) files,
+Parquet files and folders written by ``datasets``' ``save_to_disk`` (see :mod:`medfoundry.tables`).
 
 Every reader yields the same :class:`Conversation`, so templates, masking and mixing never see the
 file format. A conversation is validated when it is read (known roles, an optional system message
 first, then user and assistant turns alternating, ending with a non-empty assistant turn), and every
 error is an :class:`~medfoundry.errors.InputError` naming the file and the line of the record, so
 that one bad record among a million can be found and fixed. JSON files (a top-level array, or an
-object keyed by record id) are scanned value by value to keep each record's line number too.
+object keyed by record id) are scanned value by value to keep each record's line number too. A Parquet or
+Arrow row is a record like a JSONL line (its row number standing for the line number), its nulls read as
+absent fields: Arrow gives every struct of a column the same fields, filling those a record lacks with
+nulls, so ``{"role": "user", "content": "..."}`` comes back with ``"options": None``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfoundry import limits
+from medfoundry import limits, tables
 from medfoundry.errors import InputError
 from medfoundry.io import iter_json_lines, lone_surrogate, may_hold_surrogates, open_binary
 
@@ -287,15 +291,55 @@ def _decode(raw: bytes, path: str, first_line: int) -> str:
         raise InputError(path, f"not UTF-8 text ({exc.reason})", first_line + raw.count(b"\n", 0, exc.start)) from None
 
 
-def read_conversations(path: str | Path, format: str = "auto") -> Iterator[Conversation]:
-    """Conversations of an Alpaca / messages / ShareGPT file. ``auto`` decides from the first record;
-    a later record in another shape is an error naming its line (mixed files are not guessed at)."""
+def iter_table_records(path: Path, split: str | None = None) -> Iterator[tuple[Path, int, dict]]:
+    """``(data file, row, record)`` of a Parquet file or a ``save_to_disk`` folder (``split``: of a DatasetDict),
+    batch by batch; a row over :data:`~medfoundry.limits.MAX_ROW_BYTES` of text is an :class:`InputError`."""
+    for file in tables.table_files(path, split):
+        for first, batch in tables.iter_batches(file, tables.schema_of(file).names):
+            for row, record in enumerate(batch.to_pylist(), first):
+                size = _text_size(record)
+                if size > limits.MAX_ROW_BYTES:
+                    raise InputError(str(file), tables.over_limit(size), row)
+                yield file, row, _without_nulls(record)
+
+
+def _text_size(value: Any) -> int:
+    """Characters of the strings in a record (a lower bound on their UTF-8 bytes)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_text_size(v) for v in value)
+    return 0
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _records(path: Path, split: str | None) -> Iterator[tuple[Path, int, Any]]:
+    if tables.is_table(path):
+        return iter_table_records(path, split)
+    if split is not None:
+        raise InputError(str(path), f"split: {split} applies to a save_to_disk DatasetDict folder, not to this file")
+    return ((path, line, record) for line, _, record in iter_json_records(path))
+
+
+def read_conversations(path: str | Path, format: str = "auto", split: str | None = None) -> Iterator[Conversation]:
+    """Conversations of an Alpaca / messages / ShareGPT file (or Parquet file, or ``save_to_disk`` folder:
+    ``split`` picks one of a DatasetDict's). ``auto`` decides from the first record; a later record in another
+    shape is an error naming its line (mixed files are not guessed at)."""
     if format != "auto" and format not in PARSERS:
         raise InputError(str(path), f"unknown format {format!r}; expected auto or one of {', '.join(PARSERS)}")
     parser = PARSERS.get(format)
-    for line, _, record in iter_json_records(path):
+    for file, line, record in _records(Path(path), split):
         if parser is None:
-            parser = PARSERS[detect_format(record, str(path), line)]
+            parser = PARSERS[detect_format(record, str(file), line)]
         if not isinstance(record, dict):
-            raise InputError(str(path), f"expected a JSON object per record, found {type(record).__name__}", line)
-        yield parser(record, str(path), line)
+            raise InputError(str(file), f"expected a JSON object per record, found {type(record).__name__}", line)
+        yield parser(record, str(file), line)

@@ -65,15 +65,15 @@ BUILTIN = {"chatml": CHATML, "biomed_llama": BIOMED_LLAMA}
 def load_base_tokenizer(spec: str | Path):
     """The base tokenizer as a ``transformers`` tokenizer.
 
-    ``spec`` is an HF tokenizer or model folder, a GPT-2 style ``vocab.json`` + ``merges.txt`` folder
-    (given GPT-2's special-token conventions), or a ``.gguf`` model file (its embedded tokenizer). It
-    is staged in a temporary folder, so the folder it is saved to later holds only what
+    ``spec`` is an HF tokenizer or model folder (or a Hub id of one), a GPT-2 style ``vocab.json`` +
+    ``merges.txt`` folder (given GPT-2's special-token conventions), or a ``.gguf`` model file (its embedded
+    tokenizer). It is staged in a temporary folder, so the folder it is saved to later holds only what
     ``save_pretrained`` writes (a stale ``special_tokens_map.json`` would override the new EOS token).
     """
     from medfoundry.model.export import copy_tokenizer
-    from medfoundry.model.load import is_gguf, load_tokenizer
+    from medfoundry.model.load import is_gguf, load_tokenizer, resolve_reference
 
-    spec = Path(spec)
+    spec = resolve_reference(spec)
     if is_gguf(spec):
         return load_tokenizer(spec)
     if not spec.is_dir():

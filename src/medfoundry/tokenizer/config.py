@@ -57,8 +57,8 @@ class ExtendConfig(StrictModel):
     """Add domain tokens to an existing tokenizer for continued pretraining; every existing id is kept."""
 
     base_dir: str = Field(
-        description="tokenizer to extend: a directory (tokenizer.json, or vocab.json + merges.txt) "
-        "or a .gguf model file"
+        description="tokenizer to extend: a directory (tokenizer.json, or vocab.json + merges.txt), a Hub id "
+        "(org/name[@revision]) or a .gguf model file"
     )
     corpus_dir: str
     output_dir: str

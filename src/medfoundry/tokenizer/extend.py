@@ -21,7 +21,7 @@ from medfoundry.corpus.documents import iter_documents
 from medfoundry.errors import InputError
 from medfoundry.io import atomic_dir, write_json, write_text
 from medfoundry.manifest import Manifest, inputs_fingerprint, output_fingerprint
-from medfoundry.model.load import is_gguf, load_backend_tokenizer, load_tokenizer
+from medfoundry.model.load import is_gguf, load_backend_tokenizer, load_tokenizer, resolve_reference
 from medfoundry.tokenizer.config import ExtendConfig
 from medfoundry.tokenizer.fertility import domain_words, fertility_markdown, fertility_report
 
@@ -164,15 +164,16 @@ def _copy_configs(base_dir: Path, out: Path, tokenizer: Tokenizer, gguf_tokenize
 
 def extend_tokenizer(cfg: ExtendConfig) -> Manifest:
     start = time.perf_counter()
-    gguf = load_tokenizer(cfg.base_dir) if is_gguf(cfg.base_dir) else None
-    base = gguf.backend_tokenizer if gguf is not None else load_backend_tokenizer(cfg.base_dir)
+    base_dir = resolve_reference(cfg.base_dir)  # a Hub id: its snapshot in the Hugging Face cache
+    gguf = load_tokenizer(base_dir) if is_gguf(base_dir) else None
+    base = gguf.backend_tokenizer if gguf is not None else load_backend_tokenizer(base_dir)
     counts = piece_counts(base, _texts(cfg, "train"))
     data, words = extend_bpe(base, counts, cfg.add_tokens, cfg.min_frequency)
     extended = Tokenizer.from_str(json.dumps(data))
     base_size, new_size = base.get_vocab_size(), extended.get_vocab_size()
     added_ids = sorted(i for i in extended.get_vocab().values() if i >= base_size)
     with atomic_dir(cfg.output_dir) as tmp:
-        _copy_configs(Path(cfg.base_dir), tmp, extended, gguf)
+        _copy_configs(base_dir, tmp, extended, gguf)
         extended.save(str(tmp / "tokenizer.json"))
         extension = {
             "base_dir": cfg.base_dir,
@@ -195,7 +196,7 @@ def extend_tokenizer(cfg: ExtendConfig) -> Manifest:
             stage="tokenizer_extend",
             config=cfg.model_dump(mode="json"),
             inputs={
-                cfg.base_dir: inputs_fingerprint(cfg.base_dir, names=None if gguf is not None else _BASE_FILES),
+                cfg.base_dir: inputs_fingerprint(base_dir, names=None if gguf is not None else _BASE_FILES),
                 cfg.corpus_dir: output_fingerprint(cfg.corpus_dir),
             },
             outputs={"tokenizer": "tokenizer.json", "extension": "vocab_extension.json", "fertility": "fertility.md"},

@@ -77,7 +77,7 @@ def tokenize_corpus(
     """Tokenize every corpus part into ``out_dir/{split}``; returns (and writes) ``out_dir/manifest.json``.
     ``tokenizer_dir`` may be a ``.gguf`` model file (its tokenizer, from the dequantized checkpoint).
     The parts run as tasks on ``executor`` (default: local, ``workers`` processes, 0 = one per core)."""
-    from medfoundry.model.load import hf_directory
+    from medfoundry.model.load import tokenizer_directory
 
     executor = executor or ExecutorConfig()
     start = time.perf_counter()
@@ -91,7 +91,7 @@ def tokenize_corpus(
         "workers": workers,
         "executor": executor.model_dump(mode="json"),
     }
-    corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), hf_directory(tokenizer_dir), Path(out_dir)
+    corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), tokenizer_directory(tokenizer_dir), Path(out_dir)
     header, eos_token = _header(tokenizer_dir, eos_token, dtype)
     work = out_dir / WORK
     if executor.kind == "local":  # a Slurm job of this build may be writing its temporaries right now
@@ -308,7 +308,8 @@ def _build(
             finished.add(rank)
     threads = executor.slurm.cpus_per_task if executor.kind == "slurm" else 1  # local: processes
     step = TokenizePart(todo, tokenizer_dir, header, str(out_dir), key, threads)
-    run = run_tasks(executor, [step], len(todo), workers, logs, "tokenize", unit="part", outputs=results)
+    sizes = [Path(part.path).stat().st_size for part in todo]  # compressed corpus bytes: a bar that moves evenly
+    run = run_tasks(executor, [step], len(todo), workers, logs, "tokenize", "B", results, sizes)
     built = []
     for rank, (part, path) in enumerate(zip(todo, results)):
         entry = _read_result(path, key)

@@ -7,6 +7,8 @@ measured on the corpus's validation split beside the reference tokenizers, and `
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from medfoundry.corpus.documents import iter_documents
 from medfoundry.io import atomic_dir, write_json, write_text
-from medfoundry.manifest import Manifest, output_fingerprint
+from medfoundry.manifest import MANIFEST, Manifest, output_fingerprint
 from medfoundry.model.load import load_backend_tokenizer
 from medfoundry.tokenizer.config import TokenizerTrainConfig
 from medfoundry.tokenizer.fertility import domain_words, fertility_markdown, fertility_report
@@ -40,18 +42,29 @@ def new_tokenizer(cfg: TokenizerTrainConfig) -> Tokenizer:
     return tokenizer
 
 
-def train_bpe(cfg: TokenizerTrainConfig, texts: Iterator[str]) -> Tokenizer:
-    """Deterministic: the same texts and settings give the same vocabulary and merges."""
+def train_bpe(cfg: TokenizerTrainConfig, texts: Iterator[str], documents: int | None = None) -> Tokenizer:
+    """Deterministic: the same texts and settings give the same vocabulary and merges. The trainer's own
+    progress bars (reading the ``documents`` texts, then merging) show on a terminal, as tqdm's do."""
     tokenizer = new_tokenizer(cfg)
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
         special_tokens=cfg.special_tokens.all(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=sys.stderr.isatty(),
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.train_from_iterator(texts, trainer, length=documents)
     return tokenizer
+
+
+def train_documents(cfg: TokenizerTrainConfig) -> int | None:
+    """Documents of the train split (of ``cfg.sources``) as the corpus manifest counts them, for the progress
+    bar's total; None when the manifest does not say (a corpus not made by ``corpus build``)."""
+    try:
+        per_source = json.loads((Path(cfg.corpus_dir) / MANIFEST).read_text())["details"]["per_source"]["train"]
+        return sum(entry["docs"] for name, entry in per_source.items() if not cfg.sources or name in cfg.sources)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def save_hf(tokenizer: Tokenizer, directory: Path, cfg: TokenizerTrainConfig) -> None:
@@ -110,7 +123,7 @@ def fertility(cfg: TokenizerTrainConfig, tokenizer: Tokenizer, directory: Path) 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Manifest:
     start = time.perf_counter()
     used: dict = {}
-    tokenizer = train_bpe(cfg, training_texts(cfg, used))
+    tokenizer = train_bpe(cfg, training_texts(cfg, used), train_documents(cfg))
     train_s = time.perf_counter() - start
     with atomic_dir(cfg.output_dir) as tmp:
         save_hf(tokenizer, tmp, cfg)

@@ -17,7 +17,9 @@ class ModelConfig(StrictModel):
         "or a path to a Hugging Face config.json / model directory"
     )
     init_from: str | None = Field(
-        None, description="continue pretraining from an HF checkpoint directory or a .gguf file"
+        None,
+        description="continue pretraining from an HF checkpoint directory, a Hub id (org/name[@revision]) or a "
+        ".gguf file",
     )
     allow_pickle: bool = Field(
         False,
@@ -78,12 +80,28 @@ class EvalConfig(StrictModel):
     batches: int = Field(16, gt=0, description="validation micro-batches, the same windows every time")
 
 
+class WandbConfig(StrictModel):
+    """A Weights & Biases run beside metrics.jsonl: the same scalars at the same steps, the config, the summary."""
+
+    project: str = Field(description="the W&B project")
+    entity: str | None = Field(None, description="the W&B team or user (default: your default entity)")
+    name: str | None = Field(None, description="the run's display name (default: one W&B makes up)")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="default: $WANDB_MODE, else online; offline runs are uploaded later with `wandb sync`"
+    )
+
+
 class LogConfig(StrictModel):
     every: int = Field(10, gt=0)
     tensorboard: bool = Field(
         False,
         description="also write the metrics as TensorBoard scalars into "
         "<output_dir>/tensorboard/ (needs the tensorboard package)",
+    )
+    wandb: WandbConfig | None = Field(
+        None,
+        description="also log to Weights & Biases (needs the wandb package); its files go to <output_dir>/wandb/ "
+        "(or $WANDB_DIR), and a resumed run continues the same W&B run",
     )
 
 

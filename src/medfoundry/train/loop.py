@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from medfoundry.errors import ConfigError, MedfoundryError
+from medfoundry.extras import require
 from medfoundry.io import write_json
 from medfoundry.model.presets import flops_per_token
 from medfoundry.runtime import configure, resolve_device_precision
@@ -41,7 +42,7 @@ from medfoundry.train.config import PretrainConfig, RunConfig
 from medfoundry.train.losses import NextTokenLoss
 from medfoundry.train.materialize import materialize
 from medfoundry.train.memory import PhaseMemory
-from medfoundry.train.metrics import MetricsLog, Peak, device_peak, plot_losses, require_tensorboard
+from medfoundry.train.metrics import MetricsLog, Peak, device_peak, plot_losses
 from medfoundry.train.model_setup import build_model, check_vocab, prepare_for_training, pretrained_source
 from medfoundry.train.optim import build_optimizer, clip_grads, grad_norm, kernel_of
 from medfoundry.train.schedules import build_scheduler
@@ -145,8 +146,10 @@ def run_distributed(cfg: RunConfig, make_job: Callable[..., Job]) -> dict:
         torch.cuda.set_device(device)
     try:
         with distributed.folder_lock_of_job(cfg.output_dir, "training", d):
-            if cfg.log.tensorboard:
-                require_tensorboard()
+            if cfg.log.tensorboard:  # checked before any work
+                require("tensorboard", "log.tensorboard")
+            if cfg.log.wandb is not None and d.is_main:
+                require("wandb", "log.wandb")
             _seed_everything(cfg.training.seed)
             return train(make_job(cfg, d, device, precision), d, device)
     finally:
@@ -175,12 +178,12 @@ class Job:
 
 def _pretrain_job(cfg: PretrainConfig, d: distributed.Dist, device: str, precision: str) -> Job:
     from medfoundry.model.export import Weights, export_hf
-    from medfoundry.model.load import hf_directory, load_tokenizer
+    from medfoundry.model.load import load_tokenizer, tokenizer_directory
 
     tokens = Path(cfg.data.tokens_dir)
     verify = cfg.data.verify_shards
     train_shards, val_shards = TokenShards(tokens / "train", verify=verify), TokenShards(tokens / "val", verify=verify)
-    tokenizer_dir = hf_directory(cfg.data.tokenizer_dir)  # a .gguf: its dequantized checkpoint's tokenizer
+    tokenizer_dir = tokenizer_directory(cfg.data.tokenizer_dir)  # a .gguf: its embedded tokenizer
     tokenizer = load_tokenizer(tokenizer_dir)
     model, token_losses, kernels = _build(cfg, len(tokenizer), train_shards.vocab_size, d, device, precision)
     lm, dtype = distributed.unwrap(model), cfg.export.torch_name(precision)
@@ -290,6 +293,8 @@ def train(job: Job, d: distributed.Dist, device: str) -> dict:
         enabled=d.is_main,
         resume_step=state.step,
         tensorboard=out / "tensorboard" if cfg.log.tensorboard else None,
+        wandb=cfg.log.wandb,
+        config=cfg.model_dump(mode="json"),
     )
     peak = device_peak(device, job.loss.precision)  # published for known accelerators, else measured
     run = _Run(
@@ -318,8 +323,10 @@ def train(job: Job, d: distributed.Dist, device: str) -> dict:
         if cfg.checkpoint.async_save:  # the last background save, finished
             with memory.phase("save"):
                 checkpointer.wait()
-    finally:
-        log.close()
+    except BaseException:
+        log.close(failed=True)
+        raise
+    log.close()
     return _finish(job, job.model, log, out, d, memory)
 
 

@@ -17,6 +17,7 @@ from typing import Protocol
 from torch import nn
 
 from medfoundry.errors import ConfigError
+from medfoundry.extras import require
 from medfoundry.io import atomic_dir
 
 
@@ -30,11 +31,7 @@ class LoraSettings(Protocol):
 
 
 def _peft():
-    try:
-        import peft
-    except ImportError:
-        raise ConfigError("lora needs the peft package: pip install 'medfoundry[lora]' (or pip install peft)") from None
-    return peft
+    return require("peft", "lora")
 
 
 def add_adapters(model: nn.Module, cfg: LoraSettings, added_ids: Sequence[int]) -> nn.Module:

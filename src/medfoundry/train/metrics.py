@@ -1,12 +1,13 @@
-"""Training telemetry: ``metrics.jsonl``, optional TensorBoard scalars, a progress bar with tokens/s, MFU
-and ETA, the loss-curve PNG."""
+"""Training telemetry: ``metrics.jsonl``, optional TensorBoard scalars and Weights & Biases run, a progress bar
+with tokens/s, MFU and ETA, the loss-curve PNG."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
+import os
 import re
+import secrets
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from medfoundry.errors import ConfigError
+from medfoundry.extras import pyplot, require
 from medfoundry.io import atomic_path, write_json
+from medfoundry.train.config import WandbConfig
 
 # metrics.jsonl key -> TensorBoard tag
 TENSORBOARD_TAGS = {
@@ -29,16 +31,6 @@ TENSORBOARD_TAGS = {
     "val_ppl": "val/ppl",
     "val_bpb": "val/bpb",
 }
-
-
-def require_tensorboard() -> None:
-    """``log.tensorboard`` needs the tensorboard package (torch's SummaryWriter writes with it): say so
-    before any work."""
-    if importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError(
-            "log.tensorboard: the tensorboard package is not installed: pip install tensorboard "
-            "(or pip install 'medfoundry[tensorboard]'), or set log.tensorboard: false"
-        )
 
 
 def _tflops(bf16: float, tf32: float, fp32: float) -> dict[str, float]:
@@ -180,16 +172,71 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+WANDB_RUN = "wandb.json"  # in the output folder: the id of the W&B run that a resume continues
+
+
+class WandbLog:
+    """The metrics as a Weights & Biases run: the :data:`TENSORBOARD_TAGS` scalars at the training step, the
+    config, and the summary at the end. Its id is kept in ``<output_dir>/wandb.json``: a run resumed from a
+    checkpoint continues the same W&B run (``resume="allow"``), one that starts at step 0 is a new one. Steps a
+    killed run logged after its last checkpoint are logged again on resume, and W&B keeps the first values
+    (the resume is bit-identical: the same losses)."""
+
+    def __init__(self, settings: WandbConfig, out: Path, config: dict, resume_step: int):
+        wandb = require("wandb", "log.wandb")
+        self.run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            name=settings.name,
+            mode=settings.mode,
+            id=_wandb_run_id(out, resume_step),
+            resume="allow",
+            config=config,
+            dir=None if "WANDB_DIR" in os.environ else str(out),
+        )
+
+    def log(self, record: dict) -> None:
+        values = {tag: record[key] for key, tag in TENSORBOARD_TAGS.items() if key in record}
+        if values:
+            self.run.log(values, step=record["step"])
+
+    def finish(self, summary: dict | None) -> None:
+        """End the run with ``summary`` (:meth:`MetricsLog.summary`), or as failed when it is None."""
+        if summary is not None:
+            self.run.summary.update(summary)
+        self.run.finish(exit_code=0 if summary is not None else 1)
+
+
+def _wandb_run_id(out: Path, resume_step: int) -> str:
+    """The recorded run id when training resumes from a checkpoint; else a new one, recorded."""
+    path = out / WANDB_RUN
+    if resume_step and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["id"]
+    run_id = secrets.token_hex(6)
+    write_json(path, {"id": run_id})
+    return run_id
+
+
 class MetricsLog:
     """Appends JSON lines (rank 0 only) and, with ``tensorboard`` (a folder), the same values as
-    TensorBoard scalars (:data:`TENSORBOARD_TAGS`). On resume, lines past the checkpoint's step are
-    dropped first, and TensorBoard is told to purge its events past it, so both read as one
-    uninterrupted run. Call :meth:`close` at the end (it flushes the event file)."""
+    TensorBoard scalars (:data:`TENSORBOARD_TAGS`); with ``wandb``, to a W&B run as well (:class:`WandbLog`,
+    given ``config``). On resume, lines past the checkpoint's step are dropped first, and TensorBoard is
+    told to purge its events past it, so both read as one uninterrupted run. Call :meth:`close` at the end
+    (it flushes the event file and ends the W&B run)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int = 0, tensorboard: Path | None = None):
+    def __init__(
+        self,
+        path: Path,
+        enabled: bool,
+        resume_step: int = 0,
+        tensorboard: Path | None = None,
+        wandb: WandbConfig | None = None,
+        config: dict | None = None,
+    ):
         self.path, self.enabled = path, enabled
         self.records: list[dict] = []
         self.writer = None
+        self.wandb = None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             kept = (
@@ -203,6 +250,8 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(tensorboard), purge_step=resume_step + 1 if resume_step else None)
+            if wandb is not None:
+                self.wandb = WandbLog(wandb, path.parent, config or {}, resume_step)
 
     @contextlib.contextmanager
     def progress(self, total: int, initial: int):
@@ -220,10 +269,14 @@ class MetricsLog:
             for key, tag in TENSORBOARD_TAGS.items():
                 if key in record:
                     self.writer.add_scalar(tag, record[key], record["step"], walltime=record["time"])
+        if self.wandb is not None:
+            self.wandb.log(record)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish(None if failed else self.summary())
 
     def step(self, step: int, bar, *, every: int, skipped: bool, **values) -> None:
         bar.update(1)
@@ -261,11 +314,9 @@ class MetricsLog:
 
 
 def plot_losses(metrics: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the loss plot")
+    if plt is None:
+        return
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]

@@ -22,7 +22,7 @@ def build_model(cfg: PretrainConfig, tokenizer_size: int, *, meta: bool = False)
     each process's shards after sharding)."""
     from transformers import AutoModelForCausalLM
 
-    from medfoundry.model.load import hf_directory
+    from medfoundry.model.load import tokenizer_directory
     from medfoundry.model.presets import model_config
     from medfoundry.model.resize import resize_for_tokenizer
 
@@ -36,20 +36,21 @@ def build_model(cfg: PretrainConfig, tokenizer_size: int, *, meta: bool = False)
         )
         # a user's config.json may name code: trust_remote_code=False
         model = meta_model(config) if meta else AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    resize_for_tokenizer(model, hf_directory(cfg.data.tokenizer_dir))
+    resize_for_tokenizer(model, tokenizer_directory(cfg.data.tokenizer_dir))
     check_context(model.config, cfg.model.context, "model.context")
     return model
 
 
 def pretrained_source(init_from: str, *, allow_pickle: bool = False, trust_remote_code: bool = False):
-    """The Hugging Face folder of ``init_from`` (a GGUF file's conversion) and the keyword arguments its
-    weights load with (:func:`medfoundry.model.load.weights_policy`)."""
+    """The Hugging Face folder of ``init_from`` (a GGUF file's conversion, a Hub id's snapshot) and the keyword
+    arguments its weights load with (:func:`medfoundry.model.load.weights_policy`)."""
     from medfoundry.model.load import hf_directory, weights_policy
 
-    source = hf_directory(init_from)
+    source = hf_directory(init_from, allow_pickle=allow_pickle)
     if not (source / "config.json").is_file():
         raise ConfigError(
-            f"model.init_from: {source} is not a Hugging Face checkpoint directory (no config.json) or a .gguf file"
+            f"model.init_from: {source} is not a Hugging Face checkpoint directory (no config.json), a .gguf file "
+            "nor a Hub id (org/name[@revision])"
         )
     return source, weights_policy(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 

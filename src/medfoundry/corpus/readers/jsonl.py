@@ -73,7 +73,8 @@ def decode_object(raw: bytes, line: int, ctx: ReadContext) -> dict | None:
     return obj
 
 
-def _text_of(obj: dict, fields: FieldMap) -> str:
+def text_of(obj: dict, fields: FieldMap) -> str:
+    """The text fields present and non-empty, stripped, joined with a blank line (also for Parquet and Arrow rows)."""
     parts = [obj.get(name) for name in fields.text]
     return "\n\n".join(str(p).strip() for p in parts if p not in (None, "") and str(p).strip())
 
@@ -93,7 +94,7 @@ def read_jsonl(path: Path, ctx: ReadContext, fields: FieldMap, part: int = 0, pa
             name = getattr(fields, key)
             if name and obj.get(name) not in (None, ""):
                 meta[key] = str(obj[name])
-        yield Record(str(native_id) if native_id not in (None, "") else None, _text_of(obj, fields), meta, line)
+        yield Record(str(native_id) if native_id not in (None, "") else None, text_of(obj, fields), meta, line)
 
 
 def read_text(path: Path, ctx: ReadContext) -> Iterator[Record]:
