@@ -323,3 +323,25 @@ def test_a_reference_that_is_no_model_names_the_field(offline, tmp_path):
 
     with pytest.raises(ConfigError, match="model .*: not a Hugging Face model directory"):
         check_reference(tmp_path, "model")
+
+
+def test_plan_reads_only_the_config_of_a_hub_model(offline, tmp_path):
+    """``medfoundry plan`` of a fine-tuning run from a Hub id sizes the Hub model from its config.json alone: a cache
+    holding nothing else is enough (no weights are fetched to plan a run)."""
+    from huggingface_hub import constants
+
+    from medfoundry.model.presets import model_config
+    from medfoundry.plan import load_target, make_plan, with_flags
+    from test_plan import _finetune_config
+
+    only_config = tmp_path / "only-config"
+    model_config("llama-tiny", context=512).save_pretrained(only_config)
+    cache_repo(Path(constants.HF_HUB_CACHE), f"{ORG}/config-only", only_config)
+    target = load_target(
+        _finetune_config(tmp_path, f"{ORG}/config-only"), ["training.steps=10", "training.epochs=null"]
+    )
+    plan = make_plan(with_flags(target, gpu="a100-80gb", gpus=4))
+    assert plan.model.source == f"checkpoint {ORG}/config-only" and plan.model.context == 512
+    assert plan.model.hidden_size == model_config("llama-tiny").hidden_size
+    with pytest.raises(InputError, match="nor in the Hugging Face cache"):
+        make_plan(with_flags(load_target(_finetune_config(tmp_path, f"{ORG}/absent"), []), gpu="a100-80gb", gpus=4))

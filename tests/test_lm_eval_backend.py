@@ -172,9 +172,9 @@ def test_installed_hook_registers_lazily():
     assert [o.stdout.strip() for o in outputs] == ["False False True", "MedfoundryLM HFLM"], [o.stderr for o in outputs]
 
 
-@pytest.mark.long  # lm-eval's command indexes its ~15,000 task files at every start: half a minute, more under load
 def test_lm_eval_command_runs_the_medfoundry_model(llama_dir, tasks_dir, tmp_path):
-    """lm-eval's own console script, with --log_samples: its usual results and per-sample files."""
+    """lm-eval's own console script, with --log_samples: its usual results and per-sample files. (Half a minute:
+    lm-eval indexes its ~15,000 task files at every start.)"""
     done = subprocess.run(
         [
             str(BIN / "lm_eval"),
@@ -209,9 +209,9 @@ def test_lm_eval_command_runs_the_medfoundry_model(llama_dir, tasks_dir, tmp_pat
     assert len(samples) == 3 and all(len(s["resps"]) == 3 for s in samples)
 
 
-def test_medfoundry_eval_runs_lm_eval_tasks(llama_dir, tasks_dir, tmp_path, no_env_info):
+def test_medfoundry_eval_runs_lm_eval_tasks(llama_dir, tasks_dir, tmp_path, no_env_info, capsys):
     """``medfoundry eval --lm-eval-tasks`` writes lm-eval's results.json and samples in the model's lm_eval folder,
-    and the stage's manifest records them."""
+    the stage's manifest records them, and its summary shows them."""
     from medfoundry.cli import main
 
     out = tmp_path / "out"
@@ -224,3 +224,5 @@ def test_medfoundry_eval_runs_lm_eval_tasks(llama_dir, tasks_dir, tmp_path, no_e
     assert len((folder / "samples_mf_mc.jsonl").read_text(encoding="utf-8").splitlines()) == 4
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["details"]["lm_eval"][llama_dir.name]["mf_mc"] == results["results"]["mf_mc"]
+    accuracy = results["results"]["mf_mc"]["acc,none"]
+    assert f"lm-eval: {llama_dir.name}: mf_mc: acc {accuracy:.4f}," in capsys.readouterr().out

@@ -339,11 +339,17 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def _checkpoint_config(init_from: str):
-    """The config of an HF checkpoint directory or a .gguf file, or None when it is not here (yet)."""
+    """The config of an HF checkpoint directory, a .gguf file or a Hub id (its config.json alone, fetched or read
+    from the cache), or None when a path is not here (yet)."""
     from transformers import AutoConfig
 
+    from medfoundry.model import hub
     from medfoundry.model.load import is_gguf
 
+    if hub.is_hub_id(init_from):
+        return AutoConfig.from_pretrained(
+            str(hub.config_folder(init_from)), local_files_only=True, trust_remote_code=False
+        )
     path = Path(init_from)
     if is_gguf(path) and path.is_file():
         return AutoConfig.from_pretrained(

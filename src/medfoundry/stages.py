@@ -363,11 +363,28 @@ def _eval_summary(m: Manifest) -> str:
     widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     out = Path(m.config["output_dir"])
+    lines += _lm_eval_lines(m.details.get("lm_eval", {}))
     lines += [
         f"{name}: {out / name / 'results.json'} (questions: samples.jsonl, report: results.md)"
         for name in m.details["models"]
     ]
     return "\n".join([*lines, f"eval: comparison -> {out / m.outputs['report']}"])
+
+
+def _lm_eval_lines(results: dict) -> list[str]:
+    """One line per model and lm-eval task: its metrics as lm-eval names them (``acc,none`` is shown ``acc``),
+    with their standard errors."""
+    lines = []
+    for model, tasks in results.items():
+        for task, metrics in tasks.items():
+            shown = [
+                f"{key.partition(',')[0]} {value:.4f}"
+                + (f" ± {err:.4f}" if isinstance(err := metrics.get(key.replace(",", "_stderr,", 1)), float) else "")
+                for key, value in metrics.items()
+                if "," in key and "_stderr," not in key and isinstance(value, float)
+            ]
+            lines.append(f"lm-eval: {model}: {task}: {', '.join(shown)}")
+    return lines
 
 
 def _generate_summary(m: Manifest) -> str:

@@ -14,6 +14,7 @@ there, like any failed download, is one :class:`~medfoundry.errors.InputError` l
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from medfoundry.errors import InputError
@@ -66,8 +67,31 @@ def commit(reference: str, *, cached: bool = False) -> str:
     return _snapshot(reference, SAFE_PATTERNS, cached=cached).name
 
 
+def config_folder(reference: str) -> Path:
+    """A snapshot folder of Hub id ``reference`` holding only its ``config.json`` (downloaded when needed): what
+    planning a run needs, without the weights of a 70B model."""
+    from huggingface_hub import constants, hf_hub_download
+
+    repo, revision = split(reference)
+    with _download_errors(reference):
+        path = hf_hub_download(repo, "config.json", revision=revision, local_files_only=constants.is_offline_mode())
+    return Path(path).parent
+
+
 def _snapshot(reference: str, patterns: tuple[str, ...], *, cached: bool = False) -> Path:
     from huggingface_hub import constants, snapshot_download
+
+    repo, revision = split(reference)
+    offline = cached or constants.is_offline_mode()
+    with _download_errors(reference, cached=cached):
+        folder = snapshot_download(repo, revision=revision, allow_patterns=list(patterns), local_files_only=offline)
+    return Path(folder)
+
+
+@contextmanager
+def _download_errors(reference: str, *, cached: bool = False):
+    """A failed lookup or download of ``reference`` as one :class:`InputError` line saying what to do."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
         HTTPError,
@@ -81,7 +105,7 @@ def _snapshot(reference: str, patterns: tuple[str, ...], *, cached: bool = False
     offline = cached or constants.is_offline_mode()
     fetch = f"`hf download {repo}{f' --revision {revision}' if revision else ''}`"
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=list(patterns), local_files_only=offline))
+        yield
     except RevisionNotFoundError:
         raise InputError(reference, f"the Hugging Face Hub has no revision {revision!r} of {repo}") from None
     except (RepositoryNotFoundError, GatedRepoError):
