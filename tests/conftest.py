@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,13 @@ from ci_skips import pytest_runtest_makereport  # noqa: F401  (the hook: under C
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# eval's benchmarks folder, as a user names it (an installed package has no default); set at import, before the
+# test modules copy os.environ into their subprocesses' environments
+os.environ.setdefault("MEDFOUNDRY_BENCHMARKS", str(SHARED_DATA / "benchmarks"))
+# tests never reach the Hugging Face Hub: a name that looks like a Hub id (models/llama-7b-hf) is looked up in the
+# cache only, instead of retrying a network that is not there for half a minute (huggingface_hub reads it at import)
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def shared(relpath: str) -> Path:

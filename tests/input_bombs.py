@@ -132,9 +132,14 @@ def read_in_child(kind: str, path: Path, timeout: float = 600, **overrides: int)
     return json.loads(run.stdout.splitlines()[-1])
 
 
-def _child() -> None:
-    import resource
+def _peak_mb() -> float:
+    """This process's peak resident memory (``VmHWM``: of its own address space, which ``execve`` starts afresh;
+    ``ru_maxrss`` would carry over the parent's peak from the fork, a long-lived pytest worker's)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
+
+def _child() -> None:
     from medfoundry import limits
     from medfoundry.corpus.readers.base import ReadContext
 
@@ -142,7 +147,7 @@ def _child() -> None:
     for name, value in json.loads(sys.argv[3]).items():
         setattr(limits, name, value)
     _read(kind, path, ReadContext(path))  # imports what the reader needs before the baseline is taken
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _peak_mb()
     result = {"ids": [], "skips": [], "error": None}
     if kind in ("pubmed", "jats", "jsonl", "text"):
         ctx = ReadContext(path, strict=False)
@@ -151,7 +156,7 @@ def _child() -> None:
         ]
         result["skips"] = [[skip.line, skip.reason] for skip in ctx.skips]
     result["error"] = _strict_error(kind, path)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_mb()
     print(json.dumps({**result, "peak_mb": round(peak), "growth_mb": round(peak - base)}))
 
 

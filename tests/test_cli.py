@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -151,13 +152,15 @@ def test_tokenizer_train_then_tokenize(tmp_path):
         ("pending", 75, "out", "pending: slurm job 7 is still pending (exit code 75)"),
         ("launch", 3, "err", "error: pretrain: torchrun exited with code 3"),
         ("config", 2, "err", "error: stages.x: bad"),
+        ("input", 2, "err", "error: data.jsonl:3: not JSON"),
+        ("failed", 1, "err", "error: 3 steps in a row had a non-finite loss"),
     ],
 )
 def test_exit_codes(monkeypatch, capsys, tmp_path, raised, code, stream, text):
-    """0 done, 2 a usage or input error, 75 (EX_TEMPFAIL) work handed to Slurm not finished yet (the same
-    command again continues), and a failed torchrun's own exit code."""
+    """0 done, 1 a stage failed, 2 a usage or input error, 75 (EX_TEMPFAIL) work handed to Slurm not finished yet
+    (the same command again continues), and a failed torchrun's own exit code."""
     from medfoundry import cli
-    from medfoundry.errors import ConfigError, Pending
+    from medfoundry.errors import ConfigError, InputError, Pending, StageFailed
     from medfoundry.recipe import runner
     from medfoundry.train.launch import LaunchFailed
 
@@ -165,6 +168,8 @@ def test_exit_codes(monkeypatch, capsys, tmp_path, raised, code, stream, text):
         "pending": Pending("slurm job 7 is still pending"),
         "launch": LaunchFailed("pretrain: torchrun exited with code 3", 3),
         "config": ConfigError("stages.x: bad"),
+        "input": InputError("data.jsonl", "not JSON", line=3),
+        "failed": StageFailed("3 steps in a row had a non-finite loss"),
     }
 
     def run_recipe(*args, **kwargs):
@@ -175,6 +180,66 @@ def test_exit_codes(monkeypatch, capsys, tmp_path, raised, code, stream, text):
     recipe.write_text(f"name: r\nrun_dir: {tmp_path / 'run'}\nstages: {{tokens: {{}}}}\n")
     assert cli.main(["run", str(recipe)]) == code
     assert text in getattr(capsys.readouterr(), stream)
+
+
+def test_usage_errors_exit_2():
+    from medfoundry import cli
+
+    with pytest.raises(SystemExit) as unknown:
+        cli.main(["no-such-command"])
+    with pytest.raises(SystemExit) as missing:
+        cli.main(["corpus", "build"])
+    assert unknown.value.code == missing.value.code == 2
+
+
+def test_a_slurm_corpus_build_still_pending_exits_75(tmp_path):
+    """`medfoundry corpus build CONFIG && medfoundry tokenize ...` stops after the build while its Slurm jobs are
+    queued or running: 75 (EX_TEMPFAIL) on submission and on a re-run while squeue lists the job; nothing written."""
+    import yaml
+
+    from test_corpus_build import FAKE_SLURM
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": f"Document {i} about sepsis. " * 20}) + "\n" for i in range(8))
+    )
+    out = tmp_path / "corpus"
+    config = tmp_path / "corpus.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(out),
+                "sources": [{"name": "docs", "kind": "jsonl", "paths": [str(docs)]}],
+                "decontam": {"enabled": False},
+                "report_tokenizer": None,
+                "executor": {"kind": "slurm", "slurm": {"partition": "bio"}},
+            }
+        )
+    )
+    env = {
+        **ENV,
+        "PATH": f"{FAKE_SLURM}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+        "FAKE_SLURM_DIR": str(tmp_path / "slurm"),
+        "FAKE_SLURM_RUN": "0",  # submitted, never run: the tasks stay pending
+    }
+    for active in ("0", "1"):  # just submitted; then re-run while squeue lists the job
+        chained = subprocess.run(
+            [
+                "sh",
+                "-c",
+                f"{shlex.quote(sys.executable)} -m medfoundry corpus build {shlex.quote(str(config))} && echo NEXT",
+            ],
+            cwd=REPO,
+            env={**env, "FAKE_SLURM_ACTIVE": active},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert chained.returncode == 75, chained.stdout + chained.stderr[-3000:]
+        assert "pending: " in chained.stdout and "(exit code 75)" in chained.stdout
+        assert "NEXT" not in chained.stdout
+    assert "slurm job 1000 is still running" in chained.stdout
+    assert not (out / "manifest.json").exists()
 
 
 def test_training_commands_take_the_launch_flags():

@@ -82,8 +82,10 @@ def test_match_reports_best_item_and_respects_min_matches(tiny):
     index = build(tiny)
     # 18 words of LONG_Q: 6 13-grams; OTHER_Q cut after its 15th word: 3 13-grams of the medmcqa item.
     hit = index.match(FILLER.format(LONG_Q + " " + " ".join(OTHER_Q.split()[:13])))
-    assert (hit.reason, hit.benchmark, hit.item, hit.matches) == ("ngram_overlap", "medqa", "0", 6)
-    assert hit.detail.endswith("(9 shared with benchmarks in all)")
+    # 6 of the medqa item's 10 (60%: its 18 words + options, the 4- and 5-option versions), 3 of m1's 9 (33%)
+    assert (hit.reason, hit.benchmark, hit.item, hit.matches, hit.item_ngrams) == ("ngram_overlap", "medqa", "0", 6, 10)
+    assert hit.detail.startswith("6 of the 10 13-grams of medqa item 0 (60%;")
+    assert hit.detail.endswith(", 9 of them in benchmarks)")
     assert index.match(FILLER.format(LONG_Q), min_matches=6) is not None
     assert index.match(FILLER.format(LONG_Q), min_matches=7) is None
     assert index.match(FILLER.format("nothing to see here")) is None

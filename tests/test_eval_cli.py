@@ -116,8 +116,9 @@ def _bad_task_folder(path):
         (
             ["--tasks", "pubmedqa", "--set", "benchmarks_dir=/nonexistent"],
             "error: task pubmedqa ({tasks}/pubmedqa.yaml): data file /nonexistent/pubmedqa/ori_pqal.json not found. "
-            "The official files go in ../shared/data/benchmarks (or set benchmarks_dir to their folder); its hub "
-            "loader (bigbio/pubmed_qa) failed: ConnectionError",
+            "For the official files, set benchmarks_dir in the eval config (or --set benchmarks_dir=DIR) or the "
+            "MEDFOUNDRY_BENCHMARKS environment variable to the folder of the benchmark files (laid out like "
+            "../shared/data/benchmarks); its hub loader (bigbio/pubmed_qa) failed: ConnectionError",
         ),
         (
             ["--tasks", "drugs", "--set", "task_dirs=[{tmp}/mine]"],

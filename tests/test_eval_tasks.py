@@ -70,11 +70,10 @@ def test_builtin_tasks_and_splits(registry):
     assert [t.task for t in plan.tasks] == ["pubmedqa", *(f"mmlu_{s}" for s in MMLU)]  # each task once
 
     pubmedqa = registry.get("pubmedqa")
-    test, train = load_split(pubmedqa, "test", BENCHMARKS), load_split(pubmedqa, "train", BENCHMARKS)
+    test, train = load_split(pubmedqa, "test", BENCHMARKS), load_split(pubmedqa, "train_dev", BENCHMARKS)
     truth = json.loads((BENCHMARKS / "pubmedqa/test_ground_truth.json").read_text())
-    assert (
-        len(test) == len(train) == 500 and {d.id for d in test} == set(truth) and not {d.id for d in train} & set(truth)
-    )
+    assert len(test) == len(train) == 500 and [d.id for d in test] == list(truth)  # the official order too
+    assert not {d.id for d in train} & set(truth)
     builder = PromptBuilder(pubmedqa, "lm_eval")
     assert all(builder.choices(d)[builder.target(d)] == truth[d.id] for d in test)
 
@@ -208,7 +207,7 @@ def test_meditron_style(registry):
     demo, question = pubmedqa.contexts[0].split("\n", 1)[1].split("\n\n")
     assert demo.endswith(("\nThe answer is: yes", "\nThe answer is: no", "\nThe answer is: maybe"))
     assert question.endswith(
-        "\nDo mitochondria play a role in remodelling lace plant leaves during programmed cell death?\nThe answer is:"
+        "\nIs anorectal endosonography valuable in dyschesia?\nThe answer is:"  # the official test order
     )
 
     cot = prepared(registry, "medqa_5options", prompt_style="meditron", mode="cot", limit=1)
@@ -221,12 +220,14 @@ def test_meditron_style(registry):
 # -- few-shot -------------------------------------------------------------------------------------
 
 
-def test_fewshot_is_seeded_per_question_and_never_from_test(registry):
+def test_fewshot_is_seeded_and_never_from_test(registry):
+    """lm-eval's sampler (the default): a shorter run is a prefix of a longer one (tests/test_eval_fewshot_lm_eval.py
+    compares the draws with lm-eval's)."""
     a = prepared(registry, "pubmedqa", num_fewshot=3, limit=6)
     b = prepared(registry, "pubmedqa", num_fewshot=3, limit=3)
     c = prepared(registry, "pubmedqa", num_fewshot=3, limit=6, fewshot_seed=7)
     assert a.contexts[:3] == b.contexts and a.contexts != c.contexts
-    assert a.contexts[0].rsplit("\n\n", 1)[0] != a.contexts[1].rsplit("\n\n", 1)[0]  # each question its own draw
+    assert a.contexts[0].rsplit("\n\n", 1)[0] != a.contexts[1].rsplit("\n\n", 1)[0]  # each question a new draw
 
     pubmedqa = registry.get("pubmedqa")
     pool = fewshot_pool(pubmedqa, 3, style="lm_eval", source=None, get_task=registry.get, benchmarks_dir=BENCHMARKS)
@@ -308,8 +309,8 @@ def test_hub_failure_and_missing_file_messages(registry, tmp_path):
     task = registry.get("mmlu_anatomy").model_copy(update={"hub": None})
     with pytest.raises(
         MedfoundryError,
-        match=rf"data file {tmp_path}/mmlu/test/anatomy_test.csv not found\. The "
-        r"official files go in ../shared/data/benchmarks",
+        match=rf"data file {tmp_path}/mmlu/test/anatomy_test.csv not found\. For the official files, set "
+        r"benchmarks_dir in the eval config \(or --set benchmarks_dir=DIR\) or the MEDFOUNDRY_BENCHMARKS",
     ):
         load_split(task, "test", tmp_path)
 

@@ -64,7 +64,14 @@ test_jats, test_jats_long = fuzz("jats")
 
 def test_jats_a_year_int_cannot_read_is_no_year():
     """Found by fuzzing: ``"²".isdigit()`` is true but ``int("²")`` fails; the year is simply unknown."""
-    check_corpus_reader(read_jats, jats_article("T", "<p>Abstract text.</p>", "", "²", "", ""), "sup2.nxml")
+    (record,), _ = check_corpus_reader(
+        read_jats, jats_article("T", "<p>Abstract text.</p>", "", "²", "", ""), "sup2.nxml"
+    )
+    assert record.meta["year"] is None and "Abstract text." in record.text
+    (dated,), _ = check_corpus_reader(
+        read_jats, jats_article("T", "<p>Abstract text.</p>", "", "2019", "", ""), "y.nxml"
+    )
+    assert dated.meta["year"] == 2019  # the same article with a readable year keeps it
 
 
 def test_jats_a_year_int_refuses_is_no_year():

@@ -404,7 +404,7 @@ def test_refuses_what_it_cannot_write_faithfully(checkpoint, tmp_path):
         "gpt2": (set_config(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "architectures"),
         "gelu": (set_config(hidden_act="gelu"), "hidden_act"),
         "dynamic": (set_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "rope_type"),
-        "spm": (sentencepiece_style, "model.type"),
+        "spm": (sentencepiece_style, "pre_tokenizer"),  # byte_fallback with a byte-level pre-tokenizer
         "incomplete": (drop_a_tensor, "blk.1.ffn_up.weight"),
     }
     for name, (edit, field) in cases.items():
@@ -473,3 +473,206 @@ def test_smollm2_round_trip_in_f32(tmp_path):
         tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     )
     assert math.isclose(out.stat().st_size / 1e6, 540, rel_tol=0.01)  # 134.5M float32 weights, no output.weight
+
+
+# ---------------------------------------------------------------------------------------------- SentencePiece-style
+
+LLAMA2_TEXTS = [
+    "Hello world! 123",
+    "The patients (n = 42) received 5-fluorouracil 10 mg/kg.",
+    " leading space and  two\n\nnewlines\tand a tab",
+    "Unseen: ↑ IL-6 in Zürich, 東京 — 😀",
+    "digits 0123456789 and 3.14159",
+    "<s> and </s> inside, <|im_start|>user\nhi<|im_end|>",
+    "",
+]
+
+
+def make_llama2_tokenizer(directory: Path):
+    """A Llama-2-style tokenizer as transformers writes one converted from a ``tokenizer.model``: BPE with byte
+    fallback, ``<unk>``, ``<s>``, ``</s>`` then the 256 ``<0x..>`` byte tokens as pieces of the model (ids 3..258),
+    trained on real abstracts, and every pair of pieces that makes a piece as a merge, best (lowest id) first, as
+    the converter lists them. ChatML's two tokens are added as special tokens, with its template."""
+    import gzip
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    from conftest import shared
+    from medfoundry.model.gguf_export import BYTE_TOKENS
+
+    with gzip.open(shared("corpus/pubmed_abstracts.jsonl.gz"), "rt", encoding="utf-8") as lines:
+        abstracts = [json.loads(next(lines))["abstract"] for _ in range(300)]
+    trained = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"], max_token_length=12)
+    trained.train_from_iterator(abstracts, trainer)
+    learned = sorted(trained.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
+    pieces = ["<unk>", "<s>", "</s>", *BYTE_TOKENS] + [t for t, _ in learned if t not in ("<unk>", "<s>", "</s>")]
+    vocab = {token: index for index, token in enumerate(pieces)}
+    merges = generate_merges(vocab, {t: -i for t, i in vocab.items()}, skip_tokens=["<unk>", "<s>", "</s>"])
+    backend = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer = LlamaTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama2_checkpoint(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama2")
+    tokenizer = make_llama2_tokenizer(directory)
+    make_model(directory, vocab_size=len(tokenizer) + 30, pad_token_id=None)  # padded, as Meditron's is
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama2_exported(llama2_checkpoint, tmp_path_factory) -> Path:
+    from medfoundry.model.gguf_export import export_gguf
+
+    return export_gguf(llama2_checkpoint, tmp_path_factory.mktemp("gguf2") / "tiny-llama2-f32.gguf", "f32")
+
+
+def test_sentencepiece_tokenizer_survives_the_round_trip(llama2_checkpoint, llama2_exported):
+    from medfoundry.model.convert import load_gguf
+    from medfoundry.model.load import load_tokenizer
+
+    source, imported = load_tokenizer(llama2_checkpoint), load_tokenizer(llama2_exported)
+    bytes_used = 0
+    for text in LLAMA2_TEXTS:
+        ids = source(text).input_ids
+        assert imported(text).input_ids == ids, text
+        assert imported.decode(ids, skip_special_tokens=False) == source.decode(ids, skip_special_tokens=False)
+        bytes_used += sum(token.startswith("<0x") for token in source.convert_ids_to_tokens(ids))
+    assert bytes_used > 10  # the texts do reach the byte fallback
+    assert source("Hi").input_ids[0] == 1 and source("Hi").input_ids[-1] != 2  # BOS added, no EOS, as Llama 2
+    names = ("bos_token_id", "eos_token_id", "unk_token_id")
+    assert [getattr(imported, n) for n in names] == [getattr(source, n) for n in names] == [1, 2, 0]
+    messages = [{"role": "user", "content": "IL-6?"}]
+    rendered = source.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert imported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == rendered
+    assert imported(rendered).input_ids == source(rendered).input_ids
+
+    ids = source(LLAMA2_TEXTS[1] + LLAMA2_TEXTS[3], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(load_gguf(llama2_exported)(ids).logits, reference(llama2_checkpoint)(ids).logits)
+
+
+def test_sentencepiece_metadata_llama_cpp_reads(llama2_checkpoint, llama2_exported):
+    import gguf
+
+    from medfoundry.model.gguf_export import BYTE_TOKENS
+    from medfoundry.model.load import load_tokenizer
+
+    meta = fields(llama2_exported)
+    source = load_tokenizer(llama2_checkpoint)
+    size = json.loads((llama2_checkpoint / "config.json").read_text())["vocab_size"]
+    tokens, types, scores = (meta[f"tokenizer.ggml.{key}"] for key in ("tokens", "token_type", "scores"))
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.pre"] == "default"
+    assert "tokenizer.ggml.merges" not in meta  # llama.cpp joins pieces by score
+    assert len(tokens) == len(types) == len(scores) == size == meta["llama.vocab_size"]
+    assert tokens[: 3 + 256] == ["<unk>", "<s>", "</s>", *BYTE_TOKENS]
+    assert types[:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    assert set(types[3:259]) == {gguf.TokenType.BYTE}
+    im_start = source.convert_tokens_to_ids("<|im_start|>")
+    assert tokens[im_start] == "<|im_start|>" and types[im_start] == gguf.TokenType.CONTROL
+    assert types[-1] == gguf.TokenType.UNUSED and tokens[-1] == f"[PAD{size - 1}]"
+    normal = [i for i, kind in enumerate(types) if kind == gguf.TokenType.NORMAL]
+    assert len(normal) == len(source) - 3 - 256 - 2
+    # a merged piece scores minus the rank of its first merge: the merges' order, best first
+    merges = json.loads(source.backend_tokenizer.to_str())["model"]["merges"]
+    first = {}
+    for rank, (left, right) in enumerate(merges):
+        first.setdefault(left + right, rank)
+    assert all(scores[i] == -first[tokens[i]] for i in normal if tokens[i] in first)
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_eos_token"] is False
+    assert meta["tokenizer.ggml.add_space_prefix"] is True
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert meta["tokenizer.ggml.unknown_token_id"] == 0 and meta["tokenizer.chat_template"] == CHATML
+
+
+def test_sentencepiece_spaces_and_merges_llama_cpp_cannot_follow_are_refused(tmp_path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from medfoundry.model.gguf_export import BYTE_TOKENS, sentencepiece_scores, sentencepiece_spaces
+
+    where = tmp_path / "tokenizer.json"
+    vocab = {t: i for i, t in enumerate(["<unk>", *BYTE_TOKENS, "\u2581", "a", "b", "c", "ab", "bc", "abc"])}
+
+    def spec(merges, pre=None, normalizer=None, **bpe) -> dict:
+        backend = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token="<unk>", **bpe))
+        backend.pre_tokenizer, backend.normalizer = pre, normalizer
+        return json.loads(backend.to_str())
+
+    complete = [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]
+    scores = sentencepiece_scores(spec(complete), where)
+    assert (scores["ab"], scores["bc"], scores["abc"], scores["<0x41>"], scores["a"]) == (0, -1, -2, 0, -4)
+    legacy = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    assert sentencepiece_spaces(spec(complete, normalizer=legacy), where) is True
+    for scheme, prefix in (("always", True), ("first", True), ("never", False)):
+        metaspace = pre_tokenizers.Metaspace(prepend_scheme=scheme, split=True)
+        assert sentencepiece_spaces(spec(complete, pre=metaspace), where) is prefix
+    for refused, field in (
+        (lambda: sentencepiece_scores(spec(complete[:3]), where), "no merge of 'a' and 'bc'"),  # BpeTrainer's list
+        (lambda: sentencepiece_scores(spec(complete, ignore_merges=True), where), "model.ignore_merges"),
+        (lambda: sentencepiece_spaces(spec(complete, pre=pre_tokenizers.Whitespace()), where), "pre_tokenizer"),
+        (lambda: sentencepiece_spaces(spec(complete, normalizer=normalizers.NFKC()), where), "normalizer"),
+    ):
+        with pytest.raises(InputError, match=field) as caught:
+            refused()
+        assert "\n" not in str(caught.value)
+    scattered = [("a", "b"), ("ab", "c"), ("b", "c"), ("a", "bc")]  # 'abc' made at ranks 1 and 3, 'bc' between
+    with pytest.raises(InputError, match="not consecutive"):
+        sentencepiece_scores(spec(scattered), where)
+    no_bytes = {"type": "BPE", "vocab": {"a": 0}, "merges": [], "byte_fallback": True}
+    with pytest.raises(InputError, match="byte token <0x00>"):
+        sentencepiece_scores({"model": no_bytes}, where)
+
+
+def test_refuses_sentencepiece_style_tokenizers_llama_cpp_cannot_reproduce(llama2_checkpoint, checkpoint, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from medfoundry.model.gguf_export import export_gguf
+    from medfoundry.tokenizer.pretokenize import byte_level_pretokenizer
+
+    def variant(name: str, source: Path, edit, tokenizer_class: str | None = None) -> Path:
+        directory = tmp_path / name
+        shutil.copytree(source, directory)
+        spec = json.loads((directory / "tokenizer.json").read_text())
+        (directory / "tokenizer.json").write_text(json.dumps(edit(spec) or spec))
+        if tokenizer_class:  # transformers' LlamaTokenizer would rebuild its own pre-tokenizer
+            config = json.loads((directory / "tokenizer_config.json").read_text())
+            (directory / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": tokenizer_class}))
+        return directory
+
+    def biomedical(spec: dict) -> None:
+        spec["pre_tokenizer"] = json.loads(byte_level_pretokenizer("biomedical").__getstate__())
+
+    def as_trained(spec: dict) -> None:  # BpeTrainer's list: one merge per token, so some pairs are missing
+        made = set()
+        spec["model"]["merges"] = [
+            m for m in spec["model"]["merges"] if "".join(m) not in made and not made.add("".join(m))
+        ]
+
+    def unigram(spec: dict) -> dict:
+        return json.loads(Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0)], 0)).to_str())
+
+    cases = {
+        "biomedical": (llama2_checkpoint, biomedical, "PreTrainedTokenizerFast", "pre_tokenizer"),
+        "trained": (llama2_checkpoint, as_trained, None, "model.merges"),
+        "unigram": (checkpoint, unigram, None, "model.type 'Unigram'"),
+    }
+    for name, (source, edit, tokenizer_class, field) in cases.items():
+        out = tmp_path / f"{name}.gguf"
+        with pytest.raises(InputError, match=field) as caught:
+            export_gguf(variant(name, source, edit, tokenizer_class), out, "f32")
+        assert "\n" not in str(caught.value), name
+        assert not out.exists(), name

@@ -343,5 +343,5 @@ def test_plan_reads_only_the_config_of_a_hub_model(offline, tmp_path):
     plan = make_plan(with_flags(target, gpu="a100-80gb", gpus=4))
     assert plan.model.source == f"checkpoint {ORG}/config-only" and plan.model.context == 512
     assert plan.model.hidden_size == model_config("llama-tiny").hidden_size
-    with pytest.raises(InputError, match="nor in the Hugging Face cache"):
+    with pytest.raises(ConfigError, match="nor a model on the Hugging Face Hub"):
         make_plan(with_flags(load_target(_finetune_config(tmp_path, f"{ORG}/absent"), []), gpu="a100-80gb", gpus=4))

@@ -159,7 +159,8 @@ def test_record_without_text_fields(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, content", [("empty.jsonl", b""), ("empty.jsonl.gz", gzip.compress(b"")), ("blank.jsonl", b"\n  \n\r\n")]
+    "name, content",
+    [("empty.jsonl", b""), ("empty.jsonl.gz", gzip.compress(b"", mtime=0)), ("blank.jsonl", b"\n  \n\r\n")],
 )
 def test_empty_file(tmp_path, name, content):
     path = tmp_path / name

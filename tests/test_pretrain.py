@@ -251,7 +251,9 @@ def test_a_corrupted_shard_is_named_before_any_step(tokens, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     tree["data"]["verify_shards"] = False  # the user's choice: trained on, unchecked
     tree["training"]["steps"] = 4
-    pretrain(validate(PretrainConfig, tree))
+    summary = pretrain(validate(PretrainConfig, tree))
+    assert [r["step"] for r in _records(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
+    assert summary["steps"] == 4 and (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tokens, tmp_path):
@@ -336,3 +338,34 @@ def test_tensorboard_missing_is_a_config_error(tokens, tmp_path, monkeypatch):
     ):
         pretrain(validate(PretrainConfig, tree))
     assert not (tmp_path / "no_tb").exists()
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tokens, tmp_path):
+    """Warmup 4 steps at lr 1e-3: the lr logged at steps 1..6 (metrics.jsonl, TensorBoard) is the one the optimizer
+    held while it took that step, the schedule's 0.25e-3, 0.5e-3, 0.75e-3, 1e-3, ... (not the next step's)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from medfoundry.train.schedules import ScheduleConfig, lr_at
+
+    used: list[float] = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    out = tmp_path / "lr"
+    tree = _tree(tokens, out, steps=6)
+    tree.update(
+        optim={"lr": 1e-3},
+        schedule={"kind": "cosine", "warmup_steps": 4},
+        log={"every": 1, "tensorboard": True},
+        eval={"every": 6, "batches": 1},
+        checkpoint={"every": 6},
+    )
+    try:
+        pretrain(validate(PretrainConfig, tree))
+    finally:
+        hook.remove()
+    schedule = [lr_at(step, 1e-3, 6, ScheduleConfig(kind="cosine", warmup_steps=4)) for step in range(6)]
+    assert schedule[:4] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3])
+    assert used == pytest.approx(schedule, rel=1e-12)  # one optimizer step per training step (no accumulation steps)
+    logged = [(r["step"], r["lr"]) for r in _records(out) if "lr" in r]
+    assert logged == [(step, pytest.approx(lr, rel=1e-12)) for step, lr in enumerate(used, start=1)]
+    scalars = _scalars(out / "tensorboard")["train/lr"]
+    assert scalars == [(step, pytest.approx(lr, rel=1e-6)) for step, lr in logged]

@@ -273,20 +273,18 @@ def test_the_medfoundry_version_is_in_every_key(tmp_path, stub, monkeypatch):
 
 
 def test_evals_default_benchmarks_dir_is_keyed_as_resolved(tmp_path, stub, monkeypatch):
-    """An eval that does not name its benchmarks directory reads the one beside the package: moving the
-    checkout, or a changed file in it, reruns the eval."""
-    import medfoundry.eval.config as eval_config
-
+    """An eval that does not name its benchmarks directory reads $MEDFOUNDRY_BENCHMARKS: pointing it elsewhere,
+    or a changed file in it, reruns the eval."""
     tree = recipe_tree(tmp_path)
     tree["stages"]["eval"] = {"tasks": ["pubmedqa"], "limit": 2}
     first, second = tmp_path / "a" / "benchmarks", tmp_path / "b" / "benchmarks"
     for folder in (first, second):
         (folder / "pubmedqa").mkdir(parents=True)
         (folder / "pubmedqa" / "test.json").write_text("{}")
-    monkeypatch.setattr(eval_config, "default_benchmarks_dir", lambda: first)
+    monkeypatch.setenv("MEDFOUNDRY_BENCHMARKS", str(first))
     assert _run(tree, stub) == [*ALL, "eval"]
     assert _run(tree, stub) == []
-    monkeypatch.setattr(eval_config, "default_benchmarks_dir", lambda: second)
+    monkeypatch.setenv("MEDFOUNDRY_BENCHMARKS", str(second))
     assert _run(tree, stub) == ["eval"]
     data = second / "pubmedqa" / "test.json"
     os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))

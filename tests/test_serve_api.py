@@ -15,12 +15,13 @@ from contextlib import contextmanager
 
 import openai
 import pytest
+import torch
 import uvicorn
 
 from medfoundry.generation.engine import Engine
 from medfoundry.serve.app import ServerConfig, create_app
 from medfoundry.serve.worker import EngineWorker
-from test_serve_engine import gpt2_dir  # noqa: F401  (session fixture: the tiny GPT-2 checkpoint)
+from test_serve_engine import gpt2_dir, hf_greedy  # noqa: F401  (gpt2_dir: session fixture, the tiny GPT-2 checkpoint)
 
 KEY = "test-key-123"
 PROMPT = "The patient presented with"
@@ -225,11 +226,18 @@ def test_chat_without_template_is_a_400_and_no_key_needed(gpt2_dir, tmp_path):
     shutil.copytree(gpt2_dir, plain)
     (plain / "chat_template.jinja").unlink()
     engine = Engine.load(plain, precision="fp32", device="cpu", threads=1, max_batch=1)
+    with torch.no_grad():  # the reference: transformers' greedy decoding of the same prompt
+        expected = engine.decode(hf_greedy(engine.model, [engine.encode(PROMPT)], 4)[0])
+    assert expected.strip()
     with running_server(engine, ServerConfig(model_name="plain"), max_queue=4) as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="anything", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="no chat template"):
             client.chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}])
-        assert client.completions.create(model="plain", prompt=PROMPT, max_tokens=2).choices[0].text is not None
+        # no key configured: any key is accepted, and the completion is the model's greedy continuation
+        answer = client.completions.create(
+            model="plain", prompt=PROMPT, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert answer.choices[0].text == expected and answer.usage.completion_tokens == 4
 
 
 def test_disconnect_while_waiting_for_a_plain_answer(server, monkeypatch):

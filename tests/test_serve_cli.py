@@ -246,3 +246,37 @@ def test_serve_without_a_key_stays_on_loopback_unless_told(monkeypatch, capsys):
     assert open_one["host"] == "0.0.0.0" and set(open_one["config"].allowed_hosts) == {"lab.example.org", "0.0.0.0"}
     assert open_one["worker"].request_timeout == 30
     assert "warning: serving on 0.0.0.0 without an API key" in capsys.readouterr().err
+
+
+def test_serve_names_the_model_after_its_run(tmp_path, monkeypatch):
+    """Without --served-model-name: the card's model-index name, else the run (recipe) of the training stage that
+    exported the folder, else its stage folder's name; a plain folder keeps its own name; the flag wins."""
+    import medfoundry.serve.app
+
+    engine = SimpleNamespace(name="model", precision="fp32", max_batch=2, max_seq_len=64, waiting=[], running=[])
+    monkeypatch.setattr(ServeConfig, "load_engine", lambda self: engine)
+
+    def name(folder, *argv: str) -> str:
+        captured = {}
+        monkeypatch.setattr(medfoundry.serve.app, "serve", lambda worker, config, **kw: captured.update(config=config))
+        assert run(["serve", str(folder), *argv]) == 0
+        return captured["config"].model_name
+
+    def stage(folder, kind: str = "pretrain"):
+        model = folder / "model"
+        model.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"stage": kind, "outputs": {"model": "model"}}))
+        return model
+
+    recipe_model = stage(tmp_path / "runs" / "quickstart" / "finetune", "finetune")
+    (tmp_path / "runs" / "quickstart" / "run.json").write_text(json.dumps({"recipe": "med-quick"}))
+    assert name(recipe_model) == "med-quick"
+    assert name(stage(tmp_path / "my-7b")) == "my-7b"  # medfoundry pretrain alone, output_dir my-7b
+    (recipe_model / "README.md").write_text("---\nlicense: mit\nmodel-index:\n- name: MedCard-1\n  results: []\n---\n")
+    assert name(recipe_model) == "MedCard-1"
+    assert name(recipe_model, "--served-model-name", "other") == "other"
+    plain = tmp_path / "plain" / "model"
+    plain.mkdir(parents=True)
+    assert name(plain) == "model"  # no run: the engine's name (the folder's)
+    evaluated = stage(tmp_path / "evalish", "eval")  # not a training stage's export
+    assert name(evaluated) == "model"

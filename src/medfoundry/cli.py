@@ -12,9 +12,14 @@ from pathlib import Path
 
 from medfoundry import __version__
 from medfoundry.config import add_allow_pickle
-from medfoundry.errors import MedfoundryError, Pending
+from medfoundry.errors import MedfoundryError, Pending, StageFailed
 from medfoundry.io import DISK_FULL
 
+# Exit codes: 0 done; 1 a stage failed (StageFailed, an unexpected exception, or a failed torchrun's code);
+# 2 a usage, config or input error (argparse's usage errors too), nothing to fix but the command, its files or
+# the machine (disk full); 75 work handed to a scheduler is not finished yet; 130 interrupted
+STAGE_FAILED_EXIT = 1
+USAGE_EXIT = 2
 PENDING_EXIT = 75  # EX_TEMPFAIL: work handed to a scheduler is not finished; the same command again continues
 
 # ---------------------------------------------------------------------------------------------- registry stages
@@ -477,9 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except StageFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return STAGE_FAILED_EXIT
     except MedfoundryError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return USAGE_EXIT
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
@@ -489,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             "the same command again to resume.",
             file=sys.stderr,
         )
-        return 2
+        return USAGE_EXIT
     except KeyboardInterrupt:
         print("interrupted: finished tasks are kept; run the same command again to resume", file=sys.stderr)
         return 130

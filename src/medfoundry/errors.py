@@ -25,6 +25,12 @@ class InputError(MedfoundryError):
         return (InputError, (self.path, self.message, self.line))
 
 
+class StageFailed(MedfoundryError):
+    """A stage ran and failed for a reason that is neither its config nor its inputs (training diverged, a
+    download or an upload failed after its retries, a launched job left no result): exit code 1, where usage,
+    config and input errors exit 2."""
+
+
 class Pending(MedfoundryError):
     """Work was handed to a scheduler and is not finished yet; running the same command again continues."""
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, field_validator
 
 from medfoundry.config import StrictModel, apply_overrides, load_yaml, validate
-from medfoundry.errors import ConfigError
+from medfoundry.errors import ConfigError, InputError
 
 if TYPE_CHECKING:  # torch and the training configs are imported when a plan is made, not when the CLI starts
     from medfoundry.sft.config import FinetuneConfig
@@ -340,16 +340,18 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
 
 def _checkpoint_config(init_from: str):
     """The config of an HF checkpoint directory, a .gguf file or a Hub id (its config.json alone, fetched or read
-    from the cache), or None when a path is not here (yet)."""
+    from the cache), or None when it is neither here (yet) nor on the Hub."""
     from transformers import AutoConfig
 
     from medfoundry.model import hub
     from medfoundry.model.load import is_gguf
 
-    if hub.is_hub_id(init_from):
-        return AutoConfig.from_pretrained(
-            str(hub.config_folder(init_from)), local_files_only=True, trust_remote_code=False
-        )
+    if hub.is_hub_id(init_from):  # or a local folder not downloaded yet (models/llama-7b-hf looks like an id)
+        try:
+            folder = hub.config_folder(init_from)
+        except InputError:
+            return None
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     path = Path(init_from)
     if is_gguf(path) and path.is_file():
         return AutoConfig.from_pretrained(
@@ -406,7 +408,8 @@ def _model_config(target: Target):
         return config, f"the pretrain stage's model: {source}"
     raise ConfigError(
         f"{target.source}: model.init_from: {cfg.model.init_from} is neither a Hugging Face checkpoint "
-        "directory (config.json) nor a .gguf file here: download the base model first"
+        "directory (config.json) nor a .gguf file here, nor a model on the Hugging Face Hub (or in its cache when "
+        "offline): download the base model first"
     )
 
 

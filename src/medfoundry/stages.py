@@ -110,8 +110,9 @@ RUNTIME_ONLY: dict[str, tuple[str, ...]] = {
 }
 
 
-def _benchmarks_dir(cfg: EvalConfig) -> str:
-    return str(cfg.benchmarks_path().resolve())
+def _benchmarks_dir(cfg: EvalConfig) -> str | None:
+    path = cfg.benchmarks_path()  # benchmarks_dir, $MEDFOUNDRY_BENCHMARKS or a source checkout's, as the stage reads
+    return str(path.resolve()) if path is not None else None
 
 
 def _hub_pinned(reference: str | None) -> str | None:
@@ -135,7 +136,7 @@ def _pinned(getter: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
 
 
 # Per stage, the config fields (dotted) whose default the stage resolves when it runs, each as resolved here:
-# an eval that names no benchmarks folder reads the one beside the package, so another checkout (or changed
+# an eval that names no benchmarks folder reads $MEDFOUNDRY_BENCHMARKS (or a source checkout's), so another (or changed
 # files in it, which the runner fingerprints like any input it names) is another input; a model or tokenizer
 # named by a Hub id is the commit it resolves to (:func:`_hub_pinned`).
 RESOLVED: dict[str, dict[str, Callable[[Any], Any]]] = {

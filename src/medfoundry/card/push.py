@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medfoundry.card.artifacts import TRAINING_STAGES, training_stage
 from medfoundry.card.write import CARD_NAME
-from medfoundry.errors import ConfigError, InputError, MedfoundryError
+from medfoundry.errors import ConfigError, InputError, StageFailed
 from medfoundry.manifest import MANIFEST, Manifest
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.load / pickle formats
@@ -274,4 +274,4 @@ def _upload(files: list[Upload], repo_id: str, private: bool, revision: str | No
             stage_folder(files, Path(staging))
             api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, commit_message=message)
     except (HfHubHTTPError, httpx.TransportError) as exc:
-        raise MedfoundryError(f"push: {repo_id}: {_one_line(exc)} (nothing was committed; run it again)") from None
+        raise StageFailed(f"push: {repo_id}: {_one_line(exc)} (nothing was committed; run it again)") from None

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from medfoundry.errors import MedfoundryError
+from medfoundry.errors import MedfoundryError, StageFailed
 from medfoundry.io import fsync_dir, write_json, write_text
 
 NCBI_PUBMED_URL = "https://ftp.ncbi.nlm.nih.gov/pubmed"
@@ -75,7 +75,7 @@ class DownloadReport:
         )
 
 
-class DownloadError(MedfoundryError):
+class DownloadError(StageFailed):
     """Some files could not be downloaded; ``report`` holds what the run did."""
 
     def __init__(self, report: DownloadReport):
@@ -241,7 +241,7 @@ def _retrying(url: str, retries: int, attempt: Callable[[], T]) -> T:
         except urllib.error.HTTPError as exc:
             if exc.code < 500:
                 hint = " (not on the server: check the base URL and subset)" if exc.code == 404 else ""
-                raise MedfoundryError(f"{url}: HTTP {exc.code} {exc.reason}{hint}") from None
+                raise StageFailed(f"{url}: HTTP {exc.code} {exc.reason}{hint}") from None
             error = f"HTTP {exc.code} {exc.reason}"
         except _Retry as exc:
             error = str(exc)
@@ -249,7 +249,7 @@ def _retrying(url: str, retries: int, attempt: Callable[[], T]) -> T:
             error = f"{type(exc).__name__}: {exc}"
         if n < retries:
             time.sleep(_BACKOFF * 2**n)
-    raise MedfoundryError(f"{url}: failed after {retries + 1} attempt(s); last error: {error}")
+    raise StageFailed(f"{url}: failed after {retries + 1} attempt(s); last error: {error}")
 
 
 def _load_manifest(path: Path, base_url: str) -> dict[str, Any]:

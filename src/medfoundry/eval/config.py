@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -10,10 +11,22 @@ from pydantic import Field, model_validator
 from medfoundry.config import StrictModel
 from medfoundry.generation.config import SamplingConfig
 
+BENCHMARKS_ENV = "MEDFOUNDRY_BENCHMARKS"
+NO_BENCHMARKS = (
+    f"set benchmarks_dir in the eval config (or --set benchmarks_dir=DIR) or the {BENCHMARKS_ENV} environment "
+    "variable to the folder of the benchmark files (laid out like ../shared/data/benchmarks)"
+)
 
-def default_benchmarks_dir() -> Path:
-    """``../shared/data/benchmarks`` next to the repository this package was loaded from (a source checkout)."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "benchmarks"
+
+def default_benchmarks_dir() -> Path | None:
+    """A developer's last resort: ``../shared/data/benchmarks`` beside the source checkout this package runs from
+    (``src/medfoundry`` next to a ``pyproject.toml``), when that folder exists. An installed package has none."""
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parents[1]
+    if package.parent.name != "src" or not (checkout / "pyproject.toml").is_file():
+        return None
+    folder = checkout.parent / "shared" / "data" / "benchmarks"
+    return folder if folder.is_dir() else None
 
 
 class ChainOfThoughtConfig(SamplingConfig):
@@ -49,7 +62,9 @@ class EvalConfig(StrictModel):
     )
     lm_eval_log_samples: bool = Field(False, description="also write lm-eval's per-sample records")
     benchmarks_dir: str | None = Field(
-        None, description="where task data files are; default ../shared/data/benchmarks next to the repository"
+        None,
+        description=f"where task data files are; default ${BENCHMARKS_ENV} (or, in a source checkout, "
+        "../shared/data/benchmarks beside it)",
     )
     task_dirs: list[str] = Field(default_factory=list, description="folders of your own task YAML files")
     prompt_style: str = Field(
@@ -59,7 +74,12 @@ class EvalConfig(StrictModel):
     )
     mode: Literal["loglik", "cot"] | None = Field(None, description="override every task's mode")
     num_fewshot: int = Field(0, ge=0)
-    fewshot_seed: int = Field(1234, description="picks the demonstrations (lm-eval's default seed)")
+    fewshot_seed: int = Field(
+        1234,
+        description="seeds the demonstrations: with a task's lm_eval sampler (the default) it is lm-eval's "
+        "--fewshot_seed (1234 is lm-eval's default) and the draws are lm-eval's; with per_question or fixed, "
+        "medfoundry's own draws",
+    )
     fewshot_source: str | None = Field(
         None,
         description="TASK[:SPLIT] giving demonstrations to tasks that have no few-shot split here (MedQA, MedMCQA)",
@@ -87,5 +107,9 @@ class EvalConfig(StrictModel):
             raise ValueError("no tasks: name some in tasks (medfoundry's) or lm_eval_tasks (lm-evaluation-harness's)")
         return self
 
-    def benchmarks_path(self) -> Path:
-        return Path(self.benchmarks_dir).expanduser() if self.benchmarks_dir else default_benchmarks_dir()
+    def benchmarks_path(self) -> Path | None:
+        """The benchmarks folder: ``benchmarks_dir``, else ``$MEDFOUNDRY_BENCHMARKS``, else a source checkout's
+        ``../shared/data/benchmarks``; None when there is none (tasks then need absolute paths or their hub
+        loaders, and a missing file's error says how to set it: :data:`NO_BENCHMARKS`)."""
+        given = self.benchmarks_dir or os.environ.get(BENCHMARKS_ENV)
+        return Path(given).expanduser() if given else default_benchmarks_dir()

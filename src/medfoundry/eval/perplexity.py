@@ -23,7 +23,12 @@ Metrics (lm-eval's ``weighted_perplexity`` and ``bits_per_byte`` aggregations): 
 negative log-likelihood in nats over all documents; token perplexity ``exp(nll / tokens)``, word
 perplexity ``exp(nll / words)`` with lm-eval's word count ``len(re.split(r"\\s+", text))``, byte
 perplexity ``exp(nll / bytes)`` and bits per byte ``nll / (bytes * ln 2)`` over UTF-8 bytes. Only the
-word and byte figures compare models with different tokenizers.
+word and byte figures compare models with different tokenizers. Bits per byte is
+:func:`medfoundry.model.bits_per_byte.bits_per_byte`, the definition pretraining's ``val_bpb`` uses too:
+special tokens contribute neither loss nor bytes. A document here holds none (texts are encoded without
+adding any, a shard document is the tokens between two EOS; a shard document's bytes are
+:func:`~medfoundry.model.bits_per_byte.text_bytes` of its tokens), so every scored token counts, over the
+text's bytes: a pretraining validation window ``[EOS] + document + [EOS]`` gives the same figure.
 
 Speed and memory: windows of many documents are batched together (right padding with an attention
 mask, windows sorted by length so batches pad little), the base model runs once per batch and the
@@ -46,6 +51,7 @@ import torch
 from medfoundry.errors import ConfigError, InputError, MedfoundryError
 from medfoundry.eval.device import upload
 from medfoundry.io import iter_json_lines, iter_lines
+from medfoundry.model.bits_per_byte import bits_per_byte, special_ids, text_bytes
 
 PRECISIONS = ("fp32", "bf16")
 ENCODE_BATCH = 64  # texts per tokenizer call
@@ -82,7 +88,7 @@ class PerplexityResult:
 
     @property
     def bits_per_byte(self) -> float | None:
-        return self.nll / (self.bytes * math.log(2)) if self.bytes else None
+        return bits_per_byte(self.nll, self.bytes)
 
     def to_dict(self) -> dict:
         return {
@@ -93,12 +99,13 @@ class PerplexityResult:
             "bits_per_byte": self.bits_per_byte,
         }
 
-    def _add_document(self, tokens: int, text: str | None) -> None:
+    def _add_document(self, tokens: int, text: str | None, n_bytes: int | None = None) -> None:
+        """Count a document: its words and bytes from ``text``, or its bytes ``n_bytes`` when given."""
         self.documents += 1
         self.tokens += tokens
         if text is not None:
             self.words += len(_WORDS.split(text))
-            self.bytes += len(text.encode("utf-8"))
+            self.bytes += len(text.encode("utf-8")) if n_bytes is None else n_bytes
 
 
 def _perplexity(nll: float, count: int) -> float | None:
@@ -213,15 +220,17 @@ def shard_perplexity(
     Each shard document is scored as a text document would be, with the shards' EOS id (the token
     that precedes every document in the packed training stream) as its prefix. With ``limit_tokens``,
     whole documents are taken in order until their tokens reach the limit (the last may run past it).
-    Words and bytes are counted on ``tokenizer.decode(ids)`` (the original text for byte-level BPE
-    tokenizers such as GPT-2's and medfoundry's); without a tokenizer only token perplexity is known.
+    Words are counted on ``tokenizer.decode(ids)`` and bytes by :func:`~medfoundry.model.bits_per_byte.text_bytes`
+    (both the original text for byte-level BPE tokenizers such as GPT-2's and medfoundry's); without a
+    tokenizer only token perplexity is known.
     """
     stride = _check_args(max_length, stride, batch_size, precision)
     if limit_tokens is not None and limit_tokens < 1:
         raise ConfigError(f"limit_tokens must be at least 1, not {limit_tokens}")
     shards = _open_shards(Path(shards_dir), model)
+    special = special_ids(tokenizer) if tokenizer is not None else None
     documents = (
-        (ids, _decode(tokenizer, ids) if tokenizer is not None else None)
+        (ids, _decode(tokenizer, ids), text_bytes(tokenizer, ids, special)) if tokenizer is not None else (ids, None)
         for ids in _shard_documents(shards, limit_tokens)
     )
     total = shards.total_tokens - shards.num_docs  # every document's tokens, without the EOS after each
@@ -320,8 +329,8 @@ def _evaluate(
         scorer = _Scorer(model, precision)
         pool: list[tuple[np.ndarray, int, int, int]] = []
         with tqdm(total=total, desc="perplexity", unit="tok", unit_scale=True, disable=not progress) as bar:
-            for ids, text in documents:
-                result._add_document(len(ids), text)
+            for ids, *text in documents:  # (ids, text) or (ids, text, bytes)
+                result._add_document(len(ids), *text)
                 seq = np.concatenate(([prefix], np.asarray(ids, dtype=np.int64)))
                 pool.extend((seq, *window) for window in rolling_windows(len(ids), max_length, stride))
                 if len(pool) >= POOL_BATCHES * batch_size:

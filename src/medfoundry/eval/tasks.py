@@ -48,6 +48,14 @@ class SplitSpec(StrictModel):
     )
     ids_file: str | None = Field(None, description="JSON dict or list of document ids: keep only those")
     exclude_ids: bool = Field(False, description="keep the documents NOT in ids_file instead")
+    pqal_split: str | None = Field(
+        None,
+        pattern=r"^(test|fold[0-9]_(train|dev))$",
+        description="PubMedQA PQA-L (a json dict keyed by PMID, ori_pqal.json): the split PubMedQA's own "
+        "preprocess/split_dataset.py makes (random.seed(0); 500 test, then 10 folds of the other 500): test, "
+        "or foldN_train (450) / foldN_dev (50), in that script's order. bigbio/pubmed_qa, lm-eval's dataset, "
+        "ships these files",
+    )
 
 
 class TargetSpec(StrictModel):
@@ -116,12 +124,21 @@ class PromptSpec(StrictModel):
 
 class FewshotSpec(StrictModel):
     split: str | None = Field(None, description="where demonstrations come from; never the test split")
-    sampler: Literal["random", "first_n", "fixed"] = Field(
-        "random",
-        description="random: k per question, drawn by (seed, question id); first_n: the first k in "
-        "file order (lm-eval's MMLU); fixed: the same k for every question (Meditron)",
+    sampler: Literal["lm_eval", "per_question", "first_n", "fixed"] = Field(
+        "lm_eval",
+        description="lm_eval: lm-eval 0.4's default sampler, one Random(fewshot_seed) per task consumed in "
+        "document order (rnd.sample(pool, k) per question), the same draws as lm-eval from the same pool; "
+        "per_question (medfoundry's own; formerly `random`): each question its own Random(seed, task, pool, "
+        "question id), independent of document order; first_n: the first k in file order (lm-eval's MMLU); "
+        "fixed: the same k for every question (Meditron)",
     )
     note: str | None = Field(None, description="why the split may be missing, shown when it is")
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _old_name(cls, value):
+        """``random`` was the per-question sampler's name before ``lm_eval`` became the default."""
+        return "per_question" if value == "random" else value
 
 
 class GenerationSpec(StrictModel):

@@ -14,7 +14,13 @@ The file is what llama.cpp's ``convert_hf_to_gguf.py`` (its ``LlamaModel``) writ
 - the tokenizer as its ``_set_vocab_gpt2`` writes a byte-level BPE: ``tokenizer.ggml.model`` ``gpt2``, the
   tokens (ids beyond the tokenizer up to the embedding size as ``[PADn]``, unused), their types (control,
   user-defined, normal), the merges, the special-token ids, ``add_bos_token`` / ``add_eos_token`` and the
-  chat template (``gguf.SpecialVocab``), and ``tokenizer.ggml.pre``, the pre-tokenizer llama.cpp must run.
+  chat template (``gguf.SpecialVocab``), and ``tokenizer.ggml.pre``, the pre-tokenizer llama.cpp must run;
+- or, for a SentencePiece-style BPE (Llama 1/2, Meditron: ``byte_fallback``, ``<0x00>``..``<0xFF>`` byte
+  tokens, ``▁`` for spaces), as its ``_set_vocab_llama_hf`` writes one: ``tokenizer.ggml.model`` ``llama``,
+  the tokens and types from ``gguf.LlamaHfVocab`` (byte tokens BYTE, special ones CONTROL; the unknown token
+  UNKNOWN, added non-special tokens USER_DEFINED, as ``_create_vocab_sentencepiece`` types them), a score
+  per token, the special-token ids, ``add_bos_token`` / ``add_eos_token``, ``add_space_prefix`` and the chat
+  template; no merges (llama.cpp's SentencePiece tokenizer joins pieces by score).
 
 Where this differs from the script, it is so the file behaves exactly as the checkpoint does:
 ``tokenizer.ggml.pre`` is read from ``tokenizer.json``'s pre-tokenizer (the script hashes the token ids
@@ -24,12 +30,23 @@ and ``add_eos_token`` are always written, as the tokenizer behaves (whether enco
 and EOS tokens), where the script writes what ``tokenizer_config.json`` states, if anything (Ollama adds a
 BOS token when the key is absent); a ``lm_head.weight`` stored beside tied embeddings is not written (the
 model never reads it); every tensor is quantized from float32 (the script quantizes float16 weights in
-float16 arithmetic).
+float16 arithmetic). For a SentencePiece-style BPE the scores are real: ``LlamaHfVocab`` writes -1000 for
+every token, and llama.cpp, which joins the pair of pieces that makes the best-scoring token first, would
+then join them left to right; here a token's score is minus the rank of the first merge that makes it, so
+llama.cpp joins pieces in the merges' order. That reproduces the merges exactly only if llama.cpp's rule (join
+any two pieces that make a token) and the merge list agree: every pair of pieces that makes a token must be a
+merge, and the merges making one token must be consecutive -- true of every merge list converted from a
+``tokenizer.model`` (Llama 2's, Meditron's); a list that is not (one trained with ``tokenizers``' BpeTrainer)
+is refused. Spaces: llama.cpp puts a space before the text and after each special token, then writes
+spaces as ``▁``, as sentencepiece does and as the legacy normalizer (``Prepend("▁")``, ``Replace(" ",
+"▁")``) does; transformers' ``LlamaTokenizer`` (``Metaspace``) adds no ``▁`` to a text that already starts
+with a space, and with ``prepend_scheme: first`` none after a special token, so those two cases tokenize
+differently in llama.cpp, as they do for every Llama 2 GGUF.
 
 Weights stream one tensor at a time from the safetensors files (memory-mapped) into the file, which is
 written under a temporary name and renamed into place whole. Anything the export cannot write faithfully
-(another architecture, a SentencePiece tokenizer, an activation or rope type llama.cpp's ``llama`` does
-not run) is refused with one line naming the field.
+(another architecture, a Unigram tokenizer, a pre-tokenizer or normalizer llama.cpp has no counterpart for,
+an activation or rope type llama.cpp's ``llama`` does not run) is refused with one line naming the field.
 """
 
 from __future__ import annotations
@@ -63,8 +80,9 @@ _LLAMA3_SPLIT = (
 
 
 def export_gguf(model_dir: Path, out_path: Path, out_type: str = DEFAULT_TYPE) -> Path:
-    """Write the LLaMA-family checkpoint ``model_dir`` (config.json, safetensors weights, a byte-level BPE
-    tokenizer) as the GGUF file ``out_path``, weights in ``out_type`` (``f32``, ``f16``, ``bf16``, ``q8_0``)."""
+    """Write the LLaMA-family checkpoint ``model_dir`` (config.json, safetensors weights, a byte-level BPE or
+    SentencePiece-style BPE tokenizer) as the GGUF file ``out_path``, weights in ``out_type`` (``f32``, ``f16``,
+    ``bf16``, ``q8_0``)."""
     from medfoundry.model.load import check_checkpoint, load_tokenizer
 
     gguf = require("gguf", "GGUF export")
@@ -385,20 +403,24 @@ def _llama3_rope_factors(hparams: dict):
 
 @dataclass
 class _Vocab:
-    """The tokenizer as ``_set_vocab_gpt2`` writes it."""
+    """The tokenizer as ``_set_vocab_gpt2`` (``model`` ``gpt2``) or ``_set_vocab_llama_hf`` (``llama``) writes it."""
 
     pre: str
     tokens: list[str]
     types: list[int]
-    special: object  # gguf.SpecialVocab: merges, special-token ids, add_bos / add_eos, chat template
+    special: object  # gguf.SpecialVocab: merges (gpt2), special-token ids, add_bos / add_eos, chat template
     add_space_prefix: bool | None
+    model: str = "gpt2"
+    scores: list[float] | None = None  # llama: one per token
 
 
 def _read_vocab(model_dir: Path, tokenizer, hparams: dict) -> _Vocab:
-    """``LlamaModel.set_vocab`` for a byte-level BPE tokenizer (``_set_vocab_gpt2``), or an :class:`InputError`
-    naming what llama.cpp could not reproduce."""
-    import gguf
-
+    """``LlamaModel.set_vocab`` for a byte-level BPE tokenizer (``_set_vocab_gpt2``) or a SentencePiece-style
+    one (``_set_vocab_llama_hf``), or an :class:`InputError` naming what llama.cpp could not reproduce."""
+    # the tokenizer as transformers runs it: its class may rebuild the normalizer and pre-tokenizer
+    loaded = json.loads(tokenizer.backend_tokenizer.to_str())
+    if (loaded.get("model") or {}).get("type") == "BPE" and loaded["model"].get("byte_fallback"):
+        return _read_llama_vocab(model_dir, tokenizer, hparams, loaded)
     tokenizer_json = _byte_level_bpe(model_dir)
     pre = pre_tokenizer_type(tokenizer_json, model_dir / "tokenizer.json")
     config_path = model_dir / "tokenizer_config.json"
@@ -406,25 +428,33 @@ def _read_vocab(model_dir: Path, tokenizer, hparams: dict) -> _Vocab:
     if config_path.is_file():
         add_space_prefix = json.loads(config_path.read_text(encoding="utf-8")).get("add_prefix_space")
     tokens, types = _tokens(tokenizer, hparams["vocab_size"], model_dir)
-    quiet = logging.getLogger("gguf.vocab")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its guesses about BOS and EOS from the post-processor: decided below instead
-    try:
-        special = gguf.SpecialVocab(model_dir, load_merges=True)
-    finally:
-        quiet.setLevel(level)
+    special = _special_vocab(model_dir, load_merges=True)
     if not special.merges:
         raise InputError(str(model_dir / "tokenizer.json"), "model.merges: a byte-level BPE tokenizer without merges")
     special.add_special_token.update(_added_special_tokens(tokenizer, model_dir))
     return _Vocab(pre, tokens, types, special, add_space_prefix)
 
 
+def _special_vocab(model_dir: Path, **options):
+    import gguf
+
+    quiet = logging.getLogger("gguf.vocab")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its guesses about BOS and EOS from the post-processor: decided below instead
+    try:
+        return gguf.SpecialVocab(model_dir, **options)
+    finally:
+        quiet.setLevel(level)
+
+
 def _add_vocab(writer, vocab: _Vocab) -> None:
     if vocab.add_space_prefix is not None:
         writer.add_add_space_prefix(vocab.add_space_prefix)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
     vocab.special.add_to_gguf(writer, quiet=True)
 
@@ -437,9 +467,11 @@ def _byte_level_bpe(model_dir: Path) -> dict:
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style BPE (byte_fallback)" if model.get("byte_fallback") else repr(model.get("type"))
+        kind = "BPE with byte_fallback" if model.get("byte_fallback") else repr(model.get("type"))
         raise InputError(
-            str(path), f"model.type {kind}: GGUF export writes byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3) only"
+            str(path),
+            f"model.type {kind}: GGUF export writes byte-level BPE (GPT-2, SmolLM, Llama 3) and SentencePiece-style "
+            "BPE (byte_fallback: Llama 2, Meditron) tokenizers only",
         )
     if spec.get("normalizer") is not None:
         raise InputError(
@@ -557,3 +589,164 @@ def _added_special_tokens(tokenizer, model_dir: Path) -> dict[str, bool]:
             f"{tokenizer.convert_ids_to_tokens(after)} after a text: llama.cpp can add only the BOS and EOS tokens",
         )
     return {"bos": bool(before), "eos": bool(after)}
+
+
+# ---------------------------------------------------------------------------------------------- SentencePiece-style
+
+BYTE_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))  # llama.cpp's byte fallback: all 256 must exist
+_SPACE = "\u2581"  # "▁", sentencepiece's space
+
+
+def _read_llama_vocab(model_dir: Path, tokenizer, hparams: dict, loaded: dict) -> _Vocab:
+    """``_set_vocab_llama_hf`` for a SentencePiece-style BPE (``loaded``: the backend tokenizer as transformers
+    runs it), with a real score per token and the types ``_create_vocab_sentencepiece`` gives."""
+    import gguf
+
+    path = model_dir / "tokenizer.json"
+    add_space_prefix = sentencepiece_spaces(loaded, path)
+    scores_by_token = sentencepiece_scores(loaded, path)
+    if path.is_file():
+        try:
+            base = gguf.LlamaHfVocab(model_dir)
+        except (FileNotFoundError, TypeError):  # its own test of a Llama tokenizer.json
+            decoder = (json.loads(path.read_text(encoding="utf-8")).get("decoder") or {}).get("type")
+            raise InputError(
+                str(path),
+                f"decoder {decoder!r}: a SentencePiece-style tokenizer decodes with a Sequence "
+                "(Replace, ByteFallback, Fuse, Strip) as Llama's does",
+            ) from None
+        listed = [(text.decode("utf-8"), toktype) for text, _score, toktype in base.all_tokens()]
+        scores = [scores_by_token.get(text, -1000.0) for text, _ in listed]
+    elif (model_dir / "tokenizer.model").is_file():  # a sentencepiece model alone: its own scores
+        try:
+            base = gguf.SentencePieceVocab(model_dir)
+        except RuntimeError:
+            raise InputError(
+                str(model_dir), "no tokenizer.json, and reading tokenizer.model needs the sentencepiece package"
+            ) from None
+        triples = list(base.all_tokens())
+        listed = [(text.decode("utf-8"), toktype) for text, _score, toktype in triples]
+        scores = [score for _text, score, _toktype in triples]
+    else:
+        raise InputError(str(model_dir), "no tokenizer.json: GGUF export reads the tokenizer from it")
+    vocab_size = hparams["vocab_size"]
+    if len(listed) > vocab_size:
+        raise InputError(
+            str(model_dir / "config.json"),
+            f"vocab_size {vocab_size}: the tokenizer has {len(listed)} tokens, more than the embeddings",
+        )
+    if [text for text, _ in listed] != tokenizer.convert_ids_to_tokens(list(range(len(listed)))):
+        raise InputError(str(path), "added_tokens: token ids are not consecutive (llama.cpp numbers tokens in order)")
+    tokens, types = [text for text, _ in listed], [int(toktype) for _, toktype in listed]
+    for index, added in tokenizer.added_tokens_decoder.items():  # as _create_vocab_sentencepiece types them
+        if index >= len(tokens) or types[index] == gguf.TokenType.BYTE:
+            continue
+        token = added.content
+        if added.special or _looks_special(token):
+            types[index] = gguf.TokenType.CONTROL
+        else:
+            token = token.replace(_SPACE, " ")  # llama.cpp matches user-defined tokens in the raw text
+            types[index] = gguf.TokenType.USER_DEFINED
+        tokens[index], scores[index] = token, -1000.0
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id < len(tokens):
+        types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
+    for index in range(len(tokens), vocab_size):  # embedding rows past the tokenizer: unused
+        tokens.append(f"[PAD{index}]")
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    special = _special_vocab(model_dir, load_merges=False, n_vocab=len(tokens))
+    special.add_special_token.update(_added_special_tokens(tokenizer, model_dir))
+    return _Vocab("default", tokens, types, special, add_space_prefix, model="llama", scores=scores)
+
+
+def _shown(step) -> str:
+    shown = json.dumps(step, ensure_ascii=False)
+    return shown[:160] + ("..." if len(shown) > 160 else "")
+
+
+def sentencepiece_spaces(spec: dict, path: Path) -> bool:
+    """``tokenizer.ggml.add_space_prefix`` for a SentencePiece-style ``spec`` (a ``tokenizer.json``): whether a
+    ``▁`` goes before the text, or an :class:`InputError` naming a normalizer or pre-tokenizer llama.cpp has no
+    counterpart for. llama.cpp writes every space as ``▁`` and splits nothing before joining pieces."""
+    normalizer, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
+    if normalizer is not None and pre is None:  # the legacy form: what sentencepiece itself does
+        steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+        replace = {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE}
+        prepend = {"type": "Prepend", "prepend": _SPACE}
+        if steps in ([prepend, replace], [replace, prepend], [replace]):
+            return prepend in steps
+        raise InputError(
+            str(path),
+            f"normalizer {_shown(normalizer)}: llama.cpp only writes spaces as \u2581 (and puts one before the text)",
+        )
+    if normalizer is None and pre is not None and pre.get("type") == "Metaspace" and pre.get("replacement") == _SPACE:
+        scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
+        if pre.get("split"):  # words split at each ▁: the same pieces, unless a token holds a ▁ past its start
+            inner = next((t for t in (spec.get("model") or {}).get("vocab", {}) if _SPACE in t[1:]), None)
+            if inner is not None:
+                raise InputError(
+                    str(path),
+                    f"pre_tokenizer Metaspace split true with the token {inner!r}: llama.cpp does not split at "
+                    "spaces, so it could join pieces across one",
+                )
+        if scheme in ("always", "first", "never"):
+            return scheme != "never"
+    shown = _shown(pre) if pre is not None else "null"
+    raise InputError(
+        str(path),
+        f"pre_tokenizer {shown} (normalizer {_shown(normalizer) if normalizer else 'null'}): llama.cpp's "
+        "SentencePiece tokenizer only writes spaces as \u2581 (Metaspace, or the Prepend and Replace normalizer)",
+    )
+
+
+def sentencepiece_scores(spec: dict, path: Path) -> dict[str, float]:
+    """The score llama.cpp needs for each token of a SentencePiece-style BPE ``spec`` to join pieces in the
+    order of its merges: minus the rank of the first merge making the token (0 for byte and special tokens,
+    below every merge for the other pieces). An :class:`InputError` names what llama.cpp's rule cannot follow."""
+    model = spec.get("model") or {}
+    vocab: dict[str, int] = model.get("vocab") or {}
+    for key, bad in (("dropout", model.get("dropout")), ("ignore_merges", model.get("ignore_merges")),
+                     ("continuing_subword_prefix", model.get("continuing_subword_prefix")),
+                     ("end_of_word_suffix", model.get("end_of_word_suffix"))):  # fmt: skip
+        if bad:
+            raise InputError(str(path), f"model.{key} {bad!r}: llama.cpp's SentencePiece tokenizer has no such setting")
+    missing = [token for token in BYTE_TOKENS if token not in vocab]
+    if missing:
+        raise InputError(
+            str(path),
+            f"model.vocab: no byte token {missing[0]} ({len(missing)} of <0x00>..<0xFF> missing), which llama.cpp's "
+            "byte fallback needs",
+        )
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    first: dict[str, int] = {}
+    for rank, (left, right) in enumerate(merges):
+        made = left + right
+        if first.setdefault(made, rank) != rank and merges[rank - 1][0] + merges[rank - 1][1] != made:
+            raise InputError(
+                str(path),
+                f"model.merges: the merges making {made!r} are not consecutive (ranks {first[made]} and {rank}): "
+                "llama.cpp ranks the pieces a token is made of by that token's score alone",
+            )
+    pairs = set(merges)
+    special = {added["content"] for added in spec.get("added_tokens") or []} | set(BYTE_TOKENS)
+    special.add(model.get("unk_token"))
+    for token in vocab:
+        if token in special:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab and (left, right) not in pairs:
+                raise InputError(
+                    str(path),
+                    f"model.merges: no merge of {left!r} and {right!r}, which make the token {token!r}: llama.cpp "
+                    "joins any two pieces that make a token (a merge list converted from tokenizer.model has them all)",
+                )
+        outside = next((char for char in token if char not in vocab), None)
+        if outside is not None:
+            raise InputError(
+                str(path),
+                f"model.vocab: the token {token!r} holds {outside!r}, which is no token: llama.cpp would use it "
+                "where the tokenizer falls back to bytes",
+            )
+    return {token: (-float(first[token]) if token in first else 0.0 if token in special else -float(len(merges)))
+            for token in vocab}  # fmt: skip

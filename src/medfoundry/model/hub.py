@@ -122,7 +122,9 @@ def _download_errors(reference: str, *, cached: bool = False):
                 f"run {fetch} once online, or unset HF_HUB_OFFLINE",
             ) from None
         raise InputError(
-            reference, f"not in the Hugging Face cache, and the download failed: {_first_line(exc)}"
+            reference,
+            f"not in the Hugging Face cache, and the download failed: {_first_line(exc)} (without a network, "
+            "HF_HUB_OFFLINE=1 reads the cache alone and fails at once)",
         ) from None
     except (HTTPError, OSError) as exc:  # the Hub's HTTP errors, the network's, the disk's
         raise InputError(reference, f"download from the Hugging Face Hub failed: {_first_line(exc)}") from None

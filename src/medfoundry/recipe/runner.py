@@ -53,7 +53,7 @@ import yaml
 from medfoundry import __version__
 from medfoundry.card.config import CardRunConfig
 from medfoundry.config import StrictModel, apply_overrides, load_yaml, validate
-from medfoundry.errors import ConfigError, InputError, MedfoundryError, Pending
+from medfoundry.errors import ConfigError, InputError, Pending, StageFailed
 from medfoundry.io import folder_lock, fsync_dir, write_json, write_text
 from medfoundry.manifest import MANIFEST, Manifest, content_key, inputs_fingerprint, output_fingerprint
 from medfoundry.recipe.config import RecipeConfig, wire
@@ -225,7 +225,7 @@ def _torchrun(run: Path, stage: str, launch: LaunchConfig, log) -> None:
         )
     run_torchrun(command, what=f"run: {stage}")
     if not _finished(run, stage):
-        raise MedfoundryError(
+        raise StageFailed(
             f"run: {stage}: torchrun ended without error but {run / stage / 'manifest.json'} is not there"
         )
 

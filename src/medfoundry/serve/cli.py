@@ -13,7 +13,7 @@ from medfoundry.config import validate
 from medfoundry.extras import require
 from medfoundry.generation.cli import add_engine_arguments, engine_fields
 from medfoundry.generation.cli import add_subcommands as add_generation_commands
-from medfoundry.serve.config import DEFAULT_MAX_LOGPROBS, ServeConfig, is_loopback
+from medfoundry.serve.config import DEFAULT_MAX_LOGPROBS, ServeConfig, is_loopback, run_name
 
 _SERVER_FIELDS = (
     "host",
@@ -93,7 +93,7 @@ def serve_model(cfg: ServeConfig) -> int:
         )
     engine = cfg.load_engine()
     config = ServerConfig(
-        model_name=cfg.served_model_name or engine.name,
+        model_name=cfg.served_model_name or run_name(cfg.model) or engine.name,
         api_key=key,
         allowed_hosts=(*cfg.allowed_hosts, cfg.host),
         max_tokens=cfg.max_tokens,

@@ -45,7 +45,11 @@ class ServeConfig(EngineConfig):
         default_factory=list,
         description="without an API key, Host names answered besides localhost, 127.0.0.1, [::1] and --host",
     )
-    served_model_name: str | None = Field(None, description="the model id clients send (default: the directory name)")
+    served_model_name: str | None = Field(
+        None,
+        description="the model id clients send (default: the run's name, from the model's card or the training "
+        "stage that exported it, else the directory name)",
+    )
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot before 429s")
     max_tokens: int | None = Field(
         None, ge=1, description="largest max_tokens a request may ask (default: max_seq_len)"
@@ -85,6 +89,41 @@ class ServeConfig(EngineConfig):
                 f"serving on {self.host} without an API key would let anyone who reaches the port use the model: "
                 f"give a key (--api-key-file FILE, or ${API_KEY_ENV}), or --insecure-no-key to serve it open"
             )
+
+
+def run_name(model: str) -> str | None:
+    """The name of the run that made the model folder ``model``: its card's (``README.md`` front matter,
+    ``model-index[0].name``, as ``medfoundry card`` writes it), else, for the ``model/`` folder a training stage
+    exported (its ``manifest.json`` one level up), the recipe's name (``run.json`` of the run folder) or the
+    stage's output folder's name; None for anything else (a Hub id, a GGUF file, a plain folder)."""
+    import json
+
+    import yaml
+
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return None
+    try:
+        text = (folder / "README.md").read_text(encoding="utf-8")[: 1 << 16] if (folder / "README.md").is_file() else ""
+        if text.startswith("---\n"):
+            front = yaml.safe_load(text[4:].split("\n---", 1)[0])
+            index = front.get("model-index") if isinstance(front, dict) else None
+            name = index[0].get("name") if isinstance(index, list) and index and isinstance(index[0], dict) else None
+            if isinstance(name, str) and name.strip():
+                return name.strip()
+        stage = folder.resolve().parent
+        manifest = json.loads((stage / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("stage") not in ("pretrain", "finetune"):
+        return None
+    if (manifest.get("outputs") or {}).get("model") != folder.resolve().name:
+        return None
+    try:
+        recipe = json.loads((stage.parent / "run.json").read_text(encoding="utf-8")).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        recipe = None
+    return recipe if isinstance(recipe, str) and recipe else stage.name
 
 
 def is_loopback(host: str) -> bool:

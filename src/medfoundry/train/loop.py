@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from medfoundry.errors import ConfigError, MedfoundryError
+from medfoundry.errors import ConfigError, StageFailed
 from medfoundry.extras import require
 from medfoundry.io import write_json
+from medfoundry.model.bits_per_byte import bits_per_byte, special_ids, text_bytes, text_mask
 from medfoundry.model.presets import flops_per_token
 from medfoundry.runtime import configure, resolve_device_precision
 from medfoundry.tokenizer.reader import WindowReader
@@ -91,7 +92,11 @@ class StepFlops(Protocol):
 
 
 class WindowValidation:
-    """Fixed validation windows (the same every time), spread over processes; loss, perplexity, bits per byte."""
+    """Fixed validation windows (the same every time), spread over processes; loss, perplexity, bits per byte.
+
+    ``val_loss`` and ``val_ppl`` count every target; ``val_bpb`` the text targets only, over the UTF-8 bytes
+    of their text: a predicted special token (the EOS between documents) adds neither its loss nor bytes
+    (:mod:`medfoundry.model.bits_per_byte`, the definition the eval stage's perplexity uses too)."""
 
     def __init__(self, shards: TokenShards, context: int, batches: int, micro: int, tokenizer, d: distributed.Dist):
         n = min(batches * micro, (shards.total_tokens - 1) // context)
@@ -102,25 +107,29 @@ class WindowValidation:
         self.micro, self.context = micro, context
         # under FSDP each forward pass all-gathers the weights: every process makes as many as the busiest one
         self.passes = math.ceil(math.ceil(n / d.world_size) / micro)
-        self.bytes = sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in self.windows)
+        special = special_ids(tokenizer)
+        self.special = [~text_mask(w[1:], special) for w in self.windows]  # targets that are special tokens
+        self.bytes = sum(text_bytes(tokenizer, w[1:], special) for w in self.windows)
 
     @torch.no_grad()
-    def run(self, model: nn.Module, token_losses: Loss, device: str, d: distributed.Dist) -> dict[str, float]:
+    def run(self, model: nn.Module, token_losses: NextTokenLoss, device: str, d: distributed.Dist) -> dict[str, float]:
         model.eval()
-        loss_sum, count = 0.0, 0
+        loss_sum, text_sum, count = 0.0, 0.0, 0
         for start in range(0, self.passes * self.micro, self.micro):
             if start >= len(self.windows):  # a fewer-windows process keeps step with the others; not counted
                 dummy = torch.zeros((1, self.context + 1), dtype=torch.long, device=device)
                 token_losses(model, dummy)
                 continue
             batch = torch.from_numpy(np.stack(self.windows[start : start + self.micro])).to(device)
-            loss, n = token_losses(model, batch)
-            loss_sum, count = loss_sum + loss.item(), count + n
+            special = torch.from_numpy(np.stack(self.special[start : start + self.micro])).to(device)
+            text, other = (x.item() for x in token_losses.text_and_special(model, batch, special))
+            loss_sum, text_sum, count = loss_sum + text + other, text_sum + text, count + special.numel()
         model.train()
-        loss_sum, count = distributed.all_reduce_sum(loss_sum, d, device), distributed.all_reduce_sum(count, d, device)
-        total_bytes = distributed.all_reduce_sum(self.bytes, d, device)
+        loss_sum, text_sum, count, total_bytes = distributed.all_reduce_sums(
+            [loss_sum, text_sum, count, self.bytes], d, device
+        )
         loss = loss_sum / count
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": loss_sum / math.log(2) / total_bytes}
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": bits_per_byte(text_sum, total_bytes)}
 
 
 def _seed_everything(seed: int) -> None:
@@ -367,6 +376,7 @@ def _step(run: _Run, state: TrainState, bar) -> None:
     batches = [to_device(b, device) for b in host]
     loss_value, norm, n_targets, n_tokens = _train_step(job, run.trained, batches, counts, run.optimizer, d, device)
     finite = math.isfinite(loss_value) and math.isfinite(norm)
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step used, read before the scheduler moves to the next one
     run.scheduler.step()
     state.record_step(n_tokens, n_targets, finite)
     elapsed = time.perf_counter() - started
@@ -374,7 +384,7 @@ def _step(run: _Run, state: TrainState, bar) -> None:
         state.step,
         bar,
         loss=loss_value,
-        lr=run.scheduler.get_last_lr()[0],
+        lr=lr,
         grad_norm=norm,
         tok_s=n_tokens / elapsed,
         mfu=job.step_flops(n_tokens, n_targets) / elapsed / run.peak,
@@ -389,7 +399,7 @@ def _after_step(run: _Run, state: TrainState) -> None:
     """Stop after too many skipped steps in a row; validate and checkpoint when due."""
     cfg, step = run.job.cfg, state.step
     if state.skipped_in_a_row >= cfg.training.max_consecutive_skips:
-        raise MedfoundryError(
+        raise StageFailed(
             f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
             f"(step {step}); stopping. Last good checkpoint: {run.checkpointer.latest(verify=False) or 'none'}. "
             "Lower optim.lr, raise schedule.warmup_steps or check the data."

@@ -144,3 +144,23 @@ class NextTokenLoss:
                 return linear_cross_entropy(hidden.flatten(0, 1), self.head.weight, targets.flatten()), targets.numel()
             logits = model(input_ids=inputs).logits
         return plain_cross_entropy(logits, targets), targets.numel()
+
+    def text_and_special(
+        self, model: torch.nn.Module, batch: torch.Tensor, special: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss of the batch's text targets and of its special-token targets (``special``: bool, shaped
+        like ``batch[:, 1:]``), from one forward pass, the output layer once per target: validation's bits per
+        byte (:mod:`medfoundry.model.bits_per_byte`) counts the first only, its loss both."""
+        inputs, targets, special = batch[:, :-1], batch[:, 1:].flatten(), special.flatten()
+        parts = (~special).nonzero().squeeze(1), special.nonzero().squeeze(1)
+        with self._autocast():
+            if self.head is not None:
+                hidden = model(input_ids=inputs).flatten(0, 1)
+                text, other = (
+                    linear_cross_entropy(hidden.index_select(0, i), self.head.weight, targets.index_select(0, i))
+                    for i in parts
+                )
+                return text, other
+            logits = model(input_ids=inputs).logits.flatten(0, 1)
+        text, other = (plain_cross_entropy(logits.index_select(0, i), targets.index_select(0, i)) for i in parts)
+        return text, other
