@@ -89,7 +89,7 @@ def test_the_server_worker_serves_sampled_requests(engine):
 
     worker.start()
     try:
-        worker.submit([(engine.encode(p), params, sink) for p, params in zip(PROMPTS, MIXED)])
+        worker.submit([(engine.encode(p), params, sink, None) for p, params in zip(PROMPTS, MIXED)])
         for _ in MIXED:
             assert finished.acquire(timeout=120), "a request never finished"
     finally:

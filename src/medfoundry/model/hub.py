@@ -61,20 +61,21 @@ def resolve(reference: str, *, allow_pickle: bool = False) -> Path:
 
 
 def commit(reference: str, *, cached: bool = False) -> str:
-    """The commit a Hub id resolves to (its snapshot folder's name, downloaded when needed; with ``cached``, the
-    one in the cache, never asking the Hub): what keys and manifests record, so that a moved branch is another
-    input."""
-    return _snapshot(reference, SAFE_PATTERNS, cached=cached).name
+    """The commit a Hub id resolves to (the name of the snapshot folder of its ``config.json``, the one file fetched
+    for it: keying a recipe downloads no weights; with ``cached``, the one in the cache, never asking the Hub):
+    what keys and manifests record, so that a moved branch is another input."""
+    return config_folder(reference, cached=cached).name
 
 
-def config_folder(reference: str) -> Path:
+def config_folder(reference: str, *, cached: bool = False) -> Path:
     """A snapshot folder of Hub id ``reference`` holding only its ``config.json`` (downloaded when needed): what
     planning a run needs, without the weights of a 70B model."""
     from huggingface_hub import constants, hf_hub_download
 
     repo, revision = split(reference)
-    with _download_errors(reference):
-        path = hf_hub_download(repo, "config.json", revision=revision, local_files_only=constants.is_offline_mode())
+    offline = cached or constants.is_offline_mode()
+    with _download_errors(reference, cached=cached):
+        path = hf_hub_download(repo, "config.json", revision=revision, local_files_only=offline)
     return Path(path).parent
 
 

@@ -26,7 +26,7 @@ from medfoundry.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 Sink = Callable[[Output], None]
-Job = tuple[list[int], SamplingConfig, Sink] | tuple[list[int], SamplingConfig, Sink, LogprobOptions | None]
+Job = tuple[list[int], SamplingConfig, Sink, LogprobOptions | None]  # prompt ids, sampling, sink, log-probabilities
 
 
 class QueueFull(Exception):
@@ -67,8 +67,7 @@ class EngineWorker:
         return self._thread is not None and self._thread.is_alive()
 
     def submit(self, jobs: list[Job]) -> list[Request]:
-        """Queue several generations (the choices of one HTTP request) together, or none: ``QueueFull``. A job is
-        (prompt ids, sampling, sink), with the log-probabilities asked as a fourth item if any."""
+        """Queue several generations (the choices of one HTTP request) together, or none: ``QueueFull``."""
         with self._wake:
             in_flight = len(self.engine.running) + len(self.engine.waiting)
             if in_flight + len(jobs) > self.capacity:
@@ -77,8 +76,8 @@ class EngineWorker:
                     f"{self.capacity} ({self.engine.max_batch} running, {self.max_queue} waiting); retry later"
                 )
             requests = []
-            for ids, params, sink, *logprobs in jobs:
-                request = self.engine.add_request(ids, params, logprobs=logprobs[0] if logprobs else None)
+            for ids, params, sink, logprobs in jobs:
+                request = self.engine.add_request(ids, params, logprobs=logprobs)
                 self._inflight[request.id] = (request, sink)
                 requests.append(request)
             self._wake.notify()
