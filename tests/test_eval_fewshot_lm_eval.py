@@ -191,6 +191,11 @@ def test_per_question_sampler_is_medfoundrys_own(registry):
     ]
     default = prepare(registry.get("pubmedqa"), cfg, registry)
     assert not default.notes and default.contexts != p.contexts
+    # the run's fewshot_sampler replaces the task's, one way and the other
+    run_level = prepare(registry.get("pubmedqa"), cfg.model_copy(update={"fewshot_sampler": "per_question"}), registry)
+    assert (run_level.contexts, run_level.notes, run_level.fewshot_sampler) == (p.contexts, p.notes, "per_question")
+    back = prepare(task, cfg.model_copy(update={"fewshot_sampler": "lm_eval"}), registry)
+    assert (back.contexts, back.notes, back.fewshot_sampler) == (default.contexts, [], "lm_eval")
 
 
 # -- contexts and log-likelihoods equal to lm-eval's -------------------------------------------------

@@ -195,8 +195,17 @@ def test_fewshot_source_is_reported(models, tmp_path):
     results = evaluate(cfg)["models"][0]["results"]
     note = "1-shot demonstrations from mmlu_professional_medicine:dev, not medqa_4options's own"
     assert results["notes"]["medqa_4options"][0].startswith(note)
-    assert results["configs"]["medqa_4options"]["fewshot"] == {"source": "mmlu_professional_medicine:dev", "seed": 1234}
+    assert results["configs"]["medqa_4options"]["fewshot"] == {
+        "source": "mmlu_professional_medicine:dev",
+        "sampler": "first_n",  # the lender's (MMLU's)
+        "seed": 1234,
+    }
     assert note in (tmp_path / "tiny0" / "results.md").read_text()
+
+    drawn = evaluate(cfg.model_copy(update={"fewshot_sampler": "per_question", "output_dir": str(tmp_path / "pq")}))
+    results = drawn["models"][0]["results"]
+    assert results["configs"]["medqa_4options"]["fewshot"]["sampler"] == "per_question"
+    assert results["notes"]["medqa_4options"][0].endswith("(fewshot.sampler per_question), not lm-eval's draws")
 
 
 def test_chain_of_thought_with_self_consistency(models, tmp_path):

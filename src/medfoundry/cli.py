@@ -108,6 +108,7 @@ def _eval_overrides(args: argparse.Namespace) -> list[str]:
         "prompt_style": args.prompt_style,
         "mode": args.mode,
         "fewshot_source": args.fewshot_source,
+        "fewshot_sampler": args.fewshot_sampler,
         "allow_pickle": args.allow_pickle or None,
     }
     return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
@@ -187,6 +188,12 @@ def _eval_arguments(command: argparse.ArgumentParser, stage) -> None:
         "--fewshot-source",
         metavar="TASK[:SPLIT]",
         help="demonstrations for tasks without a few-shot split here (MedQA, MedMCQA)",
+    )
+    command.add_argument(
+        "--fewshot-sampler",
+        choices=("lm_eval", "per_question", "first_n", "fixed"),
+        help="how demonstrations are drawn, for every task: lm_eval (lm-eval 0.4.13's draws; the built-in tasks' "
+        "default, MMLU's is first_n), per_question (medfoundry's own), first_n, fixed",
     )
     command.add_argument(
         "--prompt-style",

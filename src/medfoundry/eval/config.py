@@ -80,6 +80,11 @@ class EvalConfig(StrictModel):
         "--fewshot_seed (1234 is lm-eval's default) and the draws are lm-eval's; with per_question or fixed, "
         "medfoundry's own draws",
     )
+    fewshot_sampler: Literal["lm_eval", "per_question", "first_n", "fixed"] | None = Field(
+        None,
+        description="replaces every task's fewshot.sampler (and a lender's, with fewshot_source); default: each "
+        "task's own (lm_eval for the built-in tasks, first_n for MMLU)",
+    )
     fewshot_source: str | None = Field(
         None,
         description="TASK[:SPLIT] giving demonstrations to tasks that have no few-shot split here (MedQA, MedMCQA)",

@@ -19,7 +19,8 @@ When a benchmark has no training data here (MedQA, MedMCQA: only their test sets
 their tasks declare no few-shot split), k > 0 is an error unless ``fewshot_source`` names a split to
 take demonstrations from: another benchmark's (e.g. ``mmlu_professional_medicine:dev``) or, for users
 who are online, the benchmark's own hub train split (``medqa_4options:train``). Borrowed demonstrations
-are drawn by the lender's sampler. The results record where demonstrations came from, and a note says
+are drawn by the lender's sampler. A run's ``fewshot_sampler`` replaces the task's (or the lender's)
+sampler. The results record where demonstrations came from and how they were drawn, and a note says
 when the sampler is not lm-eval's. No network access is ever attempted implicitly for few-shot.
 """
 
@@ -64,12 +65,9 @@ class FewshotPool:
     builder: PromptBuilder
     docs: list[Doc]
     source: str  # "task:split"
+    sampler: str  # FewshotSpec.sampler's values
     note: str | None = None  # set when the demonstrations are borrowed from another benchmark
     _streams: dict[int, random.Random] = field(default_factory=dict, repr=False)
-
-    @property
-    def sampler(self) -> str:
-        return self.builder.task.fewshot.sampler
 
     def select(self, k: int, *, seed: int, task: str, doc_id: str) -> list[Doc]:
         sampler = self.sampler
@@ -95,15 +93,18 @@ def fewshot_pool(
     get_task: Callable[[str], Entry],
     benchmarks_dir: Path,
     hub_loader: HubLoader | None = None,
+    sampler: str | None = None,
 ) -> FewshotPool | None:
-    """The pool for ``k``-shot prompts of ``task``; None for zero-shot."""
+    """The pool for ``k``-shot prompts of ``task``; None for zero-shot. ``sampler`` (the run's
+    ``fewshot_sampler``) replaces the sampler of the task that lends the demonstrations."""
     if k == 0:
         return None
     reason = task.fewshot.note or f"task {task.task} defines no few-shot split"
     if task.fewshot.split is not None:
         try:
             docs = load_split(task, task.fewshot.split, benchmarks_dir, hub_loader)
-            return _checked(FewshotPool(PromptBuilder(task, style), docs, f"{task.task}:{task.fewshot.split}"), k)
+            source = f"{task.task}:{task.fewshot.split}"
+            return _checked(FewshotPool(PromptBuilder(task, style), docs, source, sampler or task.fewshot.sampler), k)
         except DataUnavailable as exc:
             reason = task.fewshot.note or str(exc)
     if source is None:
@@ -112,11 +113,19 @@ def fewshot_pool(
             "fewshot_source=TASK[:SPLIT] to borrow another benchmark's train or dev split (e.g. "
             "mmlu_professional_medicine:dev; the results will say so), or use num_fewshot=0"
         )
-    return _borrowed(task, k, style, source, reason, get_task, benchmarks_dir, hub_loader)
+    return _borrowed(task, k, style, source, reason, get_task, benchmarks_dir, hub_loader, sampler)
 
 
 def _borrowed(
-    task: ChoiceTask, k: int, style: str, source: str, reason: str, get_task, benchmarks_dir: Path, hub_loader
+    task: ChoiceTask,
+    k: int,
+    style: str,
+    source: str,
+    reason: str,
+    get_task,
+    benchmarks_dir: Path,
+    hub_loader,
+    sampler: str | None,
 ) -> FewshotPool:
     name, _, split = source.partition(":")
     lender = get_task(name)
@@ -133,7 +142,8 @@ def _borrowed(
     note = f"{k}-shot demonstrations from {name}:{split}" + (
         "" if name == task.task else f", not {task.task}'s own ({reason})"
     )
-    return _checked(FewshotPool(PromptBuilder(lender, style), docs, f"{name}:{split}", note), k)
+    pool = FewshotPool(PromptBuilder(lender, style), docs, f"{name}:{split}", sampler or lender.fewshot.sampler, note)
+    return _checked(pool, k)
 
 
 def _checked(pool: FewshotPool, k: int) -> FewshotPool:

@@ -191,7 +191,11 @@ def _task_config(p: Prepared, cfg: EvalConfig, s: Scored) -> dict:
         **config,
         "prompt_style": cfg.prompt_style,
         "num_fewshot": p.num_fewshot,
-        "fewshot": {"source": p.fewshot_source, "seed": cfg.fewshot_seed} if p.num_fewshot else None,
+        "fewshot": (
+            {"source": p.fewshot_source, "sampler": p.fewshot_sampler, "seed": cfg.fewshot_seed}
+            if p.num_fewshot
+            else None
+        ),
         **({"stop": p.stop} if p.kind == "cot" else {}),
     }
 

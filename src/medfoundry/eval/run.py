@@ -53,6 +53,7 @@ class Prepared:
     options: list[list[str] | None] = field(default_factory=list)
     num_fewshot: int = 0
     fewshot_source: str | None = None
+    fewshot_sampler: str | None = None
     notes: list[str] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     chat: bool = False  # contexts are messages, rendered with the model's chat template when it runs
@@ -94,6 +95,7 @@ def prepare(task: Task, cfg: EvalConfig, registry: TaskRegistry, hub_loader: Hub
         get_task=registry.get,
         benchmarks_dir=cfg.benchmarks_path(),
         hub_loader=hub_loader,
+        sampler=cfg.fewshot_sampler,
     )
     if pool and pool.builder.spec.chat != builder.spec.chat:
         raise ConfigError(
@@ -106,6 +108,7 @@ def prepare(task: Task, cfg: EvalConfig, registry: TaskRegistry, hub_loader: Hub
         total=len(docs),
         num_fewshot=cfg.num_fewshot,
         fewshot_source=pool.source if pool else None,
+        fewshot_sampler=pool.sampler if pool else None,
         notes=[pool.note] if pool and pool.note else [],
         stop=list(cfg.generation.stop if cfg.generation.stop is not None else task.generation.stop),
         chat=builder.spec.chat,
