@@ -19,6 +19,15 @@ or AMX, else fp32) on SmolLM2-135M, against ``hf_generate_tok_s``, ``model.gener
 as ``from_pretrained`` loads it (float32); the same-precision speedups (``fp32_speedup_vs_fp32_generate``,
 ``bf16_speedup_vs_bf16_generate``) are reported next to it, and every figure is in ``models``.
 
+Decode against the memory bandwidth: at batch 1 a decode step reads every weight once, so its rate is bounded by
+the machine's read bandwidth (``machine.read_bandwidth_gbs``, measured by ``benchmarks/machine.py`` in a child with
+this process's allocator and threads) over the bytes of weights read per step (every parameter once; a tied
+embedding once, through the output layer). ``decode_batch_1`` (per model precision, SmolLM2 only) times decoding
+alone: one request, greedy, 4N steps after its prefill step, best of the rounds; ``decode_fraction_of_bandwidth_bound``
+= that rate / the bound, in the default precision (``decode_precision``: bf16 where the CPU computes bf16, else
+fp32 with fp32 bytes), and ``bf16_decode_fraction_of_bandwidth_bound`` always in bf16 (on a CPU that emulates bf16
+that one is compute-bound and far below 1).
+
 Part 2, the server. ``medfoundry serve`` (SmolLM2-135M, default precision, 8 slots) runs in its own
 process on a loopback port; 1, 4 and then 16 client threads, each with the official ``openai`` client,
 send non-streamed completions (greedy, max_tokens M, end-of-sequence ignored) back to back for D seconds.
@@ -28,7 +37,8 @@ the headline ``server_*`` figures are those of 16 clients, ``errors`` counts all
 The script re-runs itself once with tcmalloc preloaded and ``OMP_WAIT_POLICY=PASSIVE`` (see
 ``prepare_process``); both contenders and the server share that environment.
 
-Prints progress on stderr and one JSON object as the last line of stdout. ``--quick`` (N=16, M=16, D=5 s,
+Prints progress on stderr and one JSON object as the last line of stdout (with ``machine``, the record every
+benchmark shares). ``--quick`` (N=16, M=16, D=5 s,
 two timing rounds) finishes in under 3 minutes; the default (N=64, M=64, D=20 s, three rounds) in about 6.
 """
 
@@ -49,6 +59,8 @@ import urllib.request
 from pathlib import Path
 
 import torch
+
+import machine
 
 CACHE = Path("/tmp/medfoundry_serve_bench")
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +214,60 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return round(sum(x == y for x, y in pairs) / len(pairs), 4)
 
 
-def bench_model(path: Path, new_tokens: int, rounds: int) -> dict:
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once (a tied embedding counts once: the output
+    layer reads it whole), but an untied input embedding, of which a step reads one row per sequence."""
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is None or output.weight.data_ptr() != embedding.data_ptr():
+        unique.pop(embedding.data_ptr(), None)
+    return sum(unique.values())
+
+
+def decode_rate(engine, prompt: list[int], steps: int, rounds: int) -> dict:
+    """Tokens/s of decoding alone at batch 1: one request, greedy, end-of-sequence ignored; the first step
+    (the prefill, and the first decode) is not timed, then ``steps`` steps of one token each. Best of rounds
+    after a warmup round."""
+    from medfoundry.generation.config import SamplingConfig
+
+    params = SamplingConfig(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    best, foreign = 0.0, []
+    for round_ in range(rounds + 1):
+        request = engine.add_request(prompt, params)
+        engine.step()
+        with Foreign() as share:
+            start, done = time.perf_counter(), 0
+            while request.finish_reason is None:
+                engine.step()
+                done += 1
+            seconds = time.perf_counter() - start
+        if round_:
+            best = max(best, done / seconds)
+            foreign.append(share.share)
+    return {"decode_tok_s": round(best, 2), "steps": done, "foreign_cpu": round(statistics.fmean(foreign), 2)}
+
+
+def bandwidth_fraction(engine, prompt: list[int], steps: int, rounds: int, bandwidth_gbs: float) -> dict:
+    """The batch-1 decode rate against the bound of reading the weights once per step at the measured
+    bandwidth: ``decode_fraction_of_bandwidth_bound`` = tokens/s / (bandwidth / weight bytes per step)."""
+    run = decode_rate(engine, prompt, steps, rounds)
+    nbytes = weight_bytes_per_step(engine.model)
+    bound = bandwidth_gbs * 1e9 / nbytes
+    return {
+        **run,
+        "weight_bytes_per_step": nbytes,
+        "weight_dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
+        "bandwidth_bound_tok_s": round(bound, 2),
+        "decode_fraction_of_bandwidth_bound": round(run["decode_tok_s"] / bound, 3),
+    }
+
+
+def bench_model(
+    path: Path, new_tokens: int, rounds: int, bandwidth_gbs: float | None = None, decode_steps: int = 0
+) -> dict:
+    """Both contenders at batch 1 and 8 in fp32 and bf16; with ``bandwidth_gbs``, also the batch-1 decode
+    rate against the bandwidth bound (``decode_batch_1``) in each precision."""
     from medfoundry.generation.engine import Engine
 
     result = {}
@@ -223,6 +288,11 @@ def bench_model(path: Path, new_tokens: int, rounds: int) -> dict:
                 run["agreement_with_fp32_generate"] = agreement(tokens["engine"], fp32_tokens[batch])
                 run["bf16_generate_agreement_with_fp32_generate"] = agreement(tokens["hf"], fp32_tokens[batch])
             runs[f"batch_{batch}"] = run
+        if bandwidth_gbs:
+            log(f"{path.name} {precision} batch 1 decode against the bandwidth bound")
+            runs["decode_batch_1"] = bandwidth_fraction(
+                engine, prompts[0], decode_steps or 4 * new_tokens, rounds, bandwidth_gbs
+            )
         result[precision] = runs
         del engine
         gc.collect()
@@ -370,9 +440,17 @@ def prepare_process() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs: finishes in under 3 minutes")
+    parser.add_argument("--new-tokens", type=int, help="N and M (default 16 quick, 64 full)")
+    parser.add_argument("--rounds", type=int, help="timing rounds (default 2 quick, 3 full)")
+    parser.add_argument("--decode-steps", type=int, help="decode steps timed against the bandwidth bound (default 4N)")
+    parser.add_argument("--server-seconds", type=float, help="D (default 5 quick, 20 full)")
     args = parser.parse_args()
     prepare_process()
     new_tokens, max_tokens, seconds, rounds = (16, 16, 5.0, 2) if args.quick else (64, 64, 20.0, 3)
+    new_tokens = args.new_tokens or new_tokens  # overrides, for functional runs on a slow or busy machine
+    max_tokens = args.new_tokens or max_tokens
+    rounds = args.rounds or rounds
+    seconds = args.server_seconds or seconds
 
     from transformers.utils import logging as hf_logging
 
@@ -382,9 +460,11 @@ def main() -> None:
     runtime = configure()
     CACHE.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    box = machine.record(dict(os.environ), quick=args.quick)  # this process's allocator and threads
+    log(machine.describe(box))
     models = {"gpt2-tiny": bench_model(tiny_gpt2(), new_tokens, rounds)}
     smol = smollm2()
-    models["smollm2-135m"] = bench_model(smol, new_tokens, rounds)
+    models["smollm2-135m"] = bench_model(smol, new_tokens, rounds, box["read_bandwidth_gbs"], args.decode_steps or 0)
     levels = bench_server(smol, seconds, max_tokens)
 
     default_precision = resolve_device_precision("cpu", "auto")[1]
@@ -392,6 +472,7 @@ def main() -> None:
     hf_fp32 = models["smollm2-135m"]["fp32"]["batch_8"]["hf_generate_tok_s"]
     identical = all(models[m]["fp32"][b]["identical"] for m in models for b in ("batch_1", "batch_8"))
     busiest = levels[-1]
+    decode = models["smollm2-135m"][default_precision]["decode_batch_1"]
     result = {
         "tok_s": headline["engine_tok_s"],
         "hf_generate_tok_s": hf_fp32,
@@ -400,6 +481,13 @@ def main() -> None:
         "precision": default_precision,
         "fp32_speedup_vs_fp32_generate": models["smollm2-135m"]["fp32"]["batch_8"]["speedup"],
         "bf16_speedup_vs_bf16_generate": models["smollm2-135m"]["bf16"]["batch_8"]["speedup"],
+        "decode_fraction_of_bandwidth_bound": decode["decode_fraction_of_bandwidth_bound"],
+        "decode_precision": default_precision,
+        "decode_tok_s_batch_1": decode["decode_tok_s"],
+        "bandwidth_bound_tok_s": decode["bandwidth_bound_tok_s"],
+        "bf16_decode_fraction_of_bandwidth_bound": models["smollm2-135m"]["bf16"]["decode_batch_1"][
+            "decode_fraction_of_bandwidth_bound"
+        ],
         "server_p50_ms": busiest["p50_ms"],
         "server_p99_ms": busiest["p99_ms"],
         "server_tok_s": busiest["tok_s"],
@@ -407,8 +495,11 @@ def main() -> None:
         "targets": {
             "speedup_vs_hf_generate_ge_1.5": headline["engine_tok_s"] / hf_fp32 >= 1.5,
             "identical_greedy": identical,
+            "bf16_speedup_vs_bf16_generate_ge_2.5": models["smollm2-135m"]["bf16"]["batch_8"]["speedup"] >= 2.5,
+            "decode_fraction_of_bandwidth_bound_ge_0.7": decode["decode_fraction_of_bandwidth_bound"] >= 0.7,
             "no_errors": all(level["errors"] == 0 for level in levels),
         },
+        "machine": box,
         "models": models,
         "server": levels,
         "settings": {
@@ -416,6 +507,7 @@ def main() -> None:
             "server_max_tokens": max_tokens,
             "level_seconds": seconds,
             "rounds": rounds,
+            "decode_steps": args.decode_steps or 4 * new_tokens,
             "threads": runtime.threads,
             "allocator": runtime.allocator,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

@@ -1,19 +1,22 @@
 """Pretraining throughput: medfoundry's loop vs Hugging Face Trainer vs a plain PyTorch loop.
 
-The same models (GPT-2 presets gpt2-12m and gpt2-52m: vocabulary 28,896, context 256, dropout off),
-the same data (windows of token shards built from the shared corpus's PubMed abstracts with a
-28,896-token domain tokenizer), the same precision (bf16 autocast, fp32 weights and optimizer
-state), the same optimizer (AdamW lr 3e-4, betas 0.9/0.95, eps 1e-8, weight decay 0.1, clip 1.0,
-constant LR), the same batch (8 x 256 tokens per step) and the same allocator (tcmalloc preloaded in
-every child when installed). Every run is its own subprocess (clean RSS and allocator state), and
-runs are alternated: for each size, for each round, the three contenders in an order rotated per
-round. Each run does W untimed warmup steps, then N timed steps; tokens/s = N x 2,048 / the wall time
-from the end of step W to the end of step W+N (medfoundry: the ``time`` stamps of its own
-metrics.jsonl, logged every step; HF Trainer: a callback's ``on_step_end``; plain loop: the loop
-itself), so data loading, clipping, the optimizer and each framework's per-step overhead all count.
-The bf16 (and fp32) matmul peak is measured in a child too, with the same allocator and threads:
-large square matmuls, best of several. MFU = tokens/s x FLOPs per token (presets.flops_per_token,
-the PaLM 6N + 12LHT estimate) / that bf16 peak.
+The same models (GPT-2 presets gpt2-12m and gpt2-52m: vocabulary 28,896, context 256, dropout off), the same
+data (windows of token shards built from the shared corpus's PubMed abstracts with a 28,896-token domain
+tokenizer), the same precision (``--precision``, default auto: bf16 autocast where the CPU computes bf16,
+AVX-512 BF16 or AMX, else fp32; fp32 weights and optimizer state), the same optimizer (AdamW lr 3e-4, betas
+0.9/0.95, eps 1e-8, weight decay 0.1, clip 1.0, constant LR), the same batch (8 x 256 tokens per step) and the
+same allocator (tcmalloc preloaded in every child when installed). Every run is its own subprocess (clean RSS
+and allocator state), and runs are alternated: for each size, for each round, the three contenders in an order
+rotated per round. Each run does W untimed warmup steps, then N timed steps; tokens/s = N x 2,048 / the wall
+time from the end of step W to the end of step W+N (medfoundry: the ``time`` stamps of its own metrics.jsonl,
+logged every step; HF Trainer: a callback's ``on_step_end``; plain loop: the loop itself), so data loading,
+clipping, the optimizer and each framework's per-step overhead all count. The machine is measured in a child
+too, with the same allocator and threads (``benchmarks/machine.py``, shared by the three benchmarks: the
+JSON's ``machine``: CPU model, AMX and AVX-512 BF16, the bf16 and fp32 matmul peaks, square matmuls best of
+several, and the memory read bandwidth). MFU = tokens/s x FLOPs per token (presets.flops_per_token, the PaLM
+6N + 12LHT estimate) / the peak of the precision the step computes in (``precision``, ``mfu_peak_gflops``). A
+CPU without AVX-512 BF16 or AMX emulates bf16 matmuls at a few GFLOP/s at most (hundreds of times slower than
+fp32), so auto trains in fp32 there: the ``machine`` record says which kind of CPU it was.
 
 HF Trainer and the plain loop use the model's own loss (``labels=input_ids``: 255 targets per
 256-token window, vs medfoundry's 256 from a 257-token window); tokens/s counts the 2,048 input
@@ -23,19 +26,21 @@ fused AdamW (``optim=adamw_torch_fused``, the JSON says which), medfoundry's is 
 (``training.attention``/``loss: auto``: eager attention at context 256 on CPU, the output layer fused
 with the loss; the native GELU kernel; the JSON lists the kernels its run.json records). All read the
 same windows in the same order (medfoundry's WindowReader, seed 0) and start from the same seeded
-initialization. ``--compile`` adds a fourth contender, medfoundry with ``training.compile: true``
-(its compilation falls in the untimed warmup steps).
+initialization. medfoundry runs with its config's default ``training.compile`` (``--medfoundry-compile MODE``
+forces one; the JSON's medfoundry_kernels says which ran); ``--compile [MODE]`` adds a fourth contender,
+medfoundry with ``training.compile: MODE`` (default ``model``). Compilation falls in the untimed warmup steps.
 
 Other processes on the machine distort every timing (two busy cores make OpenMP steps several times
 slower): the parent measures the share of the CPU that other processes used during each run and
 measures a run again (``--retries``) when it is above 5%; the JSON says if any run stayed contended.
 
-Prints progress lines, then one JSON object as its last line: peak_bf16_gflops, and per size params,
-medfoundry_tok_s, hf_trainer_tok_s, plain_tok_s (medians over rounds), speedup_vs_hf_trainer,
+Prints progress lines, then one JSON object as its last line: machine, precision, peak_bf16_gflops, and
+per size params, medfoundry_tok_s, hf_trainer_tok_s, plain_tok_s (medians over rounds), speedup_vs_hf_trainer,
 speedup_vs_plain, mfu (medfoundry's) and mfu of each contender, peak_rss_mb of each contender (the
 child's ru_maxrss, whole run), every run's tok/s, final_loss (HF Trainer: its mean training loss),
 medfoundry_kernels (and with ``--compile``: medfoundry_compile_tok_s, compile_speedup_vs_hf_trainer);
-the targets (>= 1.5x HF Trainer's tokens/s, >= 45% MFU for gpt2-52m) and whether they are met. The
+the targets by machine kind (with AMX: >= 1.5x HF Trainer's tokens/s and >= 35% MFU for gpt2-52m;
+without: >= 1.25x and >= 70%) and whether they are met. The
 tokens are built once and cached in /tmp/medfoundry_train_bench (``--fresh`` rebuilds them); the
 output says whether the cache was used. ``--quick`` (2 rounds, 8/5 timed steps) finishes in < 5
 minutes with the data built from scratch (about 3 minutes on 2 idle cores); the default (3 rounds,
@@ -55,6 +60,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import machine
 from timed_child import run_timed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +72,11 @@ BATCH, CONTEXT, SEED = 8, 256, 0
 TOKENS_PER_STEP = BATCH * CONTEXT
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 OPTIM = {"lr": 3e-4, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8, "grad_clip": 1.0}
-TARGETS = {"speedup_vs_hf_trainer": 1.5, "mfu_gpt2-52m": 0.45}
+# issue 20's targets by machine kind: with AMX the matmuls are cheap and the rest of the step decides
+TARGETS = {
+    "amx": {"speedup_vs_hf_trainer": 1.5, "mfu_gpt2-52m": 0.35},
+    "no_amx": {"speedup_vs_hf_trainer": 1.25, "mfu_gpt2-52m": 0.70},
+}
 # (warmup steps, timed steps) per size, and rounds; quick keeps the whole run (cold data included) < 5 min
 PLANS = {
     "quick": {"rounds": 2, "steps": {"gpt2-12m": (3, 8), "gpt2-52m": (2, 5)}},
@@ -183,29 +193,6 @@ def _allocator_mapped() -> str:
         return "tcmalloc" if "tcmalloc" in fh.read() else "glibc"
 
 
-def child_peak(spec: dict) -> dict:
-    import torch
-
-    from medfoundry.runtime import configure
-
-    configure()
-    out = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        best = 0.0
-        for n in spec["sizes"]:
-            g = torch.Generator().manual_seed(0)
-            a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
-            c = a @ b  # warm up (and allocate the output)
-            reps = max(2, int(3 * 1024**3 / n**3))
-            for _ in range(spec["repeats"]):
-                start = time.perf_counter()
-                for _ in range(reps):
-                    torch.matmul(a, b, out=c)
-                best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
-        out[f"peak_{name}_gflops"] = round(best / 1e9, 1)
-    return {**out, "threads": torch.get_num_threads(), "allocator": _allocator_mapped()}
-
-
 def _model(spec: dict):
     """The contenders' model: the preset at the tokenizer's vocabulary, context 256, no dropout, seeded init."""
     import torch
@@ -253,8 +240,8 @@ def child_medfoundry(spec: dict) -> dict:
                 "steps": total,
                 "micro_batch_size": BATCH,
                 "global_batch_size": BATCH,
-                "precision": "bf16",
-                "compile": spec["kind"] == COMPILED,
+                "precision": spec["precision"],
+                **({"compile": spec["compile"]} if spec.get("compile") else {}),  # else the config's default
             },
             "optim": {k: OPTIM[k] for k in ("lr", "weight_decay", "betas", "eps", "grad_clip")},
             "schedule": {"kind": "constant"},
@@ -272,7 +259,8 @@ def child_medfoundry(spec: dict) -> dict:
     ends = [train[s]["time"] for s in range(1, total + 1)]
     timed = _timed(ends, warmup, steps)
     logged = statistics.median(train[s]["tok_s"] for s in range(warmup + 1, total + 1))
-    kernels = json.loads((out / "run.json").read_text())["kernels"]
+    run = json.loads((out / "run.json").read_text())
+    kernels = run["kernels"]  # as the run resolved them (training.compile auto: off, blocks...)
     return {
         **timed,
         "logged_tok_s_median": logged,
@@ -305,7 +293,7 @@ def child_hf_trainer(spec: dict) -> dict:
     args = TrainingArguments(
         output_dir=spec["out"],
         use_cpu=True,
-        bf16=True,
+        bf16=spec["precision"] == "bf16",
         per_device_train_batch_size=BATCH,
         max_steps=total,
         learning_rate=OPTIM["lr"],
@@ -358,7 +346,7 @@ def child_plain(spec: dict) -> dict:
     start = time.perf_counter()
     for _ in range(total):
         inputs = torch.from_numpy(next(batches))[:, :-1]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
             loss = model(input_ids=inputs, labels=inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["grad_clip"], foreach=True)
@@ -375,17 +363,13 @@ def child_main(spec: dict) -> None:
     from medfoundry.runtime import configure
 
     configure()
-    kind = spec["kind"]
-    if kind == "peak":
-        result = child_peak(spec)
-    else:
-        result = {
-            "medfoundry": child_medfoundry,
-            COMPILED: child_medfoundry,
-            "hf_trainer": child_hf_trainer,
-            "plain": child_plain,
-        }[kind](spec)
-        result.update(threads=torch.get_num_threads(), allocator=_allocator_mapped())
+    result = {
+        "medfoundry": child_medfoundry,
+        COMPILED: child_medfoundry,
+        "hf_trainer": child_hf_trainer,
+        "plain": child_plain,
+    }[spec["kind"]](spec)
+    result.update(threads=torch.get_num_threads(), allocator=_allocator_mapped())
     result["peak_rss_mb"] = round(_rss_mb(), 1)
     print(json.dumps(result))
 
@@ -408,10 +392,6 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def measure_peak(env: dict, quick: bool) -> dict:
-    return run_child({"kind": "peak", "sizes": [2048, 3072, 4096], "repeats": 3 if quick else 5}, env)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds: < 5 minutes in all")
@@ -426,7 +406,22 @@ def main() -> None:
     )
     parser.add_argument("--glibc", action="store_true", help="do not preload tcmalloc (the allocator ablation)")
     parser.add_argument(
-        "--compile", action="store_true", help=f"add {COMPILED}: medfoundry with training.compile: true"
+        "--compile",
+        nargs="?",
+        const="model",
+        metavar="MODE",
+        help=f"add {COMPILED}: medfoundry with training.compile MODE (default model: the whole model)",
+    )
+    parser.add_argument(
+        "--medfoundry-compile",
+        metavar="MODE",
+        help="training.compile of the medfoundry contender (default: the config's default)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: bf16 autocast where the CPU computes bf16 (AVX-512 BF16 or AMX), else fp32",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -435,8 +430,9 @@ def main() -> None:
         return
 
     from medfoundry.model.presets import count_parameters, flops_per_token, model_config
-    from medfoundry.runtime import find_tcmalloc
+    from medfoundry.runtime import find_tcmalloc, resolve_device_precision
 
+    precision = resolve_device_precision("cpu", args.precision)[1]
     wall_start = time.perf_counter()
     mode = "quick" if args.quick else "full"
     plan = PLANS[mode]
@@ -446,7 +442,7 @@ def main() -> None:
     contenders = CONTENDERS + ((COMPILED,) if args.compile else ())
     print(
         f"train_bench ({mode}): sizes {', '.join(args.sizes)}, {rounds} rounds, contenders {', '.join(contenders)}, "
-        f"allocator {'tcmalloc' if tcmalloc else 'glibc'}, {env['OMP_NUM_THREADS']} threads",
+        f"allocator {'tcmalloc' if tcmalloc else 'glibc'}, {env['OMP_NUM_THREADS']} threads, {precision}",
         flush=True,
     )
 
@@ -458,12 +454,8 @@ def main() -> None:
     )
 
     _exit_on_sigterm()
-    peak = measure_peak(env, args.quick)
-    print(
-        f"peak: bf16 {peak['peak_bf16_gflops']:.0f} GFLOP/s, fp32 {peak['peak_fp32_gflops']:.0f} GFLOP/s "
-        f"({peak['threads']} threads, {peak['allocator']}, other processes used {peak['foreign_cpu']:.0%} of the CPU)",
-        flush=True,
-    )
+    box = machine.record(env, quick=args.quick)  # the children's allocator and threads
+    print(machine.describe(box), flush=True)
 
     runs: dict[str, dict[str, list[dict]]] = {s: {c: [] for c in contenders} for s in args.sizes}
     allocators, threads, repeated = set(), set(), 0
@@ -481,6 +473,8 @@ def main() -> None:
                         "steps": steps,
                         "data": data["dir"],
                         "out": str(out),
+                        "precision": precision,
+                        "compile": args.compile if contender == COMPILED else args.medfoundry_compile,
                     }
                     for attempt in range(args.retries + 1):
                         started = time.perf_counter()
@@ -503,11 +497,9 @@ def main() -> None:
                     allocators.add(result["allocator"])
                     threads.add(result["threads"])
 
-    if not args.quick:  # the peak once more at the end: best of both
-        again = measure_peak(env, False)
-        for key in ("peak_bf16_gflops", "peak_fp32_gflops"):
-            peak[key] = max(peak[key], again[key])
-    bf16_peak = peak["peak_bf16_gflops"] * 1e9
+    if not args.quick:  # the machine once more at the end: best of both
+        box = machine.best_of(box, machine.record(env, quick=False))
+    peak_flops = box[f"peak_{precision}_gflops"] * 1e9  # the MFU denominator: the precision the step computes in
 
     sizes_out = {}
     for size in args.sizes:
@@ -521,8 +513,8 @@ def main() -> None:
             "speedup_vs_hf_trainer": round(med["medfoundry"] / med["hf_trainer"], 3),
             "speedup_vs_plain": round(med["medfoundry"] / med["plain"], 3),
             **({"compile_speedup_vs_hf_trainer": round(med[COMPILED] / med["hf_trainer"], 3)} if args.compile else {}),
-            "mfu": round(med["medfoundry"] * fpt / bf16_peak, 4),
-            "mfu_by_contender": {c: round(med[c] * fpt / bf16_peak, 4) for c in contenders},
+            "mfu": round(med["medfoundry"] * fpt / peak_flops, 4),
+            "mfu_by_contender": {c: round(med[c] * fpt / peak_flops, 4) for c in contenders},
             "peak_rss_mb": {c: max(r["peak_rss_mb"] for r in runs[size][c]) for c in contenders},
             "runs_tok_s": {c: [round(r["tok_s"], 1) for r in runs[size][c]] for c in contenders},
             "medfoundry_logged_tok_s": round(
@@ -535,22 +527,27 @@ def main() -> None:
             "warmup_steps": plan["steps"][size][0],
             "timed_steps": plan["steps"][size][1],
         }
+    kind = "amx" if box["amx"] else "no_amx"
+    targets = TARGETS[kind]
     met = {
-        f"speedup_vs_hf_trainer_{s}": v["speedup_vs_hf_trainer"] >= TARGETS["speedup_vs_hf_trainer"]
+        f"speedup_vs_hf_trainer_{s}": v["speedup_vs_hf_trainer"] >= targets["speedup_vs_hf_trainer"]
         for s, v in sizes_out.items()
     }
     if "gpt2-52m" in sizes_out:
-        met["mfu_gpt2-52m"] = sizes_out["gpt2-52m"]["mfu"] >= TARGETS["mfu_gpt2-52m"]
+        met["mfu_gpt2-52m"] = sizes_out["gpt2-52m"]["mfu"] >= targets["mfu_gpt2-52m"]
     result = {
         "mode": mode,
-        "peak_bf16_gflops": peak["peak_bf16_gflops"],
-        "peak_fp32_gflops": peak["peak_fp32_gflops"],
+        "precision": precision,
+        "mfu_peak_gflops": box[f"peak_{precision}_gflops"],
+        "peak_bf16_gflops": box["peak_bf16_gflops"],
+        "peak_fp32_gflops": box["peak_fp32_gflops"],
+        "machine": box,
         "sizes": sizes_out,
-        "targets": {**TARGETS, "met": met},
+        "targets": {"machine_kind": kind, **targets, "met": met},
         "allocator": "tcmalloc" if allocators == {"tcmalloc"} else "glibc" if allocators == {"glibc"} else "mixed",
         "threads": sorted(threads),
         "contended": any(r["foreign_cpu"] > CONTENDED for s in runs.values() for c in s.values() for r in c)
-        or peak["foreign_cpu"] > CONTENDED,
+        or box["foreign_cpu"] > CONTENDED,
         "runs_repeated_for_contention": repeated,
         "batch": [BATCH, CONTEXT],
         "rounds": rounds,

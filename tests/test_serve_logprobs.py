@@ -65,7 +65,7 @@ def events(server, path: str, body: dict) -> list[dict]:
 def test_prompt_scored_in_pieces_equals_one_forward(preset, gpt2_dir, tmp_path, monkeypatch):
     """A prompt longer than the scoring piece (7 tokens here) prefilled in pieces, next to another request: every
     prompt token's log-probability and its top 3 as one full forward of the model gives them."""
-    monkeypatch.setattr(engine_module, "SCORED_CHUNK", 7)
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 7)
     directory = gpt2_dir if preset == "gpt2-tiny" else tiny_checkpoint(tmp_path / preset, preset)
     engine = Engine.load(directory, precision="fp32", device="cpu", threads=1, max_batch=2)
     ids = engine.encode("Randomized controlled trials of statins in elderly patients show fewer events")

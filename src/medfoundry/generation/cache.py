@@ -22,14 +22,18 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 class SlotCache(Cache):
     """Key/value buffers of shape ``(slots, heads, max_len, head_dim)`` per layer, allocated on first use
-    (the head count and size come from the first keys the model writes, so any attention layout fits)."""
+    (the head count and size come from the first keys the model writes, so any attention layout fits).
 
-    def __init__(self, num_layers: int, slots: int, max_len: int):
-        self.slots, self.max_len = slots, max_len
-        self.rows = slice(0, 0)
-        self.row_index: torch.Tensor | None = None  # decode: the rows, as a tensor for index_put
-        self.write_pos: torch.Tensor | None = None  # decode: each row's column; None in a prefill
-        self.kv_len = 0
+    ``spare`` adds a row and a column no request uses, for a compiled step with dynamic sizes: slicing a buffer
+    up to its very end (all the rows, or all the columns) makes the compiler treat that size as a constant, and
+    compile a second graph for it."""
+
+    def __init__(self, num_layers: int, slots: int, max_len: int, *, spare: bool = False):
+        self.slots, self.max_len, self.spare = slots, max_len, int(spare)
+        self.rows = slice(0, 0)  # prefill: the rows written
+        self.write_pos: torch.Tensor | None = None  # decode: each row's column (rows 0 .. len-1); None in a prefill
+        self.decode_mask: torch.Tensor | None = None  # decode: (rows, kv_len), its width is the columns attended
+        self.prefill_len = 0
         self.q_len = 0
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
@@ -37,17 +41,21 @@ class SlotCache(Cache):
         """The next forward writes the tokens of columns ``start .. end-1`` into rows ``first_row ..``, attending
         over columns ``0 .. end-1`` (a prompt prefilled in pieces: the earlier pieces are in the cache)."""
         self.rows = slice(first_row, first_row + count)
-        self.row_index, self.write_pos = None, None
-        self.kv_len, self.q_len = end, end - start
+        self.write_pos, self.decode_mask = None, None
+        self.prefill_len, self.q_len = end, end - start
 
-    def bind_decode(self, positions: torch.Tensor, kv_len: int) -> None:
-        """The next forward writes one token per row ``0 .. len(positions)-1``, at that row's position,
-        and attends over the first ``kv_len`` columns (the longest row's length)."""
-        count = positions.shape[0]
-        self.rows = slice(0, count)
-        self.row_index = torch.arange(count, device=positions.device)
-        self.write_pos = positions
-        self.kv_len, self.q_len = kv_len, 1
+    def bind_decode(self, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        """The next forward writes one token per row ``0 .. len(positions)-1``, at that row's position, and
+        attends over the first ``mask.shape[1]`` columns (the longest row's length). Every size is read from a
+        tensor's shape, none kept as an int: a compiled decode step traces them as sizes (the column count
+        marked dynamic), where an int attribute (or a slice) would be a constant of the graph."""
+        self.write_pos, self.decode_mask = positions, mask
+        self.q_len = 1
+
+    @property
+    def kv_len(self) -> int:
+        """Columns the next forward attends over."""
+        return self.prefill_len if self.decode_mask is None else self.decode_mask.shape[1]
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` columns of row ``src`` into row ``dst`` (to keep the rows in use contiguous)."""
@@ -83,9 +91,14 @@ class SlotLayer(CacheLayerMixin):
         self.owner = owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        shape = (self.owner.slots, key_states.shape[1], self.owner.max_len)
+        owner = self.owner
+        shape = (owner.slots + owner.spare, key_states.shape[1], owner.max_len + owner.spare)
         self.keys = torch.zeros(*shape, key_states.shape[-1], dtype=key_states.dtype, device=key_states.device)
         self.values = torch.zeros(*shape, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device)
+        # the buffers keep their address for the engine's life: a compiled decode step (CUDA graphs included) may
+        # then update them in place as it would a module's buffers, as transformers' StaticCache marks its own
+        torch._dynamo.mark_static_address(self.keys)
+        torch._dynamo.mark_static_address(self.values)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -96,10 +109,12 @@ class SlotLayer(CacheLayerMixin):
             start = owner.kv_len - owner.q_len
             self.keys[owner.rows, :, start : owner.kv_len] = key_states
             self.values[owner.rows, :, start : owner.kv_len] = value_states
-        else:
-            self.keys[owner.row_index, :, owner.write_pos] = key_states[:, :, 0]
-            self.values[owner.row_index, :, owner.write_pos] = value_states[:, :, 0]
-        return self.keys[owner.rows, :, : owner.kv_len], self.values[owner.rows, :, : owner.kv_len]
+            return self.keys[owner.rows, :, : owner.kv_len], self.values[owner.rows, :, : owner.kv_len]
+        count, columns = owner.write_pos.shape[0], owner.kv_len
+        rows = torch.arange(count, device=owner.write_pos.device)
+        self.keys[rows, :, owner.write_pos] = key_states[:, :, 0]
+        self.values[rows, :, owner.write_pos] = value_states[:, :, 0]
+        return self.keys[:count, :, :columns], self.values[:count, :, :columns]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.kv_len, 0

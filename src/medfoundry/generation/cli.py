@@ -68,6 +68,7 @@ def add_engine_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--max-batch", type=int, default=8, help="requests generated together (default 8)")
     command.add_argument("--max-seq-len", type=int, help=fields["max_seq_len"].description)
     command.add_argument("--chat-template", metavar="FILE", help=fields["chat_template"].description)
+    command.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help=fields["compile"].description)
     add_allow_pickle(command, "the model")
 
 

@@ -68,6 +68,9 @@ class EngineConfig(StrictModel):
         None, ge=2, description="prompt + generated tokens per request (default: the model's context, at most 2048)"
     )
     chat_template: str | None = Field(None, description="Jinja chat template file (default: the tokenizer's)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="compile the decode step with torch.compile (auto: on a CUDA GPU with Triton)"
+    )
     allow_pickle: bool = Field(
         False, description="allow pickled weights (pytorch_model.bin), loaded with torch.load(weights_only=True)"
     )
@@ -84,6 +87,7 @@ class EngineConfig(StrictModel):
             max_batch=self.max_batch,
             max_seq_len=self.max_seq_len,
             allow_pickle=self.allow_pickle,
+            compile=self.compile,
         )
 
     def template(self) -> str | None:

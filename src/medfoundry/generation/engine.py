@@ -3,14 +3,17 @@
 Requests wait in a queue; at every step boundary the engine admits as many as there are free slots
 (one batched prefill, prompts right-padded, logits computed only at each prompt's last position), then
 runs one decode step for every running request (one token each, at its own position, see
-:mod:`medfoundry.generation.cache`). A request that finishes leaves at once and its slot goes to the next
-one waiting. Each step returns, per request, the new text (whole characters, stop sequences cut out),
+:mod:`medfoundry.generation.cache`). A prompt longer than :data:`PREFILL_CHUNK` tokens is prefilled in pieces of
+that many, one piece per step, written into its row after the earlier ones: the running requests decode a token at
+every one of those steps instead of waiting for the whole prompt. The decode step may be compiled
+(:mod:`medfoundry.generation.compiled`); prefill is not. A request that finishes leaves at once and its slot goes
+to the next one waiting. Each step returns, per request, the new text (whole characters, stop sequences cut out),
 the new token and, at the end, why it finished, so callers can stream.
 
 A request may ask for log-probabilities (:mod:`medfoundry.generation.logprobs`): of each generated token, read
 back with the step's tokens in one transfer, and of its prompt (to score it, as ``echo`` does). A prompt to
-score is prefilled alone, in pieces of :data:`SCORED_CHUNK` tokens written into its row of the cache one after
-the other, so that only one piece's logits (piece x vocabulary) exist at a time, whatever the prompt's length.
+score is prefilled in pieces whatever its length, so that only one piece's logits (piece x vocabulary) exist at a
+time; its scores are read back in one transfer after the last piece.
 
 Where the speed over ``model.generate`` comes from: no generation-mixin machinery per step (logits
 processors, stopping criteria, input preparation), a cache written in place instead of grown by
@@ -39,14 +42,21 @@ import torch
 
 from medfoundry.errors import ConfigError
 from medfoundry.generation.cache import SlotCache
+from medfoundry.generation.compiled import (
+    batch_bucket,
+    compile_decode,
+    kv_bucket,
+    mark_dynamic_sizes,
+    should_compile,
+)
 from medfoundry.generation.config import SamplingConfig
 from medfoundry.generation.logprobs import LogprobOptions, TokenLogprob, pack, unpack
 from medfoundry.generation.sampling import TokenSampler, choose, sample
 from medfoundry.generation.text import Detokenizer, StopMatcher
 
 DEFAULT_MAX_SEQ_LEN = 2048  # per-slot cache length unless asked otherwise (SmolLM2's 8,192 would cost 4x the memory)
-PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens per prefill: a long prompt joining is not held back, many are split
-SCORED_CHUNK = 512  # prompt tokens per forward when the prompt's log-probabilities are asked: (512, vocab) logits
+PREFILL_TOKEN_BUDGET = 4096  # padded prompt tokens per batched prefill of short prompts: many are split over steps
+PREFILL_CHUNK = 512  # prompt tokens per piece of a long (or scored) prompt, one piece per step: (512, vocab) logits
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
 
 
@@ -92,6 +102,12 @@ class Request:
     finish_reason: str | None = None
     cancelled: str | None = None  # the finish reason it ends with at the next step ("abort", "timeout"...)
     arrived: float = field(default_factory=time.monotonic)
+    prompt_scores: list[torch.Tensor] = field(default_factory=list)  # packed log-probabilities of the pieces so far
+
+    @property
+    def prefilling(self) -> bool:
+        """Holding a row while its prompt is prefilled piece by piece (``pos``: the prompt tokens in the cache)."""
+        return self.row >= 0 and self.pos < len(self.prompt_ids)
 
 
 class Engine:
@@ -111,6 +127,7 @@ class Engine:
         max_seq_len: int | None = None,
         name: str = "model",
         precision: str = "fp32",
+        compile: str = "auto",
     ):
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch}: must be at least 1")
@@ -125,10 +142,14 @@ class Engine:
             )
         self.max_seq_len = max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN)
         self.max_batch = max_batch
-        self.cache = SlotCache(config.num_hidden_layers, max_batch, self.max_seq_len)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.device = next(model.parameters()).device
+        self.compiled = should_compile(compile, self.device)
+        self.cache = SlotCache(config.num_hidden_layers, max_batch, self.max_seq_len, spare=self.compiled)
+        self._decode_logits = (
+            compile_decode(self._decode_forward, self.device) if self.compiled else self._decode_forward
+        )
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # index = cache row
         self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)  # see longer_than
@@ -151,12 +172,14 @@ class Engine:
         max_seq_len: int | None = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
+        compile: str = "auto",
     ) -> Engine:
         """Load a Hugging Face checkpoint directory or a ``.gguf`` file. ``precision`` "auto" is bf16 where the
         hardware computes in bf16, else fp32. Weights come from safetensors; pickled ones (``pytorch_model.bin``)
         are refused unless ``allow_pickle``, and then load with ``torch.load(weights_only=True)``; a checkpoint
         asking for its own code is refused unless ``trust_remote_code`` (see
-        :func:`medfoundry.model.load.weights_policy`)."""
+        :func:`medfoundry.model.load.weights_policy`). ``compile``: see
+        :func:`medfoundry.generation.compiled.should_compile`."""
         from medfoundry.model.load import load_model
 
         loaded = load_model(
@@ -176,6 +199,7 @@ class Engine:
             max_seq_len=max_seq_len,
             name=loaded.name,
             precision=loaded.precision,
+            compile=compile,
         )
 
     # ---- requests, from any thread
@@ -279,13 +303,17 @@ class Engine:
     # ---- stepping, from one thread
 
     def step(self) -> list[Output]:
-        """Admit waiting requests into free slots (prefill), then decode one token for every running one."""
+        """Admit waiting requests into free slots (prefill; a long prompt's first piece), prefill the next piece of
+        the oldest long prompt, then decode one token for every running request whose prompt is in the cache."""
         with torch.inference_mode():
             outputs = self._reap_cancelled()
             joiners = self._admit()
             if joiners:
                 outputs += self._prefill(joiners)
-            if self.running:
+            pieces = [r for r in self.running if r.prefilling]
+            if pieces:
+                outputs += self._prefill_piece(min(pieces, key=lambda r: r.arrived))
+            if any(not r.prefilling for r in self.running):
                 outputs += self._decode()
         return outputs
 
@@ -336,25 +364,29 @@ class Engine:
         return outputs
 
     def _admit(self) -> list[Request]:
-        """Waiting requests that fit in the free slots and the prefill budget (always at least one)."""
+        """Waiting requests that fit in the free slots and whose short prompts fit the prefill budget together
+        (always at least one); a long prompt, prefilled in pieces, takes a slot only."""
         joiners: list[Request] = []
-        longest = 0
+        longest = batched = 0
         with self._lock:
             while self.waiting and len(self.running) + len(joiners) < self.max_batch:
-                size = max(longest, len(self.waiting[0].prompt_ids))
-                if joiners and size * (len(joiners) + 1) > PREFILL_TOKEN_BUDGET:
-                    break
-                longest = size
+                if not _in_pieces(self.waiting[0]):
+                    size = max(longest, len(self.waiting[0].prompt_ids))
+                    if batched and size * (batched + 1) > PREFILL_TOKEN_BUDGET:
+                        break
+                    longest, batched = size, batched + 1
                 joiners.append(self.waiting.popleft())
         return joiners
 
     def _prefill(self, joiners: list[Request]) -> list[Output]:
-        """One batched prefill for the joiners, but those whose prompt is scored, each prefilled alone."""
-        plain = [r for r in joiners if r.logprobs.prompt is None]
-        outputs = self._prefill_batch(plain) if plain else []
+        """One batched prefill for the joiners' short prompts; the others take their rows for
+        :meth:`_prefill_piece`."""
+        short = [r for r in joiners if not _in_pieces(r)]
+        outputs = self._prefill_batch(short) if short else []
         for request in joiners:
-            if request.logprobs.prompt is not None:
-                outputs += self._prefill_scored(request)
+            if _in_pieces(request):
+                request.row, request.pos = len(self.running), 0
+                self.running.append(request)
         return outputs
 
     def _prefill_batch(self, joiners: list[Request]) -> list[Output]:
@@ -372,40 +404,63 @@ class Engine:
         logits = self._forward(ids, mask, positions, keep=(lengths - 1)[:, None])
         return self._advance(joiners, logits[:, -1])
 
-    def _prefill_scored(self, request: Request) -> list[Output]:
-        """Prefill one prompt in pieces of :data:`SCORED_CHUNK` tokens, keeping the log-probability of each
-        prompt token (and the ``k`` likeliest at its position): the logits of a piece at a time, never of the
-        whole prompt. The scores come back in one transfer; the last position's logits choose the first token."""
+    def _prefill_piece(self, request: Request) -> list[Output]:
+        """Prefill the next :data:`PREFILL_CHUNK` tokens of a long or scored prompt into its row, after the pieces
+        already there. A scored prompt keeps the log-probability of each prompt token (and the ``k`` likeliest at
+        its position), read back in one transfer after the last piece, whose last position chooses the first token."""
         prompt, k = request.prompt_ids, request.logprobs.prompt
-        ids = torch.tensor(prompt, device=self.device)
-        request.row, request.pos = len(self.running), len(prompt)
-        self.running.append(request)
-        scores = []
-        for start in range(0, len(prompt), SCORED_CHUNK):
-            end = min(start + SCORED_CHUNK, len(prompt))
-            self.cache.bind_prefill(request.row, 1, end, start)
-            mask = torch.ones(1, end, dtype=torch.bool, device=self.device)
-            logits = self._forward(ids[None, start:end], mask, torch.arange(start, end, device=self.device)[None], 0)
-            targets = ids[start + 1 : end + 1]  # what each position predicts: the next prompt token
+        start = request.pos
+        end = min(start + PREFILL_CHUNK, len(prompt))
+        ids = torch.tensor(prompt[start : end + 1], device=self.device)  # with the next token: the last one's target
+        self.cache.bind_prefill(request.row, 1, end, start)
+        mask = torch.ones(1, end, dtype=torch.bool, device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
+        logits = self._forward(ids[None, : end - start], mask, positions, keep=1 if k is None else 0)
+        request.pos = end
+        if k is not None:
+            targets = ids[1:]  # what each position predicts: the next prompt token
             logprobs = torch.log_softmax(logits[0, : len(targets)].float(), dim=-1)
-            scores.append(pack(logprobs, targets, k))
-        rows = torch.cat(scores).tolist()
-        scored = [TokenLogprob(prompt[0], None)] + [unpack(row, t, k) for row, t in zip(rows, prompt[1:])]
+            request.prompt_scores.append(pack(logprobs, targets, k))
+        if end < len(prompt):
+            return []
         outputs = self._advance([request], logits[:, -1])
-        outputs[0].prompt_logprobs = scored
+        if k is not None:
+            rows, request.prompt_scores = torch.cat(request.prompt_scores).tolist(), []
+            scored = [unpack(row, token, k) for row, token in zip(rows, prompt[1:])]
+            outputs[0].prompt_logprobs = [TokenLogprob(prompt[0], None), *scored]
         return outputs
 
     def _decode(self) -> list[Output]:
+        """One token for every running request whose prompt is in the cache. The rows of prompts still prefilled
+        in pieces come along idle: each writes at its next column, which its next piece overwrites. Compiled, the
+        batch is padded to its bucket (free rows, each fed token 0 at column 0, which no request reads): see
+        :mod:`medfoundry.generation.compiled`."""
         rows = list(self.running)
-        kv_len = max(r.pos for r in rows) + 1
-        fed = torch.tensor([[r.pos for r in rows], [r.last for r in rows]], device=self.device)  # one copy
+        ready = [r for r in rows if not r.prefilling]
+        columns, pad = max(r.pos for r in rows) + 1, 0
+        if self.compiled:
+            columns = kv_bucket(columns, self.max_seq_len, self.device)
+            pad = batch_bucket(len(rows), self.max_batch, self.device) - len(rows)
+        fed = torch.tensor(  # one copy
+            [[r.pos for r in rows] + [0] * pad, [r.last for r in rows] + [0] * pad], device=self.device
+        )
         positions, ids = fed[0], fed[1][:, None]
-        mask = torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None]
-        self.cache.bind_decode(positions, kv_len)
-        logits = self._forward(ids, mask, positions[:, None], keep=1)
-        for request in rows:
+        mask = torch.arange(columns, device=self.device)[None, :] <= positions[:, None]
+        if self.compiled:
+            mark_dynamic_sizes(ids, positions, mask)
+        logits = self._decode_logits(ids, positions, mask)
+        if len(ready) < len(rows):
+            logits = logits[torch.tensor([r.row for r in ready], device=self.device)]
+        for request in ready:
             request.pos += 1
-        return self._advance(rows, logits[:, -1])
+        return self._advance(ready, logits[: len(ready)])
+
+    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, vocab) of one decode step: ``ids`` (rows, 1) at ``positions`` (rows,), attending over the
+        columns ``mask`` (rows, kv_len) lets through. The cache is bound inside, so that a compiled step traces
+        the binding from its inputs' shapes."""
+        self.cache.bind_decode(positions, mask)
+        return self._forward(ids, mask, positions[:, None], keep=1)[:, -1]
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep) -> torch.Tensor:
         """The model's own forward on our cache (inputs on the model's device); logits (rows, kept, vocab) at the
@@ -499,6 +554,12 @@ class _LockedDetokenizer(Detokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self.engine.decode(ids)
+
+
+def _in_pieces(request: Request) -> bool:
+    """Whether the request's prompt is prefilled in pieces: a long one (it would hold the running requests back),
+    or one scored (only a piece's logits over the vocabulary exist at a time)."""
+    return len(request.prompt_ids) > PREFILL_CHUNK or request.logprobs.prompt is not None
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

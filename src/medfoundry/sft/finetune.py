@@ -56,7 +56,7 @@ class MaskedTokenLoss(NextTokenLoss):
                 hidden = model(**model_inputs(batch))[:, :-1].flatten(0, 1).index_select(0, index)
                 targets = batch["labels"][:, 1:].flatten().index_select(0, index)
                 return linear_cross_entropy(hidden, self.head.weight, targets), index.numel()
-            logits = model(**model_inputs(batch)).logits
+            logits = model(**model_inputs(batch), use_cache=False).logits  # training fills no KV cache
         return masked_token_loss(logits, batch["labels"]), index.numel()
 
 

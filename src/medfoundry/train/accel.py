@@ -7,11 +7,17 @@
   Python formula is five elementwise kernels forward and more backward).
 - :func:`fused_head` and :class:`HiddenStatesLM`: the model run without its output layer, which the
   fused loss of :mod:`medfoundry.train.losses` applies itself (``training.loss``).
+- :func:`compile_for` and :func:`compile_blocks`: ``torch.compile`` of each transformer block, in place
+  (``training.compile``), as torchtitan compiles per block: one graph, compiled once and reused by every
+  block, that fuses the elementwise work between the matmuls (norms, GELU, residual adds, dropout,
+  attention's softmax and masking) forward and backward.
 
 Measured timings behind these choices: docs/training-speed.md.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -120,4 +126,92 @@ class HiddenStatesLM(nn.Module):
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         hf_model = self.lm.get_base_model() if hasattr(self.lm, "peft_config") else self.lm
-        return hf_model.base_model(**inputs).last_hidden_state  # the decoder stack, final norm included
+        # no KV cache: training never reads it, and filling one is a graph break in every compiled block
+        return hf_model.base_model(use_cache=False, **inputs).last_hidden_state  # final norm included
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated decoder blocks of a transformers causal LM (GPT-2 ``h``, LLaMA ``layers``, BLOOM ``h``)."""
+    for name in ("layers", "h"):
+        for module in model.modules():
+            blocks = getattr(module, name, None)
+            if isinstance(blocks, nn.ModuleList) and len(blocks):
+                return list(blocks)
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+# training.compile: auto compiles only a run that lasts at least this long on the fastest device of its kind:
+# compiling the blocks takes about a minute whatever the model (docs/training-speed.md), which a shorter
+# run (a test, a smoke run) does not earn back
+COMPILE_MIN_RUN_SECONDS = 600
+# the fastest of each device kind (FLOP/s), so that a run's duration estimated from its FLOPs is a lower
+# bound: a CPU with AMX (bf16 matmuls at 1.97 TFLOP/s measured by train_bench), an H100 (989 TFLOP/s bf16)
+FASTEST_FLOPS = {"cpu": 2e12, "cuda": 1e15}
+
+
+def compile_min_run_flops(device: str) -> float:
+    """The model FLOPs of the shortest run ``training.compile: auto`` compiles on ``device``."""
+    return COMPILE_MIN_RUN_SECONDS * FASTEST_FLOPS["cuda" if device.startswith("cuda") else "cpu"]
+
+
+@cache
+def inductor_available(device_type: str) -> bool:
+    """Whether torch.compile's default backend can generate code for ``device_type``: a C++ compiler on the
+    CPU, Triton on a GPU."""
+    try:
+        if device_type == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+            return True
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    except Exception:  # no compiler found, or a torch without these private helpers: stay eager
+        return False
+
+
+def _missing_backend(device: str) -> str | None:
+    """None when torch.compile can generate code for ``device``, else what is missing."""
+    device_type = "cuda" if device.startswith("cuda") else device
+    if inductor_available(device_type):
+        return None
+    return "no C++ compiler (g++, or $CXX) for inductor" if device_type == "cpu" else f"no Triton for {device}"
+
+
+def compile_for(choice: str, device: str, *, lora: bool, run_flops: float) -> str:
+    """What ``training.compile`` stands for: ``blocks``, ``model`` or ``off``.
+
+    auto = blocks where it works and pays, else off: not without a code generator for the device, not
+    under LoRA (not measured there: peft's adapter layers sit inside the blocks; an explicit ``blocks``
+    compiles them, and gives eager's gradients on a tiny GPT-2), not for a run too short to win the
+    compile time back (:func:`compile_min_run_flops`). An explicit choice is kept (the training loop
+    checks it can run: :func:`check_compiler`; the planner resolves it for devices it does not have).
+    """
+    if choice != "auto":
+        return choice
+    if _missing_backend(device) or lora or run_flops < compile_min_run_flops(device):
+        return "off"
+    return "blocks"
+
+
+def check_compiler(compiled: str, device: str) -> None:
+    """A config error, before any step, when ``compiled`` (a resolved ``training.compile``) needs a code
+    generator ``device`` lacks: torch.compile would fail at the first step."""
+    missing = None if compiled == "off" else _missing_backend(device)
+    if missing:
+        raise ConfigError(f"training.compile: {compiled} needs torch.compile, but there is {missing}; use off")
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """Compile every transformer block in place (``nn.Module.compile``); returns how many.
+
+    The blocks stay where they are, with their parameters: the state dict, checkpoints, the export and
+    distributed wrapping see the same modules (FSDP2's ``fully_shard`` goes on the compiled blocks, as in
+    torchtitan). The blocks run the same code, so dynamo compiles one graph and reuses it for all of them;
+    it is compiled at the first step, forward and backward.
+    """
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile()
+    return len(blocks)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from medfoundry.config import StrictModel
 from medfoundry.train.optim import OptimConfig
@@ -50,7 +50,13 @@ class TrainingConfig(StrictModel):
         "auto", description="auto = bf16 autocast where the hardware has it"
     )
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: Literal["auto", "blocks", "model", "off"] = Field(
+        "auto",
+        description="torch.compile: blocks = each transformer block compiled in place (the model stays a plain "
+        "transformers model: same state dict, checkpoints and export), model = the whole wrapped model, "
+        "off = eager; auto = blocks where it pays and works (medfoundry.train.accel.compile_for). "
+        "true and false, the values of earlier releases, mean model and off",
+    )
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto",
         description="attention kernel: auto = eager on CPU below context 512, sdpa otherwise "
@@ -63,6 +69,14 @@ class TrainingConfig(StrictModel):
         "model allows it (GPT-2, LLaMA, BLOOM), plain otherwise",
     )
     max_consecutive_skips: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_bool(cls, value: object) -> object:
+        """``compile: true/false`` (a bool until this field had choices) keep their meaning: the whole model, eager."""
+        if isinstance(value, bool):
+            return "model" if value else "off"
+        return value
 
 
 class CheckpointConfig(StrictModel):

@@ -24,7 +24,7 @@ from torch import nn
 from medfoundry.errors import FolderBusy
 from medfoundry.io import folder_lock
 from medfoundry.model import export
-from medfoundry.train.accel import HiddenStatesLM
+from medfoundry.train.accel import HiddenStatesLM, transformer_blocks
 
 
 @dataclass(frozen=True)
@@ -59,16 +59,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     :class:`~medfoundry.train.accel.HiddenStatesLM` wrappers around it (FSDP2 wraps in place)."""
     model = export.unwrap(model)
     return model.lm if isinstance(model, HiddenStatesLM) else model
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated decoder blocks of a transformers causal LM (GPT-2 ``h``, LLaMA ``layers``, BLOOM ``h``)."""
-    for name in ("layers", "h"):
-        for module in model.modules():
-            blocks = getattr(module, name, None)
-            if isinstance(blocks, nn.ModuleList) and len(blocks):
-                return list(blocks)
-    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
 
 
 def shards_on_meta(strategy: str, d: Dist) -> bool:

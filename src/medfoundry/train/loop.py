@@ -10,8 +10,10 @@ Checkpointer`) carry everything the next step depends on (weights, optimizer, sc
 resumes bit-identically. What differs between pretraining and fine-tuning is a :class:`Job`.
 
 Speed (:mod:`medfoundry.train.accel`, :mod:`medfoundry.train.losses`): the attention kernel chosen for
-the device and context, a native GELU kernel, the output layer fused with the loss, fused AdamW, and
-one gradient-norm pass that serves both the finiteness check and clipping.
+the device and context, a native GELU kernel, the transformer blocks compiled in place where the run is
+long enough (``training.compile``), the output layer fused with the loss, fused AdamW, one gradient-norm
+pass that serves both the finiteness check and clipping, and one host sync per step (the loss and the
+norm, read together).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from medfoundry.runtime import configure, resolve_device_precision
 from medfoundry.tokenizer.reader import WindowReader
 from medfoundry.tokenizer.shards import TokenShards
 from medfoundry.train import distributed
+from medfoundry.train.accel import check_compiler
 from medfoundry.train.checkpoint import Checkpointer
 from medfoundry.train.config import PretrainConfig, RunConfig
 from medfoundry.train.losses import NextTokenLoss
@@ -263,7 +266,7 @@ class _Run:
     """What the steps of a run share."""
 
     job: Job
-    trained: nn.Module  # the job's model, compiled when asked
+    trained: nn.Module  # the job's model, or torch.compile of it (training.compile: model)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     checkpointer: Checkpointer
@@ -279,6 +282,8 @@ def train(job: Job, d: distributed.Dist, device: str) -> dict:
     ``training``, ``optim``, ``schedule``, ``checkpoint``, ``eval`` and ``log`` sections)."""
     cfg = job.cfg
     out = Path(cfg.output_dir)
+    compiled = job.info.get("kernels", {}).get("compile", "off")
+    check_compiler(compiled, device)
     memory = PhaseMemory(device)
     memory.close("init")  # the process so far: imports, the model built and sharded
     optimizer = build_optimizer(distributed.unwrap(job.model), cfg.optim)
@@ -308,7 +313,7 @@ def train(job: Job, d: distributed.Dist, device: str) -> dict:
     peak = device_peak(device, job.loss.precision)  # published for known accelerators, else measured
     run = _Run(
         job=job,
-        trained=torch.compile(job.model) if cfg.training.compile else job.model,
+        trained=torch.compile(job.model) if compiled == "model" else job.model,
         optimizer=optimizer,
         scheduler=scheduler,
         checkpointer=checkpointer,

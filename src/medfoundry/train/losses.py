@@ -97,16 +97,17 @@ def _logits_grad_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> to
 
     One softmax kernel (fp32 out whatever the input dtype: one exp per logit, where log-softmax then
     exp takes two; on CPU the exps are most of the cost) gives the probabilities; the loss of a token
-    is -log p(target), exact in fp32 while p(target) is a normal float. Tokens whose p(target) falls
-    below :data:`_TINY` (a loss above 69 nats: a diverging run) are recomputed with log-softmax. The
-    target entries are set from fp32 values, so ``p - 1`` near 1 loses nothing to a bf16 ``logits``."""
+    is -log p(target), exact in fp32 while p(target) is a normal float. A token whose p(target) falls
+    below :data:`_TINY` (a loss above 69 nats: a diverging run) takes instead ``z_max - z_target -
+    log p_max`` (``z``: its logits; p_max >= 1 / vocabulary never underflows): the same -log p(target),
+    exact, chosen per token on the device with no host sync. The target entries are set from fp32
+    values, so ``p - 1`` near 1 loses nothing to a bf16 ``logits``."""
     probs = torch.softmax(logits, dim=1, dtype=torch.float32)
     index = targets[:, None]
     picked = probs.gather(1, index)
-    losses = -picked.log()
-    tiny = picked[:, 0] < _TINY
-    if tiny.any():
-        losses[tiny] = -torch.log_softmax(logits[tiny], dim=1, dtype=torch.float32).gather(1, index[tiny])
+    top, top_index = logits.max(dim=1, keepdim=True)
+    far = (top.float() - logits.gather(1, index).float()) - probs.gather(1, top_index).log()
+    losses = torch.where(picked < _TINY, far, -picked.log())
     if grad:
         logits.copy_(probs.scatter_(1, index, picked - 1))
     return losses.sum()
@@ -142,7 +143,7 @@ class NextTokenLoss:
             if self.head is not None:
                 hidden = model(input_ids=inputs)
                 return linear_cross_entropy(hidden.flatten(0, 1), self.head.weight, targets.flatten()), targets.numel()
-            logits = model(input_ids=inputs).logits
+            logits = model(input_ids=inputs, use_cache=False).logits
         return plain_cross_entropy(logits, targets), targets.numel()
 
     def text_and_special(
@@ -161,6 +162,6 @@ class NextTokenLoss:
                     for i in parts
                 )
                 return text, other
-            logits = model(input_ids=inputs).logits.flatten(0, 1)
+            logits = model(input_ids=inputs, use_cache=False).logits.flatten(0, 1)
         text, other = (plain_cross_entropy(logits.index_select(0, i), targets.index_select(0, i)) for i in parts)
         return text, other

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from medfoundry.errors import ConfigError
-from medfoundry.train.accel import HiddenStatesLM, fused_head, native_gelu, set_attention
+from medfoundry.train.accel import HiddenStatesLM, compile_blocks, compile_for, fused_head, native_gelu, set_attention
 from medfoundry.train.config import PretrainConfig, TrainingConfig
 from medfoundry.train.lora import LoraSettings, add_adapters
 from medfoundry.train.materialize import meta_model
@@ -99,7 +99,7 @@ class TrainingModel:
     lm: nn.Module  # the causal LM (peft's under LoRA): its forward returns logits; checkpoints and the export see it
     model: nn.Module  # what the loss calls, to wrap for the distributed strategy: the LM or a HiddenStatesLM around it
     head: nn.Linear | None  # the output layer the fused loss applies; None: the plain loss on the logits
-    kernels: dict[str, str]  # for run.json: the attention kernel and the loss
+    kernels: dict[str, str]  # for run.json: the attention kernel, the loss and what torch.compile compiles
 
 
 def prepare_for_training(
@@ -115,8 +115,10 @@ def prepare_for_training(
     """Prepare a freshly built model for training: the attention kernel for ``device`` and ``context``, the
     native GELU, the output layer fused with the loss (``training.loss``), LoRA adapters (and trainable
     rows for the tokens of ``added_ids``) under ``lora``, the model moved to ``device`` (unless not
-    ``place``: the planner's meta model), and activation checkpointing. Distributed wrapping comes after
-    (:func:`medfoundry.train.distributed.wrap_model`, on ``.model``)."""
+    ``place``: the planner's meta model), activation checkpointing, and the transformer blocks compiled in
+    place (``training.compile``: blocks, or auto where it pays). Distributed wrapping comes after
+    (:func:`medfoundry.train.distributed.wrap_model`, on ``.model``); compiling the whole model (``model``)
+    is the training loop's, around that wrapper."""
     attention = set_attention(model, training.attention, device, context)
     native_gelu(model)
     head = fused_head(model, _loss_choice(training.loss, lora, added_ids))
@@ -128,12 +130,26 @@ def prepare_for_training(
         model.activation_checkpointing_enable()
         if lora is not None:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need input grads
+    compiled = compile_for(
+        training.compile, device, lora=lora is not None, run_flops=_run_flops(model, training, context)
+    )
+    if compiled == "blocks":
+        compile_blocks(model)
     return TrainingModel(
         lm=model,
         model=model if head is None else HiddenStatesLM(model),
         head=head,
-        kernels={"attention": attention, "loss": "plain" if head is None else "chunked"},
+        kernels={"attention": attention, "loss": "plain" if head is None else "chunked", "compile": compiled},
     )
+
+
+def _run_flops(model: nn.Module, training: TrainingConfig, context: int) -> float:
+    """Model FLOPs of the whole run, every sequence counted at full ``context``: what ``training.compile: auto``
+    weighs against the compile time. 0 for a fine-tune whose steps the planner has not resolved from epochs."""
+    from medfoundry.model.presets import flops_per_token
+
+    steps = training.steps or 0
+    return steps * training.global_batch_size * context * flops_per_token(model.config, context)
 
 
 def _loss_choice(choice: str, lora: LoraSettings | None, added_ids: Sequence[int]) -> str:
