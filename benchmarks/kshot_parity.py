@@ -117,11 +117,9 @@ def lm_eval_samples(out: Path) -> dict[int, dict]:
     return {row["doc_id"]: row for row in rows}
 
 
-def argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=values.__getitem__)  # the first of equal values, as numpy's argmax
-
-
 def compare(ours: dict[int, dict], theirs: dict[int, dict]) -> dict:
+    from medfoundry.eval.metrics import choice_predictions
+
     assert sorted(ours) == sorted(theirs), "the two runs scored different questions"
     same_context = same_acc = same_norm = 0
     worst, differing = 0.0, []
@@ -132,8 +130,8 @@ def compare(ours: dict[int, dict], theirs: dict[int, dict]) -> dict:
         other_ll = [float(r[0]) for r in other["filtered_resps"]]
         same_context += requests == [(mine["context"], c) for c in mine["continuations"]]
         worst = max(worst, max(abs(a - b) for a, b in zip(mine["loglik"], other_ll)))
-        # lm-eval's acc_norm divides by the length of the choice text (doc_to_choice, no delimiter)
-        pred = {"acc": argmax(other_ll), "acc_norm": argmax([ll / len(c) for ll, c in zip(other_ll, CHOICES)])}
+        predicted = choice_predictions(other_ll, CHOICES)  # lm-eval's acc / acc_norm rules, as medfoundry's
+        pred = {metric: predicted[metric] for metric in ("acc", "acc_norm")}
         same_acc += pred["acc"] == mine["prediction"]["acc"]
         same_norm += pred["acc_norm"] == mine["prediction"]["acc_norm"]
         if pred != {k: mine["prediction"][k] for k in pred}:

@@ -202,11 +202,16 @@ def record(env: dict | None = None, quick: bool = True, overrides: dict | None =
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     argv = [sys.executable, __file__, "--child", json.dumps(overrides or {})] + (["--quick"] if quick else [])
-    proc, _, foreign = run_timed(argv, env, CHILD_TIMEOUT_S)
+    return child_result(argv, env, "machine measurement")
+
+
+def child_result(argv: list[str], env: dict, what: str, timeout: float = CHILD_TIMEOUT_S) -> dict:
+    """The JSON last line of a benchmark child, with the share of the CPU other processes used meanwhile."""
+    proc, _, foreign = run_timed(argv, env, timeout)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"machine measurement failed (exit {proc.returncode})")
+        raise SystemExit(f"{what} failed (exit {proc.returncode})")
     return {**json.loads(lines[-1]), "foreign_cpu": foreign}
 
 

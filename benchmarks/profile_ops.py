@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import machine
-from timed_child import run_timed
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 3600
@@ -198,12 +197,8 @@ def child_main(spec: dict) -> None:
 
 
 def run_child(spec: dict, env: dict) -> dict:
-    proc, _, foreign = run_timed([sys.executable, __file__, "--child", json.dumps(spec)], env, CHILD_TIMEOUT_S)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"child {spec['kind']} failed (exit {proc.returncode})")
-    return {**json.loads(lines[-1]), "foreign_cpu": foreign}
+    argv = [sys.executable, __file__, "--child", json.dumps(spec)]
+    return machine.child_result(argv, env, f"child {spec['kind']}", CHILD_TIMEOUT_S)
 
 
 # -- parent ------------------------------------------------------------------------------------------
