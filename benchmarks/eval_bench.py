@@ -75,22 +75,16 @@ import time
 from pathlib import Path
 
 import machine
+from medfoundry.eval.tasks import BUILTIN_DIR, TaskRegistry
 from timed_child import run_timed
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 CACHE = Path("/tmp/medfoundry_eval_bench")
 QUICKSTART_GPT2 = REPO / "runs" / "quickstart" / "pretrain" / "model"
-MMLU_SUBJECTS = (
-    "anatomy",
-    "clinical_knowledge",
-    "college_biology",
-    "college_medicine",
-    "medical_genetics",
-    "professional_medicine",
-)  # MMLU-medical
+MMLU_MEDICAL = tuple(TaskRegistry([BUILTIN_DIR]).get("mmlu_medical").tasks)  # the group medfoundry eval reports
 ZERO_SHOT = ("medqa_4options", "pubmedqa")
-TASKS = ZERO_SHOT + tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS)
+TASKS = ZERO_SHOT + MMLU_MEDICAL
 QUICK_TASKS = ZERO_SHOT + ("mmlu_clinical_knowledge",)
 MMLU_SHOTS = 5
 QUICK_QUESTIONS = 100
@@ -211,7 +205,7 @@ def write_lm_eval_tasks(directory: Path, docs: dict[str, dict]) -> None:
     includes = {
         "medqa_4options": tasks_dir / "medqa" / "medqa.yaml",
         "pubmedqa": tasks_dir / "pubmedqa" / "pubmedqa.yaml",
-        **{f"mmlu_{s}": tasks_dir / "mmlu" / "default" / f"mmlu_{s}.yaml" for s in MMLU_SUBJECTS},
+        **{task: tasks_dir / "mmlu" / "default" / f"{task}.yaml" for task in MMLU_MEDICAL},
     }
     for task, splits in docs.items():
         files = {}

@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = Path(os.environ.get("MEDFOUNDRY_BENCHMARKS", ROOT.parent / "shared" / "data" / "benchmarks"))
 CHOICES = ("yes", "no", "maybe")
@@ -50,32 +48,11 @@ def smollm2_hf(work: Path) -> Path:
 
 def write_lm_eval_task(directory: Path) -> None:
     """``ours_pubmedqa``: lm-eval's pubmedqa task over the local test set and fold 0's train set."""
-    import lm_eval.tasks
-
-    from medfoundry.eval.data import load_split
+    from medfoundry.eval.lm_eval_tasks import pubmedqa_splits, write_local_task
     from medfoundry.eval.tasks import BUILTIN_DIR, TaskRegistry
 
     pubmedqa = TaskRegistry([BUILTIN_DIR]).get("pubmedqa")
-    files = {}
-    for split in ("test", "train"):
-        records = [
-            {k: d.fields[k] for k in ("QUESTION", "CONTEXTS", "final_decision")}
-            for d in load_split(pubmedqa, split, BENCHMARKS)
-        ]
-        files[split] = str(directory / f"pubmedqa_{split}.jsonl")
-        Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    spec = {
-        "include": str(Path(lm_eval.tasks.__file__).parent / "pubmedqa" / "pubmedqa.yaml"),
-        "task": "ours_pubmedqa",
-        "tag": None,
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": files, "cache_dir": str(directory / "cache")},
-        "training_split": "train",  # lm-eval's fewshot_docs(): the training split when there is one
-        "validation_split": None,
-        "test_split": "test",
-    }
-    (directory / "ours_pubmedqa.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    write_local_task(directory, "pubmedqa", "pubmedqa/pubmedqa.yaml", pubmedqa_splits(pubmedqa, BENCHMARKS))
 
 
 def timed(command: list[str], log: Path) -> float:

@@ -26,8 +26,10 @@ fused AdamW (``optim=adamw_torch_fused``, the JSON says which), medfoundry's is 
 (``training.attention``/``loss: auto``: eager attention at context 256 on CPU, the output layer fused
 with the loss; the native GELU kernel; the JSON lists the kernels its run.json records). All read the
 same windows in the same order (medfoundry's WindowReader, seed 0) and start from the same seeded
-initialization. medfoundry runs with its config's default ``training.compile`` (``--medfoundry-compile MODE``
-forces one; the JSON's medfoundry_kernels says which ran); ``--compile [MODE]`` adds a fourth contender,
+initialization. medfoundry runs with what ``training.compile: auto`` gives a run long enough to earn its
+compile back (compiled blocks where inductor has a compiler; the benchmark's few steps would otherwise stay
+eager, which no real run does); ``--medfoundry-compile MODE`` forces one, and the JSON's medfoundry_kernels
+says which ran. ``--compile [MODE]`` adds a fourth contender,
 medfoundry with ``training.compile: MODE`` (default ``model``). Compilation falls in the untimed warmup steps.
 
 Other processes on the machine distort every timing (two busy cores make OpenMP steps several times
@@ -392,6 +394,13 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def long_run_compile() -> str:
+    """What ``training.compile: auto`` resolves to on this CPU for a run long enough to compile."""
+    from medfoundry.train.accel import compile_for
+
+    return compile_for("auto", "cpu", lora=False, run_flops=float("inf"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds: < 5 minutes in all")
@@ -415,7 +424,7 @@ def main() -> None:
     parser.add_argument(
         "--medfoundry-compile",
         metavar="MODE",
-        help="training.compile of the medfoundry contender (default: the config's default)",
+        help="training.compile of the medfoundry contender (default: what auto gives a long run on this CPU)",
     )
     parser.add_argument(
         "--precision",
@@ -440,6 +449,7 @@ def main() -> None:
     tcmalloc = None if args.glibc else find_tcmalloc()
     env = child_env(tcmalloc)
     contenders = CONTENDERS + ((COMPILED,) if args.compile else ())
+    medfoundry_compile = args.medfoundry_compile or long_run_compile()
     print(
         f"train_bench ({mode}): sizes {', '.join(args.sizes)}, {rounds} rounds, contenders {', '.join(contenders)}, "
         f"allocator {'tcmalloc' if tcmalloc else 'glibc'}, {env['OMP_NUM_THREADS']} threads, {precision}",
@@ -474,7 +484,7 @@ def main() -> None:
                         "data": data["dir"],
                         "out": str(out),
                         "precision": precision,
-                        "compile": args.compile if contender == COMPILED else args.medfoundry_compile,
+                        "compile": args.compile if contender == COMPILED else medfoundry_compile,
                     }
                     for attempt in range(args.retries + 1):
                         started = time.perf_counter()

@@ -102,15 +102,16 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_hf(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct converted once per test session from its GGUF into a float32 Hugging Face checkpoint
-    (about 540 MB; removed at the end of the session). Tests must not modify it."""
-    import shutil
+    """SmolLM2-135M-Instruct converted once per test run from its GGUF into a float32 Hugging Face checkpoint
+    (about 540 MB), through medfoundry's own GGUF cache in the run's temporary folder: the two pytest-xdist
+    workers share it (one converts under the cache's lock, the other waits and reads it). Tests must not
+    modify it."""
+    from medfoundry.model.load import gguf_checkpoint
 
-    from medfoundry.model.convert import convert_gguf
-
-    out = convert_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2-hf") / "SmolLM2-135M-Instruct")
-    yield out
-    shutil.rmtree(out, ignore_errors=True)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    return gguf_checkpoint(smollm2_gguf(), root / "medfoundry-cache")
 
 
 @pytest.fixture(scope="module")

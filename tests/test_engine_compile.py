@@ -111,6 +111,45 @@ def test_long_prompt_prefilled_in_pieces_while_another_decodes(mode, compiled, e
     assert [running.output_ids, joining.output_ids] == expected(eager, [short, long], [20, 6])
 
 
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_prefilling_rows_sit_out_the_decode(mode, compiled, eager, monkeypatch):
+    """The rows of a prompt prefilled in pieces come after the decoding rows whatever joins or leaves (a short
+    prompt joining moves it down, a finished request's row is refilled and it moves up), and only the decoding
+    rows are fed to a decode step (eager; compiled, padded to the largest bucket as on a GPU, its padding rows
+    include it and leave its cache intact); every request gets ``generate``'s tokens."""
+    engine = compiled if mode == "compiled" else eager
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 6)
+    if mode == "compiled":
+        monkeypatch.setattr(engine_module, "batch_bucket", lambda rows, max_batch, device: max_batch)
+    fed = []  # (rows fed, rows decoding, rows running) at each decode step
+    decode = engine._decode_logits
+
+    def spy(ids, *args):
+        fed.append((ids.shape[0], engine._ready_rows(), len(engine.running)))
+        return decode(ids, *args)
+
+    monkeypatch.setattr(engine, "_decode_logits", spy)
+    prompts = [engine.encode(PROMPTS[0]), engine.encode(LONG), engine.encode(PROMPTS[3])]
+    budgets = [6, 6, 9]  # the first finishes while the long prompt is prefilled (steps 2 to 6)
+    first = engine.add_request(prompts[0], greedy(budgets[0]))
+    engine.step()
+    long = engine.add_request(prompts[1], greedy(budgets[1]))
+    engine.step()
+    requests = [first, long, engine.add_request(prompts[2], greedy(budgets[2]))]
+    moved = set()
+    while engine.has_work:
+        engine.step()
+        rows = [r.row for r in engine.running]
+        assert rows == list(range(len(rows)))
+        prefilling = [r.prefilling for r in engine.running]
+        assert prefilling == sorted(prefilling), "a prefilling row before a decoding row"
+        moved.add(long.row)
+    assert {1, 2} <= moved  # it moved down for the joiner, and up when the first request finished
+    assert any(ready < running for _, ready, running in fed)  # decode steps ran while the long prompt was prefilled
+    assert all(rows == (ready if mode == "eager" else 3) for rows, ready, _ in fed)
+    assert [r.output_ids for r in requests] == expected(eager, prompts, budgets)
+
+
 def test_compile_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not compiled_module.should_compile("off", cuda)

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import SHARED_DATA, shared
 from medfoundry.config import validate
@@ -26,6 +24,7 @@ from medfoundry.eval.config import EvalConfig
 from medfoundry.eval.data import load_split
 from medfoundry.eval.fewshot import lm_eval_sample
 from medfoundry.eval.fields import Doc
+from medfoundry.eval.lm_eval_tasks import pubmedqa_splits, write_local_task
 from medfoundry.eval.loglik import LoglikRequest, score_requests
 from medfoundry.eval.run import prepare
 from medfoundry.eval.tasks import BUILTIN_DIR, TaskRegistry, deep_merge, parse_entry, read_task_file
@@ -88,42 +87,15 @@ def prepared(registry, name: str, shots: int, medqa_records=None, **fields):
 def lm_eval_tasks(registry, medqa_records, tmp_path_factory) -> dict:
     """lm-eval's own pubmedqa and medqa_4options task objects over the local documents."""
     pytest.importorskip("lm_eval")
-    from lm_eval import tasks as lm_tasks
     from lm_eval.tasks import TaskManager
 
     root = tmp_path_factory.mktemp("lm_eval_fewshot")
-    pubmedqa = registry.get("pubmedqa")
-    splits = {
-        "pubmedqa": {
-            split: [
-                {k: d.fields[k] for k in ("QUESTION", "CONTEXTS", "final_decision")}
-                for d in load_split(pubmedqa, split, BENCHMARKS)
-            ]
-            for split in ("test", "train")
-        },
-        "medqa_4options": medqa_records,
-    }
-    base = Path(lm_tasks.__file__).parent
-    for name, source in (("pubmedqa", "pubmedqa/pubmedqa.yaml"), ("medqa_4options", "medqa/medqa.yaml")):
-        files = {}
-        for split, records in splits[name].items():
-            files[split] = str(root / f"{name}_{split}.jsonl")
-            Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in records))
-        spec = {
-            "include": str(base / source),
-            "task": f"ours_{name}",
-            "tag": None,
-            "dataset_path": "json",
-            "dataset_name": None,
-            "dataset_kwargs": {"data_files": files, "cache_dir": str(root / "cache")},
-            "training_split": "train",  # lm-eval's fewshot_docs(): the training split when there is one
-            "validation_split": None,
-            "test_split": "test",
-        }
-        (root / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    write_local_task(root, "pubmedqa", "pubmedqa/pubmedqa.yaml", pubmedqa_splits(registry.get("pubmedqa"), BENCHMARKS))
+    write_local_task(root, "medqa_4options", "medqa/medqa.yaml", medqa_records)
+    names = ("pubmedqa", "medqa_4options")
     manager = TaskManager(include_path=str(root), include_defaults=False)
-    loaded = manager.load([f"ours_{n}" for n in splits])["tasks"]
-    return {name: loaded[f"ours_{name}"] for name in splits}
+    loaded = manager.load([f"ours_{n}" for n in names])["tasks"]
+    return {name: loaded[f"ours_{name}"] for name in names}
 
 
 def lm_eval_requests(task, shots: int, seed: int = 1234, limit: int = LIMIT) -> list[list[tuple[str, str]]]:

@@ -1,6 +1,6 @@
 """``training.compile``: the transformer blocks compiled in place (the model stays a plain transformers model, its
 state dict unchanged), losses within rounding of eager, exact resume with compiled blocks, what ``auto`` resolves
-to, and the bool values of earlier releases. Compiling costs tens of seconds: the end-to-end runs share one
+to, and the values it refuses. Compiling costs tens of seconds: the end-to-end runs share one
 compiled graph (dynamo reuses it across blocks and models of the same code in this process)."""
 
 from __future__ import annotations
@@ -30,12 +30,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LOSS_RTOL = 1e-5
 
 
-@pytest.mark.parametrize(("value", "meant"), [(True, "model"), (False, "off"), ("blocks", "blocks"), ("auto", "auto")])
-def test_released_bool_values_keep_their_meaning(value, meant):
-    assert TrainingConfig(steps=1, compile=value).compile == meant
+@pytest.mark.parametrize("value", ["auto", "blocks", "model", "off"])
+def test_compile_takes_its_choices(value):
+    assert TrainingConfig(steps=1, compile=value).compile == value
     assert TrainingConfig(steps=1).compile == "auto"
-    with pytest.raises(ValueError):
-        TrainingConfig(steps=1, compile="yes please")
+
+
+@pytest.mark.parametrize("value", [True, False, "yes please"])
+def test_compile_refuses_anything_else_naming_the_field(value):
+    with pytest.raises(ConfigError, match=r"training\.compile.*(auto|blocks)"):
+        validate(PretrainConfig, {"output_dir": "x", "model": {"preset": "gpt2-tiny"}, "training": {"compile": value}})
 
 
 def test_auto_compiles_the_blocks_of_long_runs_where_a_compiler_exists(monkeypatch):

@@ -310,10 +310,10 @@ class Engine:
             joiners = self._admit()
             if joiners:
                 outputs += self._prefill(joiners)
-            pieces = [r for r in self.running if r.prefilling]
-            if pieces:
-                outputs += self._prefill_piece(min(pieces, key=lambda r: r.arrived))
-            if any(not r.prefilling for r in self.running):
+            ready = self._ready_rows()
+            if ready < len(self.running):  # the oldest long prompt: the first row still prefilling
+                outputs += self._prefill_piece(self.running[ready])
+            if self._ready_rows():
                 outputs += self._decode()
         return outputs
 
@@ -383,7 +383,7 @@ class Engine:
         :meth:`_prefill_piece`."""
         short = [r for r in joiners if not _in_pieces(r)]
         outputs = self._prefill_batch(short) if short else []
-        for request in joiners:
+        for request in joiners:  # after the rows being prefilled, in order of arrival
             if _in_pieces(request):
                 request.row, request.pos = len(self.running), 0
                 self.running.append(request)
@@ -397,10 +397,12 @@ class Engine:
         columns = torch.arange(width, device=device)
         mask = columns[None, :] < lengths[:, None]
         positions = columns.expand(len(joiners), width)
-        self.cache.bind_prefill(len(self.running), len(joiners), width)
-        for request in joiners:  # running before the forward: should it raise, abort_all still finds them
-            request.row, request.pos = len(self.running), len(request.prompt_ids)
-            self.running.append(request)
+        first = self._ready_rows()
+        self._shift_prefilling(first, len(joiners))  # the joiners decode next step: their rows go before those
+        self.cache.bind_prefill(first, len(joiners), width)
+        for i, request in enumerate(joiners):  # running before the forward: should it raise, abort_all finds them
+            request.row, request.pos = first + i, len(request.prompt_ids)
+        self.running[first:first] = joiners
         logits = self._forward(ids, mask, positions, keep=(lengths - 1)[:, None])
         return self._advance(joiners, logits[:, -1])
 
@@ -431,29 +433,29 @@ class Engine:
         return outputs
 
     def _decode(self) -> list[Output]:
-        """One token for every running request whose prompt is in the cache. The rows of prompts still prefilled
-        in pieces come along idle: each writes at its next column, which its next piece overwrites. Compiled, the
-        batch is padded to its bucket (free rows, each fed token 0 at column 0, which no request reads): see
-        :mod:`medfoundry.generation.compiled`."""
-        rows = list(self.running)
-        ready = [r for r in rows if not r.prefilling]
+        """One token for every running request whose prompt is in the cache: the first rows (those of prompts
+        still prefilled in pieces come after them, and sit the step out). Compiled, the batch is padded to its
+        bucket: a prefilling row in the padding writes at its next column, which its next piece overwrites, and
+        a free row is fed token 0 at column 0, which no request reads (:mod:`medfoundry.generation.compiled`)."""
+        rows = self.running[: self._ready_rows()]
         columns, pad = max(r.pos for r in rows) + 1, 0
         if self.compiled:
             columns = kv_bucket(columns, self.max_seq_len, self.device)
             pad = batch_bucket(len(rows), self.max_batch, self.device) - len(rows)
+        idle = self.running[len(rows) : len(rows) + pad]
+        free = pad - len(idle)
         fed = torch.tensor(  # one copy
-            [[r.pos for r in rows] + [0] * pad, [r.last for r in rows] + [0] * pad], device=self.device
+            [[r.pos for r in rows + idle] + [0] * free, [r.last for r in rows + idle] + [0] * free],
+            device=self.device,
         )
         positions, ids = fed[0], fed[1][:, None]
         mask = torch.arange(columns, device=self.device)[None, :] <= positions[:, None]
         if self.compiled:
             mark_dynamic_sizes(ids, positions, mask)
         logits = self._decode_logits(ids, positions, mask)
-        if len(ready) < len(rows):
-            logits = logits[torch.tensor([r.row for r in ready], device=self.device)]
-        for request in ready:
+        for request in rows:
             request.pos += 1
-        return self._advance(ready, logits[: len(ready)])
+        return self._advance(rows, logits[: len(rows)])
 
     def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocab) of one decode step: ``ids`` (rows, 1) at ``positions`` (rows,), attending over the
@@ -529,16 +531,34 @@ class Engine:
         tail, stopped = request.stopper.push(request.detokenizer.flush())
         return tail if stopped else tail + request.stopper.flush()
 
+    def _ready_rows(self) -> int:
+        """How many running requests decode: rows ``0 ..`` this count - 1; the rows of prompts still prefilled
+        in pieces follow, oldest first (the admission, a finished prompt and a freed row all keep that order)."""
+        return sum(not r.prefilling for r in self.running)
+
     @torch.inference_mode()  # the cache's tensors are inference tensors; stream() may cancel outside step()
     def _release(self, request: Request) -> None:
-        """Free the request's row, moving the last running row into it so the rows in use stay contiguous."""
-        row, last = request.row, len(self.running) - 1
+        """Free the request's row, keeping the rows in use contiguous and those being prefilled last: the last
+        decoding row moves into a freed decoding row, then the prefilling rows after it move up one."""
+        row = request.row
+        last = row if request.prefilling else self._ready_rows() - 1  # the last row of the request's group
         if row != last:
-            mover = self.running[last]
-            self.cache.move_row(last, row, mover.pos)
-            self.running[row], mover.row = mover, row
-        self.running.pop()
+            self._move(self.running[last], row)
+            self.running[row] = self.running[last]
+        del self.running[last]
+        self._shift_prefilling(last, -1)
         request.row = -1
+
+    def _shift_prefilling(self, first: int, by: int) -> None:
+        """Move the rows from ``first`` on (prompts being prefilled) by ``by`` rows, keeping their order."""
+        movers = self.running[first:]
+        for request in reversed(movers) if by > 0 else movers:
+            self._move(request, request.row + by)
+
+    def _move(self, request: Request, row: int) -> None:
+        """Put ``request``'s tokens in the cache in ``row`` (its place in the running list is the caller's)."""
+        self.cache.move_row(request.row, row, request.pos)
+        request.row = row
 
     @staticmethod
     def _output(request: Request, text: str, tokens: list[int]) -> Output:

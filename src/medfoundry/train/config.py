@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from medfoundry.config import StrictModel
 from medfoundry.train.optim import OptimConfig
@@ -54,8 +54,7 @@ class TrainingConfig(StrictModel):
         "auto",
         description="torch.compile: blocks = each transformer block compiled in place (the model stays a plain "
         "transformers model: same state dict, checkpoints and export), model = the whole wrapped model, "
-        "off = eager; auto = blocks where it pays and works (medfoundry.train.accel.compile_for). "
-        "true and false, the values of earlier releases, mean model and off",
+        "off = eager; auto = blocks where it pays and works (medfoundry.train.accel.compile_for)",
     )
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto",
@@ -69,14 +68,6 @@ class TrainingConfig(StrictModel):
         "model allows it (GPT-2, LLaMA, BLOOM), plain otherwise",
     )
     max_consecutive_skips: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
-
-    @field_validator("compile", mode="before")
-    @classmethod
-    def _compile_bool(cls, value: object) -> object:
-        """``compile: true/false`` (a bool until this field had choices) keep their meaning: the whole model, eager."""
-        if isinstance(value, bool):
-            return "model" if value else "off"
-        return value
 
 
 class CheckpointConfig(StrictModel):
