@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SHARED := ../shared/data
 STAMP := $(VENV)/.setup-stamp
-DEB_PACKAGES := libtcmalloc-minimal4 chromium chromium-driver
+DEB_PACKAGES := libtcmalloc-minimal4 g++ ninja-build chromium chromium-driver
 
 .PHONY: setup lint test test-long test-gpu quickstart bench clean
 

