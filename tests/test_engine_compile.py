@@ -1,8 +1,8 @@
 """The compiled decode step on a tiny LLaMA: greedy tokens identical to the eager engine's and to ``model.generate``'s
 for one request and under continuous batching (the batch shrinking and growing as requests finish and join), after
 a cancellation, and for a long prompt prefilled in pieces while another request decodes; no step compiles a new
-graph once a batch of one and a batch of more have run. One compiled engine is shared by the module: compiling
-takes tens of seconds on a CPU."""
+graph once a batch of one and a batch of more have run; the decode graph calls the few-row CPU kernel. One compiled
+engine is shared by the module: compiling takes tens of seconds on a CPU."""
 
 from __future__ import annotations
 
@@ -60,6 +60,16 @@ def test_one_request(compiled, eager):
     prompt = compiled.encode(PROMPTS[2])
     done = compiled.generate([prompt], greedy(12))[0]
     assert done.token_ids == eager.generate([prompt], greedy(12))[0].token_ids == expected(eager, [prompt], [12])[0]
+
+
+def test_decode_graph_calls_the_few_row_kernel(compiled):
+    """On a CPU the compiled decode step's linears are the few-row kernel's op, inside the graph."""
+    from torch.profiler import profile
+
+    prompt = compiled.encode(PROMPTS[2])
+    with profile() as prof:
+        compiled.generate([prompt, prompt], greedy(4))
+    assert "medfoundry::few_row_linear" in {event.key for event in prof.key_averages()}
 
 
 def test_continuous_batching_one_graph(compiled, eager):

@@ -1,11 +1,13 @@
 """Few-row linears on a CPU: a decode step's matmuls at the speed the weights stream from memory.
 
 A decode step multiplies 1-8 rows (one per running request) by every weight matrix of the model, so it is as fast
-as the weights can be read. MKL and oneDNN take 2-8 rows for a small GEMM and read SmolLM2-135M's fp32 weights at
-3-7 GB/s on 2 AVX2 cores, its bf16 weights at 1.3-2 GB/s; the kernel in ``kernels/few_row_linear.cpp`` reads them
-at 10-16 GB/s (``benchmarks/profile_ops.py`` profiles the decode step with either). During a decode step, the engine's
-model's linears run that kernel when they have at most :data:`MAX_ROWS` rows (:func:`decode_linears`): the model
-stays a plain transformers model, and under ``torch.compile`` the kernel is one opaque op of the graph.
+as the weights can be read. On 2 AVX2 cores, MKL reads SmolLM2-135M's fp32 weights at 6-7 GB/s for 1 row and 3-4
+for 8 (a small GEMM), oneDNN its bf16 weights at 10 and 2; the kernel in ``kernels/few_row_linear.cpp`` at 11-12
+and 9-11 (fp32), 10-12 and 5 (bf16, where 8 rows are bound by the loads of the inputs).
+``benchmarks/profile_ops.py --decode-linears kernel|torch`` profiles the decode step with either. During a decode
+step, the engine's model's linears run that kernel when they have at most :data:`MAX_ROWS` rows
+(:func:`decode_linears`): the model stays a plain transformers model, and under ``torch.compile`` the kernel is one
+opaque op of the graph.
 
 The kernel is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja, as for
 ``torch.compile`` on a CPU; about 20 s, then cached by torch under ``~/.cache/torch_extensions``). Where it cannot
