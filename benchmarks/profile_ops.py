@@ -186,7 +186,7 @@ def child_decode(spec: dict) -> dict:
             "batch": batch,
             "precision": engine.precision,
             "compiled": getattr(engine, "compiled", False),
-            "linears": spec["linears"],
+            "linears": "kernel" if engine.kernel_linears else "torch",  # what ran, not what was asked
             "tok_s": round(batch * steps / wall, 1),
             "warmup_steps": warmup,
         }

@@ -153,7 +153,7 @@ class Engine:
         self._decode_logits = (
             compile_decode(self._decode_forward, self.device) if self.compiled else self._decode_forward
         )
-        self._linears = cpu_linear.few_row_linears(model, self.device) if few_row_linears else []
+        self.kernel_linears = cpu_linear.few_row_linears(model, self.device) if few_row_linears else []  # decode's
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # index = cache row
         self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)  # see longer_than
@@ -458,7 +458,7 @@ class Engine:
         mask = torch.arange(columns, device=self.device)[None, :] <= positions[:, None]
         if self.compiled:
             mark_dynamic_sizes(ids, positions, mask)
-        with cpu_linear.decode_linears(self._linears):
+        with cpu_linear.decode_linears(self.kernel_linears):
             logits = self._decode_logits(ids, positions, mask)
         for request in rows:
             request.pos += 1

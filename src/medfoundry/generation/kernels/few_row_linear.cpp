@@ -12,7 +12,6 @@
 
 #include <immintrin.h>
 
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -28,7 +27,7 @@ inline float hsum(__m256 v) {
 // Columns [k, k + 16) of a weight row as two fp32 vectors. fp32: columns k..k+7 and k+8..k+15. bf16: one 32-byte
 // load holds 8 pairs of columns (2i, 2i+1); the even column of each pair becomes fp32 by a left shift, the odd one
 // by masking off the low half (two cheap integer ops, no shuffle), so the vectors hold columns k+0,2,..,14 and
-// k+1,3,..,15, and x is laid out to match (see packed_x).
+// k+1,3,..,15, and x is laid out to match (see pairs_split).
 inline void load16(const float* p, __m256& a, __m256& b) {
   a = _mm256_loadu_ps(p);
   b = _mm256_loadu_ps(p + 8);
@@ -40,20 +39,16 @@ inline void load16(const at::BFloat16* p, __m256& a, __m256& b) {
   b = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// x (rows, K) in fp32, each full group of 16 columns in the order load16 gives the weight's columns.
-template <typename W>
-std::vector<float> packed_x(const at::Tensor& x) {
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* src = xf.const_data_ptr<float>();
-  const int64_t rows = x.size(0), K = x.size(1), full = K / kGroup * kGroup;
-  std::vector<float> out(src, src + rows * K);
-  if (std::is_same_v<W, at::BFloat16>)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = 0; k < full; k += kGroup)
-        for (int64_t i = 0; i < 8; ++i) {
-          out[r * K + k + i] = src[r * K + k + 2 * i];
-          out[r * K + k + 8 + i] = src[r * K + k + 2 * i + 1];
-        }
+// x (rows, K, fp32, contiguous) with each full group of 16 columns in the order load16 gives bf16 weights' columns:
+// the 8 even columns, then the 8 odd ones.
+std::vector<float> pairs_split(const float* x, int64_t rows, int64_t K) {
+  std::vector<float> out(x, x + rows * K);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k + kGroup <= K; k += kGroup)
+      for (int64_t i = 0; i < 8; ++i) {
+        out[r * K + k + i] = x[r * K + k + 2 * i];
+        out[r * K + k + 8 + i] = x[r * K + k + 2 * i + 1];
+      }
   return out;
 }
 
@@ -83,7 +78,7 @@ inline void block(const float* x, const W* w, O* out, int64_t K, int64_t N, int6
 }
 
 // One weight row at a time: the weights are read as one sequential stream, which the hardware prefetcher follows
-// best (4 rows at a time read 10-20% slower at 1-2 input rows), and the accumulators stay within the 16 registers.
+// best (4 rows at a time read 10-30% slower at 1-2 input rows), and the accumulators stay within the 16 registers.
 template <typename W, typename O, int ROWS>
 void weight_rows(const float* x, const W* w, O* out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) block<W, O, ROWS>(x, w, out, K, N, n);
@@ -106,13 +101,11 @@ void run(const float* x, const W* w, O* out, int64_t rows, int64_t K, int64_t N)
 }
 
 template <typename W>
-void run_for_output(const at::Tensor& x, const W* w, at::Tensor& out, int64_t N) {
-  const std::vector<float> xp = packed_x<W>(x);
-  const int64_t rows = x.size(0), K = x.size(1);
+void run_for_output(const float* x, const W* w, at::Tensor& out, int64_t rows, int64_t K, int64_t N) {
   if (out.scalar_type() == at::kFloat) {
-    run(xp.data(), w, out.mutable_data_ptr<float>(), rows, K, N);
+    run(x, w, out.mutable_data_ptr<float>(), rows, K, N);
   } else {
-    run(xp.data(), w, out.mutable_data_ptr<at::BFloat16>(), rows, K, N);
+    run(x, w, out.mutable_data_ptr<at::BFloat16>(), rows, K, N);
   }
 }
 
@@ -124,11 +117,14 @@ at::Tensor few_row_linear(const at::Tensor& x, const at::Tensor& weight) {
   for (const at::Tensor* t : {&x, &weight})
     TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16,
                 "few_row_linear: fp32 or bf16 tensors, got ", t->scalar_type());
-  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  const int64_t rows = x.size(0), K = x.size(1), N = weight.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();  // at most 8 rows
+  at::Tensor out = at::empty({rows, N}, x.options());
   if (weight.scalar_type() == at::kFloat) {
-    run_for_output(x, weight.const_data_ptr<float>(), out, weight.size(0));
+    run_for_output(xf.const_data_ptr<float>(), weight.const_data_ptr<float>(), out, rows, K, N);
   } else {
-    run_for_output(x, weight.const_data_ptr<at::BFloat16>(), out, weight.size(0));
+    const std::vector<float> split = pairs_split(xf.const_data_ptr<float>(), rows, K);
+    run_for_output(split.data(), weight.const_data_ptr<at::BFloat16>(), out, rows, K, N);
   }
   return out;
 }
