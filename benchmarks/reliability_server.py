@@ -177,8 +177,11 @@ def key_file(path: Path, key: str) -> Path:
 
 
 def serve_args(model: Path, port: int, *options: str) -> list[str]:
-    """``medfoundry serve``'s arguments for ``model`` on a loopback ``port``, on one CPU thread, in fp32."""
-    return ["serve", str(model), "--port", str(port), "--precision", "fp32", "--threads", "1", *options]
+    """``medfoundry serve``'s arguments for ``model`` on a loopback ``port``, on one CPU thread, in fp32, with the
+    eager decode step: the scenarios are about the server, a compile at each server start would double their time,
+    and the compiled step under batching and cancellation is tests/test_engine_compile.py's."""
+    fixed = ["--port", str(port), "--precision", "fp32", "--threads", "1", "--compile", "off"]
+    return ["serve", str(model), *fixed, *options]
 
 
 SERVER_ENV = {name: value for name, value in ENV.items() if name != API_KEY_ENV}  # no key unless given

@@ -28,18 +28,26 @@ alone: one request, greedy, 4N steps after its prefill step, best of the rounds;
 fp32 with fp32 bytes), and ``bf16_decode_fraction_of_bandwidth_bound`` always in bf16 (on a CPU that emulates bf16
 that one is compute-bound and far below 1).
 
+The engine is the one ``medfoundry serve`` runs (``long_lived``): with ``--decode-compile auto`` (the default) its
+decode step is compiled on a CPU too, and warmed up before anything is timed, as
+the server does at start-up (``compile_s`` per model and precision; ``decode_compiled``); ``--decode-compile off``
+gives the eager engine, the "before".
+
 Part 2, the server. ``medfoundry serve`` (SmolLM2-135M, default precision, 8 slots) runs in its own
 process on a loopback port; 1, 4 and then 16 client threads, each with the official ``openai`` client,
 send non-streamed completions (greedy, max_tokens M, end-of-sequence ignored) back to back for D seconds.
 Per level: requests, errors, latency p50/p99 and generated tokens/s (all tokens / wall time of the level);
-the headline ``server_*`` figures are those of 16 clients, ``errors`` counts all levels.
+the headline ``server_*`` figures are those of 16 clients, ``errors`` counts all levels; ``server_startup_s`` is
+the time from launch to its first healthy answer (model load and the decode step's compile).
 
 The script re-runs itself once with tcmalloc preloaded and ``OMP_WAIT_POLICY=PASSIVE`` (see
 ``prepare_process``); both contenders and the server share that environment.
 
 Prints progress on stderr and one JSON object as the last line of stdout (with ``machine``, the record every
 benchmark shares). ``--quick`` (N=16, M=16, D=5 s,
-two timing rounds) finishes in under 3 minutes; the default (N=64, M=64, D=20 s, three rounds) in about 6.
+two timing rounds) finishes in under 3 minutes plus the compiles (the engine's for each model and precision,
+the server's; minutes the first time on a small CPU, less once Inductor's cache holds them); the default
+(N=64, M=64, D=20 s, three rounds) in about 6 plus the compiles.
 """
 
 from __future__ import annotations
@@ -264,19 +272,27 @@ def bandwidth_fraction(engine, prompt: list[int], steps: int, rounds: int, bandw
 
 
 def bench_model(
-    path: Path, new_tokens: int, rounds: int, bandwidth_gbs: float | None = None, decode_steps: int = 0
+    path: Path,
+    new_tokens: int,
+    rounds: int,
+    bandwidth_gbs: float | None = None,
+    decode_steps: int = 0,
+    compile: str = "auto",
 ) -> dict:
     """Both contenders at batch 1 and 8 in fp32 and bf16; with ``bandwidth_gbs``, also the batch-1 decode
-    rate against the bandwidth bound (``decode_batch_1``) in each precision."""
+    rate against the bandwidth bound (``decode_batch_1``) in each precision. The engine is the server's
+    (``long_lived``: with ``compile`` auto, its decode step compiled on a CPU too), warmed up
+    as the server does at start-up (``compile_s``) before anything is timed."""
     from medfoundry.generation.engine import Engine
 
     result = {}
     fp32_tokens = {}
     for precision in ("fp32", "bf16"):
-        engine = Engine.load(path, precision=precision, max_batch=8)
+        engine = Engine.load(path, precision=precision, max_batch=8, compile=compile, long_lived=True)
+        log(f"{path.name} {precision}: {'compiling the decode step' if engine.compiled else 'eager decode step'}")
+        runs = {"compiled": engine.compiled, "compile_s": round(engine.warmup(), 1)}
         prompts = [engine.encode(p) for p in PROMPTS]
         engine.model.generation_config.eos_token_id = None  # generate must not stop early either
-        runs = {}
         for batch in (1, 8):
             log(f"{path.name} {precision} batch {batch}")
             run = compare(engine, prompts, batch, new_tokens, rounds)
@@ -308,8 +324,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: Path, port: int) -> subprocess.Popen:
-    """``medfoundry serve`` through the serve package's own subcommand registration."""
+def start_server(model: Path, port: int, compile: str) -> tuple[subprocess.Popen, float]:
+    """``medfoundry serve`` through the serve package's own subcommand registration, and the seconds it took to
+    answer ``/health`` (its decode step compiled at start-up included)."""
     code = (
         "import argparse, sys; from medfoundry.serve.cli import add_subcommands; p = argparse.ArgumentParser(); "
         "add_subcommands(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
@@ -331,16 +348,19 @@ def start_server(model: Path, port: int) -> subprocess.Popen:
             "8",
             "--log-level",
             "warning",
+            "--compile",
+            compile,
         ],
         stderr=server_log,
         env=env,
     )
-    deadline = time.monotonic() + 120
+    started = time.monotonic()
+    deadline = started + 900  # a first compile of SmolLM2's decode step takes minutes on a small CPU
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 if response.status == 200:
-                    return proc
+                    return proc, time.monotonic() - started
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -406,15 +426,17 @@ def load_level(port: int, server_pid: int, clients: int, seconds: float, max_tok
     }
 
 
-def bench_server(model: Path, seconds: float, max_tokens: int) -> list[dict]:
+def bench_server(model: Path, seconds: float, max_tokens: int, compile: str) -> tuple[list[dict], float]:
+    """The load levels, and the server's start-up seconds."""
     port = free_port()
-    proc = start_server(model, port)
+    log(f"server: starting (--compile {compile})")
+    proc, startup_s = start_server(model, port, compile)
     try:
         levels = []
         for clients in (1, 4, 16):
             log(f"server: {clients} client(s) for {seconds:.0f} s")
             levels.append(load_level(port, proc.pid, clients, seconds, max_tokens))
-        return levels
+        return levels, startup_s
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -439,11 +461,18 @@ def prepare_process() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter runs: finishes in under 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="shorter runs: under 3 minutes plus compiles")
     parser.add_argument("--new-tokens", type=int, help="N and M (default 16 quick, 64 full)")
     parser.add_argument("--rounds", type=int, help="timing rounds (default 2 quick, 3 full)")
     parser.add_argument("--decode-steps", type=int, help="decode steps timed against the bandwidth bound (default 4N)")
     parser.add_argument("--server-seconds", type=float, help="D (default 5 quick, 20 full)")
+    parser.add_argument(
+        "--decode-compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the engine's and the server's decode step (auto: as medfoundry serve, compiled on a CPU too; off: the "
+        "eager 'before')",
+    )
     args = parser.parse_args()
     prepare_process()
     new_tokens, max_tokens, seconds, rounds = (16, 16, 5.0, 2) if args.quick else (64, 64, 20.0, 3)
@@ -462,10 +491,13 @@ def main() -> None:
     started = time.time()
     box = machine.record(dict(os.environ), quick=args.quick)  # this process's allocator and threads
     log(machine.describe(box))
-    models = {"gpt2-tiny": bench_model(tiny_gpt2(), new_tokens, rounds)}
+    compile = args.decode_compile
+    models = {"gpt2-tiny": bench_model(tiny_gpt2(), new_tokens, rounds, compile=compile)}
     smol = smollm2()
-    models["smollm2-135m"] = bench_model(smol, new_tokens, rounds, box["read_bandwidth_gbs"], args.decode_steps or 0)
-    levels = bench_server(smol, seconds, max_tokens)
+    models["smollm2-135m"] = bench_model(
+        smol, new_tokens, rounds, box["read_bandwidth_gbs"], args.decode_steps or 0, compile
+    )
+    levels, server_startup_s = bench_server(smol, seconds, max_tokens, compile)
 
     default_precision = resolve_device_precision("cpu", "auto")[1]
     headline = models["smollm2-135m"][default_precision]["batch_8"]
@@ -491,6 +523,8 @@ def main() -> None:
         "server_p50_ms": busiest["p50_ms"],
         "server_p99_ms": busiest["p99_ms"],
         "server_tok_s": busiest["tok_s"],
+        "server_startup_s": round(server_startup_s, 1),
+        "decode_compiled": models["smollm2-135m"][default_precision]["compiled"],
         "errors": sum(level["errors"] for level in levels),
         "targets": {
             "speedup_vs_hf_generate_ge_1.5": headline["engine_tok_s"] / hf_fp32 >= 1.5,
@@ -508,13 +542,20 @@ def main() -> None:
             "level_seconds": seconds,
             "rounds": rounds,
             "decode_steps": args.decode_steps or 4 * new_tokens,
+            "decode_compile": compile,
             "threads": runtime.threads,
             "allocator": runtime.allocator,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "quick": args.quick,
         },
         "foreign_cpu_max": max(
-            [run["foreign_cpu"] for m in models.values() for prec in m.values() for run in prec.values()]
+            [
+                run["foreign_cpu"]
+                for m in models.values()
+                for prec in m.values()
+                for run in prec.values()
+                if isinstance(run, dict)
+            ]
             + [level["foreign_cpu"] for level in levels]
         ),
         "seconds": round(time.time() - started, 1),

@@ -247,17 +247,25 @@ def _cli(cfg_path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "medfoundry", "corpus", "build", str(cfg_path), *extra]
 
 
-@pytest.mark.parametrize("kill_when", ["extract", "scatter", "finalize"])
-def test_build_killed_resumes_without_loss_or_duplication(planted, tmp_path, kill_when):
-    """SIGKILL the build mid-extract (some tasks done), mid-scatter (some of the write stage's tasks done)
-    or while shards are gathered, re-run: same output as a clean build."""
-    many = tmp_path / "many"
-    many.mkdir()
+@pytest.fixture(scope="module")
+def many_parts(planted, tmp_path_factory) -> dict:
+    """The planted abstracts in 30 input files (a task each), and the corpus a clean build makes of them."""
+    root = tmp_path_factory.mktemp("many")
+    (root / "in").mkdir()
     docs = planted["docs"]
     for i in range(30):
-        _write_jsonl(many / f"part_{i:02d}.jsonl.gz", docs[i * 10 : (i + 1) * 10])
-    cfg = _config(planted, tmp_path / "out", workers=1)
-    cfg["sources"][0]["paths"] = [str(many / "*.jsonl.gz")]
+        _write_jsonl(root / "in" / f"part_{i:02d}.jsonl.gz", docs[i * 10 : (i + 1) * 10])
+    cfg = _config(planted, root / "ref", workers=1)
+    cfg["sources"][0]["paths"] = [str(root / "in" / "*.jsonl.gz")]
+    build_corpus(validate(CorpusConfig, cfg))
+    return {"config": cfg, "splits": {split: _read_split(root / "ref", split) for split in ("train", "val")}}
+
+
+@pytest.mark.parametrize("kill_when", ["extract", "scatter", "finalize"])
+def test_build_killed_resumes_without_loss_or_duplication(many_parts, tmp_path, kill_when):
+    """SIGKILL the build mid-extract (some tasks done), mid-scatter (some of the write stage's tasks done)
+    or while shards are gathered, re-run: same output as a clean build."""
+    cfg = dict(many_parts["config"], output_dir=str(tmp_path / "out"))
     cfg_path = tmp_path / "corpus.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "MEDFOUNDRY_NO_TCMALLOC": "1"}
@@ -284,10 +292,8 @@ def test_build_killed_resumes_without_loss_or_duplication(planted, tmp_path, kil
     if kill_when == "extract":
         assert 3 <= len(list(work.glob("extract-*/logs/completions/*"))) < 31
     subprocess.run(_cli(cfg_path), cwd=REPO, env=env, check=True, capture_output=True)
-    reference = dict(cfg, output_dir=str(tmp_path / "ref"))
-    build_corpus(validate(CorpusConfig, reference))
     for split in ("train", "val"):
-        assert _read_split(tmp_path / "out", split) == _read_split(tmp_path / "ref", split)
+        assert _read_split(tmp_path / "out", split) == many_parts["splits"][split]
     assert not list((tmp_path / "out").glob(".staging-*"))
 
 

@@ -246,7 +246,12 @@ def test_serve_answers_under_the_repository_name(offline, monkeypatch):
 
     served = {}
     monkeypatch.setattr(serve_app, "serve", lambda worker, config, **_: served.update(worker=worker, config=config))
-    assert serve_model(validate(ServeConfig, {"model": TINY, "device": "cpu", "precision": "fp32"}, "serve")) == 0
+    assert (
+        serve_model(
+            validate(ServeConfig, {"model": TINY, "device": "cpu", "precision": "fp32", "compile": "off"}, "serve")
+        )
+        == 0
+    )
     assert served["config"].model_name == "tiny-llama"
     with TestClient(serve_app.create_app(served["worker"], served["config"]), base_url="http://localhost") as client:
         reply = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 3})

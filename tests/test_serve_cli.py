@@ -167,6 +167,8 @@ def test_serve_command_answers_on_loopback(gpt2_dir):
             "tiny",
             "--log-level",
             "warning",
+            "--compile",  # the compiled start-up: test_serve_compiles_its_long_lived_engine_before_it_listens
+            "off",
             *COMMON,
         ],
         env=env,
@@ -201,8 +203,10 @@ def test_serve_command_answers_on_loopback(gpt2_dir):
 def served(monkeypatch, argv: list[str]) -> dict:
     """What ``medfoundry serve ARGV`` would serve: the worker, the app's config, host and port (a stand-in for the
     model's engine, and for the server itself, which would run until interrupted)."""
-    engine = SimpleNamespace(name="tiny", precision="fp32", max_batch=2, max_seq_len=64, waiting=[], running=[])
-    monkeypatch.setattr(ServeConfig, "load_engine", lambda self: engine)
+    engine = SimpleNamespace(
+        name="tiny", precision="fp32", max_batch=2, max_seq_len=64, waiting=[], running=[], compiled=False
+    )
+    monkeypatch.setattr(ServeConfig, "load_engine", lambda self, **_: engine)
     captured = {}
     monkeypatch.setattr(
         "medfoundry.serve.app.serve",
@@ -210,6 +214,21 @@ def served(monkeypatch, argv: list[str]) -> dict:
     )
     assert run(["serve", "model-dir", *argv]) == 0
     return captured
+
+
+def test_serve_compiles_its_long_lived_engine_before_it_listens(monkeypatch, capsys):
+    """The server's engine is long-lived (compile auto then compiles its decode step on a CPU too), and a compiled
+    one is warmed up before the server listens, not in the first requests."""
+    events = []
+    engine = SimpleNamespace(
+        name="tiny", precision="fp32", max_batch=2, max_seq_len=64, waiting=[], running=[], compiled=True
+    )
+    engine.warmup = lambda: events.append("warm-up") or 42.0
+    monkeypatch.setattr(ServeConfig, "load_engine", lambda self, **kwargs: events.append(kwargs) or engine)
+    monkeypatch.setattr("medfoundry.serve.app.serve", lambda worker, config, **kwargs: events.append("listen"))
+    assert run(["serve", "model-dir"]) == 0
+    assert events == [{"long_lived": True}, "warm-up", "listen"]
+    assert "serve: decode step compiled in 42 s" in capsys.readouterr().err
 
 
 def test_serve_reads_its_key_from_a_file_or_the_environment_never_the_command_line(tmp_path, monkeypatch, capsys):
@@ -253,8 +272,10 @@ def test_serve_names_the_model_after_its_run(tmp_path, monkeypatch):
     exported the folder, else its stage folder's name; a plain folder keeps its own name; the flag wins."""
     import medfoundry.serve.app
 
-    engine = SimpleNamespace(name="model", precision="fp32", max_batch=2, max_seq_len=64, waiting=[], running=[])
-    monkeypatch.setattr(ServeConfig, "load_engine", lambda self: engine)
+    engine = SimpleNamespace(
+        name="model", precision="fp32", max_batch=2, max_seq_len=64, waiting=[], running=[], compiled=False
+    )
+    monkeypatch.setattr(ServeConfig, "load_engine", lambda self, **_: engine)
 
     def name(folder, *argv: str) -> str:
         captured = {}

@@ -3,7 +3,8 @@
 A decode step in eager mode runs a few hundred small operations (per layer: norms, projections, RoPE, attention,
 the cache's writes), each dispatched from Python. ``torch.compile`` turns the whole forward into one graph whose
 non-matmul work Inductor fuses into a few kernels (C++ on a CPU, Triton on a GPU, where CUDA graphs also remove
-the launch of each kernel); the matmuls stay the vendor library's.
+the launch of each kernel); the matmuls stay the vendor library's (on a CPU, the few-row kernel's: see
+:mod:`medfoundry.generation.cpu_linear`).
 
 Shapes: the batch and the number of cache columns attended are dynamic sizes of the graph (the columns read from
 the attention mask's shape: see :meth:`medfoundry.generation.cache.SlotCache.bind_decode`), so that one
@@ -28,14 +29,18 @@ COMPILE_CHOICES = ("auto", "on", "off")
 CUDA_KV_BUCKET = 256  # cache columns per CUDA graph shape: at most max_seq_len / 256 graphs per batch bucket
 
 
-def should_compile(choice: str, device: torch.device) -> bool:
+def should_compile(choice: str, device: torch.device, *, long_lived: bool = False) -> bool:
     """Whether the decode step is compiled. ``on`` insists (an error where it cannot work); ``auto`` compiles on a
-    CUDA device with Triton, where CUDA graphs remove a launch per kernel, and not on a CPU: there, on SmolLM2-135M
-    (2 shared AVX2 cores), the compiled step was no faster than eager at batch 1 or 8 (the matmuls are the same MKL
-    calls, and they are 80-86% of the step), while compiling it took 50-320 s."""
+    CUDA device with Triton, where CUDA graphs remove a launch per kernel, and on a CPU in a ``long_lived`` process
+    (the server). On a CPU the compiled step removes the per-layer Python of transformers and fuses the small ops
+    between the linears: SmolLM2-135M in fp32 decoded 1.6-1.7x faster at batch 1 and 1.2-1.5x at batch 8 with the
+    few-row kernel (:mod:`medfoundry.generation.cpu_linear`), 1.15-1.5x and 1.15x with torch's linears (2 AVX2
+    cores, two runs each).
+    Compiling takes 40-50 s there even with Inductor's on-disk cache: a price a server pays once at start-up
+    (:meth:`medfoundry.generation.engine.Engine.warmup`), not a one-shot ``generate``."""
     if choice not in COMPILE_CHOICES:
         raise ConfigError(f"compile={choice!r}: must be one of {', '.join(COMPILE_CHOICES)}")
-    if choice == "off" or (choice == "auto" and device.type != "cuda"):
+    if choice == "off" or (choice == "auto" and device.type != "cuda" and not long_lived):
         return False
     missing = _missing_toolchain(device)
     if missing and choice == "on":

@@ -69,14 +69,17 @@ class EngineConfig(StrictModel):
     )
     chat_template: str | None = Field(None, description="Jinja chat template file (default: the tokenizer's)")
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="compile the decode step with torch.compile (auto: on a CUDA GPU with Triton)"
+        "auto",
+        description="compile the decode step with torch.compile (auto: on a CUDA GPU with Triton, and in serve, "
+        "where it is compiled at start-up, on a CPU too)",
     )
     allow_pickle: bool = Field(
         False, description="allow pickled weights (pytorch_model.bin), loaded with torch.load(weights_only=True)"
     )
 
-    def load_engine(self):
-        """The :class:`~medfoundry.generation.engine.Engine` on this model."""
+    def load_engine(self, *, long_lived: bool = False):
+        """The :class:`~medfoundry.generation.engine.Engine` on this model; ``long_lived``: for a process that
+        serves many requests (see :func:`medfoundry.generation.compiled.should_compile`)."""
         from medfoundry.generation.engine import Engine
 
         return Engine.load(
@@ -88,6 +91,7 @@ class EngineConfig(StrictModel):
             max_seq_len=self.max_seq_len,
             allow_pickle=self.allow_pickle,
             compile=self.compile,
+            long_lived=long_lived,
         )
 
     def template(self) -> str | None:

@@ -131,6 +131,7 @@ class Engine:
         precision: str = "fp32",
         compile: str = "auto",
         few_row_linears: bool = True,
+        long_lived: bool = False,
     ):
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch}: must be at least 1")
@@ -148,12 +149,12 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.device = next(model.parameters()).device
-        self.compiled = should_compile(compile, self.device)
+        self.kernel_linears = cpu_linear.few_row_linears(model, self.device) if few_row_linears else []  # decode's
+        self.compiled = should_compile(compile, self.device, long_lived=long_lived)
         self.cache = SlotCache(config.num_hidden_layers, max_batch, self.max_seq_len, spare=self.compiled)
         self._decode_logits = (
             compile_decode(self._decode_forward, self.device) if self.compiled else self._decode_forward
         )
-        self.kernel_linears = cpu_linear.few_row_linears(model, self.device) if few_row_linears else []  # decode's
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # index = cache row
         self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)  # see longer_than
@@ -178,13 +179,14 @@ class Engine:
         trust_remote_code: bool = False,
         compile: str = "auto",
         few_row_linears: bool = True,
+        long_lived: bool = False,
     ) -> Engine:
         """Load a Hugging Face checkpoint directory or a ``.gguf`` file. ``precision`` "auto" is bf16 where the
         hardware computes in bf16, else fp32. Weights come from safetensors; pickled ones (``pytorch_model.bin``)
         are refused unless ``allow_pickle``, and then load with ``torch.load(weights_only=True)``; a checkpoint
         asking for its own code is refused unless ``trust_remote_code`` (see
-        :func:`medfoundry.model.load.weights_policy`). ``compile``: see
-        :func:`medfoundry.generation.compiled.should_compile`."""
+        :func:`medfoundry.model.load.weights_policy`). ``compile`` and ``long_lived`` (a process that runs for many
+        requests, the server): see :func:`medfoundry.generation.compiled.should_compile`."""
         from medfoundry.model.load import load_model
 
         loaded = load_model(
@@ -206,6 +208,7 @@ class Engine:
             precision=loaded.precision,
             compile=compile,
             few_row_linears=few_row_linears,
+            long_lived=long_lived,
         )
 
     # ---- requests, from any thread
@@ -342,6 +345,20 @@ class Engine:
                     texts[out.request_id].append(out.text)
                     bar.update(out.finish_reason is not None)
         return [Completion("".join(texts[r.id]), r.output_ids, r.finish_reason, len(r.prompt_ids)) for r in requests]
+
+    def warmup(self) -> float:
+        """Compile the decode step now rather than in the first requests: a few greedy tokens of a one-token prompt
+        alone, then of two at once (the graph of one row and the one of every larger batch: see
+        :mod:`medfoundry.generation.compiled`). The requests finish and free their slots. Seconds taken; nothing
+        to do for an eager engine."""
+        if not self.compiled:
+            return 0.0
+        start = time.perf_counter()
+        params = SamplingConfig(max_tokens=3, temperature=0, ignore_eos=True)
+        prompt = self.encode("warm-up", add_special_tokens=False)[:1]
+        for batch in sorted({1, min(2, self.max_batch)}):
+            self.generate([prompt] * batch, params)
+        return time.perf_counter() - start
 
     def stream(self, prompt: str | list[int], params: SamplingConfig | None = None) -> Iterator[Output]:
         """Generate for one prompt, yielding each step's output (closing the iterator cancels it)."""

@@ -91,7 +91,10 @@ def serve_model(cfg: ServeConfig) -> int:
             "can use the model (requests naming another Host than localhost, --host or --allowed-host are refused)",
             file=sys.stderr,
         )
-    engine = cfg.load_engine()
+    engine = cfg.load_engine(long_lived=True)
+    if engine.compiled:
+        print("serve: compiling the decode step (a minute or more the first time on this machine)", file=sys.stderr)
+        print(f"serve: decode step compiled in {engine.warmup():.0f} s", file=sys.stderr)
     config = ServerConfig(
         model_name=cfg.served_model_name or run_name(cfg.model) or engine.name,
         api_key=key,

@@ -59,7 +59,7 @@ PUBLISHED_PEAKS: tuple[tuple[str, str, dict[str, float]], ...] = (
 class Peak:
     """The MFU denominator of one device in one precision: the ``published`` dense peak when the device is in
     :data:`PUBLISHED_PEAKS` (comparable with the MFU papers report), else the ``measured`` one (a timed matmul;
-    on a CPU, the best ever measured here). ``flops`` is the one MFU divides by."""
+    on a CPU, the best of its first three timings here). ``flops`` is the one MFU divides by."""
 
     name: str  # the device's name (``torch.cuda.get_device_name``, or the CPU's)
     precision: str  # bf16, fp16, fp32 or tf32 (fp32 matmuls allowed to run in TF32)
@@ -85,12 +85,15 @@ def peak_flops(device: str, precision: str) -> float:
     return device_peak(device, precision).flops
 
 
+PEAK_MEASUREMENTS = 3  # timings of a device's peak kept before it is only read (see _best_measured)
+
+
 @lru_cache(maxsize=4)
 def device_peak(device: str, precision: str) -> Peak:
     """The published and measured peaks of ``device`` in ``precision`` (bf16, fp16 or fp32). Once per process.
 
     A GPU of :data:`PUBLISHED_PEAKS` is not measured. Elsewhere (a CPU, another GPU) the peak is timed, and the
-    highest ever measured here for the same device, dtype and thread count is kept (in
+    best of the first three timings here for the same device, dtype and thread count is kept (in
     ``$MEDFOUNDRY_CACHE/peak_flops.json``, default ``~/.cache/medfoundry``): a measurement taken while other
     processes share the cores comes out several times too low and would report an MFU above 100%.
     """
@@ -115,25 +118,31 @@ def _tf32_allowed() -> bool:
 
 
 def _best_measured(device: str, name: str, precision: str) -> float:
+    """The best of the first :data:`PEAK_MEASUREMENTS` timings of this device, dtype and thread count (kept in
+    ``peak_flops.json``): the best of three shrugs off one taken while other processes shared the cores, and after
+    them a run starts without the timing (2 s of a CPU's start-up, on one thread)."""
     from medfoundry.model.load import cache_root
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     key = f"{device}|{name}|{dtype}|{torch.get_num_threads()}"
     if device.startswith("cuda"):  # entries of the old, unsynchronized GPU timing (too high) must not count
         key += f"|synchronized|{torch.get_float32_matmul_precision()}"
-    measured = _measure_matmul(device, dtype)
     path = cache_root() / "peak_flops.json"
     try:
         known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, json.JSONDecodeError):
         known = {}
-    best = max(measured, float(known.get(key, 0.0)))
-    if best > known.get(key, 0.0):
-        try:
-            write_json(path, {**known, key: best})
-        except OSError:  # a read-only home: the measurement still serves this run
-            pass
-    return best
+    entry = known.get(key)
+    if not isinstance(entry, dict):  # absent, or another version's entry: measured anew
+        entry = {"flops": 0.0, "measurements": 0}
+    if entry["measurements"] >= PEAK_MEASUREMENTS:
+        return entry["flops"]
+    entry = {"flops": max(entry["flops"], _measure_matmul(device, dtype)), "measurements": entry["measurements"] + 1}
+    try:
+        write_json(path, {**known, key: entry})
+    except OSError:  # a read-only home: the measurement still serves this run
+        pass
+    return entry["flops"]
 
 
 def _measure_matmul(device: str, dtype: torch.dtype, trials: int = 3) -> float:
