@@ -590,7 +590,7 @@ def checkpoint_corrupted(ctx: Context, tries: int) -> Row:
 
 def token_shard_corrupted(ctx: Context, tries: int) -> Row:
     from medfoundry.errors import InputError
-    from medfoundry.tokenizer.shards import TokenShards
+    from medfoundry.tokenizer.token_shards import TokenShards
 
     ref = prepare_faults(ctx)
     row = Row("faults", "corrupted or truncated token shard")

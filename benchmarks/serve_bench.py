@@ -288,6 +288,7 @@ def bench_model(
     result = {}
     fp32_tokens = {}
     for precision in ("fp32", "bf16"):
+        torch._dynamo.reset()  # each engine compiled as in a fresh server process, not as a recompile of the last
         engine = Engine.load(path, precision=precision, max_batch=8, compile=compile, long_lived=True)
         log(f"{path.name} {precision}: {'compiling the decode step' if engine.compiled else 'eager decode step'}")
         runs = {"compiled": engine.compiled, "compile_s": round(engine.warmup(), 1)}

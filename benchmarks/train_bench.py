@@ -211,7 +211,7 @@ def _model(spec: dict):
 def _windows(spec: dict, steps: int):
     """The batches medfoundry reads (its WindowReader, same seed): steps x (8, 257) int64 arrays."""
     from medfoundry.tokenizer.reader import WindowReader
-    from medfoundry.tokenizer.shards import TokenShards
+    from medfoundry.tokenizer.token_shards import TokenShards
 
     reader = WindowReader(TokenShards(Path(spec["data"]) / "tokens" / "train"), CONTEXT, BATCH, seed=SEED)
     return [next(reader) for _ in range(steps)]

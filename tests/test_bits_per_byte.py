@@ -44,7 +44,8 @@ class EosFirst:
 def setup(tmp_path_factory):
     """(model, tokenizer, corpus dir, val shards dir): a random tiny GPT-2 with the GPT-2 tokenizer, and six
     real abstracts cut to 47 tokens (cuts that re-encode to the same tokens), tokenized into shards."""
-    from medfoundry.tokenizer.shards import TokenShards, tokenize_corpus
+    from medfoundry.tokenizer.shards import tokenize_corpus
+    from medfoundry.tokenizer.token_shards import TokenShards
 
     root = tmp_path_factory.mktemp("bpb")
     torch.manual_seed(0)
@@ -69,7 +70,7 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "chunked"])
 def test_val_bpb_equals_the_eval_stage_bits_per_byte(setup, fused):
-    from medfoundry.tokenizer.shards import TokenShards
+    from medfoundry.tokenizer.token_shards import TokenShards
 
     model, tokenizer, corpus, val = setup
     shards = TokenShards(val)

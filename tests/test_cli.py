@@ -107,7 +107,7 @@ def test_tokenizer_train_then_tokenize(tmp_path):
     """corpus -> `medfoundry tokenizer train` -> `medfoundry tokenize` -> shards that decode to the corpus."""
     from tokenizers import Tokenizer
 
-    from medfoundry.tokenizer.shards import TokenShards
+    from medfoundry.tokenizer.token_shards import TokenShards
     from test_tokenizer_train import write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", 1500, 100)

@@ -297,7 +297,8 @@ def _shard_files(split_dir: Path) -> dict[str, bytes]:
 
 
 def test_corrupted_token_shards_are_named_and_rebuilt(tmp_path):
-    from medfoundry.tokenizer.shards import TokenShards, tokenize_corpus
+    from medfoundry.tokenizer.shards import tokenize_corpus
+    from medfoundry.tokenizer.token_shards import TokenShards
 
     corpus, tokenizer, out = (
         _word_corpus(tmp_path / "corpus", {"train": 3, "val": 1}),

@@ -15,7 +15,8 @@ from conftest import shared, smollm2_gguf
 from medfoundry.errors import InputError, MedfoundryError
 from medfoundry.manifest import output_fingerprint
 from medfoundry.model.load import load_backend_tokenizer
-from medfoundry.tokenizer.shards import TokenShards, tokenize_corpus
+from medfoundry.tokenizer.shards import tokenize_corpus
+from medfoundry.tokenizer.token_shards import TokenShards
 
 SOURCES = ("pubmed", "pmc", "guidelines")
 

@@ -12,7 +12,8 @@ import pytest
 from conftest import shared
 from medfoundry.errors import MedfoundryError
 from medfoundry.tokenizer.reader import WindowReader
-from medfoundry.tokenizer.shards import TokenShards, tokenize_corpus
+from medfoundry.tokenizer.shards import tokenize_corpus
+from medfoundry.tokenizer.token_shards import TokenShards
 from test_token_shards import read_abstracts, write_corpus
 
 SEQ = 8

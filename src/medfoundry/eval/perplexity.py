@@ -261,7 +261,7 @@ def _encoded(tokenizer, texts: Iterable[str]) -> Iterator[tuple[Sequence[int], s
 
 
 def _open_shards(path: Path, model):
-    from medfoundry.tokenizer.shards import TokenShards
+    from medfoundry.tokenizer.token_shards import TokenShards
 
     if not (path / "index.json").is_file() and (path / "val" / "index.json").is_file():
         raise InputError(str(path), f"holds token shards of several splits: pass one split, e.g. {path / 'val'}")

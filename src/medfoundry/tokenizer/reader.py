@@ -11,7 +11,7 @@ import numpy as np
 
 from medfoundry.errors import MedfoundryError
 from medfoundry.shuffled_order import ShuffledOrder
-from medfoundry.tokenizer.shards import TokenShards
+from medfoundry.tokenizer.token_shards import TokenShards
 
 
 class WindowReader(ShuffledOrder):

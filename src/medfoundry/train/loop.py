@@ -38,7 +38,7 @@ from medfoundry.model.bits_per_byte import bits_per_byte, special_ids, text_byte
 from medfoundry.model.presets import flops_per_token
 from medfoundry.runtime import configure, resolve_device_precision
 from medfoundry.tokenizer.reader import WindowReader
-from medfoundry.tokenizer.shards import TokenShards
+from medfoundry.tokenizer.token_shards import TokenShards
 from medfoundry.train import distributed
 from medfoundry.train.accel import check_compiler
 from medfoundry.train.checkpoint import Checkpointer
