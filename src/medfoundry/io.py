@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import xxhash
+
 from medfoundry import limits
 from medfoundry.errors import FolderBusy, InputError
 
@@ -107,6 +109,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", compresslevel: int = 6
         else:
             with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
                 yield fh
+
+
+CHECKSUM = "xxh3_128"  # the checksum recorded for files whose integrity is checked later (token shards, checkpoints)
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """The :data:`CHECKSUM` of a file's bytes (hex), read in 4 MiB blocks."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfoundry import __version__
 from medfoundry.errors import InputError
-from medfoundry.io import write_json
+from medfoundry.io import file_checksum, write_json
 
 MANIFEST = "manifest.json"
 
@@ -145,11 +145,7 @@ def file_digest(path: Path, hashes: HashCache | None = None) -> str:
     memo_key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     known = (hashes.digests if hashes is not None else {}).get(memo_key) or _DIGESTS.get(memo_key)
     if known is None:
-        digest = xxhash.xxh3_128()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        known = digest.hexdigest()
+        known = file_checksum(path)
     _DIGESTS[memo_key] = known
     if hashes is not None:
         hashes.digests[memo_key] = known

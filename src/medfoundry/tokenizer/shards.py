@@ -44,7 +44,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from medfoundry.errors import InputError, MedfoundryError
 from medfoundry.executor import ExecutorConfig, StageRun, run_tasks
-from medfoundry.io import atomic_open, open_binary, write_json
+from medfoundry.io import CHECKSUM, atomic_open, file_checksum, open_binary, write_json
 from medfoundry.manifest import (
     MANIFEST,
     HashCache,
@@ -56,7 +56,6 @@ from medfoundry.manifest import (
 )
 from medfoundry.model.load import load_backend_tokenizer
 from medfoundry.runtime import cpu_count, peak_rss, reset_peak_rss
-from medfoundry.tokenizer.token_shards import CHECKSUM, file_checksum
 
 DTYPES = ("uint16", "uint32")
 ENCODE_BATCH = 1000  # documents per encode_batch call

@@ -8,19 +8,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
 from medfoundry.errors import InputError
-
-CHECKSUM = "xxh3_128"
-
-
-def file_checksum(path: Path) -> str:
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from medfoundry.io import CHECKSUM, file_checksum
 
 
 class TokenShards:

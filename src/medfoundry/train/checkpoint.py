@@ -60,13 +60,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from medfoundry.errors import FolderBusy, MedfoundryError
-from medfoundry.io import DISK_FULL, claim, claimed_dir, fsync_dir, replace_dir
+from medfoundry.io import CHECKSUM, DISK_FULL, claim, claimed_dir, file_checksum, fsync_dir, replace_dir
 from medfoundry.train import distributed
 from medfoundry.train.state import Stateful, TrainState, get_rng_state, set_rng_state
 
@@ -74,7 +73,6 @@ METADATA = ".metadata"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 DESCRIPTION = "hf"  # the model's config, generation config and tokenizer: `medfoundry export` needs no run folder
-CHECKSUM = "xxh3_128"
 _STEP_DIR = re.compile(r"step-(\d{8})")
 _LEFTOVER = re.compile(r"\.(step-\d{8})\.")  # .step-N.saving, .step-N.old, .step-N.deleting
 
@@ -178,20 +176,11 @@ def _first_line(exc: BaseException) -> str:
 # --- files, checksums and failures ----------------------------------------------------------------------
 
 
-def _digest(path: Path) -> str:
-    """xxh3-128 of a file (hex), read in blocks."""
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _entry(path: Path) -> dict:
     """A file's manifest entry, after flushing it to disk."""
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-    return {"bytes": path.stat().st_size, CHECKSUM: _digest(path)}
+    return {"bytes": path.stat().st_size, CHECKSUM: file_checksum(path)}
 
 
 def _write_failure(exc: BaseException, path: Path | None) -> str:
@@ -355,7 +344,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
             return (
                 f"{path / name}: truncated or damaged: {size:,} bytes where the checkpoint manifest records {recorded}"
             )
-        digest = _digest(path / name)
+        digest = file_checksum(path / name)
         if digest != expected.get(CHECKSUM):
             return (
                 f"{path / name}: corrupted: its {CHECKSUM} checksum is {digest}, the checkpoint manifest "
