@@ -93,7 +93,7 @@ def serve_model(cfg: ServeConfig) -> int:
         )
     engine = cfg.load_engine(long_lived=True)
     if engine.compiled:
-        print("serve: compiling the decode step (a minute or more the first time on this machine)", file=sys.stderr)
+        print("serve: compiling the decode step before listening (--compile off starts at once)", file=sys.stderr)
         print(f"serve: decode step compiled in {engine.warmup():.0f} s", file=sys.stderr)
     config = ServerConfig(
         model_name=cfg.served_model_name or run_name(cfg.model) or engine.name,
