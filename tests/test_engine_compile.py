@@ -45,8 +45,13 @@ def compiled(eager) -> Engine:
     engine = Engine(eager.model, eager.tokenizer, max_batch=3, compile="on")
     assert engine.compiled and not eager.compiled and eager.warmup() == 0.0
     before = graphs()
-    assert engine.warmup() > 0 and graphs() > before
-    assert not engine.has_work
+    assert engine.warmup() > 0 and not engine.has_work
+    compiled = graphs()
+    assert compiled > before
+    prompt = engine.encode(PROMPTS[0])
+    engine.generate([prompt] * 3, greedy(2))  # a batch the warm-up did not run, then one row: nothing new to compile
+    engine.generate([prompt], greedy(2))
+    assert graphs() == compiled, "the warm-up left a decode graph to be compiled by a request"
     return engine
 
 

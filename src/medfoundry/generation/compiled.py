@@ -35,9 +35,9 @@ def should_compile(choice: str, device: torch.device, *, long_lived: bool = Fals
     (the server). On a CPU the compiled step removes the per-layer Python of transformers and fuses the small ops
     between the linears: SmolLM2-135M in fp32 decoded 1.6-1.7x faster at batch 1 and 1.2-1.5x at batch 8 with the
     few-row kernel (:mod:`medfoundry.generation.cpu_linear`), 1.15-1.5x and 1.15x with torch's linears (2 AVX2
-    cores, two runs each).
-    Compiling takes 40-50 s there even with Inductor's on-disk cache: a price a server pays once at start-up
-    (:meth:`medfoundry.generation.engine.Engine.warmup`), not a one-shot ``generate``."""
+    cores, two runs each). Compiling SmolLM2's step takes 40-50 s there in fp32, 2 minutes in emulated bf16: a
+    price a server pays once at start-up (:meth:`medfoundry.generation.engine.Engine.warmup`), not a one-shot
+    ``generate``."""
     if choice not in COMPILE_CHOICES:
         raise ConfigError(f"compile={choice!r}: must be one of {', '.join(COMPILE_CHOICES)}")
     if choice == "off" or (choice == "auto" and device.type != "cuda" and not long_lived):

@@ -149,12 +149,12 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.device = next(model.parameters()).device
-        self.kernel_linears = cpu_linear.few_row_linears(model, self.device) if few_row_linears else []  # decode's
         self.compiled = should_compile(compile, self.device, long_lived=long_lived)
         self.cache = SlotCache(config.num_hidden_layers, max_batch, self.max_seq_len, spare=self.compiled)
         self._decode_logits = (
             compile_decode(self._decode_forward, self.device) if self.compiled else self._decode_forward
         )
+        self.kernel_linears = cpu_linear.few_row_linears(model, self.device) if few_row_linears else []  # decode's
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # index = cache row
         self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)  # see longer_than
