@@ -67,6 +67,32 @@ def test_concurrent_callers_convert_once(tmp_path, fake_convert):
     assert len(fake_convert) == 1 and len(set(results)) == 1 and (results[0] / "config.json").is_file()
 
 
+def test_a_gguf_tokenizer_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """Every load of a GGUF's tokenizer after the first reads the cached tokenizer.json: parsing the metadata
+    takes seconds (SmolLM2's 49k-token vocabulary), and a cached folder is only trusted with its record."""
+    from transformers import PreTrainedTokenizerFast
+
+    calls = []
+
+    def convert(gguf_path, out):
+        calls.append(gguf_path)
+        backend = model_load.load_backend_tokenizer(shared("tokenizers/gpt2"))
+        PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(out)
+
+    monkeypatch.setenv("MEDFOUNDRY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("medfoundry.model.convert.convert_gguf_tokenizer", convert)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    directory = model_load.tokenizer_directory(gguf)
+    assert directory.parent == tmp_path / "cache" / "gguf-tokenizer"
+    assert model_load.load_tokenizer(gguf).encode("hello world") == [31373, 995]
+    assert model_load.load_backend_tokenizer(gguf).encode("hello world").ids == [31373, 995]
+    assert model_load.tokenizer_directory(gguf) == directory and len(calls) == 1
+    (directory / model_load.CONVERTED).unlink()  # an interrupted conversion is done again
+    model_load.load_tokenizer(gguf)
+    assert len(calls) == 2
+
+
 def test_hf_directory_uses_the_cache_root(tmp_path, monkeypatch, fake_convert):
     monkeypatch.setenv("MEDFOUNDRY_CACHE", str(tmp_path / "root"))
     gguf = tmp_path / "m.gguf"

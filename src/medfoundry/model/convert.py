@@ -51,25 +51,35 @@ def load_gguf(gguf_path: Path):
 
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path:
     """Write ``out_dir`` (config.json, model.safetensors, generation_config.json, tokenizer) from a GGUF file."""
-    from medfoundry.model.load import load_tokenizer
-
     gguf_path = Path(gguf_path)
     model = load_gguf(gguf_path)
     with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as tokenizer_dir:
-        load_tokenizer(gguf_path).save_pretrained(tokenizer_dir)
-        _portable_tokenizer_class(Path(tokenizer_dir) / "tokenizer_config.json")
+        _save_embedded_tokenizer(gguf_path, Path(tokenizer_dir))
         return export_hf(model, Path(tokenizer_dir), out_dir, dtype=dtype)
 
 
 def convert_gguf_tokenizer(gguf_path: Path, out_dir: Path) -> Path:
     """Write ``out_dir`` with only the tokenizer embedded in a GGUF file (the files :func:`convert_gguf` writes
     beside the weights), atomically."""
-    from medfoundry.model.load import load_tokenizer
-
     with atomic_dir(out_dir) as tmp:
-        load_tokenizer(Path(gguf_path)).save_pretrained(str(tmp))
-        _portable_tokenizer_class(tmp / "tokenizer_config.json")
+        _save_embedded_tokenizer(Path(gguf_path), tmp)
     return Path(out_dir)
+
+
+def _save_embedded_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    """Parse the tokenizer out of a GGUF file's metadata (transformers' GGUF reader) and save it into ``out_dir``
+    as a portable Hugging Face tokenizer; everything else loads it from the GGUF cache
+    (:func:`medfoundry.model.load.tokenizer_directory`)."""
+    from transformers import AutoTokenizer
+
+    if not gguf_path.is_file():
+        raise InputError(str(gguf_path), "GGUF file not found")
+    require("gguf", f"reading {gguf_path.name}")
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True, trust_remote_code=False
+    )
+    tokenizer.save_pretrained(str(out_dir))
+    _portable_tokenizer_class(out_dir / "tokenizer_config.json")
 
 
 def _portable_tokenizer_class(config_path: Path) -> None:
