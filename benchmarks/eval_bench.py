@@ -40,7 +40,9 @@ Chain of thought (SmolLM2 only; ``--cot-questions``, default 50, 0 skips it): th
 ``medfoundry eval`` with ``mode: cot`` (its prompts, through the model's chat template) on the converted
 checkpoint, run twice in one child: greedy (``temperature: 0``), then self-consistency (``generation.samples``
 5, temperature 0.7, top-p 1, no top-k; ``--cot-max-tokens``: 128 quick, 256 full); the time is that of its
-generation call (wrapped to record it, with the exact prompts and sampling it received). The peer, in its own
+generation call (wrapped to record it, with the exact prompts and sampling it received), a compile of the decode
+step included when eval's ``compile: auto`` finds the generation long enough to earn it
+(``medfoundry_decode_compiled``; the sampled run on a CPU, not the greedy one). The peer, in its own
 child: the same prompts, tokenized the same way, through ``model.generate`` one question at a time
 (``num_return_sequences`` = 5 when sampling), with the same sampling settings, stop strings and length, on the
 same checkpoint loaded by ``from_pretrained`` in the same precision. Both sides' completions go through
@@ -390,11 +392,11 @@ def child_medfoundry_cot(spec: dict) -> dict:
     from medfoundry.eval.config import EvalConfig
     from medfoundry.eval.run import evaluate
 
-    calls, original = [], generation.generate
+    calls, original = [], generation.Generator.__call__
 
-    def timed_generate(lm, prompts, sampling, **kwargs):
+    def timed_generate(self, prompts, sampling, **kwargs):
         start, cpu = time.perf_counter(), time.process_time()
-        completions = original(lm, prompts, sampling, **kwargs)
+        completions = original(self, prompts, sampling, **kwargs)
         calls.append(
             {
                 "generate_s": time.perf_counter() - start,
@@ -404,11 +406,12 @@ def child_medfoundry_cot(spec: dict) -> dict:
                 "sampling": sampling.model_dump(),
                 "n": kwargs.get("n", 1),
                 "completions": completions,
+                "decode_compiled": self.engine.compiled,
             }
         )
         return completions
 
-    generation.generate = timed_generate
+    generation.Generator.__call__ = timed_generate
     out = {"threads": torch.get_num_threads(), "runs": {}}
     for mode, settings in spec["runs"].items():
         calls.clear()
@@ -551,6 +554,7 @@ def bench_cot(checkpoint: str, args, env: dict) -> dict:
             "texts_identical": sum(x == y for x, y in zip(a["completions"], b["completions"])),
             "unparsed": {"medfoundry": mine.count(None), "generate": other.count(None)},
             "medfoundry_evaluate_s": round(a["evaluate_s"], 2),
+            "medfoundry_decode_compiled": a["decode_compiled"],
             "samples": a["n"],
             "sampling": {k: a["sampling"][k] for k in ("temperature", "top_p", "top_k", "max_tokens", "stop")},
         }

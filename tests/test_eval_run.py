@@ -270,27 +270,50 @@ def test_perplexity_on_a_corpus_and_on_its_token_shards(models, tmp_path):
 
 
 def test_generate_stops_and_seeds_per_prompt(models):
-    from medfoundry.eval.generate import generate
+    from medfoundry.eval.generate import Generator
     from medfoundry.generation.config import SamplingConfig
     from medfoundry.model.load import load_model
 
     lm = load_model(models[0], precision="fp32", threads=1)
+    generate = Generator(lm)
     prompts = ["Question: Which enzyme does aspirin inhibit?\nAnswer:", "The patient presented with"]
-    greedy = generate(lm, prompts, SamplingConfig(max_tokens=8), n=2)
+    greedy = generate(prompts, SamplingConfig(max_tokens=8), n=2)
     assert all(len(texts) == 2 and texts[0] == texts[1] for texts in greedy)
     text = greedy[0][0]
     stop = text[3:6]
-    assert generate(lm, prompts[:1], SamplingConfig(max_tokens=8, stop=[stop])) == [[text[: text.find(stop)]]]
+    assert generate(prompts[:1], SamplingConfig(max_tokens=8, stop=[stop])) == [[text[: text.find(stop)]]]
     sampling = SamplingConfig(max_tokens=6, temperature=1.0)
-    sampled = generate(lm, prompts, sampling, n=3, seed=7, batch_size=1)
-    assert generate(lm, prompts[::-1], sampling, n=3, seed=7, batch_size=6) == sampled[::-1]
-    assert generate(lm, prompts, sampling, n=3, seed=8) != sampled
+    sampled = Generator(lm, batch_size=1)(prompts, sampling, n=3, seed=7)
+    assert Generator(lm, batch_size=6)(prompts[::-1], sampling, n=3, seed=7) == sampled[::-1]
+    assert generate(prompts, sampling, n=3, seed=8) != sampled
+
+
+def test_one_engine_serves_every_call_until_a_row_needs_more(models, monkeypatch):
+    """An evaluation's tasks share the generator's engine (a compiled step compiles once per run); a call whose
+    prompt and new tokens do not fit its rows gets a longer one, with the completions a fresh one gives."""
+    from medfoundry.eval.generate import Generator
+    from medfoundry.generation.compiled import compile_pays_on_cpu
+    from medfoundry.generation.config import SamplingConfig
+    from medfoundry.model.load import load_model
+
+    monkeypatch.setattr("medfoundry.generation.engine.DEFAULT_MAX_SEQ_LEN", 16)  # rows of 16 tokens by default
+    lm = load_model(models[0], precision="fp32", threads=1)
+    generate, greedy = Generator(lm), SamplingConfig(max_tokens=4)
+    first = generate(["The patient presented with"], greedy)
+    engine = generate.engine
+    assert generate(["Aspirin inhibits"], greedy) and generate.engine is engine
+    assert engine.max_seq_len == 16 and not engine.compiled  # too little to generate to earn a compile on a CPU
+    long = ["The patient presented with fever, cough and shortness of breath after a week of travel abroad."]
+    assert generate(long, greedy) == Generator(lm)(long, greedy)
+    assert generate.engine is not engine and generate.engine.max_seq_len == len(lm.tokenizer(long[0]).input_ids) + 4
+    assert generate(["The patient presented with"], greedy) == first
+    assert not compile_pays_on_cpu(135_000_000, 6_400) and compile_pays_on_cpu(135_000_000, 32_000)
 
 
 def test_greedy_chain_of_thought_ignores_the_checkpoints_generation_defaults(models, tmp_path):
     """Every sampling choice is the eval config's: a generation_config.json that asks for sampling, penalties or a
     shorter length changes nothing (only its end-of-sequence tokens count)."""
-    from medfoundry.eval.generate import generate
+    from medfoundry.eval.generate import Generator
     from medfoundry.generation.config import SamplingConfig
     from medfoundry.model.load import load_model
 
@@ -303,6 +326,6 @@ def test_greedy_chain_of_thought_ignores_the_checkpoints_generation_defaults(mod
     settings_path.write_text(json.dumps(settings))
     prompts = ["Question: Which enzyme does aspirin inhibit?\nAnswer:", "The patient presented with"]
     greedy = SamplingConfig(max_tokens=8)
-    plain = generate(load_model(models[0], precision="fp32", threads=1), prompts, greedy)
-    assert generate(load_model(tuned, precision="fp32", threads=1), prompts, greedy) == plain
+    plain = Generator(load_model(models[0], precision="fp32", threads=1))(prompts, greedy)
+    assert Generator(load_model(tuned, precision="fp32", threads=1))(prompts, greedy) == plain
     assert all(len(texts[0]) > 1 for texts in plain)

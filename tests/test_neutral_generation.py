@@ -73,13 +73,13 @@ def test_chain_of_thought_and_lm_eval_generate_until(hostile, argmax):
     from lm_eval.api.instance import Instance
 
     from medfoundry.eval.config import ChainOfThoughtConfig
-    from medfoundry.eval.generate import generate
+    from medfoundry.eval.generate import Generator
     from medfoundry.eval.lm_eval_backend import MedfoundryLM
     from medfoundry.model.load import load_model
 
     loaded = load_model(hostile, precision="fp32", device="cpu")
     cot = ChainOfThoughtConfig(max_tokens=NEW, ignore_eos=True)  # eval's default: greedy
-    assert [t for (t,) in generate(loaded, PROMPTS, cot)] == [argmax[p] for p in PROMPTS]
+    assert [t for (t,) in Generator(loaded)(PROMPTS, cot)] == [argmax[p] for p in PROMPTS]
 
     lm = MedfoundryLM(loaded=loaded)
     gen_kwargs = {"until": ["@@@"], "max_gen_toks": NEW, "do_sample": False}

@@ -93,6 +93,11 @@ class EvalConfig(StrictModel):
         "auto", description="chain-of-thought prompts go through the tokenizer's chat template when it has one"
     )
     generation: ChainOfThoughtConfig = Field(default_factory=ChainOfThoughtConfig)
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="compile the chain-of-thought decode step: auto = on a GPU, and on a CPU when the generation "
+        "is long enough to earn the compile (about a minute)",
+    )
     limit: int | None = Field(None, gt=0, description="only the first N questions (documents) of each task")
     batch_size: int | None = Field(None, gt=0, description="default: automatic; never changes the results")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 where the hardware computes it")

@@ -12,7 +12,7 @@ It answers lm-eval's requests exactly as lm-eval's ``hf`` model (``HFLM`` of 0.4
 * ``loglikelihood_rolling``: lm-eval's disjoint rolling windows (``get_rolling_token_windows`` with
   ``context_len=1``, ``make_disjoint_window``) over the encoded text with the model's ``max_length``, each window
   one pair for the same scorer, summed per document;
-* ``generate_until``: medfoundry's generation engine (:func:`medfoundry.eval.generate.generate`), greedy unless
+* ``generate_until``: medfoundry's generation engine (:class:`medfoundry.eval.generate.Generator`), greedy unless
   the task samples (``do_sample``), stopping at the end-of-sequence token, ``until`` and ``max_gen_toks``; the
   checkpoint's ``generation_config.json`` changes nothing.
 
@@ -77,6 +77,9 @@ class MedfoundryLM(lm_eval_model.TemplateLM):
         self.tokenizer = self.lm.tokenizer
         self.scorer_batch = _scorer_batch(batch_size)
         self.batch_size = batch_size  # lm-eval records it in its results
+        from medfoundry.eval.generate import Generator
+
+        self._generator = Generator(self.lm, batch_size=self.scorer_batch)  # one engine for every generate_until
 
     # --- what lm-eval reads ------------------------------------------------------------------------------
 
@@ -159,8 +162,6 @@ class MedfoundryLM(lm_eval_model.TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Requests with the same generation settings (and the same BOS handling) are generated together."""
-        from medfoundry.eval.generate import generate
-
         eos = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
         bos_text = self.tokenizer.decode(self.prefix_token_id)
         groups: dict[tuple[str, bool], list[int]] = {}
@@ -173,14 +174,7 @@ class MedfoundryLM(lm_eval_model.TemplateLM):
             gen_kwargs = requests[members[0]].args[1]
             sampling = _sampling(gen_kwargs, eos)
             prompts = [requests[i].args[0] for i in members]
-            done = generate(
-                self.lm,
-                prompts,
-                sampling,
-                batch_size=self.scorer_batch,
-                add_special_tokens=not bare,
-                progress=not disable_tqdm,
-            )
+            done = self._generator(prompts, sampling, add_special_tokens=not bare, progress=not disable_tqdm)
             for i, prompt, (text,) in zip(members, prompts, done):
                 texts[i] = lm_eval_model_utils.postprocess_generated_text(text, sampling.stop, None)
                 self.cache_hook.add_partial("generate_until", (prompt, gen_kwargs), texts[i])

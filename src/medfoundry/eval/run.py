@@ -285,7 +285,12 @@ def _describe(p: Prepared) -> str:
 def _settings(cfg: EvalConfig, p: Prepared) -> dict:
     """Run settings that change what a task's model outputs are (besides the requests themselves)."""
     if p.kind == "cot":
-        return {"generation": cfg.generation.model_dump(), "chat_template": cfg.chat_template, "seed": cfg.seed}
+        return {
+            "generation": cfg.generation.model_dump(),
+            "chat_template": cfg.chat_template,
+            "seed": cfg.seed,
+            "compile": cfg.compile,  # a compiled step rounds differently: a sampled token may differ
+        }
     if p.kind == "perplexity":
         return {"limit": cfg.limit}
     return {}
@@ -309,7 +314,7 @@ class _Runner:
     """Runs prepared tasks on one model, loading it only when some task is not cached."""
 
     def __init__(self, cfg: EvalConfig, path: Path, progress: bool):
-        self.cfg, self.path, self.progress, self._lm = cfg, path, progress, None
+        self.cfg, self.path, self.progress, self._lm, self._generator = cfg, path, progress, None, None
 
     @property
     def lm(self):
@@ -325,8 +330,17 @@ class _Runner:
             )
         return self._lm
 
+    @property
+    def generator(self):
+        """The model's generator, one for every chain-of-thought task of the run (one engine, compiled once)."""
+        if self._generator is None:
+            from medfoundry.eval.generate import Generator
+
+            self._generator = Generator(self.lm, batch_size=self.cfg.batch_size, compile=self.cfg.compile)
+        return self._generator
+
     def close(self) -> None:
-        self._lm = None
+        self._lm = self._generator = None
         gc.collect()
 
     def run(self, p: Prepared):
@@ -361,8 +375,6 @@ class _Runner:
             ) from None
 
     def _cot(self, p: Prepared) -> list:
-        from medfoundry.eval.generate import generate
-
         gen, tokenizer = self.cfg.generation, self.lm.tokenizer
         templated = self.cfg.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
         prompts = (
@@ -375,13 +387,11 @@ class _Runner:
             if templated
             else p.contexts
         )
-        completions = generate(
-            self.lm,
+        completions = self.generator(
             prompts,
             gen.model_copy(update={"stop": p.stop}),
             n=gen.samples,
             seed=self.cfg.seed,
-            batch_size=self.cfg.batch_size,
             add_special_tokens=not templated,
             progress=self.progress,
         )

@@ -26,17 +26,19 @@ import torch
 from medfoundry.errors import ConfigError
 
 COMPILE_CHOICES = ("auto", "on", "off")
+CPU_COMPILE_PAYS = 135_000_000 * 20_000  # parameters x generated tokens: see compile_pays_on_cpu
 CUDA_KV_BUCKET = 256  # cache columns per CUDA graph shape: at most max_seq_len / 256 graphs per batch bucket
 
 
 def should_compile(choice: str, device: torch.device, *, long_lived: bool = False) -> bool:
     """Whether the decode step is compiled. ``on`` insists (an error where it cannot work); ``auto`` compiles on a
     CUDA device with Triton, where CUDA graphs remove a launch per kernel, and on a CPU in a ``long_lived`` process
-    (the server). On a CPU the compiled step removes the per-layer Python of transformers and fuses the small ops
-    between the linears: SmolLM2-135M in fp32 decoded 1.6-1.7x faster at batch 1 and 1.2-1.5x at batch 8 with the
-    few-row kernel (:mod:`medfoundry.generation.cpu_linear`), 1.15-1.5x and 1.15x with torch's linears (2 AVX2
-    cores, two runs each). Compiling SmolLM2's step takes 40-50 s there in fp32, 2 minutes in emulated bf16: a
-    price a server pays once at start-up (:meth:`medfoundry.generation.engine.Engine.warmup`), not a one-shot
+    (the server; an evaluation's chain of thought when it earns the compile: :func:`compile_pays_on_cpu`). On a
+    CPU the compiled step removes the per-layer Python of transformers and fuses the small ops between the
+    linears: SmolLM2-135M in fp32 decoded 1.6-1.7x faster at batch 1 and 1.2-1.5x at batch 8 with the few-row
+    kernel (:mod:`medfoundry.generation.cpu_linear`), 1.15-1.5x and 1.15x with torch's linears (2 AVX2 cores,
+    two runs each). Compiling SmolLM2's step takes 40-50 s there in fp32, 2 minutes in emulated bf16: a price a
+    server pays once at start-up (:meth:`medfoundry.generation.engine.Engine.warmup`), not a one-shot
     ``generate``."""
     if choice not in COMPILE_CHOICES:
         raise ConfigError(f"compile={choice!r}: must be one of {', '.join(COMPILE_CHOICES)}")
@@ -46,6 +48,15 @@ def should_compile(choice: str, device: torch.device, *, long_lived: bool = Fals
     if missing and choice == "on":
         raise ConfigError(f"compile=on: {missing} (use compile=off, or auto)")
     return not missing
+
+
+def compile_pays_on_cpu(parameters: int, new_tokens: int) -> bool:
+    """Whether a one-shot job (an evaluation's chain of thought) generates enough on a CPU to earn the decode
+    step's compile: ``parameters`` x ``new_tokens`` at least :data:`CPU_COMPILE_PAYS`. SmolLM2-135M in fp32 on 2
+    AVX2 cores compiles in 40-50 s and then decodes 1.2-1.7x faster than the eager ~60-95 tokens/s of a batch of
+    8, which saves those seconds after about 20,000 tokens; a larger model decodes slower per token for a
+    compile that grows only with its depth, so the product is conservative for it."""
+    return parameters * new_tokens >= CPU_COMPILE_PAYS
 
 
 def _missing_toolchain(device: torch.device) -> str | None:
