@@ -247,8 +247,20 @@ def test_validate_directly():
     assert cfg.work_path == Path("o") / ".work"
 
 
-def test_decontamination_needs_its_benchmarks(tmp_path):
+def test_decontamination_needs_its_benchmarks(tmp_path, monkeypatch):
+    """Named in the config or by $MEDFOUNDRY_BENCHMARKS, the folder eval reads (and the SFT overlap check)."""
+    from medfoundry.sft.config import SFTDataConfig
+
+    monkeypatch.delenv("MEDFOUNDRY_BENCHMARKS", raising=False)
     path = write(tmp_path, VALID.replace("decontam:\n  benchmarks_dir: data/benchmarks\n", ""))
     msg = error_of(path)
-    assert "decontam.benchmarks_dir is required" in msg and "decontam.enabled: false" in msg
+    assert "decontam.benchmarks_dir is required" in msg and "MEDFOUNDRY_BENCHMARKS" in msg
+    assert "decontam.enabled: false" in msg
     assert load_config(CorpusConfig, path, ["decontam.enabled=false"]).decontam.enabled is False
+    monkeypatch.setenv("MEDFOUNDRY_BENCHMARKS", str(tmp_path / "benchmarks"))
+    assert load_config(CorpusConfig, path).decontam.benchmarks_dir == str(tmp_path / "benchmarks")
+    sft = {"tokenizer": "t", "sources": [{"name": "a", "path": "a.jsonl"}]}
+    assert validate(SFTDataConfig, sft).overlap.benchmarks_dir == str(tmp_path / "benchmarks")
+    # where the folder is not read, the variable changes nothing (nor a recipe stage's key)
+    assert load_config(CorpusConfig, path, ["decontam.enabled=false"]).decontam.benchmarks_dir is None
+    assert validate(SFTDataConfig, {**sft, "allow_test_overlap": True}).overlap.benchmarks_dir is None

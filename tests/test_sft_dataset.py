@@ -322,7 +322,8 @@ def test_medmcqa_dev_is_refused_for_training_unless_dropped_or_allowed(inputs, t
         ({"template": {"name": "vicuna"}}, "template.name"),
     ],
 )
-def test_config_errors_say_what_to_fix(inputs, change, message):
+def test_config_errors_say_what_to_fix(inputs, change, message, monkeypatch):
+    monkeypatch.delenv("MEDFOUNDRY_BENCHMARKS", raising=False)  # else overlap.benchmarks_dir defaults to it
     tree = {"tokenizer": "t", "allow_test_overlap": True, "sources": [{"name": "a", "path": "a.jsonl"}], **change}
     with pytest.raises(ConfigError, match=message):
         validate(SFTDataConfig, tree)

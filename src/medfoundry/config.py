@@ -8,6 +8,7 @@ was given and what is expected.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from medfoundry.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+
+BENCHMARKS_ENV = "MEDFOUNDRY_BENCHMARKS"
+
+
+def benchmarks_from_env() -> str | None:
+    """``$MEDFOUNDRY_BENCHMARKS``: the folder of the evaluation sets (laid out like ``../shared/data/benchmarks``)
+    that every config naming none uses: eval's tasks, corpus decontamination and the SFT test-overlap check, so
+    that one setting keeps training data and evaluation on the same files."""
+    return os.environ.get(BENCHMARKS_ENV) or None
 
 
 class StrictModel(BaseModel):

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from medfoundry.config import StrictModel
+from medfoundry.config import BENCHMARKS_ENV, StrictModel, benchmarks_from_env
 from medfoundry.executor import ExecutorConfig
 
 SourceKind = Literal["pubmed_xml", "jats", "guidelines", "jsonl", "parquet", "arrow", "text"]
@@ -114,13 +114,24 @@ class DedupConfig(StrictModel):
 
 class DecontamConfig(StrictModel):
     enabled: bool = True
-    benchmarks_dir: str | None = Field(None, description="folder laid out like ../shared/data/benchmarks")
+    benchmarks_dir: str | None = Field(
+        None, description=f"folder laid out like ../shared/data/benchmarks; default ${BENCHMARKS_ENV} while enabled"
+    )
     ngram: int = Field(13, ge=4)
     min_matches: int = Field(1, ge=1, description="remove a document with at least this many overlapping n-grams")
     pubmedqa_ids: bool = True
     sets: list[Literal["pubmedqa", "medqa", "medmcqa", "mmlu"]] = Field(
         default_factory=lambda: ["pubmedqa", "medqa", "medmcqa", "mmlu"]
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _benchmarks_from_env(cls, data):
+        """``$MEDFOUNDRY_BENCHMARKS`` stands in for the folder only while decontamination is enabled: a disabled
+        step's config (and its recipe stage's key) stays the same whatever the variable says."""
+        if isinstance(data, dict) and data.get("enabled", True) is not False and data.get("benchmarks_dir") is None:
+            data = {**data, "benchmarks_dir": benchmarks_from_env()}
+        return data
 
 
 class MixConfig(StrictModel):
@@ -176,8 +187,9 @@ class CorpusConfig(StrictModel):
             raise ValueError(f"dedup.precedence names unknown sources {unknown}; sources are {names}")
         if self.decontam.enabled and not self.decontam.benchmarks_dir:
             raise ValueError(
-                "decontam.benchmarks_dir is required while decontam.enabled is true: point it at the "
-                "evaluation sets (e.g. ../shared/data/benchmarks), or set decontam.enabled: false"
+                "decontam.benchmarks_dir is required while decontam.enabled is true: point it (or the "
+                f"{BENCHMARKS_ENV} environment variable) at the evaluation sets (e.g. ../shared/data/benchmarks), "
+                "or set decontam.enabled: false"
             )
         weights = [s.weight for s in self.sources if s.weight is not None]
         anchored = len(weights) < len(self.sources)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from medfoundry.config import StrictModel
+from medfoundry.config import BENCHMARKS_ENV, StrictModel, benchmarks_from_env
 from medfoundry.generation.config import SamplingConfig
 
-BENCHMARKS_ENV = "MEDFOUNDRY_BENCHMARKS"
 NO_BENCHMARKS = (
     f"set benchmarks_dir in the eval config (or --set benchmarks_dir=DIR) or the {BENCHMARKS_ENV} environment "
     "variable to the folder of the benchmark files (laid out like ../shared/data/benchmarks)"
@@ -121,5 +119,5 @@ class EvalConfig(StrictModel):
         """The benchmarks folder: ``benchmarks_dir``, else ``$MEDFOUNDRY_BENCHMARKS``, else a source checkout's
         ``../shared/data/benchmarks``; None when there is none (tasks then need absolute paths or their hub
         loaders, and a missing file's error says how to set it: :data:`NO_BENCHMARKS`)."""
-        given = self.benchmarks_dir or os.environ.get(BENCHMARKS_ENV)
+        given = self.benchmarks_dir or benchmarks_from_env()
         return Path(given).expanduser() if given else default_benchmarks_dir()

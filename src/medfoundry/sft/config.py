@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from medfoundry.config import StrictModel
+from medfoundry.config import BENCHMARKS_ENV, StrictModel, benchmarks_from_env
 from medfoundry.train.config import EvalConfig, RunConfig, TrainingConfig
 from medfoundry.train.optim import OptimConfig
 
@@ -82,7 +82,11 @@ class ValidationConfig(StrictModel):
 
 
 class OverlapConfig(StrictModel):
-    benchmarks_dir: str | None = Field(None, description="evaluation sets laid out like ../shared/data/benchmarks")
+    benchmarks_dir: str | None = Field(
+        None,
+        description="evaluation sets laid out like ../shared/data/benchmarks; default "
+        f"${BENCHMARKS_ENV} unless allow_test_overlap",
+    )
     sets: list[Literal["pubmedqa", "medqa", "medmcqa", "mmlu"]] = Field(
         default_factory=lambda: ["pubmedqa", "medqa", "medmcqa", "mmlu"]
     )
@@ -115,6 +119,18 @@ class SFTDataConfig(StrictModel):
     )
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _benchmarks_from_env(cls, data):
+        """``$MEDFOUNDRY_BENCHMARKS`` stands in for ``overlap.benchmarks_dir`` where the check is required (not with
+        ``allow_test_overlap``), so that the config, and its recipe stage's key, change only where it is read."""
+        if not isinstance(data, dict) or data.get("allow_test_overlap"):
+            return data
+        overlap = data.get("overlap") or {}
+        if isinstance(overlap, dict) and overlap.get("benchmarks_dir") is None:
+            data = {**data, "overlap": {**overlap, "benchmarks_dir": benchmarks_from_env()}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> SFTDataConfig:
         names = [s.name for s in self.sources]
@@ -127,8 +143,9 @@ class SFTDataConfig(StrictModel):
             )
         if not self.allow_test_overlap and not self.overlap.benchmarks_dir:
             raise ValueError(
-                "overlap.benchmarks_dir is required to check the training data against the evaluation "
-                "test splits (e.g. ../shared/data/benchmarks); or set allow_test_overlap: true"
+                f"overlap.benchmarks_dir is required (or the {BENCHMARKS_ENV} environment variable) to check the "
+                "training data against the evaluation test splits (e.g. ../shared/data/benchmarks); or set "
+                "allow_test_overlap: true"
             )
         weights = [s.weight for s in self.sources if s.weight is not None]
         if len(weights) == len(self.sources) and abs(sum(weights) - 1) > 1e-6:
