@@ -40,7 +40,11 @@ class Generator:
     (:func:`medfoundry.generation.compiled.compile_pays_on_cpu`)."""
 
     def __init__(self, lm, *, batch_size: int | None = None, compile: str = "auto"):
+        from medfoundry.generation.engine import sequence_limit
+
         self.lm, self.max_batch, self.compile = lm, batch_size or DEFAULT_BATCH, compile
+        self.limit = sequence_limit(lm.model, lm.tokenizer)  # tokens per row (prompt + new) the model takes
+        self.parameters = sum(p.numel() for p in lm.model.parameters())
         self.engine = None
 
     def __call__(
@@ -55,17 +59,14 @@ class Generator:
     ) -> list[list[str]]:
         """``n`` completions of each prompt; ``sampling.seed``, when set, replaces ``seed``. A prompt too long for
         the model is cut from the left so that it and ``sampling.max_tokens`` new tokens fit."""
-        from medfoundry.generation.engine import sequence_limit
-
         lm = self.lm
         draws = 1 if sampling.greedy else n
         seed = sampling.seed if sampling.seed is not None else seed
-        limit = sequence_limit(lm.model, lm.tokenizer)
-        keep = max(1, limit - sampling.max_tokens)
+        keep = max(1, self.limit - sampling.max_tokens)
         ids = [row[-keep:] for row in lm.tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
         rows = [(i, j) for i in range(len(prompts)) for j in range(draws)]
         longest = max(map(len, ids), default=1)
-        engine = self._engine(min(limit, longest + sampling.max_tokens), len(rows) * sampling.max_tokens)
+        engine = self._engine(min(self.limit, longest + sampling.max_tokens), len(rows) * sampling.max_tokens)
         params = [sampling.model_copy(update={"seed": row_seed(seed, j, prompts[i])}) for i, j in rows]
         with lm.autocast():
             done = engine.generate([ids[i] for i, _ in rows], params, progress=progress)
@@ -77,21 +78,19 @@ class Generator:
         ``new_tokens`` in all: the kept one when it fits, else a new one with rows of at least the engine's
         default length (so that later tasks fit too)."""
         from medfoundry.generation.compiled import compile_pays_on_cpu, should_compile
-        from medfoundry.generation.engine import DEFAULT_MAX_SEQ_LEN, Engine, sequence_limit
+        from medfoundry.generation.engine import DEFAULT_MAX_SEQ_LEN, Engine
 
         lm, kept = self.lm, self.engine
-        parameters = sum(p.numel() for p in lm.model.parameters())
         device = next(lm.model.parameters()).device
-        compiled = should_compile(self.compile, device, long_lived=compile_pays_on_cpu(parameters, new_tokens))
+        compiled = should_compile(self.compile, device, long_lived=compile_pays_on_cpu(self.parameters, new_tokens))
         if kept is not None and kept.max_seq_len >= row_tokens and (kept.compiled or not compiled):
             return kept
         self.engine = None  # its cache is freed before the next one is allocated
-        limit = sequence_limit(lm.model, lm.tokenizer)
         self.engine = Engine(
             lm.model,
             lm.tokenizer,
             max_batch=self.max_batch,
-            max_seq_len=max(2, row_tokens, min(limit, DEFAULT_MAX_SEQ_LEN)),
+            max_seq_len=max(2, row_tokens, min(self.limit, DEFAULT_MAX_SEQ_LEN)),
             name=lm.name,
             precision=lm.precision,
             compile="on" if compiled else "off",

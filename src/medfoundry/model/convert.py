@@ -69,11 +69,10 @@ def convert_gguf_tokenizer(gguf_path: Path, out_dir: Path) -> Path:
 def _save_embedded_tokenizer(gguf_path: Path, out_dir: Path) -> None:
     """Parse the tokenizer out of a GGUF file's metadata (transformers' GGUF reader) and save it into ``out_dir``
     as a portable Hugging Face tokenizer; everything else loads it from the GGUF cache
-    (:func:`medfoundry.model.load.tokenizer_directory`)."""
+    (:func:`medfoundry.model.load.tokenizer_directory`). Its callers have checked that the file is there (the
+    GGUF cache, :func:`load_gguf`)."""
     from transformers import AutoTokenizer
 
-    if not gguf_path.is_file():
-        raise InputError(str(gguf_path), "GGUF file not found")
     require("gguf", f"reading {gguf_path.name}")
     tokenizer = AutoTokenizer.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True, trust_remote_code=False
