@@ -40,8 +40,9 @@ Per level: requests, errors, latency p50/p99 and generated tokens/s (all tokens 
 the headline ``server_*`` figures are those of 16 clients, ``errors`` counts all levels; ``server_startup_s`` is
 the time from launch to its first healthy answer (model load and the decode step's compile).
 
-The script re-runs itself once with tcmalloc preloaded and ``OMP_WAIT_POLICY=PASSIVE`` (see
-``prepare_process``); both contenders and the server share that environment.
+The script re-runs itself once with tcmalloc preloaded, as ``medfoundry`` commands run (see ``prepare_process``);
+both contenders and the server share that environment, and OpenMP's own wait policy (``settings.omp_wait_policy``:
+a user's ``OMP_WAIT_POLICY`` is kept).
 
 Prints progress on stderr and one JSON object as the last line of stdout (with ``machine``, the record every
 benchmark shares). ``--quick`` (N=16, M=16, D=5 s,
@@ -444,16 +445,16 @@ def bench_server(model: Path, seconds: float, max_tokens: int, compile: str) -> 
 
 
 def prepare_process() -> None:
-    """Re-run this script once with tcmalloc preloaded (when installed, as ``medfoundry`` commands run) and
-    ``OMP_WAIT_POLICY=PASSIVE`` (unless set): on a CPU that other jobs share, OpenMP threads that spin at
-    every barrier make each step several times slower (measured here: 2 spinning threads 5x slower than
-    passive ones when other processes held 1.3 of 2 cores). Both contenders and the server inherit both."""
+    """Re-run this script once with tcmalloc preloaded (when installed), as ``medfoundry`` commands run. OpenMP keeps
+    its default wait policy, as in medfoundry: its threads spin a little at each barrier before they sleep.
+    ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) made SmolLM2's decode step 1.8x slower on 2 idle Zen 4 cores
+    (28.9 against 16.4 ms at batch 1: 211 linears, each an OpenMP region that must wake a sleeping thread); it
+    helps only where other jobs hold the cores, which the ``foreign_cpu`` figures report."""
     from medfoundry.runtime import find_tcmalloc, tcmalloc_loaded
 
     if os.environ.get("MEDFOUNDRY_SERVE_BENCH_PREPARED"):
         return
     env = {**os.environ, "MEDFOUNDRY_SERVE_BENCH_PREPARED": "1"}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     lib = find_tcmalloc()
     if lib and not tcmalloc_loaded() and not os.environ.get("MEDFOUNDRY_NO_TCMALLOC"):
         env["LD_PRELOAD"] = ":".join(filter(None, [lib, os.environ.get("LD_PRELOAD")]))

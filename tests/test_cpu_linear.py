@@ -1,5 +1,6 @@
 """The few-row CPU linear kernel: equal to ``F.linear`` for fp32 and bf16 weights and inputs, 1-8 rows, widths with
-and without a remainder of the kernel's 16-column step, with and without bias; other calls fall back to torch;
+and without a remainder of the kernel's 16-column step (and of the 32 columns of its AVX-512 BF16 path, which bf16
+inputs with bf16 weights take on a CPU that has it), with and without bias; other calls fall back to torch;
 the engine runs its decode steps (and only those) through it, with greedy tokens equal to ``model.generate``'s on
 SmolLM2-135M (compiled: ``test_engine_compile``)."""
 

@@ -19,7 +19,8 @@ Where the speed over ``model.generate`` comes from: no generation-mixin machiner
 processors, stopping criteria, input preparation), a cache written in place instead of grown by
 concatenation, the LM head applied to the last position only, sampling on those logits only, bf16 weights where
 the hardware computes in bf16, and on a CPU the decode step's linears in a kernel that reads the weights once for
-all rows (:mod:`medfoundry.generation.cpu_linear`; ``few_row_linears=False`` keeps torch's). Greedy output is
+all rows (:mod:`medfoundry.generation.cpu_linear`; ``few_row_linears=False`` keeps torch's) and, for a bf16 model,
+its attention in fp32, several times faster there (:mod:`medfoundry.generation.cpu_attention`). Greedy output is
 token for token that of ``model.generate(do_sample=False)`` in float32: the model's own forward runs on the same
 tokens and positions; only the cache bookkeeping differs, and the order of the decode linears' sums on a CPU.
 
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 
 from medfoundry.errors import ConfigError
-from medfoundry.generation import cpu_linear
+from medfoundry.generation import cpu_attention, cpu_linear
 from medfoundry.generation.cache import SlotCache
 from medfoundry.generation.compiled import (
     batch_bucket,
@@ -155,6 +156,7 @@ class Engine:
             compile_decode(self._decode_forward, self.device) if self.compiled else self._decode_forward
         )
         self.kernel_linears = cpu_linear.few_row_linears(model, self.device) if few_row_linears else []  # decode's
+        self.upcast_attention = cpu_attention.upcasts(model, self.device)  # decode's
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # index = cache row
         self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)  # see longer_than
@@ -475,7 +477,10 @@ class Engine:
         mask = torch.arange(columns, device=self.device)[None, :] <= positions[:, None]
         if self.compiled:
             mark_dynamic_sizes(ids, positions, mask)
-        with cpu_linear.decode_linears(self.kernel_linears):
+        with (
+            cpu_linear.decode_linears(self.kernel_linears),
+            cpu_attention.decode_attention(self.model, self.upcast_attention),
+        ):
             logits = self._decode_logits(ids, positions, mask)
         for request in rows:
             request.pos += 1
