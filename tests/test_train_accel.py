@@ -80,6 +80,30 @@ def test_native_gelu_is_the_same_function(module):
     torch.testing.assert_close(TanhGELU()(xb).float(), module(xb).float(), atol=0.02, rtol=0.016)  # bf16 rounding
 
 
+def test_compiled_tanh_gelu_is_the_same_function():
+    """Compiled, TanhGELU takes its sigmoid form (cheaper for Inductor): the eager kernel's values and gradients
+    to fp32 rounding, and to bf16 rounding in bf16; the graph dynamo hands the compiler holds the sigmoid, not
+    the GELU kernel."""
+    torch._dynamo.reset()
+    traced = []
+
+    def capture(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch.compile(TanhGELU(), backend=capture)(torch.randn(8))
+    assert any("sigmoid" in target for target in traced) and not any("gelu" in target for target in traced)
+    x = (torch.randn(4096, dtype=torch.float64) * 4).float().requires_grad_()
+    y = x.detach().clone().requires_grad_()
+    eager, compiled = TanhGELU()(x), torch.compile(TanhGELU())(y)
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    eager.backward(torch.ones_like(eager))
+    compiled.backward(torch.ones_like(compiled))
+    torch.testing.assert_close(y.grad, x.grad, atol=1e-5, rtol=1e-5)
+    xb = x.detach().bfloat16()
+    torch.testing.assert_close(torch.compile(TanhGELU())(xb).float(), TanhGELU()(xb).float(), atol=0.02, rtol=0.016)
+
+
 @pytest.mark.parametrize("preset, count", [("gpt2-tiny", 2), ("bloom-tiny", 2), ("llama-tiny", 0)])
 def test_native_gelu_in_models(preset, count, tmp_path):
     model = tiny(preset, **({"activation_function": "gelu_new"} if preset.startswith("gpt2") else {}))

@@ -17,6 +17,7 @@ Measured timings behind these choices: docs/training-speed.md.
 
 from __future__ import annotations
 
+import math
 from functools import cache
 
 import torch
@@ -27,6 +28,7 @@ from medfoundry.errors import ConfigError
 
 # from this context on, SDPA beats eager attention on CPU (docs/training-speed.md)
 SDPA_MIN_CONTEXT_CPU = 512
+TWO_SQRT_2_OVER_PI = 2 * (2 / math.pi) ** 0.5  # TanhGELU's compiled form
 
 
 def attention_for(choice: str, device: str, context: int) -> str:
@@ -60,9 +62,16 @@ def set_attention(model: nn.Module, choice: str, device: str, context: int) -> s
 
 
 class TanhGELU(nn.Module):
-    """``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` in one native kernel (forward and backward)."""
+    """``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` in one native kernel (forward and backward).
+
+    Compiled, the same function is written ``x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))`` (as ``0.5 (1 + tanh z)
+    = sigmoid(2z)``) for Inductor to fuse: its vectorized sigmoid costs less than half its tanh, which on a CPU
+    made a compiled GELU forward 1.8 instead of 4.4 ms and backward 2.7 instead of 5.0 for 2,048 x 2,048 bf16
+    (2 Zen 4 cores; gpt2-52m has 12 such per step). The two forms differ by at most 5e-7 in fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return x * torch.sigmoid(TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
         return F.gelu(x, approximate="tanh")
 
 
