@@ -45,13 +45,17 @@ def test_bf16_decode_steps_attend_in_fp32_prefill_in_bf16(gpt2_dir, calls):
     assert engine.model.config._attn_implementation == "sdpa"
 
 
-def test_fp32_model_and_a_failed_step(gpt2_dir, calls, monkeypatch):
+def test_fp32_model_a_switched_model_and_a_failed_step(gpt2_dir, calls, monkeypatch):
     fp32 = Engine.load(gpt2_dir, precision="fp32", device="cpu", threads=1, max_batch=2)
     assert not fp32.upcast_attention
     fp32.generate(["Aspirin"], SamplingConfig(max_tokens=2, temperature=0))
     assert {kind for kind, _ in calls} == {"sdpa"}
 
     bf16 = Engine.load(gpt2_dir, precision="bf16", device="cpu", threads=1, max_batch=2)
+    bf16.model.set_attn_implementation("eager")  # switched by another user of the model (eval's scoring): kept
+    bf16.generate(["Aspirin"], SamplingConfig(max_tokens=2, temperature=0))
+    assert {kind for kind, _ in calls} == {"sdpa"} and bf16.model.config._attn_implementation == "eager"
+    bf16.model.set_attn_implementation("sdpa")
 
     def fail(*args, **kwargs):
         raise RuntimeError("boom")

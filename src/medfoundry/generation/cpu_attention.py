@@ -46,9 +46,10 @@ def upcasts(model: torch.nn.Module, device: torch.device) -> bool:
 
 @contextlib.contextmanager
 def decode_attention(model: torch.nn.Module, upcast: bool) -> Iterator[None]:
-    """Inside the block ``model`` attends through :func:`upcast_sdpa` when ``upcast`` (see :func:`upcasts`),
+    """Inside the block ``model`` attends through :func:`upcast_sdpa` when ``upcast`` (see :func:`upcasts`) and
+    its attention is ``sdpa`` now (a model an evaluation shares may have been switched to another kernel since),
     through ``sdpa`` again after it."""
-    if not upcast:
+    if not upcast or model.config._attn_implementation != "sdpa":
         yield
         return
     model.config._attn_implementation = NAME
