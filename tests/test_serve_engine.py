@@ -129,6 +129,30 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine):
     assert reseeded.token_ids != alone.token_ids
 
 
+def test_a_prompt_the_engine_holds_is_not_prefilled_again(engine):
+    """The samples of one prompt: one prefill row per distinct prompt among those admitted together, none for a
+    prompt a running request holds (its columns are copied into the new row); each sample's tokens are those it
+    makes alone with its seed."""
+    prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[2], PROMPTS[2]]  # the engine has 3 slots: the last joins later
+    budgets, seeds = [8, 3, 8, 5], [1, 2, 3, 4]  # PROMPTS[0] ends first, while both PROMPTS[2] still run
+    params = [SamplingConfig(max_tokens=n, temperature=0.9, seed=x, ignore_eos=True) for n, x in zip(budgets, seeds)]
+    alone = [engine.generate([p], [sp])[0].token_ids for p, sp in zip(prompts, params)]
+    prefills = []
+
+    def record(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefills.append(kwargs["input_ids"].shape[0])
+
+    hook = engine.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        together = engine.generate(prompts, params)
+    finally:
+        hook.remove()
+    assert [c.token_ids for c in together] == alone
+    assert alone[0] != alone[2] != alone[3]  # same prompt, other seeds: other samples
+    assert prefills == [2]  # one forward for two distinct prompts; the fourth request prefilled nothing
+
+
 def test_sampling_filters_and_penalties():
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
     sampler = TokenSampler(SamplingConfig(temperature=1.0, top_k=1, seed=0), [0], 4)

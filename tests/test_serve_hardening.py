@@ -119,7 +119,8 @@ def test_a_failing_forward_ends_every_request_with_an_error(server, monkeypatch,
     first, streamed = in_thread(rs.stream, port, KEY, LONG, timeout=5)
     wait_until(lambda: worker.engine.running and worker.engine.running[0].output_ids)
     fault.armed = True
-    joining = rs.stream(port, KEY, {**LONG, "max_tokens": 1 if where == "decode" else 90}, timeout=5)
+    other = {**LONG, "prompt": "Aspirin inhibits"}  # a prompt of its own: one the engine holds is not prefilled
+    joining = rs.stream(port, KEY, {**other, "max_tokens": 1 if where == "decode" else 90}, timeout=5)
     first.join()
     assert fault.fired == 1
     for outcome in (streamed[0], joining):

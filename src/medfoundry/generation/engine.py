@@ -17,7 +17,8 @@ time; its scores are read back in one transfer after the last piece.
 
 Where the speed over ``model.generate`` comes from: no generation-mixin machinery per step (logits
 processors, stopping criteria, input preparation), a cache written in place instead of grown by
-concatenation, the LM head applied to the last position only, sampling on those logits only, bf16 weights where
+concatenation, the LM head applied to the last position only, sampling on those logits only, a prompt the engine
+already holds (the ``n`` samples of a question) copied from its row instead of prefilled again, bf16 weights where
 the hardware computes in bf16, and on a CPU the decode step's linears in a kernel that reads the weights once for
 all rows (:mod:`medfoundry.generation.cpu_linear`; ``few_row_linears=False`` keeps torch's) and, for a bf16 model,
 its attention in fp32, several times faster there (:mod:`medfoundry.generation.cpu_attention`). Greedy output is
@@ -106,6 +107,7 @@ class Request:
     cancelled: str | None = None  # the finish reason it ends with at the next step ("abort", "timeout"...)
     arrived: float = field(default_factory=time.monotonic)
     prompt_scores: list[torch.Tensor] = field(default_factory=list)  # packed log-probabilities of the pieces so far
+    prompt_logits: torch.Tensor | None = None  # (vocab,) at the prompt's last token, while it runs: see _prefill_batch
 
     @property
     def prefilling(self) -> bool:
@@ -415,21 +417,41 @@ class Engine:
         return outputs
 
     def _prefill_batch(self, joiners: list[Request]) -> list[Output]:
+        """One forward for the joiners' prompts that are new to the engine. A prompt some request already holds in
+        its row (a running one's, or another joiner's: the ``n`` samples of one question) is not prefilled
+        again: its columns are copied from that row, and the first token chosen from that request's logits
+        with the joiner's own sampler."""
         device = self.device  # every input is made on the model's device: one copy of the ids, one of the lengths
-        width = max(len(r.prompt_ids) for r in joiners)
-        ids = torch.tensor([r.prompt_ids + [0] * (width - len(r.prompt_ids)) for r in joiners], device=device)
-        lengths = torch.tensor([len(r.prompt_ids) for r in joiners], device=device)
-        columns = torch.arange(width, device=device)
-        mask = columns[None, :] < lengths[:, None]
-        positions = columns.expand(len(joiners), width)
         first = self._ready_rows()
-        self._shift_prefilling(first, len(joiners))  # the joiners decode next step: their rows go before those
-        self.cache.bind_prefill(first, len(joiners), width)
-        for i, request in enumerate(joiners):  # running before the forward: should it raise, abort_all finds them
+        holders = {tuple(r.prompt_ids): r for r in self.running[:first] if r.prompt_logits is not None}
+        fresh, copies, sources = [], [], []  # sources: the request each copy takes its columns and logits from
+        for request in joiners:
+            key = tuple(request.prompt_ids)
+            if key in holders:
+                copies.append(request)
+                sources.append(holders[key])
+            else:
+                holders[key] = request
+                fresh.append(request)
+        ordered = fresh + copies  # the prefilled rows first: the forward writes rows first .. first + len(fresh)
+        self._shift_prefilling(first, len(ordered))  # the joiners decode next step: their rows go before those
+        for i, request in enumerate(ordered):  # running before the forward: should it raise, abort_all finds them
             request.row, request.pos = first + i, len(request.prompt_ids)
-        self.running[first:first] = joiners
-        logits = self._forward(ids, mask, positions, keep=(lengths - 1)[:, None])
-        return self._advance(joiners, logits[:, -1])
+        self.running[first:first] = ordered
+        if fresh:
+            width = max(len(r.prompt_ids) for r in fresh)
+            ids = torch.tensor([r.prompt_ids + [0] * (width - len(r.prompt_ids)) for r in fresh], device=device)
+            lengths = torch.tensor([len(r.prompt_ids) for r in fresh], device=device)
+            columns = torch.arange(width, device=device)
+            self.cache.bind_prefill(first, len(fresh), width)
+            mask = columns[None, :] < lengths[:, None]
+            logits = self._forward(ids, mask, columns.expand(len(fresh), width), keep=(lengths - 1)[:, None])
+            for request, row in zip(fresh, logits[:, -1]):
+                request.prompt_logits = row
+        for request, source in zip(copies, sources):
+            self.cache.move_row(source.row, request.row, request.pos)
+            request.prompt_logits = source.prompt_logits
+        return self._advance(ordered, torch.stack([r.prompt_logits for r in ordered]))
 
     def _prefill_piece(self, request: Request) -> list[Output]:
         """Prefill the next :data:`PREFILL_CHUNK` tokens of a long or scored prompt into its row, after the pieces
@@ -576,7 +598,7 @@ class Engine:
             self.running[row] = self.running[last]
         del self.running[last]
         self._shift_prefilling(last, -1)
-        request.row = -1
+        request.row, request.prompt_logits = -1, None
 
     def _shift_prefilling(self, first: int, by: int) -> None:
         """Move the rows from ``first`` on (prompts being prefilled) by ``by`` rows, keeping their order."""
