@@ -21,6 +21,7 @@ from medfoundry import __version__
 from medfoundry.config import load_yaml, validate
 from medfoundry.errors import ConfigError, Pending
 from medfoundry.manifest import Manifest, output_fingerprint
+from medfoundry.recipe import runner
 from medfoundry.recipe.config import RecipeConfig, wire
 from medfoundry.recipe.runner import load_recipe, run_recipe
 from test_launch import fake_slurm, free_port  # noqa: F401  (fake_slurm: Slurm's commands, stand-ins)
@@ -168,9 +169,17 @@ def test_logging_and_checkpoint_retention_rerun_nothing(first_run):
     assert _ran(_run(changed, root)) == []
 
 
-def test_from_and_until(first_run):
+def test_from_and_until(first_run, monkeypatch):
+    """``--from eval`` reruns generate too, even when eval's rerun writes what it wrote before (here: its output
+    fingerprint held at the first run's, as byte-identical manifests would give): generate's key alone would not
+    move."""
     tree, _, root = first_run
+    before, fingerprint = runner._output_fingerprint(root / "run", "eval"), runner._output_fingerprint
+    monkeypatch.setattr(
+        runner, "_output_fingerprint", lambda run, stage: before if stage == "eval" else fingerprint(run, stage)
+    )
     assert _ran(_run(tree, root, start="eval")) == ["eval", "generate"]
+    monkeypatch.undo()
     assert list(_run(tree, root, until="tokens")["stages"]) == ["corpus", "tokenizer", "tokens"]
     with pytest.raises(ConfigError, match="--from finetune: not a stage of this recipe"):
         _run(tree, root, start="finetune")

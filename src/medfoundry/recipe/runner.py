@@ -105,16 +105,19 @@ def _run_recipe(
         )
     upstream: dict | None = None  # the stage before: its key and its output's fingerprint
     rerun_from: str | None = None  # dry run: the first stage that would run (those after it read its output)
+    forced = False  # from ``start`` on: a rerun stage's output can come out byte for byte the same (its manifest's
+    # rounded timings included), which would leave the next stage's key, and so the stage, as they were
     try:
         for stage in chosen:
+            forced = forced or stage == start
             key = _key(recipe, configs, stage, upstream)
             if dry_run:
-                planned = _plan(recipe, run, stage, key, state.get(stage, {}), stage == start, rerun_from, log)
+                planned = _plan(recipe, run, stage, key, state.get(stage, {}), forced, rerun_from, log)
                 summary["stages"][stage] = planned
                 if planned["this_run"] == "would run":
                     rerun_from = rerun_from or stage
             else:
-                summary["stages"][stage] = _advance(recipe, configs, stage, key, state, stage == start, log)
+                summary["stages"][stage] = _advance(recipe, configs, stage, key, state, forced, log)
             upstream = {"key": key, "output": _output_fingerprint(run, stage)}
     except Pending:
         summary["stages"][stage] = {**state.get(stage, {}), "this_run": "pending"}
