@@ -29,6 +29,14 @@ def benchmarks_from_env() -> str | None:
     return os.environ.get(BENCHMARKS_ENV) or None
 
 
+def benchmarks_dir_from_env(section: dict) -> dict:
+    """A config section's raw fields with ``benchmarks_dir`` taken from :func:`benchmarks_from_env` when unset:
+    for the before-validators of the configs that read the folder only in some settings (they call it there)."""
+    if section.get("benchmarks_dir") is not None:
+        return section
+    return {**section, "benchmarks_dir": benchmarks_from_env()}
+
+
 class StrictModel(BaseModel):
     """Base for config sections: unknown fields rejected, assignments validated."""
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from medfoundry.config import BENCHMARKS_ENV, StrictModel, benchmarks_from_env
+from medfoundry.config import BENCHMARKS_ENV, StrictModel, benchmarks_dir_from_env
 from medfoundry.executor import ExecutorConfig
 
 SourceKind = Literal["pubmed_xml", "jats", "guidelines", "jsonl", "parquet", "arrow", "text"]
@@ -129,8 +129,8 @@ class DecontamConfig(StrictModel):
     def _benchmarks_from_env(cls, data):
         """``$MEDFOUNDRY_BENCHMARKS`` stands in for the folder only while decontamination is enabled: a disabled
         step's config (and its recipe stage's key) stays the same whatever the variable says."""
-        if isinstance(data, dict) and data.get("enabled", True) is not False and data.get("benchmarks_dir") is None:
-            data = {**data, "benchmarks_dir": benchmarks_from_env()}
+        if isinstance(data, dict) and data.get("enabled", True) is not False:
+            return benchmarks_dir_from_env(data)
         return data
 
 

@@ -35,13 +35,9 @@ AttentionMaskInterface.register(NAME, sdpa_mask)  # the mask sdpa's is: a boolea
 
 
 def upcasts(model: torch.nn.Module, device: torch.device) -> bool:
-    """Whether ``model``'s decode steps on ``device`` take :func:`upcast_sdpa`: a bf16 or fp16 model with ``sdpa``
-    attention on a CPU."""
-    return (
-        device.type == "cpu"
-        and model.dtype in HALF_DTYPES
-        and getattr(model.config, "_attn_implementation", None) == "sdpa"
-    )
+    """Whether ``model``'s decode steps on ``device`` take :func:`upcast_sdpa` while its attention is ``sdpa``
+    (:func:`decode_attention`): a bf16 or fp16 model on a CPU."""
+    return device.type == "cpu" and model.dtype in HALF_DTYPES
 
 
 @contextlib.contextmanager

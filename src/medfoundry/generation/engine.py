@@ -33,6 +33,7 @@ waits for a step, nor a step for it: a long prompt tokenized on another thread d
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -108,6 +109,11 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)
     prompt_scores: list[torch.Tensor] = field(default_factory=list)  # packed log-probabilities of the pieces so far
     prompt_logits: torch.Tensor | None = None  # (vocab,) at the prompt's last token, while it runs: see _prefill_batch
+
+    @functools.cached_property
+    def prompt_key(self) -> tuple[int, ...]:
+        """The prompt as a dictionary key (see :meth:`Engine._prefill_batch`): made once per request."""
+        return tuple(self.prompt_ids)
 
     @property
     def prefilling(self) -> bool:
@@ -423,15 +429,14 @@ class Engine:
         with the joiner's own sampler."""
         device = self.device  # every input is made on the model's device: one copy of the ids, one of the lengths
         first = self._ready_rows()
-        holders = {tuple(r.prompt_ids): r for r in self.running[:first] if r.prompt_logits is not None}
+        holders = {r.prompt_key: r for r in self.running[:first] if r.prompt_logits is not None}
         fresh, copies, sources = [], [], []  # sources: the request each copy takes its columns and logits from
         for request in joiners:
-            key = tuple(request.prompt_ids)
-            if key in holders:
+            if request.prompt_key in holders:
                 copies.append(request)
-                sources.append(holders[key])
+                sources.append(holders[request.prompt_key])
             else:
-                holders[key] = request
+                holders[request.prompt_key] = request
                 fresh.append(request)
         ordered = fresh + copies  # the prefilled rows first: the forward writes rows first .. first + len(fresh)
         self._shift_prefilling(first, len(ordered))  # the joiners decode next step: their rows go before those
@@ -445,13 +450,15 @@ class Engine:
             columns = torch.arange(width, device=device)
             self.cache.bind_prefill(first, len(fresh), width)
             mask = columns[None, :] < lengths[:, None]
-            logits = self._forward(ids, mask, columns.expand(len(fresh), width), keep=(lengths - 1)[:, None])
-            for request, row in zip(fresh, logits[:, -1]):
+            logits = self._forward(ids, mask, columns.expand(len(fresh), width), keep=(lengths - 1)[:, None])[:, -1]
+            for request, row in zip(fresh, logits):
                 request.prompt_logits = row
         for request, source in zip(copies, sources):
             self.cache.move_row(source.row, request.row, request.pos)
             request.prompt_logits = source.prompt_logits
-        return self._advance(ordered, torch.stack([r.prompt_logits for r in ordered]))
+        if copies:
+            logits = torch.stack([r.prompt_logits for r in ordered])
+        return self._advance(ordered, logits)
 
     def _prefill_piece(self, request: Request) -> list[Output]:
         """Prefill the next :data:`PREFILL_CHUNK` tokens of a long or scored prompt into its row, after the pieces

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from medfoundry.config import BENCHMARKS_ENV, StrictModel, benchmarks_from_env
+from medfoundry.config import BENCHMARKS_ENV, StrictModel, benchmarks_dir_from_env
 from medfoundry.train.config import EvalConfig, RunConfig, TrainingConfig
 from medfoundry.train.optim import OptimConfig
 
@@ -127,9 +127,7 @@ class SFTDataConfig(StrictModel):
         if not isinstance(data, dict) or data.get("allow_test_overlap"):
             return data
         overlap = data.get("overlap") or {}
-        if isinstance(overlap, dict) and overlap.get("benchmarks_dir") is None:
-            data = {**data, "overlap": {**overlap, "benchmarks_dir": benchmarks_from_env()}}
-        return data
+        return {**data, "overlap": benchmarks_dir_from_env(overlap)} if isinstance(overlap, dict) else data
 
     @model_validator(mode="after")
     def _check(self) -> SFTDataConfig:
